@@ -1,0 +1,141 @@
+//! ACPI tables (RSDP, XSDT, FADT, DSDT, MADT) so that kernels that find CPUs
+//! and the IOAPIC only through ACPI (such as Debian's cloud kernel) see them.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::layout::{ACPI_START, APIC_ADDR, IOAPIC_ADDR, MPTABLE_START};
+use crate::memory::GuestMemory;
+
+const OEM_ID: [u8; 6] = *b"CRYO  ";
+const OEM_TABLE_ID: [u8; 8] = *b"CRYOVM  ";
+const OEM_REVISION: u32 = 1;
+/// IAPC_BOOT_ARCH: no VGA and no MSI (there is no PCI bus).
+const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED: u16 = 1 << 3;
+
+/// Errors building the ACPI tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// The tables do not fit the BIOS area.
+    #[error("ACPI tables of {0} bytes do not fit below 1 MiB")]
+    TooLarge(usize),
+    /// Writing them to guest memory failed.
+    #[error("cannot write ACPI tables into guest memory")]
+    Write,
+}
+
+fn bytes_of(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+fn align16(x: u64) -> u64 {
+    (x + 15) & !15
+}
+
+/// Writes the ACPI tables for `vcpus` vCPUs; returns the RSDP address.
+pub fn setup_acpi(mem: &GuestMemory, vcpus: u8) -> Result<u64, AcpiError> {
+    let rsdp_addr = ACPI_START;
+    let xsdt_addr = align16(rsdp_addr + 36);
+    // The XSDT has three entries: FADT, MADT (DSDT is reached through the FADT).
+    let xsdt_len = 36 + 3 * 8;
+    let dsdt_addr = align16(xsdt_addr + xsdt_len);
+
+    // An empty DSDT: there are no devices to describe in AML.
+    let dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let dsdt_bytes = dsdt.as_slice().to_vec();
+    let fadt_addr = align16(dsdt_addr + dsdt_bytes.len() as u64);
+
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    fadt.iapc_boot_arch =
+        (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED).into();
+    let fadt_bytes = bytes_of(&fadt.finalize());
+    let madt_addr = align16(fadt_addr + fadt_bytes.len() as u64);
+
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(APIC_ADDR as u32),
+    );
+    for id in 0..vcpus {
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
+    madt.add_structure(IoApic::new(vcpus, IOAPIC_ADDR as u32, 0));
+    let madt_bytes = bytes_of(&madt);
+    let end = madt_addr + madt_bytes.len() as u64;
+    if end > MPTABLE_START {
+        return Err(AcpiError::TooLarge((end - ACPI_START) as usize));
+    }
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt_bytes = bytes_of(&xsdt);
+    let rsdp_bytes = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
+
+    for (addr, bytes) in [
+        (rsdp_addr, &rsdp_bytes),
+        (xsdt_addr, &xsdt_bytes),
+        (dsdt_addr, &dsdt_bytes),
+        (fadt_addr, &fadt_bytes),
+        (madt_addr, &madt_bytes),
+    ] {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|_| AcpiError::Write)?;
+    }
+    Ok(rsdp_addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{create_guest_memory, MemoryBacking};
+
+    fn checksum_ok(mem: &GuestMemory, addr: u64, len: usize) -> bool {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf.iter().fold(0u8, |a, b| a.wrapping_add(*b)) == 0
+    }
+
+    #[test]
+    fn tables_are_linked_and_checksummed() {
+        let mem = create_guest_memory(16, &MemoryBacking::Anonymous).unwrap();
+        let rsdp = setup_acpi(&mem, 4).unwrap();
+        let mut sig = [0u8; 8];
+        mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+        assert!(checksum_ok(&mem, rsdp, 20));
+        assert!(checksum_ok(&mem, rsdp, 36));
+        let xsdt: u64 = mem.read_obj(GuestAddress(rsdp + 24)).unwrap();
+        let xsdt_len: u32 = mem.read_obj(GuestAddress(xsdt + 4)).unwrap();
+        assert!(checksum_ok(&mem, xsdt, xsdt_len as usize));
+        let mut found_madt = false;
+        for i in 0..(xsdt_len as u64 - 36) / 8 {
+            let t: u64 = mem.read_obj(GuestAddress(xsdt + 36 + 8 * i)).unwrap();
+            let mut s = [0u8; 4];
+            mem.read_slice(&mut s, GuestAddress(t)).unwrap();
+            let len: u32 = mem.read_obj(GuestAddress(t + 4)).unwrap();
+            assert!(checksum_ok(&mem, t, len as usize), "{:?}", s);
+            if &s == b"APIC" {
+                found_madt = true;
+                // Header 44 bytes + 4 local APICs (8 bytes) + IOAPIC (12 bytes).
+                assert_eq!(len, 44 + 4 * 8 + 12);
+            }
+        }
+        assert!(found_madt);
+    }
+}

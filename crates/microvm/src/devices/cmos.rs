@@ -1,0 +1,120 @@
+//! A CMOS with a real-time clock that reads the host's UTC time, so that
+//! kernels that read the RTC at boot get a sane date.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+const RTC_SECONDS: usize = 0x00;
+const RTC_MINUTES: usize = 0x02;
+const RTC_HOURS: usize = 0x04;
+const RTC_DAY_OF_WEEK: usize = 0x06;
+const RTC_DAY_OF_MONTH: usize = 0x07;
+const RTC_MONTH: usize = 0x08;
+const RTC_YEAR: usize = 0x09;
+const RTC_REG_A: usize = 0x0a;
+const RTC_REG_B: usize = 0x0b;
+const RTC_REG_C: usize = 0x0c;
+const RTC_REG_D: usize = 0x0d;
+const RTC_CENTURY: usize = 0x32;
+
+/// 128 bytes of CMOS, the clock registers computed on read.
+pub struct Cmos {
+    index: u8,
+    data: [u8; 128],
+}
+
+impl Default for Cmos {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn bcd(v: u64) -> u8 {
+    (((v / 10) << 4) | (v % 10)) as u8
+}
+
+/// Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, u64, u64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u64;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u64;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+impl Cmos {
+    /// A CMOS with BCD, 24-hour mode clock registers.
+    pub fn new() -> Self {
+        let mut data = [0u8; 128];
+        data[RTC_REG_A] = 0x26;
+        data[RTC_REG_B] = 0x02; // 24-hour, BCD
+        data[RTC_REG_D] = 0x80; // battery good
+        Cmos { index: 0, data }
+    }
+
+    /// Reads port `offset` (0 = index, 1 = data).
+    pub fn read(&mut self, offset: u16) -> u8 {
+        if offset == 0 {
+            return self.index;
+        }
+        let i = (self.index & 0x7f) as usize;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let days = (now / 86_400) as i64;
+        let secs = now % 86_400;
+        let (year, month, day) = civil_from_days(days);
+        match i {
+            RTC_SECONDS => bcd(secs % 60),
+            RTC_MINUTES => bcd((secs / 60) % 60),
+            RTC_HOURS => bcd(secs / 3600),
+            RTC_DAY_OF_WEEK => bcd(((days + 4).rem_euclid(7) + 1) as u64),
+            RTC_DAY_OF_MONTH => bcd(day),
+            RTC_MONTH => bcd(month),
+            RTC_YEAR => bcd((year.rem_euclid(100)) as u64),
+            RTC_CENTURY => bcd((year / 100) as u64),
+            RTC_REG_C => 0,
+            _ => self.data[i],
+        }
+    }
+
+    /// Writes port `offset` (0 = index, 1 = data).
+    pub fn write(&mut self, offset: u16, value: u8) {
+        if offset == 0 {
+            self.index = value;
+        } else {
+            let i = (self.index & 0x7f) as usize;
+            // The clock itself is the host's; keep writes to other registers.
+            if i > RTC_YEAR && i != RTC_CENTURY {
+                self.data[i] = value;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn reads_bcd_clock() {
+        let mut c = Cmos::new();
+        c.write(0, RTC_MONTH as u8);
+        let m = c.read(1);
+        assert!((1..=0x12).contains(&m));
+        c.write(0, RTC_REG_B as u8);
+        assert_eq!(c.read(1), 0x02);
+    }
+}

@@ -1,0 +1,71 @@
+//! COM1: vm-superio's 16550 with its interrupt wired to an irqfd and its
+//! output going to stdout, a file, or nowhere.
+
+use std::fs::File;
+use std::io::{self, LineWriter, Write};
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// An eventfd as vm-superio's interrupt/reset trigger.
+#[derive(Debug)]
+pub struct EventFdTrigger(pub EventFd);
+
+impl EventFdTrigger {
+    /// A new non-blocking eventfd trigger.
+    pub fn new() -> io::Result<Self> {
+        Ok(EventFdTrigger(EventFd::new(libc::EFD_NONBLOCK)?))
+    }
+
+    /// Another handle on the same eventfd.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(EventFdTrigger(self.0.try_clone()?))
+    }
+}
+
+impl Trigger for EventFdTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where the guest's serial output goes.
+pub enum SerialOutput {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file (created or truncated).
+    File(File),
+    /// Discarded.
+    Sink,
+}
+
+/// Serial output, flushed at every line end so that readers see whole lines promptly.
+pub struct SerialWriter(LineWriter<Box<dyn Write + Send>>);
+
+impl Write for SerialWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // A full pipe or a closed reader must not stop the guest.
+        match self.0.write(buf) {
+            Ok(n) => Ok(n),
+            Err(_) => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
+    }
+}
+
+/// The COM1 device as the VM uses it.
+pub type SerialDevice = Serial<EventFdTrigger, vm_superio::serial::NoEvents, SerialWriter>;
+
+/// Builds COM1 with its interrupt trigger and output.
+pub fn new_serial(trigger: EventFdTrigger, output: SerialOutput) -> SerialDevice {
+    let out: Box<dyn Write + Send> = match output {
+        SerialOutput::Stdout => Box::new(io::stdout()),
+        SerialOutput::File(f) => Box::new(f),
+        SerialOutput::Sink => Box::new(io::sink()),
+    };
+    Serial::new(trigger, SerialWriter(LineWriter::new(out)))
+}

@@ -1,0 +1,231 @@
+//! Guest RAM: its layout in guest physical address space and its host backing.
+//!
+//! RAM is one region from address 0 up to the 32-bit MMIO gap and, for guests
+//! larger than that, a second region from 4 GiB. The backing is anonymous
+//! private memory by default, or a host file mapped shared, so that the host
+//! sees (and keeps) what the guest writes.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+
+use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+/// Guest memory as this crate uses it: vm-memory's mmap backend, no dirty bitmap.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Smallest guest we build: the boot structures live in the first MiB and a
+/// kernel needs room above it.
+pub const MIN_MEM_MIB: u64 = 4;
+
+/// Errors from setting up guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The requested size is unusable.
+    #[error("guest memory of {0} MiB is invalid: it must be at least {MIN_MEM_MIB} MiB and fit the host address space")]
+    InvalidSize(u64),
+    /// The backing file could not be opened or created.
+    #[error("cannot open memory file {path}: {source}")]
+    OpenFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The backing file exists with another size.
+    #[error("memory file {path} is {actual} bytes but the guest needs {expected} bytes")]
+    FileSizeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        actual: u64,
+        /// The size the guest needs.
+        expected: u64,
+    },
+    /// Sizing the backing file failed.
+    #[error("cannot size memory file {path}: {source}")]
+    SizeFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// mmap failed.
+    #[error("cannot map guest memory: {0}")]
+    Map(#[from] vm_memory::mmap::FromRangesError),
+}
+
+/// One range of guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRange {
+    /// First guest physical address.
+    pub start: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl RamRange {
+    /// One past the last address.
+    pub fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+/// Where `size` bytes of guest RAM go: below the MMIO gap first, the rest from 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<RamRange> {
+    if size <= MMIO_GAP_START {
+        vec![RamRange {
+            start: 0,
+            len: size,
+        }]
+    } else {
+        vec![
+            RamRange {
+                start: 0,
+                len: MMIO_GAP_START,
+            },
+            RamRange {
+                start: MMIO_GAP_END,
+                len: size - MMIO_GAP_START,
+            },
+        ]
+    }
+}
+
+/// How guest RAM is backed on the host.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum MemoryBacking {
+    /// Anonymous private memory, zero-filled.
+    #[default]
+    Anonymous,
+    /// A host file mapped shared: created and sized if absent, reused if it has the right size.
+    SharedFile(PathBuf),
+}
+
+/// Maps guest RAM of `size_mib` MiB with the given backing.
+pub fn create_guest_memory(
+    size_mib: u64,
+    backing: &MemoryBacking,
+) -> Result<GuestMemory, MemoryError> {
+    let size = size_mib
+        .checked_mul(1 << 20)
+        .filter(|_| size_mib >= MIN_MEM_MIB)
+        .filter(|s| usize::try_from(*s).is_ok() && *s < (1 << 46))
+        .ok_or(MemoryError::InvalidSize(size_mib))?;
+    let ranges = ram_ranges(size);
+    match backing {
+        MemoryBacking::Anonymous => {
+            let regions: Vec<(GuestAddress, usize)> = ranges
+                .iter()
+                .map(|r| (GuestAddress(r.start), r.len as usize))
+                .collect();
+            Ok(GuestMemoryMmap::from_ranges(&regions)?)
+        }
+        MemoryBacking::SharedFile(path) => {
+            let file = open_backing_file(path, size)?;
+            let file = Arc::new(file);
+            let mut offset = 0u64;
+            let mut regions = Vec::with_capacity(ranges.len());
+            for r in &ranges {
+                regions.push((
+                    GuestAddress(r.start),
+                    r.len as usize,
+                    Some(FileOffset::from_arc(Arc::clone(&file), offset)),
+                ));
+                offset += r.len;
+            }
+            Ok(GuestMemoryMmap::from_ranges_with_files(regions)?)
+        }
+    }
+}
+
+fn open_backing_file(path: &Path, size: u64) -> Result<std::fs::File, MemoryError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| MemoryError::OpenFile {
+            path: path.to_owned(),
+            source,
+        })?;
+    let actual = file
+        .metadata()
+        .map_err(|source| MemoryError::OpenFile {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    if actual == 0 {
+        file.set_len(size).map_err(|source| MemoryError::SizeFile {
+            path: path.to_owned(),
+            source,
+        })?;
+    } else if actual != size {
+        return Err(MemoryError::FileSizeMismatch {
+            path: path.to_owned(),
+            actual,
+            expected: size,
+        });
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    #[test]
+    fn small_guest_is_one_range() {
+        assert_eq!(
+            ram_ranges(256 << 20),
+            vec![RamRange {
+                start: 0,
+                len: 256 << 20
+            }]
+        );
+    }
+
+    #[test]
+    fn large_guest_continues_above_4g() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].end(), MMIO_GAP_START);
+        assert_eq!(r[1].start, MMIO_GAP_END);
+        assert_eq!(r[0].len + r[1].len, 4 << 30);
+    }
+
+    #[test]
+    fn rejects_tiny_guest() {
+        assert!(matches!(
+            create_guest_memory(1, &MemoryBacking::Anonymous),
+            Err(MemoryError::InvalidSize(1))
+        ));
+    }
+
+    #[test]
+    fn file_backing_is_shared_with_the_host() {
+        let dir = std::env::temp_dir().join(format!("microvm-memtest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mem");
+        let _ = std::fs::remove_file(&path);
+        let mem = create_guest_memory(8, &MemoryBacking::SharedFile(path.clone())).unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        drop(mem);
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len(), 8 << 20);
+        assert_eq!(&data[0x1000..0x1004], &0xdead_beef_u32.to_le_bytes());
+        // A file of the wrong size is refused.
+        assert!(matches!(
+            create_guest_memory(16, &MemoryBacking::SharedFile(path.clone())),
+            Err(MemoryError::FileSizeMismatch { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,576 @@
+//! The VM: KVM objects, guest memory, devices and vCPU threads, wired together;
+//! built from a [`VmConfig`], run on an event loop until the guest or the host
+//! ends it.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use log::{debug, info};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vm_superio::I8042Device;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, MAX_VCPUS};
+use crate::arch::regs::{boot_fpu, boot_regs, setup_sregs};
+use crate::arch::{acpi, cpuid, lapic, mptable, msr};
+use crate::devices::{new_serial, EventFdTrigger, PioDevices, SerialOutput, COM1_IRQ};
+use crate::loader::{self, BootSource, LoadedKernel};
+use crate::memory::{create_guest_memory, GuestMemory, MemoryBacking};
+use crate::vcpu::{ExitNotifier, VcpuError, VcpuHandle, VcpuRequest, VcpuResponse, VmExitReason};
+use crate::Error;
+
+/// Everything needed to build a VM.
+pub struct VmConfig {
+    /// Number of vCPUs (1 to the host's limit, at most 254).
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// How RAM is backed.
+    pub backing: MemoryBacking,
+    /// Kernel, initrd, command line, entry protocol.
+    pub boot: BootSource,
+    /// Where the serial console goes.
+    pub serial: SerialOutput,
+    /// Whether the VMM's stdin feeds the serial console.
+    pub serial_input: bool,
+}
+
+/// Whether the VM runs or is paused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Built, vCPUs not started.
+    Created,
+    /// vCPUs running guest code.
+    Running,
+    /// vCPUs stopped by the host.
+    Paused,
+    /// The VM has ended.
+    Stopped,
+}
+
+/// A running or runnable VM.
+pub struct MicroVm {
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    memory: GuestMemory,
+    devices: Arc<Mutex<PioDevices>>,
+    vcpu_fds: Vec<VcpuFd>,
+    vcpus: Vec<VcpuHandle>,
+    exit: Arc<ExitNotifier>,
+    reset_evt: EventFd,
+    state: RunState,
+    loaded: LoadedKernel,
+    serial_input: bool,
+    vcpu_count: u8,
+    control_tx: Sender<ControlCall>,
+    control_rx: Receiver<ControlCall>,
+    control_evt: EventFd,
+}
+
+type ControlCall = Box<dyn FnOnce(&mut MicroVm) + Send>;
+
+/// Ends a VM without waiting; see [`MicroVm::stop_handle`].
+#[derive(Clone)]
+pub struct StopHandle(Arc<ExitNotifier>);
+
+impl StopHandle {
+    /// Asks the VM to end with `reason` (the first reason recorded wins).
+    pub fn stop(&self, reason: VmExitReason) {
+        self.0.notify(reason);
+    }
+}
+
+/// A handle other threads use to act on a VM while [`MicroVm::run`] owns it:
+/// each call runs a closure on the event-loop thread with `&mut MicroVm`.
+#[derive(Clone)]
+pub struct VmController {
+    tx: Sender<ControlCall>,
+    evt: Arc<EventFd>,
+}
+
+impl VmController {
+    /// Runs `f` on the VM's event-loop thread and returns its result, or an
+    /// error if the VM has ended.
+    pub fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut MicroVm) -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx
+            .send(Box::new(move |vm: &mut MicroVm| {
+                let _ = tx.send(f(vm));
+            }))
+            .map_err(|_| Error::State("the VM has ended".into()))?;
+        self.evt.write(1).map_err(Error::Io)?;
+        rx.recv()
+            .map_err(|_| Error::State("the VM has ended".into()))
+    }
+
+    /// Pauses every vCPU.
+    pub fn pause(&self) -> Result<(), Error> {
+        self.call(|vm| vm.pause())?
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume(&self) -> Result<(), Error> {
+        self.call(|vm| vm.resume())?
+    }
+
+    /// Ends the VM with [`VmExitReason::Stopped`].
+    pub fn stop(&self) -> Result<(), Error> {
+        self.call(|vm| vm.request_stop(VmExitReason::Stopped))
+    }
+}
+
+/// Largest vCPU count this host and this VMM allow.
+pub fn max_vcpus(kvm: &Kvm) -> u8 {
+    kvm.get_max_vcpus().min(usize::from(MAX_VCPUS)) as u8
+}
+
+/// The KVM device path: `/dev/kvm`, or `$CRYO_KVM_DEVICE` when set (for
+/// hosts that put it elsewhere, and for tests of the error paths).
+pub fn kvm_device_path() -> std::path::PathBuf {
+    std::env::var_os("CRYO_KVM_DEVICE")
+        .map(Into::into)
+        .unwrap_or_else(|| "/dev/kvm".into())
+}
+
+/// Opens the KVM device with a clear error.
+pub fn open_kvm() -> Result<Kvm, Error> {
+    let path = kvm_device_path();
+    let shown = path.display();
+    let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::KvmUnavailable(format!("{shown}: path has a NUL byte")))?;
+    let kvm = Kvm::new_with_path(&cpath).map_err(|e| match e.errno() {
+        libc::ENOENT => Error::KvmUnavailable(format!("{shown} does not exist (is the kvm module loaded, and does this host offer virtualization?)")),
+        libc::EACCES | libc::EPERM => Error::KvmUnavailable(format!("{shown} is not accessible to this user (add the user to the kvm group, or run as root)")),
+        _ => Error::KvmUnavailable(format!("cannot use {shown}: {e}")),
+    })?;
+    match kvm.get_api_version() {
+        12 => Ok(kvm),
+        v => Err(Error::KvmUnavailable(format!(
+            "{shown} is not a usable KVM device (KVM_GET_API_VERSION returned {v}, expected 12)"
+        ))),
+    }
+}
+
+impl MicroVm {
+    /// Builds the VM: memory, KVM VM and irqchip, devices, kernel, vCPUs.
+    /// Nothing runs until [`MicroVm::start`].
+    pub fn new(config: VmConfig) -> Result<Self, Error> {
+        let kvm = open_kvm()?;
+        let limit = max_vcpus(&kvm);
+        if config.vcpus == 0 || config.vcpus > limit {
+            return Err(Error::TooManyVcpus {
+                requested: config.vcpus,
+                max: limit,
+            });
+        }
+        // Check the kernel is readable before allocating anything large.
+        std::fs::File::open(&config.boot.kernel).map_err(|source| {
+            Error::Load(loader::LoadError::Read {
+                path: config.boot.kernel.clone(),
+                source,
+            })
+        })?;
+        let memory = create_guest_memory(config.mem_mib, &config.backing)?;
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm_fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(|e| Error::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit)
+            .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|_| Error::Internal("guest memory region has no host address".into()))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `memory`, which
+            // the VM keeps for as long as the VM fd exists.
+            unsafe { vm_fd.set_user_memory_region(r) }
+                .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+
+        // Firmware tables, then the kernel (which gets the RSDP address).
+        mptable::setup_mptable(&memory, config.vcpus)?;
+        let rsdp = acpi::setup_acpi(&memory, config.vcpus)?;
+        let loaded = loader::load(&memory, &config.boot, Some(rsdp))?;
+        info!(
+            "loaded {:?} kernel, entry {:x?}, kernel end {:#x}, initrd {:x?}",
+            loaded.format, loaded.entry, loaded.kernel_end, loaded.initrd
+        );
+
+        // Devices.
+        let serial_irq = EventFdTrigger::new().map_err(Error::Io)?;
+        vm_fd
+            .register_irqfd(&serial_irq.0, COM1_IRQ)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let reset = EventFdTrigger::new().map_err(Error::Io)?;
+        let reset_evt = reset.0.try_clone().map_err(Error::Io)?;
+        let devices = PioDevices::new(
+            new_serial(serial_irq, config.serial),
+            I8042Device::new(reset),
+        );
+
+        // vCPUs.
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut vcpu_fds = Vec::with_capacity(config.vcpus as usize);
+        for index in 0..config.vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(index))
+                .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+            let tsc_khz = fd.get_tsc_khz().ok().filter(|k| *k != 0);
+            let cpuid = cpuid::filter_cpuid(&supported, index, config.vcpus, tsc_khz)
+                .map_err(|e| Error::Internal(format!("CPUID table: {e:?}")))?;
+            fd.set_cpuid2(&cpuid)
+                .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+            let msrs = msr::boot_msrs().map_err(|e| Error::Internal(format!("MSR list: {e:?}")))?;
+            let written = fd
+                .set_msrs(&msrs)
+                .map_err(|e| Error::Kvm("KVM_SET_MSRS", e))?;
+            if written != msrs.as_slice().len() {
+                debug!(
+                    "vCPU {index}: KVM took {written} of {} boot MSRs",
+                    msrs.as_slice().len()
+                );
+            }
+            fd.set_fpu(&boot_fpu())
+                .map_err(|e| Error::Kvm("KVM_SET_FPU", e))?;
+            let mut lapic_state = fd.get_lapic().map_err(|e| Error::Kvm("KVM_GET_LAPIC", e))?;
+            lapic::configure_lint(&mut lapic_state);
+            fd.set_lapic(&lapic_state)
+                .map_err(|e| Error::Kvm("KVM_SET_LAPIC", e))?;
+            if index == 0 {
+                let sregs = fd.get_sregs().map_err(|e| Error::Kvm("KVM_GET_SREGS", e))?;
+                let sregs = setup_sregs(&memory, loaded.entry, sregs)?;
+                fd.set_sregs(&sregs)
+                    .map_err(|e| Error::Kvm("KVM_SET_SREGS", e))?;
+                fd.set_regs(&boot_regs(loaded.entry))
+                    .map_err(|e| Error::Kvm("KVM_SET_REGS", e))?;
+            }
+            vcpu_fds.push(fd);
+        }
+
+        let (control_tx, control_rx) = std::sync::mpsc::channel();
+        Ok(MicroVm {
+            kvm,
+            vm_fd: Arc::new(vm_fd),
+            memory,
+            devices: Arc::new(Mutex::new(devices)),
+            vcpu_fds,
+            vcpus: Vec::new(),
+            exit: Arc::new(ExitNotifier::new().map_err(Error::Io)?),
+            reset_evt,
+            state: RunState::Created,
+            loaded,
+            serial_input: config.serial_input,
+            vcpu_count: config.vcpus,
+            control_tx,
+            control_rx,
+            control_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?,
+        })
+    }
+
+    /// Starts every vCPU thread.
+    pub fn start(&mut self) -> Result<(), Error> {
+        if self.state != RunState::Created {
+            return Err(Error::State(format!(
+                "cannot start a VM that is {:?}",
+                self.state
+            )));
+        }
+        for (index, fd) in self.vcpu_fds.drain(..).enumerate() {
+            self.vcpus.push(VcpuHandle::spawn(
+                index as u8,
+                fd,
+                Arc::clone(&self.devices),
+                self.memory.clone(),
+                Arc::clone(&self.exit),
+            )?);
+        }
+        self.state = RunState::Running;
+        Ok(())
+    }
+
+    /// Stops all vCPUs; when this returns, guest state no longer changes.
+    pub fn pause(&mut self) -> Result<(), Error> {
+        match self.state {
+            RunState::Paused => return Ok(()),
+            RunState::Running => {}
+            s => return Err(Error::State(format!("cannot pause a VM that is {s:?}"))),
+        }
+        for v in &self.vcpus {
+            v.send(VcpuRequest::Pause)?;
+        }
+        for v in &self.vcpus {
+            v.wait_for(VcpuResponse::Paused)?;
+        }
+        self.state = RunState::Paused;
+        Ok(())
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&mut self) -> Result<(), Error> {
+        match self.state {
+            RunState::Running => return Ok(()),
+            RunState::Paused => {}
+            s => return Err(Error::State(format!("cannot resume a VM that is {s:?}"))),
+        }
+        for v in &self.vcpus {
+            v.send(VcpuRequest::Resume)?;
+        }
+        for v in &self.vcpus {
+            v.wait_for(VcpuResponse::Resumed)?;
+        }
+        self.state = RunState::Running;
+        Ok(())
+    }
+
+    /// A handle for other threads (control API, signal handling) to act on
+    /// the VM while [`MicroVm::run`] owns it.
+    pub fn controller(&self) -> Result<VmController, Error> {
+        Ok(VmController {
+            tx: self.control_tx.clone(),
+            evt: Arc::new(self.control_evt.try_clone().map_err(Error::Io)?),
+        })
+    }
+
+    /// The run state.
+    pub fn state(&self) -> RunState {
+        self.state
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> u8 {
+        self.vcpu_count
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The KVM VM fd.
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    /// The KVM system fd.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The port I/O devices.
+    pub fn devices(&self) -> &Arc<Mutex<PioDevices>> {
+        &self.devices
+    }
+
+    /// What was loaded and how the VM boots.
+    pub fn loaded_kernel(&self) -> &LoadedKernel {
+        &self.loaded
+    }
+
+    /// The vCPU handles (running threads).
+    pub fn vcpus(&self) -> &[VcpuHandle] {
+        &self.vcpus
+    }
+
+    /// Why the VM ended, once it has.
+    pub fn exit_reason(&self) -> Option<VmExitReason> {
+        if let Some(r) = self.exit.reason() {
+            return Some(r);
+        }
+        // The i8042 reset line fires an eventfd of its own.
+        match self.reset_evt.read() {
+            Ok(_) => {
+                self.exit.notify(VmExitReason::Reset);
+                self.exit.reason()
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Asks the VM to stop with `reason` (wakes [`MicroVm::run`]).
+    pub fn request_stop(&self, reason: VmExitReason) {
+        self.exit.notify(reason);
+    }
+
+    /// A handle that ends the VM from any context without waiting (for
+    /// signal watchers and event-loop subscribers, which must not block on
+    /// the event loop they run in).
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(Arc::clone(&self.exit))
+    }
+
+    /// An event that becomes readable when the VM should stop.
+    pub fn exit_event(&self) -> Result<EventFd, Error> {
+        self.exit.event().try_clone().map_err(Error::Io)
+    }
+
+    /// Stops the vCPU threads and releases them.
+    pub fn shutdown(&mut self) {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+        self.vcpus.clear();
+        if let Ok(mut d) = self.devices.lock() {
+            let _ = std::io::Write::flush(d.serial.writer_mut());
+        }
+        self.state = RunState::Stopped;
+    }
+
+    /// Starts the VM if needed and runs the event loop (serial input, exit
+    /// events, and any `extra` subscribers) until the VM ends; returns why.
+    pub fn run(
+        &mut self,
+        extra: Vec<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    ) -> Result<VmExitReason, Error> {
+        let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+        let done = Arc::new(AtomicBool::new(false));
+        let watcher = Arc::new(Mutex::new(ExitWatcher {
+            exit_evt: self.exit.event().try_clone().map_err(Error::Io)?,
+            reset_evt: self.reset_evt.try_clone().map_err(Error::Io)?,
+            control_evt: self.control_evt.try_clone().map_err(Error::Io)?,
+            exit: Arc::clone(&self.exit),
+            done: Arc::clone(&done),
+        }));
+        manager.add_subscriber(watcher);
+        if self.serial_input {
+            manager.add_subscriber(Arc::new(Mutex::new(SerialInput {
+                devices: Arc::clone(&self.devices),
+            })));
+        }
+        for s in extra {
+            manager.add_subscriber(s);
+        }
+        if self.state == RunState::Created {
+            self.start()?;
+        }
+        while !done.load(Ordering::Acquire) {
+            manager
+                .run()
+                .map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+            while let Ok(call) = self.control_rx.try_recv() {
+                call(self);
+            }
+            if self.exit.reason().is_some() {
+                done.store(true, Ordering::Release);
+            }
+        }
+        let reason = self
+            .exit_reason()
+            .unwrap_or_else(|| VmExitReason::Error("VM ended without a reason".into()));
+        self.shutdown();
+        Ok(reason)
+    }
+}
+
+impl Drop for MicroVm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl From<VcpuError> for Error {
+    fn from(e: VcpuError) -> Self {
+        Error::Vcpu(e)
+    }
+}
+
+struct ExitWatcher {
+    exit_evt: EventFd,
+    reset_evt: EventFd,
+    control_evt: EventFd,
+    exit: Arc<ExitNotifier>,
+    done: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.reset_evt.as_raw_fd() {
+            let _ = self.reset_evt.read();
+            info!("guest reset through the i8042");
+            self.exit.notify(VmExitReason::Reset);
+        } else if events.fd() == self.control_evt.as_raw_fd() {
+            // The run loop drains the control calls after this returns.
+            let _ = self.control_evt.read();
+        } else {
+            let _ = self.exit_evt.read();
+        }
+        if self.exit.reason().is_some() {
+            self.done.store(true, Ordering::Release);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&self.exit_evt, EventSet::IN));
+        let _ = ops.add(Events::new(&self.reset_evt, EventSet::IN));
+        let _ = ops.add(Events::new(&self.control_evt, EventSet::IN));
+    }
+}
+
+/// Feeds the VMM's stdin to the guest's serial port.
+struct SerialInput {
+    devices: Arc<Mutex<PioDevices>>,
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let stdin = std::io::stdin();
+        if events.event_set().contains(EventSet::IN) {
+            let mut buf = [0u8; 64];
+            let n = match stdin.lock().read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return,
+                Err(_) => 0,
+            };
+            if n > 0 {
+                if let Ok(mut d) = self.devices.lock() {
+                    // The 16550 FIFO is small; what does not fit is dropped,
+                    // as on a real UART without flow control.
+                    if let Err(e) = d.serial.enqueue_raw_bytes(&buf[..n]) {
+                        debug!("serial input dropped: {e:?}");
+                    }
+                }
+                return;
+            }
+        }
+        // End of input or an error: stop watching stdin.
+        let _ = ops.remove(Events::new(&stdin, EventSet::IN));
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&std::io::stdin(), EventSet::IN));
+    }
+}

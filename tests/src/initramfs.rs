@@ -1,0 +1,378 @@
+//! Guest artefacts for full-Linux boot tests: a tiny initramfs whose `/init`
+//! prints `CRYO-INIT-OK cpus=<N>` and reboots, and the Debian cloud kernel
+//! fetched (and cached) by `resources/fetch-kernel.sh`.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// File type bits of a regular file in a cpio `mode` field.
+const S_IFREG: u32 = 0o100000;
+/// File type bits of a directory in a cpio `mode` field.
+const S_IFDIR: u32 = 0o040000;
+/// File type bits of a character device in a cpio `mode` field.
+const S_IFCHR: u32 = 0o020000;
+
+/// Length of a `newc` header: the 6-byte magic plus 13 fields of 8 hex digits.
+const NEWC_HEADER_LEN: usize = 110;
+/// Magic of the `newc` (SVR4, no checksum) cpio format.
+const NEWC_MAGIC: &[u8; 6] = b"070701";
+/// Name of the entry that ends a cpio archive.
+const TRAILER: &str = "TRAILER!!!";
+
+/// The marker line `/init` prints (followed by ` cpus=<N>`).
+pub const INIT_MARKER: &str = "CRYO-INIT-OK";
+
+/// Path of the C source of the initramfs `/init`
+/// (`resources/initramfs/init.c` at the workspace root).
+pub fn init_source() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/initramfs/init.c")
+}
+
+/// Path of the script that fetches the Debian cloud kernel
+/// (`resources/fetch-kernel.sh` at the workspace root).
+pub fn fetch_kernel_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/fetch-kernel.sh")
+}
+
+/// One entry of a `newc` cpio archive.
+struct CpioEntry<'a> {
+    /// Path inside the archive, without a leading `/`.
+    name: &'a str,
+    /// File type and permission bits.
+    mode: u32,
+    /// Major number of the device (character/block devices only).
+    rdev_major: u32,
+    /// Minor number of the device (character/block devices only).
+    rdev_minor: u32,
+    /// File contents (regular files only).
+    data: &'a [u8],
+}
+
+/// Bytes needed to pad `len` up to a multiple of 4.
+fn pad4(len: usize) -> usize {
+    (4 - len % 4) % 4
+}
+
+/// Converts a length to a 32-bit cpio field, failing if it does not fit.
+fn field_u32(value: usize, what: &str) -> io::Result<u32> {
+    u32::try_from(value).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("cpio: {what} {value} does not fit in 32 bits"),
+        )
+    })
+}
+
+/// Writes one `newc` header, the NUL-terminated name and the data, each
+/// padded to a multiple of 4 bytes.
+fn write_newc_entry<W: Write>(out: &mut W, ino: u32, e: &CpioEntry<'_>) -> io::Result<()> {
+    let namesize = field_u32(e.name.len() + 1, "name size")?;
+    let filesize = field_u32(e.data.len(), "file size")?;
+    let nlink: u32 = if e.mode & 0o170000 == S_IFDIR { 2 } else { 1 };
+    let fields: [u32; 13] = [
+        ino,
+        e.mode,
+        0, // uid
+        0, // gid
+        nlink,
+        0, // mtime
+        filesize,
+        0, // devmajor
+        0, // devminor
+        e.rdev_major,
+        e.rdev_minor,
+        namesize,
+        0, // check
+    ];
+    let mut header = Vec::with_capacity(NEWC_HEADER_LEN);
+    header.extend_from_slice(NEWC_MAGIC);
+    for f in fields {
+        header.extend_from_slice(format!("{f:08X}").as_bytes());
+    }
+    debug_assert_eq!(header.len(), NEWC_HEADER_LEN);
+    out.write_all(&header)?;
+    out.write_all(e.name.as_bytes())?;
+    out.write_all(&[0])?;
+    out.write_all(&[0; 3][..pad4(NEWC_HEADER_LEN + e.name.len() + 1)])?;
+    out.write_all(e.data)?;
+    out.write_all(&[0; 3][..pad4(e.data.len())])?;
+    Ok(())
+}
+
+/// Writes a complete uncompressed `newc` archive of `entries`, ending with
+/// the `TRAILER!!!` entry.
+fn write_newc<W: Write>(out: &mut W, entries: &[CpioEntry<'_>]) -> io::Result<()> {
+    for (ino, e) in (1u32..).zip(entries) {
+        write_newc_entry(out, ino, e)?;
+    }
+    let trailer = CpioEntry {
+        name: TRAILER,
+        mode: 0,
+        rdev_major: 0,
+        rdev_minor: 0,
+        data: &[],
+    };
+    write_newc_entry(out, 0, &trailer)
+}
+
+/// Compiles `resources/initramfs/init.c` with `gcc -static -Os` into
+/// `<work_dir>/init` and packs it into an uncompressed `newc` cpio archive
+/// `<work_dir>/initramfs.cpio` holding `/init` (mode 0755), `/dev` and the
+/// `/dev/console` character device (5, 1). Returns the archive's path.
+///
+/// The guest's `/init` prints `CRYO-INIT-OK cpus=<N>` to the console, then
+/// syncs and reboots (boot the kernel with `reboot=k` so that the reset goes
+/// through the i8042 keyboard controller).
+pub fn build_initramfs(work_dir: &Path) -> io::Result<PathBuf> {
+    fs::create_dir_all(work_dir)?;
+    let source = init_source();
+    if !source.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("initramfs source not found: {}", source.display()),
+        ));
+    }
+    let init_bin = work_dir.join("init");
+    let output = Command::new("gcc")
+        .args(["-static", "-Os", "-o"])
+        .arg(&init_bin)
+        .arg(&source)
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run gcc: {e}")))?;
+    if !output.status.success() {
+        return Err(io::Error::other(format!(
+            "gcc -static -Os {} failed ({}): {}",
+            source.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    let init_data = fs::read(&init_bin)?;
+
+    let entries = [
+        CpioEntry {
+            name: "dev",
+            mode: S_IFDIR | 0o755,
+            rdev_major: 0,
+            rdev_minor: 0,
+            data: &[],
+        },
+        CpioEntry {
+            name: "dev/console",
+            mode: S_IFCHR | 0o600,
+            rdev_major: 5,
+            rdev_minor: 1,
+            data: &[],
+        },
+        CpioEntry {
+            name: "init",
+            mode: S_IFREG | 0o755,
+            rdev_major: 0,
+            rdev_minor: 0,
+            data: &init_data,
+        },
+    ];
+    let mut archive = Vec::with_capacity(init_data.len() + 1024);
+    write_newc(&mut archive, &entries)?;
+    let cpio_path = work_dir.join("initramfs.cpio");
+    fs::write(&cpio_path, &archive)?;
+    Ok(cpio_path)
+}
+
+/// Directory where `resources/fetch-kernel.sh` caches the Debian cloud kernel:
+/// `${XDG_CACHE_HOME:-$HOME/.cache}/cryo` (an empty `XDG_CACHE_HOME` counts
+/// as unset, as in the script). It holds `debian-cloud-bzImage`,
+/// `debian-cloud-vmlinux` (ELF) and `debian-cloud-version`.
+pub fn debian_kernel_cache_dir() -> PathBuf {
+    let base = match std::env::var_os("XDG_CACHE_HOME") {
+        Some(x) if !x.is_empty() => PathBuf::from(x),
+        _ => {
+            let home = std::env::var_os("HOME").unwrap_or_default();
+            PathBuf::from(home).join(".cache")
+        }
+    };
+    base.join("cryo")
+}
+
+/// Runs `resources/fetch-kernel.sh` (a no-op, without network, when the
+/// cache is already valid) and returns the cache directory (see
+/// [`debian_kernel_cache_dir`]). Fails with the script's error message when
+/// it exits non-zero (e.g. no `apt-get` on the host, or no network).
+pub fn fetch_debian_kernel() -> io::Result<PathBuf> {
+    let script = fetch_kernel_script();
+    let output = Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot run bash: {e}")))?;
+    if !output.status.success() {
+        return Err(io::Error::other(format!(
+            "{} failed ({}): {}",
+            script.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let dir = stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| PathBuf::from(l.trim()))
+        .unwrap_or_else(debian_kernel_cache_dir);
+    if !dir.join("debian-cloud-vmlinux").is_file() || !dir.join("debian-cloud-bzImage").is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{} did not leave a kernel in {}",
+                script.display(),
+                dir.display()
+            ),
+        ));
+    }
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One entry parsed back from a `newc` archive.
+    #[derive(Debug)]
+    struct Parsed {
+        ino: u32,
+        mode: u32,
+        nlink: u32,
+        rdev: (u32, u32),
+        name: String,
+        data: Vec<u8>,
+    }
+
+    fn parse_newc(buf: &[u8]) -> Vec<Parsed> {
+        let mut out = Vec::new();
+        let mut pos = 0;
+        loop {
+            assert_eq!(pos % 4, 0, "header not 4-byte aligned");
+            let hdr = &buf[pos..pos + NEWC_HEADER_LEN];
+            assert_eq!(&hdr[..6], NEWC_MAGIC);
+            let field = |i: usize| {
+                let s = std::str::from_utf8(&hdr[6 + 8 * i..14 + 8 * i]).expect("ascii");
+                u32::from_str_radix(s, 16).expect("hex field")
+            };
+            let namesize = field(11) as usize;
+            let filesize = field(6) as usize;
+            let name_start = pos + NEWC_HEADER_LEN;
+            let name_bytes = &buf[name_start..name_start + namesize];
+            assert_eq!(name_bytes[namesize - 1], 0, "name not NUL-terminated");
+            let name = String::from_utf8(name_bytes[..namesize - 1].to_vec()).expect("utf8");
+            let data_start = name_start + namesize + pad4(NEWC_HEADER_LEN + namesize);
+            assert_eq!(data_start % 4, 0);
+            let data = buf[data_start..data_start + filesize].to_vec();
+            pos = data_start + filesize + pad4(filesize);
+            let done = name == TRAILER;
+            out.push(Parsed {
+                ino: field(0),
+                mode: field(1),
+                nlink: field(4),
+                rdev: (field(9), field(10)),
+                name,
+                data,
+            });
+            if done {
+                assert_eq!(pos, buf.len(), "bytes after the trailer");
+                return out;
+            }
+        }
+    }
+
+    fn scratch_dir(tag: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        std::env::temp_dir().join(format!("cryo-{tag}-{}-{nanos}", std::process::id()))
+    }
+
+    #[test]
+    fn newc_roundtrip_and_padding() {
+        // Names and data of every length mod 4 exercise the padding.
+        let entries: Vec<CpioEntry<'_>> = ["a", "ab", "abc", "abcd"]
+            .iter()
+            .map(|n| CpioEntry {
+                name: n,
+                mode: S_IFREG | 0o644,
+                rdev_major: 0,
+                rdev_minor: 0,
+                data: n.as_bytes(),
+            })
+            .collect();
+        let mut buf = Vec::new();
+        write_newc(&mut buf, &entries).expect("write to Vec");
+        assert_eq!(buf.len() % 4, 0);
+        let parsed = parse_newc(&buf);
+        assert_eq!(parsed.len(), 5);
+        for (p, e) in parsed.iter().zip(entries.iter()) {
+            assert_eq!(p.name, e.name);
+            assert_eq!(p.data, e.data);
+            assert_eq!(p.mode, S_IFREG | 0o644);
+        }
+        assert_eq!(parsed[4].name, TRAILER);
+        assert_eq!(parsed[4].ino, 0);
+    }
+
+    #[test]
+    fn build_initramfs_structure() {
+        let gcc_ok = Command::new("gcc")
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success());
+        if !matches!(gcc_ok, Ok(true)) {
+            eprintln!("skipping: gcc not available");
+            return;
+        }
+        let dir = scratch_dir("initramfs-test");
+        let cpio = build_initramfs(&dir).expect("build_initramfs");
+        let buf = fs::read(&cpio).expect("read cpio");
+        let parsed = parse_newc(&buf);
+        let _ = fs::remove_dir_all(&dir);
+
+        let names: Vec<&str> = parsed.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["dev", "dev/console", "init", TRAILER]);
+
+        let dev = &parsed[0];
+        assert_eq!(dev.mode, 0o040755);
+        assert_eq!(dev.nlink, 2);
+
+        let console = &parsed[1];
+        assert_eq!(console.mode, 0o020600);
+        assert_eq!(console.rdev, (5, 1));
+        assert!(console.data.is_empty());
+
+        let init = &parsed[2];
+        assert_eq!(init.mode, 0o100755);
+        // A static x86_64 ELF executable (ET_EXEC or ET_DYN for static-pie).
+        assert_eq!(&init.data[..4], b"\x7fELF");
+        assert_eq!(init.data[4], 2, "ELFCLASS64");
+        assert_eq!(u16::from_le_bytes([init.data[18], init.data[19]]), 0x3e);
+        // Static: no PT_INTERP program header.
+        let d = &init.data;
+        let le64 = |o: usize| u64::from_le_bytes(d[o..o + 8].try_into().expect("8 bytes"));
+        let le16 = |o: usize| u16::from_le_bytes([d[o], d[o + 1]]) as usize;
+        let (phoff, phentsize, phnum) = (le64(32) as usize, le16(54), le16(56));
+        let has_interp = (0..phnum).any(|i| {
+            let o = phoff + i * phentsize;
+            u32::from_le_bytes(d[o..o + 4].try_into().expect("4 bytes")) == 3
+        });
+        assert!(!has_interp, "init has PT_INTERP: not static");
+
+        let inos: Vec<u32> = parsed[..3].iter().map(|p| p.ino).collect();
+        assert_eq!(inos, [1, 2, 3]);
+    }
+
+    #[test]
+    fn cache_dir_follows_xdg_rule() {
+        let dir = debian_kernel_cache_dir();
+        assert!(dir.ends_with("cryo"));
+    }
+}

@@ -1,0 +1,323 @@
+//! Helpers for cryo's integration tests: find (and build) the `cryo` binary,
+//! run guests under real KVM and follow their serial console line by line.
+//!
+//! The tests themselves live in `tests/tests/`. They need `/dev/kvm`; the
+//! Debian-kernel tests also need the kernel that `resources/fetch-kernel.sh`
+//! caches (CI fetches it first; locally the tests fetch it on demand).
+#![deny(missing_docs)]
+
+pub mod initramfs;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The test kernel image built by `cryo-test-kernel`'s build script.
+pub fn test_kernel() -> &'static Path {
+    cryo_test_kernel::kernel_path()
+}
+
+/// The `cryo` binary of the same profile as this test, built on first use.
+pub fn cryo_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test-binary> -> target/<profile>/cryo
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test executable lives in target/<profile>/deps")
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "cryo", "--bin", "cryo"])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .current_dir(workspace_root());
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for the cryo binary");
+        assert!(status.success(), "building the cryo binary failed");
+        profile_dir.join("cryo")
+    })
+}
+
+/// Whether KVM here is PVM (guest ring 0 emulated), where a stock Linux
+/// kernel only gets through early boot.
+pub fn host_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Whether slow tests were asked for (`CRYO_SLOW_TESTS=1`).
+pub fn slow_tests_enabled() -> bool {
+    std::env::var("CRYO_SLOW_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// A `cryo` process whose stdout (the guest's serial console) is read line by line.
+pub struct Guest {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    /// When the process was started.
+    pub started: Instant,
+}
+
+fn pump(
+    reader: impl std::io::Read + Send + 'static,
+    sink: Arc<Mutex<Vec<String>>>,
+    tx: Option<std::sync::mpsc::Sender<String>>,
+) {
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(reader);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+                    if let Ok(mut s) = sink.lock() {
+                        s.push(line.clone());
+                    }
+                    if let Some(tx) = &tx {
+                        let _ = tx.send(line);
+                    }
+                }
+            }
+        }
+    });
+}
+
+impl Guest {
+    /// Starts `cryo` with `args`, stdin closed, stdout and stderr captured.
+    pub fn spawn<I, S>(args: I) -> Guest
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = Command::new(cryo_bin());
+        cmd.args(args);
+        Guest::from_command(cmd)
+    }
+
+    /// Starts a prepared command (e.g. with extra environment), stdin closed,
+    /// stdout and stderr captured.
+    pub fn from_command(mut cmd: Command) -> Guest {
+        let started = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cryo");
+        let (tx, rx) = channel();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        pump(
+            child.stdout.take().expect("stdout"),
+            Arc::clone(&seen),
+            Some(tx),
+        );
+        pump(
+            child.stderr.take().expect("stderr"),
+            Arc::clone(&stderr),
+            None,
+        );
+        Guest {
+            child,
+            lines: rx,
+            seen,
+            stderr,
+            started,
+        }
+    }
+
+    /// Boots the test kernel with `vcpus` vCPUs, `mem_mib` MiB and extra command line words.
+    pub fn test_kernel(vcpus: u32, mem_mib: u64, cmdline: &str, extra: &[&str]) -> Guest {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--kernel".into(),
+            test_kernel().display().to_string(),
+            "--vcpus".into(),
+            vcpus.to_string(),
+            "--mem-mib".into(),
+            mem_mib.to_string(),
+            "--cmdline".into(),
+            cmdline.into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Guest::spawn(args)
+    }
+
+    /// Waits until a line matches `pred`, returning it, or None after `timeout`
+    /// (or when the process has closed its output).
+    pub fn wait_for(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if pred(&line) => return Some(line),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    return None
+                }
+            }
+        }
+    }
+
+    /// Every console line so far.
+    pub fn output(&self) -> Vec<String> {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Every stderr line so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The console and stderr, for assertion messages.
+    pub fn transcript(&self) -> String {
+        let out = self.output();
+        let err = self.stderr();
+        let tail: Vec<&String> = out
+            .iter()
+            .rev()
+            .take(60)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        format!(
+            "--- console (last {} of {} lines) ---\n{}\n--- stderr ---\n{}",
+            tail.len(),
+            out.len(),
+            tail.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n"),
+            err.join("\n")
+        )
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process to end, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                // Let the pump threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(50));
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A parsed `key=value` field of a test-kernel line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// A numeric field of a test-kernel line.
+pub fn num(line: &str, key: &str) -> Option<u64> {
+    field(line, key).and_then(|v| v.parse().ok())
+}
+
+/// Runs `cryo` with `args` to completion (stdin closed) and returns status, stdout, stderr.
+pub fn run_cryo(args: &[&str], timeout: Duration) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(cryo_bin());
+    cmd.args(args);
+    run_command(cmd, timeout)
+}
+
+/// Runs a prepared command to completion and returns status, stdout, stderr.
+pub fn run_command(cmd: Command, timeout: Duration) -> (Option<i32>, String, String) {
+    let mut g = Guest::from_command(cmd);
+    let status = g.wait_exit(timeout);
+    if status.is_none() {
+        g.kill();
+    }
+    (
+        status.and_then(|s| s.code()),
+        g.output().join("\n"),
+        g.stderr().join("\n"),
+    )
+}
+
+/// A minimal x86_64 ELF64 vmlinux: one loadable segment at physical `paddr`
+/// holding `code` (the entry point), `memsz` bytes in memory, no PVH note.
+/// Entered through the Linux 64-bit boot protocol (long mode, ring 0).
+pub fn tiny_elf(paddr: u64, code: &[u8], memsz: u64) -> Vec<u8> {
+    let mut f = vec![0u8; 0x1000 + code.len()];
+    f[0..4].copy_from_slice(b"\x7fELF");
+    f[4] = 2; // ELFCLASS64
+    f[5] = 1; // little endian
+    f[6] = 1; // EV_CURRENT
+    f[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    f[20..24].copy_from_slice(&1u32.to_le_bytes());
+    f[24..32].copy_from_slice(&paddr.to_le_bytes()); // e_entry
+    f[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+    f[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    f[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    f[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+    let ph = 64;
+    f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    f[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes()); // p_offset
+    f[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes()); // p_vaddr
+    f[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes()); // p_paddr
+    f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    f[ph + 40..ph + 48].copy_from_slice(&memsz.max(code.len() as u64).to_le_bytes());
+    f[0x1000..].copy_from_slice(code);
+    f
+}
+
+/// Writes `bytes` to a fresh file under the temp dir and returns its path.
+pub fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cryo-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write temp file");
+    path
+}
