@@ -321,3 +321,124 @@ pub fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     std::fs::write(&path, bytes).expect("write temp file");
     path
 }
+
+/// What a test-kernel console showed per vCPU while being watched.
+#[derive(Debug, Default, Clone)]
+pub struct Progress {
+    /// First heartbeat (seq, tsc) per vCPU.
+    pub first_beat: std::collections::BTreeMap<u64, (u64, u64)>,
+    /// Last heartbeat (seq, tsc) per vCPU.
+    pub last_beat: std::collections::BTreeMap<u64, (u64, u64)>,
+    /// Heartbeats seen per vCPU.
+    pub beats: std::collections::BTreeMap<u64, u64>,
+    /// SWEEP lines seen per vCPU.
+    pub sweeps: std::collections::BTreeMap<u64, u64>,
+    /// Whether a boot banner was seen.
+    pub booted: bool,
+}
+
+impl Guest {
+    /// Follows the test kernel's console until every one of `vcpus` vCPUs
+    /// has printed `beats` heartbeats and `sweeps` SWEEP lines. Panics on
+    /// MISMATCH, PANIC, TSC-BACKWARDS, ERROR, a heartbeat sequence that does
+    /// not go up by one, or a timeout.
+    pub fn follow(&mut self, vcpus: u32, beats: u64, sweeps: u64, timeout: Duration) -> Progress {
+        let mut p = Progress::default();
+        let mut bad: Option<String> = None;
+        let done = self.wait_for(timeout, |l| {
+            if l.starts_with("cryo-test-kernel") {
+                p.booted = true;
+            }
+            if ["MISMATCH", "PANIC", "TSC-BACKWARDS", "ERROR", "AP-TIMEOUT"]
+                .iter()
+                .any(|k| l.starts_with(k))
+            {
+                bad = Some(l.to_string());
+                return true;
+            }
+            // Only whole lines count: a save can cut a line in two.
+            if let (Some(cpu), true) = (num(l, "cpu"), l.contains("errors=")) {
+                if l.starts_with("HB ") {
+                    let (seq, tsc) = (num(l, "seq").unwrap_or(0), num(l, "tsc").unwrap_or(0));
+                    if let Some((last, _)) = p.last_beat.get(&cpu) {
+                        if seq != last + 1 {
+                            bad = Some(format!("heartbeat sequence jumped from {last}: {l}"));
+                            return true;
+                        }
+                    }
+                    p.first_beat.entry(cpu).or_insert((seq, tsc));
+                    p.last_beat.insert(cpu, (seq, tsc));
+                    *p.beats.entry(cpu).or_default() += 1;
+                } else if l.starts_with("SWEEP ") {
+                    *p.sweeps.entry(cpu).or_default() += 1;
+                }
+            }
+            (0..u64::from(vcpus)).all(|c| {
+                p.beats.get(&c).copied().unwrap_or(0) >= beats
+                    && p.sweeps.get(&c).copied().unwrap_or(0) >= sweeps
+            })
+        });
+        assert!(
+            bad.is_none(),
+            "guest reported: {}\n{}",
+            bad.unwrap_or_default(),
+            self.transcript()
+        );
+        assert!(
+            done.is_some(),
+            "guest did not make progress: {p:?}\n{}",
+            self.transcript()
+        );
+        p
+    }
+}
+
+impl Guest {
+    /// Summarizes the console output seen so far (for a VM that has ended):
+    /// the last whole heartbeat per vCPU.
+    pub fn follow_output(&self, vcpus: u32) -> Progress {
+        let mut p = Progress::default();
+        for l in self.output() {
+            if l.starts_with("cryo-test-kernel") {
+                p.booted = true;
+            }
+            if let (true, Some(cpu), true) =
+                (l.starts_with("HB "), num(&l, "cpu"), l.contains("errors="))
+            {
+                let beat = (num(&l, "seq").unwrap_or(0), num(&l, "tsc").unwrap_or(0));
+                p.first_beat.entry(cpu).or_insert(beat);
+                p.last_beat.insert(cpu, beat);
+                *p.beats.entry(cpu).or_default() += 1;
+            }
+        }
+        assert_eq!(
+            p.last_beat.len() as u32,
+            vcpus,
+            "not every vCPU beat:\n{}",
+            self.transcript()
+        );
+        p
+    }
+}
+
+/// A unix socket path for a test (short enough for sun_path).
+pub fn socket_path(name: &str) -> PathBuf {
+    PathBuf::from(format!("/tmp/cryo-{}-{name}.sock", std::process::id()))
+}
+
+/// Runs a `cryo` CLI verb to completion and returns (status, stdout, stderr).
+pub fn cryo(args: &[&str]) -> (Option<i32>, String, String) {
+    run_cryo(args, Duration::from_secs(120))
+}
+
+/// Waits until a unix socket accepts connections.
+pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}

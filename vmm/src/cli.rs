@@ -4,7 +4,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::save::SaveFormat;
+
 /// cryo: a small, fast KVM VMM that boots, freezes and thaws whole VMs.
+///
+/// Exit status: 0 success, 1 runtime failure, 2 bad input.
 #[derive(Parser, Debug)]
 #[command(name = "cryo", version, about, propagate_version = true)]
 pub struct Cli {
@@ -22,6 +26,20 @@ pub struct Cli {
 pub enum Command {
     /// Boot a kernel in a new VM and run it until the guest resets or powers off.
     Run(RunArgs),
+    /// Save a running VM (through its API socket) to a file.
+    Save(SaveArgs),
+    /// Build a VM from a saved file in this process and resume it.
+    Restore(RestoreArgs),
+    /// Print what a saved file holds: header, sections, RAM layout.
+    Inspect(InspectArgs),
+    /// Pause a running VM's vCPUs.
+    Pause(ApiArgs),
+    /// Resume a paused VM.
+    Resume(ApiArgs),
+    /// Print a VM's state, vCPUs, memory and uptime.
+    Status(ApiArgs),
+    /// End a VM.
+    Quit(ApiArgs),
 }
 
 /// Entry protocol choice.
@@ -66,4 +84,60 @@ pub struct RunArgs {
     /// Entry protocol.
     #[arg(long, value_enum, default_value = "auto")]
     pub boot: BootArg,
+    /// Serve the control API on this unix socket (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub api: Option<PathBuf>,
+}
+
+/// `cryo save`.
+#[derive(Args, Debug)]
+pub struct SaveArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api: PathBuf,
+    /// Target file (written under a temporary name, renamed when complete).
+    #[arg(long, value_name = "FILE")]
+    pub to: PathBuf,
+    /// Image format.
+    #[arg(long, value_enum, default_value = "stream")]
+    pub format: SaveFormat,
+    /// Resume the VM after saving instead of ending it.
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+/// `cryo restore`.
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The saved file (it is only read: restore it as often as you like).
+    #[arg(long, value_name = "FILE")]
+    pub from: PathBuf,
+    /// Write the guest's serial console to this file instead of stdout.
+    #[arg(long, value_name = "PATH")]
+    pub serial_out: Option<PathBuf>,
+    /// Serve the control API on this unix socket (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub api: Option<PathBuf>,
+    /// Restore even when this host's TSC frequency differs from the saved
+    /// one and KVM cannot scale it (guest time then runs at the wrong rate).
+    #[arg(long)]
+    pub allow_tsc_mismatch: bool,
+}
+
+/// `cryo inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The saved file.
+    pub file: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Verbs that only talk to a VM's API socket.
+#[derive(Args, Debug)]
+pub struct ApiArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api: PathBuf,
 }

@@ -3,8 +3,12 @@
 //! This binary owns policy: the command line, which crates to combine, exit
 //! codes. Exit status: 0 success, 1 runtime failure, 2 bad input.
 
+mod api;
 mod cli;
+mod client;
+mod inspect;
 mod run;
+mod save;
 mod signals;
 
 use std::process::ExitCode;
@@ -56,7 +60,14 @@ fn main() -> ExitCode {
     let args = cli::Cli::parse();
     init_logging(args.log_level.as_deref());
     let result = match args.command {
-        cli::Command::Run(run_args) => run::run(run_args),
+        cli::Command::Run(a) => run::run(a),
+        cli::Command::Restore(a) => run::restore(a),
+        cli::Command::Save(a) => client::save(a),
+        cli::Command::Inspect(a) => inspect::inspect(a),
+        cli::Command::Pause(a) => client::call(&a.api, serde_json::json!({"cmd": "pause"})),
+        cli::Command::Resume(a) => client::call(&a.api, serde_json::json!({"cmd": "resume"})),
+        cli::Command::Status(a) => client::call(&a.api, serde_json::json!({"cmd": "status"})),
+        cli::Command::Quit(a) => client::call(&a.api, serde_json::json!({"cmd": "quit"})),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

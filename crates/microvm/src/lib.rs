@@ -42,17 +42,21 @@ pub mod arch;
 pub mod devices;
 pub mod loader;
 pub mod memory;
+pub mod persist;
 pub mod vcpu;
 mod vm;
+pub mod vstate;
 
 pub use devices::SerialOutput;
 pub use event_manager;
 pub use loader::{BootProtocol, BootSource, KernelFormat, LoadError};
-pub use memory::{GuestMemory, MemoryBacking, MemoryError};
+pub use memory::{create_guest_memory, GuestMemory, GuestRegion, MemoryBacking, MemoryError};
 pub use vcpu::{VcpuError, VmExitReason};
 pub use vm::{
-    kvm_device_path, max_vcpus, open_kvm, MicroVm, RunState, StopHandle, VmConfig, VmController,
+    kvm_device_path, max_vcpus, open_kvm, region_list, MicroVm, RestoreOptions, RunState,
+    StopHandle, VmConfig, VmController,
 };
+pub use vm_memory;
 
 /// Errors from building or running a VM. Each names the layer that failed.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +102,20 @@ pub enum Error {
     /// A host I/O error.
     #[error("I/O error: {0}")]
     Io(std::io::Error),
+    /// Reading or writing KVM state failed.
+    #[error("VM state: {0}")]
+    VmState(#[from] vstate::StateError),
+    /// A snapshot does not fit this VM or host.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    /// The host's TSC frequency differs from the saved one and cannot be scaled.
+    #[error("this VM was saved on a host with a TSC of {saved_khz} kHz; this host runs at {host_khz} kHz and KVM cannot scale the TSC (KVM_CAP_TSC_CONTROL): pass --allow-tsc-mismatch to restore anyway, with guest time running at the wrong rate")]
+    TscMismatch {
+        /// Saved frequency.
+        saved_khz: u32,
+        /// This host's.
+        host_khz: u32,
+    },
     /// A bug or an unexpected condition inside microvm.
     #[error("internal error: {0}")]
     Internal(String),
@@ -115,6 +133,8 @@ impl Error {
                 | Error::Memory(MemoryError::FileSizeMismatch { .. })
                 | Error::Memory(MemoryError::OpenFile { .. })
                 | Error::Load(_)
+                | Error::Snapshot(_)
+                | Error::TscMismatch { .. }
         )
     }
 }

@@ -15,6 +15,8 @@ use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
 /// Guest memory as this crate uses it: vm-memory's mmap backend, no dirty bitmap.
 pub type GuestMemory = GuestMemoryMmap<()>;
+/// One region of [`GuestMemory`].
+pub type GuestRegion = vm_memory::GuestRegionMmap<()>;
 
 /// Smallest guest we build: the boot structures live in the first MiB and a
 /// kernel needs room above it.

@@ -13,7 +13,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use log::{debug, info};
+use log::{debug, info, warn};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vm_superio::I8042Device;
 use vmm_sys_util::epoll::EventSet;
@@ -22,10 +22,14 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, MAX_VCPUS};
 use crate::arch::regs::{boot_fpu, boot_regs, setup_sregs};
 use crate::arch::{acpi, cpuid, lapic, mptable, msr};
-use crate::devices::{new_serial, EventFdTrigger, PioDevices, SerialOutput, COM1_IRQ};
+use crate::devices::{
+    new_serial, restore_serial, Cmos, EventFdTrigger, PioDevices, SerialOutput, COM1_IRQ,
+};
 use crate::loader::{self, BootSource, LoadedKernel};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryBacking};
+use crate::persist::{CmosState, I8042State, MachineState, SerialState, VmSnapshot};
 use crate::vcpu::{ExitNotifier, VcpuError, VcpuHandle, VcpuRequest, VcpuResponse, VmExitReason};
+use crate::vstate;
 use crate::Error;
 
 /// Everything needed to build a VM.
@@ -68,7 +72,8 @@ pub struct MicroVm {
     exit: Arc<ExitNotifier>,
     reset_evt: EventFd,
     state: RunState,
-    loaded: LoadedKernel,
+    loaded: Option<LoadedKernel>,
+    machine: MachineState,
     serial_input: bool,
     vcpu_count: u8,
     control_tx: Sender<ControlCall>,
@@ -131,6 +136,125 @@ impl VmController {
     }
 }
 
+/// Options for [`MicroVm::restore`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RestoreOptions {
+    /// Restore even if this host's TSC frequency differs from the saved one
+    /// and KVM cannot scale it (the guest's sense of time will be off).
+    pub allow_tsc_mismatch: bool,
+}
+
+/// TSC frequencies closer than this (in parts per million) count as equal:
+/// hosts calibrate the same hardware slightly differently at each boot.
+const TSC_TOLERANCE_PPM: u64 = 250;
+
+fn check_tsc(kvm: &Kvm, fd: &VcpuFd, saved_khz: u32, allow: bool) -> Result<(), Error> {
+    if saved_khz == 0 {
+        return Ok(());
+    }
+    let host_khz = fd.get_tsc_khz().unwrap_or(0);
+    let diff = u64::from(saved_khz.abs_diff(host_khz));
+    if host_khz != 0 && diff * 1_000_000 <= u64::from(saved_khz) * TSC_TOLERANCE_PPM {
+        return Ok(());
+    }
+    if kvm.check_extension(kvm_ioctls::Cap::TscControl) && fd.set_tsc_khz(saved_khz).is_ok() {
+        info!("TSC scaled from {host_khz} kHz to the saved {saved_khz} kHz");
+        return Ok(());
+    }
+    if allow {
+        warn!("restoring a VM saved at TSC {saved_khz} kHz on a host at {host_khz} kHz without TSC scaling: guest time will run at the wrong rate");
+        Ok(())
+    } else {
+        Err(Error::TscMismatch {
+            saved_khz,
+            host_khz,
+        })
+    }
+}
+
+fn check_vcpu_count(kvm: &Kvm, vcpus: u8) -> Result<(), Error> {
+    let limit = max_vcpus(kvm);
+    if vcpus == 0 || vcpus > limit {
+        return Err(Error::TooManyVcpus {
+            requested: vcpus,
+            max: limit,
+        });
+    }
+    Ok(())
+}
+
+/// The guest memory regions as (address, size) pairs.
+pub fn region_list(memory: &GuestMemory) -> Vec<(u64, u64)> {
+    memory.iter().map(|r| (r.start_addr().0, r.len())).collect()
+}
+
+/// Creates the KVM VM with its TSS, identity map, irqchip, PIT and memory slots.
+fn create_vm_fd(kvm: &Kvm, memory: &GuestMemory) -> Result<VmFd, Error> {
+    let vm_fd = kvm
+        .create_vm()
+        .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+    vm_fd
+        .set_tss_address(KVM_TSS_ADDRESS as usize)
+        .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+    vm_fd
+        .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(|e| Error::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+    vm_fd
+        .create_irq_chip()
+        .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm_fd
+        .create_pit2(pit)
+        .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+    for (slot, region) in memory.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| Error::Internal("guest memory region has no host address".into()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which the
+        // VM keeps for as long as the VM fd exists.
+        unsafe { vm_fd.set_user_memory_region(r) }
+            .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(vm_fd)
+}
+
+/// Builds the port I/O devices, fresh or from saved state; returns them and
+/// the i8042 reset eventfd.
+fn build_devices(
+    vm_fd: &VmFd,
+    serial_out: SerialOutput,
+    saved: Option<(&SerialState, &CmosState)>,
+) -> Result<(PioDevices, EventFd), Error> {
+    let serial_irq = EventFdTrigger::new().map_err(Error::Io)?;
+    vm_fd
+        .register_irqfd(&serial_irq.0, COM1_IRQ)
+        .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+    let reset = EventFdTrigger::new().map_err(Error::Io)?;
+    let reset_evt = reset.0.try_clone().map_err(Error::Io)?;
+    let mut devices = match saved {
+        None => PioDevices::new(new_serial(serial_irq, serial_out), I8042Device::new(reset)),
+        Some((serial, _)) => {
+            let serial = restore_serial(serial_irq, serial_out, serial)
+                .map_err(|e| Error::Snapshot(format!("serial state cannot be restored: {e:?}")))?;
+            PioDevices::new(serial, I8042Device::new(reset))
+        }
+    };
+    if let Some((_, cmos)) = saved {
+        devices.cmos = Cmos::from_state(cmos);
+    }
+    Ok((devices, reset_evt))
+}
+
 /// Largest vCPU count this host and this VMM allow.
 pub fn max_vcpus(kvm: &Kvm) -> u8 {
     kvm.get_max_vcpus().min(usize::from(MAX_VCPUS)) as u8
@@ -168,13 +292,7 @@ impl MicroVm {
     /// Nothing runs until [`MicroVm::start`].
     pub fn new(config: VmConfig) -> Result<Self, Error> {
         let kvm = open_kvm()?;
-        let limit = max_vcpus(&kvm);
-        if config.vcpus == 0 || config.vcpus > limit {
-            return Err(Error::TooManyVcpus {
-                requested: config.vcpus,
-                max: limit,
-            });
-        }
+        check_vcpu_count(&kvm, config.vcpus)?;
         // Check the kernel is readable before allocating anything large.
         std::fs::File::open(&config.boot.kernel).map_err(|source| {
             Error::Load(loader::LoadError::Read {
@@ -183,41 +301,7 @@ impl MicroVm {
             })
         })?;
         let memory = create_guest_memory(config.mem_mib, &config.backing)?;
-        let vm_fd = kvm
-            .create_vm()
-            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
-        vm_fd
-            .set_tss_address(KVM_TSS_ADDRESS as usize)
-            .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
-        vm_fd
-            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-            .map_err(|e| Error::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
-        vm_fd
-            .create_irq_chip()
-            .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm_fd
-            .create_pit2(pit)
-            .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
-        for (slot, region) in memory.iter().enumerate() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| Error::Internal("guest memory region has no host address".into()))?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `memory`, which
-            // the VM keeps for as long as the VM fd exists.
-            unsafe { vm_fd.set_user_memory_region(r) }
-                .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
-        }
+        let vm_fd = create_vm_fd(&kvm, &memory)?;
 
         // Firmware tables, then the kernel (which gets the RSDP address).
         mptable::setup_mptable(&memory, config.vcpus)?;
@@ -227,30 +311,21 @@ impl MicroVm {
             "loaded {:?} kernel, entry {:x?}, kernel end {:#x}, initrd {:x?}",
             loaded.format, loaded.entry, loaded.kernel_end, loaded.initrd
         );
-
-        // Devices.
-        let serial_irq = EventFdTrigger::new().map_err(Error::Io)?;
-        vm_fd
-            .register_irqfd(&serial_irq.0, COM1_IRQ)
-            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
-        let reset = EventFdTrigger::new().map_err(Error::Io)?;
-        let reset_evt = reset.0.try_clone().map_err(Error::Io)?;
-        let devices = PioDevices::new(
-            new_serial(serial_irq, config.serial),
-            I8042Device::new(reset),
-        );
+        let (devices, reset_evt) = build_devices(&vm_fd, config.serial, None)?;
 
         // vCPUs.
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let mut vcpu_fds = Vec::with_capacity(config.vcpus as usize);
+        let mut tsc_khz = 0;
         for index in 0..config.vcpus {
             let fd = vm_fd
                 .create_vcpu(u64::from(index))
                 .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
-            let tsc_khz = fd.get_tsc_khz().ok().filter(|k| *k != 0);
-            let cpuid = cpuid::filter_cpuid(&supported, index, config.vcpus, tsc_khz)
+            let khz = fd.get_tsc_khz().ok().filter(|k| *k != 0);
+            tsc_khz = khz.unwrap_or(0);
+            let cpuid = cpuid::filter_cpuid(&supported, index, config.vcpus, khz)
                 .map_err(|e| Error::Internal(format!("CPUID table: {e:?}")))?;
             fd.set_cpuid2(&cpuid)
                 .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
@@ -280,21 +355,137 @@ impl MicroVm {
             }
             vcpu_fds.push(fd);
         }
+        let machine = MachineState {
+            vcpus: config.vcpus,
+            mem_mib: config.mem_mib,
+            regions: region_list(&memory),
+            cmdline: config.boot.cmdline.clone(),
+            tsc_khz,
+        };
+        Self::assemble(
+            kvm,
+            vm_fd,
+            memory,
+            devices,
+            reset_evt,
+            vcpu_fds,
+            machine,
+            Some(loaded),
+            config.serial_input,
+        )
+    }
 
+    /// Rebuilds a VM from a snapshot in this process. `memory` must already
+    /// hold the guest's RAM (with the layout the snapshot records). The VM is
+    /// left in [`RunState::Created`]: [`MicroVm::start`] or [`MicroVm::run`]
+    /// resumes the guest where it was saved.
+    pub fn restore(
+        snapshot: &VmSnapshot,
+        memory: GuestMemory,
+        serial: SerialOutput,
+        serial_input: bool,
+        options: RestoreOptions,
+    ) -> Result<Self, Error> {
+        let kvm = open_kvm()?;
+        let machine = &snapshot.machine;
+        check_vcpu_count(&kvm, machine.vcpus)?;
+        if snapshot.vcpus.len() != usize::from(machine.vcpus) {
+            return Err(Error::Snapshot(format!(
+                "snapshot describes {} vCPUs but holds state for {}",
+                machine.vcpus,
+                snapshot.vcpus.len()
+            )));
+        }
+        let regions = region_list(&memory);
+        if regions != machine.regions {
+            return Err(Error::Snapshot(format!(
+                "snapshot RAM layout {:x?} does not match the guest memory {:x?}",
+                machine.regions, regions
+            )));
+        }
+        let vm_fd = create_vm_fd(&kvm, &memory)?;
+        vstate::restore_vm(&vm_fd, &snapshot.vm)?;
+        let (devices, reset_evt) =
+            build_devices(&vm_fd, serial, Some((&snapshot.serial, &snapshot.cmos)))?;
+        let ctx = vstate::VcpuStateContext::new(&kvm, &vm_fd)?;
+        let mut vcpu_fds = Vec::with_capacity(snapshot.vcpus.len());
+        for (index, state) in snapshot.vcpus.iter().enumerate() {
+            let fd = vm_fd
+                .create_vcpu(index as u64)
+                .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+            check_tsc(&kvm, &fd, machine.tsc_khz, options.allow_tsc_mismatch)?;
+            vstate::restore_vcpu(&fd, state, &ctx)?;
+            vcpu_fds.push(fd);
+        }
+        Self::assemble(
+            kvm,
+            vm_fd,
+            memory,
+            devices,
+            reset_evt,
+            vcpu_fds,
+            machine.clone(),
+            None,
+            serial_input,
+        )
+    }
+
+    /// Captures the complete state of the paused VM except its RAM.
+    pub fn save_state(&mut self) -> Result<VmSnapshot, Error> {
+        if self.state != RunState::Paused {
+            return Err(Error::State(format!(
+                "the VM must be paused to save its state (it is {:?})",
+                self.state
+            )));
+        }
+        let ctx = Arc::new(vstate::VcpuStateContext::new(&self.kvm, &self.vm_fd)?);
+        let vm = vstate::save_vm(&self.vm_fd)?;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            let ctx = Arc::clone(&ctx);
+            vcpus.push(v.with(move |fd| vstate::save_vcpu(fd, &ctx))??);
+        }
+        let devices = self
+            .devices
+            .lock()
+            .map_err(|_| Error::Internal("device lock poisoned".into()))?;
+        Ok(VmSnapshot {
+            machine: self.machine.clone(),
+            vm,
+            vcpus,
+            serial: devices.serial.state().into(),
+            i8042: I8042State::default(),
+            cmos: devices.cmos.state(),
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        kvm: Kvm,
+        vm_fd: VmFd,
+        memory: GuestMemory,
+        devices: PioDevices,
+        reset_evt: EventFd,
+        vcpu_fds: Vec<VcpuFd>,
+        machine: MachineState,
+        loaded: Option<LoadedKernel>,
+        serial_input: bool,
+    ) -> Result<Self, Error> {
         let (control_tx, control_rx) = std::sync::mpsc::channel();
         Ok(MicroVm {
             kvm,
             vm_fd: Arc::new(vm_fd),
             memory,
             devices: Arc::new(Mutex::new(devices)),
+            vcpu_count: machine.vcpus,
             vcpu_fds,
             vcpus: Vec::new(),
             exit: Arc::new(ExitNotifier::new().map_err(Error::Io)?),
             reset_evt,
             state: RunState::Created,
             loaded,
-            serial_input: config.serial_input,
-            vcpu_count: config.vcpus,
+            machine,
+            serial_input,
             control_tx,
             control_rx,
             control_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?,
@@ -395,9 +586,14 @@ impl MicroVm {
         &self.devices
     }
 
-    /// What was loaded and how the VM boots.
-    pub fn loaded_kernel(&self) -> &LoadedKernel {
-        &self.loaded
+    /// What was loaded and how the VM boots (None for a restored VM).
+    pub fn loaded_kernel(&self) -> Option<&LoadedKernel> {
+        self.loaded.as_ref()
+    }
+
+    /// The VM's shape (vCPUs, memory, command line, TSC frequency).
+    pub fn machine(&self) -> &MachineState {
+        &self.machine
     }
 
     /// The vCPU handles (running threads).

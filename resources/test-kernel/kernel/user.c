@@ -201,9 +201,22 @@ void user_main(u64 cpu)
 	st->data_pages = dpages;
 	st->last_sweep_line_tsc = 0;
 
+	/* Heartbeats run during the initial fill too (a big share takes seconds). */
+	u64 now = tsc_now(st, cpu, hb_ticks);
+	st->next_write_tsc = now;
+	st->next_hb_tsc = now + hb_ticks;
 	for (u64 p = 0; p < dpages; p++) {
 		write_page(data + p * WORDS_PER_PAGE, p, 1);
 		st->gen[p] = 1;
+		if ((p & 255) == 255) {
+			now = tsc_now(st, cpu, hb_ticks);
+			if (now >= st->next_hb_tsc) {
+				heartbeat(st, cpu, now);
+				st->next_hb_tsc += hb_ticks;
+				if (st->next_hb_tsc <= now)
+					st->next_hb_tsc = now + hb_ticks;
+			}
+		}
 	}
 
 	if (cfg.mode == MODE_FILL) {
@@ -216,9 +229,8 @@ void user_main(u64 cpu)
 			__asm__ volatile("int $0x80");
 	}
 
-	u64 now = tsc_now(st, cpu, hb_ticks);
+	now = tsc_now(st, cpu, hb_ticks);
 	st->next_write_tsc = now;
-	st->next_hb_tsc = now + hb_ticks;
 
 	for (;;) {
 		for (u32 k = 0; k < VERIFY_BATCH; k++) {

@@ -56,6 +56,25 @@ impl Cmos {
         Cmos { index: 0, data }
     }
 
+    /// The index register and the stored bytes.
+    pub fn state(&self) -> crate::persist::CmosState {
+        crate::persist::CmosState {
+            index: self.index,
+            data: self.data.to_vec(),
+        }
+    }
+
+    /// A CMOS with saved contents (missing bytes read as zero, extra ones are ignored).
+    pub fn from_state(state: &crate::persist::CmosState) -> Self {
+        let mut data = [0u8; 128];
+        let n = state.data.len().min(128);
+        data[..n].copy_from_slice(&state.data[..n]);
+        Cmos {
+            index: state.index,
+            data,
+        }
+    }
+
     /// Reads port `offset` (0 = index, 1 = data).
     pub fn read(&mut self, offset: u16) -> u8 {
         if offset == 0 {

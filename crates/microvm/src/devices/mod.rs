@@ -6,7 +6,9 @@ mod cmos;
 mod serial;
 
 pub use cmos::Cmos;
-pub use serial::{new_serial, EventFdTrigger, SerialDevice, SerialOutput, SerialWriter};
+pub use serial::{
+    new_serial, restore_serial, EventFdTrigger, SerialDevice, SerialOutput, SerialWriter,
+};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

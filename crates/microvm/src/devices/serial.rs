@@ -69,3 +69,22 @@ pub fn new_serial(trigger: EventFdTrigger, output: SerialOutput) -> SerialDevice
     };
     Serial::new(trigger, SerialWriter(LineWriter::new(out)))
 }
+
+/// Rebuilds COM1 from saved registers and FIFO contents.
+pub fn restore_serial(
+    trigger: EventFdTrigger,
+    output: SerialOutput,
+    state: &crate::persist::SerialState,
+) -> Result<SerialDevice, vm_superio::serial::Error<io::Error>> {
+    let out: Box<dyn Write + Send> = match output {
+        SerialOutput::Stdout => Box::new(io::stdout()),
+        SerialOutput::File(f) => Box::new(f),
+        SerialOutput::Sink => Box::new(io::sink()),
+    };
+    Serial::from_state(
+        &state.into(),
+        trigger,
+        vm_superio::serial::NoEvents,
+        SerialWriter(LineWriter::new(out)),
+    )
+}
