@@ -1,21 +1,41 @@
 #!/usr/bin/env bash
 # The README's main command: build cryo and its test kernel, boot the test
-# kernel with 2 vCPUs, show its serial console (heartbeats and verification
-# sweeps from both vCPUs) for a few seconds, then stop the VM cleanly.
+# kernel with 2 vCPUs, let it run, save the whole VM to a file (which ends
+# that VM process), restore the file in a new process and show the guest
+# carrying on from where it was saved: its heartbeat numbers continue, its
+# memory still verifies, it did not reboot.
 #
-# Usage: resources/demo.sh [SECONDS]   (default 5)
+# Usage: resources/demo.sh [SECONDS]   (seconds to run before and after; default 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-run_for="${1:-5}"
+run_for="${1:-3}"
 cargo build --release --quiet -p cryo -p cryo-test-kernel
 kernel="$(cargo run --release --quiet -p cryo-test-kernel)"
+cryo=./target/release/cryo
 
-echo "demo: booting $kernel with 2 vCPUs for ${run_for}s" >&2
-./target/release/cryo run --kernel "$kernel" --vcpus 2 --mem-mib 256 \
-    --cmdline "console=ttyS0 cryo.mem=32 cryo.hb_ms=500" &
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+api="$work/api.sock"
+image="$work/vm.cryo"
+
+say() { printf '\n\033[1mdemo: %s\033[0m\n' "$*" >&2; }
+
+say "booting the test kernel with 2 vCPUs (serial console below)"
+"$cryo" run --kernel "$kernel" --vcpus 2 --mem-mib 256 \
+    --cmdline "console=ttyS0 cryo.mem=64 cryo.hb_ms=500" --api "$api" &
 vm=$!
 sleep "$run_for"
-kill -INT "$vm"
+
+say "saving the VM to $image"
+"$cryo" save --api "$api" --to "$image"
 wait "$vm"
-echo "demo: VM stopped cleanly (exit status $?)" >&2
+"$cryo" inspect "$image" >&2
+
+say "restoring it in a new process: heartbeats continue from the saved numbers"
+"$cryo" restore --from "$image" --api "$api" &
+vm=$!
+sleep "$run_for"
+"$cryo" quit --api "$api" >/dev/null
+wait "$vm"
+say "done: the restored VM ran and stopped cleanly"

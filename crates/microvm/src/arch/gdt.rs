@@ -74,7 +74,8 @@ mod tests {
 
     #[test]
     fn base_and_limit_round_trip() {
-        let e = gdt_entry(TSS_FLAGS, 0x1234_5678, 0x67);
+        // Byte granularity (G clear): the limit is taken as is.
+        let e = gdt_entry(TSS_FLAGS & !0x8000, 0x1234_5678, 0x67);
         let seg = segment_from_gdt(e, 4);
         assert_eq!(seg.base, 0x1234_5678);
         assert_eq!(seg.limit, 0x67);
