@@ -189,6 +189,18 @@ impl Guest {
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Waits until a stderr line matches `pred` (polling), at most `timeout`.
+    pub fn wait_for_stderr(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.stderr().iter().any(|l| pred(l)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Every stderr line so far.
     pub fn stderr(&self) -> Vec<String> {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
@@ -441,4 +453,90 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// Boots the test kernel with `vcpus` vCPUs, `mem_mib` MiB, extra command
+/// line words and an API socket, and lets it run until every vCPU beat three
+/// times and swept twice.
+pub fn boot_with_api(vcpus: u32, mem_mib: u64, cmdline: &str, api: &Path) -> (Guest, Progress) {
+    let _ = std::fs::remove_file(api);
+    let mut g = Guest::spawn([
+        "run",
+        "--kernel",
+        test_kernel().to_str().unwrap_or_default(),
+        "--vcpus",
+        &vcpus.to_string(),
+        "--mem-mib",
+        &mem_mib.to_string(),
+        "--cmdline",
+        &format!("console=ttyS0 {cmdline}"),
+        "--api",
+        api.to_str().unwrap_or_default(),
+    ]);
+    assert!(
+        wait_for_socket(api, Duration::from_secs(90)),
+        "no API socket\n{}",
+        g.transcript()
+    );
+    let p = g.follow(vcpus, 3, 2, Duration::from_secs(90));
+    (g, p)
+}
+
+/// `cryo save --api API --to FILE [extra...]`; panics unless it succeeds.
+/// Returns the save's JSON result.
+pub fn save_vm(api: &Path, to: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "save",
+        "--api",
+        api.to_str().unwrap_or_default(),
+        "--to",
+        to.to_str().unwrap_or_default(),
+    ];
+    args.extend_from_slice(extra);
+    let (status, out, err) = cryo(&args);
+    assert_eq!(status, Some(0), "save failed: {out}\n{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("save printed {out:?}: {e}"))
+}
+
+/// `cryo restore --from FILE [--api API] [extra...]` as a running guest.
+pub fn restore_vm(file: &Path, api: Option<&Path>, extra: &[&str]) -> Guest {
+    let mut args = vec![
+        "restore".to_string(),
+        "--from".into(),
+        file.display().to_string(),
+    ];
+    if let Some(api) = api {
+        let _ = std::fs::remove_file(api);
+        args.push("--api".into());
+        args.push(api.display().to_string());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Guest::spawn(args)
+}
+
+/// Asserts a restored guest continues a saved one: no reboot, the next
+/// heartbeat number (or the one after, if the save cut a line), and a TSC
+/// that did not run backwards.
+pub fn check_continues(before: &Progress, after: &Progress, vcpus: u32) {
+    assert!(!after.booted, "the restored guest booted again");
+    for cpu in 0..u64::from(vcpus) {
+        let (seq0, tsc0) = before.last_beat[&cpu];
+        let (seq1, tsc1) = after.first_beat[&cpu];
+        assert!(
+            seq1 == seq0 + 1 || seq1 == seq0 + 2,
+            "cpu {cpu}: saved at heartbeat {seq0}, restored guest's first is {seq1}"
+        );
+        assert!(
+            tsc1 > tsc0,
+            "cpu {cpu}: TSC went backwards: {tsc0} -> {tsc1}"
+        );
+    }
+}
+
+/// A fresh scratch directory for a test.
+pub fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("cryo-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create work dir");
+    d
 }

@@ -1,4 +1,5 @@
-//! Hostile save files: truncated, corrupted, forged. Each restore attempt
+//! Hostile stream save files (fixed-ram images have their own tests in
+//! fixed_ram.rs and the fixed-ram crate): truncated, corrupted, forged. Each restore attempt
 //! must end with one clear error and exit status 2, never a panic, and never
 //! a running guest.
 
@@ -43,6 +44,8 @@ fn valid_file() -> &'static Path {
             api.to_str().unwrap(),
             "--to",
             file.to_str().unwrap(),
+            "--format",
+            "stream",
         ]);
         assert_eq!(status, Some(0), "{err}");
         assert!(g.wait_exit(T).is_some());
@@ -118,7 +121,7 @@ fn empty_file() {
 fn wrong_magic() {
     let mut bytes = std::fs::read(valid_file()).unwrap();
     bytes[0..8].copy_from_slice(b"QEVM\0\0\0\x03");
-    expect_refused("magic", &bytes, "not a cryo stream");
+    expect_refused("magic", &bytes, "not a cryo image");
 }
 
 #[test]

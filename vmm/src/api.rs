@@ -15,7 +15,7 @@ use microvm::{RunState, VmController};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::save;
+use crate::image as save;
 
 /// Version of the control protocol, reported by `status`.
 pub const API_VERSION: u32 = 1;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::save::SaveFormat;
+use crate::image::SaveFormat;
 
 /// cryo: a small, fast KVM VMM that boots, freezes and thaws whole VMs.
 ///
@@ -32,6 +32,8 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Print what a saved file holds: header, sections, RAM layout.
     Inspect(InspectArgs),
+    /// Check a fixed-ram image's header and every chunk checksum.
+    Verify(VerifyArgs),
     /// Pause a running VM's vCPUs.
     Pause(ApiArgs),
     /// Resume a paused VM.
@@ -99,7 +101,7 @@ pub struct SaveArgs {
     #[arg(long, value_name = "FILE")]
     pub to: PathBuf,
     /// Image format.
-    #[arg(long, value_enum, default_value = "stream")]
+    #[arg(long, value_enum, default_value = "fixed-ram")]
     pub format: SaveFormat,
     /// Resume the VM after saving instead of ending it.
     #[arg(long)]
@@ -122,6 +124,24 @@ pub struct RestoreArgs {
     /// one and KVM cannot scale it (guest time then runs at the wrong rate).
     #[arg(long)]
     pub allow_tsc_mismatch: bool,
+    /// Map the image as guest memory and resume at once; pages load on first
+    /// touch (fixed-ram images only; the image must stay in place while the VM runs).
+    #[arg(long)]
+    pub lazy: bool,
+    /// With --lazy: load the rest of the pages in the background after resuming.
+    #[arg(long, requires = "lazy")]
+    pub prefetch: bool,
+    /// Check every checksum of the image before restoring (a lazy restore
+    /// cannot check pages it has not read yet; an eager one checks as it reads).
+    #[arg(long)]
+    pub verify: bool,
+}
+
+/// `cryo verify`.
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The fixed-ram image.
+    pub file: PathBuf,
 }
 
 /// `cryo inspect`.

@@ -6,9 +6,9 @@
 mod api;
 mod cli;
 mod client;
+mod image;
 mod inspect;
 mod run;
-mod save;
 mod signals;
 
 use std::process::ExitCode;
@@ -64,6 +64,7 @@ fn main() -> ExitCode {
         cli::Command::Restore(a) => run::restore(a),
         cli::Command::Save(a) => client::save(a),
         cli::Command::Inspect(a) => inspect::inspect(a),
+        cli::Command::Verify(a) => inspect::verify(a),
         cli::Command::Pause(a) => client::call(&a.api, serde_json::json!({"cmd": "pause"})),
         cli::Command::Resume(a) => client::call(&a.api, serde_json::json!({"cmd": "resume"})),
         cli::Command::Status(a) => client::call(&a.api, serde_json::json!({"cmd": "status"})),

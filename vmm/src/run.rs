@@ -12,6 +12,7 @@ use microvm::{
 };
 
 use crate::cli::{BootArg, RestoreArgs, RunArgs};
+use crate::image::RestoreMode;
 use crate::CliError;
 
 fn serial_output(path: Option<&Path>) -> Result<SerialOutput, CliError> {
@@ -68,27 +69,53 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
 pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let serial = serial_output(args.serial_out.as_deref())?;
-    let (snapshot, memory) = crate::save::load_stream_file(&args.from).map_err(|e| match e {
-        crate::save::SaveError::Read { .. } | crate::save::SaveError::Invalid { .. } => {
-            CliError::bad_input(e.to_string())
+    let mode = if args.lazy {
+        RestoreMode::Lazy {
+            prefetch: args.prefetch,
         }
-        _ => CliError::failure(e.to_string()),
+    } else {
+        RestoreMode::Eager
+    };
+    let loaded = crate::image::load(&args.from, mode, args.verify).map_err(|e| {
+        if e.is_bad_input() {
+            CliError::bad_input(e.to_string())
+        } else {
+            CliError::failure(e.to_string())
+        }
     })?;
-    let loaded = started.elapsed();
-    let vm = MicroVm::restore(
-        &snapshot,
-        memory,
+    let read_time = started.elapsed();
+    let mut vm = MicroVm::restore(
+        &loaded.snapshot,
+        loaded.memory,
         serial,
         true,
         RestoreOptions {
             allow_tsc_mismatch: args.allow_tsc_mismatch,
         },
     )?;
-    info!(
-        "restored from {} in {:?} (file read in {loaded:?})",
+    vm.start()?;
+    let mode_name = match mode {
+        RestoreMode::Eager => "eager",
+        RestoreMode::Lazy { prefetch: false } => "lazy",
+        RestoreMode::Lazy { prefetch: true } => "lazy+prefetch",
+    };
+    // Time to resume is the restore's headline figure: always reported.
+    eprintln!(
+        "cryo: restored {} ({mode_name}, {} MiB, {} vCPUs): guest resumed after {:.1} ms (memory ready after {:.1} ms)",
         args.from.display(),
-        started.elapsed()
+        loaded.snapshot.machine.mem_mib,
+        loaded.snapshot.machine.vcpus,
+        started.elapsed().as_secs_f64() * 1000.0,
+        read_time.as_secs_f64() * 1000.0
     );
+    if let Some(prefetch) = loaded.prefetch {
+        prefetch.start(|elapsed, pages| {
+            eprintln!(
+                "cryo: prefetch done: {pages} pages loaded in {:.1} ms after resuming",
+                elapsed.as_secs_f64() * 1000.0
+            );
+        });
+    }
     run_vm(vm, args.api.as_deref(), started)
 }
 

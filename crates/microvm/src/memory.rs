@@ -176,6 +176,39 @@ fn open_backing_file(path: &Path, size: u64) -> Result<std::fs::File, MemoryErro
     Ok(file)
 }
 
+/// A guest RAM range backed by part of a file (see [`map_file_private`]).
+#[derive(Clone, Debug)]
+pub struct FileRange {
+    /// Guest physical address.
+    pub guest_addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// The file.
+    pub file: Arc<std::fs::File>,
+    /// Offset of the range in the file.
+    pub offset: u64,
+}
+
+/// Maps file ranges copy-on-write (MAP_PRIVATE) as guest memory: reads come
+/// from the file on first touch (holes read as zeros), writes stay private
+/// to this process. The file must outlive the VM (it does: the mapping holds it).
+pub fn map_file_private(ranges: &[FileRange]) -> Result<GuestMemory, MemoryError> {
+    let mut regions = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let size = usize::try_from(r.size).map_err(|_| MemoryError::InvalidSize(r.size >> 20))?;
+        let mapping = vm_memory::mmap::MmapRegionBuilder::new(size)
+            .with_file_offset(FileOffset::from_arc(Arc::clone(&r.file), r.offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::Map(e.into()))?;
+        let region = vm_memory::GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+            .ok_or(MemoryError::InvalidSize(r.size >> 20))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.into()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

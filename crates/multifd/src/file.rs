@@ -1,0 +1,686 @@
+//! File channels: N threads moving pages between guest memory and a
+//! fixed-ram file, each with its own file descriptor.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::sys;
+use crate::{MemRegion, MultifdError};
+
+/// The most channels a file transfer may use.
+pub const MAX_FILE_CHANNELS: usize = 256;
+
+/// Bytes of guest RAM one channel takes from the shared cursor at a time
+/// (whole chunks of one region; runs of non-zero pages are written with one
+/// system call across the chunks of a unit).
+const UNIT_BYTES: u64 = 4 << 20;
+
+/// Alignment checked before an `O_DIRECT` transfer (the smallest logical
+/// block size of any block device).
+const DIRECT_ALIGN: u64 = 512;
+
+/// Where each page lives in the file, and the bookkeeping of written chunks.
+///
+/// Implemented by the fixed-ram image format; the channels call it from
+/// several threads at once.
+pub trait FileLayout: Sync {
+    /// The page size: a power of two, at least 512.
+    fn page_size(&self) -> u64;
+    /// The chunk size: the work unit and checksum granularity (1 MiB), a
+    /// multiple of the page size.
+    fn chunk_size(&self) -> u64;
+    /// How many chunks region `region` has.
+    fn chunks(&self, region: usize) -> u64;
+    /// Chunk `chunk` of `region`: (byte offset within the region, length).
+    /// Both are multiples of the page size.
+    fn chunk_range(&self, region: usize, chunk: u64) -> (u64, u64);
+    /// The file offset of page `page` of `region`. The pages of a region are
+    /// contiguous in the file.
+    fn page_file_offset(&self, region: usize, page: u64) -> u64;
+    /// Called once per chunk after its pages are written: which pages are
+    /// present (non-zero; bitmap words for the chunk's pages, LSB first) and
+    /// the CRC32C of the chunk's bytes as read back (zero pages as zeros).
+    fn chunk_saved(
+        &self,
+        region: usize,
+        chunk: u64,
+        present: &[u64],
+        crc: u32,
+    ) -> Result<(), String>;
+    /// Whether page `page` of `region` is present in the file (restore side).
+    fn page_present(&self, region: usize, page: u64) -> bool;
+    /// Checks a chunk after it was read into memory (restore side):
+    /// `Err(message)` if its checksum does not match.
+    fn chunk_loaded(&self, region: usize, chunk: u64, data: &[u8]) -> Result<(), String>;
+}
+
+/// Whether file channels use `O_DIRECT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirectIo {
+    /// Buffered I/O through the page cache.
+    Off,
+    /// `O_DIRECT`; an error ([`MultifdError::DirectIoUnsupported`]) if the
+    /// filesystem refuses it.
+    On,
+    /// `O_DIRECT` if the filesystem supports it, else buffered I/O with a warning.
+    Auto,
+}
+
+/// Options for [`save_to_file`] and [`load_from_file`].
+#[derive(Clone, Debug)]
+pub struct FileChannelOptions {
+    /// Number of channels (threads, each with its own file descriptor), 1 to
+    /// [`MAX_FILE_CHANNELS`].
+    pub channels: usize,
+    /// Whether to bypass the page cache.
+    pub direct_io: DirectIo,
+}
+
+/// What a transfer did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TransferStats {
+    /// Bytes written to or read from the file (page data only), or sent or
+    /// received on the sockets (everything on the wire).
+    pub bytes: u64,
+    /// Pages that were present (non-zero) and so moved.
+    pub present_pages: u64,
+    /// Pages that were zero (not written, not read, not sent).
+    pub zero_pages: u64,
+    /// Wall-clock time of the whole transfer.
+    pub elapsed: Duration,
+    /// Whether the file was accessed with `O_DIRECT`.
+    pub direct_io: bool,
+    /// Number of channels used.
+    pub channels: usize,
+}
+
+impl TransferStats {
+    /// Throughput in MB/s (10^6 bytes per second) of [`bytes`](Self::bytes).
+    pub fn mb_per_s(&self) -> f64 {
+        let s = self.elapsed.as_secs_f64();
+        if s > 0.0 {
+            self.bytes as f64 / s / 1e6
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Writes the present (non-zero) pages of `regions` into the existing file
+/// at `path`, at the offsets `layout` gives, with `opts.channels` threads.
+///
+/// The file must already exist with its final size (the image writer creates
+/// it); zero pages are not written (the file is fresh and sparse). Each
+/// chunk's present bitmap and CRC32C go to [`FileLayout::chunk_saved`] once
+/// its pages are written. The file is not synced: the caller does that when
+/// it commits the image. The first error stops all channels and is returned.
+pub fn save_to_file(
+    path: &Path,
+    regions: &[MemRegion],
+    layout: &dyn FileLayout,
+    opts: &FileChannelOptions,
+) -> Result<TransferStats, MultifdError> {
+    transfer(path, regions, layout, opts, Direction::Save)
+}
+
+/// Reads the present pages of the file at `path` (per
+/// [`FileLayout::page_present`]) straight into `regions`, with
+/// `opts.channels` threads, and checks each chunk with
+/// [`FileLayout::chunk_loaded`].
+///
+/// Absent pages are left alone: the target memory must be fresh and zeroed
+/// (e.g. new anonymous memory). The first error stops all channels and is
+/// returned; the memory is then only partly loaded and must not be used.
+pub fn load_from_file(
+    path: &Path,
+    regions: &[MemRegion],
+    layout: &dyn FileLayout,
+    opts: &FileChannelOptions,
+) -> Result<TransferStats, MultifdError> {
+    transfer(
+        path,
+        regions,
+        layout,
+        opts,
+        Direction::Load { populate: true },
+    )
+}
+
+/// [`load_from_file`] with the pre-faulting of target pages
+/// (`MADV_POPULATE_WRITE`) switched on or off; for measurements.
+#[doc(hidden)]
+pub fn load_from_file_with(
+    path: &Path,
+    regions: &[MemRegion],
+    layout: &dyn FileLayout,
+    opts: &FileChannelOptions,
+    populate: bool,
+) -> Result<TransferStats, MultifdError> {
+    transfer(path, regions, layout, opts, Direction::Load { populate })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Save,
+    Load { populate: bool },
+}
+
+impl Direction {
+    fn verb(self) -> &'static str {
+        match self {
+            Direction::Save => "save",
+            Direction::Load { .. } => "load",
+        }
+    }
+}
+
+/// The work list: units of up to `per_unit` consecutive chunks of one region.
+struct Work {
+    /// Index of the first unit of each region, plus the total at the end.
+    unit_start: Vec<u64>,
+    per_unit: u64,
+}
+
+impl Work {
+    fn new(layout: &dyn FileLayout, regions: usize, per_unit: u64) -> Result<Work, MultifdError> {
+        let mut unit_start = Vec::with_capacity(regions + 1);
+        let mut total = 0u64;
+        for r in 0..regions {
+            unit_start.push(total);
+            total = total
+                .checked_add(layout.chunks(r).div_ceil(per_unit))
+                .ok_or_else(|| MultifdError::Layout("the chunk count overflows".into()))?;
+        }
+        unit_start.push(total);
+        Ok(Work {
+            unit_start,
+            per_unit,
+        })
+    }
+
+    fn total(&self) -> u64 {
+        self.unit_start.last().copied().unwrap_or(0)
+    }
+
+    /// Unit `idx` as (region, first chunk, chunk count).
+    fn unit(&self, layout: &dyn FileLayout, idx: u64) -> (usize, u64, u64) {
+        // The last region whose first unit is <= idx (empty regions share it).
+        let r = self.unit_start.partition_point(|&s| s <= idx) - 1;
+        let first = (idx - self.unit_start[r]) * self.per_unit;
+        let n = self.per_unit.min(layout.chunks(r) - first);
+        (r, first, n)
+    }
+}
+
+/// Shared state of one transfer.
+struct Shared<'a> {
+    regions: &'a [MemRegion],
+    layout: &'a dyn FileLayout,
+    work: Work,
+    cursor: AtomicU64,
+    stop: AtomicBool,
+    error: Mutex<Option<MultifdError>>,
+    page_size: u64,
+    direct: bool,
+    dir: Direction,
+}
+
+impl Shared<'_> {
+    fn fail(&self, e: MultifdError) {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+}
+
+#[derive(Default)]
+struct ChannelStats {
+    bytes: u64,
+    present: u64,
+    zero: u64,
+}
+
+fn check_args(
+    regions: &[MemRegion],
+    layout: &dyn FileLayout,
+    opts: &FileChannelOptions,
+) -> Result<u64, MultifdError> {
+    if opts.channels == 0 || opts.channels > MAX_FILE_CHANNELS {
+        return Err(MultifdError::InvalidArgument(format!(
+            "{} channels: the channel count must be 1 to {MAX_FILE_CHANNELS}",
+            opts.channels
+        )));
+    }
+    let ps = layout.page_size();
+    if !ps.is_power_of_two() || !(512..=1 << 30).contains(&ps) {
+        return Err(MultifdError::Layout(format!(
+            "page size {ps}: must be a power of two from 512 to 1 GiB"
+        )));
+    }
+    let cs = layout.chunk_size();
+    if cs == 0 || cs % ps != 0 {
+        return Err(MultifdError::Layout(format!(
+            "chunk size {cs} is not a non-zero multiple of the page size {ps}"
+        )));
+    }
+    for (i, r) in regions.iter().enumerate() {
+        r.check(i, ps)?;
+    }
+    Ok(ps)
+}
+
+/// Opens the probe fd and decides whether `O_DIRECT` is used.
+fn resolve_direct(path: &Path, mode: DirectIo, write: bool) -> Result<(File, bool), MultifdError> {
+    let what = if write { "writing" } else { "reading" };
+    let plain = |e| MultifdError::io(format!("opening {} for {what}", path.display()), e);
+    if mode == DirectIo::Off {
+        return Ok((sys::open(path, write, false).map_err(plain)?, false));
+    }
+    match sys::open(path, write, true) {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            let fs_type = sys::fs_type_name(path);
+            if mode == DirectIo::On {
+                return Err(MultifdError::DirectIoUnsupported {
+                    path: path.to_path_buf(),
+                    fs_type,
+                });
+            }
+            log::warn!(
+                "{}: the filesystem ({fs_type}) does not support O_DIRECT; using buffered I/O",
+                path.display()
+            );
+            Ok((sys::open(path, write, false).map_err(plain)?, false))
+        }
+        Err(e) => Err(plain(e)),
+    }
+}
+
+fn transfer(
+    path: &Path,
+    regions: &[MemRegion],
+    layout: &dyn FileLayout,
+    opts: &FileChannelOptions,
+    dir: Direction,
+) -> Result<TransferStats, MultifdError> {
+    let start = Instant::now();
+    let page_size = check_args(regions, layout, opts)?;
+    let write = dir == Direction::Save;
+    let (probe, direct) = resolve_direct(path, opts.direct_io, write)?;
+    let mut files = vec![probe];
+    for c in 1..opts.channels {
+        let f = sys::open(path, write, direct).map_err(|e| {
+            MultifdError::io(
+                format!(
+                    "channel {c}: opening {} for {}",
+                    path.display(),
+                    if write { "writing" } else { "reading" }
+                ),
+                e,
+            )
+        })?;
+        files.push(f);
+    }
+    let per_unit = (UNIT_BYTES / layout.chunk_size()).max(1);
+    let shared = Shared {
+        regions,
+        layout,
+        work: Work::new(layout, regions.len(), per_unit)?,
+        cursor: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        error: Mutex::new(None),
+        page_size,
+        direct,
+        dir,
+    };
+    let results: Vec<ChannelStats> = std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .iter()
+            .enumerate()
+            .map(|(c, f)| {
+                let shared = &shared;
+                std::thread::Builder::new()
+                    .name(format!("multifd-{}-{c}", dir.verb()))
+                    .spawn_scoped(s, move || channel(shared, c, f))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    shared.fail(MultifdError::Aborted("a channel thread panicked".into()));
+                    ChannelStats::default()
+                }),
+                Err(e) => {
+                    shared.fail(MultifdError::io("starting a channel thread", e));
+                    ChannelStats::default()
+                }
+            })
+            .collect()
+    });
+    if let Some(e) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    let mut stats = TransferStats {
+        elapsed: start.elapsed(),
+        direct_io: direct,
+        channels: opts.channels,
+        ..TransferStats::default()
+    };
+    for r in &results {
+        stats.bytes += r.bytes;
+        stats.present_pages += r.present;
+        stats.zero_pages += r.zero;
+    }
+    log::info!(
+        "multifd: {} {} bytes ({} present pages, {} zero pages) {} {} in {:.1} ms ({:.0} MB/s, {} channels, direct I/O {})",
+        if write { "saved" } else { "loaded" },
+        stats.bytes,
+        stats.present_pages,
+        stats.zero_pages,
+        if write { "to" } else { "from" },
+        path.display(),
+        stats.elapsed.as_secs_f64() * 1e3,
+        stats.mb_per_s(),
+        stats.channels,
+        if direct { "on" } else { "off" },
+    );
+    Ok(stats)
+}
+
+/// One channel: takes units from the cursor until none is left or another
+/// channel failed.
+fn channel(sh: &Shared<'_>, c: usize, file: &File) -> ChannelStats {
+    let mut st = ChannelStats::default();
+    let mut ch = Chan {
+        sh,
+        c,
+        file,
+        pending: Vec::new(),
+        pool: Vec::new(),
+    };
+    while !sh.stop.load(Ordering::Relaxed) {
+        let idx = sh.cursor.fetch_add(1, Ordering::Relaxed);
+        if idx >= sh.work.total() {
+            break;
+        }
+        let (r, first, n) = sh.work.unit(sh.layout, idx);
+        let res = match sh.dir {
+            Direction::Save => ch.save_unit(r, first, n, &mut st),
+            Direction::Load { populate } => ch.load_unit(r, first, n, populate, &mut st),
+        };
+        if let Err(e) = res {
+            sh.fail(e);
+            break;
+        }
+    }
+    st
+}
+
+/// A chunk whose pages are being written: its bitmap and CRC.
+struct Pending {
+    chunk: u64,
+    words: Vec<u64>,
+    crc: u32,
+}
+
+/// A run of pages of one region: `start..end` (page indices).
+#[derive(Clone, Copy)]
+struct Run {
+    start: u64,
+    end: u64,
+}
+
+struct Chan<'a, 'b> {
+    sh: &'a Shared<'b>,
+    c: usize,
+    file: &'a File,
+    pending: Vec<Pending>,
+    pool: Vec<Vec<u64>>,
+}
+
+impl Chan<'_, '_> {
+    /// Chunk `chunk` of `r` as (first page, page count), checked against the region.
+    fn chunk_pages(&self, r: usize, chunk: u64) -> Result<(u64, u64), MultifdError> {
+        let ps = self.sh.page_size;
+        let (off, len) = self.sh.layout.chunk_range(r, chunk);
+        let region = &self.sh.regions[r];
+        if off % ps != 0
+            || len % ps != 0
+            || len == 0
+            || off.checked_add(len).is_none_or(|end| end > region.len())
+        {
+            return Err(MultifdError::Layout(format!(
+                "channel {}: region {r} chunk {chunk}: range {off:#x}+{len:#x} is not page aligned or not inside the region ({:#x} bytes)",
+                self.c,
+                region.len()
+            )));
+        }
+        Ok((off / ps, len / ps))
+    }
+
+    /// The file offset of `run`, checked for contiguity and (direct I/O) alignment.
+    fn run_offset(&self, r: usize, run: Run) -> Result<u64, MultifdError> {
+        let ps = self.sh.page_size;
+        let layout = self.sh.layout;
+        let off = layout.page_file_offset(r, run.start);
+        let n = run.end - run.start;
+        let last = layout.page_file_offset(r, run.end - 1);
+        if off.checked_add((n - 1) * ps) != Some(last) {
+            return Err(MultifdError::Layout(format!(
+                "channel {}: region {r}: pages {}..{} are not contiguous in the file (page {} at {off:#x}, page {} at {last:#x})",
+                self.c,
+                run.start,
+                run.end,
+                run.start,
+                run.end - 1
+            )));
+        }
+        if self.sh.direct && off % DIRECT_ALIGN != 0 {
+            return Err(MultifdError::Layout(format!(
+                "channel {}: region {r}: page {} is at file offset {off:#x}, not aligned to {DIRECT_ALIGN} bytes as O_DIRECT needs",
+                self.c, run.start
+            )));
+        }
+        Ok(off)
+    }
+
+    fn page_ptr(&self, r: usize, page: u64) -> *mut u8 {
+        let region = &self.sh.regions[r];
+        // SAFETY: page < region pages (checked by chunk_pages), so the offset
+        // is inside the region, which fits in the address space (MemRegion::check).
+        unsafe { region.as_ptr().add((page * self.sh.page_size) as usize) }
+    }
+
+    fn write_run(&self, r: usize, run: Run, st: &mut ChannelStats) -> Result<(), MultifdError> {
+        let off = self.run_offset(r, run)?;
+        let len = (run.end - run.start) * self.sh.page_size;
+        let ptr = self.page_ptr(r, run.start);
+        // SAFETY: the run lies inside region r (its pages come from checked
+        // chunks), which the MemRegion contract keeps readable.
+        unsafe { sys::pwrite_all(self.file, ptr, len as usize, off) }.map_err(|e| {
+            MultifdError::io(
+                format!(
+                    "channel {}: writing region {r} pages {}..{} ({len} bytes) at file offset {off:#x}",
+                    self.c, run.start, run.end
+                ),
+                e,
+            )
+        })?;
+        st.bytes += len;
+        Ok(())
+    }
+
+    fn save_unit(
+        &mut self,
+        r: usize,
+        first: u64,
+        n: u64,
+        st: &mut ChannelStats,
+    ) -> Result<(), MultifdError> {
+        let ps = self.sh.page_size;
+        let mut run: Option<Run> = None;
+        for chunk in first..first + n {
+            let (p0, np) = self.chunk_pages(r, chunk)?;
+            if let Some(open) = run {
+                if open.end != p0 {
+                    self.write_run(r, open, st)?;
+                    run = None;
+                }
+            }
+            let mut words = self.pool.pop().unwrap_or_default();
+            words.clear();
+            words.resize(np.div_ceil(64) as usize, 0);
+            let mut crc = 0u32;
+            for i in 0..np {
+                let page = p0 + i;
+                let ptr = self.page_ptr(r, page);
+                // SAFETY: the page is inside region r (checked chunk), page
+                // aligned (so 8-aligned) and ps is a multiple of 64.
+                let zero = unsafe { sys::is_zero_page(ptr, ps as usize) };
+                if zero {
+                    crc = sys::crc_zeros(crc, ps);
+                    st.zero += 1;
+                    if let Some(open) = run.take() {
+                        self.write_run(r, open, st)?;
+                    }
+                } else {
+                    // SAFETY: as above; the memory is readable and not written meanwhile.
+                    let bytes = unsafe { std::slice::from_raw_parts(ptr, ps as usize) };
+                    crc = crc32c::crc32c_append(crc, bytes);
+                    words[(i / 64) as usize] |= 1 << (i % 64);
+                    st.present += 1;
+                    match &mut run {
+                        Some(open) => open.end = page + 1,
+                        None => {
+                            run = Some(Run {
+                                start: page,
+                                end: page + 1,
+                            })
+                        }
+                    }
+                }
+            }
+            self.pending.push(Pending { chunk, words, crc });
+        }
+        if let Some(open) = run {
+            self.write_run(r, open, st)?;
+        }
+        for p in std::mem::take(&mut self.pending) {
+            self.sh
+                .layout
+                .chunk_saved(r, p.chunk, &p.words, p.crc)
+                .map_err(|m| {
+                    MultifdError::Layout(format!(
+                        "channel {}: region {r} chunk {}: recording the saved chunk: {m}",
+                        self.c, p.chunk
+                    ))
+                })?;
+            self.pool.push(p.words);
+        }
+        Ok(())
+    }
+
+    fn read_run(
+        &self,
+        r: usize,
+        run: Run,
+        populate: bool,
+        st: &mut ChannelStats,
+    ) -> Result<(), MultifdError> {
+        let off = self.run_offset(r, run)?;
+        let len = ((run.end - run.start) * self.sh.page_size) as usize;
+        let ptr = self.page_ptr(r, run.start);
+        if populate {
+            sys::populate_write(ptr, len);
+        }
+        // SAFETY: the run lies inside region r, which the MemRegion contract
+        // keeps writable and unused by others during a load; channels work on
+        // disjoint chunks.
+        unsafe { sys::pread_all(self.file, ptr, len, off) }.map_err(|e| {
+            MultifdError::io(
+                format!(
+                    "channel {}: reading region {r} pages {}..{} ({len} bytes) at file offset {off:#x}",
+                    self.c, run.start, run.end
+                ),
+                e,
+            )
+        })?;
+        st.bytes += len as u64;
+        Ok(())
+    }
+
+    fn load_unit(
+        &mut self,
+        r: usize,
+        first: u64,
+        n: u64,
+        populate: bool,
+        st: &mut ChannelStats,
+    ) -> Result<(), MultifdError> {
+        let layout = self.sh.layout;
+        let mut run: Option<Run> = None;
+        let mut chunks = Vec::with_capacity(n as usize);
+        for chunk in first..first + n {
+            let (p0, np) = self.chunk_pages(r, chunk)?;
+            chunks.push((chunk, p0, np));
+            if let Some(open) = run {
+                if open.end != p0 {
+                    self.read_run(r, open, populate, st)?;
+                    run = None;
+                }
+            }
+            for page in p0..p0 + np {
+                if layout.page_present(r, page) {
+                    st.present += 1;
+                    match &mut run {
+                        Some(open) => open.end = page + 1,
+                        None => {
+                            run = Some(Run {
+                                start: page,
+                                end: page + 1,
+                            })
+                        }
+                    }
+                } else {
+                    st.zero += 1;
+                    if let Some(open) = run.take() {
+                        self.read_run(r, open, populate, st)?;
+                    }
+                }
+            }
+        }
+        if let Some(open) = run {
+            self.read_run(r, open, populate, st)?;
+        }
+        for (chunk, p0, np) in chunks {
+            let ptr = self.page_ptr(r, p0);
+            // SAFETY: the chunk is inside region r (checked) and this channel
+            // is the only one touching it.
+            let data =
+                unsafe { std::slice::from_raw_parts(ptr, (np * self.sh.page_size) as usize) };
+            layout.chunk_loaded(r, chunk, data).map_err(|m| {
+                MultifdError::Checksum(format!(
+                    "channel {}: region {r} chunk {chunk} (region bytes {:#x}..{:#x}): {m}",
+                    self.c,
+                    p0 * self.sh.page_size,
+                    (p0 + np) * self.sh.page_size
+                ))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<MemRegion>();
+    let _ = io::ErrorKind::Other;
+}

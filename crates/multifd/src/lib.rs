@@ -1,0 +1,30 @@
+//! cryo's multi-channel page transfer ("multifd"): N channel threads move
+//! guest pages between guest memory and a fixed-ram file or sockets.
+//!
+//! It knows nothing of VMs: memory is given as [`MemRegion`]s of raw host
+//! memory.
+//!
+//! - [`save_to_file`] / [`load_from_file`]: file channels for the fixed-ram
+//!   image format, which describes itself through the [`FileLayout`] trait.
+//!   Each channel has its own file descriptor (optionally `O_DIRECT`), takes
+//!   chunks from a shared cursor, skips zero pages and moves runs of present
+//!   pages with one system call each, straight from or into guest memory.
+//! - [`send`] / [`receive`]: socket channels for a stopped migration between
+//!   two processes: a main connection (control and device state) and N data
+//!   connections carrying page packets. The wire protocol is specified in
+//!   `docs/multifd-protocol.md` in the repository; the parsers
+//!   ([`parse_hello`], [`parse_packet_header`], [`parse_packet`],
+//!   [`parse_main_message`]) treat their input as hostile.
+#![deny(missing_docs)]
+
+mod error;
+mod file;
+mod region;
+mod sys;
+
+pub use error::{Channel, MultifdError};
+pub use file::{
+    load_from_file, load_from_file_with, save_to_file, DirectIo, FileChannelOptions, FileLayout,
+    TransferStats, MAX_FILE_CHANNELS,
+};
+pub use region::MemRegion;

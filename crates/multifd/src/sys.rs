@@ -1,0 +1,222 @@
+//! Thin wrappers around the system calls the channels use.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+/// The most bytes one `pread`/`pwrite` moves (Linux caps a call at
+/// 0x7fff_f000 bytes anyway).
+pub(crate) const MAX_IO: usize = 1 << 30;
+
+/// Opens `path` for writing (`write`) or reading, with `O_DIRECT` when `direct`.
+pub(crate) fn open(path: &Path, write: bool, direct: bool) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    if write {
+        o.write(true);
+    } else {
+        o.read(true);
+    }
+    o.custom_flags(if direct { libc::O_DIRECT } else { 0 } | libc::O_CLOEXEC);
+    o.open(path)
+}
+
+/// The name of the filesystem holding `path` (from `statfs`'s `f_type`).
+pub(crate) fn fs_type_name(path: &Path) -> String {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return "unknown filesystem".into();
+    };
+    // SAFETY: statfs is plain data; all-zero bytes are a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated string and `st` a valid, writable statfs.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return "unknown filesystem".into();
+    }
+    // f_type's integer type differs between targets; the magic fits in 32 bits.
+    let magic = st.f_type as u64 & 0xffff_ffff;
+    let name = match magic {
+        0x0102_1994 => "tmpfs",
+        0xEF53 => "ext4",
+        0x5846_5342 => "xfs",
+        0x9123_683E => "btrfs",
+        0x794c_7630 => "overlayfs",
+        0x6969 => "nfs",
+        0x6573_5546 => "fuse",
+        0x0102_1997 => "9p",
+        0x2FC1_2FC1 => "zfs",
+        0x858_458f6 => "ramfs",
+        _ => return format!("unknown filesystem, f_type {magic:#x}"),
+    };
+    name.into()
+}
+
+/// Writes `len` bytes at `ptr` to `file` at `offset`, retrying on short
+/// writes and EINTR, at most [`MAX_IO`] bytes per call.
+///
+/// # Safety
+///
+/// `ptr..ptr+len` must be valid for reads.
+pub(crate) unsafe fn pwrite_all(
+    file: &File,
+    mut ptr: *const u8,
+    mut len: usize,
+    mut offset: u64,
+) -> io::Result<()> {
+    while len > 0 {
+        let n = len.min(MAX_IO);
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset too large"))?;
+        // SAFETY: the caller guarantees ptr..ptr+len (and so ptr..ptr+n) is readable.
+        let r = unsafe { libc::pwrite(file.as_raw_fd(), ptr.cast(), n, off) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwrite wrote 0 bytes",
+            ));
+        }
+        let r = r as usize;
+        // SAFETY: r <= n <= len, so the result stays inside the caller's range.
+        ptr = unsafe { ptr.add(r) };
+        len -= r;
+        offset += r as u64;
+    }
+    Ok(())
+}
+
+/// Reads exactly `len` bytes from `file` at `offset` into `ptr`, retrying on
+/// short reads and EINTR; the end of the file before `len` bytes is an error.
+///
+/// # Safety
+///
+/// `ptr..ptr+len` must be valid for writes and not accessed by anyone else.
+pub(crate) unsafe fn pread_all(
+    file: &File,
+    mut ptr: *mut u8,
+    mut len: usize,
+    mut offset: u64,
+) -> io::Result<()> {
+    while len > 0 {
+        let n = len.min(MAX_IO);
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset too large"))?;
+        // SAFETY: the caller guarantees ptr..ptr+len (and so ptr..ptr+n) is writable.
+        let r = unsafe { libc::pread(file.as_raw_fd(), ptr.cast(), n, off) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the file ends at byte offset {offset}, {len} bytes short"),
+            ));
+        }
+        let r = r as usize;
+        // SAFETY: r <= n <= len, so the result stays inside the caller's range.
+        ptr = unsafe { ptr.add(r) };
+        len -= r;
+        offset += r as u64;
+    }
+    Ok(())
+}
+
+/// Pre-faults `ptr..ptr+len` for writing with `MADV_POPULATE_WRITE`
+/// (Linux 5.14+). Errors (an older kernel, memory it cannot populate) are
+/// ignored: the reads that follow fault the pages in anyway.
+pub(crate) fn populate_write(ptr: *mut u8, len: usize) {
+    // SAFETY: madvise only changes how the kernel backs the range; the range
+    // is memory the caller is about to write anyway, so populating it changes
+    // no contents (MADV_POPULATE_WRITE never alters data).
+    unsafe {
+        libc::madvise(ptr.cast(), len, libc::MADV_POPULATE_WRITE);
+    }
+}
+
+/// A random 64-bit number from the kernel (falls back to time and pid).
+pub(crate) fn random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    // SAFETY: buf is valid for 8 bytes of writes.
+    let r = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if r == 8 {
+        return u64::from_le_bytes(buf);
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15
+}
+
+/// Whether the `len`-byte page at `ptr` is all zeros. Scans u64 words in
+/// groups of eight and stops at the first group that is not zero.
+///
+/// # Safety
+///
+/// `ptr` must be 8-byte aligned, `len` a multiple of 64, and `ptr..ptr+len`
+/// valid for reads.
+#[inline]
+pub(crate) unsafe fn is_zero_page(ptr: *const u8, len: usize) -> bool {
+    // SAFETY: the caller guarantees alignment, size and validity.
+    let words = unsafe { std::slice::from_raw_parts(ptr.cast::<u64>(), len / 8) };
+    words
+        .chunks_exact(8)
+        .all(|g| (g[0] | g[1] | g[2] | g[3] | g[4] | g[5] | g[6] | g[7]) == 0)
+}
+
+/// 4 KiB of zeros for CRCs over zero pages.
+static ZEROS: [u8; 4096] = [0; 4096];
+
+/// Extends `crc` (CRC32C) over `len` zero bytes.
+#[inline]
+pub(crate) fn crc_zeros(mut crc: u32, mut len: u64) -> u32 {
+    while len > 0 {
+        let n = len.min(ZEROS.len() as u64) as usize;
+        crc = crc32c::crc32c_append(crc, &ZEROS[..n]);
+        len -= n as u64;
+    }
+    crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_page_scan() {
+        let mut page = vec![0u64; 512];
+        // SAFETY: a u64 vector is 8-aligned; 4096 bytes, a multiple of 64.
+        assert!(unsafe { is_zero_page(page.as_ptr().cast(), 4096) });
+        for i in [0usize, 7, 8, 300, 511] {
+            page[i] = 1 << 63;
+            // SAFETY: as above.
+            assert!(!unsafe { is_zero_page(page.as_ptr().cast(), 4096) });
+            page[i] = 0;
+        }
+    }
+
+    #[test]
+    fn crc_over_zeros_matches() {
+        let z = vec![0u8; 10000];
+        assert_eq!(crc_zeros(0, 10000), crc32c::crc32c(&z));
+        assert_eq!(crc_zeros(7, 4096), crc32c::crc32c_append(7, &z[..4096]));
+    }
+
+    #[test]
+    fn fs_names() {
+        assert_eq!(fs_type_name(Path::new("/dev/shm")), "tmpfs");
+        assert!(!fs_type_name(Path::new("/")).is_empty());
+    }
+}

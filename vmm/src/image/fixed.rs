@@ -1,0 +1,334 @@
+//! The `fixed-ram` format: every guest page at a fixed offset
+//! (docs/fixed-ram-format.md). Saving writes chunks from several threads at
+//! once with positioned I/O; restoring reads them back the same way (eager),
+//! or maps each region's page area copy-on-write as guest memory (lazy).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use fixed_ram::{Image, ImageWriter, Layout, RegionSpec};
+use microvm::persist::VmSnapshot;
+use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
+
+use super::{
+    allocated_bytes, region_bytes, region_bytes_mut, snapshot, sync_dir, temp_path, Loaded,
+    RestoreMode, SaveError, Written, PAGE_SIZE,
+};
+
+/// Threads that move pages: one per host CPU.
+pub fn io_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 64)
+}
+
+/// Every (region, chunk) of a layout, in file order.
+fn all_chunks(layout: &Layout) -> Vec<(usize, u64)> {
+    (0..layout.regions().len())
+        .flat_map(|r| (0..layout.chunks(r)).map(move |c| (r, c)))
+        .collect()
+}
+
+/// Runs `work` on every chunk from `threads` threads taking chunks from a
+/// shared cursor; stops at the first error.
+fn for_each_chunk<E: Send>(
+    chunks: &[(usize, u64)],
+    threads: usize,
+    work: impl Fn(usize, u64) -> Result<(), E> + Sync,
+) -> Result<(), E> {
+    let next = AtomicUsize::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let first_error = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.min(chunks.len()).max(1) {
+            s.spawn(|| loop {
+                if failed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(region, chunk)) = chunks.get(i) else {
+                    return;
+                };
+                if let Err(e) = work(region, chunk) {
+                    failed.store(true, Ordering::Relaxed);
+                    if let Ok(mut slot) = first_error.lock() {
+                        slot.get_or_insert(e);
+                    }
+                    return;
+                }
+            });
+        }
+    });
+    match first_error.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn image_err(path: &Path) -> impl Fn(fixed_ram::FixedRamError) -> SaveError + '_ {
+    move |e| match e {
+        fixed_ram::FixedRamError::Io { source, .. } => SaveError::Write {
+            path: path.to_owned(),
+            source,
+        },
+        other => SaveError::Image {
+            path: path.to_owned(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Writes a fixed-ram image of the paused VM to `path` (temp file, data,
+/// fsync, header, fsync, rename, directory fsync).
+pub fn write_fixed_file(
+    path: &Path,
+    snapshot: &VmSnapshot,
+    memory: &GuestMemory,
+) -> Result<Written, SaveError> {
+    let tmp = temp_path(path);
+    let result = write_to(&tmp, path, snapshot, memory);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn write_to(
+    tmp: &Path,
+    path: &Path,
+    snapshot: &VmSnapshot,
+    memory: &GuestMemory,
+) -> Result<Written, SaveError> {
+    let ierr = image_err(path);
+    let specs: Vec<RegionSpec> = memory
+        .iter()
+        .map(|r| RegionSpec {
+            guest_addr: r.start_addr().0,
+            size: r.len(),
+        })
+        .collect();
+    let layout = Layout::new(PAGE_SIZE as u32, &specs).map_err(&ierr)?;
+    let device_state =
+        snapshot::encode(snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let writer = ImageWriter::create(tmp, layout).map_err(&ierr)?;
+    let regions: Vec<&microvm::GuestRegion> = memory.iter().collect();
+    let chunks = all_chunks(writer.layout());
+    let present = AtomicU64::new(0);
+    let zero = AtomicU64::new(0);
+    for_each_chunk(&chunks, io_threads(), |region, chunk| {
+        let (offset, len) = writer.layout().chunk_range(region, chunk);
+        let bytes = &region_bytes(regions[region])[offset as usize..(offset + len) as usize];
+        let stats = writer.write_chunk(region, chunk, bytes)?;
+        present.fetch_add(stats.present_pages, Ordering::Relaxed);
+        zero.fetch_add(stats.zero_pages, Ordering::Relaxed);
+        Ok(())
+    })
+    .map_err(&ierr)?;
+    let file = writer.commit(&device_state).map_err(&ierr)?;
+    let bytes = file
+        .metadata()
+        .map_err(|source| SaveError::Write {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    let allocated = allocated_bytes(&file);
+    drop(file);
+    let werr = |source| SaveError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::rename(tmp, path).map_err(werr)?;
+    sync_dir(path).map_err(werr)?;
+    Ok(Written {
+        bytes,
+        allocated_bytes: allocated,
+        device_state_bytes: device_state.len() as u64,
+        ram_pages: present.into_inner(),
+        zero_pages: zero.into_inner(),
+    })
+}
+
+fn open_image(path: &Path) -> Result<Image, SaveError> {
+    Image::open(path).map_err(|e| match e {
+        fixed_ram::FixedRamError::Io { source, .. } => SaveError::Read {
+            path: path.to_owned(),
+            source,
+        },
+        other => SaveError::Invalid {
+            path: path.to_owned(),
+            reason: other.to_string(),
+        },
+    })
+}
+
+/// Loads a fixed-ram image: device state, then guest memory by `mode`.
+pub fn load_fixed(path: &Path, mode: RestoreMode, verify: bool) -> Result<Loaded, SaveError> {
+    let invalid = |reason: String| SaveError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let image = open_image(path)?;
+    if image.header().page_size as usize != PAGE_SIZE {
+        return Err(invalid(format!(
+            "page size {} is not this host's {PAGE_SIZE}",
+            image.header().page_size
+        )));
+    }
+    if verify {
+        image.verify().map_err(|e| invalid(e.to_string()))?;
+    }
+    let device_state = image.device_state().map_err(|e| invalid(e.to_string()))?;
+    let snapshot =
+        snapshot::decode(&device_state).map_err(|e| invalid(format!("device state: {e}")))?;
+    let image_regions: Vec<(u64, u64)> = image
+        .layout()
+        .regions()
+        .iter()
+        .map(|r| (r.guest_addr, r.size))
+        .collect();
+    if image_regions != snapshot.machine.regions {
+        return Err(invalid(format!(
+            "RAM regions {image_regions:x?} differ from the machine section's {:x?}",
+            snapshot.machine.regions
+        )));
+    }
+    match mode {
+        RestoreMode::Eager => {
+            let memory = create_guest_memory(snapshot.machine.mem_mib, &MemoryBacking::Anonymous)
+                .map_err(|e| invalid(e.to_string()))?;
+            let regions: Vec<&microvm::GuestRegion> = memory.iter().collect();
+            let layout = image.layout().clone();
+            let chunks = all_chunks(&layout);
+            for_each_chunk(&chunks, io_threads(), |region, chunk| {
+                let (offset, len) = layout.chunk_range(region, chunk);
+                let dst = &mut region_bytes_mut(regions[region])
+                    [offset as usize..(offset + len) as usize];
+                image.read_chunk_into(region, chunk, dst, true)
+            })
+            .map_err(|e| match e {
+                fixed_ram::FixedRamError::Io { source, .. } => SaveError::Read {
+                    path: path.to_owned(),
+                    source,
+                },
+                other => invalid(other.to_string()),
+            })?;
+            Ok(Loaded {
+                snapshot,
+                memory,
+                prefetch: None,
+            })
+        }
+        RestoreMode::Lazy { prefetch } => {
+            let file = Arc::new(image.file().try_clone().map_err(|source| SaveError::Read {
+                path: path.to_owned(),
+                source,
+            })?);
+            let ranges: Vec<microvm::memory::FileRange> = image
+                .layout()
+                .regions()
+                .iter()
+                .map(|r| microvm::memory::FileRange {
+                    guest_addr: r.guest_addr,
+                    size: r.size,
+                    file: Arc::clone(&file),
+                    offset: r.pages_offset,
+                })
+                .collect();
+            let memory =
+                microvm::memory::map_file_private(&ranges).map_err(|e| invalid(e.to_string()))?;
+            let prefetch = prefetch.then(|| Prefetch {
+                memory: memory.clone(),
+                image: Arc::new(image),
+            });
+            Ok(Loaded {
+                snapshot,
+                memory,
+                prefetch,
+            })
+        }
+    }
+}
+
+/// Background warming of a lazily restored VM's memory: faults every present
+/// page in from the image, so the guest stops paying for first touches.
+pub struct Prefetch {
+    memory: GuestMemory,
+    image: Arc<Image>,
+}
+
+impl Prefetch {
+    /// Starts the prefetch threads; `done` is called with the elapsed time when finished.
+    pub fn start(self, done: impl FnOnce(std::time::Duration, u64) + Send + 'static) {
+        let _ = std::thread::Builder::new()
+            .name("prefetch".into())
+            .spawn(move || {
+                let start = Instant::now();
+                let layout = self.image.layout().clone();
+                let regions: Vec<&microvm::GuestRegion> = self.memory.iter().collect();
+                let chunks = all_chunks(&layout);
+                let pages = AtomicU64::new(0);
+                let _ = for_each_chunk(&chunks, io_threads(), |region, chunk| {
+                    let (offset, len) = layout.chunk_range(region, chunk);
+                    let base = regions[region].as_ptr();
+                    let first = offset / PAGE_SIZE as u64;
+                    let count = len / PAGE_SIZE as u64;
+                    let mut p = 0;
+                    while p < count {
+                        if !self.image.is_present(region, first + p) {
+                            p += 1;
+                            continue;
+                        }
+                        let mut q = p + 1;
+                        while q < count && self.image.is_present(region, first + q) {
+                            q += 1;
+                        }
+                        let start_off = (first + p) as usize * PAGE_SIZE;
+                        let run = (q - p) as usize * PAGE_SIZE;
+                        // SAFETY: the range lies inside the region's live
+                        // mapping; MADV_POPULATE_READ only faults pages in
+                        // (read-only for a private file mapping) and changes
+                        // no contents.
+                        let rc = unsafe {
+                            libc::madvise(base.add(start_off).cast(), run, libc::MADV_POPULATE_READ)
+                        };
+                        if rc != 0 {
+                            // Older kernels: touch one byte per page instead.
+                            for page in 0..(q - p) as usize {
+                                // SAFETY: inside the live mapping; a volatile
+                                // read has no effect on the contents.
+                                unsafe {
+                                    std::ptr::read_volatile(base.add(start_off + page * PAGE_SIZE))
+                                };
+                            }
+                        }
+                        pages.fetch_add(q - p, Ordering::Relaxed);
+                        p = q;
+                    }
+                    Ok::<(), ()>(())
+                });
+                done(start.elapsed(), pages.into_inner());
+            });
+    }
+}
+
+/// `cryo verify` for a fixed-ram image: header and every checksum.
+pub fn verify(path: &Path) -> Result<fixed_ram::VerifyReport, SaveError> {
+    let image = open_image(path)?;
+    image.verify().map_err(|e| SaveError::Invalid {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// What `cryo inspect` shows of a fixed-ram image.
+pub fn open_for_inspect(path: &Path) -> Result<Image, SaveError> {
+    open_image(path)
+}

@@ -1,0 +1,335 @@
+//! Saved-VM images: what `cryo save` writes and `cryo restore` reads.
+//!
+//! Two formats share one device-state encoding (migration-stream sections,
+//! see [`sections`]):
+//! - `fixed-ram` (the default, docs/fixed-ram-format.md): every guest page at
+//!   a fixed offset, zero pages as holes, chunk checksums; restored eagerly
+//!   (parallel reads into guest memory) or lazily (the page area mapped
+//!   copy-on-write as guest memory).
+//! - `stream` (docs/stream-format.md): one sequential stream of sections and
+//!   page records.
+//!
+//! A save never leaves a file under the target name that would restore
+//! wrong: it writes `.<name>.tmp-<pid>` beside the target, fsyncs it, renames
+//! it over the target and fsyncs the directory. A failed save removes the
+//! temporary file and leaves the VM as it was (running, or paused).
+
+pub mod fixed;
+pub mod snapshot;
+pub mod stream;
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use microvm::persist::VmSnapshot;
+use microvm::vm_memory::GuestMemoryRegion;
+use microvm::{GuestMemory, RunState, VmController};
+use serde::{Deserialize, Serialize};
+
+/// Guest page size.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Section names in a saved image's device state.
+pub mod sections {
+    /// [`microvm::persist::MachineState`], always first.
+    pub const MACHINE: &str = "machine";
+    /// [`microvm::persist::VmState`].
+    pub const KVM_VM: &str = "kvm-vm";
+    /// [`microvm::persist::VcpuState`], instance = vCPU index.
+    pub const VCPU: &str = "vcpu";
+    /// [`microvm::persist::SerialState`].
+    pub const SERIAL: &str = "serial";
+    /// [`microvm::persist::I8042State`].
+    pub const I8042: &str = "i8042";
+    /// [`microvm::persist::CmosState`].
+    pub const CMOS: &str = "cmos";
+}
+
+/// The image formats `save` writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SaveFormat {
+    /// Every page at a fixed offset (docs/fixed-ram-format.md).
+    #[default]
+    FixedRam,
+    /// A sequential migration stream (docs/stream-format.md).
+    Stream,
+}
+
+/// What a save did.
+#[derive(Clone, Debug, Serialize)]
+pub struct SaveStats {
+    /// Target file.
+    pub path: PathBuf,
+    /// Format written.
+    pub format: SaveFormat,
+    /// File size (apparent).
+    pub bytes: u64,
+    /// Bytes allocated on disk.
+    pub allocated_bytes: u64,
+    /// Bytes of device state.
+    pub device_state_bytes: u64,
+    /// Non-zero pages written.
+    pub ram_pages: u64,
+    /// Zero pages (not written).
+    pub zero_pages: u64,
+    /// Time the VM was paused for the save, in milliseconds.
+    pub paused_ms: f64,
+    /// Total time, in milliseconds.
+    pub total_ms: f64,
+}
+
+/// Sizes of a written image.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Written {
+    /// File size.
+    pub bytes: u64,
+    /// Bytes allocated on disk.
+    pub allocated_bytes: u64,
+    /// Device-state bytes.
+    pub device_state_bytes: u64,
+    /// Non-zero pages stored.
+    pub ram_pages: u64,
+    /// Zero pages.
+    pub zero_pages: u64,
+}
+
+/// Why a save or load failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// The VM could not be paused or its state read.
+    #[error("capturing VM state: {0}")]
+    Vm(#[from] microvm::Error),
+    /// The target could not be written.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The image writer failed.
+    #[error("writing {path}: {reason}")]
+    Image {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a valid saved VM.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl SaveError {
+    /// The API error kind for this error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SaveError::Write { source, .. }
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ) =>
+            {
+                "bad-request"
+            }
+            _ => "failed",
+        }
+    }
+
+    /// Whether this is the input's fault (exit status 2) rather than a runtime failure.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(self, SaveError::Read { .. } | SaveError::Invalid { .. })
+    }
+}
+
+/// The temporary name a save writes before renaming over `target`.
+pub fn temp_path(target: &Path) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "cryo-save".into());
+    target.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// fsyncs the directory holding `path`, so that a rename in it is durable.
+pub fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// Pauses the VM, writes it to `path`, and resumes it when `keep_running`
+/// (the caller ends it otherwise). On failure the VM is resumed if it was running.
+pub fn save_vm(
+    controller: &VmController,
+    path: &Path,
+    format: SaveFormat,
+    keep_running: bool,
+) -> Result<SaveStats, SaveError> {
+    let start = Instant::now();
+    let (snapshot, memory, was_running) = controller.call(|vm| {
+        let was_running = vm.state() == RunState::Running;
+        vm.pause()?;
+        match vm.save_state() {
+            Ok(s) => Ok((s, vm.memory().clone(), was_running)),
+            Err(e) => {
+                if was_running {
+                    let _ = vm.resume();
+                }
+                Err(e)
+            }
+        }
+    })??;
+    let written = match format {
+        SaveFormat::Stream => stream::write_stream_file(path, &snapshot, &memory),
+        SaveFormat::FixedRam => fixed::write_fixed_file(path, &snapshot, &memory),
+    };
+    let paused_ms = start.elapsed().as_secs_f64() * 1000.0;
+    if (written.is_err() || keep_running) && was_running {
+        controller.resume()?;
+    }
+    let w = written?;
+    Ok(SaveStats {
+        path: path.to_owned(),
+        format,
+        bytes: w.bytes,
+        allocated_bytes: w.allocated_bytes,
+        device_state_bytes: w.device_state_bytes,
+        ram_pages: w.ram_pages,
+        zero_pages: w.zero_pages,
+        paused_ms,
+        total_ms: start.elapsed().as_secs_f64() * 1000.0,
+    })
+}
+
+/// The format of a saved file, from its first bytes.
+pub fn detect_format(path: &Path) -> Result<SaveFormat, SaveError> {
+    let mut magic = [0u8; 8];
+    let mut f = File::open(path).map_err(|source| SaveError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut n = 0;
+    while n < magic.len() {
+        match f.read(&mut magic[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(source) => {
+                return Err(SaveError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+    if magic == migration_stream::MAGIC {
+        Ok(SaveFormat::Stream)
+    } else if magic == fixed_ram::MAGIC || (n == magic.len() && magic == [0u8; 8]) {
+        // A zero header is a fixed-ram image whose save never committed:
+        // the fixed-ram reader says so.
+        Ok(SaveFormat::FixedRam)
+    } else {
+        Err(SaveError::Invalid {
+            path: path.to_owned(),
+            reason: "not a cryo image (neither a migration stream nor a fixed-ram image)".into(),
+        })
+    }
+}
+
+/// How `restore` brings guest memory back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RestoreMode {
+    /// Read every present page into fresh guest memory before resuming.
+    #[default]
+    Eager,
+    /// Map the image's page areas copy-on-write as guest memory and resume at once.
+    Lazy {
+        /// Warm the rest in the background after resuming.
+        prefetch: bool,
+    },
+}
+
+/// A loaded image, ready to become a VM.
+pub struct Loaded {
+    /// Device state.
+    pub snapshot: VmSnapshot,
+    /// Guest memory holding (or mapping) the RAM.
+    pub memory: GuestMemory,
+    /// For a lazy restore with prefetch: what to warm after resuming.
+    pub prefetch: Option<fixed::Prefetch>,
+}
+
+/// Loads any image format. `verify` checks every checksum first (fixed-ram).
+pub fn load(path: &Path, mode: RestoreMode, verify: bool) -> Result<Loaded, SaveError> {
+    match detect_format(path)? {
+        SaveFormat::Stream => {
+            if mode != RestoreMode::Eager {
+                return Err(SaveError::Invalid {
+                    path: path.to_owned(),
+                    reason: "a stream image can only be restored eagerly (--lazy needs a fixed-ram image)".into(),
+                });
+            }
+            let (snapshot, memory) = stream::load_stream_file(path)?;
+            Ok(Loaded {
+                snapshot,
+                memory,
+                prefetch: None,
+            })
+        }
+        SaveFormat::FixedRam => fixed::load_fixed(path, mode, verify),
+    }
+}
+
+/// The bytes of a guest memory region, for reading while the VM is paused.
+pub fn region_bytes(region: &microvm::GuestRegion) -> &[u8] {
+    let len = region.len() as usize;
+    let ptr = region.as_ptr();
+    // SAFETY: the region is a live mapping of `len` bytes owned by the
+    // region, which outlives the returned slice (same lifetime); the vCPUs
+    // are paused, so nothing writes it while we read.
+    unsafe { std::slice::from_raw_parts(ptr, len) }
+}
+
+/// The bytes of a guest memory region, for filling before the VM runs.
+#[allow(clippy::mut_from_ref)]
+pub fn region_bytes_mut(region: &microvm::GuestRegion) -> &mut [u8] {
+    let len = region.len() as usize;
+    let ptr = region.as_ptr();
+    // SAFETY: the region is a live mapping of `len` bytes; no vCPU exists
+    // yet for this memory and restore code is its only user, which writes
+    // disjoint chunks from each thread, so no two references to the same
+    // bytes are used at once.
+    unsafe { std::slice::from_raw_parts_mut(ptr, len) }
+}
+
+/// Whether a page holds only zero bytes (word-wise scan).
+pub fn is_zero_page(page: &[u8]) -> bool {
+    // SAFETY: reinterpreting initialized bytes as u64 words is valid for
+    // any bit pattern; align_to handles the unaligned ends.
+    let (head, words, tail) = unsafe { page.align_to::<u64>() };
+    head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
+}
+
+/// Bytes a file occupies on disk.
+pub fn allocated_bytes(file: &File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+}

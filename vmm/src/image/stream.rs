@@ -1,0 +1,203 @@
+//! The `stream` format: device-state sections, the RAM layout, then runs of
+//! non-zero pages as raw records and runs of zero pages as zero records.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter};
+use std::path::Path;
+
+use microvm::persist::VmSnapshot;
+use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
+use migration_stream::{PagesKind, RamRegion, Record, StreamReader, StreamWriter};
+
+use super::snapshot::{write_sections, SnapshotBuilder};
+use super::{
+    allocated_bytes, is_zero_page, region_bytes, region_bytes_mut, sync_dir, temp_path, SaveError,
+    Written, PAGE_SIZE,
+};
+
+/// Stream buffer size.
+const IO_BUFFER: usize = 1 << 20;
+
+/// Writes the snapshot and memory as a stream to `path` (atomically: temp
+/// file, fsync, rename, directory fsync).
+pub fn write_stream_file(
+    path: &Path,
+    snapshot: &VmSnapshot,
+    memory: &GuestMemory,
+) -> Result<Written, SaveError> {
+    let tmp = temp_path(path);
+    let werr = |source| SaveError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(werr)?;
+    let result = write_stream(file, path, snapshot, memory).and_then(|(file, stats)| {
+        file.sync_all().map_err(werr)?;
+        drop(file);
+        std::fs::rename(&tmp, path).map_err(werr)?;
+        sync_dir(path).map_err(werr)?;
+        Ok(stats)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn write_stream(
+    file: File,
+    path: &Path,
+    snapshot: &VmSnapshot,
+    memory: &GuestMemory,
+) -> Result<(File, Written), SaveError> {
+    let serr = |e: migration_stream::StreamError| match e {
+        migration_stream::StreamError::Io { source, .. } => SaveError::Write {
+            path: path.to_owned(),
+            source,
+        },
+        other => SaveError::Image {
+            path: path.to_owned(),
+            reason: other.to_string(),
+        },
+    };
+    let mut w = StreamWriter::new(BufWriter::with_capacity(IO_BUFFER, file), PAGE_SIZE as u32)
+        .map_err(serr)?;
+    let before = w.bytes_written();
+    write_sections(&mut w, snapshot).map_err(serr)?;
+    let device_bytes = w.bytes_written() - before;
+
+    let layout: Vec<RamRegion> = memory
+        .iter()
+        .map(|r| RamRegion {
+            guest_addr: r.start_addr().0,
+            size: r.len(),
+        })
+        .collect();
+    w.write_ram_layout(&layout).map_err(serr)?;
+    let (mut ram_pages, mut zero_pages) = (0u64, 0u64);
+    for (index, region) in memory.iter().enumerate() {
+        let bytes = region_bytes(region);
+        let pages = bytes.len() / PAGE_SIZE;
+        let page = |i: usize| &bytes[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+        let mut p = 0;
+        while p < pages {
+            let zero = is_zero_page(page(p));
+            let mut q = p + 1;
+            while q < pages && is_zero_page(page(q)) == zero {
+                q += 1;
+            }
+            let count = (q - p) as u64;
+            if zero {
+                w.write_zero_pages(index as u32, p as u64, count)
+                    .map_err(serr)?;
+                zero_pages += count;
+            } else {
+                w.write_pages(index as u32, p as u64, &bytes[p * PAGE_SIZE..q * PAGE_SIZE])
+                    .map_err(serr)?;
+                ram_pages += count;
+            }
+            p = q;
+        }
+    }
+    let buffered = w.finish().map_err(serr)?;
+    let file = buffered.into_inner().map_err(|e| SaveError::Write {
+        path: path.to_owned(),
+        source: e.into_error(),
+    })?;
+    let total = file
+        .metadata()
+        .map_err(|source| SaveError::Write {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    let allocated = allocated_bytes(&file);
+    Ok((
+        file,
+        Written {
+            bytes: total,
+            allocated_bytes: allocated,
+            device_state_bytes: device_bytes,
+            ram_pages,
+            zero_pages,
+        },
+    ))
+}
+
+/// Reads a stream file back: the snapshot and a guest memory holding its RAM.
+pub fn load_stream_file(path: &Path) -> Result<(VmSnapshot, GuestMemory), SaveError> {
+    let invalid = |reason: String| SaveError::Invalid {
+        path: path.to_owned(),
+        reason,
+    };
+    let file = File::open(path).map_err(|source| SaveError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut r = StreamReader::new(BufReader::with_capacity(IO_BUFFER, file))
+        .map_err(|e| invalid(e.to_string()))?;
+    if r.page_size() as usize != PAGE_SIZE {
+        return Err(invalid(format!(
+            "page size {} is not this host's {PAGE_SIZE}",
+            r.page_size()
+        )));
+    }
+    let mut builder = SnapshotBuilder::default();
+    let mut memory: Option<GuestMemory> = None;
+    while let Some(record) = r.next_record().map_err(|e| invalid(e.to_string()))? {
+        match record {
+            Record::Section(s) => {
+                builder.add(&s).map_err(invalid)?;
+                if memory.is_none() {
+                    if let Some(m) = builder.machine() {
+                        memory = Some(
+                            create_guest_memory(m.mem_mib, &MemoryBacking::Anonymous)
+                                .map_err(|e| invalid(e.to_string()))?,
+                        );
+                    }
+                }
+            }
+            Record::RamLayout(regions) => {
+                let m = builder
+                    .machine()
+                    .ok_or_else(|| invalid("RAM layout before the machine section".into()))?;
+                let got: Vec<(u64, u64)> = regions.iter().map(|r| (r.guest_addr, r.size)).collect();
+                if got != m.regions {
+                    return Err(invalid(format!(
+                        "RAM layout {got:x?} differs from the machine section's {:x?}",
+                        m.regions
+                    )));
+                }
+            }
+            Record::Pages(pages) => {
+                let mem = memory
+                    .as_ref()
+                    .ok_or_else(|| invalid("RAM pages before the machine section".into()))?;
+                let region = mem.iter().nth(pages.region as usize).ok_or_else(|| {
+                    invalid(format!(
+                        "pages for region {} that does not exist",
+                        pages.region
+                    ))
+                })?;
+                if let PagesKind::Raw(data) = pages.kind {
+                    let offset = pages
+                        .first_page
+                        .checked_mul(PAGE_SIZE as u64)
+                        .filter(|o| o.saturating_add(data.len() as u64) <= region.len())
+                        .ok_or_else(|| invalid("pages beyond their region".into()))?;
+                    let dst = region_bytes_mut(region);
+                    dst[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                }
+            }
+            Record::Sync(_) | Record::End => {}
+        }
+    }
+    let snapshot = builder.finish().map_err(invalid)?;
+    let memory = memory.ok_or_else(|| invalid("no guest memory".into()))?;
+    Ok((snapshot, memory))
+}
