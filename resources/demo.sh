@@ -17,7 +17,7 @@ cryo=./target/release/cryo
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 api="$work/api.sock"
-image="$work/vm.cryo"
+image="$work/vm.img"
 
 say() { printf '\n\033[1mdemo: %s\033[0m\n' "$*" >&2; }
 

@@ -82,7 +82,7 @@ fn image_is_sparse_and_sized_like_ram() {
     let allocated = info["allocated_bytes"].as_u64().unwrap();
     let present = info["present_pages"].as_u64().unwrap() * 4096;
     assert!(
-        apparent >= 256 << 20 && apparent < (256 + 16) << 20,
+        ((256 << 20)..((256 + 16) << 20)).contains(&apparent),
         "apparent {apparent}"
     );
     assert!(
@@ -94,7 +94,7 @@ fn image_is_sparse_and_sized_like_ram() {
         "allocated {allocated} for {present} bytes of data"
     );
     assert!(
-        present >= 16 << 20 && present < 40 << 20,
+        ((16 << 20)..(40 << 20)).contains(&present),
         "present {present}"
     );
     assert_eq!(info["regions"].as_array().unwrap().len(), 1);

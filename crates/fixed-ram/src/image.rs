@@ -45,7 +45,9 @@ impl Image {
     }
 
     /// Validates the image in `file` (header, every area against the real
-    /// file length) and reads its bitmaps and checksum table.
+    /// file length) and reads its bitmaps and checksum table. `file` must be
+    /// an ordinary (not `O_DIRECT`) descriptor; pass an `O_DIRECT` one to
+    /// [`read_chunk_via`](Self::read_chunk_via) instead.
     pub fn from_file(file: File) -> Result<Image, FixedRamError> {
         let file_len = file
             .metadata()

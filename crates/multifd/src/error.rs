@@ -54,7 +54,7 @@ pub enum MultifdError {
     #[error("protocol error: {0}")]
     Protocol(String),
     /// The peer closed a connection (or reset it) before the transfer was complete.
-    #[error("the peer disconnected {channel} during {during}")]
+    #[error("{channel} was closed by the peer while {during}")]
     PeerDisconnected {
         /// Which connection.
         channel: Channel,

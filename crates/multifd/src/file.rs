@@ -2,7 +2,6 @@
 //! fixed-ram file, each with its own file descriptor.
 
 use std::fs::File;
-use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -264,7 +263,7 @@ fn check_args(
         )));
     }
     let cs = layout.chunk_size();
-    if cs == 0 || cs % ps != 0 {
+    if cs == 0 || !cs.is_multiple_of(ps) {
         return Err(MultifdError::Layout(format!(
             "chunk size {cs} is not a non-zero multiple of the page size {ps}"
         )));
@@ -482,7 +481,7 @@ impl Chan<'_, '_> {
                 run.end - 1
             )));
         }
-        if self.sh.direct && off % DIRECT_ALIGN != 0 {
+        if self.sh.direct && !off.is_multiple_of(DIRECT_ALIGN) {
             return Err(MultifdError::Layout(format!(
                 "channel {}: region {r}: page {} is at file offset {off:#x}, not aligned to {DIRECT_ALIGN} bytes as O_DIRECT needs",
                 self.c, run.start
@@ -676,11 +675,4 @@ impl Chan<'_, '_> {
         }
         Ok(())
     }
-}
-
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync>() {}
-    is::<MemRegion>();
-    let _ = io::ErrorKind::Other;
 }

@@ -62,7 +62,7 @@ impl MemRegion {
     /// that its end does not wrap around the address space.
     pub(crate) fn check(&self, index: usize, page_size: u64) -> Result<(), crate::MultifdError> {
         let addr = self.ptr as usize as u64;
-        if addr % page_size != 0 || self.len % page_size != 0 {
+        if !addr.is_multiple_of(page_size) || !self.len.is_multiple_of(page_size) {
             return Err(crate::MultifdError::Layout(format!(
                 "memory region {index} (guest {:#x}, host {:p}, {} bytes) is not aligned to the page size {page_size}",
                 self.guest_addr, self.ptr, self.len

@@ -293,14 +293,21 @@ impl Prefetch {
                         let start_off = (first + p) as usize * PAGE_SIZE;
                         let run = (q - p) as usize * PAGE_SIZE;
                         // SAFETY: the range lies inside the region's live
-                        // mapping; MADV_POPULATE_READ only faults pages in
-                        // (read-only for a private file mapping) and changes
-                        // no contents.
+                        // mapping. MADV_POPULATE_WRITE faults each page in
+                        // and breaks copy-on-write (the kernel copies the
+                        // page's current contents), so the guest's later
+                        // accesses neither read the file nor copy; it never
+                        // changes what the guest sees, even while vCPUs run.
                         let rc = unsafe {
-                            libc::madvise(base.add(start_off).cast(), run, libc::MADV_POPULATE_READ)
+                            libc::madvise(
+                                base.add(start_off).cast(),
+                                run,
+                                libc::MADV_POPULATE_WRITE,
+                            )
                         };
                         if rc != 0 {
-                            // Older kernels: touch one byte per page instead.
+                            // Kernels before 5.14: read one byte per page, which
+                            // at least brings the data in from the file.
                             for page in 0..(q - p) as usize {
                                 // SAFETY: inside the live mapping; a volatile
                                 // read has no effect on the contents.

@@ -1,0 +1,1115 @@
+//! Socket channels: a stopped VM's memory and device state between two
+//! processes, over a main connection and N data connections
+//! (`docs/multifd-protocol.md`).
+
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::protocol::{
+    decode_main_payload, decode_payload, parse_hello, parse_main_header, parse_packet_header,
+    parse_runs_into, ChannelCount, Compression, Encoding, Hello, MainMessage, PacketHeader, Role,
+    Run, HELLO_LEN, MAIN_HEADER_LEN, MAX_DATA_CHANNELS, MAX_DEVICE_STATE, MAX_PAGES_PER_PACKET,
+    MAX_REGIONS, MAX_STRAYS, PACKET_HEADER_LEN, PAGE_SIZE, RUN_LEN,
+};
+use crate::{sys, Channel, MemRegion, MultifdError, TransferStats};
+
+/// Options for [`send`].
+#[derive(Clone, Debug)]
+pub struct SocketOptions {
+    /// Number of data connections (1 to 64).
+    pub channels: usize,
+    /// Per-packet compression.
+    pub compression: Compression,
+}
+
+/// First-error-wins bookkeeping shared by the threads of one side.
+struct Fail {
+    stop: AtomicBool,
+    error: Mutex<Option<MultifdError>>,
+}
+
+impl Fail {
+    fn new() -> Fail {
+        Fail {
+            stop: AtomicBool::new(false),
+            error: Mutex::new(None),
+        }
+    }
+
+    fn set(&self, e: MultifdError) {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn take(&self) -> Option<MultifdError> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// Maps an I/O error on a connection: a closed or reset connection becomes
+/// [`MultifdError::PeerDisconnected`].
+fn conn_err(channel: Channel, during: impl Into<String>, e: io::Error) -> MultifdError {
+    use io::ErrorKind::*;
+    let during = during.into();
+    match e.kind() {
+        UnexpectedEof | BrokenPipe | ConnectionReset | ConnectionAborted | NotConnected => {
+            let why = if e.kind() == UnexpectedEof {
+                "end of stream".to_string()
+            } else {
+                e.to_string()
+            };
+            MultifdError::PeerDisconnected {
+                channel,
+                during: format!("{during} ({why})"),
+            }
+        }
+        _ => MultifdError::io(format!("{channel}: {during}"), e),
+    }
+}
+
+fn write_all_vectored<W: Write + ?Sized>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes")),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads one main message (header, payload, CRC). Returns it and its size on the wire.
+fn read_main<R: Read + ?Sized>(
+    r: &mut R,
+    page_size: u32,
+    during: &str,
+) -> Result<(MainMessage, u64), MultifdError> {
+    let err = |e| conn_err(Channel::Main, during, e);
+    let mut hb = [0u8; MAIN_HEADER_LEN];
+    r.read_exact(&mut hb).map_err(err)?;
+    let h = parse_main_header(&hb)?;
+    // Read incrementally: the buffer grows as bytes arrive, never by the
+    // announced length alone.
+    let mut payload = Vec::new();
+    r.take(u64::from(h.len))
+        .read_to_end(&mut payload)
+        .map_err(err)?;
+    if payload.len() != h.len as usize {
+        return Err(err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the connection closed inside a message",
+        )));
+    }
+    let mut cb = [0u8; 4];
+    r.read_exact(&mut cb).map_err(err)?;
+    crate::protocol::check_main_crc(&hb, &payload, u32::from_le_bytes(cb))?;
+    let m = decode_main_payload(h, &payload, page_size)?;
+    Ok((m, (MAIN_HEADER_LEN + payload.len() + 4) as u64))
+}
+
+fn write_main<W: Write + ?Sized>(
+    w: &mut W,
+    m: &MainMessage,
+    during: &str,
+) -> Result<u64, MultifdError> {
+    let b = m.encode();
+    w.write_all(&b)
+        .and_then(|_| w.flush())
+        .map_err(|e| conn_err(Channel::Main, during, e))?;
+    Ok(b.len() as u64)
+}
+
+/// Best effort: tells the peer why this side gives up.
+fn send_error<W: Write + ?Sized>(w: &mut W, e: &MultifdError) {
+    let _ = write_main(w, &MainMessage::Error(e.to_string()), "sending an error");
+}
+
+/// Chunks of guest RAM of one packet each: `MAX_PAGES_PER_PACKET` pages of one region.
+struct Chunks {
+    /// Index of the first chunk of each region, plus the total.
+    start: Vec<u64>,
+}
+
+impl Chunks {
+    fn new(pages: &[u64]) -> Chunks {
+        let mut start = Vec::with_capacity(pages.len() + 1);
+        let mut t = 0;
+        for p in pages {
+            start.push(t);
+            t += p.div_ceil(u64::from(MAX_PAGES_PER_PACKET));
+        }
+        start.push(t);
+        Chunks { start }
+    }
+
+    fn total(&self) -> u64 {
+        self.start.last().copied().unwrap_or(0)
+    }
+
+    /// Chunk `idx` as (region, first page).
+    fn get(&self, idx: u64) -> (usize, u64) {
+        let r = self.start.partition_point(|&s| s <= idx) - 1;
+        (r, (idx - self.start[r]) * u64::from(MAX_PAGES_PER_PACKET))
+    }
+}
+
+/// Sends `regions` and `device_state` to a receiver.
+///
+/// `connect` makes a new connection to the receiver; it is called
+/// `opts.channels + 1` times, the main connection first. Zero pages are not
+/// sent (the receiver's memory is fresh and zero). The transfer is done only
+/// when the receiver acknowledges that it loaded everything: any other
+/// outcome (an error, the peer gone before its ACK) is an error, and the
+/// caller keeps its VM. The memory must not change during the transfer (a
+/// stopped VM).
+pub fn send<S: Read + Write + Send>(
+    connect: &mut dyn FnMut() -> io::Result<S>,
+    regions: &[MemRegion],
+    device_state: &[u8],
+    opts: &SocketOptions,
+) -> Result<TransferStats, MultifdError> {
+    let start = Instant::now();
+    let n = opts.channels;
+    if n == 0 || n > usize::from(MAX_DATA_CHANNELS) {
+        return Err(MultifdError::InvalidArgument(format!(
+            "{n} channels: the channel count must be 1 to {MAX_DATA_CHANNELS}"
+        )));
+    }
+    if let Compression::Zstd(level) = opts.compression {
+        let range = zstd::compression_level_range();
+        if !range.contains(&level) {
+            return Err(MultifdError::InvalidArgument(format!(
+                "zstd level {level}: must be {} to {}",
+                range.start(),
+                range.end()
+            )));
+        }
+    }
+    if regions.is_empty() || regions.len() > MAX_REGIONS as usize {
+        return Err(MultifdError::InvalidArgument(format!(
+            "{} memory regions: must be 1 to {MAX_REGIONS}",
+            regions.len()
+        )));
+    }
+    if device_state.len() > MAX_DEVICE_STATE as usize {
+        return Err(MultifdError::InvalidArgument(format!(
+            "device state of {} bytes: at most {MAX_DEVICE_STATE}",
+            device_state.len()
+        )));
+    }
+    let ps = u64::from(PAGE_SIZE);
+    for (i, r) in regions.iter().enumerate() {
+        r.check(i, ps)?;
+        if r.is_empty() || r.guest_addr() % ps != 0 || r.guest_addr().checked_add(r.len()).is_none()
+        {
+            return Err(MultifdError::Layout(format!(
+                "memory region {i} (guest {:#x}, {} bytes) is empty, not page aligned or overflows",
+                r.guest_addr(),
+                r.len()
+            )));
+        }
+    }
+    let session = sys::random_u64();
+    let hello = |role, channel| Hello {
+        role,
+        compression: opts.compression.into(),
+        channel,
+        channels: n as u16,
+        session,
+        page_size: PAGE_SIZE,
+    };
+    let mut wire = 0u64;
+
+    // 1-2. Main connection, layout, READY.
+    let mut main = connect().map_err(|e| MultifdError::io("connecting the main connection", e))?;
+    main.write_all(&hello(Role::Main, 0).encode())
+        .map_err(|e| conn_err(Channel::Main, "sending the hello", e))?;
+    wire += HELLO_LEN as u64;
+    let layout: Vec<(u64, u64)> = regions.iter().map(|r| (r.guest_addr(), r.len())).collect();
+    wire += write_main(
+        &mut main,
+        &MainMessage::RamLayout(layout),
+        "sending the RAM layout",
+    )?;
+    let (m, w) = read_main(&mut main, PAGE_SIZE, "waiting for READY")?;
+    wire += w;
+    match m {
+        MainMessage::Ready => {}
+        MainMessage::Error(msg) => return Err(MultifdError::Remote(msg)),
+        other => {
+            return Err(MultifdError::Protocol(format!(
+                "expected READY from the receiver, got {}",
+                other.name()
+            )))
+        }
+    }
+
+    // 3. Data connections.
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = connect()
+            .map_err(|e| MultifdError::io(format!("connecting data channel {i}"), e))
+            .and_then(|mut s| {
+                s.write_all(&hello(Role::Data, i as u16).encode())
+                    .map_err(|e| conn_err(Channel::Data(i as u16), "sending the hello", e))?;
+                Ok(s)
+            });
+        match r {
+            Ok(s) => conns.push(s),
+            Err(e) => {
+                send_error(&mut main, &e);
+                return Err(e);
+            }
+        }
+        wire += HELLO_LEN as u64;
+    }
+
+    // 4. Data channels.
+    let pages: Vec<u64> = regions.iter().map(|r| r.len() / ps).collect();
+    let total_pages: u64 = pages.iter().sum();
+    let shared = SendShared {
+        regions,
+        chunks: Chunks::new(&pages),
+        cursor: AtomicU64::new(0),
+        fail: Fail::new(),
+        compression: opts.compression,
+    };
+    let results: Vec<SendCounts> = std::thread::scope(|s| {
+        let handles: Vec<_> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(i, conn)| {
+                let shared = &shared;
+                std::thread::Builder::new()
+                    .name(format!("multifd-send-{i}"))
+                    .spawn_scoped(s, move || {
+                        let mut conn = conn;
+                        // Record a failure before the connection closes, so
+                        // that it is the first error this side reports.
+                        let r = send_channel(shared, i as u16, &mut conn).unwrap_or_else(|e| {
+                            shared.fail.set(e);
+                            SendCounts::default()
+                        });
+                        drop(conn);
+                        r
+                    })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    shared
+                        .fail
+                        .set(MultifdError::Aborted("a channel thread panicked".into()));
+                    SendCounts::default()
+                }),
+                Err(e) => {
+                    shared
+                        .fail
+                        .set(MultifdError::io("starting a channel thread", e));
+                    SendCounts::default()
+                }
+            })
+            .collect()
+    });
+    if let Some(e) = shared.fail.take() {
+        // Tell the receiver, then see whether it has a reason of its own
+        // (e.g. a checksum mismatch that made it close a data connection).
+        send_error(&mut main, &e);
+        if matches!(
+            e,
+            MultifdError::PeerDisconnected { .. } | MultifdError::Io { .. }
+        ) {
+            if let Ok((MainMessage::Error(msg), _)) =
+                read_main(&mut main, PAGE_SIZE, "reading the receiver's error")
+            {
+                return Err(MultifdError::Remote(format!("{msg} (here: {e})")));
+            }
+        }
+        return Err(e);
+    }
+
+    // 5. ROUND_DONE, DEVICE_STATE, END.
+    let counts: Vec<ChannelCount> = results.iter().map(|c| c.count).collect();
+    let sent_pages: u64 = counts.iter().map(|c| c.pages).sum();
+    wire += results.iter().map(|c| c.bytes).sum::<u64>();
+    let finish = [
+        (
+            MainMessage::RoundDone {
+                round: 0,
+                channels: counts,
+            },
+            "sending ROUND_DONE",
+        ),
+        (
+            MainMessage::DeviceState(device_state.to_vec()),
+            "sending the device state",
+        ),
+        (MainMessage::End, "sending END"),
+    ];
+    for (m, during) in &finish {
+        match write_main(&mut main, m, during) {
+            Ok(w) => wire += w,
+            Err(e) => {
+                // The receiver may have given up and said why.
+                if let Ok((MainMessage::Error(msg), _)) =
+                    read_main(&mut main, PAGE_SIZE, "reading the receiver's error")
+                {
+                    return Err(MultifdError::Remote(format!("{msg} (here: {e})")));
+                }
+                return Err(e);
+            }
+        }
+    }
+
+    // 6. ACK.
+    let (m, w) = read_main(&mut main, PAGE_SIZE, "waiting for the receiver's ACK")?;
+    wire += w;
+    match m {
+        MainMessage::Ack => {}
+        MainMessage::Error(msg) => return Err(MultifdError::Remote(msg)),
+        other => {
+            return Err(MultifdError::Protocol(format!(
+                "expected ACK from the receiver, got {}",
+                other.name()
+            )))
+        }
+    }
+    let stats = TransferStats {
+        bytes: wire,
+        present_pages: sent_pages,
+        zero_pages: total_pages - sent_pages,
+        elapsed: start.elapsed(),
+        direct_io: false,
+        channels: n,
+    };
+    log::info!(
+        "multifd: sent {} pages ({} zero pages skipped) and {} bytes of device state as {} bytes over {n} channels ({:?}) in {:.1} ms ({:.0} MB/s)",
+        stats.present_pages,
+        stats.zero_pages,
+        device_state.len(),
+        stats.bytes,
+        opts.compression,
+        stats.elapsed.as_secs_f64() * 1e3,
+        stats.mb_per_s()
+    );
+    Ok(stats)
+}
+
+struct SendShared<'a> {
+    regions: &'a [MemRegion],
+    chunks: Chunks,
+    cursor: AtomicU64,
+    fail: Fail,
+    compression: Compression,
+}
+
+#[derive(Default, Clone, Copy)]
+struct SendCounts {
+    count: ChannelCount,
+    bytes: u64,
+}
+
+enum Compressor {
+    None,
+    Zstd(Box<zstd::bulk::Compressor<'static>>),
+    Lz4,
+}
+
+fn send_channel<S: Write + ?Sized>(
+    sh: &SendShared<'_>,
+    ch: u16,
+    mut conn: &mut S,
+) -> Result<SendCounts, MultifdError> {
+    let ps = PAGE_SIZE as usize;
+    let max_raw = MAX_PAGES_PER_PACKET as usize * ps;
+    let mut compressor = match sh.compression {
+        Compression::None => Compressor::None,
+        Compression::Zstd(level) => Compressor::Zstd(Box::new(
+            zstd::bulk::Compressor::new(level)
+                .map_err(|e| MultifdError::io("creating a zstd compressor", e))?,
+        )),
+        Compression::Lz4 => Compressor::Lz4,
+    };
+    let compressing = !matches!(compressor, Compressor::None);
+    let mut gather = if compressing {
+        vec![0u8; max_raw]
+    } else {
+        Vec::new()
+    };
+    // Room for the worst case of either compressor; a result that is not
+    // smaller than the raw pages is not sent.
+    let out_len = lz4_flex::block::get_maximum_output_size(max_raw)
+        .max(zstd::zstd_safe::compress_bound(max_raw));
+    let mut out = if compressing {
+        vec![0u8; out_len]
+    } else {
+        Vec::new()
+    };
+    let mut runs: Vec<Run> = Vec::with_capacity(MAX_PAGES_PER_PACKET as usize);
+    let mut head: Vec<u8> =
+        Vec::with_capacity(PACKET_HEADER_LEN + RUN_LEN * MAX_PAGES_PER_PACKET as usize);
+    let mut c = SendCounts::default();
+    loop {
+        if sh.fail.stopped() {
+            return Err(MultifdError::Aborted(format!(
+                "data channel {ch} stopped: another channel failed"
+            )));
+        }
+        let idx = sh.cursor.fetch_add(1, Ordering::Relaxed);
+        if idx >= sh.chunks.total() {
+            break;
+        }
+        let (r, first) = sh.chunks.get(idx);
+        let region = &sh.regions[r];
+        let region_pages = region.len() / ps as u64;
+        let n = (region_pages - first).min(u64::from(MAX_PAGES_PER_PACKET));
+        // Runs of non-zero pages.
+        runs.clear();
+        let mut page_count = 0u32;
+        for p in first..first + n {
+            // SAFETY: p < region_pages, so the page is inside the region
+            // (readable per the MemRegion contract), page aligned.
+            let zero = unsafe { sys::is_zero_page(region.as_ptr().add(p as usize * ps), ps) };
+            if zero {
+                continue;
+            }
+            page_count += 1;
+            match runs.last_mut() {
+                Some(run) if run.first_page + u64::from(run.count) == p => run.count += 1,
+                _ => runs.push(Run {
+                    first_page: p,
+                    count: 1,
+                }),
+            }
+        }
+        if runs.is_empty() {
+            continue;
+        }
+        let raw_len = page_count as usize * ps;
+        let run_slice = |run: &Run| -> &[u8] {
+            // SAFETY: the run lies inside the region (its pages were scanned
+            // above), which stays readable and unchanged during the transfer.
+            unsafe {
+                std::slice::from_raw_parts(
+                    region.as_ptr().add(run.first_page as usize * ps),
+                    run.count as usize * ps,
+                )
+            }
+        };
+        // Compress when asked; send raw when that does not make it smaller.
+        let mut compressed: Option<(Encoding, usize)> = None;
+        if compressing {
+            let src: &[u8] = if runs.len() == 1 {
+                run_slice(&runs[0])
+            } else {
+                let mut o = 0;
+                for run in &runs {
+                    let s = run_slice(run);
+                    gather[o..o + s.len()].copy_from_slice(s);
+                    o += s.len();
+                }
+                &gather[..raw_len]
+            };
+            let dst = &mut out[..];
+            compressed = match &mut compressor {
+                Compressor::Zstd(z) => z
+                    .compress_to_buffer(src, dst)
+                    .ok()
+                    .map(|n| (Encoding::Zstd, n)),
+                Compressor::Lz4 => lz4_flex::block::compress_into(src, dst)
+                    .ok()
+                    .map(|n| (Encoding::Lz4, n)),
+                Compressor::None => None,
+            };
+            compressed = compressed.filter(|&(_, n)| n > 0 && n < raw_len);
+        }
+        let (encoding, payload_len) = compressed.unwrap_or((Encoding::Raw, raw_len));
+        let h = PacketHeader {
+            channel: ch,
+            sequence: c.count.packets,
+            region: r as u32,
+            page_count,
+            run_count: runs.len() as u32,
+            encoding,
+            sync: false,
+            payload_len: payload_len as u32,
+        };
+        head.clear();
+        head.extend_from_slice(&h.encode());
+        for run in &runs {
+            head.extend_from_slice(&run.encode());
+        }
+        let mut crc = crc32c::crc32c(&head);
+        let crc_bytes;
+        let err = |e| {
+            conn_err(
+                Channel::Data(ch),
+                format!(
+                    "sending packet {} (region {r}, pages from {first})",
+                    h.sequence
+                ),
+                e,
+            )
+        };
+        if encoding == Encoding::Raw {
+            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(runs.len() + 2);
+            iov.push(IoSlice::new(&head));
+            for run in &runs {
+                let s = run_slice(run);
+                crc = crc32c::crc32c_append(crc, s);
+                iov.push(IoSlice::new(s));
+            }
+            crc_bytes = crc.to_le_bytes();
+            iov.push(IoSlice::new(&crc_bytes));
+            write_all_vectored(&mut conn, &mut iov).map_err(err)?;
+        } else {
+            let payload = &out[..payload_len];
+            crc = crc32c::crc32c_append(crc, payload);
+            crc_bytes = crc.to_le_bytes();
+            let mut iov = [
+                IoSlice::new(&head),
+                IoSlice::new(payload),
+                IoSlice::new(&crc_bytes),
+            ];
+            write_all_vectored(&mut conn, &mut iov).map_err(err)?;
+        }
+        c.bytes += (head.len() + payload_len + 4) as u64;
+        c.count.packets += 1;
+        c.count.pages += u64::from(page_count);
+    }
+    let sync = PacketHeader::sync(ch, c.count.packets).encode();
+    let crc = crc32c::crc32c(&sync).to_le_bytes();
+    let mut iov = [IoSlice::new(&sync), IoSlice::new(&crc)];
+    write_all_vectored(&mut conn, &mut iov)
+        .and_then(|_| conn.flush())
+        .map_err(|e| conn_err(Channel::Data(ch), "sending the sync packet", e))?;
+    c.bytes += (PACKET_HEADER_LEN + 4) as u64;
+    Ok(c)
+}
+
+/// Receives a VM's memory and device state from a sender.
+///
+/// `accept` yields connections: the main connection first, then the data
+/// connections in any order (connections with another session id are
+/// dropped and another is accepted, at most 16 times). `alloc` is called
+/// once with the RAM layout ((guest address, size) per region) and returns
+/// the memory to fill, fresh and zeroed, one region per layout entry with the
+/// same size. Returns the device state once the whole transfer is verified
+/// (every packet checked, every channel's counts matching the sender's),
+/// after sending the final ACK. On any error the memory is partly written and
+/// must not be used; the sender is told why (best effort).
+#[allow(clippy::type_complexity)]
+pub fn receive<S: Read + Write + Send>(
+    accept: &mut dyn FnMut() -> io::Result<S>,
+    alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, String>,
+) -> Result<(Vec<u8>, TransferStats), MultifdError> {
+    let start = Instant::now();
+    let mut main = accept().map_err(|e| MultifdError::io("accepting the main connection", e))?;
+    let mut hb = [0u8; HELLO_LEN];
+    main.read_exact(&mut hb)
+        .map_err(|e| conn_err(Channel::Main, "reading the hello", e))?;
+    let hello = parse_hello(&hb)?;
+    if hello.role != Role::Main {
+        return Err(MultifdError::Protocol(
+            "the first connection is not a main connection".into(),
+        ));
+    }
+    let mut wire = HELLO_LEN as u64;
+    match receive_main(&mut main, &hello, accept, alloc, &mut wire) {
+        Ok((state, mut stats)) => {
+            // Send the ACK; only a successful send makes the transfer done here.
+            stats.bytes = wire + write_main(&mut main, &MainMessage::Ack, "sending the ACK")?;
+            stats.elapsed = start.elapsed();
+            log::info!(
+                "multifd: received {} pages ({} zero pages not sent) and {} bytes of device state as {} bytes over {} channels in {:.1} ms ({:.0} MB/s)",
+                stats.present_pages,
+                stats.zero_pages,
+                state.len(),
+                stats.bytes,
+                stats.channels,
+                stats.elapsed.as_secs_f64() * 1e3,
+                stats.mb_per_s()
+            );
+            Ok((state, stats))
+        }
+        Err(e) => {
+            if !matches!(e, MultifdError::Remote(_)) {
+                send_error(&mut main, &e);
+            }
+            Err(e)
+        }
+    }
+}
+
+struct RecvShared<'a> {
+    regions: &'a [MemRegion],
+    /// Per region, one bit per page: received already.
+    claimed: Vec<Vec<AtomicU64>>,
+    page_size: u32,
+    compression: Encoding,
+    fail: Fail,
+}
+
+#[derive(Default, Clone, Copy)]
+struct RecvCounts {
+    count: ChannelCount,
+    bytes: u64,
+    synced: bool,
+}
+
+#[allow(clippy::type_complexity)]
+fn receive_main<S: Read + Write + Send>(
+    main: &mut S,
+    hello: &Hello,
+    accept: &mut dyn FnMut() -> io::Result<S>,
+    alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, String>,
+    wire: &mut u64,
+) -> Result<(Vec<u8>, TransferStats), MultifdError> {
+    let ps = hello.page_size;
+    let n = hello.channels as usize;
+    let (m, w) = read_main(main, ps, "reading the RAM layout")?;
+    *wire += w;
+    let layout = match m {
+        MainMessage::RamLayout(l) => l,
+        MainMessage::Error(msg) => return Err(MultifdError::Remote(msg)),
+        other => {
+            return Err(MultifdError::Protocol(format!(
+                "expected RAM_LAYOUT, got {}",
+                other.name()
+            )))
+        }
+    };
+    let regions = alloc(&layout).map_err(|m| {
+        MultifdError::Layout(format!(
+            "allocating the guest memory ({} regions): {m}",
+            layout.len()
+        ))
+    })?;
+    if regions.len() != layout.len() {
+        return Err(MultifdError::Layout(format!(
+            "the allocator returned {} regions for a layout of {}",
+            regions.len(),
+            layout.len()
+        )));
+    }
+    for (i, (r, &(addr, size))) in regions.iter().zip(&layout).enumerate() {
+        r.check(i, u64::from(ps))?;
+        if r.len() != size {
+            return Err(MultifdError::Layout(format!(
+                "the allocator returned {} bytes for region {i} (guest {addr:#x}), the layout says {size}",
+                r.len()
+            )));
+        }
+    }
+    let pages: Vec<u64> = layout.iter().map(|&(_, s)| s / u64::from(ps)).collect();
+    let total_pages: u64 = pages.iter().sum();
+    let shared = RecvShared {
+        regions: &regions,
+        claimed: pages
+            .iter()
+            .map(|p| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+            .collect(),
+        page_size: ps,
+        compression: hello.compression,
+        fail: Fail::new(),
+    };
+    *wire += write_main(main, &MainMessage::Ready, "sending READY")?;
+
+    let mut round: Option<Vec<ChannelCount>> = None;
+    let mut state: Option<Vec<u8>> = None;
+    let results: Vec<RecvCounts> = std::thread::scope(|s| {
+        let mut handles = Vec::with_capacity(n);
+        let mut seen = vec![false; n];
+        let mut strays = 0;
+        // Accept the data connections.
+        while handles.len() < n && !shared.fail.stopped() {
+            let mut conn = match accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    shared.fail.set(MultifdError::io(
+                        format!("accepting data connection {} of {n}", handles.len() + 1),
+                        e,
+                    ));
+                    break;
+                }
+            };
+            let mut hb = [0u8; HELLO_LEN];
+            let h = conn
+                .read_exact(&mut hb)
+                .map_err(|e| MultifdError::io("reading a data connection's hello", e))
+                .and_then(|_| parse_hello(&hb));
+            let h = match h {
+                Ok(h) if h.session == hello.session => h,
+                other => {
+                    strays += 1;
+                    let why = match other {
+                        Ok(_) => "another session id".to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    log::warn!("multifd: dropping a stray connection: {why}");
+                    if strays > MAX_STRAYS {
+                        shared.fail.set(MultifdError::Protocol(format!(
+                            "more than {MAX_STRAYS} stray connections (last: {why})"
+                        )));
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let i = usize::from(h.channel);
+            if h.role != Role::Data
+                || h.channels != hello.channels
+                || h.page_size != hello.page_size
+                || h.compression != hello.compression
+                || seen[i]
+            {
+                shared.fail.set(MultifdError::Protocol(format!(
+                    "data connection hello for channel {i} does not match the main hello or repeats a channel: {h:?}"
+                )));
+                break;
+            }
+            seen[i] = true;
+            *wire += HELLO_LEN as u64;
+            let shared = &shared;
+            let spawned = std::thread::Builder::new()
+                .name(format!("multifd-recv-{i}"))
+                .spawn_scoped(s, move || {
+                    let mut conn = conn;
+                    // Record a failure before the connection closes (which
+                    // makes the sender give up and report its own error).
+                    let r = recv_channel(shared, i as u16, &mut conn).unwrap_or_else(|e| {
+                        shared.fail.set(e);
+                        RecvCounts::default()
+                    });
+                    drop(conn);
+                    r
+                });
+            match spawned {
+                Ok(h) => handles.push((i, h)),
+                Err(e) => {
+                    shared
+                        .fail
+                        .set(MultifdError::io("starting a channel thread", e));
+                    break;
+                }
+            }
+        }
+        // Meanwhile on the main connection: ROUND_DONE, DEVICE_STATE, END.
+        while !shared.fail.stopped() {
+            let during = if round.is_none() {
+                "waiting for ROUND_DONE"
+            } else if state.is_none() {
+                "waiting for the device state"
+            } else {
+                "waiting for END"
+            };
+            let m = match read_main(main, ps, during) {
+                Ok((m, w)) => {
+                    *wire += w;
+                    m
+                }
+                Err(e) => {
+                    shared.fail.set(e);
+                    break;
+                }
+            };
+            let bad =
+                |what: &str| MultifdError::Protocol(format!("unexpected {what} while {during}"));
+            match m {
+                MainMessage::RoundDone { round: r, channels } => {
+                    if round.is_some() || r != 0 || channels.len() != n {
+                        shared.fail.set(MultifdError::Protocol(format!(
+                            "ROUND_DONE for round {r} with {} channels (expected round 0, {n} channels, once)",
+                            channels.len()
+                        )));
+                        break;
+                    }
+                    round = Some(channels);
+                }
+                MainMessage::DeviceState(d) if round.is_some() && state.is_none() => {
+                    state = Some(d)
+                }
+                MainMessage::End if state.is_some() => break,
+                MainMessage::Error(msg) => {
+                    shared.fail.set(MultifdError::Remote(msg));
+                    break;
+                }
+                other => {
+                    shared.fail.set(bad(other.name()));
+                    break;
+                }
+            }
+        }
+        let mut results = vec![RecvCounts::default(); n];
+        for (i, h) in handles {
+            match h.join() {
+                Ok(c) => results[i] = c,
+                Err(_) => shared
+                    .fail
+                    .set(MultifdError::Aborted("a channel thread panicked".into())),
+            }
+        }
+        results
+    });
+    if let Some(e) = shared.fail.take() {
+        return Err(e);
+    }
+    let (Some(round), Some(state)) = (round, state) else {
+        return Err(MultifdError::Protocol("the transfer ended early".into()));
+    };
+    let mut present = 0;
+    for (i, (got, want)) in results.iter().zip(&round).enumerate() {
+        if !got.synced || got.count != *want {
+            return Err(MultifdError::Protocol(format!(
+                "data channel {i}: received {} packets and {} pages, the sender says {} and {}",
+                got.count.packets, got.count.pages, want.packets, want.pages
+            )));
+        }
+        present += got.count.pages;
+        *wire += got.bytes;
+    }
+    Ok((
+        state,
+        TransferStats {
+            bytes: 0,
+            present_pages: present,
+            zero_pages: total_pages - present,
+            elapsed: Default::default(),
+            direct_io: false,
+            channels: n,
+        },
+    ))
+}
+
+/// Marks pages `first..first+count` of a region received; false if any was already.
+fn claim(bits: &[AtomicU64], first: u64, count: u64) -> bool {
+    let mut p = first;
+    let end = first + count;
+    while p < end {
+        let w = (p / 64) as usize;
+        let lo = p % 64;
+        let hi = (end - w as u64 * 64).min(64);
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        let prev = bits[w].fetch_or(mask, Ordering::Relaxed);
+        if prev & mask != 0 {
+            return false;
+        }
+        p = w as u64 * 64 + hi;
+    }
+    true
+}
+
+fn recv_channel<S: Read + ?Sized>(
+    sh: &RecvShared<'_>,
+    ch: u16,
+    conn: &mut S,
+) -> Result<RecvCounts, MultifdError> {
+    let ps = sh.page_size as usize;
+    let max_raw = MAX_PAGES_PER_PACKET as usize * ps;
+    let compressed = sh.compression != Encoding::Raw;
+    let mut payload = Vec::new();
+    let mut scratch = Vec::new();
+    if compressed {
+        payload.reserve(max_raw);
+        scratch.resize(max_raw, 0);
+    }
+    let mut r = BufReader::with_capacity(256 << 10, conn);
+    let mut runs: Vec<Run> = Vec::with_capacity(MAX_PAGES_PER_PACKET as usize);
+    let mut rb = vec![0u8; RUN_LEN * MAX_PAGES_PER_PACKET as usize];
+    let mut c = RecvCounts::default();
+    let chan = Channel::Data(ch);
+    loop {
+        if sh.fail.stopped() {
+            return Err(MultifdError::Aborted(format!(
+                "data channel {ch} stopped: another channel failed"
+            )));
+        }
+        let seq = c.count.packets;
+        let during = |what: &str| format!("reading packet {seq} ({what})");
+        let mut hb = [0u8; PACKET_HEADER_LEN];
+        r.read_exact(&mut hb)
+            .map_err(|e| conn_err(chan, during("header"), e))?;
+        let h = parse_packet_header(&hb)?;
+        if h.channel != ch || h.sequence != seq {
+            return Err(MultifdError::Protocol(format!(
+                "data channel {ch}: packet for channel {} with sequence {}, expected sequence {seq}",
+                h.channel, h.sequence
+            )));
+        }
+        let mut crc = crc32c::crc32c(&hb);
+        let mut cb = [0u8; 4];
+        if h.sync {
+            r.read_exact(&mut cb)
+                .map_err(|e| conn_err(chan, during("sync CRC"), e))?;
+            check_packet_crc(ch, &h, crc, cb)?;
+            c.bytes += (PACKET_HEADER_LEN + 4) as u64;
+            c.synced = true;
+            return Ok(c);
+        }
+        if h.encoding != Encoding::Raw && h.encoding != sh.compression {
+            return Err(MultifdError::Protocol(format!(
+                "data channel {ch} packet {seq}: {:?} payload on a connection with compression {:?}",
+                h.encoding, sh.compression
+            )));
+        }
+        h.check_payload(sh.page_size)?;
+        let region = sh.regions.get(h.region as usize).ok_or_else(|| {
+            MultifdError::Protocol(format!(
+                "data channel {ch} packet {seq}: region {} does not exist ({} regions)",
+                h.region,
+                sh.regions.len()
+            ))
+        })?;
+        let rl = h.runs_len();
+        r.read_exact(&mut rb[..rl])
+            .map_err(|e| conn_err(chan, during("runs"), e))?;
+        parse_runs_into(&h, &rb[..rl], region.len() / ps as u64, &mut runs)?;
+        crc = crc32c::crc32c_append(crc, &rb[..rl]);
+        for run in &runs {
+            if !claim(
+                &sh.claimed[h.region as usize],
+                run.first_page,
+                u64::from(run.count),
+            ) {
+                return Err(MultifdError::Protocol(format!(
+                    "data channel {ch} packet {seq}: region {} pages {}+{} were already received",
+                    h.region, run.first_page, run.count
+                )));
+            }
+        }
+        let run_slice = |run: &Run| -> &mut [u8] {
+            // SAFETY: the run lies inside the region (parse_runs_into checked
+            // it against the region's page count); this channel claimed its
+            // pages, so no other thread touches them; the MemRegion contract
+            // keeps the memory writable and otherwise unused.
+            unsafe {
+                std::slice::from_raw_parts_mut(
+                    region.as_ptr().add(run.first_page as usize * ps),
+                    run.count as usize * ps,
+                )
+            }
+        };
+        if h.encoding == Encoding::Raw {
+            for run in &runs {
+                let dst = run_slice(run);
+                r.read_exact(dst)
+                    .map_err(|e| conn_err(chan, during("pages"), e))?;
+                crc = crc32c::crc32c_append(crc, dst);
+            }
+            r.read_exact(&mut cb)
+                .map_err(|e| conn_err(chan, during("CRC"), e))?;
+            check_packet_crc(ch, &h, crc, cb)?;
+        } else {
+            payload.clear();
+            (&mut r)
+                .take(u64::from(h.payload_len))
+                .read_to_end(&mut payload)
+                .map_err(|e| conn_err(chan, during("payload"), e))?;
+            if payload.len() != h.payload_len as usize {
+                return Err(conn_err(
+                    chan,
+                    during("payload"),
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the connection closed inside a packet",
+                    ),
+                ));
+            }
+            crc = crc32c::crc32c_append(crc, &payload);
+            r.read_exact(&mut cb)
+                .map_err(|e| conn_err(chan, during("CRC"), e))?;
+            check_packet_crc(ch, &h, crc, cb)?;
+            let raw_len = h.page_count as usize * ps;
+            let ctx = |e: MultifdError| {
+                let e = match e {
+                    MultifdError::Protocol(m) => m,
+                    other => other.to_string(),
+                };
+                MultifdError::Protocol(format!(
+                    "data channel {ch} packet {seq} (region {}): {e}",
+                    h.region
+                ))
+            };
+            if runs.len() == 1 {
+                decode_payload(h.encoding, &payload, run_slice(&runs[0])).map_err(ctx)?;
+            } else {
+                decode_payload(h.encoding, &payload, &mut scratch[..raw_len]).map_err(ctx)?;
+                let mut o = 0;
+                for run in &runs {
+                    let dst = run_slice(run);
+                    dst.copy_from_slice(&scratch[o..o + dst.len()]);
+                    o += dst.len();
+                }
+            }
+        }
+        c.bytes += (PACKET_HEADER_LEN + rl + h.payload_len as usize + 4) as u64;
+        c.count.packets += 1;
+        c.count.pages += u64::from(h.page_count);
+    }
+}
+
+fn check_packet_crc(
+    ch: u16,
+    h: &PacketHeader,
+    computed: u32,
+    stored: [u8; 4],
+) -> Result<(), MultifdError> {
+    let stored = u32::from_le_bytes(stored);
+    if stored != computed {
+        return Err(MultifdError::Checksum(format!(
+            "data channel {ch} packet {} (region {}, {} pages): stored {stored:#010x}, computed {computed:#010x}",
+            h.sequence, h.region, h.page_count
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_bits() {
+        let bits: Vec<AtomicU64> = (0..4).map(|_| AtomicU64::new(0)).collect();
+        assert!(claim(&bits, 0, 64));
+        assert_eq!(bits[0].load(Ordering::Relaxed), u64::MAX);
+        assert!(claim(&bits, 70, 100));
+        assert!(!claim(&bits, 169, 1));
+        assert!(claim(&bits, 170, 86));
+        assert!(claim(&bits, 64, 6));
+        for b in &bits {
+            assert_eq!(b.load(Ordering::Relaxed), u64::MAX);
+        }
+        assert!(!claim(&bits, 255, 1));
+    }
+
+    #[test]
+    fn chunk_index() {
+        let c = Chunks::new(&[256, 1, 0, 600]);
+        assert_eq!(c.total(), 1 + 1 + 3);
+        assert_eq!(c.get(0), (0, 0));
+        assert_eq!(c.get(1), (1, 0));
+        assert_eq!(c.get(2), (3, 0));
+        assert_eq!(c.get(4), (3, 512));
+    }
+}

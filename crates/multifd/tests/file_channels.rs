@@ -1,0 +1,275 @@
+//! File channels: round trips with 1, 2, 4 channels, buffered and O_DIRECT,
+//! checksum mismatch detection, O_DIRECT refused on tmpfs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{direct_io_works, fill, Anon, TestLayout, CHUNK, PAGE};
+use multifd::{
+    load_from_file, save_to_file, DirectIo, FileChannelOptions, MultifdError, TransferStats,
+};
+
+const SIZES: [u64; 2] = [8 << 20, 4 << 20];
+
+fn tmp_dir(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("multifd-file-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn new_file(path: &Path, len: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(len).unwrap();
+}
+
+struct Saved {
+    mems: Vec<Anon>,
+    layout: TestLayout,
+    stats: TransferStats,
+}
+
+fn save(path: &Path, sizes: &[u64], channels: usize, direct: DirectIo, seed: u64) -> Saved {
+    let layout = TestLayout::new(sizes);
+    new_file(path, layout.file_len);
+    let mut mems: Vec<Anon> = sizes.iter().map(|&s| Anon::new(s as usize)).collect();
+    let mut present = 0;
+    for (i, m) in mems.iter_mut().enumerate() {
+        present += fill(m.bytes_mut(), seed + i as u64);
+    }
+    let regions: Vec<_> = mems
+        .iter()
+        .enumerate()
+        .map(|(i, m)| m.region(i as u64 * (1 << 32)))
+        .collect();
+    let opts = FileChannelOptions {
+        channels,
+        direct_io: direct,
+    };
+    let stats = save_to_file(path, &regions, &layout, &opts).unwrap();
+    let total_pages: u64 = sizes.iter().map(|s| s / PAGE).sum();
+    assert_eq!(stats.present_pages, present);
+    assert_eq!(stats.zero_pages, total_pages - present);
+    assert_eq!(stats.bytes, present * PAGE);
+    assert_eq!(stats.channels, channels);
+    assert_eq!(
+        *layout.saved_calls.lock().unwrap(),
+        sizes.iter().map(|s| s.div_ceil(CHUNK)).sum::<u64>()
+    );
+    Saved {
+        mems,
+        layout,
+        stats,
+    }
+}
+
+fn check_file(path: &Path, s: &Saved) {
+    let file = std::fs::read(path).unwrap();
+    assert_eq!(file.len() as u64, s.layout.file_len);
+    assert!(
+        file[..CHUNK as usize].iter().all(|&b| b == 0),
+        "header area untouched"
+    );
+    for (r, m) in s.mems.iter().enumerate() {
+        let base = s.layout.bases[r] as usize;
+        let mem = m.bytes();
+        for p in 0..mem.len() / PAGE as usize {
+            let want = &mem[p * PAGE as usize..(p + 1) * PAGE as usize];
+            let got = &file[base + p * PAGE as usize..base + (p + 1) * PAGE as usize];
+            assert_eq!(got, want, "region {r} page {p}");
+            let nonzero = want.iter().any(|&b| b != 0);
+            assert_eq!(
+                s.layout.is_present(r, p as u64),
+                nonzero,
+                "region {r} page {p} bitmap"
+            );
+        }
+        // The CRCs are those of the memory.
+        let crcs = s.layout.crcs.lock().unwrap();
+        for (c, crc) in crcs[r].iter().enumerate() {
+            let start = c * CHUNK as usize;
+            let end = (start + CHUNK as usize).min(mem.len());
+            assert_eq!(
+                crc.unwrap(),
+                crc32c::crc32c(&mem[start..end]),
+                "region {r} chunk {c}"
+            );
+        }
+    }
+}
+
+fn load(
+    path: &Path,
+    s: &Saved,
+    channels: usize,
+    direct: DirectIo,
+) -> Result<(Vec<Anon>, TransferStats), MultifdError> {
+    let mems: Vec<Anon> = s
+        .layout
+        .sizes
+        .iter()
+        .map(|&sz| Anon::new(sz as usize))
+        .collect();
+    let regions: Vec<_> = mems
+        .iter()
+        .enumerate()
+        .map(|(i, m)| m.region(i as u64 * (1 << 32)))
+        .collect();
+    let opts = FileChannelOptions {
+        channels,
+        direct_io: direct,
+    };
+    let stats = load_from_file(path, &regions, &s.layout, &opts)?;
+    Ok((mems, stats))
+}
+
+fn round_trip(dir: &Path, channels: usize, direct: DirectIo) {
+    let path = dir.join(format!("img-{channels}-{direct:?}"));
+    let s = save(&path, &SIZES, channels, direct, 42 + channels as u64);
+    assert_eq!(s.stats.direct_io, direct == DirectIo::On);
+    check_file(&path, &s);
+    for load_channels in [1, channels, 3] {
+        let (mems, stats) = load(&path, &s, load_channels, direct).unwrap();
+        assert_eq!(stats.present_pages, s.stats.present_pages);
+        assert_eq!(stats.zero_pages, s.stats.zero_pages);
+        assert_eq!(stats.bytes, s.stats.bytes);
+        for (a, b) in mems.iter().zip(&s.mems) {
+            assert!(a.bytes() == b.bytes(), "restored memory differs");
+        }
+    }
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn round_trip_buffered() {
+    let dir = tmp_dir("buffered");
+    for ch in [1, 2, 4] {
+        round_trip(&dir, ch, DirectIo::Off);
+    }
+}
+
+#[test]
+fn round_trip_direct() {
+    let dir = tmp_dir("direct");
+    if !direct_io_works(&dir) {
+        eprintln!("skipping: {} does not support O_DIRECT", dir.display());
+        return;
+    }
+    for ch in [1, 2, 4] {
+        round_trip(&dir, ch, DirectIo::On);
+    }
+}
+
+#[test]
+fn odd_region_sizes() {
+    // A region that is not a whole number of chunks, one of a single page,
+    // and all-zero memory.
+    let dir = tmp_dir("odd");
+    let path = dir.join("img");
+    let sizes = [CHUNK * 3 + 5 * PAGE, PAGE, 2 * CHUNK];
+    let s = save(&path, &sizes, 3, DirectIo::Auto, 7);
+    check_file(&path, &s);
+    let (mems, _) = load(&path, &s, 2, DirectIo::Auto).unwrap();
+    for (a, b) in mems.iter().zip(&s.mems) {
+        assert!(a.bytes() == b.bytes());
+    }
+}
+
+#[test]
+fn checksum_mismatch_names_the_chunk() {
+    let dir = tmp_dir("corrupt");
+    let path = dir.join("img");
+    let s = save(&path, &SIZES, 2, DirectIo::Off, 99);
+    // Corrupt a byte of a present page in region 1, chunk 2.
+    let page = (2 * CHUNK / PAGE..3 * CHUNK / PAGE)
+        .find(|&p| s.layout.is_present(1, p))
+        .unwrap();
+    let off = s.layout.bases[1] + page * PAGE + 100;
+    let mut data = std::fs::read(&path).unwrap();
+    data[off as usize] ^= 0x10;
+    std::fs::write(&path, &data).unwrap();
+    for ch in [1, 4] {
+        let err = load(&path, &s, ch, DirectIo::Off)
+            .err()
+            .expect("corruption detected");
+        let msg = err.to_string();
+        assert!(matches!(err, MultifdError::Checksum(_)), "{msg}");
+        assert!(msg.contains("region 1 chunk 2"), "{msg}");
+    }
+}
+
+#[test]
+fn short_file_is_an_error() {
+    let dir = tmp_dir("short");
+    let path = dir.join("img");
+    let s = save(&path, &SIZES, 1, DirectIo::Off, 5);
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(s.layout.file_len - CHUNK - 1).unwrap();
+    let err = load(&path, &s, 2, DirectIo::Off).err().expect("short file");
+    assert!(matches!(err, MultifdError::Io { .. }), "{err}");
+}
+
+#[test]
+fn tmpfs_refuses_direct_io() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() || direct_io_works(shm) {
+        eprintln!("skipping: /dev/shm is missing or supports O_DIRECT");
+        return;
+    }
+    let path = shm.join(format!("multifd-test-{}", std::process::id()));
+    let layout = TestLayout::new(&[CHUNK]);
+    new_file(&path, layout.file_len);
+    let mut mem = Anon::new(CHUNK as usize);
+    fill(mem.bytes_mut(), 3);
+    let regions = [mem.region(0)];
+    let on = FileChannelOptions {
+        channels: 2,
+        direct_io: DirectIo::On,
+    };
+    let err = save_to_file(&path, &regions, &layout, &on).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(&err, MultifdError::DirectIoUnsupported { fs_type, .. } if fs_type == "tmpfs"),
+        "{msg}"
+    );
+    assert!(msg.contains("tmpfs") && msg.contains("O_DIRECT"), "{msg}");
+    let auto = FileChannelOptions {
+        channels: 2,
+        direct_io: DirectIo::Auto,
+    };
+    let stats = save_to_file(&path, &regions, &layout, &auto).unwrap();
+    assert!(!stats.direct_io);
+    let target = Anon::new(CHUNK as usize);
+    let stats = load_from_file(&path, &[target.region(0)], &layout, &auto).unwrap();
+    assert!(!stats.direct_io);
+    assert!(target.bytes() == mem.bytes());
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn bad_arguments() {
+    let dir = tmp_dir("args");
+    let path = dir.join("img");
+    let layout = TestLayout::new(&[CHUNK]);
+    new_file(&path, layout.file_len);
+    let mem = Anon::new(2 * CHUNK as usize);
+    let opts = |channels| FileChannelOptions {
+        channels,
+        direct_io: DirectIo::Off,
+    };
+    let r = [mem.region(0)];
+    assert!(matches!(
+        save_to_file(&path, &r, &layout, &opts(0)),
+        Err(MultifdError::InvalidArgument(_))
+    ));
+    // SAFETY: inside the mapping; deliberately misaligned.
+    let bad = unsafe { multifd::MemRegion::new(0, mem.ptr.add(8), CHUNK) };
+    assert!(matches!(
+        save_to_file(&path, &[bad], &layout, &opts(1)),
+        Err(MultifdError::Layout(_))
+    ));
+    // Missing file.
+    let err = save_to_file(&dir.join("missing"), &r, &layout, &opts(1)).unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+}
