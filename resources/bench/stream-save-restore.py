@@ -80,7 +80,7 @@ def save_restore(k, mib, d):
     wait_socket(api)
     subprocess.run(["sync"])
     t0 = time.time()
-    out = subprocess.check_output([CRYO, "save", "--api", api, "--to", img], text=True)
+    out = subprocess.check_output([CRYO, "save", "--api", api, "--to", img, "--format", "stream"], text=True)
     save_s = time.time() - t0
     stats = json.loads(out)
     p.wait()

@@ -73,6 +73,7 @@ pub struct Guest {
     lines: Receiver<String>,
     seen: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
+    pumps: Vec<std::thread::JoinHandle<()>>,
     /// When the process was started.
     pub started: Instant,
 }
@@ -81,7 +82,7 @@ fn pump(
     reader: impl std::io::Read + Send + 'static,
     sink: Arc<Mutex<Vec<String>>>,
     tx: Option<std::sync::mpsc::Sender<String>>,
-) {
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(reader);
         let mut buf = Vec::new();
@@ -100,7 +101,7 @@ fn pump(
                 }
             }
         }
-    });
+    })
 }
 
 impl Guest {
@@ -128,21 +129,24 @@ impl Guest {
         let (tx, rx) = channel();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
-        pump(
-            child.stdout.take().expect("stdout"),
-            Arc::clone(&seen),
-            Some(tx),
-        );
-        pump(
-            child.stderr.take().expect("stderr"),
-            Arc::clone(&stderr),
-            None,
-        );
+        let pumps = vec![
+            pump(
+                child.stdout.take().expect("stdout"),
+                Arc::clone(&seen),
+                Some(tx),
+            ),
+            pump(
+                child.stderr.take().expect("stderr"),
+                Arc::clone(&stderr),
+                None,
+            ),
+        ];
         Guest {
             child,
             lines: rx,
             seen,
             stderr,
+            pumps,
             started,
         }
     }
@@ -240,8 +244,11 @@ impl Guest {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(s)) = self.child.try_wait() {
-                // Let the pump threads drain the pipes.
-                std::thread::sleep(Duration::from_millis(50));
+                // Let the pump threads drain the pipes to their end.
+                let drain = Instant::now() + Duration::from_secs(10);
+                while self.pumps.iter().any(|p| !p.is_finished()) && Instant::now() < drain {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return Some(s);
             }
             if Instant::now() >= deadline {

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -44,19 +44,28 @@ pub enum Request {
         #[serde(default)]
         id: Option<Value>,
     },
-    /// Save the whole VM to a file.
+    /// Save the whole VM to a file, or send it to a listening peer.
     Save {
         /// Echoed in the reply.
         #[serde(default)]
         id: Option<Value>,
-        /// Target file.
-        path: PathBuf,
-        /// Image format.
+        /// Target file, or `tcp:HOST:PORT` / `unix:PATH` of a `cryo restore --listen`.
+        path: String,
+        /// Image format (files).
         #[serde(default)]
         format: save::SaveFormat,
         /// Resume the VM afterwards instead of ending it.
         #[serde(default)]
         keep_running: bool,
+        /// Channel threads (default: one per host CPU).
+        #[serde(default)]
+        channels: Option<usize>,
+        /// O_DIRECT for file channels: "auto" (default), "on", "off".
+        #[serde(default)]
+        direct_io: Option<DirectIoArg>,
+        /// Per-packet compression for peers: "none" (default), "zstd", "lz4".
+        #[serde(default)]
+        compression: Option<save::migrate::CompressionArg>,
     },
     /// End the VM.
     Quit {
@@ -74,6 +83,28 @@ impl Request {
             | Request::Resume { id }
             | Request::Save { id, .. }
             | Request::Quit { id } => id.clone(),
+        }
+    }
+}
+
+/// O_DIRECT choice as the API and CLI spell it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DirectIoArg {
+    /// O_DIRECT where the filesystem supports it, buffered (with a warning) elsewhere.
+    Auto,
+    /// O_DIRECT, or a clear error where the filesystem refuses it.
+    On,
+    /// Buffered I/O through the page cache.
+    Off,
+}
+
+impl From<DirectIoArg> for multifd::DirectIo {
+    fn from(d: DirectIoArg) -> Self {
+        match d {
+            DirectIoArg::Auto => multifd::DirectIo::Auto,
+            DirectIoArg::On => multifd::DirectIo::On,
+            DirectIoArg::Off => multifd::DirectIo::Off,
         }
     }
 }
@@ -242,19 +273,45 @@ fn handle(text: &str, state: &ApiState) -> (Value, Option<AfterReply>) {
             path,
             format,
             keep_running,
+            channels,
+            direct_io,
+            compression,
             ..
         } => {
+            let target = match save::SaveTarget::parse(&path) {
+                Ok(t) => t,
+                Err(e) => return (error_reply(id, "bad-request", &e), None),
+            };
+            if channels.is_some_and(|n| n == 0 || n > 64) {
+                return (
+                    error_reply(id, "bad-request", "channels must be 1 to 64"),
+                    None,
+                );
+            }
+            let mut channel_opts = save::fixed::ChannelOptions::default();
+            if let Some(n) = channels {
+                channel_opts.channels = n;
+            }
+            if let Some(d) = direct_io {
+                channel_opts.direct_io = d.into();
+            }
+            let opts = save::SaveOptions {
+                format,
+                keep_running,
+                channels: channel_opts,
+                compression,
+            };
             if state.saving.swap(true, Ordering::AcqRel) {
                 return (
                     error_reply(id, "busy", "a save is already in progress"),
                     None,
                 );
             }
-            let result = save::save_vm(c, &path, format, keep_running);
+            let result = save::save_vm(c, &target, &opts);
             state.saving.store(false, Ordering::Release);
             match result {
                 Ok(stats) => {
-                    info!("saved to {}: {stats:?}", path.display());
+                    info!("saved to {path}: {stats:?}");
                     let after: Option<AfterReply> = if keep_running {
                         None
                     } else {

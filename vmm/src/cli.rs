@@ -97,9 +97,20 @@ pub struct SaveArgs {
     /// The VM's API socket.
     #[arg(long, value_name = "PATH")]
     pub api: PathBuf,
-    /// Target file (written under a temporary name, renamed when complete).
-    #[arg(long, value_name = "FILE")]
-    pub to: PathBuf,
+    /// Target file (written under a temporary name, renamed when complete),
+    /// or `tcp:HOST:PORT` / `unix:PATH` of a `cryo restore --listen`.
+    #[arg(long, value_name = "FILE|tcp:HOST:PORT|unix:PATH")]
+    pub to: String,
+    /// Channel threads moving pages (default: one per host CPU).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub channels: Option<u16>,
+    /// O_DIRECT for the page data of a file save: auto (default: on where the
+    /// filesystem supports it), on (an error where it does not), off.
+    #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
+    pub direct_io: Option<crate::api::DirectIoArg>,
+    /// Per-packet compression when sending to a peer.
+    #[arg(long, value_enum, value_name = "ALGO")]
+    pub compress: Option<crate::image::migrate::CompressionArg>,
     /// Image format.
     #[arg(long, value_enum, default_value = "fixed-ram")]
     pub format: SaveFormat,
@@ -112,8 +123,23 @@ pub struct SaveArgs {
 #[derive(Args, Debug)]
 pub struct RestoreArgs {
     /// The saved file (it is only read: restore it as often as you like).
-    #[arg(long, value_name = "FILE")]
-    pub from: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "listen",
+        conflicts_with = "listen"
+    )]
+    pub from: Option<PathBuf>,
+    /// Wait for a `cryo save --to` from another process on this endpoint
+    /// (tcp:HOST:PORT or unix:PATH) and run the VM it sends.
+    #[arg(long, value_name = "tcp:HOST:PORT|unix:PATH")]
+    pub listen: Option<String>,
+    /// Channel threads reading the image (default: one per host CPU).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub channels: Option<u16>,
+    /// O_DIRECT for reading the image: auto (default), on, off.
+    #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
+    pub direct_io: Option<crate::api::DirectIoArg>,
     /// Write the guest's serial console to this file instead of stdout.
     #[arg(long, value_name = "PATH")]
     pub serial_out: Option<PathBuf>,

@@ -32,16 +32,25 @@ pub fn call(api: &Path, request: Value) -> Result<(), CliError> {
 
 /// `cryo save`.
 pub fn save(args: crate::cli::SaveArgs) -> Result<(), CliError> {
-    // The VM resolves the path in its own working directory: send it absolute.
-    let to = if args.to.is_absolute() {
-        args.to.clone()
-    } else {
-        std::env::current_dir()
+    // The VM resolves a path in its own working directory: send it absolute.
+    let to = match crate::image::SaveTarget::parse(&args.to).map_err(CliError::bad_input)? {
+        crate::image::SaveTarget::Peer(_) => args.to.clone(),
+        crate::image::SaveTarget::File(p) if p.is_absolute() => args.to.clone(),
+        crate::image::SaveTarget::File(p) => std::env::current_dir()
             .map_err(|e| CliError::failure(format!("cannot read the current directory: {e}")))?
-            .join(&args.to)
+            .join(p)
+            .display()
+            .to_string(),
     };
-    call(
-        &args.api,
-        json!({"cmd": "save", "path": to, "format": args.format, "keep_running": args.keep_running}),
-    )
+    let mut req = json!({"cmd": "save", "path": to, "format": args.format, "keep_running": args.keep_running});
+    if let Some(n) = args.channels {
+        req["channels"] = json!(n);
+    }
+    if let Some(d) = args.direct_io {
+        req["direct_io"] = json!(d);
+    }
+    if let Some(c) = args.compress {
+        req["compression"] = json!(c);
+    }
+    call(&args.api, req)
 }

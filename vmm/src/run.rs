@@ -76,13 +76,42 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
     } else {
         RestoreMode::Eager
     };
-    let loaded = crate::image::load(&args.from, mode, args.verify).map_err(|e| {
+    let mut channels = crate::image::fixed::ChannelOptions::default();
+    if let Some(n) = args.channels {
+        channels.channels = usize::from(n);
+    }
+    if let Some(d) = args.direct_io {
+        channels.direct_io = d.into();
+    }
+    let to_cli = |e: crate::image::SaveError| {
         if e.is_bad_input() {
             CliError::bad_input(e.to_string())
         } else {
             CliError::failure(e.to_string())
         }
-    })?;
+    };
+    let (source, loaded) = match (&args.from, &args.listen) {
+        (Some(path), _) => (
+            path.display().to_string(),
+            crate::image::load(path, mode, args.verify, &channels).map_err(to_cli)?,
+        ),
+        (None, Some(listen)) => {
+            if args.lazy || args.verify {
+                return Err(CliError::bad_input(
+                    "--lazy and --verify apply to image files, not to --listen",
+                ));
+            }
+            (
+                listen.clone(),
+                crate::image::migrate::receive_vm(listen).map_err(to_cli)?,
+            )
+        }
+        (None, None) => {
+            return Err(CliError::bad_input(
+                "restore needs --from FILE or --listen ENDPOINT",
+            ))
+        }
+    };
     let read_time = started.elapsed();
     let mut vm = MicroVm::restore(
         &loaded.snapshot,
@@ -101,8 +130,7 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
     };
     // Time to resume is the restore's headline figure: always reported.
     eprintln!(
-        "cryo: restored {} ({mode_name}, {} MiB, {} vCPUs): guest resumed after {:.1} ms (memory ready after {:.1} ms)",
-        args.from.display(),
+        "cryo: restored {source} ({mode_name}, {} MiB, {} vCPUs): guest resumed after {:.1} ms (memory ready after {:.1} ms)",
         loaded.snapshot.machine.mem_mib,
         loaded.snapshot.machine.vcpus,
         started.elapsed().as_secs_f64() * 1000.0,

@@ -32,11 +32,12 @@ pub use file::{
     TransferStats, MAX_FILE_CHANNELS,
 };
 pub use protocol::{
-    decode_main_payload, decode_payload, parse_hello, parse_main_header, parse_main_message,
-    parse_packet, parse_packet_header, parse_runs_into, ChannelCount, Compression, Encoding, Hello,
-    MainHeader, MainMessage, Packet, PacketHeader, Role, Run, HELLO_LEN, HELLO_MAGIC,
-    MAX_DATA_CHANNELS, MAX_DEVICE_STATE, MAX_ERROR_MESSAGE, MAX_PAGES_PER_PACKET, MAX_REGIONS,
-    PACKET_HEADER_LEN, PACKET_MAGIC, PAGE_SIZE, PROTOCOL_VERSION, RUN_LEN,
+    check_main_crc, decode_main_payload, decode_payload, parse_hello, parse_main_header,
+    parse_main_message, parse_packet, parse_packet_header, parse_runs_into, ChannelCount,
+    Compression, Encoding, Hello, MainHeader, MainMessage, Packet, PacketHeader, Role, Run,
+    HELLO_LEN, HELLO_MAGIC, MAIN_HEADER_LEN, MAX_DATA_CHANNELS, MAX_DEVICE_STATE,
+    MAX_ERROR_MESSAGE, MAX_PAGES_PER_PACKET, MAX_REGIONS, PACKET_HEADER_LEN, PACKET_MAGIC,
+    PAGE_SIZE, PROTOCOL_VERSION, RUN_LEN,
 };
 pub use region::MemRegion;
 pub use socket::{receive, send, SocketOptions};

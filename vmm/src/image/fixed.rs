@@ -14,9 +14,134 @@ use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
 
 use super::{
-    allocated_bytes, region_bytes, region_bytes_mut, snapshot, sync_dir, temp_path, Loaded,
-    RestoreMode, SaveError, Written, PAGE_SIZE,
+    allocated_bytes, snapshot, sync_dir, temp_path, Loaded, RestoreMode, SaveError, Written,
+    PAGE_SIZE,
 };
+
+/// How page data moves between guest memory and the image.
+#[derive(Clone, Copy, Debug)]
+pub struct ChannelOptions {
+    /// Channel threads, each with its own file descriptor.
+    pub channels: usize,
+    /// O_DIRECT use.
+    pub direct_io: multifd::DirectIo,
+}
+
+impl Default for ChannelOptions {
+    fn default() -> Self {
+        ChannelOptions {
+            channels: io_threads(),
+            direct_io: multifd::DirectIo::Auto,
+        }
+    }
+}
+
+impl ChannelOptions {
+    fn multifd(&self) -> multifd::FileChannelOptions {
+        multifd::FileChannelOptions {
+            channels: self.channels.clamp(1, multifd::MAX_FILE_CHANNELS),
+            direct_io: self.direct_io,
+        }
+    }
+}
+
+/// The fixed-ram writer as multifd's file layout: pages go to their fixed
+/// offsets; each saved chunk's bitmap and CRC are recorded in the image.
+struct SaveLayout<'a>(&'a ImageWriter);
+
+impl multifd::FileLayout for SaveLayout<'_> {
+    fn page_size(&self) -> u64 {
+        u64::from(self.0.layout().page_size())
+    }
+    fn chunk_size(&self) -> u64 {
+        self.0.layout().chunk_size()
+    }
+    fn chunks(&self, region: usize) -> u64 {
+        self.0.layout().chunks(region)
+    }
+    fn chunk_range(&self, region: usize, chunk: u64) -> (u64, u64) {
+        self.0.layout().chunk_range(region, chunk)
+    }
+    fn page_file_offset(&self, region: usize, page: u64) -> u64 {
+        self.0.layout().regions()[region].pages_offset + page * self.page_size()
+    }
+    fn chunk_saved(
+        &self,
+        region: usize,
+        chunk: u64,
+        present: &[u64],
+        crc: u32,
+    ) -> Result<(), String> {
+        let bit = |p: u64| {
+            present
+                .get((p / 64) as usize)
+                .is_some_and(|w| w & (1 << (p % 64)) != 0)
+        };
+        self.0
+            .record_chunk(region, chunk, &bit, crc)
+            .map_err(|e| e.to_string())
+    }
+    fn page_present(&self, _region: usize, _page: u64) -> bool {
+        false
+    }
+    fn chunk_loaded(&self, _region: usize, _chunk: u64, _data: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The fixed-ram image as multifd's file layout for loading: present pages
+/// by the bitmap, each chunk checked against its CRC as it arrives.
+struct LoadLayout<'a>(&'a Image);
+
+impl multifd::FileLayout for LoadLayout<'_> {
+    fn page_size(&self) -> u64 {
+        u64::from(self.0.layout().page_size())
+    }
+    fn chunk_size(&self) -> u64 {
+        self.0.layout().chunk_size()
+    }
+    fn chunks(&self, region: usize) -> u64 {
+        self.0.layout().chunks(region)
+    }
+    fn chunk_range(&self, region: usize, chunk: u64) -> (u64, u64) {
+        self.0.layout().chunk_range(region, chunk)
+    }
+    fn page_file_offset(&self, region: usize, page: u64) -> u64 {
+        self.0.layout().regions()[region].pages_offset + page * self.page_size()
+    }
+    fn chunk_saved(&self, _: usize, _: u64, _: &[u64], _: u32) -> Result<(), String> {
+        Err("the image is open for reading".into())
+    }
+    fn page_present(&self, region: usize, page: u64) -> bool {
+        self.0.is_present(region, page)
+    }
+    fn chunk_loaded(&self, region: usize, chunk: u64, data: &[u8]) -> Result<(), String> {
+        let expected = self.0.chunk_checksum(region, chunk);
+        let found = crc32c::crc32c(data);
+        if found == expected {
+            return Ok(());
+        }
+        let (offset, len) = self.chunk_range(region, chunk);
+        let base = self.0.layout().regions()[region].guest_addr + offset;
+        Err(format!(
+            "chunk {chunk} of region {region} (guest {base:#x}..{:#x}) is corrupt: CRC32C {found:#010x}, expected {expected:#010x}",
+            base + len
+        ))
+    }
+}
+
+/// multifd's view of guest memory.
+pub fn mem_regions(memory: &GuestMemory) -> Vec<multifd::MemRegion> {
+    memory
+        .iter()
+        .map(|r| {
+            // SAFETY: the region is a live, page-aligned mapping owned by
+            // `memory`, which the caller keeps alive (and paused, or not yet
+            // running) for as long as the channels use it.
+            unsafe { multifd::MemRegion::new(r.start_addr().0, r.as_ptr(), r.len()) }
+        })
+        .collect()
+}
 
 /// Threads that move pages: one per host CPU.
 pub fn io_threads() -> usize {
@@ -88,9 +213,10 @@ pub fn write_fixed_file(
     path: &Path,
     snapshot: &VmSnapshot,
     memory: &GuestMemory,
+    channels: &ChannelOptions,
 ) -> Result<Written, SaveError> {
     let tmp = temp_path(path);
-    let result = write_to(&tmp, path, snapshot, memory);
+    let result = write_to(&tmp, path, snapshot, memory, channels);
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -102,6 +228,7 @@ fn write_to(
     path: &Path,
     snapshot: &VmSnapshot,
     memory: &GuestMemory,
+    channels: &ChannelOptions,
 ) -> Result<Written, SaveError> {
     let ierr = image_err(path);
     let specs: Vec<RegionSpec> = memory
@@ -118,19 +245,35 @@ fn write_to(
             reason: e.to_string(),
         })?;
     let writer = ImageWriter::create(tmp, layout).map_err(&ierr)?;
-    let regions: Vec<&microvm::GuestRegion> = memory.iter().collect();
-    let chunks = all_chunks(writer.layout());
-    let present = AtomicU64::new(0);
-    let zero = AtomicU64::new(0);
-    for_each_chunk(&chunks, io_threads(), |region, chunk| {
-        let (offset, len) = writer.layout().chunk_range(region, chunk);
-        let bytes = &region_bytes(regions[region])[offset as usize..(offset + len) as usize];
-        let stats = writer.write_chunk(region, chunk, bytes)?;
-        present.fetch_add(stats.present_pages, Ordering::Relaxed);
-        zero.fetch_add(stats.zero_pages, Ordering::Relaxed);
-        Ok(())
-    })
-    .map_err(&ierr)?;
+    let stats = multifd::save_to_file(
+        tmp,
+        &mem_regions(memory),
+        &SaveLayout(&writer),
+        &channels.multifd(),
+    )
+    .map_err(|e| match e {
+        multifd::MultifdError::DirectIoUnsupported { .. } => SaveError::Invalid {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        },
+        other => SaveError::Image {
+            path: path.to_owned(),
+            reason: other.to_string(),
+        },
+    })?;
+    log::info!(
+        "saved {} pages ({} zero) through {} channels{} in {:?}: {:.0} MB/s",
+        stats.present_pages,
+        stats.zero_pages,
+        stats.channels,
+        if stats.direct_io {
+            " with O_DIRECT"
+        } else {
+            ""
+        },
+        stats.elapsed,
+        stats.mb_per_s()
+    );
     let file = writer.commit(&device_state).map_err(&ierr)?;
     let bytes = file
         .metadata()
@@ -151,8 +294,8 @@ fn write_to(
         bytes,
         allocated_bytes: allocated,
         device_state_bytes: device_state.len() as u64,
-        ram_pages: present.into_inner(),
-        zero_pages: zero.into_inner(),
+        ram_pages: stats.present_pages,
+        zero_pages: stats.zero_pages,
     })
 }
 
@@ -170,7 +313,12 @@ fn open_image(path: &Path) -> Result<Image, SaveError> {
 }
 
 /// Loads a fixed-ram image: device state, then guest memory by `mode`.
-pub fn load_fixed(path: &Path, mode: RestoreMode, verify: bool) -> Result<Loaded, SaveError> {
+pub fn load_fixed(
+    path: &Path,
+    mode: RestoreMode,
+    verify: bool,
+    channels: &ChannelOptions,
+) -> Result<Loaded, SaveError> {
     let invalid = |reason: String| SaveError::Invalid {
         path: path.to_owned(),
         reason,
@@ -204,22 +352,32 @@ pub fn load_fixed(path: &Path, mode: RestoreMode, verify: bool) -> Result<Loaded
         RestoreMode::Eager => {
             let memory = create_guest_memory(snapshot.machine.mem_mib, &MemoryBacking::Anonymous)
                 .map_err(|e| invalid(e.to_string()))?;
-            let regions: Vec<&microvm::GuestRegion> = memory.iter().collect();
-            let layout = image.layout().clone();
-            let chunks = all_chunks(&layout);
-            for_each_chunk(&chunks, io_threads(), |region, chunk| {
-                let (offset, len) = layout.chunk_range(region, chunk);
-                let dst = &mut region_bytes_mut(regions[region])
-                    [offset as usize..(offset + len) as usize];
-                image.read_chunk_into(region, chunk, dst, true)
-            })
+            let stats = multifd::load_from_file(
+                path,
+                &mem_regions(&memory),
+                &LoadLayout(&image),
+                &channels.multifd(),
+            )
             .map_err(|e| match e {
-                fixed_ram::FixedRamError::Io { source, .. } => SaveError::Read {
+                multifd::MultifdError::DirectIoUnsupported { .. } => invalid(e.to_string()),
+                multifd::MultifdError::Io { .. } => SaveError::Image {
                     path: path.to_owned(),
-                    source,
+                    reason: e.to_string(),
                 },
                 other => invalid(other.to_string()),
             })?;
+            log::info!(
+                "loaded {} pages through {} channels{} in {:?}: {:.0} MB/s",
+                stats.present_pages,
+                stats.channels,
+                if stats.direct_io {
+                    " with O_DIRECT"
+                } else {
+                    ""
+                },
+                stats.elapsed,
+                stats.mb_per_s()
+            );
             Ok(Loaded {
                 snapshot,
                 memory,

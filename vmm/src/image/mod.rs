@@ -15,6 +15,7 @@
 //! temporary file and leaves the VM as it was (running, or paused).
 
 pub mod fixed;
+pub mod migrate;
 pub mod snapshot;
 pub mod stream;
 
@@ -148,6 +149,9 @@ impl SaveError {
             {
                 "bad-request"
             }
+            // A target the request cannot use (e.g. O_DIRECT where the
+            // filesystem refuses it).
+            SaveError::Invalid { .. } => "bad-request",
             _ => "failed",
         }
     }
@@ -176,14 +180,50 @@ pub fn sync_dir(path: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Pauses the VM, writes it to `path`, and resumes it when `keep_running`
+/// Where a save goes.
+#[derive(Clone, Debug)]
+pub enum SaveTarget {
+    /// A file.
+    File(PathBuf),
+    /// A `cryo restore --listen` peer.
+    Peer(multifd::Endpoint),
+}
+
+impl SaveTarget {
+    /// `tcp:HOST:PORT` and `unix:PATH` are peers; anything else is a file path.
+    pub fn parse(s: &str) -> Result<SaveTarget, String> {
+        if s.starts_with("tcp:") || s.starts_with("unix:") {
+            multifd::parse_endpoint(s)
+                .map(SaveTarget::Peer)
+                .map_err(|e| e.to_string())
+        } else {
+            Ok(SaveTarget::File(PathBuf::from(s)))
+        }
+    }
+}
+
+/// Options of a save.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SaveOptions {
+    /// Image format (files).
+    pub format: SaveFormat,
+    /// Resume the VM afterwards instead of ending it.
+    pub keep_running: bool,
+    /// File channels and O_DIRECT.
+    pub channels: fixed::ChannelOptions,
+    /// Socket compression (peers).
+    pub compression: Option<migrate::CompressionArg>,
+}
+
+/// Pauses the VM, writes it to `target`, and resumes it when `keep_running`
 /// (the caller ends it otherwise). On failure the VM is resumed if it was running.
 pub fn save_vm(
     controller: &VmController,
-    path: &Path,
-    format: SaveFormat,
-    keep_running: bool,
+    target: &SaveTarget,
+    opts: &SaveOptions,
 ) -> Result<SaveStats, SaveError> {
+    let keep_running = opts.keep_running;
+    let format = opts.format;
     let start = Instant::now();
     let (snapshot, memory, was_running) = controller.call(|vm| {
         let was_running = vm.state() == RunState::Running;
@@ -198,10 +238,22 @@ pub fn save_vm(
             }
         }
     })??;
-    let written = match format {
-        SaveFormat::Stream => stream::write_stream_file(path, &snapshot, &memory),
-        SaveFormat::FixedRam => fixed::write_fixed_file(path, &snapshot, &memory),
+    let (path, written) = match target {
+        SaveTarget::File(path) => (
+            path.clone(),
+            match format {
+                SaveFormat::Stream => stream::write_stream_file(path, &snapshot, &memory),
+                SaveFormat::FixedRam => {
+                    fixed::write_fixed_file(path, &snapshot, &memory, &opts.channels)
+                }
+            },
+        ),
+        SaveTarget::Peer(endpoint) => (
+            PathBuf::from(endpoint.to_string()),
+            migrate::send_vm(endpoint, &snapshot, &memory, opts),
+        ),
     };
+    let path = path.as_path();
     let paused_ms = start.elapsed().as_secs_f64() * 1000.0;
     if (written.is_err() || keep_running) && was_running {
         controller.resume()?;
@@ -278,7 +330,12 @@ pub struct Loaded {
 }
 
 /// Loads any image format. `verify` checks every checksum first (fixed-ram).
-pub fn load(path: &Path, mode: RestoreMode, verify: bool) -> Result<Loaded, SaveError> {
+pub fn load(
+    path: &Path,
+    mode: RestoreMode,
+    verify: bool,
+    channels: &fixed::ChannelOptions,
+) -> Result<Loaded, SaveError> {
     match detect_format(path)? {
         SaveFormat::Stream => {
             if mode != RestoreMode::Eager {
@@ -294,7 +351,7 @@ pub fn load(path: &Path, mode: RestoreMode, verify: bool) -> Result<Loaded, Save
                 prefetch: None,
             })
         }
-        SaveFormat::FixedRam => fixed::load_fixed(path, mode, verify),
+        SaveFormat::FixedRam => fixed::load_fixed(path, mode, verify, channels),
     }
 }
 

@@ -1,0 +1,771 @@
+//! Arming (register + write-protect) and running (walkers + fault thread).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::report::{LatencyStats, SnapshotReport};
+use crate::sys::{self, Uffd, UffdMsg};
+use crate::{BlockSink, MemRange, SnapshotError};
+
+const PENDING: u8 = 0;
+const CLAIMED: u8 = 1;
+const DONE: u8 = 2;
+
+/// How long the fault thread and idle walkers wait before re-checking for stop.
+const POLL_MS: libc::c_int = 5;
+const IDLE_WAIT: Duration = Duration::from_millis(2);
+/// Fault copies kept ready (pre-touched) so a fault never pays for fresh memory.
+const PREALLOCATED_BUFFERS: usize = 4;
+
+/// Creates the userfaultfd, mapping failures to the right error.
+pub(crate) fn create_uffd() -> Result<Uffd, SnapshotError> {
+    Uffd::create().map_err(|e| {
+        let perm = |err: &std::io::Error| {
+            matches!(err.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+        };
+        let detail = format!("userfaultfd(2): {}; /dev/userfaultfd: {}", e.syscall, e.dev);
+        if perm(&e.syscall) || perm(&e.dev) {
+            SnapshotError::PermissionDenied(detail)
+        } else if e.syscall.raw_os_error() == Some(libc::ENOSYS) {
+            SnapshotError::Unsupported {
+                feature: "userfaultfd",
+                since: "4.3",
+                kernel: sys::kernel_release(),
+                detail,
+            }
+        } else {
+            SnapshotError::io("creating a userfaultfd", std::io::Error::other(detail))
+        }
+    })
+}
+
+/// Options for [`arm_with`].
+#[derive(Clone, Copy, Debug)]
+pub struct ArmOptions {
+    /// Use `UFFD_FEATURE_WP_UNPOPULATED` when the kernel offers it (default true).
+    /// When false or not offered, every page is pre-touched (read-faulted) before
+    /// protecting, so that never-touched memory is protected too (slower arm).
+    pub use_wp_unpopulated: bool,
+}
+
+impl Default for ArmOptions {
+    fn default() -> Self {
+        ArmOptions {
+            use_wp_unpopulated: true,
+        }
+    }
+}
+
+/// A stop request for a running snapshot, usable from any thread.
+#[derive(Clone, Debug)]
+pub struct CancelHandle(Arc<AtomicBool>);
+
+impl CancelHandle {
+    /// Asks the snapshot to stop: walkers stop, all protection is removed and
+    /// `run` returns [`SnapshotError::Cancelled`] (unless every block was already done).
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether `cancel` was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Owns the userfaultfd and the registered ranges; removing protection is its job.
+#[derive(Debug)]
+struct Protection {
+    uffd: Option<Uffd>,
+    registered: Vec<(usize, usize)>,
+}
+
+impl Protection {
+    /// Un-protects every registered range (waking all waiters), unregisters it and
+    /// closes the uffd (which on its own would also drop all protection).
+    fn release(&mut self) -> Result<(), SnapshotError> {
+        let Some(uffd) = self.uffd.take() else {
+            return Ok(());
+        };
+        let mut first_err = None;
+        for &(start, len) in &self.registered {
+            if let Err(e) = uffd.writeprotect(start, len, false) {
+                first_err.get_or_insert(SnapshotError::io("UFFDIO_WRITEPROTECT (remove)", e));
+            }
+            if let Err(e) = uffd.unregister(start, len) {
+                first_err.get_or_insert(SnapshotError::io("UFFDIO_UNREGISTER", e));
+            }
+        }
+        self.registered.clear();
+        drop(uffd);
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn uffd(&self) -> Result<&Uffd, SnapshotError> {
+        self.uffd
+            .as_ref()
+            .ok_or_else(|| SnapshotError::InvalidArgument("snapshot already released".into()))
+    }
+
+    /// Un-protects every range (wakes everyone) without unregistering.
+    fn unprotect_all(&self) -> Result<(), SnapshotError> {
+        let uffd = self.uffd()?;
+        for &(start, len) in &self.registered {
+            uffd.writeprotect(start, len, false)
+                .map_err(|e| SnapshotError::io("UFFDIO_WRITEPROTECT (remove)", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Protection {
+    fn drop(&mut self) {
+        let _ = self.release();
+    }
+}
+
+/// Write-protected ranges, ready to [`run`](Armed::run). Dropping it removes all protection.
+#[derive(Debug)]
+pub struct Armed {
+    prot: Protection,
+    ranges: Vec<MemRange>,
+    block_size: usize,
+    arm_time: Duration,
+    wp_unpopulated: bool,
+    features: u64,
+    cancel: Arc<AtomicBool>,
+}
+
+/// Arms a snapshot of `ranges` with default options. Call it while the writers
+/// are paused: the snapshot is the memory content at this moment (T0).
+pub fn arm(ranges: &[MemRange], block_size: usize) -> Result<Armed, SnapshotError> {
+    arm_with(ranges, block_size, ArmOptions::default())
+}
+
+fn validate(ranges: &[MemRange], block_size: usize) -> Result<(), SnapshotError> {
+    let page = sys::page_size();
+    if ranges.is_empty() {
+        return Err(SnapshotError::InvalidArgument("no memory ranges".into()));
+    }
+    if !block_size.is_power_of_two() || block_size % page != 0 {
+        return Err(SnapshotError::InvalidArgument(format!(
+            "block size {block_size} is not a power of two multiple of the page size {page}"
+        )));
+    }
+    for (i, r) in ranges.iter().enumerate() {
+        if r.is_empty() || r.addr() % page != 0 || r.len() % page != 0 {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "range {i} ({:#x}, {} bytes) is empty or not page-aligned",
+                r.addr(),
+                r.len()
+            )));
+        }
+        if r.addr().checked_add(r.len()).is_none() {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "range {i} wraps around"
+            )));
+        }
+    }
+    let mut sorted: Vec<(usize, usize, usize)> = ranges
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.addr(), r.len(), i))
+        .collect();
+    sorted.sort_unstable();
+    for w in sorted.windows(2) {
+        if w[0].0 + w[0].1 > w[1].0 {
+            return Err(SnapshotError::InvalidArgument(format!(
+                "ranges {} and {} overlap",
+                w[0].2, w[1].2
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Read-faults every page of `r` so that never-touched memory gets a (zero) page
+/// that write-protection can mark. Used when WP_UNPOPULATED is not used.
+fn pre_touch(r: &MemRange) {
+    // SAFETY: MADV_POPULATE_READ only faults pages in for reading; the range is
+    // mapped (MemRange contract).
+    let ret = unsafe { libc::madvise(r.ptr().cast(), r.len(), libc::MADV_POPULATE_READ) };
+    if ret == 0 {
+        return;
+    }
+    // Before Linux 5.14: touch every page by hand.
+    let page = sys::page_size();
+    let mut off = 0;
+    while off < r.len() {
+        // SAFETY: `off < len`, the range is mapped and readable (MemRange contract);
+        // a volatile read of one byte has no other effect than faulting the page in.
+        unsafe { std::ptr::read_volatile(r.ptr().add(off)) };
+        off += page;
+    }
+}
+
+/// Like [`arm`], with options.
+///
+/// Errors: [`SnapshotError::InvalidArgument`] for unaligned, empty or
+/// overlapping ranges or a bad block size; [`SnapshotError::Unsupported`] or
+/// [`SnapshotError::PermissionDenied`] when the kernel or the process cannot use
+/// userfaultfd write-protection; [`SnapshotError::UnsupportedMemory`] when a
+/// range's memory type cannot be write-protected (e.g. a private file mapping).
+/// On error nothing stays registered or protected.
+pub fn arm_with(
+    ranges: &[MemRange],
+    block_size: usize,
+    opts: ArmOptions,
+) -> Result<Armed, SnapshotError> {
+    validate(ranges, block_size)?;
+    let start = Instant::now();
+    let support = crate::check_support()?;
+    let wp_unpopulated = opts.use_wp_unpopulated && support.wp_unpopulated;
+    let mut features = sys::FEATURE_PAGEFAULT_FLAG_WP;
+    if wp_unpopulated {
+        features |= sys::FEATURE_WP_UNPOPULATED;
+    }
+    if support.wp_shmem_hugetlbfs {
+        features |= sys::FEATURE_WP_HUGETLBFS_SHMEM;
+    }
+    let uffd = create_uffd()?;
+    let api = uffd
+        .api(features)
+        .map_err(|e| SnapshotError::io(format!("UFFDIO_API with features {features:#x}"), e))?;
+    let mut prot = Protection {
+        uffd: Some(uffd),
+        registered: Vec::new(),
+    };
+    if !wp_unpopulated {
+        for r in ranges {
+            pre_touch(r);
+        }
+    }
+    for (i, r) in ranges.iter().enumerate() {
+        let uffd = prot.uffd()?;
+        let mapping =
+            || sys::mapping_of(r.addr()).unwrap_or_else(|| "no mapping found".to_string());
+        match uffd.register_wp(r.addr(), r.len()) {
+            Ok(ioctls) if ioctls & sys::IOCTL_BIT_WRITEPROTECT != 0 => {
+                prot.registered.push((r.addr(), r.len()));
+            }
+            Ok(ioctls) => {
+                prot.registered.push((r.addr(), r.len()));
+                return Err(SnapshotError::UnsupportedMemory {
+                    region: i,
+                    reason: format!(
+                        "the kernel registered it but offers no UFFDIO_WRITEPROTECT on it \
+                         (ioctls {ioctls:#x}); mapping: {}",
+                        mapping()
+                    ),
+                });
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                return Err(SnapshotError::UnsupportedMemory {
+                    region: i,
+                    reason: format!(
+                        "UFFDIO_REGISTER in write-protect mode failed with EINVAL: this memory \
+                         type cannot be write-protected (only private anonymous memory, Linux 5.7+, \
+                         and shmem or hugetlbfs, Linux 5.19+, can be; file mappings cannot); \
+                         mapping: {}",
+                        mapping()
+                    ),
+                });
+            }
+            Err(e) => {
+                return Err(SnapshotError::io(
+                    format!(
+                        "UFFDIO_REGISTER of range {i} ({:#x}, {} bytes)",
+                        r.addr(),
+                        r.len()
+                    ),
+                    e,
+                ))
+            }
+        }
+    }
+    for r in ranges {
+        prot.uffd()?
+            .writeprotect(r.addr(), r.len(), true)
+            .map_err(|e| SnapshotError::io("UFFDIO_WRITEPROTECT (protect)", e))?;
+    }
+    Ok(Armed {
+        prot,
+        ranges: ranges.to_vec(),
+        block_size,
+        arm_time: start.elapsed(),
+        wp_unpopulated,
+        features: api.features,
+        cancel: Arc::new(AtomicBool::new(false)),
+    })
+}
+
+/// A fault copy waiting for a walker to hand it to the sink.
+struct Queued {
+    global: u64,
+    buf: Vec<u8>,
+}
+
+/// State shared by the walkers and the fault thread during `run`.
+struct Shared<'a> {
+    uffd: &'a Uffd,
+    ranges: &'a [MemRange],
+    /// Global index of each range's first block.
+    first_block: Vec<u64>,
+    block_size: usize,
+    states: Vec<AtomicU8>,
+    total: u64,
+    done: AtomicU64,
+    cursor: AtomicU64,
+    /// Cancel requested by the owner.
+    cancel: &'a AtomicBool,
+    /// Internal stop: an error happened, or a thread panicked.
+    abort: AtomicBool,
+    /// Set by `run` once the walkers are gone and protection is removed.
+    fault_stop: AtomicBool,
+    error: Mutex<Option<SnapshotError>>,
+    queue: Mutex<VecDeque<Queued>>,
+    queue_cap: usize,
+    cv: Condvar,
+    free: Mutex<Vec<Vec<u8>>>,
+    blocks_by_walkers: AtomicU64,
+    blocks_by_faults: AtomicU64,
+    inline_writes: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Sets `abort` if the owning thread unwinds, so the others stop instead of
+/// waiting for a block that will never be done.
+struct AbortOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for AbortOnPanic<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+#[derive(Default)]
+struct FaultStats {
+    faults: u64,
+    on_claimed: u64,
+    on_done: u64,
+    latencies: Vec<Duration>,
+}
+
+impl Shared<'_> {
+    fn stopping(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst) || self.abort.load(Ordering::SeqCst)
+    }
+
+    fn all_done(&self) -> bool {
+        self.done.load(Ordering::Acquire) == self.total
+    }
+
+    fn fail(&self, err: SnapshotError) {
+        lock(&self.error).get_or_insert(err);
+        self.abort.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
+    /// (range index, block index in range, address, length) of global block `g`.
+    fn locate(&self, g: u64) -> (usize, u64, usize, usize) {
+        let r = self.first_block.partition_point(|&f| f <= g) - 1;
+        let b = g - self.first_block[r];
+        let range = &self.ranges[r];
+        let off = b as usize * self.block_size;
+        let len = self.block_size.min(range.len() - off);
+        (r, b, range.addr() + off, len)
+    }
+
+    /// The global block holding `addr`, if `addr` is in one of the ranges.
+    fn block_of(&self, addr: usize) -> Option<u64> {
+        self.ranges.iter().enumerate().find_map(|(i, r)| {
+            (addr >= r.addr() && addr - r.addr() < r.len())
+                .then(|| self.first_block[i] + ((addr - r.addr()) / self.block_size) as u64)
+        })
+    }
+
+    fn claim(&self, g: u64) -> bool {
+        self.states[g as usize]
+            .compare_exchange(PENDING, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn mark_done(&self, g: u64) {
+        self.states[g as usize].store(DONE, Ordering::Release);
+        if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.total {
+            self.cv.notify_all();
+        }
+    }
+
+    fn unprotect(&self, addr: usize, len: usize) -> Result<(), SnapshotError> {
+        self.uffd
+            .writeprotect(addr, len, false)
+            .map_err(|e| SnapshotError::io("UFFDIO_WRITEPROTECT (un-protect block)", e))
+    }
+
+    fn write(&self, sink: &dyn BlockSink, g: u64, data: &[u8]) -> Result<(), SnapshotError> {
+        let (r, b, _, _) = self.locate(g);
+        sink.write_block(r, b, data)
+            .map_err(|message| SnapshotError::Sink {
+                range: r,
+                block: b,
+                message,
+            })
+    }
+
+    fn take_buffer(&self) -> Vec<u8> {
+        lock(&self.free).pop().unwrap_or_default()
+    }
+
+    fn recycle(&self, buf: Vec<u8>) {
+        lock(&self.free).push(buf);
+    }
+
+    fn write_queued(&self, sink: &dyn BlockSink, q: Queued) {
+        match self.write(sink, q.global, &q.buf) {
+            Ok(()) => self.mark_done(q.global),
+            Err(e) => self.fail(e),
+        }
+        self.recycle(q.buf);
+    }
+
+    fn walker(&self, sink: &dyn BlockSink) {
+        let _guard = AbortOnPanic(&self.abort);
+        loop {
+            if self.stopping() {
+                return;
+            }
+            let queued = lock(&self.queue).pop_front();
+            if let Some(q) = queued {
+                self.write_queued(sink, q);
+                continue;
+            }
+            let g = self.cursor.fetch_add(1, Ordering::Relaxed);
+            if g < self.total {
+                if !self.claim(g) {
+                    continue; // a fault got there first
+                }
+                let (_, _, addr, len) = self.locate(g);
+                // SAFETY: the block lies inside a MemRange (mapped and readable for the
+                // whole snapshot). It is still write-protected and claimed by this thread,
+                // so no writer can change it until the un-protect below.
+                let data = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                let written = self.write(sink, g, data);
+                // Un-protect even when the sink failed: a writer may be waiting on it.
+                let unprotected = self.unprotect(addr, len);
+                match written.and(unprotected) {
+                    Ok(()) => {
+                        self.blocks_by_walkers.fetch_add(1, Ordering::Relaxed);
+                        self.mark_done(g);
+                    }
+                    Err(e) => {
+                        self.fail(e);
+                        return;
+                    }
+                }
+                continue;
+            }
+            // Nothing left to walk: drain fault copies until every block is done.
+            let q = lock(&self.queue);
+            if self.all_done() {
+                return;
+            }
+            if q.is_empty() {
+                let _ = self.cv.wait_timeout(q, IDLE_WAIT);
+            }
+        }
+    }
+
+    fn fault_loop(&self, sink: &dyn BlockSink, stats: &mut FaultStats) {
+        let _guard = AbortOnPanic(&self.abort);
+        let mut msgs = [UffdMsg::default(); 64];
+        let mut inline_buf: Vec<u8> = Vec::new();
+        loop {
+            if self.fault_stop.load(Ordering::SeqCst) || self.all_done() {
+                return;
+            }
+            match self.uffd.poll(POLL_MS) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => return self.fail(SnapshotError::io("poll on the userfaultfd", e)),
+            }
+            let n = match self.uffd.read_msgs(&mut msgs) {
+                Ok(n) => n,
+                Err(e) => return self.fail(SnapshotError::io("reading the userfaultfd", e)),
+            };
+            let t_read = Instant::now();
+            for m in &msgs[..n] {
+                if let Err(e) = self.serve(sink, m, t_read, stats, &mut inline_buf) {
+                    return self.fail(e);
+                }
+            }
+        }
+    }
+
+    fn serve(
+        &self,
+        sink: &dyn BlockSink,
+        m: &UffdMsg,
+        t_read: Instant,
+        stats: &mut FaultStats,
+        inline_buf: &mut Vec<u8>,
+    ) -> Result<(), SnapshotError> {
+        if m.event != sys::EVENT_PAGEFAULT {
+            return Err(SnapshotError::UnexpectedEvent(format!(
+                "event {:#x}",
+                m.event
+            )));
+        }
+        if m.flags & sys::PAGEFAULT_FLAG_WP == 0 {
+            return Err(SnapshotError::UnexpectedEvent(format!(
+                "page fault without the WP flag (flags {:#x}) at {:#x}",
+                m.flags, m.address
+            )));
+        }
+        stats.faults += 1;
+        let addr = usize::try_from(m.address).unwrap_or(usize::MAX);
+        let Some(g) = self.block_of(addr) else {
+            return Err(SnapshotError::UnexpectedEvent(format!(
+                "write-protect fault at {addr:#x}, outside every range"
+            )));
+        };
+        if !self.claim(g) {
+            if self.states[g as usize].load(Ordering::Acquire) == DONE {
+                // Raced with the un-protect: make sure the writer is not left waiting.
+                stats.on_done += 1;
+                let page = sys::page_size();
+                self.uffd
+                    .wake(addr & !(page - 1), page)
+                    .map_err(|e| SnapshotError::io("UFFDIO_WAKE", e))?;
+            } else {
+                // The claimer's un-protect wakes the writer.
+                stats.on_claimed += 1;
+            }
+            return Ok(());
+        }
+        let (_, _, start, len) = self.locate(g);
+        if self.stopping() {
+            // Cancelled or failed: no copy is wanted, just let the writer go.
+            self.unprotect(start, len)?;
+            return Ok(());
+        }
+        let queue_full = lock(&self.queue).len() >= self.queue_cap;
+        let mut buf = if queue_full {
+            std::mem::take(inline_buf)
+        } else {
+            self.take_buffer()
+        };
+        buf.clear();
+        buf.reserve(len);
+        // SAFETY: the block lies inside a MemRange (mapped, readable); it is still
+        // write-protected and claimed by this thread, so nobody writes it during the
+        // copy; `buf` has capacity for `len` bytes and does not overlap guest memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(start as *const u8, buf.as_mut_ptr(), len);
+            buf.set_len(len);
+        }
+        // Un-protect (and wake the writer) before the sink sees the copy.
+        self.unprotect(start, len)?;
+        stats.latencies.push(t_read.elapsed());
+        self.blocks_by_faults.fetch_add(1, Ordering::Relaxed);
+        if queue_full {
+            self.inline_writes.fetch_add(1, Ordering::Relaxed);
+            let res = self.write(sink, g, &buf);
+            *inline_buf = buf;
+            res?;
+            self.mark_done(g);
+        } else {
+            lock(&self.queue).push_back(Queued { global: g, buf });
+            self.cv.notify_one();
+        }
+        Ok(())
+    }
+}
+
+impl Armed {
+    /// A handle that cancels [`run`](Armed::run) from another thread.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        CancelHandle(self.cancel.clone())
+    }
+
+    /// How long `arm` took (protecting, and pre-touching if WP_UNPOPULATED was not used).
+    pub fn arm_time(&self) -> Duration {
+        self.arm_time
+    }
+
+    /// Whether never-touched memory was protected with `UFFD_FEATURE_WP_UNPOPULATED`
+    /// (false: every page was pre-touched instead).
+    pub fn used_wp_unpopulated(&self) -> bool {
+        self.wp_unpopulated
+    }
+
+    /// The feature bits the kernel reported when this snapshot's uffd was set up.
+    pub fn api_features(&self) -> u64 {
+        self.features
+    }
+
+    /// The block size given to `arm`.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Copies every block exactly once through `sink` with `walkers` threads
+    /// while a fault thread serves writers that hit protected blocks. All
+    /// protection is removed and the uffd closed before it returns, also on
+    /// error and on cancel ([`SnapshotError::Cancelled`]).
+    pub fn run(
+        mut self,
+        sink: &dyn BlockSink,
+        walkers: usize,
+    ) -> Result<SnapshotReport, SnapshotError> {
+        let start = Instant::now();
+        if sink.block_size() != self.block_size {
+            self.prot.release()?;
+            return Err(SnapshotError::InvalidArgument(format!(
+                "the sink's block size {} differs from the armed block size {}",
+                sink.block_size(),
+                self.block_size
+            )));
+        }
+        if walkers == 0 {
+            self.prot.release()?;
+            return Err(SnapshotError::InvalidArgument(
+                "at least one walker is needed".into(),
+            ));
+        }
+        let mut first_block = Vec::with_capacity(self.ranges.len());
+        let mut total = 0u64;
+        for r in &self.ranges {
+            first_block.push(total);
+            total += r.len().div_ceil(self.block_size) as u64;
+        }
+        let mut free = Vec::with_capacity(PREALLOCATED_BUFFERS);
+        for _ in 0..PREALLOCATED_BUFFERS {
+            // Filled with non-zero bytes so the pages are really allocated now.
+            free.push(vec![0xa5u8; self.block_size]);
+        }
+        let uffd = self.prot.uffd()?;
+        let shared = Shared {
+            uffd,
+            ranges: &self.ranges,
+            first_block,
+            block_size: self.block_size,
+            states: (0..total).map(|_| AtomicU8::new(PENDING)).collect(),
+            total,
+            done: AtomicU64::new(0),
+            cursor: AtomicU64::new(0),
+            cancel: &self.cancel,
+            abort: AtomicBool::new(false),
+            fault_stop: AtomicBool::new(false),
+            error: Mutex::new(None),
+            queue: Mutex::new(VecDeque::new()),
+            queue_cap: (2 * walkers).max(8),
+            cv: Condvar::new(),
+            free: Mutex::new(free),
+            blocks_by_walkers: AtomicU64::new(0),
+            blocks_by_faults: AtomicU64::new(0),
+            inline_writes: AtomicU64::new(0),
+        };
+        let mut stats = FaultStats::default();
+        let mut panic_payload = None;
+        let mut unprotect_err = None;
+        thread::scope(|s| {
+            let sh = &shared;
+            let stats_ref = &mut stats;
+            let fault = thread::Builder::new()
+                .name("bg-snap-fault".into())
+                .spawn_scoped(s, move || sh.fault_loop(sink, stats_ref));
+            let fault = match fault {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    sh.fail(SnapshotError::io("spawning the fault thread", e));
+                    None
+                }
+            };
+            let mut handles = Vec::with_capacity(walkers);
+            for i in 0..walkers {
+                if sh.stopping() {
+                    break;
+                }
+                match thread::Builder::new()
+                    .name(format!("bg-snap-walk{i}"))
+                    .spawn_scoped(s, move || sh.walker(sink))
+                {
+                    Ok(h) => handles.push(h),
+                    Err(e) => sh.fail(SnapshotError::io("spawning a walker thread", e)),
+                }
+            }
+            for h in handles {
+                if let Err(p) = h.join() {
+                    panic_payload.get_or_insert(p);
+                }
+            }
+            // Walkers are gone. Unless everything is done, let every writer go now.
+            if !sh.all_done() {
+                sh.abort.store(true, Ordering::SeqCst);
+                if let Err(e) = self.prot.unprotect_all() {
+                    unprotect_err = Some(e);
+                }
+            }
+            sh.fault_stop.store(true, Ordering::SeqCst);
+            if let Some(h) = fault {
+                if let Err(p) = h.join() {
+                    panic_payload.get_or_insert(p);
+                }
+            }
+        });
+        let complete = shared.all_done();
+        let error = lock(&shared.error).take();
+        let report = SnapshotReport {
+            blocks_by_walkers: shared.blocks_by_walkers.load(Ordering::Relaxed),
+            blocks_by_faults: shared.blocks_by_faults.load(Ordering::Relaxed),
+            bytes: self.ranges.iter().map(|r| r.len() as u64).sum(),
+            faults: stats.faults,
+            faults_on_claimed: stats.on_claimed,
+            faults_on_done: stats.on_done,
+            fault_blocks_written_inline: shared.inline_writes.load(Ordering::Relaxed),
+            fault_latency: LatencyStats::from_samples(&mut stats.latencies),
+            run_time: Duration::ZERO,
+            arm_time: self.arm_time,
+            wp_unpopulated: self.wp_unpopulated,
+        };
+        drop(shared);
+        let released = self.prot.release();
+        if let Some(p) = panic_payload {
+            std::panic::resume_unwind(p);
+        }
+        if let Some(e) = error {
+            return Err(e);
+        }
+        if !complete {
+            if self.cancel.load(Ordering::SeqCst) {
+                return Err(SnapshotError::Cancelled);
+            }
+            if let Some(e) = unprotect_err {
+                return Err(e);
+            }
+            return Err(SnapshotError::UnexpectedEvent(
+                "the walkers stopped before every block was copied".into(),
+            ));
+        }
+        released?;
+        Ok(SnapshotReport {
+            run_time: start.elapsed(),
+            ..report
+        })
+    }
+
+    /// Drops the snapshot without copying anything: removes all protection
+    /// (waking any waiting writer), unregisters and closes the uffd.
+    pub fn disarm(mut self) -> Result<(), SnapshotError> {
+        self.prot.release()
+    }
+}

@@ -1,0 +1,91 @@
+//! What a finished snapshot reports.
+
+use std::time::Duration;
+
+/// Distribution of fault latencies: from reading a write-protect fault event to
+/// the un-protect that lets the writer continue (the block copy is in between).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LatencyStats {
+    /// Number of samples (faults that copied a block).
+    pub count: u64,
+    /// Smallest latency.
+    pub min: Duration,
+    /// Median latency.
+    pub median: Duration,
+    /// 99th percentile latency.
+    pub p99: Duration,
+    /// Largest latency.
+    pub max: Duration,
+}
+
+impl LatencyStats {
+    pub(crate) fn from_samples(samples: &mut [Duration]) -> LatencyStats {
+        if samples.is_empty() {
+            return LatencyStats::default();
+        }
+        samples.sort_unstable();
+        let n = samples.len();
+        let at =
+            |q_num: usize, q_den: usize| samples[((n * q_num).div_ceil(q_den)).clamp(1, n) - 1];
+        LatencyStats {
+            count: n as u64,
+            min: samples[0],
+            median: at(1, 2),
+            p99: at(99, 100),
+            max: samples[n - 1],
+        }
+    }
+}
+
+/// What [`Armed::run`](crate::Armed::run) did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotReport {
+    /// Blocks copied by walker threads straight from protected memory.
+    pub blocks_by_walkers: u64,
+    /// Blocks copied by the fault thread because a writer hit them first.
+    pub blocks_by_faults: u64,
+    /// Bytes given to the sink (the sum of all ranges' lengths).
+    pub bytes: u64,
+    /// Write-protect fault events read from the userfaultfd (including those
+    /// for blocks already claimed, see the next two fields).
+    pub faults: u64,
+    /// Faults on a block a walker (or an earlier fault) had already claimed:
+    /// the writer is woken by that claimer's un-protect.
+    pub faults_on_claimed: u64,
+    /// Faults on a block already done (a race): answered with UFFDIO_WAKE.
+    pub faults_on_done: u64,
+    /// Fault copies the fault thread wrote to the sink itself because the
+    /// queue to the walkers was full.
+    pub fault_blocks_written_inline: u64,
+    /// Latency of the faults that copied a block.
+    pub fault_latency: LatencyStats,
+    /// Time `run` took, from its start to all protection removed.
+    pub run_time: Duration,
+    /// Time `arm` took (the writers' pause must cover it).
+    pub arm_time: Duration,
+    /// Whether `UFFD_FEATURE_WP_UNPOPULATED` protected never-touched memory
+    /// (false: every page was pre-touched at arm time instead).
+    pub wp_unpopulated: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let mut v: Vec<Duration> = (1..=100).rev().map(Duration::from_micros).collect();
+        let s = LatencyStats::from_samples(&mut v);
+        assert_eq!(s.count, 100);
+        assert_eq!(s.min, Duration::from_micros(1));
+        assert_eq!(s.median, Duration::from_micros(50));
+        assert_eq!(s.p99, Duration::from_micros(99));
+        assert_eq!(s.max, Duration::from_micros(100));
+        assert_eq!(LatencyStats::from_samples(&mut []), LatencyStats::default());
+        let mut one = [Duration::from_micros(5)];
+        assert_eq!(
+            LatencyStats::from_samples(&mut one).p99,
+            Duration::from_micros(5)
+        );
+    }
+}

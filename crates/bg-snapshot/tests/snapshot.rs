@@ -1,0 +1,418 @@
+//! Real userfaultfd tests: anonymous memory written by threads during the snapshot.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use bg_snapshot::{arm, arm_with, check_support, ArmOptions, BlockSink, MemRange, SnapshotError};
+
+const PAGE: usize = 4096;
+const MIB: usize = 1 << 20;
+
+/// An mmap'd region, unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the test threads only touch the mapping through raw pointers while it is alive.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn anon(len: usize) -> Mapping {
+        Self::map(len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1)
+    }
+
+    fn map(len: usize, flags: libc::c_int, fd: libc::c_int) -> Mapping {
+        // SAFETY: a fresh mapping at an address of the kernel's choosing.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0)
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        Mapping { ptr: ptr.cast(), len }
+    }
+
+    fn range(&self) -> MemRange {
+        // SAFETY: the mapping outlives every snapshot in these tests and is never unmapped early.
+        unsafe { MemRange::new(self.ptr, self.len) }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: mapped for `len` bytes; only read when no writer runs.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// Writes every page (would hang if any protection were left).
+    fn write_every_page(&self, val: u8) {
+        for off in (0..self.len).step_by(PAGE) {
+            // SAFETY: inside the mapping.
+            unsafe { self.ptr.add(off).write_volatile(val) };
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what `map` mapped.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// T0 content of byte `off` of range `r` for the touched part.
+fn pattern_page(r: usize, page: usize, out: &mut [u8]) {
+    for (i, chunk) in out.chunks_mut(8).enumerate() {
+        let v = ((r as u64) << 48) ^ ((page as u64) << 16) ^ (i as u64) ^ 0x5a5a_0000_0000_0000;
+        chunk.copy_from_slice(&v.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// Fills the first `touched` bytes of `m` with the pattern; the rest stays never-touched.
+fn fill(m: &Mapping, r: usize, touched: usize) {
+    for page in 0..touched / PAGE {
+        // SAFETY: inside the mapping; no other thread runs yet.
+        let p = unsafe { std::slice::from_raw_parts_mut(m.ptr.add(page * PAGE), PAGE) };
+        pattern_page(r, page, p);
+    }
+}
+
+fn expected(r: usize, len: usize, touched: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for page in 0..touched / PAGE {
+        pattern_page(r, page, &mut v[page * PAGE..(page + 1) * PAGE]);
+    }
+    v
+}
+
+/// Stores blocks into per-range images and counts writes per block.
+struct VecSink {
+    bs: usize,
+    images: Vec<Mutex<Vec<u8>>>,
+    counts: Vec<Vec<AtomicU32>>,
+    delay: Duration,
+    fail_at: Option<(usize, u64)>,
+}
+
+impl VecSink {
+    fn new(bs: usize, lens: &[usize], delay: Duration) -> VecSink {
+        VecSink {
+            bs,
+            images: lens.iter().map(|&l| Mutex::new(vec![0xcc; l])).collect(),
+            counts: lens
+                .iter()
+                .map(|&l| (0..l.div_ceil(bs)).map(|_| AtomicU32::new(0)).collect())
+                .collect(),
+            delay,
+            fail_at: None,
+        }
+    }
+
+    fn assert_each_block_once(&self) {
+        for (r, c) in self.counts.iter().enumerate() {
+            for (b, n) in c.iter().enumerate() {
+                assert_eq!(n.load(Ordering::SeqCst), 1, "range {r} block {b}");
+            }
+        }
+    }
+}
+
+impl BlockSink for VecSink {
+    fn block_size(&self) -> usize {
+        self.bs
+    }
+
+    fn write_block(&self, range: usize, block: u64, data: &[u8]) -> Result<(), String> {
+        if self.fail_at == Some((range, block)) {
+            return Err("disk full (test)".into());
+        }
+        let off = block as usize * self.bs;
+        self.images[range].lock().unwrap()[off..off + data.len()].copy_from_slice(data);
+        self.counts[range][block as usize].fetch_add(1, Ordering::SeqCst);
+        if !self.delay.is_zero() {
+            thread::sleep(self.delay);
+        }
+        Ok(())
+    }
+}
+
+/// Writer threads: each writes `n` random whole pages with a new pattern.
+struct Writers {
+    rx: mpsc::Receiver<usize>,
+    count: usize,
+}
+
+fn start_writers(maps: &[&Mapping], count: usize, n: usize) -> Writers {
+    let targets: Vec<(usize, usize)> = maps.iter().map(|m| (m.ptr as usize, m.len)).collect();
+    let (tx, rx) = mpsc::channel();
+    for w in 0..count {
+        let targets = targets.clone();
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (w as u64 + 1);
+            for _ in 0..n {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let (base, len) = targets[(x >> 60) as usize % targets.len()];
+                let page = (x as usize >> 8) % (len / PAGE);
+                // SAFETY: inside a live mapping; the test keeps it mapped until the
+                // writers are done.
+                unsafe { std::ptr::write_bytes((base + page * PAGE) as *mut u8, 0xe0 | w as u8, PAGE) };
+            }
+            let _ = tx.send(n);
+        });
+    }
+    Writers { rx, count }
+}
+
+impl Writers {
+    /// Panics if the writers do not all finish in time (one was stuck).
+    fn wait(self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for _ in 0..self.count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let done = self.rx.recv_timeout(left).expect("a writer is stuck on write-protected memory");
+            assert_eq!(done, n);
+        }
+    }
+}
+
+/// Number of pages of `m` whose page table entry carries the uffd-wp bit
+/// (/proc/self/pagemap bit 57).
+fn wp_pages(m: &Mapping) -> usize {
+    let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
+    f.seek(SeekFrom::Start((m.ptr as u64 / PAGE as u64) * 8)).unwrap();
+    let mut buf = vec![0u8; m.len / PAGE * 8];
+    f.read_exact(&mut buf).unwrap();
+    buf.chunks(8)
+        .filter(|e| u64::from_le_bytes((*e).try_into().unwrap()) & (1 << 57) != 0)
+        .count()
+}
+
+fn exact_snapshot(walkers: usize, opts: ArmOptions) {
+    let bs = 256 * 1024;
+    let (len0, len1) = (32 * MIB, 32 * MIB);
+    let (m0, m1) = (Mapping::anon(len0), Mapping::anon(len1));
+    fill(&m0, 0, len0);
+    fill(&m1, 1, len1 / 2); // second half never touched
+    let armed = arm_with(&[m0.range(), m1.range()], bs, opts).unwrap();
+    assert_eq!(
+        wp_pages(&m0) + wp_pages(&m1),
+        if armed.used_wp_unpopulated() { (len0 + len1) / PAGE } else { wp_pages(&m0) + wp_pages(&m1) }
+    );
+    assert!(wp_pages(&m0) > 0);
+    // Writers resume after arm (they block on their first fault until run serves it).
+    let n = 4000;
+    let writers = start_writers(&[&m0, &m1], 2, n);
+    let sink = VecSink::new(bs, &[len0, len1], Duration::from_micros(100));
+    let report = armed.run(&sink, walkers).unwrap();
+    eprintln!("walkers={walkers} opts={opts:?}: {report:#?}");
+    writers.wait(n);
+    sink.assert_each_block_once();
+    assert!(sink.images[0].lock().unwrap()[..] == expected(0, len0, len0)[..], "range 0 differs from T0");
+    assert!(sink.images[1].lock().unwrap()[..] == expected(1, len1, len1 / 2)[..], "range 1 differs from T0");
+    let total = ((len0 + len1) / bs) as u64;
+    assert_eq!(report.blocks_by_walkers + report.blocks_by_faults, total);
+    assert!(report.blocks_by_faults > 0, "no block was copied by a fault");
+    assert!(report.faults >= report.blocks_by_faults);
+    assert_eq!(report.fault_latency.count, report.blocks_by_faults);
+    assert_eq!(report.wp_unpopulated, opts.use_wp_unpopulated);
+    assert_eq!((wp_pages(&m0), wp_pages(&m1)), (0, 0), "protection left after run");
+    // The writers' new data is in memory (the snapshot did not lose their writes).
+    assert!(m0.bytes().chunks(PAGE).chain(m1.bytes().chunks(PAGE)).any(|p| p[0] & 0xf0 == 0xe0));
+    m0.write_every_page(1);
+    m1.write_every_page(1);
+}
+
+#[test]
+fn support_is_reported() {
+    let s = check_support().unwrap();
+    eprintln!("{s:#?}");
+    assert!(s.wp);
+}
+
+#[test]
+fn exact_with_one_walker() {
+    exact_snapshot(1, ArmOptions::default());
+}
+
+#[test]
+fn exact_with_four_walkers() {
+    exact_snapshot(4, ArmOptions::default());
+}
+
+#[test]
+fn exact_with_pre_touch_instead_of_wp_unpopulated() {
+    exact_snapshot(2, ArmOptions { use_wp_unpopulated: false });
+}
+
+#[test]
+fn shmem_is_exact_too() {
+    let len = 8 * MIB;
+    let m = Mapping::map(len, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1);
+    fill(&m, 0, len / 2);
+    let armed = arm(&[m.range()], MIB).unwrap();
+    let writers = start_writers(&[&m], 2, 2000);
+    let sink = VecSink::new(MIB, &[len], Duration::from_micros(200));
+    let report = armed.run(&sink, 2).unwrap();
+    writers.wait(2000);
+    eprintln!("shmem: {report:#?}");
+    sink.assert_each_block_once();
+    assert!(sink.images[0].lock().unwrap()[..] == expected(0, len, len / 2)[..]);
+    assert_eq!(wp_pages(&m), 0);
+}
+
+fn assert_unprotected(maps: &[&Mapping]) {
+    for m in maps {
+        assert_eq!(wp_pages(m), 0, "protection left");
+        m.write_every_page(2);
+    }
+}
+
+#[test]
+fn cancel_mid_run_releases_writers() {
+    let bs = 256 * 1024;
+    let len = 32 * MIB;
+    let m = Mapping::anon(len);
+    fill(&m, 0, len);
+    let armed = arm(&[m.range()], bs).unwrap();
+    let cancel = armed.cancel_handle();
+    let n = 3000;
+    let writers = start_writers(&[&m], 2, n);
+    let sink = VecSink::new(bs, &[len], Duration::from_millis(2)); // ~256 ms to walk
+    let canceller = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(40));
+        cancel.cancel();
+    });
+    let t = Instant::now();
+    let res = armed.run(&sink, 1);
+    canceller.join().unwrap();
+    assert!(matches!(res, Err(SnapshotError::Cancelled)), "{res:?}");
+    assert!(t.elapsed() < Duration::from_millis(200), "cancel took {:?}", t.elapsed());
+    writers.wait(n);
+    assert_unprotected(&[&m]);
+}
+
+#[test]
+fn sink_error_removes_protection() {
+    let bs = 256 * 1024;
+    let len = 16 * MIB;
+    let (m0, m1) = (Mapping::anon(len), Mapping::anon(len));
+    fill(&m0, 0, len);
+    let armed = arm(&[m0.range(), m1.range()], bs).unwrap();
+    let n = 2000;
+    let writers = start_writers(&[&m0, &m1], 2, n);
+    let mut sink = VecSink::new(bs, &[len, len], Duration::from_micros(200));
+    sink.fail_at = Some((1, 20));
+    let res = armed.run(&sink, 2);
+    match res {
+        Err(SnapshotError::Sink { range: 1, block: 20, ref message }) => {
+            assert!(message.contains("disk full"))
+        }
+        other => panic!("expected the sink error, got {other:?}"),
+    }
+    writers.wait(n);
+    assert_unprotected(&[&m0, &m1]);
+}
+
+#[test]
+fn disarm_and_drop_release_writers() {
+    let m = Mapping::anon(4 * MIB);
+    fill(&m, 0, MIB);
+    let armed = arm(&[m.range()], MIB).unwrap();
+    assert!(wp_pages(&m) > 0);
+    let writers = start_writers(&[&m], 1, 100); // blocks on its first write
+    thread::sleep(Duration::from_millis(20));
+    armed.disarm().unwrap();
+    writers.wait(100);
+    assert_unprotected(&[&m]);
+
+    let armed = arm(&[m.range()], MIB).unwrap();
+    let writers = start_writers(&[&m], 1, 100);
+    thread::sleep(Duration::from_millis(20));
+    drop(armed);
+    writers.wait(100);
+    assert_unprotected(&[&m]);
+}
+
+#[test]
+fn private_file_mapping_cannot_be_write_protected() {
+    let path = std::env::temp_dir().join(format!("bg-snapshot-test-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    file.set_len(MIB as u64).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    use std::os::fd::AsRawFd;
+    let fm = Mapping::map(MIB, libc::MAP_PRIVATE, file.as_raw_fd());
+    fm.write_every_page(3);
+    let anon = Mapping::anon(MIB);
+    let res = arm(&[anon.range(), fm.range()], MIB);
+    match res {
+        Err(SnapshotError::UnsupportedMemory { region, ref reason }) => {
+            eprintln!("{}", res.as_ref().unwrap_err());
+            assert_eq!(region, 1);
+            assert!(reason.contains("cannot be write-protected"), "{reason}");
+        }
+        other => panic!("expected UnsupportedMemory, got {other:?}"),
+    }
+    // Nothing stays registered or protected after the failed arm.
+    assert_unprotected(&[&anon, &fm]);
+    // The anonymous range alone arms fine.
+    arm(&[anon.range()], MIB).unwrap().disarm().unwrap();
+}
+
+#[test]
+fn invalid_arguments_are_refused() {
+    let m = Mapping::anon(2 * MIB);
+    // SAFETY: inside the mapping.
+    let unaligned = unsafe { MemRange::new(m.ptr.add(1), PAGE) };
+    assert!(matches!(arm(&[unaligned], MIB), Err(SnapshotError::InvalidArgument(_))));
+    assert!(matches!(arm(&[m.range()], 3 * PAGE), Err(SnapshotError::InvalidArgument(_))));
+    assert!(matches!(arm(&[], MIB), Err(SnapshotError::InvalidArgument(_))));
+    // SAFETY: inside the mapping.
+    let half = unsafe { MemRange::new(m.ptr.add(MIB), MIB) };
+    assert!(matches!(arm(&[m.range(), half], MIB), Err(SnapshotError::InvalidArgument(_))));
+    // A sink with another block size is refused, and protection is removed.
+    let armed = arm(&[m.range()], MIB).unwrap();
+    let sink = VecSink::new(2 * MIB, &[2 * MIB], Duration::ZERO);
+    assert!(matches!(armed.run(&sink, 1), Err(SnapshotError::InvalidArgument(_))));
+    assert_unprotected(&[&m]);
+}
+
+#[test]
+fn tail_block_is_shorter() {
+    let len = MIB + 3 * PAGE;
+    let m = Mapping::anon(len);
+    fill(&m, 0, len);
+    let armed = arm(&[m.range()], MIB).unwrap();
+    let sink = VecSink::new(MIB, &[len], Duration::ZERO);
+    let report = armed.run(&sink, 3).unwrap();
+    assert_eq!(report.blocks_by_walkers, 2);
+    assert!(sink.images[0].lock().unwrap()[..] == expected(0, len, len)[..]);
+    sink.assert_each_block_once();
+}
+
+#[test]
+fn cancel_handle_is_shareable() {
+    let flag = Arc::new(AtomicBool::new(false));
+    let m = Mapping::anon(MIB);
+    let armed = arm(&[m.range()], MIB).unwrap();
+    let h = armed.cancel_handle();
+    assert!(!h.is_cancelled());
+    let h2 = h.clone();
+    h2.cancel();
+    assert!(h.is_cancelled());
+    flag.store(true, Ordering::SeqCst);
+    // Cancelled before it started: nothing is copied, protection is removed.
+    let sink = VecSink::new(MIB, &[MIB], Duration::ZERO);
+    assert!(matches!(armed.run(&sink, 1), Err(SnapshotError::Cancelled)));
+    assert_unprotected(&[&m]);
+}

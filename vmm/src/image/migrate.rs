@@ -1,0 +1,143 @@
+//! A stopped migration between two processes over sockets: the saving VM
+//! sends its RAM through multifd data channels and its device state on the
+//! main channel; `cryo restore --listen` receives straight into fresh guest
+//! memory and resumes the VM only after the whole transfer verified.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use microvm::persist::VmSnapshot;
+use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
+use serde::{Deserialize, Serialize};
+
+use super::fixed::mem_regions;
+use super::{snapshot, Loaded, SaveError, SaveOptions, Written, PAGE_SIZE};
+
+/// How long the receiver waits for each data connection once the main one is up.
+const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Per-packet compression on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum CompressionArg {
+    /// Raw pages.
+    None,
+    /// zstd, level 1.
+    Zstd,
+    /// lz4.
+    Lz4,
+}
+
+impl CompressionArg {
+    fn multifd(self) -> multifd::Compression {
+        match self {
+            CompressionArg::None => multifd::Compression::None,
+            CompressionArg::Zstd => multifd::Compression::Zstd(1),
+            CompressionArg::Lz4 => multifd::Compression::Lz4,
+        }
+    }
+}
+
+/// Sends a paused VM to a listening `cryo restore --listen`. Succeeds only
+/// once the receiver confirmed it loaded everything.
+pub fn send_vm(
+    endpoint: &multifd::Endpoint,
+    snap: &VmSnapshot,
+    memory: &GuestMemory,
+    opts: &SaveOptions,
+) -> Result<Written, SaveError> {
+    let target = PathBuf::from(endpoint.to_string());
+    let device_state = snapshot::encode(snap, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
+        path: target.clone(),
+        reason: e.to_string(),
+    })?;
+    let socket_opts = multifd::SocketOptions {
+        channels: opts.channels.channels.clamp(1, 64),
+        compression: opts.compression.unwrap_or(CompressionArg::None).multifd(),
+    };
+    let stats = multifd::send(
+        &mut || endpoint.connect(),
+        &mem_regions(memory),
+        &device_state,
+        &socket_opts,
+    )
+    .map_err(|e| SaveError::Image {
+        path: target.clone(),
+        reason: e.to_string(),
+    })?;
+    log::info!(
+        "sent {} pages ({} zero) over {} channels in {:?}: {:.0} MB/s on the wire",
+        stats.present_pages,
+        stats.zero_pages,
+        stats.channels,
+        stats.elapsed,
+        stats.mb_per_s()
+    );
+    Ok(Written {
+        bytes: stats.bytes,
+        allocated_bytes: 0,
+        device_state_bytes: device_state.len() as u64,
+        ram_pages: stats.present_pages,
+        zero_pages: stats.zero_pages,
+    })
+}
+
+/// Waits on `listen` for one migration and returns the received VM.
+pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
+    let path = PathBuf::from(listen);
+    let invalid = |reason: String| SaveError::Invalid {
+        path: path.clone(),
+        reason,
+    };
+    let endpoint = multifd::parse_endpoint(listen).map_err(|e| invalid(e.to_string()))?;
+    let listener = endpoint.listen().map_err(|e| invalid(e.to_string()))?;
+    eprintln!("cryo: waiting for a migration on {listen}");
+    let mut memory: Option<GuestMemory> = None;
+    let (device_state, stats) = listener
+        .receive(DATA_CONNECT_TIMEOUT, &mut |layout| {
+            let total: u64 = layout.iter().map(|(_, size)| *size).sum();
+            if total % (1 << 20) != 0 {
+                return Err(format!("RAM of {total} bytes is not a whole number of MiB"));
+            }
+            let mem = create_guest_memory(total >> 20, &MemoryBacking::Anonymous)
+                .map_err(|e| e.to_string())?;
+            let ours: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+            if ours != layout {
+                return Err(format!(
+                    "RAM layout {layout:x?} is not the one cryo builds for {} MiB ({ours:x?})",
+                    total >> 20
+                ));
+            }
+            let regions = mem_regions(&mem);
+            memory = Some(mem);
+            Ok(regions)
+        })
+        .map_err(|e| SaveError::Image {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    drop(listener);
+    log::info!(
+        "received {} pages over {} channels in {:?}: {:.0} MB/s",
+        stats.present_pages,
+        stats.channels,
+        stats.elapsed,
+        stats.mb_per_s()
+    );
+    let snap =
+        snapshot::decode(&device_state).map_err(|e| invalid(format!("device state: {e}")))?;
+    let memory = memory.ok_or_else(|| invalid("no RAM layout was received".into()))?;
+    let ours: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    if ours != snap.machine.regions {
+        return Err(invalid(format!(
+            "received RAM {ours:x?} does not match the machine section's {:x?}",
+            snap.machine.regions
+        )));
+    }
+    Ok(Loaded {
+        snapshot: snap,
+        memory,
+        prefetch: None,
+    })
+}
