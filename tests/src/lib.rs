@@ -188,6 +188,12 @@ impl Guest {
         }
     }
 
+    /// Discards the console lines received but not yet followed, so that the
+    /// next [`Guest::follow`] sees only what the guest prints from now on.
+    pub fn drain(&mut self) {
+        while self.lines.try_recv().is_ok() {}
+    }
+
     /// Every console line so far.
     pub fn output(&self) -> Vec<String> {
         self.seen.lock().map(|s| s.clone()).unwrap_or_default()

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -67,6 +67,26 @@ pub enum Request {
         #[serde(default)]
         compression: Option<save::migrate::CompressionArg>,
     },
+    /// Take a live snapshot to a file: the VM at this instant, written while it runs.
+    Snapshot {
+        /// Echoed in the reply.
+        #[serde(default)]
+        id: Option<Value>,
+        /// Target file.
+        path: PathBuf,
+        /// Walker threads (default: one per host CPU).
+        #[serde(default)]
+        channels: Option<usize>,
+        /// O_DIRECT: "auto" (default), "on", "off".
+        #[serde(default)]
+        direct_io: Option<DirectIoArg>,
+    },
+    /// Cancel a running live snapshot.
+    Cancel {
+        /// Echoed in the reply.
+        #[serde(default)]
+        id: Option<Value>,
+    },
     /// End the VM.
     Quit {
         /// Echoed in the reply.
@@ -82,6 +102,8 @@ impl Request {
             | Request::Pause { id }
             | Request::Resume { id }
             | Request::Save { id, .. }
+            | Request::Snapshot { id, .. }
+            | Request::Cancel { id }
             | Request::Quit { id } => id.clone(),
         }
     }
@@ -114,6 +136,7 @@ struct ApiState {
     controller: VmController,
     started: Instant,
     saving: AtomicBool,
+    cancel: save::live::CancelSlot,
 }
 
 /// Binds the socket and serves it on background threads.
@@ -134,6 +157,7 @@ pub fn serve(path: &Path, controller: VmController) -> std::io::Result<()> {
         controller,
         started: Instant::now(),
         saving: AtomicBool::new(false),
+        cancel: save::live::CancelSlot::default(),
     });
     std::thread::Builder::new()
         .name("api-accept".into())
@@ -260,6 +284,61 @@ fn handle(text: &str, state: &ApiState) -> (Value, Option<AfterReply>) {
             Ok(()) => (ok_reply(id, json!({"state": "running"})), None),
             Err(e) => (error_reply(id, "failed", &e.to_string()), None),
         },
+        Request::Cancel { .. } => {
+            if state.cancel.cancel() {
+                (ok_reply(id, json!({"cancelled": true})), None)
+            } else {
+                (
+                    error_reply(id, "bad-request", "no live snapshot is running"),
+                    None,
+                )
+            }
+        }
+        Request::Snapshot {
+            path,
+            channels,
+            direct_io,
+            ..
+        } => {
+            if channels.is_some_and(|n| n == 0 || n > 64) {
+                return (
+                    error_reply(id, "bad-request", "channels must be 1 to 64"),
+                    None,
+                );
+            }
+            let mut opts = save::fixed::ChannelOptions::default();
+            if let Some(n) = channels {
+                opts.channels = n;
+            }
+            if let Some(d) = direct_io {
+                opts.direct_io = d.into();
+            }
+            if state.saving.swap(true, Ordering::AcqRel) {
+                return (
+                    error_reply(id, "busy", "a save or snapshot is already in progress"),
+                    None,
+                );
+            }
+            let result = save::live::snapshot_vm(c, &path, &opts, &state.cancel);
+            state.saving.store(false, Ordering::Release);
+            match result {
+                Ok(stats) => {
+                    info!(
+                        "snapshot of the running VM in {}: {stats:?}",
+                        path.display()
+                    );
+                    (
+                        ok_reply(id, serde_json::to_value(&stats).unwrap_or(Value::Null)),
+                        None,
+                    )
+                }
+                Err(save::SaveError::Image { reason, .. }) if reason.contains("cancelled") => (
+                    error_reply(id, "cancelled", "the snapshot was cancelled"),
+                    None,
+                ),
+                Err(e) => (error_reply(id, e.kind(), &e.to_string()), None),
+            }
+        }
         Request::Quit { .. } => {
             let c = c.clone();
             (
@@ -303,7 +382,7 @@ fn handle(text: &str, state: &ApiState) -> (Value, Option<AfterReply>) {
             };
             if state.saving.swap(true, Ordering::AcqRel) {
                 return (
-                    error_reply(id, "busy", "a save is already in progress"),
+                    error_reply(id, "busy", "a save or snapshot is already in progress"),
                     None,
                 );
             }

@@ -28,6 +28,11 @@ pub enum Command {
     Run(RunArgs),
     /// Save a running VM (through its API socket) to a file.
     Save(SaveArgs),
+    /// Take a live snapshot of a running VM (through its API socket): the VM
+    /// at this instant, written while it keeps running.
+    Snapshot(SnapshotArgs),
+    /// Cancel a running live snapshot (no file is left; the VM runs on).
+    Cancel(ApiArgs),
     /// Build a VM from a saved file in this process and resume it.
     Restore(RestoreArgs),
     /// Print what a saved file holds: header, sections, RAM layout.
@@ -42,6 +47,9 @@ pub enum Command {
     Status(ApiArgs),
     /// End a VM.
     Quit(ApiArgs),
+    /// Measure save and restore speed against this machine's limits.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 /// Entry protocol choice.
@@ -117,6 +125,23 @@ pub struct SaveArgs {
     /// Resume the VM after saving instead of ending it.
     #[arg(long)]
     pub keep_running: bool,
+}
+
+/// `cryo snapshot`.
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api: PathBuf,
+    /// Target file (a fixed-ram image, committed only when complete).
+    #[arg(long, value_name = "FILE")]
+    pub to: PathBuf,
+    /// Walker threads copying pages (default: one per host CPU).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub channels: Option<u16>,
+    /// O_DIRECT for the page data: auto (default), on, off.
+    #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
+    pub direct_io: Option<crate::api::DirectIoArg>,
 }
 
 /// `cryo restore`.

@@ -54,3 +54,22 @@ pub fn save(args: crate::cli::SaveArgs) -> Result<(), CliError> {
     }
     call(&args.api, req)
 }
+
+/// `cryo snapshot`.
+pub fn snapshot(args: crate::cli::SnapshotArgs) -> Result<(), CliError> {
+    let to = if args.to.is_absolute() {
+        args.to.clone()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| CliError::failure(format!("cannot read the current directory: {e}")))?
+            .join(&args.to)
+    };
+    let mut req = json!({"cmd": "snapshot", "path": to});
+    if let Some(n) = args.channels {
+        req["channels"] = json!(n);
+    }
+    if let Some(d) = args.direct_io {
+        req["direct_io"] = json!(d);
+    }
+    call(&args.api, req)
+}

@@ -4,6 +4,7 @@
 //! codes. Exit status: 0 success, 1 runtime failure, 2 bad input.
 
 mod api;
+mod bench;
 mod cli;
 mod client;
 mod image;
@@ -63,8 +64,11 @@ fn main() -> ExitCode {
         cli::Command::Run(a) => run::run(a),
         cli::Command::Restore(a) => run::restore(a),
         cli::Command::Save(a) => client::save(a),
+        cli::Command::Snapshot(a) => client::snapshot(a),
+        cli::Command::Cancel(a) => client::call(&a.api, serde_json::json!({"cmd": "cancel"})),
         cli::Command::Inspect(a) => inspect::inspect(a),
         cli::Command::Verify(a) => inspect::verify(a),
+        cli::Command::Bench(b) => bench::bench(b),
         cli::Command::Pause(a) => client::call(&a.api, serde_json::json!({"cmd": "pause"})),
         cli::Command::Resume(a) => client::call(&a.api, serde_json::json!({"cmd": "resume"})),
         cli::Command::Status(a) => client::call(&a.api, serde_json::json!({"cmd": "status"})),

@@ -17,8 +17,12 @@ const DONE: u8 = 2;
 /// How long the fault thread and idle walkers wait before re-checking for stop.
 const POLL_MS: libc::c_int = 5;
 const IDLE_WAIT: Duration = Duration::from_millis(2);
-/// Fault copies kept ready (pre-touched) so a fault never pays for fresh memory.
-const PREALLOCATED_BUFFERS: usize = 4;
+/// Fault copies may queue up to this many bytes (at least 8 blocks) before the
+/// fault thread writes to the sink itself.
+const QUEUE_BYTES: usize = 32 << 20;
+/// Fault copy buffers allocated and touched before the run starts (at least 4
+/// blocks), so that a fault does not pay for first-touch page faults in its buffer.
+const PREALLOCATED_BYTES: usize = 16 << 20;
 
 /// Creates the userfaultfd, mapping failures to the right error.
 pub(crate) fn create_uffd() -> Result<Uffd, SnapshotError> {
@@ -150,7 +154,7 @@ fn validate(ranges: &[MemRange], block_size: usize) -> Result<(), SnapshotError>
     if ranges.is_empty() {
         return Err(SnapshotError::InvalidArgument("no memory ranges".into()));
     }
-    if !block_size.is_power_of_two() || block_size % page != 0 {
+    if !block_size.is_power_of_two() || !block_size.is_multiple_of(page) {
         return Err(SnapshotError::InvalidArgument(format!(
             "block size {block_size} is not a power of two multiple of the page size {page}"
         )));
@@ -443,12 +447,21 @@ impl Shared<'_> {
             if self.stopping() {
                 return;
             }
+            // Alternate: one queued fault copy (if any), then one block of the walk,
+            // so that neither starves the other.
             let queued = lock(&self.queue).pop_front();
+            let had_queued = queued.is_some();
             if let Some(q) = queued {
                 self.write_queued(sink, q);
-                continue;
+                if self.stopping() {
+                    return;
+                }
             }
-            let g = self.cursor.fetch_add(1, Ordering::Relaxed);
+            let g = if self.cursor.load(Ordering::Relaxed) < self.total {
+                self.cursor.fetch_add(1, Ordering::Relaxed)
+            } else {
+                self.total
+            };
             if g < self.total {
                 if !self.claim(g) {
                     continue; // a fault got there first
@@ -471,6 +484,9 @@ impl Shared<'_> {
                         return;
                     }
                 }
+                continue;
+            }
+            if had_queued {
                 continue;
             }
             // Nothing left to walk: drain fault copies until every block is done.
@@ -647,8 +663,10 @@ impl Armed {
             first_block.push(total);
             total += r.len().div_ceil(self.block_size) as u64;
         }
-        let mut free = Vec::with_capacity(PREALLOCATED_BUFFERS);
-        for _ in 0..PREALLOCATED_BUFFERS {
+        let queue_cap = (2 * walkers).max(8).max(QUEUE_BYTES / self.block_size);
+        let prealloc = (PREALLOCATED_BYTES / self.block_size).clamp(4, queue_cap);
+        let mut free = Vec::with_capacity(prealloc);
+        for _ in 0..prealloc {
             // Filled with non-zero bytes so the pages are really allocated now.
             free.push(vec![0xa5u8; self.block_size]);
         }
@@ -667,7 +685,7 @@ impl Armed {
             fault_stop: AtomicBool::new(false),
             error: Mutex::new(None),
             queue: Mutex::new(VecDeque::new()),
-            queue_cap: (2 * walkers).max(8),
+            queue_cap,
             cv: Condvar::new(),
             free: Mutex::new(free),
             blocks_by_walkers: AtomicU64::new(0),

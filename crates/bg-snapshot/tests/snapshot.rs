@@ -30,10 +30,25 @@ impl Mapping {
     fn map(len: usize, flags: libc::c_int, fd: libc::c_int) -> Mapping {
         // SAFETY: a fresh mapping at an address of the kernel's choosing.
         let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
         };
-        assert_ne!(ptr, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
-        Mapping { ptr: ptr.cast(), len }
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Mapping {
+            ptr: ptr.cast(),
+            len,
+        }
     }
 
     fn range(&self) -> MemRange {
@@ -160,7 +175,9 @@ fn start_writers(maps: &[&Mapping], count: usize, n: usize) -> Writers {
                 let page = (x as usize >> 8) % (len / PAGE);
                 // SAFETY: inside a live mapping; the test keeps it mapped until the
                 // writers are done.
-                unsafe { std::ptr::write_bytes((base + page * PAGE) as *mut u8, 0xe0 | w as u8, PAGE) };
+                unsafe {
+                    std::ptr::write_bytes((base + page * PAGE) as *mut u8, 0xe0 | w as u8, PAGE)
+                };
             }
             let _ = tx.send(n);
         });
@@ -174,7 +191,10 @@ impl Writers {
         let deadline = Instant::now() + Duration::from_secs(30);
         for _ in 0..self.count {
             let left = deadline.saturating_duration_since(Instant::now());
-            let done = self.rx.recv_timeout(left).expect("a writer is stuck on write-protected memory");
+            let done = self
+                .rx
+                .recv_timeout(left)
+                .expect("a writer is stuck on write-protected memory");
             assert_eq!(done, n);
         }
     }
@@ -184,7 +204,8 @@ impl Writers {
 /// (/proc/self/pagemap bit 57).
 fn wp_pages(m: &Mapping) -> usize {
     let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
-    f.seek(SeekFrom::Start((m.ptr as u64 / PAGE as u64) * 8)).unwrap();
+    f.seek(SeekFrom::Start((m.ptr as u64 / PAGE as u64) * 8))
+        .unwrap();
     let mut buf = vec![0u8; m.len / PAGE * 8];
     f.read_exact(&mut buf).unwrap();
     buf.chunks(8)
@@ -201,7 +222,11 @@ fn exact_snapshot(walkers: usize, opts: ArmOptions) {
     let armed = arm_with(&[m0.range(), m1.range()], bs, opts).unwrap();
     assert_eq!(
         wp_pages(&m0) + wp_pages(&m1),
-        if armed.used_wp_unpopulated() { (len0 + len1) / PAGE } else { wp_pages(&m0) + wp_pages(&m1) }
+        if armed.used_wp_unpopulated() {
+            (len0 + len1) / PAGE
+        } else {
+            wp_pages(&m0) + wp_pages(&m1)
+        }
     );
     assert!(wp_pages(&m0) > 0);
     // Writers resume after arm (they block on their first fault until run serves it).
@@ -212,17 +237,34 @@ fn exact_snapshot(walkers: usize, opts: ArmOptions) {
     eprintln!("walkers={walkers} opts={opts:?}: {report:#?}");
     writers.wait(n);
     sink.assert_each_block_once();
-    assert!(sink.images[0].lock().unwrap()[..] == expected(0, len0, len0)[..], "range 0 differs from T0");
-    assert!(sink.images[1].lock().unwrap()[..] == expected(1, len1, len1 / 2)[..], "range 1 differs from T0");
+    assert!(
+        sink.images[0].lock().unwrap()[..] == expected(0, len0, len0)[..],
+        "range 0 differs from T0"
+    );
+    assert!(
+        sink.images[1].lock().unwrap()[..] == expected(1, len1, len1 / 2)[..],
+        "range 1 differs from T0"
+    );
     let total = ((len0 + len1) / bs) as u64;
     assert_eq!(report.blocks_by_walkers + report.blocks_by_faults, total);
-    assert!(report.blocks_by_faults > 0, "no block was copied by a fault");
+    assert!(
+        report.blocks_by_faults > 0,
+        "no block was copied by a fault"
+    );
     assert!(report.faults >= report.blocks_by_faults);
     assert_eq!(report.fault_latency.count, report.blocks_by_faults);
     assert_eq!(report.wp_unpopulated, opts.use_wp_unpopulated);
-    assert_eq!((wp_pages(&m0), wp_pages(&m1)), (0, 0), "protection left after run");
+    assert_eq!(
+        (wp_pages(&m0), wp_pages(&m1)),
+        (0, 0),
+        "protection left after run"
+    );
     // The writers' new data is in memory (the snapshot did not lose their writes).
-    assert!(m0.bytes().chunks(PAGE).chain(m1.bytes().chunks(PAGE)).any(|p| p[0] & 0xf0 == 0xe0));
+    assert!(m0
+        .bytes()
+        .chunks(PAGE)
+        .chain(m1.bytes().chunks(PAGE))
+        .any(|p| p[0] & 0xf0 == 0xe0));
     m0.write_every_page(1);
     m1.write_every_page(1);
 }
@@ -246,7 +288,12 @@ fn exact_with_four_walkers() {
 
 #[test]
 fn exact_with_pre_touch_instead_of_wp_unpopulated() {
-    exact_snapshot(2, ArmOptions { use_wp_unpopulated: false });
+    exact_snapshot(
+        2,
+        ArmOptions {
+            use_wp_unpopulated: false,
+        },
+    );
 }
 
 #[test]
@@ -291,7 +338,11 @@ fn cancel_mid_run_releases_writers() {
     let res = armed.run(&sink, 1);
     canceller.join().unwrap();
     assert!(matches!(res, Err(SnapshotError::Cancelled)), "{res:?}");
-    assert!(t.elapsed() < Duration::from_millis(200), "cancel took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "cancel took {:?}",
+        t.elapsed()
+    );
     writers.wait(n);
     assert_unprotected(&[&m]);
 }
@@ -309,7 +360,11 @@ fn sink_error_removes_protection() {
     sink.fail_at = Some((1, 20));
     let res = armed.run(&sink, 2);
     match res {
-        Err(SnapshotError::Sink { range: 1, block: 20, ref message }) => {
+        Err(SnapshotError::Sink {
+            range: 1,
+            block: 20,
+            ref message,
+        }) => {
             assert!(message.contains("disk full"))
         }
         other => panic!("expected the sink error, got {other:?}"),
@@ -374,16 +429,31 @@ fn invalid_arguments_are_refused() {
     let m = Mapping::anon(2 * MIB);
     // SAFETY: inside the mapping.
     let unaligned = unsafe { MemRange::new(m.ptr.add(1), PAGE) };
-    assert!(matches!(arm(&[unaligned], MIB), Err(SnapshotError::InvalidArgument(_))));
-    assert!(matches!(arm(&[m.range()], 3 * PAGE), Err(SnapshotError::InvalidArgument(_))));
-    assert!(matches!(arm(&[], MIB), Err(SnapshotError::InvalidArgument(_))));
+    assert!(matches!(
+        arm(&[unaligned], MIB),
+        Err(SnapshotError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        arm(&[m.range()], 3 * PAGE),
+        Err(SnapshotError::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        arm(&[], MIB),
+        Err(SnapshotError::InvalidArgument(_))
+    ));
     // SAFETY: inside the mapping.
     let half = unsafe { MemRange::new(m.ptr.add(MIB), MIB) };
-    assert!(matches!(arm(&[m.range(), half], MIB), Err(SnapshotError::InvalidArgument(_))));
+    assert!(matches!(
+        arm(&[m.range(), half], MIB),
+        Err(SnapshotError::InvalidArgument(_))
+    ));
     // A sink with another block size is refused, and protection is removed.
     let armed = arm(&[m.range()], MIB).unwrap();
     let sink = VecSink::new(2 * MIB, &[2 * MIB], Duration::ZERO);
-    assert!(matches!(armed.run(&sink, 1), Err(SnapshotError::InvalidArgument(_))));
+    assert!(matches!(
+        armed.run(&sink, 1),
+        Err(SnapshotError::InvalidArgument(_))
+    ));
     assert_unprotected(&[&m]);
 }
 
@@ -414,5 +484,45 @@ fn cancel_handle_is_shareable() {
     // Cancelled before it started: nothing is copied, protection is removed.
     let sink = VecSink::new(MIB, &[MIB], Duration::ZERO);
     assert!(matches!(armed.run(&sink, 1), Err(SnapshotError::Cancelled)));
+    assert_unprotected(&[&m]);
+}
+
+#[test]
+fn armed_can_move_between_threads() {
+    fn assert_send<T: Send>() {}
+    assert_send::<bg_snapshot::Armed>();
+    assert_send::<MemRange>();
+    let m = Mapping::anon(MIB);
+    let armed = arm(&[m.range()], MIB).unwrap();
+    let sink = VecSink::new(MIB, &[MIB], Duration::ZERO);
+    let report = thread::scope(|s| s.spawn(|| armed.run(&sink, 1)).join().unwrap()).unwrap();
+    assert_eq!(report.blocks_by_walkers + report.blocks_by_faults, 1);
+}
+
+struct PanickingSink;
+
+impl BlockSink for PanickingSink {
+    fn block_size(&self) -> usize {
+        256 * 1024
+    }
+    fn write_block(&self, _range: usize, block: u64, _data: &[u8]) -> Result<(), String> {
+        if block == 5 {
+            panic!("sink panics (test)");
+        }
+        thread::sleep(Duration::from_micros(200));
+        Ok(())
+    }
+}
+
+#[test]
+fn panicking_sink_still_removes_protection() {
+    let len = 8 * MIB;
+    let m = Mapping::anon(len);
+    fill(&m, 0, len);
+    let armed = arm(&[m.range()], 256 * 1024).unwrap();
+    let writers = start_writers(&[&m], 2, 1000);
+    let res = thread::spawn(move || armed.run(&PanickingSink, 2)).join();
+    assert!(res.is_err(), "the sink's panic is propagated");
+    writers.wait(1000);
     assert_unprotected(&[&m]);
 }

@@ -10,13 +10,9 @@ use common::wire::{self, hello, packet, page, round_done, sync, Mem};
 use common::Anon;
 use multifd::{receive, Encoding, MainMessage, MultifdError, Role};
 
-fn run(
-    main: Vec<u8>,
-    data: Vec<Vec<u8>>,
-) -> (
-    Result<(Vec<u8>, multifd::TransferStats), MultifdError>,
-    Vec<Anon>,
-) {
+type Received = Result<(Vec<u8>, multifd::TransferStats), MultifdError>;
+
+fn run(main: Vec<u8>, data: Vec<Vec<u8>>) -> (Received, Vec<Anon>) {
     let mut conns = std::iter::once(main)
         .chain(data)
         .map(|b| Mem(Cursor::new(b)));
@@ -102,7 +98,7 @@ impl Parts {
         }
     }
 
-    fn run(self) -> Result<(Vec<u8>, multifd::TransferStats), MultifdError> {
+    fn run(self) -> Received {
         let main = [
             self.main_hello,
             self.layout,

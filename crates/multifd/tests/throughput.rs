@@ -55,6 +55,40 @@ fn raw_direct_write(path: &Path, mem: &Anon, streams: usize) -> f64 {
     mem.len as f64 / t.elapsed().as_secs_f64() / 1e6
 }
 
+/// Raw O_DIRECT sequential reads into `mem` in 4 MiB blocks by `streams` threads.
+fn raw_direct_read(path: &Path, mem: &Anon, streams: usize) -> f64 {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let block = 4 << 20;
+    let blocks = mem.len / block;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..streams {
+            s.spawn(|| loop {
+                let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if b >= blocks {
+                    break;
+                }
+                // SAFETY: the block is inside the mapping.
+                let r = unsafe {
+                    libc::pread(
+                        f.as_raw_fd(),
+                        mem.ptr.add(b * block).cast(),
+                        block,
+                        (b * block) as libc::off_t,
+                    )
+                };
+                assert_eq!(r, block as isize);
+            });
+        }
+    });
+    mem.len as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
 #[test]
 #[ignore]
 fn measure_throughput() {
@@ -66,6 +100,7 @@ fn measure_throughput() {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| Path::new(env!("CARGO_TARGET_TMPDIR")).to_path_buf());
     let size = mib << 20;
+    let thp = std::env::var("MULTIFD_BENCH_THP").is_ok_and(|v| v == "1");
     let mut mem = Anon::new(size as usize);
     // Every page non-zero (a worst case for the disk), cheap to generate.
     for (i, w) in mem.bytes_mut().chunks_exact_mut(8).enumerate() {
@@ -74,7 +109,8 @@ fn measure_throughput() {
     let path = dir.join(format!("multifd-bench-{}", std::process::id()));
     let direct_ok = direct_io_works(&dir);
     println!(
-        "guest {mib} MiB, all pages present, file {} ({}), {} CPUs",
+        "guest {mib} MiB, all pages present, load targets {}, file {} ({}), {} CPUs",
+        if thp { "MADV_HUGEPAGE" } else { "4 KiB pages" },
         path.display(),
         if direct_ok {
             "O_DIRECT works"
@@ -93,6 +129,17 @@ fn measure_throughput() {
             println!(
                 "raw O_DIRECT write, 4 MiB blocks, {s} streams: {:.0} MB/s",
                 raw_direct_write(&path, &mem, s)
+            );
+        }
+        for s in [1, 2, 4] {
+            let target = Anon::new(size as usize);
+            if thp {
+                // SAFETY: advice on our own mapping.
+                unsafe { libc::madvise(target.ptr.cast(), target.len, libc::MADV_HUGEPAGE) };
+            }
+            println!(
+                "raw O_DIRECT read into fresh memory, 4 MiB blocks, {s} streams: {:.0} MB/s",
+                raw_direct_read(&path, &target, s)
             );
         }
     }
@@ -119,6 +166,10 @@ fn measure_throughput() {
             let mut loads = Vec::new();
             for populate in [false, true] {
                 let target = Anon::new(size as usize);
+                if thp {
+                    // SAFETY: advice on our own mapping.
+                    unsafe { libc::madvise(target.ptr.cast(), target.len, libc::MADV_HUGEPAGE) };
+                }
                 drop_cache(&path);
                 let l = load_from_file_with(&path, &[target.region(0)], &layout, &opts, populate)
                     .unwrap();

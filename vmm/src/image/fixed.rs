@@ -319,6 +319,18 @@ pub fn load_fixed(
     verify: bool,
     channels: &ChannelOptions,
 ) -> Result<Loaded, SaveError> {
+    load_fixed_with(path, mode, verify, channels, &|_| {})
+}
+
+/// [`load_fixed`], calling `on_memory` with the guest memory as soon as it
+/// exists (before any page is read; for measurements).
+pub fn load_fixed_with(
+    path: &Path,
+    mode: RestoreMode,
+    verify: bool,
+    channels: &ChannelOptions,
+    on_memory: &dyn Fn(&GuestMemory),
+) -> Result<Loaded, SaveError> {
     let invalid = |reason: String| SaveError::Invalid {
         path: path.to_owned(),
         reason,
@@ -352,6 +364,7 @@ pub fn load_fixed(
         RestoreMode::Eager => {
             let memory = create_guest_memory(snapshot.machine.mem_mib, &MemoryBacking::Anonymous)
                 .map_err(|e| invalid(e.to_string()))?;
+            on_memory(&memory);
             let stats = multifd::load_from_file(
                 path,
                 &mem_regions(&memory),

@@ -15,6 +15,7 @@
 //! temporary file and leaves the VM as it was (running, or paused).
 
 pub mod fixed;
+pub mod live;
 pub mod migrate;
 pub mod snapshot;
 pub mod stream;

@@ -24,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
 fn run(data: &[u8]) {
     let _ = parse_hello(data);
     let _ = parse_packet_header(data);
-    for (ps, regions) in [(4096, &[4u64, 256, 1 << 20][..]), (65536, &[1u64][..]), (4096, &[][..])] {
+    for (ps, regions) in [
+        (4096, &[4u64, 256, 1 << 20][..]),
+        (65536, &[1u64][..]),
+        (4096, &[][..]),
+    ] {
         if let Ok((p, n)) = parse_packet(data, ps, regions) {
             assert!(n <= data.len());
             assert!(p.runs.len() <= 256);

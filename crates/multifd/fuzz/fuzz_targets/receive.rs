@@ -41,7 +41,8 @@ fn split(data: &[u8]) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let mut pos = 0;
     while out.len() < 9 && pos + 4 <= data.len() {
-        let len = u32::from_le_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]) as usize;
+        let len =
+            u32::from_le_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]) as usize;
         pos += 4;
         let end = pos.saturating_add(len).min(data.len());
         out.push(data[pos..end].to_vec());
@@ -61,7 +62,9 @@ fn fix_main(b: &mut [u8]) {
     fix_hello(b);
     let mut pos = HELLO_LEN;
     while pos < b.len() {
-        let Ok(h) = parse_main_header(&b[pos..]) else { break };
+        let Ok(h) = parse_main_header(&b[pos..]) else {
+            break;
+        };
         let end = pos + MAIN_HEADER_LEN + h.len as usize;
         if b.len() < end + 4 {
             break;
@@ -78,7 +81,9 @@ fn fix_data(b: &mut [u8]) {
     while pos + PACKET_HEADER_LEN <= b.len() {
         let crc = crc32c::crc32c(&b[pos..pos + 36]);
         b[pos + 36..pos + 40].copy_from_slice(&crc.to_le_bytes());
-        let Ok(h) = parse_packet_header(&b[pos..]) else { break };
+        let Ok(h) = parse_packet_header(&b[pos..]) else {
+            break;
+        };
         let end = pos + PACKET_HEADER_LEN + h.runs_len() + h.payload_len as usize;
         if b.len() < end + 4 {
             break;
@@ -93,7 +98,11 @@ fn run(streams: Vec<Vec<u8>>) {
     let mut conns = streams.into_iter().map(|s| Mem(Cursor::new(s)));
     let mut allocated: Vec<(*mut u8, Layout)> = Vec::new();
     let r = receive(
-        &mut || conns.next().ok_or_else(|| io::Error::other("no more connections")),
+        &mut || {
+            conns
+                .next()
+                .ok_or_else(|| io::Error::other("no more connections"))
+        },
         &mut |layout| {
             let total = layout.iter().try_fold(0u64, |t, &(_, s)| t.checked_add(s));
             if total.is_none_or(|t| t > MAX_MEMORY) {

@@ -1,0 +1,166 @@
+//! Live snapshots of a VM whose vCPUs write hard all the while: the image is
+//! the VM at the moment of the pause, the original runs on, snapshots can be
+//! repeated and cancelled, and memory that cannot be write-protected is
+//! refused clearly.
+
+use std::time::Duration;
+
+use cryo_tests::{
+    boot_with_api, cryo, restore_vm, socket_path, wait_for_socket, workdir, Progress,
+};
+
+const T: Duration = Duration::from_secs(120);
+/// Every vCPU rewrites pages as fast as it can; heartbeats every 100 ms.
+const HARD: &str = "cryo.mem=96 cryo.rate=0 cryo.hb_ms=100";
+
+fn snapshot(api: &std::path::Path, to: &std::path::Path) -> serde_json::Value {
+    let (status, out, err) = cryo(&[
+        "snapshot",
+        "--api",
+        api.to_str().unwrap(),
+        "--to",
+        to.to_str().unwrap(),
+    ]);
+    assert_eq!(status, Some(0), "snapshot failed: {out}\n{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The restored guest starts from the heartbeats of the pause moment: after
+/// the last one printed before the snapshot was asked for, and before the
+/// ones the original printed while the snapshot was being written.
+fn check_point_in_time(before: &Progress, during_last: &Progress, restored: &Progress) {
+    assert!(!restored.booted);
+    for (cpu, (seq_before, _)) in &before.last_beat {
+        let (first, _) = restored.first_beat[cpu];
+        let (later, _) = during_last.last_beat[cpu];
+        assert!(
+            first > *seq_before && first <= seq_before + 3,
+            "cpu {cpu}: heartbeat {seq_before} before the snapshot, restored guest starts at {first} (the original reached {later} meanwhile)"
+        );
+    }
+}
+
+#[test]
+fn snapshot_of_a_busy_vm_is_the_pause_moment() {
+    let dir = workdir("live-basic");
+    let api = socket_path("live-basic");
+    let file = dir.join("snap.img");
+    let (mut g, _) = boot_with_api(2, 256, HARD, &api);
+    g.drain();
+    let before = g.follow(2, 1, 0, T);
+    let stats = snapshot(&api, &file);
+    assert!(stats["paused_ms"].as_f64().unwrap() < 1000.0, "{stats}");
+    assert!(
+        stats["blocks_by_faults"].as_u64().unwrap() > 0,
+        "no vCPU write hit the protection: {stats}"
+    );
+    // The original runs on without mismatch.
+    let during = g.follow(2, 5, 2, T);
+    assert!(
+        during.last_beat[&0].0 > before.last_beat[&0].0 + 3,
+        "{during:?}"
+    );
+
+    for extra in [&[][..], &["--lazy"][..]] {
+        let mut r = restore_vm(&file, None, extra);
+        let restored = r.follow(2, 3, 2, T);
+        check_point_in_time(&before, &during, &restored);
+    }
+}
+
+#[test]
+fn repeated_snapshots_of_one_running_vm() {
+    let dir = workdir("live-repeat");
+    let api = socket_path("live-repeat");
+    let (mut g, _) = boot_with_api(2, 256, HARD, &api);
+    let mut files = Vec::new();
+    for i in 0..3 {
+        g.drain();
+        let before = g.follow(2, 1, 0, T);
+        let file = dir.join(format!("snap{i}.img"));
+        snapshot(&api, &file);
+        let during = g.follow(2, 2, 1, T);
+        let (status, _, err) = cryo(&["verify", file.to_str().unwrap()]);
+        assert_eq!(status, Some(0), "{err}");
+        files.push((file, before, during));
+    }
+    for (file, before, during) in &files {
+        let mut r = restore_vm(file, None, &[]);
+        let restored = r.follow(2, 2, 1, T);
+        check_point_in_time(before, during, &restored);
+    }
+}
+
+#[test]
+fn cancel_leaves_no_file_and_the_vm_running() {
+    let dir = workdir("live-cancel");
+    let api = socket_path("live-cancel");
+    let file = dir.join("snap.img");
+    // A bigger guest so that the snapshot is still running when cancelled.
+    let (mut g, _) = boot_with_api(2, 1024, "cryo.mem=384 cryo.rate=0 cryo.hb_ms=100", &api);
+    let snap = std::process::Command::new(cryo_tests::cryo_bin())
+        .args([
+            "snapshot",
+            "--api",
+            api.to_str().unwrap(),
+            "--to",
+            file.to_str().unwrap(),
+            "--channels",
+            "1",
+            "--direct-io",
+            "off",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + T;
+    let mut cancelled = false;
+    while std::time::Instant::now() < deadline {
+        let (status, _, _) = cryo(&["cancel", "--api", api.to_str().unwrap()]);
+        if status == Some(0) {
+            cancelled = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(cancelled, "cancel never found the snapshot running");
+    let out = snap.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cancelled"), "{err}");
+    assert!(!file.exists());
+    assert!(!dir.read_dir().unwrap().any(|_| true), "files left behind");
+    // No protection is left: the guest runs on at full speed, without mismatch.
+    g.follow(2, 5, 3, T);
+    // And a later snapshot works.
+    snapshot(&api, &file);
+    g.follow(2, 2, 1, T);
+}
+
+#[test]
+fn lazily_restored_vm_is_refused_clearly() {
+    let dir = workdir("live-lazy");
+    let api = socket_path("live-lazy");
+    let saved = dir.join("saved.img");
+    let (mut g, _) = boot_with_api(1, 64, "cryo.mem=8 cryo.hb_ms=100", &api);
+    cryo_tests::save_vm(&api, &saved, &[]);
+    assert!(g.wait_exit(T).is_some());
+    let api2 = socket_path("live-lazy-r");
+    let mut r = restore_vm(&saved, Some(&api2), &["--lazy"]);
+    assert!(wait_for_socket(&api2, T));
+    r.follow(1, 2, 1, T);
+    let (status, _, err) = cryo(&[
+        "snapshot",
+        "--api",
+        api2.to_str().unwrap(),
+        "--to",
+        dir.join("snap.img").to_str().unwrap(),
+    ]);
+    assert_eq!(status, Some(2), "{err}");
+    assert!(err.contains("cannot be write-protected"), "{err}");
+    assert!(!dir.join("snap.img").exists());
+    // The VM runs on.
+    let p = r.follow(1, 3, 1, T);
+    assert!(!p.booted);
+}
