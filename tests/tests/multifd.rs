@@ -136,7 +136,7 @@ fn receiver_dies_mid_transfer_and_the_source_runs_on() {
     let _ = std::fs::remove_file(&listen);
     let endpoint = format!("unix:{}", listen.display());
     let (mut g, api) = filled_guest("mfd-dies-src", 512);
-    let mut dest = Guest::spawn(["restore", "--listen", &endpoint]);
+    let dest = Guest::spawn(["restore", "--listen", &endpoint]);
     assert!(dest.wait_for_stderr(T, |l| l.contains("waiting for a migration")));
     let saver = std::process::Command::new(cryo_tests::cryo_bin())
         .args([

@@ -52,12 +52,15 @@ pub struct SaveRestoreArgs {
 pub enum BenchCommand {
     /// Save and restore throughput of a filled guest against raw disk and memory bandwidth.
     SaveRestore(SaveRestoreArgs),
+    /// A live snapshot of a guest writing hard, against a stopped save of the same VM.
+    Snapshot(crate::bench_snapshot::SnapshotArgs),
 }
 
 /// Runs a bench verb.
 pub fn bench(cmd: BenchCommand) -> Result<(), CliError> {
     match cmd {
         BenchCommand::SaveRestore(a) => save_restore(a),
+        BenchCommand::Snapshot(a) => crate::bench_snapshot::run(a),
     }
 }
 

@@ -97,7 +97,7 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
     let (device_state, stats) = listener
         .receive(DATA_CONNECT_TIMEOUT, &mut |layout| {
             let total: u64 = layout.iter().map(|(_, size)| *size).sum();
-            if total % (1 << 20) != 0 {
+            if !total.is_multiple_of(1 << 20) {
                 return Err(format!("RAM of {total} bytes is not a whole number of MiB"));
             }
             let mem = create_guest_memory(total >> 20, &MemoryBacking::Anonymous)

@@ -1,0 +1,271 @@
+//! `cryo bench snapshot`: a live snapshot of a guest that writes hard, against
+//! a stopped save of the same VM in the same run.
+//!
+//! The guest is the test kernel in verify mode with no write-rate limit: each
+//! vCPU rewrites random pages of its share and re-verifies pages all the
+//! time, printing a heartbeat (with its running write count and TSC) every
+//! 100 ms. The guest's write rate is computed from consecutive heartbeats,
+//! sorted into before / during / after the snapshot by their TSC, which on
+//! these hosts is the host's TSC (the guest's TSC has no offset).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use microvm::{BootSource, MemoryBacking, MicroVm, SerialOutput, VmConfig};
+use serde::Serialize;
+
+use crate::image::{self, fixed, live};
+use crate::CliError;
+
+/// Arguments of `cryo bench snapshot`.
+#[derive(clap::Args, Debug)]
+pub struct SnapshotArgs {
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub mem_mib: u64,
+    /// MiB of guest RAM the guest fills and keeps writing (split over 2 vCPUs).
+    #[arg(long, default_value_t = 3072)]
+    pub fill_mib: u64,
+    /// Walker / channel threads.
+    #[arg(long)]
+    pub channels: Option<usize>,
+    /// Directory for the image files.
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+    /// O_DIRECT for both the snapshot and the save: auto, on, off.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub direct_io: crate::api::DirectIoArg,
+    /// vCPUs of the guest (each writes its share of --fill-mib).
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u8,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Kernel to boot (default: the cryo test kernel built with this binary).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    command: String,
+    mem_mib: u64,
+    fill_mib: u64,
+    pause_ms: f64,
+    arm_ms: f64,
+    snapshot_s: f64,
+    stopped_save_s: f64,
+    snapshot_over_stopped_save: f64,
+    stopped_save_paused_s: f64,
+    rate_before_pages_s: f64,
+    rate_during_pages_s: f64,
+    rate_after_pages_s: f64,
+    during_over_before: f64,
+    blocks_by_walkers: u64,
+    blocks_by_faults: u64,
+    faults: u64,
+    fault_latency_median_us: f64,
+    fault_latency_p99_us: f64,
+    fault_latency_max_us: f64,
+    wp_unpopulated: bool,
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no preconditions on x86_64.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// (cpu, tsc, writes) of every whole heartbeat line.
+fn heartbeats(serial: &Path) -> Vec<(u64, u64, u64)> {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    let field = |l: &str, k: &str| -> Option<u64> {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+            .and_then(|v| v.parse().ok())
+    };
+    text.lines()
+        .filter(|l| l.starts_with("HB ") && l.contains("errors="))
+        .filter_map(|l| Some((field(l, "cpu")?, field(l, "tsc")?, field(l, "writes")?)))
+        .collect()
+}
+
+/// Pages written per second by all vCPUs between TSC `from` and `to`.
+fn rate(beats: &[(u64, u64, u64)], from: u64, to: u64, tsc_hz: f64) -> f64 {
+    let mut total = 0.0;
+    for cpu in 0..64 {
+        let b: Vec<&(u64, u64, u64)> = beats
+            .iter()
+            .filter(|(c, t, _)| *c == cpu && *t >= from && *t <= to)
+            .collect();
+        if let (Some(first), Some(last)) = (b.first(), b.last()) {
+            if last.1 > first.1 {
+                total += (last.2 - first.2) as f64 / ((last.1 - first.1) as f64 / tsc_hz);
+            }
+        }
+    }
+    total
+}
+
+fn wait_for(serial: &Path, what: &str, count: usize, timeout: Duration) -> Result<(), CliError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        if text.contains("MISMATCH") {
+            return Err(CliError::failure("the guest reported a MISMATCH"));
+        }
+        if text.matches(what).count() >= count {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::failure(format!(
+                "the guest did not print {what} in time"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs the snapshot benchmark.
+pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
+    if a.vcpus == 0 || a.vcpus > 64 {
+        return Err(CliError::bad_input("--vcpus takes 1 to 64"));
+    }
+    if a.fill_mib + 64 > a.mem_mib {
+        return Err(CliError::bad_input(
+            "--fill-mib must leave 64 MiB of --mem-mib free",
+        ));
+    }
+    std::fs::create_dir_all(&a.dir)
+        .map_err(|e| CliError::bad_input(format!("cannot use {}: {e}", a.dir.display())))?;
+    let serial_path = a
+        .dir
+        .join(format!(".cryo-bench-snap-serial-{}", std::process::id()));
+    let serial = File::create(&serial_path)
+        .map_err(|e| CliError::bad_input(format!("cannot write in {}: {e}", a.dir.display())))?;
+    let kernel = a
+        .kernel
+        .clone()
+        .unwrap_or_else(|| cryo_test_kernel::kernel_path().to_path_buf());
+    eprintln!(
+        "bench: booting a {} MiB guest that fills and keeps writing {} MiB",
+        a.mem_mib, a.fill_mib
+    );
+    let mut vm = MicroVm::new(VmConfig {
+        vcpus: a.vcpus,
+        mem_mib: a.mem_mib,
+        backing: MemoryBacking::Anonymous,
+        boot: BootSource {
+            kernel,
+            cmdline: format!(
+                "console=ttyS0 cryo.mem={} cryo.rate=0 cryo.hb_ms=100",
+                a.fill_mib / u64::from(a.vcpus.max(1))
+            ),
+            ..Default::default()
+        },
+        serial: SerialOutput::File(serial),
+        serial_input: false,
+    })?;
+    let controller = vm.controller()?;
+    let stop = vm.stop_handle();
+    let runner = std::thread::spawn(move || vm.run(Vec::new()));
+    let result = (|| -> Result<Report, CliError> {
+        // The fill is over once every vCPU has completed a verification sweep.
+        wait_for(
+            &serial_path,
+            "SWEEP",
+            usize::from(a.vcpus),
+            Duration::from_secs(600),
+        )?;
+        let tsc_khz = controller.call(|vm| vm.machine().tsc_khz)?;
+        let tsc_hz = f64::from(tsc_khz.max(1)) * 1000.0;
+        std::thread::sleep(Duration::from_secs(2));
+        let img = a
+            .dir
+            .join(format!("cryo-bench-snap-{}.img", std::process::id()));
+        let channels = fixed::ChannelOptions {
+            channels: a.channels.unwrap_or_else(fixed::io_threads),
+            direct_io: a.direct_io.into(),
+        };
+        eprintln!("bench: live snapshot");
+        let t0 = rdtsc();
+        let start = Instant::now();
+        let cancel = live::CancelSlot::default();
+        let stats = live::snapshot_vm(&controller, &img, &channels, &cancel)
+            .map_err(|e| CliError::failure(e.to_string()))?;
+        let snapshot_s = start.elapsed().as_secs_f64();
+        let t1 = rdtsc();
+        std::thread::sleep(Duration::from_secs(2));
+        let t2 = rdtsc();
+        let _ = std::fs::remove_file(&img);
+        eprintln!("bench: stopped save of the same VM");
+        let start = Instant::now();
+        let target = image::SaveTarget::File(img.clone());
+        let opts = image::SaveOptions {
+            format: image::SaveFormat::FixedRam,
+            keep_running: true,
+            channels,
+            compression: None,
+        };
+        let saved = image::save_vm(&controller, &target, &opts)
+            .map_err(|e| CliError::failure(e.to_string()))?;
+        let save_s = start.elapsed().as_secs_f64();
+        let _ = std::fs::remove_file(&img);
+        let beats = heartbeats(&serial_path);
+        let before_from = t0.saturating_sub((2.0 * tsc_hz) as u64);
+        let before = rate(&beats, before_from, t0, tsc_hz);
+        let during = rate(&beats, t0, t1, tsc_hz);
+        let after = rate(&beats, t1, t2, tsc_hz);
+        Ok(Report {
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+            mem_mib: a.mem_mib,
+            fill_mib: a.fill_mib,
+            pause_ms: stats.paused_ms,
+            arm_ms: stats.arm_ms,
+            snapshot_s,
+            stopped_save_s: save_s,
+            snapshot_over_stopped_save: snapshot_s / save_s,
+            stopped_save_paused_s: saved.paused_ms / 1000.0,
+            rate_before_pages_s: before,
+            rate_during_pages_s: during,
+            rate_after_pages_s: after,
+            during_over_before: if before > 0.0 { during / before } else { 0.0 },
+            blocks_by_walkers: stats.blocks_by_walkers,
+            blocks_by_faults: stats.blocks_by_faults,
+            faults: stats.faults,
+            fault_latency_median_us: stats.fault_latency_median_us,
+            fault_latency_p99_us: stats.fault_latency_p99_us,
+            fault_latency_max_us: stats.fault_latency_max_us,
+            wp_unpopulated: stats.wp_unpopulated,
+        })
+    })();
+    stop.stop(microvm::VmExitReason::Stopped);
+    let _ = runner.join();
+    let _ = std::fs::remove_file(&serial_path);
+    let r = result?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+    } else {
+        println!(
+            "cryo bench snapshot: {} MiB guest, {} vCPUs writing {} MiB as fast as they can",
+            r.mem_mib, a.vcpus, r.fill_mib
+        );
+        println!(
+            "  vCPU pause:        {:.1} ms (arming write protection {:.1} ms)",
+            r.pause_ms, r.arm_ms
+        );
+        println!(
+            "  live snapshot:     {:.2} s; stopped save of the same VM: {:.2} s (ratio {:.2})",
+            r.snapshot_s, r.stopped_save_s, r.snapshot_over_stopped_save
+        );
+        println!(
+            "  guest write rate:  before {:.0} pages/s, during {:.0} ({:.2} of before), after {:.0}",
+            r.rate_before_pages_s, r.rate_during_pages_s, r.during_over_before, r.rate_after_pages_s
+        );
+        println!(
+            "  blocks copied:     {} by walkers, {} by faults ({} faults; latency median {:.0} us, p99 {:.0} us, max {:.0} us)",
+            r.blocks_by_walkers, r.blocks_by_faults, r.faults, r.fault_latency_median_us, r.fault_latency_p99_us, r.fault_latency_max_us
+        );
+    }
+    Ok(())
+}
