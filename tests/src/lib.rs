@@ -451,9 +451,12 @@ pub fn socket_path(name: &str) -> PathBuf {
     PathBuf::from(format!("/tmp/cryo-{}-{name}.sock", std::process::id()))
 }
 
-/// Runs a `cryo` CLI verb to completion and returns (status, stdout, stderr).
+/// Runs a `cryo` CLI verb to completion with `--json` output and returns
+/// (status, stdout, stderr).
 pub fn cryo(args: &[&str]) -> (Option<i32>, String, String) {
-    run_cryo(args, Duration::from_secs(120))
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    run_cryo(&all, Duration::from_secs(120))
 }
 
 /// Waits until a unix socket accepts connections.

@@ -109,7 +109,7 @@ fn image_is_sparse_and_sized_like_ram() {
         ["machine", "kvm-vm", "vcpu", "vcpu", "serial", "i8042", "cmos"]
     );
     // The text form says the same.
-    let (status, out, _) = cryo(&["inspect", file.to_str().unwrap()]);
+    let (status, out, _) = cryo_tests::run_cryo(&["inspect", file.to_str().unwrap()], T);
     assert_eq!(status, Some(0));
     assert!(
         out.contains("fixed-ram image") && out.contains("allocated"),

@@ -1,14 +1,15 @@
 //! The control socket: a unix socket (mode 0600) serving one JSON request per
-//! line and one JSON reply per line (see docs/api.md). Each client gets its
-//! own thread; requests act on the VM through its [`VmController`].
+//! line and one JSON reply per line, with optional progress events before
+//! the reply of a long operation (see docs/api.md). Each client gets its own
+//! thread; requests act on the VM through its [`VmController`].
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use microvm::{RunState, VmController};
@@ -16,98 +17,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::image as save;
+use crate::progress::Progress;
 
 /// Version of the control protocol, reported by `status`.
 pub const API_VERSION: u32 = 1;
 /// Longest request line accepted (bytes).
 const MAX_REQUEST: usize = 64 * 1024;
-
-/// What a request asks for.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Request {
-    /// Run state, vCPUs, memory, uptime.
-    Status {
-        /// Echoed in the reply.
-        #[serde(default)]
-        id: Option<Value>,
-    },
-    /// Pause all vCPUs.
-    Pause {
-        /// Echoed in the reply.
-        #[serde(default)]
-        id: Option<Value>,
-    },
-    /// Resume all vCPUs.
-    Resume {
-        /// Echoed in the reply.
-        #[serde(default)]
-        id: Option<Value>,
-    },
-    /// Save the whole VM to a file, or send it to a listening peer.
-    Save {
-        /// Echoed in the reply.
-        #[serde(default)]
-        id: Option<Value>,
-        /// Target file, or `tcp:HOST:PORT` / `unix:PATH` of a `cryo restore --listen`.
-        path: String,
-        /// Image format (files).
-        #[serde(default)]
-        format: save::SaveFormat,
-        /// Resume the VM afterwards instead of ending it.
-        #[serde(default)]
-        keep_running: bool,
-        /// Channel threads (default: one per host CPU).
-        #[serde(default)]
-        channels: Option<usize>,
-        /// O_DIRECT for file channels: "auto" (default), "on", "off".
-        #[serde(default)]
-        direct_io: Option<DirectIoArg>,
-        /// Per-packet compression for peers: "none" (default), "zstd", "lz4".
-        #[serde(default)]
-        compression: Option<save::migrate::CompressionArg>,
-    },
-    /// Take a live snapshot to a file: the VM at this instant, written while it runs.
-    Snapshot {
-        /// Echoed in the reply.
-        #[serde(default)]
-        id: Option<Value>,
-        /// Target file.
-        path: PathBuf,
-        /// Walker threads (default: one per host CPU).
-        #[serde(default)]
-        channels: Option<usize>,
-        /// O_DIRECT: "auto" (default), "on", "off".
-        #[serde(default)]
-        direct_io: Option<DirectIoArg>,
-    },
-    /// Cancel a running live snapshot.
-    Cancel {
-        /// Echoed in the reply.
-        #[serde(default)]
-        id: Option<Value>,
-    },
-    /// End the VM.
-    Quit {
-        /// Echoed in the reply.
-        #[serde(default)]
-        id: Option<Value>,
-    },
-}
-
-impl Request {
-    fn id(&self) -> Option<Value> {
-        match self {
-            Request::Status { id }
-            | Request::Pause { id }
-            | Request::Resume { id }
-            | Request::Save { id, .. }
-            | Request::Snapshot { id, .. }
-            | Request::Cancel { id }
-            | Request::Quit { id } => id.clone(),
-        }
-    }
-}
+/// How often progress events are sent during a long operation.
+const EVENT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// O_DIRECT choice as the API and CLI spell it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize, clap::ValueEnum)]
@@ -131,16 +48,148 @@ impl From<DirectIoArg> for multifd::DirectIo {
     }
 }
 
+/// What a request asks for. Every request may carry an `id` (echoed in the
+/// reply and in events); long operations may ask for `progress` events.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Run state, vCPUs, memory, uptime.
+    Status {
+        /// Echoed.
+        #[serde(default)]
+        id: Option<Value>,
+    },
+    /// Pause all vCPUs.
+    Pause {
+        /// Echoed.
+        #[serde(default)]
+        id: Option<Value>,
+    },
+    /// Resume all vCPUs.
+    Resume {
+        /// Echoed.
+        #[serde(default)]
+        id: Option<Value>,
+    },
+    /// Save the whole VM to a file, or send it to a listening peer.
+    Save {
+        /// Echoed.
+        #[serde(default)]
+        id: Option<Value>,
+        /// Target file, or `tcp:HOST:PORT` / `unix:PATH` of a `cryo restore --listen`.
+        path: String,
+        /// Image format (files).
+        #[serde(default)]
+        format: save::SaveFormat,
+        /// Resume the VM afterwards instead of ending it.
+        #[serde(default)]
+        keep_running: bool,
+        /// Channel threads (default: one per host CPU).
+        #[serde(default)]
+        channels: Option<usize>,
+        /// O_DIRECT for file channels.
+        #[serde(default)]
+        direct_io: Option<DirectIoArg>,
+        /// Per-packet compression for peers.
+        #[serde(default)]
+        compression: Option<save::migrate::CompressionArg>,
+        /// Send progress events before the reply.
+        #[serde(default)]
+        progress: bool,
+    },
+    /// Save into the VM's state directory and end it; `cryo run --name` restores it.
+    ManagedSave {
+        /// Echoed.
+        #[serde(default)]
+        id: Option<Value>,
+        /// Channel threads.
+        #[serde(default)]
+        channels: Option<usize>,
+        /// O_DIRECT.
+        #[serde(default)]
+        direct_io: Option<DirectIoArg>,
+        /// Send progress events before the reply.
+        #[serde(default)]
+        progress: bool,
+    },
+    /// Take a live snapshot to a file: the VM at this instant, written while it runs.
+    Snapshot {
+        /// Echoed.
+        #[serde(default)]
+        id: Option<Value>,
+        /// Target file.
+        path: PathBuf,
+        /// Walker threads.
+        #[serde(default)]
+        channels: Option<usize>,
+        /// O_DIRECT.
+        #[serde(default)]
+        direct_io: Option<DirectIoArg>,
+        /// Send progress events before the reply.
+        #[serde(default)]
+        progress: bool,
+    },
+    /// Cancel a running live snapshot.
+    Cancel {
+        /// Echoed.
+        #[serde(default)]
+        id: Option<Value>,
+    },
+    /// Progress of the running save or snapshot, if any.
+    QueryProgress {
+        /// Echoed.
+        #[serde(default)]
+        id: Option<Value>,
+    },
+    /// End the VM.
+    Quit {
+        /// Echoed.
+        #[serde(default)]
+        id: Option<Value>,
+    },
+}
+
+impl Request {
+    fn id(&self) -> Option<Value> {
+        match self {
+            Request::Status { id }
+            | Request::Pause { id }
+            | Request::Resume { id }
+            | Request::Save { id, .. }
+            | Request::ManagedSave { id, .. }
+            | Request::Snapshot { id, .. }
+            | Request::Cancel { id }
+            | Request::QueryProgress { id }
+            | Request::Quit { id } => id.clone(),
+        }
+    }
+}
+
+/// The managed-save identity of a VM started with `cryo run --name`.
+#[derive(Clone, Debug)]
+pub struct Managed {
+    /// The VM's name.
+    pub name: String,
+    /// Where its managed image goes.
+    pub image: PathBuf,
+}
+
 /// Shared by the client threads.
 struct ApiState {
     controller: VmController,
     started: Instant,
-    saving: AtomicBool,
+    busy: AtomicBool,
     cancel: save::live::CancelSlot,
+    current: Mutex<Option<Arc<Progress>>>,
+    managed: Option<Managed>,
 }
 
 /// Binds the socket and serves it on background threads.
-pub fn serve(path: &Path, controller: VmController) -> std::io::Result<()> {
+pub fn serve(
+    path: &Path,
+    controller: VmController,
+    managed: Option<Managed>,
+) -> std::io::Result<()> {
     if path.exists() {
         // A live server owns it: refuse. A stale socket from a dead cryo: replace it.
         if UnixStream::connect(path).is_ok() {
@@ -156,8 +205,10 @@ pub fn serve(path: &Path, controller: VmController) -> std::io::Result<()> {
     let state = Arc::new(ApiState {
         controller,
         started: Instant::now(),
-        saving: AtomicBool::new(false),
+        busy: AtomicBool::new(false),
         cancel: save::live::CancelSlot::default(),
+        current: Mutex::new(None),
+        managed,
     });
     std::thread::Builder::new()
         .name("api-accept".into())
@@ -177,9 +228,37 @@ pub fn serve(path: &Path, controller: VmController) -> std::io::Result<()> {
     Ok(())
 }
 
+/// One client's connection: replies and events share it.
+struct Conn {
+    out: Mutex<UnixStream>,
+    gone: AtomicBool,
+}
+
+impl Conn {
+    fn send(&self, v: &Value) {
+        if self.gone.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut s = v.to_string();
+        s.push('\n');
+        let ok = self
+            .out
+            .lock()
+            .map(|mut w| w.write_all(s.as_bytes()).and_then(|_| w.flush()).is_ok())
+            .unwrap_or(false);
+        if !ok {
+            // The client went away; operations under way still complete.
+            self.gone.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 fn serve_client(stream: UnixStream, state: Arc<ApiState>) {
-    let mut writer = match stream.try_clone() {
-        Ok(w) => w,
+    let conn = match stream.try_clone() {
+        Ok(w) => Conn {
+            out: Mutex::new(w),
+            gone: AtomicBool::new(false),
+        },
         Err(_) => return,
     };
     let mut reader = BufReader::new(stream);
@@ -194,10 +273,7 @@ fn serve_client(stream: UnixStream, state: Arc<ApiState>) {
             Ok(n) => n,
         };
         if n > MAX_REQUEST {
-            let _ = send(
-                &mut writer,
-                &error_reply(None, "bad-request", "request line too long"),
-            );
+            conn.send(&error_reply(None, "bad-request", "request line too long"));
             return;
         }
         let text = String::from_utf8_lossy(&line);
@@ -205,25 +281,15 @@ fn serve_client(stream: UnixStream, state: Arc<ApiState>) {
         if text.is_empty() {
             continue;
         }
-        let (reply, after) = handle(text, &state);
-        if send(&mut writer, &reply).is_err() {
-            // The client went away; an action already under way still completes.
-            if let Some(action) = after {
-                action();
-            }
-            return;
-        }
+        let (reply, after) = handle(text, &state, &conn);
+        conn.send(&reply);
         if let Some(action) = after {
             action();
         }
+        if conn.gone.load(Ordering::Relaxed) {
+            return;
+        }
     }
-}
-
-fn send(w: &mut UnixStream, v: &Value) -> std::io::Result<()> {
-    let mut s = v.to_string();
-    s.push('\n');
-    w.write_all(s.as_bytes())?;
-    w.flush()
 }
 
 fn ok_reply(id: Option<Value>, result: Value) -> Value {
@@ -236,8 +302,81 @@ fn error_reply(id: Option<Value>, kind: &str, message: &str) -> Value {
 
 type AfterReply = Box<dyn FnOnce() + Send>;
 
+fn channel_options(
+    channels: Option<usize>,
+    direct_io: Option<DirectIoArg>,
+) -> Result<save::fixed::ChannelOptions, String> {
+    if channels.is_some_and(|n| n == 0 || n > 64) {
+        return Err("channels must be 1 to 64".into());
+    }
+    let mut opts = save::fixed::ChannelOptions::default();
+    if let Some(n) = channels {
+        opts.channels = n;
+    }
+    if let Some(d) = direct_io {
+        opts.direct_io = d.into();
+    }
+    Ok(opts)
+}
+
+/// Runs a long operation with its progress published (query-progress) and,
+/// when asked, sent to the client as events.
+fn with_progress<T>(
+    state: &ApiState,
+    conn: &Conn,
+    id: &Option<Value>,
+    operation: &'static str,
+    events: bool,
+    op: impl FnOnce(Arc<Progress>) -> T,
+) -> Result<T, Value> {
+    if state.busy.swap(true, Ordering::AcqRel) {
+        return Err(error_reply(
+            id.clone(),
+            "busy",
+            "a save or snapshot is already in progress",
+        ));
+    }
+    let progress = Arc::new(Progress::new(operation, 0));
+    if let Ok(mut c) = state.current.lock() {
+        *c = Some(Arc::clone(&progress));
+    }
+    let done = AtomicBool::new(false);
+    let result = std::thread::scope(|s| {
+        if events {
+            s.spawn(|| {
+                let mut next = Instant::now() + EVENT_INTERVAL;
+                while !done.load(Ordering::Relaxed) {
+                    if Instant::now() >= next {
+                        next += EVENT_INTERVAL;
+                        let mut ev = serde_json::to_value(progress.info()).unwrap_or(Value::Null);
+                        ev["event"] = json!("progress");
+                        ev["id"] = id.clone().unwrap_or(Value::Null);
+                        conn.send(&ev);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            });
+        }
+        let r = op(Arc::clone(&progress));
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    if let Ok(mut c) = state.current.lock() {
+        *c = None;
+    }
+    state.busy.store(false, Ordering::Release);
+    Ok(result)
+}
+
+fn stop_after(c: &VmController) -> Option<AfterReply> {
+    let c = c.clone();
+    Some(Box::new(move || {
+        let _ = c.stop();
+    }))
+}
+
 /// Handles one request line; returns the reply and what to do once it is sent.
-fn handle(text: &str, state: &ApiState) -> (Value, Option<AfterReply>) {
+fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterReply>) {
     let raw: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => {
@@ -270,6 +409,8 @@ fn handle(text: &str, state: &ApiState) -> (Value, Option<AfterReply>) {
                         "vcpus": machine.vcpus,
                         "mem_mib": machine.mem_mib,
                         "uptime_s": state.started.elapsed().as_secs_f64(),
+                        "name": state.managed.as_ref().map(|m| m.name.clone()),
+                        "busy": state.busy.load(Ordering::Relaxed),
                     }),
                 ),
                 None,
@@ -284,6 +425,18 @@ fn handle(text: &str, state: &ApiState) -> (Value, Option<AfterReply>) {
             Ok(()) => (ok_reply(id, json!({"state": "running"})), None),
             Err(e) => (error_reply(id, "failed", &e.to_string()), None),
         },
+        Request::Quit { .. } => (ok_reply(id, json!({"state": "stopping"})), stop_after(c)),
+        Request::QueryProgress { .. } => {
+            let current = state.current.lock().ok().and_then(|c| c.clone());
+            match current {
+                Some(p) => {
+                    let mut v = serde_json::to_value(p.info()).unwrap_or(Value::Null);
+                    v["active"] = json!(true);
+                    (ok_reply(id, v), None)
+                }
+                None => (ok_reply(id, json!({"active": false})), None),
+            }
+        }
         Request::Cancel { .. } => {
             if state.cancel.cancel() {
                 (ok_reply(id, json!({"cancelled": true})), None)
@@ -294,35 +447,105 @@ fn handle(text: &str, state: &ApiState) -> (Value, Option<AfterReply>) {
                 )
             }
         }
+        Request::Save {
+            path,
+            format,
+            keep_running,
+            channels,
+            direct_io,
+            compression,
+            progress,
+            ..
+        } => {
+            let target = match save::SaveTarget::parse(&path) {
+                Ok(t) => t,
+                Err(e) => return (error_reply(id, "bad-request", &e), None),
+            };
+            let channels = match channel_options(channels, direct_io) {
+                Ok(c) => c,
+                Err(e) => return (error_reply(id, "bad-request", &e), None),
+            };
+            let run = with_progress(state, conn, &id, "save", progress, |p| {
+                let opts = save::SaveOptions {
+                    format,
+                    keep_running,
+                    channels,
+                    compression,
+                    progress: Some(p),
+                };
+                save::save_vm(c, &target, &opts)
+            });
+            match run {
+                Err(busy) => (busy, None),
+                Ok(Ok(stats)) => {
+                    info!("saved to {path}: {stats:?}");
+                    let after = if keep_running { None } else { stop_after(c) };
+                    (
+                        ok_reply(id, serde_json::to_value(&stats).unwrap_or(Value::Null)),
+                        after,
+                    )
+                }
+                Ok(Err(e)) => (error_reply(id, e.kind(), &e.to_string()), None),
+            }
+        }
+        Request::ManagedSave {
+            channels,
+            direct_io,
+            progress,
+            ..
+        } => {
+            let Some(managed) = state.managed.clone() else {
+                return (
+                    error_reply(
+                        id,
+                        "bad-request",
+                        "this VM was not started with --name: it has no managed save image",
+                    ),
+                    None,
+                );
+            };
+            let channels = match channel_options(channels, direct_io) {
+                Ok(c) => c,
+                Err(e) => return (error_reply(id, "bad-request", &e), None),
+            };
+            let run = with_progress(state, conn, &id, "managed-save", progress, |p| {
+                let opts = save::SaveOptions {
+                    format: save::SaveFormat::FixedRam,
+                    keep_running: false,
+                    channels,
+                    compression: None,
+                    progress: Some(p),
+                };
+                save::save_vm(c, &save::SaveTarget::File(managed.image.clone()), &opts)
+            });
+            match run {
+                Err(busy) => (busy, None),
+                Ok(Ok(stats)) => {
+                    info!("managed save of {}: {stats:?}", managed.name);
+                    let mut v = serde_json::to_value(&stats).unwrap_or(Value::Null);
+                    v["name"] = json!(managed.name);
+                    (ok_reply(id, v), stop_after(c))
+                }
+                Ok(Err(e)) => (error_reply(id, e.kind(), &e.to_string()), None),
+            }
+        }
         Request::Snapshot {
             path,
             channels,
             direct_io,
+            progress,
             ..
         } => {
-            if channels.is_some_and(|n| n == 0 || n > 64) {
-                return (
-                    error_reply(id, "bad-request", "channels must be 1 to 64"),
-                    None,
-                );
-            }
-            let mut opts = save::fixed::ChannelOptions::default();
-            if let Some(n) = channels {
-                opts.channels = n;
-            }
-            if let Some(d) = direct_io {
-                opts.direct_io = d.into();
-            }
-            if state.saving.swap(true, Ordering::AcqRel) {
-                return (
-                    error_reply(id, "busy", "a save or snapshot is already in progress"),
-                    None,
-                );
-            }
-            let result = save::live::snapshot_vm(c, &path, &opts, &state.cancel);
-            state.saving.store(false, Ordering::Release);
-            match result {
-                Ok(stats) => {
+            let channels = match channel_options(channels, direct_io) {
+                Ok(c) => c,
+                Err(e) => return (error_reply(id, "bad-request", &e), None),
+            };
+            let run = with_progress(state, conn, &id, "snapshot", progress, |p| {
+                save::live::snapshot_vm(c, &path, &channels, &state.cancel, Some(&p))
+            });
+            match run {
+                Err(busy) => (busy, None),
+                Ok(Ok(stats)) => {
                     info!(
                         "snapshot of the running VM in {}: {stats:?}",
                         path.display()
@@ -332,79 +555,11 @@ fn handle(text: &str, state: &ApiState) -> (Value, Option<AfterReply>) {
                         None,
                     )
                 }
-                Err(save::SaveError::Image { reason, .. }) if reason.contains("cancelled") => (
+                Ok(Err(save::SaveError::Image { reason, .. })) if reason.contains("cancelled") => (
                     error_reply(id, "cancelled", "the snapshot was cancelled"),
                     None,
                 ),
-                Err(e) => (error_reply(id, e.kind(), &e.to_string()), None),
-            }
-        }
-        Request::Quit { .. } => {
-            let c = c.clone();
-            (
-                ok_reply(id, json!({"state": "stopping"})),
-                Some(Box::new(move || {
-                    let _ = c.stop();
-                })),
-            )
-        }
-        Request::Save {
-            path,
-            format,
-            keep_running,
-            channels,
-            direct_io,
-            compression,
-            ..
-        } => {
-            let target = match save::SaveTarget::parse(&path) {
-                Ok(t) => t,
-                Err(e) => return (error_reply(id, "bad-request", &e), None),
-            };
-            if channels.is_some_and(|n| n == 0 || n > 64) {
-                return (
-                    error_reply(id, "bad-request", "channels must be 1 to 64"),
-                    None,
-                );
-            }
-            let mut channel_opts = save::fixed::ChannelOptions::default();
-            if let Some(n) = channels {
-                channel_opts.channels = n;
-            }
-            if let Some(d) = direct_io {
-                channel_opts.direct_io = d.into();
-            }
-            let opts = save::SaveOptions {
-                format,
-                keep_running,
-                channels: channel_opts,
-                compression,
-            };
-            if state.saving.swap(true, Ordering::AcqRel) {
-                return (
-                    error_reply(id, "busy", "a save or snapshot is already in progress"),
-                    None,
-                );
-            }
-            let result = save::save_vm(c, &target, &opts);
-            state.saving.store(false, Ordering::Release);
-            match result {
-                Ok(stats) => {
-                    info!("saved to {path}: {stats:?}");
-                    let after: Option<AfterReply> = if keep_running {
-                        None
-                    } else {
-                        let c = c.clone();
-                        Some(Box::new(move || {
-                            let _ = c.stop();
-                        }))
-                    };
-                    (
-                        ok_reply(id, serde_json::to_value(&stats).unwrap_or(Value::Null)),
-                        after,
-                    )
-                }
-                Err(e) => (error_reply(id, e.kind(), &e.to_string()), None),
+                Ok(Err(e)) => (error_reply(id, e.kind(), &e.to_string()), None),
             }
         }
     }
@@ -419,8 +574,13 @@ fn state_name(s: RunState) -> &'static str {
     }
 }
 
-/// Sends one request and returns the reply (client side of the CLI verbs).
-pub fn request(path: &Path, req: &Value) -> Result<Value, crate::CliError> {
+/// Sends one request and returns the reply, calling `on_event` for each
+/// event line before it (client side of the CLI verbs).
+pub fn request_with_events(
+    path: &Path,
+    req: &Value,
+    on_event: &mut dyn FnMut(&Value),
+) -> Result<Value, crate::CliError> {
     let mut stream = UnixStream::connect(path).map_err(|e| {
         crate::CliError::bad_input(format!(
             "cannot connect to the API socket {}: {e}",
@@ -433,15 +593,22 @@ pub fn request(path: &Path, req: &Value) -> Result<Value, crate::CliError> {
         .write_all(line.as_bytes())
         .map_err(|e| crate::CliError::failure(format!("API socket write failed: {e}")))?;
     let mut reader = BufReader::new(stream);
-    let mut reply = String::new();
-    reader
-        .read_line(&mut reply)
-        .map_err(|e| crate::CliError::failure(format!("API socket read failed: {e}")))?;
-    if reply.is_empty() {
-        return Err(crate::CliError::failure(
-            "the VM closed the API connection without a reply",
-        ));
+    loop {
+        let mut reply = String::new();
+        reader
+            .read_line(&mut reply)
+            .map_err(|e| crate::CliError::failure(format!("API socket read failed: {e}")))?;
+        if reply.is_empty() {
+            return Err(crate::CliError::failure(
+                "the VM closed the API connection without a reply",
+            ));
+        }
+        let v: Value = serde_json::from_str(&reply)
+            .map_err(|e| crate::CliError::failure(format!("malformed reply from the VM: {e}")))?;
+        if v.get("event").is_some() {
+            on_event(&v);
+            continue;
+        }
+        return Ok(v);
     }
-    serde_json::from_str(&reply)
-        .map_err(|e| crate::CliError::failure(format!("malformed reply from the VM: {e}")))
 }

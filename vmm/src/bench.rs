@@ -478,7 +478,7 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
             };
             let sampler = Sampler::start(Arc::clone(&guest_ranges));
             let start = Instant::now();
-            let res = fixed::write_fixed_file(&img, &snapshot, &memory, &opts);
+            let res = fixed::write_fixed_file(&img, &snapshot, &memory, &opts, None);
             let secs = start.elapsed().as_secs_f64();
             let (cache, rss) = sampler.finish();
             match res {
@@ -514,8 +514,9 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
                 g.extend(ranges_of(m));
             }
         };
-        let loaded = fixed::load_fixed_with(&img, RestoreMode::Eager, false, &opts, &register)
-            .map_err(|e| CliError::failure(e.to_string()))?;
+        let loaded =
+            fixed::load_fixed_with(&img, RestoreMode::Eager, false, &opts, &register, None)
+                .map_err(|e| CliError::failure(e.to_string()))?;
         let mut restored = MicroVm::restore(
             &loaded.snapshot,
             loaded.memory.clone(),
@@ -544,8 +545,14 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
         drop_file_cache(&img);
         progress(&format!("lazy restore, {n} channels"));
         let start = Instant::now();
-        let loaded = image::load(&img, RestoreMode::Lazy { prefetch: false }, false, &opts)
-            .map_err(|e| CliError::failure(e.to_string()))?;
+        let loaded = image::load(
+            &img,
+            RestoreMode::Lazy { prefetch: false },
+            false,
+            &opts,
+            None,
+        )
+        .map_err(|e| CliError::failure(e.to_string()))?;
         let mut restored = MicroVm::restore(
             &loaded.snapshot,
             loaded.memory.clone(),

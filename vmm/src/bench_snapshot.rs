@@ -191,7 +191,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
         let t0 = rdtsc();
         let start = Instant::now();
         let cancel = live::CancelSlot::default();
-        let stats = live::snapshot_vm(&controller, &img, &channels, &cancel)
+        let stats = live::snapshot_vm(&controller, &img, &channels, &cancel, None)
             .map_err(|e| CliError::failure(e.to_string()))?;
         let snapshot_s = start.elapsed().as_secs_f64();
         let t1 = rdtsc();
@@ -206,6 +206,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
             keep_running: true,
             channels,
             compression: None,
+            progress: None,
         };
         let saved = image::save_vm(&controller, &target, &opts)
             .map_err(|e| CliError::failure(e.to_string()))?;

@@ -12,9 +12,18 @@ use crate::image::SaveFormat;
 #[derive(Parser, Debug)]
 #[command(name = "cryo", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Log level for messages on stderr: error, warn (default), info, debug, trace.
+    /// Log level: error, warn (default), info, debug, trace (also RUST_LOG,
+    /// e.g. `cryo::api=debug`). Log lines carry the time, level and component.
     #[arg(long, global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
+
+    /// Write log lines to this file instead of stderr.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
+    /// Print results as JSON (for scripts) instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
 
     /// What to do.
     #[command(subcommand)]
@@ -39,6 +48,13 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Check a fixed-ram image's header and every chunk checksum.
     Verify(VerifyArgs),
+    /// Save a VM started with --name into its state directory and end it;
+    /// the next `cryo run --name` restores it.
+    ManagedSave(ManagedSaveArgs),
+    /// Discard the managed save image of a named VM.
+    ManagedSaveRemove(ManagedSaveRemoveArgs),
+    /// Show the progress of a running save or snapshot.
+    QueryProgress(ApiArgs),
     /// Pause a running VM's vCPUs.
     Pause(ApiArgs),
     /// Resume a paused VM.
@@ -94,9 +110,42 @@ pub struct RunArgs {
     /// Entry protocol.
     #[arg(long, value_enum, default_value = "auto")]
     pub boot: BootArg,
-    /// Serve the control API on this unix socket (mode 0600).
+    /// Serve the control API on this unix socket (mode 0600). With --name,
+    /// defaults to <state-dir>/<name>/api.sock.
     #[arg(long, value_name = "PATH")]
     pub api: Option<PathBuf>,
+    /// Register the VM under this name: `cryo managed-save` saves it into the
+    /// state directory, and the next `cryo run --name` restores it from there
+    /// instead of booting (with the same configuration, or a clear error).
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// State directory for named VMs (default: $XDG_STATE_HOME/cryo or ~/.local/state/cryo).
+    #[arg(long, value_name = "DIR", requires = "name")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// `cryo managed-save`.
+#[derive(Args, Debug)]
+pub struct ManagedSaveArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api: PathBuf,
+    /// Channel threads moving pages (default: one per host CPU).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub channels: Option<u16>,
+    /// O_DIRECT for the page data: auto (default), on, off.
+    #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
+    pub direct_io: Option<crate::api::DirectIoArg>,
+}
+
+/// `cryo managed-save-remove`.
+#[derive(Args, Debug)]
+pub struct ManagedSaveRemoveArgs {
+    /// The VM's name.
+    pub name: String,
+    /// State directory (default: $XDG_STATE_HOME/cryo or ~/.local/state/cryo).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `cryo save`.

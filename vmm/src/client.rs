@@ -4,17 +4,78 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use crate::progress::{Display, ProgressInfo};
 use crate::CliError;
 
-/// Sends `request`, prints the result as JSON on stdout, maps errors to exit codes.
-pub fn call(api: &Path, request: Value) -> Result<(), CliError> {
-    let reply = crate::api::request(api, &request)?;
+/// How results are printed.
+#[derive(Clone, Copy, Debug)]
+pub struct Output {
+    /// JSON for scripts instead of text for people.
+    pub json: bool,
+}
+
+fn info_of(ev: &Value) -> Option<ProgressInfo> {
+    let s = |k: &str| ev.get(k).and_then(Value::as_str).unwrap_or("");
+    let n = |k: &str| ev.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let f = |k: &str| ev.get(k).and_then(Value::as_f64);
+    let leak = |v: &str| -> &'static str {
+        match v {
+            "save" => "save",
+            "snapshot" => "snapshot",
+            "managed-save" => "managed-save",
+            "pausing" => "pausing",
+            "writing" => "writing",
+            "copying" => "copying",
+            "committing" => "committing",
+            "sending" => "sending",
+            "reading" => "reading",
+            _ => "working",
+        }
+    };
+    Some(ProgressInfo {
+        operation: leak(s("operation")),
+        phase: leak(s("phase")),
+        bytes_done: n("bytes_done"),
+        bytes_total: n("bytes_total"),
+        elapsed_s: f("elapsed_s").unwrap_or(0.0),
+        throughput_mb_s: f("throughput_mb_s").unwrap_or(0.0),
+        eta_s: f("eta_s"),
+    })
+}
+
+/// Sends `request` (with progress events for long operations), shows
+/// progress on stderr, prints the result, maps errors to exit codes.
+pub fn call(api: &Path, mut request: Value, out: Output) -> Result<(), CliError> {
+    let long = matches!(
+        request.get("cmd").and_then(Value::as_str),
+        Some("save" | "snapshot" | "managed-save")
+    );
+    if long {
+        request["progress"] = json!(true);
+    }
+    let mut display: Option<Display> = None;
+    let reply = crate::api::request_with_events(api, &request, &mut |ev| {
+        if let Some(info) = info_of(ev) {
+            display
+                .get_or_insert_with(|| Display::new(info.operation, info.bytes_total))
+                .update(&info);
+        }
+    });
+    if let Some(d) = display {
+        d.finish();
+    }
+    let reply = reply?;
     if reply.get("ok").and_then(Value::as_bool) == Some(true) {
         let result = reply.get("result").cloned().unwrap_or(Value::Null);
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&result).unwrap_or_default()
-        );
+        if out.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&result).unwrap_or_default()
+            );
+        } else {
+            let cmd = request.get("cmd").and_then(Value::as_str).unwrap_or("");
+            println!("{}", human(cmd, &result));
+        }
         Ok(())
     } else {
         let err = reply.get("error");
@@ -30,17 +91,71 @@ pub fn call(api: &Path, request: Value) -> Result<(), CliError> {
     }
 }
 
+fn mib(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0) >> 20
+}
+
+fn num(v: &Value, k: &str) -> f64 {
+    v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
+}
+
+/// A one-line summary of a result for people.
+fn human(cmd: &str, r: &Value) -> String {
+    let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    match cmd {
+        "status" => format!(
+            "{}: {} vCPUs, {} MiB, up {:.1} s{}",
+            s("state"),
+            r.get("vcpus").and_then(Value::as_u64).unwrap_or(0),
+            r.get("mem_mib").and_then(Value::as_u64).unwrap_or(0),
+            num(r, "uptime_s"),
+            r.get("name")
+                .and_then(Value::as_str)
+                .map(|n| format!(", name {n}"))
+                .unwrap_or_default()
+        ),
+        "save" | "managed-save" => format!(
+            "saved to {} ({}): {} MiB of RAM data, file {} MiB ({} MiB allocated), device state {} bytes; VM paused {:.0} ms",
+            s("path"),
+            s("format"),
+            r.get("ram_pages").and_then(Value::as_u64).unwrap_or(0) * 4096 >> 20,
+            mib(r, "bytes"),
+            mib(r, "allocated_bytes"),
+            r.get("device_state_bytes").and_then(Value::as_u64).unwrap_or(0),
+            num(r, "paused_ms"),
+        ),
+        "snapshot" => format!(
+            "snapshot in {}: vCPUs paused {:.1} ms, written in {:.2} s while running; {} blocks by walkers, {} by guest writes (fault latency median {:.0} us)",
+            s("path"),
+            num(r, "paused_ms"),
+            num(r, "total_ms") / 1000.0,
+            r.get("blocks_by_walkers").and_then(Value::as_u64).unwrap_or(0),
+            r.get("blocks_by_faults").and_then(Value::as_u64).unwrap_or(0),
+            num(r, "fault_latency_median_us"),
+        ),
+        "pause" | "resume" | "quit" => s("state"),
+        "cancel" => "cancelled".into(),
+        _ => r.to_string(),
+    }
+}
+
+fn absolute(p: &Path) -> Result<String, CliError> {
+    if p.is_absolute() {
+        return Ok(p.display().to_string());
+    }
+    Ok(std::env::current_dir()
+        .map_err(|e| CliError::failure(format!("cannot read the current directory: {e}")))?
+        .join(p)
+        .display()
+        .to_string())
+}
+
 /// `cryo save`.
-pub fn save(args: crate::cli::SaveArgs) -> Result<(), CliError> {
+pub fn save(args: crate::cli::SaveArgs, out: Output) -> Result<(), CliError> {
     // The VM resolves a path in its own working directory: send it absolute.
     let to = match crate::image::SaveTarget::parse(&args.to).map_err(CliError::bad_input)? {
         crate::image::SaveTarget::Peer(_) => args.to.clone(),
-        crate::image::SaveTarget::File(p) if p.is_absolute() => args.to.clone(),
-        crate::image::SaveTarget::File(p) => std::env::current_dir()
-            .map_err(|e| CliError::failure(format!("cannot read the current directory: {e}")))?
-            .join(p)
-            .display()
-            .to_string(),
+        crate::image::SaveTarget::File(p) => absolute(&p)?,
     };
     let mut req = json!({"cmd": "save", "path": to, "format": args.format, "keep_running": args.keep_running});
     if let Some(n) = args.channels {
@@ -52,24 +167,29 @@ pub fn save(args: crate::cli::SaveArgs) -> Result<(), CliError> {
     if let Some(c) = args.compress {
         req["compression"] = json!(c);
     }
-    call(&args.api, req)
+    call(&args.api, req, out)
 }
 
 /// `cryo snapshot`.
-pub fn snapshot(args: crate::cli::SnapshotArgs) -> Result<(), CliError> {
-    let to = if args.to.is_absolute() {
-        args.to.clone()
-    } else {
-        std::env::current_dir()
-            .map_err(|e| CliError::failure(format!("cannot read the current directory: {e}")))?
-            .join(&args.to)
-    };
-    let mut req = json!({"cmd": "snapshot", "path": to});
+pub fn snapshot(args: crate::cli::SnapshotArgs, out: Output) -> Result<(), CliError> {
+    let mut req = json!({"cmd": "snapshot", "path": absolute(&args.to)?});
     if let Some(n) = args.channels {
         req["channels"] = json!(n);
     }
     if let Some(d) = args.direct_io {
         req["direct_io"] = json!(d);
     }
-    call(&args.api, req)
+    call(&args.api, req, out)
+}
+
+/// `cryo managed-save`.
+pub fn managed_save(args: crate::cli::ManagedSaveArgs, out: Output) -> Result<(), CliError> {
+    let mut req = json!({"cmd": "managed-save"});
+    if let Some(n) = args.channels {
+        req["channels"] = json!(n);
+    }
+    if let Some(d) = args.direct_io {
+        req["direct_io"] = json!(d);
+    }
+    call(&args.api, req, out)
 }

@@ -10,6 +10,8 @@ mod cli;
 mod client;
 mod image;
 mod inspect;
+mod managed;
+mod progress;
 mod run;
 mod signals;
 
@@ -60,20 +62,33 @@ impl From<microvm::Error> for CliError {
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    init_logging(args.log_level.as_deref());
+    if let Err(e) = init_logging(args.log_level.as_deref(), args.log_file.as_deref()) {
+        eprintln!("cryo: error: {}", e.message);
+        return ExitCode::from(e.status);
+    }
+    let out = client::Output { json: args.json };
+    let api =
+        |a: &cli::ApiArgs, cmd: &str| client::call(&a.api, serde_json::json!({"cmd": cmd}), out);
     let result = match args.command {
         cli::Command::Run(a) => run::run(a),
         cli::Command::Restore(a) => run::restore(a),
-        cli::Command::Save(a) => client::save(a),
-        cli::Command::Snapshot(a) => client::snapshot(a),
-        cli::Command::Cancel(a) => client::call(&a.api, serde_json::json!({"cmd": "cancel"})),
+        cli::Command::Save(a) => client::save(a, out),
+        cli::Command::Snapshot(a) => client::snapshot(a, out),
+        cli::Command::ManagedSave(a) => client::managed_save(a, out),
+        cli::Command::ManagedSaveRemove(a) => managed::remove(
+            &a.state_dir.unwrap_or_else(managed::default_state_dir),
+            &a.name,
+            out,
+        ),
+        cli::Command::Cancel(a) => api(&a, "cancel"),
+        cli::Command::QueryProgress(a) => api(&a, "query-progress"),
         cli::Command::Inspect(a) => inspect::inspect(a),
         cli::Command::Verify(a) => inspect::verify(a),
         cli::Command::Bench(b) => bench::bench(b),
-        cli::Command::Pause(a) => client::call(&a.api, serde_json::json!({"cmd": "pause"})),
-        cli::Command::Resume(a) => client::call(&a.api, serde_json::json!({"cmd": "resume"})),
-        cli::Command::Status(a) => client::call(&a.api, serde_json::json!({"cmd": "status"})),
-        cli::Command::Quit(a) => client::call(&a.api, serde_json::json!({"cmd": "quit"})),
+        cli::Command::Pause(a) => api(&a, "pause"),
+        cli::Command::Resume(a) => api(&a, "resume"),
+        cli::Command::Status(a) => api(&a, "status"),
+        cli::Command::Quit(a) => api(&a, "quit"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -84,11 +99,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(level: Option<&str>) {
+fn init_logging(level: Option<&str>, file: Option<&std::path::Path>) -> Result<(), CliError> {
     // Quiet by default: warnings and errors only. `--log-level` or RUST_LOG for more.
     let env = env_logger::Env::default().default_filter_or(level.unwrap_or("warn"));
-    env_logger::Builder::from_env(env)
-        .format_timestamp_millis()
-        .format_target(true)
-        .init();
+    let mut b = env_logger::Builder::from_env(env);
+    b.format_timestamp_millis().format_target(true);
+    if let Some(path) = file {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| {
+                CliError::bad_input(format!("cannot open log file {}: {e}", path.display()))
+            })?;
+        b.target(env_logger::Target::Pipe(Box::new(f)));
+    }
+    b.init();
+    Ok(())
 }

@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::info;
@@ -11,8 +12,11 @@ use microvm::{
     VmExitReason,
 };
 
+use crate::api::Managed;
 use crate::cli::{BootArg, RestoreArgs, RunArgs};
-use crate::image::RestoreMode;
+use crate::image::{self, RestoreMode, SaveError};
+use crate::managed::{ManagedConfig, ManagedVm};
+use crate::progress::{Display, Progress};
 use crate::CliError;
 
 fn serial_output(path: Option<&Path>) -> Result<SerialOutput, CliError> {
@@ -27,7 +31,49 @@ fn serial_output(path: Option<&Path>) -> Result<SerialOutput, CliError> {
     }
 }
 
-/// Boots and runs the VM; returns when it ends.
+fn load_err(e: SaveError) -> CliError {
+    if e.is_bad_input() {
+        CliError::bad_input(e.to_string())
+    } else {
+        CliError::failure(e.to_string())
+    }
+}
+
+/// Loads an image with a progress display on stderr (a bar on a terminal).
+fn load_with_progress(
+    path: &Path,
+    mode: RestoreMode,
+    verify: bool,
+    channels: &image::fixed::ChannelOptions,
+) -> Result<image::Loaded, CliError> {
+    let progress = Arc::new(Progress::new("restore", 0));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // Only long loads get a display: wait a moment first.
+            let start = Instant::now();
+            let mut display: Option<Display> = None;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if start.elapsed().as_millis() > 500 {
+                    let info = progress.info();
+                    display
+                        .get_or_insert_with(|| Display::new("restore", info.bytes_total))
+                        .update(&info);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            if let Some(d) = display {
+                d.finish();
+            }
+        });
+        let r = image::load(path, mode, verify, channels, Some(&progress)).map_err(load_err);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    })
+}
+
+/// Boots and runs the VM; returns when it ends. With `--name`, restores the
+/// VM's managed save image instead of booting when there is one.
 pub fn run(args: RunArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let vcpus = u8::try_from(args.vcpus)
@@ -40,6 +86,35 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
                 microvm::arch::layout::MAX_VCPUS
             ))
         })?;
+    let managed = match &args.name {
+        Some(name) => Some(ManagedVm::open(
+            &args
+                .state_dir
+                .clone()
+                .unwrap_or_else(crate::managed::default_state_dir),
+            name,
+        )?),
+        None => None,
+    };
+    let api = args
+        .api
+        .clone()
+        .or_else(|| managed.as_ref().map(ManagedVm::api_socket));
+    let asked = ManagedConfig {
+        kernel: std::fs::canonicalize(&args.kernel).unwrap_or_else(|_| args.kernel.clone()),
+        initrd: args
+            .initrd
+            .as_ref()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
+        cmdline: args.cmdline.clone(),
+        mem_mib: args.mem_mib,
+        vcpus: args.vcpus,
+    };
+    if let Some(m) = &managed {
+        if m.image().exists() {
+            return run_managed_restore(m, &asked, &args, api.as_deref(), started);
+        }
+    }
     let config = VmConfig {
         vcpus,
         mem_mib: args.mem_mib,
@@ -61,11 +136,66 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
         serial_input: true,
     };
     let vm = MicroVm::new(config)?;
+    if let Some(m) = &managed {
+        m.write_config(&asked)?;
+    }
     info!("VM built in {:?}", started.elapsed());
-    run_vm(vm, args.api.as_deref(), started)
+    run_vm(vm, api.as_deref(), managed_info(managed.as_ref()), started)
 }
 
-/// Restores a VM from a saved file and runs it.
+fn managed_info(m: Option<&ManagedVm>) -> Option<Managed> {
+    m.map(|m| Managed {
+        name: m.name.clone(),
+        image: m.image(),
+    })
+}
+
+/// `cryo run --name NAME` with a managed image: restore it (with the same
+/// configuration), and delete the image once the restored VM runs.
+fn run_managed_restore(
+    m: &ManagedVm,
+    asked: &ManagedConfig,
+    args: &RunArgs,
+    api: Option<&Path>,
+    started: Instant,
+) -> Result<(), CliError> {
+    let image_path = m.image();
+    let channels = image::fixed::ChannelOptions::default();
+    let loaded = load_with_progress(&image_path, RestoreMode::Eager, false, &channels)?;
+    let diff = crate::managed::differences(asked, m.config().as_ref(), &loaded.snapshot.machine);
+    if !diff.is_empty() {
+        return Err(CliError::bad_input(format!(
+            "{} has a managed save image made with another configuration: {}; run it with the image's configuration, or discard the image with `cryo managed-save-remove {}`",
+            m.name,
+            diff.join(", "),
+            m.name
+        )));
+    }
+    let serial = serial_output(args.serial_out.as_deref())?;
+    let mut vm = MicroVm::restore(
+        &loaded.snapshot,
+        loaded.memory,
+        serial,
+        true,
+        RestoreOptions::default(),
+    )?;
+    vm.start()?;
+    eprintln!(
+        "cryo: {} restored from its managed save image: guest resumed after {:.1} ms",
+        m.name,
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    // The restored VM runs: only now is the image no longer needed.
+    m.remove_image().map_err(|e| {
+        CliError::failure(format!(
+            "the VM runs, but its managed image {} could not be removed: {e}",
+            image_path.display()
+        ))
+    })?;
+    run_vm(vm, api, managed_info(Some(m)), started)
+}
+
+/// Restores a VM from a saved file (or a migration) and runs it.
 pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
     let started = Instant::now();
     let serial = serial_output(args.serial_out.as_deref())?;
@@ -76,24 +206,17 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
     } else {
         RestoreMode::Eager
     };
-    let mut channels = crate::image::fixed::ChannelOptions::default();
+    let mut channels = image::fixed::ChannelOptions::default();
     if let Some(n) = args.channels {
         channels.channels = usize::from(n);
     }
     if let Some(d) = args.direct_io {
         channels.direct_io = d.into();
     }
-    let to_cli = |e: crate::image::SaveError| {
-        if e.is_bad_input() {
-            CliError::bad_input(e.to_string())
-        } else {
-            CliError::failure(e.to_string())
-        }
-    };
     let (source, loaded) = match (&args.from, &args.listen) {
         (Some(path), _) => (
             path.display().to_string(),
-            crate::image::load(path, mode, args.verify, &channels).map_err(to_cli)?,
+            load_with_progress(path, mode, args.verify, &channels)?,
         ),
         (None, Some(listen)) => {
             if args.lazy || args.verify {
@@ -103,7 +226,7 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
             }
             (
                 listen.clone(),
-                crate::image::migrate::receive_vm(listen).map_err(to_cli)?,
+                image::migrate::receive_vm(listen).map_err(load_err)?,
             )
         }
         (None, None) => {
@@ -144,13 +267,18 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
             );
         });
     }
-    run_vm(vm, args.api.as_deref(), started)
+    run_vm(vm, args.api.as_deref(), None, started)
 }
 
-fn run_vm(mut vm: MicroVm, api: Option<&Path>, started: Instant) -> Result<(), CliError> {
+fn run_vm(
+    mut vm: MicroVm,
+    api: Option<&Path>,
+    managed: Option<Managed>,
+    started: Instant,
+) -> Result<(), CliError> {
     if let Some(path) = api {
         let controller = vm.controller()?;
-        crate::api::serve(path, controller).map_err(|e| {
+        crate::api::serve(path, controller, managed).map_err(|e| {
             CliError::bad_input(format!("cannot serve the API on {}: {e}", path.display()))
         })?;
     }

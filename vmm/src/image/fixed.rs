@@ -13,6 +13,8 @@ use microvm::persist::VmSnapshot;
 use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
 
+use crate::progress::Progress;
+
 use super::{
     allocated_bytes, snapshot, sync_dir, temp_path, Loaded, RestoreMode, SaveError, Written,
     PAGE_SIZE,
@@ -47,7 +49,7 @@ impl ChannelOptions {
 
 /// The fixed-ram writer as multifd's file layout: pages go to their fixed
 /// offsets; each saved chunk's bitmap and CRC are recorded in the image.
-struct SaveLayout<'a>(&'a ImageWriter);
+struct SaveLayout<'a>(&'a ImageWriter, Option<&'a Progress>);
 
 impl multifd::FileLayout for SaveLayout<'_> {
     fn page_size(&self) -> u64 {
@@ -72,6 +74,9 @@ impl multifd::FileLayout for SaveLayout<'_> {
         present: &[u64],
         crc: u32,
     ) -> Result<(), String> {
+        if let Some(p) = self.1 {
+            p.add(self.0.layout().chunk_range(region, chunk).1);
+        }
         let bit = |p: u64| {
             present
                 .get((p / 64) as usize)
@@ -91,7 +96,7 @@ impl multifd::FileLayout for SaveLayout<'_> {
 
 /// The fixed-ram image as multifd's file layout for loading: present pages
 /// by the bitmap, each chunk checked against its CRC as it arrives.
-struct LoadLayout<'a>(&'a Image);
+struct LoadLayout<'a>(&'a Image, Option<&'a Progress>);
 
 impl multifd::FileLayout for LoadLayout<'_> {
     fn page_size(&self) -> u64 {
@@ -116,6 +121,9 @@ impl multifd::FileLayout for LoadLayout<'_> {
         self.0.is_present(region, page)
     }
     fn chunk_loaded(&self, region: usize, chunk: u64, data: &[u8]) -> Result<(), String> {
+        if let Some(p) = self.1 {
+            p.add(data.len() as u64);
+        }
         let expected = self.0.chunk_checksum(region, chunk);
         let found = crc32c::crc32c(data);
         if found == expected {
@@ -214,9 +222,10 @@ pub fn write_fixed_file(
     snapshot: &VmSnapshot,
     memory: &GuestMemory,
     channels: &ChannelOptions,
+    progress: Option<&Progress>,
 ) -> Result<Written, SaveError> {
     let tmp = temp_path(path);
-    let result = write_to(&tmp, path, snapshot, memory, channels);
+    let result = write_to(&tmp, path, snapshot, memory, channels, progress);
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -229,8 +238,12 @@ fn write_to(
     snapshot: &VmSnapshot,
     memory: &GuestMemory,
     channels: &ChannelOptions,
+    progress: Option<&Progress>,
 ) -> Result<Written, SaveError> {
     let ierr = image_err(path);
+    if let Some(p) = progress {
+        p.phase("writing");
+    }
     let specs: Vec<RegionSpec> = memory
         .iter()
         .map(|r| RegionSpec {
@@ -248,7 +261,7 @@ fn write_to(
     let stats = multifd::save_to_file(
         tmp,
         &mem_regions(memory),
-        &SaveLayout(&writer),
+        &SaveLayout(&writer, progress),
         &channels.multifd(),
     )
     .map_err(|e| match e {
@@ -274,6 +287,9 @@ fn write_to(
         stats.elapsed,
         stats.mb_per_s()
     );
+    if let Some(p) = progress {
+        p.phase("committing");
+    }
     let file = writer.commit(&device_state).map_err(&ierr)?;
     let bytes = file
         .metadata()
@@ -312,17 +328,8 @@ fn open_image(path: &Path) -> Result<Image, SaveError> {
     })
 }
 
-/// Loads a fixed-ram image: device state, then guest memory by `mode`.
-pub fn load_fixed(
-    path: &Path,
-    mode: RestoreMode,
-    verify: bool,
-    channels: &ChannelOptions,
-) -> Result<Loaded, SaveError> {
-    load_fixed_with(path, mode, verify, channels, &|_| {})
-}
-
-/// [`load_fixed`], calling `on_memory` with the guest memory as soon as it
+/// Loads a fixed-ram image: device state, then guest memory by `mode`,
+/// calling `on_memory` with the guest memory as soon as it
 /// exists (before any page is read; for measurements).
 pub fn load_fixed_with(
     path: &Path,
@@ -330,6 +337,7 @@ pub fn load_fixed_with(
     verify: bool,
     channels: &ChannelOptions,
     on_memory: &dyn Fn(&GuestMemory),
+    progress: Option<&Progress>,
 ) -> Result<Loaded, SaveError> {
     let invalid = |reason: String| SaveError::Invalid {
         path: path.to_owned(),
@@ -365,10 +373,14 @@ pub fn load_fixed_with(
             let memory = create_guest_memory(snapshot.machine.mem_mib, &MemoryBacking::Anonymous)
                 .map_err(|e| invalid(e.to_string()))?;
             on_memory(&memory);
+            if let Some(p) = progress {
+                p.set_total(snapshot.machine.mem_mib << 20);
+                p.phase("reading");
+            }
             let stats = multifd::load_from_file(
                 path,
                 &mem_regions(&memory),
-                &LoadLayout(&image),
+                &LoadLayout(&image, progress),
                 &channels.multifd(),
             )
             .map_err(|e| match e {

@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use super::fixed::ChannelOptions;
 use super::{allocated_bytes, snapshot, sync_dir, temp_path, SaveError, PAGE_SIZE};
+use crate::progress::Progress;
 
 /// Block size of a live snapshot: the unit of copy, of write protection and
 /// of the image's checksums. Smaller blocks hold a faulting vCPU for less
@@ -88,6 +89,7 @@ impl CancelSlot {
 struct ImageSink<'a> {
     writer: &'a ImageWriter,
     direct: Option<File>,
+    progress: Option<&'a Progress>,
 }
 
 impl BlockSink for ImageSink<'_> {
@@ -98,6 +100,9 @@ impl BlockSink for ImageSink<'_> {
     fn write_block(&self, range: usize, block: u64, data: &[u8]) -> Result<(), String> {
         // Blocks straight from guest memory are page aligned and can go
         // through O_DIRECT; fault copies live in ordinary buffers.
+        if let Some(p) = self.progress {
+            p.add(data.len() as u64);
+        }
         let aligned = (data.as_ptr() as usize).is_multiple_of(PAGE_SIZE);
         let r = match (&self.direct, aligned) {
             (Some(fd), true) => self.writer.write_chunk_via(fd, range, block, data),
@@ -128,7 +133,11 @@ pub fn snapshot_vm(
     path: &Path,
     channels: &ChannelOptions,
     cancel: &CancelSlot,
+    progress: Option<&Progress>,
 ) -> Result<SnapshotStats, SaveError> {
+    if let Some(p) = progress {
+        p.phase("pausing");
+    }
     let start = Instant::now();
     let serr = snap_err(path);
     // Pause, capture, arm, resume: the only time the vCPUs stop.
@@ -205,12 +214,20 @@ pub fn snapshot_vm(
                 Err(_) => None,
             },
         };
+        if let Some(p) = progress {
+            p.set_total(memory.iter().map(|r| r.len()).sum());
+            p.phase("copying");
+        }
         let sink = ImageSink {
             writer: &writer,
             direct,
+            progress,
         };
         let report = armed.run(&sink, channels.channels.max(1)).map_err(&serr)?;
         drop(sink);
+        if let Some(p) = progress {
+            p.phase("committing");
+        }
         let file = writer.commit(&device_state).map_err(ierr)?;
         let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
         let allocated = allocated_bytes(&file);

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use microvm::persist::VmSnapshot;
-use microvm::vm_memory::GuestMemoryRegion;
+use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use microvm::{GuestMemory, RunState, VmController};
 use serde::{Deserialize, Serialize};
 
@@ -204,7 +204,7 @@ impl SaveTarget {
 }
 
 /// Options of a save.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct SaveOptions {
     /// Image format (files).
     pub format: SaveFormat,
@@ -214,6 +214,8 @@ pub struct SaveOptions {
     pub channels: fixed::ChannelOptions,
     /// Socket compression (peers).
     pub compression: Option<migrate::CompressionArg>,
+    /// Where to report progress.
+    pub progress: Option<std::sync::Arc<crate::progress::Progress>>,
 }
 
 /// Pauses the VM, writes it to `target`, and resumes it when `keep_running`
@@ -225,6 +227,10 @@ pub fn save_vm(
 ) -> Result<SaveStats, SaveError> {
     let keep_running = opts.keep_running;
     let format = opts.format;
+    let progress = opts.progress.as_deref();
+    if let Some(p) = progress {
+        p.phase("pausing");
+    }
     let start = Instant::now();
     let (snapshot, memory, was_running) = controller.call(|vm| {
         let was_running = vm.state() == RunState::Running;
@@ -239,20 +245,25 @@ pub fn save_vm(
             }
         }
     })??;
+    if let Some(p) = progress {
+        p.set_total(memory.iter().map(|r| r.len()).sum());
+    }
     let (path, written) = match target {
         SaveTarget::File(path) => (
             path.clone(),
             match format {
-                SaveFormat::Stream => stream::write_stream_file(path, &snapshot, &memory),
+                SaveFormat::Stream => stream::write_stream_file(path, &snapshot, &memory, progress),
                 SaveFormat::FixedRam => {
-                    fixed::write_fixed_file(path, &snapshot, &memory, &opts.channels)
+                    fixed::write_fixed_file(path, &snapshot, &memory, &opts.channels, progress)
                 }
             },
         ),
-        SaveTarget::Peer(endpoint) => (
-            PathBuf::from(endpoint.to_string()),
-            migrate::send_vm(endpoint, &snapshot, &memory, opts),
-        ),
+        SaveTarget::Peer(endpoint) => (PathBuf::from(endpoint.to_string()), {
+            if let Some(p) = progress {
+                p.phase("sending");
+            }
+            migrate::send_vm(endpoint, &snapshot, &memory, opts)
+        }),
     };
     let path = path.as_path();
     let paused_ms = start.elapsed().as_secs_f64() * 1000.0;
@@ -336,6 +347,7 @@ pub fn load(
     mode: RestoreMode,
     verify: bool,
     channels: &fixed::ChannelOptions,
+    progress: Option<&crate::progress::Progress>,
 ) -> Result<Loaded, SaveError> {
     match detect_format(path)? {
         SaveFormat::Stream => {
@@ -352,7 +364,9 @@ pub fn load(
                 prefetch: None,
             })
         }
-        SaveFormat::FixedRam => fixed::load_fixed(path, mode, verify, channels),
+        SaveFormat::FixedRam => {
+            fixed::load_fixed_with(path, mode, verify, channels, &|_| {}, progress)
+        }
     }
 }
 

@@ -10,6 +10,8 @@ use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
 use migration_stream::{PagesKind, RamRegion, Record, StreamReader, StreamWriter};
 
+use crate::progress::Progress;
+
 use super::snapshot::{write_sections, SnapshotBuilder};
 use super::{
     allocated_bytes, is_zero_page, region_bytes, region_bytes_mut, sync_dir, temp_path, SaveError,
@@ -25,6 +27,7 @@ pub fn write_stream_file(
     path: &Path,
     snapshot: &VmSnapshot,
     memory: &GuestMemory,
+    progress: Option<&Progress>,
 ) -> Result<Written, SaveError> {
     let tmp = temp_path(path);
     let werr = |source| SaveError::Write {
@@ -36,7 +39,7 @@ pub fn write_stream_file(
         .create_new(true)
         .open(&tmp)
         .map_err(werr)?;
-    let result = write_stream(file, path, snapshot, memory).and_then(|(file, stats)| {
+    let result = write_stream(file, path, snapshot, memory, progress).and_then(|(file, stats)| {
         file.sync_all().map_err(werr)?;
         drop(file);
         std::fs::rename(&tmp, path).map_err(werr)?;
@@ -54,7 +57,11 @@ fn write_stream(
     path: &Path,
     snapshot: &VmSnapshot,
     memory: &GuestMemory,
+    progress: Option<&Progress>,
 ) -> Result<(File, Written), SaveError> {
+    if let Some(p) = progress {
+        p.phase("writing");
+    }
     let serr = |e: migration_stream::StreamError| match e {
         migration_stream::StreamError::Io { source, .. } => SaveError::Write {
             path: path.to_owned(),
@@ -92,6 +99,9 @@ fn write_stream(
                 q += 1;
             }
             let count = (q - p) as u64;
+            if let Some(pr) = progress {
+                pr.add(count * PAGE_SIZE as u64);
+            }
             if zero {
                 w.write_zero_pages(index as u32, p as u64, count)
                     .map_err(serr)?;
