@@ -118,7 +118,7 @@ fn human(cmd: &str, r: &Value) -> String {
             "saved to {} ({}): {} MiB of RAM data, file {} MiB ({} MiB allocated), device state {} bytes; VM paused {:.0} ms",
             s("path"),
             s("format"),
-            r.get("ram_pages").and_then(Value::as_u64).unwrap_or(0) * 4096 >> 20,
+            (r.get("ram_pages").and_then(Value::as_u64).unwrap_or(0) * 4096) >> 20,
             mib(r, "bytes"),
             mib(r, "allocated_bytes"),
             r.get("device_state_bytes").and_then(Value::as_u64).unwrap_or(0),

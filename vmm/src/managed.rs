@@ -96,6 +96,20 @@ impl ManagedVm {
                 dir.display()
             )));
         }
+        // Temporary files of saves that were killed: with the lock held no
+        // other cryo writes here, so they are garbage.
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let n = e.file_name();
+                if n.to_string_lossy().starts_with(".managed.img.tmp-") {
+                    log::info!(
+                        "removing {} left by an interrupted save",
+                        e.path().display()
+                    );
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         Ok(ManagedVm {
             name: name.to_string(),
             dir,

@@ -145,7 +145,9 @@ impl SaveError {
             SaveError::Write { source, .. }
                 if matches!(
                     source.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                    std::io::ErrorKind::NotFound
+                        | std::io::ErrorKind::PermissionDenied
+                        | std::io::ErrorKind::ReadOnlyFilesystem
                 ) =>
             {
                 "bad-request"
