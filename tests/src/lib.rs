@@ -556,3 +556,65 @@ pub fn workdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).expect("create work dir");
     d
 }
+
+/// Boots the test kernel in fill mode (each of `vcpus` vCPUs fills
+/// `share_mib` MiB with incompressible data, then halts) with an API socket
+/// named after `name`, and waits for the fill to finish.
+pub fn filled_guest(name: &str, vcpus: u32, mem_mib: u64, share_mib: u64) -> (Guest, PathBuf) {
+    let api = socket_path(name);
+    let _ = std::fs::remove_file(&api);
+    let mut g = Guest::spawn([
+        "run",
+        "--kernel",
+        test_kernel().to_str().unwrap_or_default(),
+        "--vcpus",
+        &vcpus.to_string(),
+        "--mem-mib",
+        &mem_mib.to_string(),
+        "--cmdline",
+        &format!("console=ttyS0 cryo.mode=fill cryo.mem={share_mib}"),
+        "--api",
+        api.to_str().unwrap_or_default(),
+    ]);
+    assert!(
+        wait_for_socket(&api, Duration::from_secs(90)),
+        "{}",
+        g.transcript()
+    );
+    let mut filled = 0;
+    let ok = g.wait_for(Duration::from_secs(180), |l| {
+        if l.starts_with("FILLED") {
+            filled += 1;
+        }
+        filled == vcpus
+    });
+    assert!(ok.is_some(), "{}", g.transcript());
+    (g, api)
+}
+
+/// A filesystem the test mounts on a fresh directory (root only), unmounted on drop.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    /// `mount -t FSTYPE [-o OPTS] none DIR`; None when mounting is not possible here.
+    pub fn new(name: &str, fstype: &str, opts: Option<&str>) -> Option<Mount> {
+        let dir = workdir(name);
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", fstype]);
+        if let Some(o) = opts {
+            cmd.args(["-o", o]);
+        }
+        let ok = cmd
+            .arg("none")
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Mount(dir))
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}

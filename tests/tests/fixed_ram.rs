@@ -241,32 +241,9 @@ fn flipped_byte_is_caught_by_verify_and_eager_restore() {
 #[test]
 fn sigkill_during_a_save_keeps_the_previous_image() {
     let dir = workdir("fr-kill");
-    let api = socket_path("fr-kill");
     let file = dir.join("vm.img");
-    let _ = std::fs::remove_file(&api);
     // 384 MiB filled with incompressible data, so a save takes a while.
-    let mut g = Guest::spawn([
-        "run",
-        "--kernel",
-        test_kernel().to_str().unwrap(),
-        "--vcpus",
-        "2",
-        "--mem-mib",
-        "400",
-        "--cmdline",
-        "console=ttyS0 cryo.mode=fill cryo.mem=192",
-        "--api",
-        api.to_str().unwrap(),
-    ]);
-    assert!(wait_for_socket(&api, T));
-    let mut filled = 0;
-    let ok = g.wait_for(Duration::from_secs(120), |l| {
-        if l.starts_with("FILLED") {
-            filled += 1;
-        }
-        filled == 2
-    });
-    assert!(ok.is_some(), "{}", g.transcript());
+    let (mut g, api) = cryo_tests::filled_guest("fr-kill", 2, 400, 192);
     save_vm(&api, &file, &["--keep-running"]);
     let good = std::fs::read(&file).unwrap();
 

@@ -215,30 +215,9 @@ fn sigkill_at_many_points_never_loses_or_corrupts_the_managed_image() {
     );
 }
 
-/// A small filesystem the test mounts (tmpfs with a size limit), unmounted on drop.
-struct SmallFs(PathBuf);
-
-impl SmallFs {
-    fn mount(name: &str, opts: &str) -> Option<SmallFs> {
-        let dir = workdir(name);
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", opts, "none"])
-            .arg(&dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(SmallFs(dir))
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn full_disk_gives_a_clear_error_and_the_vm_runs_on() {
-    let Some(fs) = SmallFs::mount("mgmt-full", "size=24m") else {
+    let Some(fs) = cryo_tests::Mount::new("mgmt-full", "tmpfs", Some("size=24m")) else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
@@ -272,7 +251,7 @@ fn full_disk_gives_a_clear_error_and_the_vm_runs_on() {
 fn read_only_and_missing_target_directories() {
     let api = socket_path("mgmt-ro");
     let (mut g, _) = cryo_tests::boot_with_api(1, 32, "cryo.mem=4 cryo.hb_ms=100", &api);
-    if let Some(fs) = SmallFs::mount("mgmt-ro", "size=16m") {
+    if let Some(fs) = cryo_tests::Mount::new("mgmt-ro", "tmpfs", Some("size=16m")) {
         let ok = std::process::Command::new("mount")
             .args(["-o", "remount,ro"])
             .arg(&fs.0)

@@ -97,32 +97,8 @@ fn tcp_2_channels_zstd() {
 }
 
 /// A guest with `mib` MiB of incompressible data and an API socket.
-fn filled_guest(name: &str, mib: u32) -> (Guest, std::path::PathBuf) {
-    let api = socket_path(name);
-    let _ = std::fs::remove_file(&api);
-    let mut g = Guest::spawn([
-        "run",
-        "--kernel",
-        test_kernel().to_str().unwrap(),
-        "--vcpus",
-        "2",
-        "--mem-mib",
-        &(mib + 64).to_string(),
-        "--cmdline",
-        &format!("console=ttyS0 cryo.mode=fill cryo.mem={}", mib / 2),
-        "--api",
-        api.to_str().unwrap(),
-    ]);
-    assert!(wait_for_socket(&api, T));
-    let mut filled = 0;
-    let ok = g.wait_for(Duration::from_secs(180), |l| {
-        if l.starts_with("FILLED") {
-            filled += 1;
-        }
-        filled == 2
-    });
-    assert!(ok.is_some(), "{}", g.transcript());
-    (g, api)
+fn filled_guest(name: &str, mib: u64) -> (Guest, std::path::PathBuf) {
+    cryo_tests::filled_guest(name, 2, mib + 64, mib / 2)
 }
 
 fn kill(g: &Guest) {
@@ -216,31 +192,10 @@ fn sender_dies_mid_transfer_and_the_destination_never_runs() {
     assert!(err.contains("cryo: error:"), "{err}");
 }
 
-/// A ramfs mount for the test (tmpfs supports O_DIRECT since Linux 6.6;
-/// ramfs does not), unmounted on drop.
-struct Ramfs(std::path::PathBuf);
-
-impl Ramfs {
-    fn mount(name: &str) -> Option<Ramfs> {
-        let dir = workdir(name);
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "ramfs", "none"])
-            .arg(&dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(Ramfs(dir))
-    }
-}
-
-impl Drop for Ramfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn direct_io_where_the_filesystem_refuses_it() {
-    let Some(fs) = Ramfs::mount("mfd-ramfs") else {
+    // tmpfs supports O_DIRECT since Linux 6.6; ramfs does not.
+    let Some(fs) = cryo_tests::Mount::new("mfd-ramfs", "ramfs", None) else {
         eprintln!("skipped: cannot mount a ramfs here (needs root)");
         return;
     };

@@ -130,8 +130,12 @@ fn fill_random(buf: &mut [u8], mut seed: u64) {
 }
 
 /// Raw O_DIRECT sequential bandwidth with `streams` writers (then readers),
-/// each on its own contiguous part of one file of `bytes`.
-fn raw_bandwidth(dir: &Path, bytes: u64, streams: usize) -> Result<(f64, f64), CliError> {
+/// each on its own contiguous part of one file as large as `source`. The
+/// writers write `source` itself (the guest's filled RAM: the same bytes a
+/// save writes, so that a storage layer that compresses or deduplicates
+/// cannot flatter one side), 4 MiB at a time, straight from memory.
+fn raw_bandwidth(dir: &Path, source: &[&[u8]], streams: usize) -> Result<(f64, f64), CliError> {
+    let bytes: u64 = source.iter().map(|s| s.len() as u64).sum();
     let path = dir.join(format!(".cryo-bench-raw-{}", std::process::id()));
     let fail =
         |e: std::io::Error| CliError::failure(format!("raw disk test on {}: {e}", path.display()));
@@ -149,9 +153,12 @@ fn raw_bandwidth(dir: &Path, bytes: u64, streams: usize) -> Result<(f64, f64), C
             ))
         })?;
     let per_stream = (bytes / streams as u64) / RAW_BLOCK as u64 * RAW_BLOCK as u64;
-    let mut buf = AlignedBuf::new(RAW_BLOCK)?;
-    fill_random(buf.as_mut(), 0x1234_5678);
-    let buf = &buf;
+    // Block k of the file comes from the k-th 4 MiB of the source.
+    let blocks: Vec<&[u8]> = source
+        .iter()
+        .flat_map(|s| s.chunks_exact(RAW_BLOCK))
+        .collect();
+    let blocks = &blocks;
     let run = |write: bool| -> Result<f64, CliError> {
         let start = Instant::now();
         std::thread::scope(|s| {
@@ -165,7 +172,10 @@ fn raw_bandwidth(dir: &Path, bytes: u64, streams: usize) -> Result<(f64, f64), C
                         let end = off + per_stream;
                         while off < end {
                             if write {
-                                file.write_all_at(buf.as_ref(), off)?;
+                                let block = blocks
+                                    .get((off / RAW_BLOCK as u64) as usize)
+                                    .ok_or_else(|| std::io::Error::other("source too small"))?;
+                                file.write_all_at(block, off)?;
                             } else {
                                 file.read_exact_at(local.as_mut(), off)?;
                             }
@@ -285,7 +295,10 @@ impl Sampler {
                 c.fetch_max(meminfo_kib("Cached:"), Ordering::Relaxed);
                 let ranges = guest.lock().map(|g| g.clone()).unwrap_or_default();
                 r.fetch_max(rss_outside_kib(&ranges), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(20));
+                // Reading smaps walks the page tables of all guest memory
+                // under the mmap lock, which O_DIRECT I/O also takes: sample
+                // sparingly so that the measurement does not slow the save.
+                std::thread::sleep(Duration::from_millis(250));
             }
         });
         Sampler {
@@ -427,7 +440,8 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
     }
     let mut left = a.fill_mib * MIB;
     let mut parts: Vec<&mut [u8]> = Vec::new();
-    for region in memory.iter() {
+    let mut spans: Vec<(usize, usize, usize)> = Vec::new();
+    for (index, region) in memory.iter().enumerate() {
         let bytes = image::region_bytes_mut(region);
         let skip = if region.start_addr().0 == 0 {
             64 * MIB as usize
@@ -437,6 +451,7 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
         let take = (bytes.len().saturating_sub(skip) as u64).min(left) as usize;
         left -= take as u64;
         if take > 0 {
+            spans.push((index, skip, take));
             parts.extend(bytes[skip..skip + take].chunks_mut(64 << 20));
         }
     }
@@ -445,6 +460,12 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
             s.spawn(move || fill_random(part, 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1)));
         }
     });
+    // The filled bytes, read-only from here on (the fill's mutable views are gone).
+    let regions: Vec<&microvm::GuestRegion> = memory.iter().collect();
+    let filled: Vec<&[u8]> = spans
+        .iter()
+        .map(|(i, skip, take)| &image::region_bytes(regions[*i])[*skip..*skip + *take])
+        .collect();
     let snapshot = vm.save_state()?;
     let data_mb = (a.fill_mib * MIB) as f64 / 1e6;
 
@@ -458,7 +479,7 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
             "raw O_DIRECT write/read of {} MiB with {n} streams",
             a.fill_mib
         ));
-        let (w, rd) = raw_bandwidth(&a.dir, a.fill_mib * MIB, n)?;
+        let (w, rd) = raw_bandwidth(&a.dir, &filled, n)?;
         r.raw_write_mb_s = w;
         r.raw_read_mb_s = rd;
         let img = a

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use fixed_ram::{Image, ImageWriter, Layout, RegionSpec};
+use fixed_ram::{Image, ImageWriter, Layout};
 use microvm::persist::VmSnapshot;
 use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
@@ -16,8 +16,8 @@ use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
 use crate::progress::Progress;
 
 use super::{
-    allocated_bytes, snapshot, sync_dir, temp_path, Loaded, RestoreMode, SaveError, Written,
-    PAGE_SIZE,
+    file_sizes, publish, region_specs, snapshot, temp_path, Loaded, RestoreMode, SaveError,
+    Written, PAGE_SIZE,
 };
 
 /// How page data moves between guest memory and the image.
@@ -47,25 +47,59 @@ impl ChannelOptions {
     }
 }
 
-/// The fixed-ram writer as multifd's file layout: pages go to their fixed
-/// offsets; each saved chunk's bitmap and CRC are recorded in the image.
-struct SaveLayout<'a>(&'a ImageWriter, Option<&'a Progress>);
+/// The fixed-ram image as multifd's file layout: pages at their fixed
+/// offsets; saving records each chunk's bitmap and CRC in the writer,
+/// loading reads present pages by the bitmap and checks each chunk's CRC.
+struct ImageLayout<'a> {
+    layout: &'a Layout,
+    side: Side<'a>,
+    progress: Option<&'a Progress>,
+}
 
-impl multifd::FileLayout for SaveLayout<'_> {
+enum Side<'a> {
+    Save(&'a ImageWriter),
+    Load(&'a Image),
+}
+
+impl<'a> ImageLayout<'a> {
+    fn save(writer: &'a ImageWriter, progress: Option<&'a Progress>) -> Self {
+        ImageLayout {
+            layout: writer.layout(),
+            side: Side::Save(writer),
+            progress,
+        }
+    }
+
+    fn load(image: &'a Image, progress: Option<&'a Progress>) -> Self {
+        ImageLayout {
+            layout: image.layout(),
+            side: Side::Load(image),
+            progress,
+        }
+    }
+
+    fn advance(&self, bytes: u64) {
+        if let Some(p) = self.progress {
+            p.add(bytes);
+        }
+    }
+}
+
+impl multifd::FileLayout for ImageLayout<'_> {
     fn page_size(&self) -> u64 {
-        u64::from(self.0.layout().page_size())
+        u64::from(self.layout.page_size())
     }
     fn chunk_size(&self) -> u64 {
-        self.0.layout().chunk_size()
+        self.layout.chunk_size()
     }
     fn chunks(&self, region: usize) -> u64 {
-        self.0.layout().chunks(region)
+        self.layout.chunks(region)
     }
     fn chunk_range(&self, region: usize, chunk: u64) -> (u64, u64) {
-        self.0.layout().chunk_range(region, chunk)
+        self.layout.chunk_range(region, chunk)
     }
     fn page_file_offset(&self, region: usize, page: u64) -> u64 {
-        self.0.layout().regions()[region].pages_offset + page * self.page_size()
+        self.layout.regions()[region].pages_offset + page * self.page_size()
     }
     fn chunk_saved(
         &self,
@@ -74,63 +108,37 @@ impl multifd::FileLayout for SaveLayout<'_> {
         present: &[u64],
         crc: u32,
     ) -> Result<(), String> {
-        if let Some(p) = self.1 {
-            p.add(self.0.layout().chunk_range(region, chunk).1);
-        }
+        let Side::Save(writer) = self.side else {
+            return Err("the image is open for reading".into());
+        };
+        self.advance(self.layout.chunk_range(region, chunk).1);
         let bit = |p: u64| {
             present
                 .get((p / 64) as usize)
                 .is_some_and(|w| w & (1 << (p % 64)) != 0)
         };
-        self.0
+        writer
             .record_chunk(region, chunk, &bit, crc)
             .map_err(|e| e.to_string())
     }
-    fn page_present(&self, _region: usize, _page: u64) -> bool {
-        false
-    }
-    fn chunk_loaded(&self, _region: usize, _chunk: u64, _data: &[u8]) -> Result<(), String> {
-        Ok(())
-    }
-}
-
-/// The fixed-ram image as multifd's file layout for loading: present pages
-/// by the bitmap, each chunk checked against its CRC as it arrives.
-struct LoadLayout<'a>(&'a Image, Option<&'a Progress>);
-
-impl multifd::FileLayout for LoadLayout<'_> {
-    fn page_size(&self) -> u64 {
-        u64::from(self.0.layout().page_size())
-    }
-    fn chunk_size(&self) -> u64 {
-        self.0.layout().chunk_size()
-    }
-    fn chunks(&self, region: usize) -> u64 {
-        self.0.layout().chunks(region)
-    }
-    fn chunk_range(&self, region: usize, chunk: u64) -> (u64, u64) {
-        self.0.layout().chunk_range(region, chunk)
-    }
-    fn page_file_offset(&self, region: usize, page: u64) -> u64 {
-        self.0.layout().regions()[region].pages_offset + page * self.page_size()
-    }
-    fn chunk_saved(&self, _: usize, _: u64, _: &[u64], _: u32) -> Result<(), String> {
-        Err("the image is open for reading".into())
-    }
     fn page_present(&self, region: usize, page: u64) -> bool {
-        self.0.is_present(region, page)
+        match self.side {
+            Side::Load(image) => image.is_present(region, page),
+            Side::Save(_) => false,
+        }
     }
     fn chunk_loaded(&self, region: usize, chunk: u64, data: &[u8]) -> Result<(), String> {
-        if let Some(p) = self.1 {
-            p.add(data.len() as u64);
-        }
-        let expected = self.0.chunk_checksum(region, chunk);
+        let Side::Load(image) = self.side else {
+            return Ok(());
+        };
+        self.advance(data.len() as u64);
+        let expected = image.chunk_checksum(region, chunk);
         let found = crc32c::crc32c(data);
         if found == expected {
             return Ok(());
         }
         let (offset, len) = self.chunk_range(region, chunk);
-        let base = self.0.layout().regions()[region].guest_addr + offset;
+        let base = self.layout.regions()[region].guest_addr + offset;
         Err(format!(
             "chunk {chunk} of region {region} (guest {base:#x}..{:#x}) is corrupt: CRC32C {found:#010x}, expected {expected:#010x}",
             base + len
@@ -244,14 +252,7 @@ fn write_to(
     if let Some(p) = progress {
         p.phase("writing");
     }
-    let specs: Vec<RegionSpec> = memory
-        .iter()
-        .map(|r| RegionSpec {
-            guest_addr: r.start_addr().0,
-            size: r.len(),
-        })
-        .collect();
-    let layout = Layout::new(PAGE_SIZE as u32, &specs).map_err(&ierr)?;
+    let layout = Layout::new(PAGE_SIZE as u32, &region_specs(memory)).map_err(&ierr)?;
     let device_state =
         snapshot::encode(snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
             path: path.to_owned(),
@@ -261,7 +262,7 @@ fn write_to(
     let stats = multifd::save_to_file(
         tmp,
         &mem_regions(memory),
-        &SaveLayout(&writer, progress),
+        &ImageLayout::save(&writer, progress),
         &channels.multifd(),
     )
     .map_err(|e| match e {
@@ -291,21 +292,9 @@ fn write_to(
         p.phase("committing");
     }
     let file = writer.commit(&device_state).map_err(&ierr)?;
-    let bytes = file
-        .metadata()
-        .map_err(|source| SaveError::Write {
-            path: path.to_owned(),
-            source,
-        })?
-        .len();
-    let allocated = allocated_bytes(&file);
+    let (bytes, allocated) = file_sizes(&file, path)?;
     drop(file);
-    let werr = |source| SaveError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    std::fs::rename(tmp, path).map_err(werr)?;
-    sync_dir(path).map_err(werr)?;
+    publish(tmp, path)?;
     Ok(Written {
         bytes,
         allocated_bytes: allocated,
@@ -380,7 +369,7 @@ pub fn load_fixed_with(
             let stats = multifd::load_from_file(
                 path,
                 &mem_regions(&memory),
-                &LoadLayout(&image, progress),
+                &ImageLayout::load(&image, progress),
                 &channels.multifd(),
             )
             .map_err(|e| match e {

@@ -15,13 +15,13 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use bg_snapshot::{BlockSink, CancelHandle, MemRange, SnapshotError};
-use fixed_ram::{ImageWriter, Layout, RegionSpec};
+use fixed_ram::{ImageWriter, Layout};
 use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use microvm::{RunState, VmController};
 use serde::Serialize;
 
 use super::fixed::ChannelOptions;
-use super::{allocated_bytes, snapshot, sync_dir, temp_path, SaveError, PAGE_SIZE};
+use super::{file_sizes, publish, region_specs, snapshot, temp_path, SaveError, PAGE_SIZE};
 use crate::progress::Progress;
 
 /// Block size of a live snapshot: the unit of copy, of write protection and
@@ -173,13 +173,7 @@ pub fn snapshot_vm(
 
     let tmp = temp_path(path);
     let result = (|| {
-        let specs: Vec<RegionSpec> = memory
-            .iter()
-            .map(|r| RegionSpec {
-                guest_addr: r.start_addr().0,
-                size: r.len(),
-            })
-            .collect();
+        let specs = region_specs(&memory);
         let ierr = |e: fixed_ram::FixedRamError| SaveError::Image {
             path: path.to_owned(),
             reason: e.to_string(),
@@ -229,15 +223,9 @@ pub fn snapshot_vm(
             p.phase("committing");
         }
         let file = writer.commit(&device_state).map_err(ierr)?;
-        let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let allocated = allocated_bytes(&file);
+        let (bytes, allocated) = file_sizes(&file, path)?;
         drop(file);
-        let werr = |source| SaveError::Write {
-            path: path.to_owned(),
-            source,
-        };
-        std::fs::rename(&tmp, path).map_err(werr)?;
-        sync_dir(path).map_err(werr)?;
+        publish(&tmp, path)?;
         let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
         Ok(SnapshotStats {
             path: path.to_owned(),

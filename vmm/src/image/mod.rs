@@ -402,6 +402,40 @@ pub fn is_zero_page(page: &[u8]) -> bool {
     head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
 }
 
+/// The guest memory regions as fixed-ram region specs.
+pub fn region_specs(memory: &GuestMemory) -> Vec<fixed_ram::RegionSpec> {
+    memory
+        .iter()
+        .map(|r| fixed_ram::RegionSpec {
+            guest_addr: r.start_addr().0,
+            size: r.len(),
+        })
+        .collect()
+}
+
+/// (apparent, allocated) size of a written image.
+pub fn file_sizes(file: &File, path: &Path) -> Result<(u64, u64), SaveError> {
+    let bytes = file
+        .metadata()
+        .map_err(|source| SaveError::Write {
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    Ok((bytes, allocated_bytes(file)))
+}
+
+/// Makes a complete temporary image the target: rename, then fsync the
+/// directory so that the rename survives a crash.
+pub fn publish(tmp: &Path, path: &Path) -> Result<(), SaveError> {
+    let werr = |source| SaveError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::rename(tmp, path).map_err(werr)?;
+    sync_dir(path).map_err(werr)
+}
+
 /// Bytes a file occupies on disk.
 pub fn allocated_bytes(file: &File) -> u64 {
     use std::os::unix::fs::MetadataExt;

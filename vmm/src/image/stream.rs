@@ -14,7 +14,7 @@ use crate::progress::Progress;
 
 use super::snapshot::{write_sections, SnapshotBuilder};
 use super::{
-    allocated_bytes, is_zero_page, region_bytes, region_bytes_mut, sync_dir, temp_path, SaveError,
+    file_sizes, is_zero_page, publish, region_bytes, region_bytes_mut, temp_path, SaveError,
     Written, PAGE_SIZE,
 };
 
@@ -42,8 +42,7 @@ pub fn write_stream_file(
     let result = write_stream(file, path, snapshot, memory, progress).and_then(|(file, stats)| {
         file.sync_all().map_err(werr)?;
         drop(file);
-        std::fs::rename(&tmp, path).map_err(werr)?;
-        sync_dir(path).map_err(werr)?;
+        publish(&tmp, path)?;
         Ok(stats)
     });
     if result.is_err() {
@@ -119,14 +118,7 @@ fn write_stream(
         path: path.to_owned(),
         source: e.into_error(),
     })?;
-    let total = file
-        .metadata()
-        .map_err(|source| SaveError::Write {
-            path: path.to_owned(),
-            source,
-        })?
-        .len();
-    let allocated = allocated_bytes(&file);
+    let (total, allocated) = file_sizes(&file, path)?;
     Ok((
         file,
         Written {
