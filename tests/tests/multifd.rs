@@ -5,8 +5,7 @@
 use std::time::Duration;
 
 use cryo_tests::{
-    boot_with_api, check_continues, cryo, restore_vm, save_vm, socket_path, test_kernel,
-    wait_for_socket, workdir, Guest,
+    boot_with_api, check_continues, cryo, restore_vm, save_vm, socket_path, workdir, Guest,
 };
 
 const T: Duration = Duration::from_secs(90);
