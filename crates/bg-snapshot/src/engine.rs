@@ -223,8 +223,35 @@ pub fn arm_with(
     block_size: usize,
     opts: ArmOptions,
 ) -> Result<Armed, SnapshotError> {
+    prepare_with(ranges, block_size, opts)?.arm()
+}
+
+/// A userfaultfd registered in write-protect mode over the ranges, protecting
+/// nothing yet. Registering costs time that need not fall inside the
+/// writers' pause: prepare while they run, then [`Prepared::arm`] while they
+/// are paused.
+pub struct Prepared {
+    prot: Protection,
+    ranges: Vec<MemRange>,
+    block_size: usize,
+    wp_unpopulated: bool,
+    features: u64,
+}
+
+/// [`prepare_with`] with the default options.
+pub fn prepare(ranges: &[MemRange], block_size: usize) -> Result<Prepared, SnapshotError> {
+    prepare_with(ranges, block_size, ArmOptions::default())
+}
+
+/// Creates the userfaultfd, negotiates its features and registers every
+/// range (without the pre-touch path's faults counting against a pause:
+/// never-touched memory is read-faulted here when WP_UNPOPULATED is off).
+pub fn prepare_with(
+    ranges: &[MemRange],
+    block_size: usize,
+    opts: ArmOptions,
+) -> Result<Prepared, SnapshotError> {
     validate(ranges, block_size)?;
-    let start = Instant::now();
     let support = crate::check_support()?;
     let wp_unpopulated = opts.use_wp_unpopulated && support.wp_unpopulated;
     let mut features = sys::FEATURE_PAGEFAULT_FLAG_WP;
@@ -290,20 +317,78 @@ pub fn arm_with(
             }
         }
     }
-    for r in ranges {
-        prot.uffd()?
-            .writeprotect(r.addr(), r.len(), true)
-            .map_err(|e| SnapshotError::io("UFFDIO_WRITEPROTECT (protect)", e))?;
-    }
-    Ok(Armed {
+    Ok(Prepared {
         prot,
         ranges: ranges.to_vec(),
         block_size,
-        arm_time: start.elapsed(),
         wp_unpopulated,
         features: api.features,
-        cancel: Arc::new(AtomicBool::new(false)),
     })
+}
+
+impl Prepared {
+    /// Write-protects every range (call with the writers paused): from this
+    /// instant, the snapshot is the memory as it is now. The ranges are
+    /// protected in pieces by one thread per CPU, so that the pause stays short.
+    pub fn arm(self) -> Result<Armed, SnapshotError> {
+        let start = Instant::now();
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .clamp(1, 16);
+        let total: usize = self.ranges.iter().map(|r| r.len()).sum();
+        // Pieces of about total/threads bytes, block aligned, never across ranges.
+        let piece = (total / threads).div_ceil(self.block_size).max(1) * self.block_size;
+        let mut pieces = Vec::new();
+        for r in &self.ranges {
+            let mut off = 0;
+            while off < r.len() {
+                let len = piece.min(r.len() - off);
+                pieces.push((r.addr() + off, len));
+                off += len;
+            }
+        }
+        let uffd = self.prot.uffd()?;
+        let result = std::thread::scope(|s| {
+            let handles: Vec<_> = pieces
+                .chunks(pieces.len().div_ceil(threads).max(1))
+                .map(|group| {
+                    s.spawn(move || -> Result<(), SnapshotError> {
+                        for &(addr, len) in group {
+                            uffd.writeprotect(addr, len, true).map_err(|e| {
+                                SnapshotError::io("UFFDIO_WRITEPROTECT (protect)", e)
+                            })?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            let mut first = Ok(());
+            for h in handles {
+                let r = h.join().unwrap_or_else(|_| {
+                    Err(SnapshotError::io(
+                        "UFFDIO_WRITEPROTECT (protect)",
+                        std::io::Error::other("protecting thread panicked"),
+                    ))
+                });
+                if first.is_ok() {
+                    first = r;
+                }
+            }
+            first
+        });
+        // On error `self` drops here, removing every protection applied.
+        result?;
+        Ok(Armed {
+            prot: self.prot,
+            ranges: self.ranges,
+            block_size: self.block_size,
+            arm_time: start.elapsed(),
+            wp_unpopulated: self.wp_unpopulated,
+            features: self.features,
+            cancel: Arc::new(AtomicBool::new(false)),
+        })
+    }
 }
 
 /// A fault copy waiting for a walker to hand it to the sink.

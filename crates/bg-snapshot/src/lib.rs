@@ -53,7 +53,7 @@ mod error;
 mod report;
 mod sys;
 
-pub use engine::{arm, arm_with, ArmOptions, Armed, CancelHandle};
+pub use engine::{arm, arm_with, prepare, prepare_with, ArmOptions, Armed, CancelHandle, Prepared};
 pub use error::SnapshotError;
 pub use report::{LatencyStats, SnapshotReport};
 pub use sys::UffdSource;

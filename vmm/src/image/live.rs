@@ -140,32 +140,29 @@ pub fn snapshot_vm(
     }
     let start = Instant::now();
     let serr = snap_err(path);
+    // Register the userfaultfd while the vCPUs run; only the protection
+    // itself needs the pause.
+    let memory = controller.call(|vm| vm.memory().clone())?;
+    let ranges: Vec<MemRange> = memory
+        .iter()
+        .map(|r| {
+            // SAFETY: guest RAM stays mapped while the VM exists, which
+            // outlives the snapshot (`memory` holds it below); vCPUs write
+            // it only with ordinary stores.
+            unsafe { MemRange::new(r.as_ptr(), r.len() as usize) }
+        })
+        .collect();
+    let prepared = bg_snapshot::prepare(&ranges, BLOCK_SIZE).map_err(&serr)?;
     // Pause, capture, arm, resume: the only time the vCPUs stop.
-    let (snapshot, memory, armed, paused) = controller.call(|vm| {
+    let (snapshot, armed, paused) = controller.call(move |vm| {
         let was_running = vm.state() == RunState::Running;
         let pause_start = Instant::now();
         vm.pause()?;
-        let result = vm.save_state().map(|snap| {
-            let ranges: Vec<MemRange> = vm
-                .memory()
-                .iter()
-                .map(|r| {
-                    // SAFETY: guest RAM stays mapped while the VM exists,
-                    // which outlives the snapshot (the memory handle is
-                    // kept below); vCPUs write it only with ordinary stores.
-                    unsafe { MemRange::new(r.as_ptr(), r.len() as usize) }
-                })
-                .collect();
-            (
-                snap,
-                vm.memory().clone(),
-                bg_snapshot::arm(&ranges, BLOCK_SIZE),
-            )
-        });
+        let result = vm.save_state().map(|snap| (snap, prepared.arm()));
         if was_running {
             let _ = vm.resume();
         }
-        result.map(|(s, m, a)| (s, m, a, pause_start.elapsed()))
+        result.map(|(s, a)| (s, a, pause_start.elapsed()))
     })??;
     let armed = armed.map_err(&serr)?;
     cancel.set(Some(armed.cancel_handle()));
