@@ -397,29 +397,73 @@ fn transfer(
 /// channel failed.
 fn channel(sh: &Shared<'_>, c: usize, file: &File) -> ChannelStats {
     let mut st = ChannelStats::default();
-    let mut ch = Chan {
-        sh,
-        c,
-        file,
-        pending: Vec::new(),
-        pool: Vec::new(),
-    };
-    while !sh.stop.load(Ordering::Relaxed) {
-        let idx = sh.cursor.fetch_add(1, Ordering::Relaxed);
-        if idx >= sh.work.total() {
-            break;
+    let ch = Chan { sh, c, file };
+    let next_unit = || {
+        if sh.stop.load(Ordering::Relaxed) {
+            return None;
         }
-        let (r, first, n) = sh.work.unit(sh.layout, idx);
-        let res = match sh.dir {
-            Direction::Save => ch.save_unit(r, first, n, &mut st),
-            Direction::Load { populate } => ch.load_unit(r, first, n, populate, &mut st),
-        };
-        if let Err(e) = res {
-            sh.fail(e);
-            break;
+        let idx = sh.cursor.fetch_add(1, Ordering::Relaxed);
+        (idx < sh.work.total()).then(|| sh.work.unit(sh.layout, idx))
+    };
+    match sh.dir {
+        Direction::Save => {
+            // Two threads per channel: one scans and checksums the next unit
+            // while the other writes the previous one, so that the disk is
+            // never idle while a channel computes.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Prepped>(1);
+            std::thread::scope(|s| {
+                let prep = std::thread::Builder::new()
+                    .name(format!("multifd-prep-{c}"))
+                    .spawn_scoped(s, || {
+                        let tx = tx;
+                        while let Some((r, first, n)) = next_unit() {
+                            match ch.prep_unit(r, first, n) {
+                                Ok(p) => {
+                                    if tx.send(p).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e) => {
+                                    sh.fail(e);
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                if let Err(e) = prep {
+                    sh.fail(MultifdError::io("starting a channel thread", e));
+                    return;
+                }
+                for p in rx {
+                    if sh.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Err(e) = ch.write_prepped(p, &mut st) {
+                        sh.fail(e);
+                        break;
+                    }
+                }
+            });
+        }
+        Direction::Load { populate } => {
+            while let Some((r, first, n)) = next_unit() {
+                if let Err(e) = ch.load_unit(r, first, n, populate, &mut st) {
+                    sh.fail(e);
+                    break;
+                }
+            }
         }
     }
     st
+}
+
+/// A unit scanned and checksummed, ready to be written.
+struct Prepped {
+    r: usize,
+    runs: Vec<Run>,
+    pending: Vec<Pending>,
+    present: u64,
+    zero: u64,
 }
 
 /// A chunk whose pages are being written: its bitmap and CRC.
@@ -440,8 +484,6 @@ struct Chan<'a, 'b> {
     sh: &'a Shared<'b>,
     c: usize,
     file: &'a File,
-    pending: Vec<Pending>,
-    pool: Vec<Vec<u64>>,
 }
 
 impl Chan<'_, '_> {
@@ -516,26 +558,27 @@ impl Chan<'_, '_> {
         Ok(())
     }
 
-    fn save_unit(
-        &mut self,
-        r: usize,
-        first: u64,
-        n: u64,
-        st: &mut ChannelStats,
-    ) -> Result<(), MultifdError> {
+    /// The CPU half of saving a unit: finds the present pages and computes
+    /// each chunk's bitmap and CRC, and the runs of pages to write.
+    fn prep_unit(&self, r: usize, first: u64, n: u64) -> Result<Prepped, MultifdError> {
         let ps = self.sh.page_size;
+        let mut out = Prepped {
+            r,
+            runs: Vec::new(),
+            pending: Vec::with_capacity(n as usize),
+            present: 0,
+            zero: 0,
+        };
         let mut run: Option<Run> = None;
         for chunk in first..first + n {
             let (p0, np) = self.chunk_pages(r, chunk)?;
             if let Some(open) = run {
                 if open.end != p0 {
-                    self.write_run(r, open, st)?;
+                    out.runs.push(open);
                     run = None;
                 }
             }
-            let mut words = self.pool.pop().unwrap_or_default();
-            words.clear();
-            words.resize(np.div_ceil(64) as usize, 0);
+            let mut words = vec![0u64; np.div_ceil(64) as usize];
             let mut crc = 0u32;
             // CRC32C over whole runs of non-zero pages: one call per run
             // rather than per page (the hardware path's setup and combine
@@ -552,14 +595,14 @@ impl Chan<'_, '_> {
                         crc = self.crc_pages(r, crc, from, page);
                     }
                     crc = sys::crc_zeros(crc, ps);
-                    st.zero += 1;
+                    out.zero += 1;
                     if let Some(open) = run.take() {
-                        self.write_run(r, open, st)?;
+                        out.runs.push(open);
                     }
                 } else {
                     crc_run.get_or_insert(page);
                     words[(i / 64) as usize] |= 1 << (i % 64);
-                    st.present += 1;
+                    out.present += 1;
                     match &mut run {
                         Some(open) => open.end = page + 1,
                         None => {
@@ -574,22 +617,32 @@ impl Chan<'_, '_> {
             if let Some(from) = crc_run.take() {
                 crc = self.crc_pages(r, crc, from, p0 + np);
             }
-            self.pending.push(Pending { chunk, words, crc });
+            out.pending.push(Pending { chunk, words, crc });
         }
         if let Some(open) = run {
-            self.write_run(r, open, st)?;
+            out.runs.push(open);
         }
-        for p in std::mem::take(&mut self.pending) {
+        Ok(out)
+    }
+
+    /// The I/O half: writes the runs, then records each chunk as saved.
+    fn write_prepped(&self, p: Prepped, st: &mut ChannelStats) -> Result<(), MultifdError> {
+        let r = p.r;
+        for run in &p.runs {
+            self.write_run(r, *run, st)?;
+        }
+        st.present += p.present;
+        st.zero += p.zero;
+        for pend in p.pending {
             self.sh
                 .layout
-                .chunk_saved(r, p.chunk, &p.words, p.crc)
+                .chunk_saved(r, pend.chunk, &pend.words, pend.crc)
                 .map_err(|m| {
                     MultifdError::Layout(format!(
                         "channel {}: region {r} chunk {}: recording the saved chunk: {m}",
-                        self.c, p.chunk
+                        self.c, pend.chunk
                     ))
                 })?;
-            self.pool.push(p.words);
         }
         Ok(())
     }
@@ -634,7 +687,7 @@ impl Chan<'_, '_> {
     }
 
     fn load_unit(
-        &mut self,
+        &self,
         r: usize,
         first: u64,
         n: u64,
