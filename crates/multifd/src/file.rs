@@ -446,15 +446,55 @@ fn channel(sh: &Shared<'_>, c: usize, file: &File) -> ChannelStats {
             });
         }
         Direction::Load { populate } => {
-            while let Some((r, first, n)) = next_unit() {
-                if let Err(e) = ch.load_unit(r, first, n, populate, &mut st) {
-                    sh.fail(e);
-                    break;
+            // As for saves: one thread finds the present runs and faults
+            // their memory in for the next unit while the other reads.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<LoadPrepped>(1);
+            std::thread::scope(|s| {
+                let prep = std::thread::Builder::new()
+                    .name(format!("multifd-prep-{c}"))
+                    .spawn_scoped(s, || {
+                        let tx = tx;
+                        while let Some((r, first, n)) = next_unit() {
+                            match ch.prep_load(r, first, n, populate) {
+                                Ok(p) => {
+                                    if tx.send(p).is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(e) => {
+                                    sh.fail(e);
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                if let Err(e) = prep {
+                    sh.fail(MultifdError::io("starting a channel thread", e));
+                    return;
                 }
-            }
+                for p in rx {
+                    if sh.stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Err(e) = ch.read_prepped(p, &mut st) {
+                        sh.fail(e);
+                        break;
+                    }
+                }
+            });
         }
     }
     st
+}
+
+/// A unit whose present runs are known (and their memory faulted in), ready to be read.
+struct LoadPrepped {
+    r: usize,
+    first: u64,
+    n: u64,
+    runs: Vec<Run>,
+    present: u64,
+    zero: u64,
 }
 
 /// A unit scanned and checksummed, ready to be written.
@@ -686,29 +726,36 @@ impl Chan<'_, '_> {
         Ok(())
     }
 
-    fn load_unit(
+    /// The first half of loading a unit: finds the runs of present pages and
+    /// (when asked) faults their target memory in ahead of the reads.
+    fn prep_load(
         &self,
         r: usize,
         first: u64,
         n: u64,
         populate: bool,
-        st: &mut ChannelStats,
-    ) -> Result<(), MultifdError> {
+    ) -> Result<LoadPrepped, MultifdError> {
         let layout = self.sh.layout;
+        let mut out = LoadPrepped {
+            r,
+            first,
+            n,
+            runs: Vec::new(),
+            present: 0,
+            zero: 0,
+        };
         let mut run: Option<Run> = None;
-        let mut chunks = Vec::with_capacity(n as usize);
         for chunk in first..first + n {
             let (p0, np) = self.chunk_pages(r, chunk)?;
-            chunks.push((chunk, p0, np));
             if let Some(open) = run {
                 if open.end != p0 {
-                    self.read_run(r, open, populate, st)?;
+                    out.runs.push(open);
                     run = None;
                 }
             }
             for page in p0..p0 + np {
                 if layout.page_present(r, page) {
-                    st.present += 1;
+                    out.present += 1;
                     match &mut run {
                         Some(open) => open.end = page + 1,
                         None => {
@@ -719,23 +766,42 @@ impl Chan<'_, '_> {
                         }
                     }
                 } else {
-                    st.zero += 1;
+                    out.zero += 1;
                     if let Some(open) = run.take() {
-                        self.read_run(r, open, populate, st)?;
+                        out.runs.push(open);
                     }
                 }
             }
         }
         if let Some(open) = run {
-            self.read_run(r, open, populate, st)?;
+            out.runs.push(open);
         }
-        for (chunk, p0, np) in chunks {
+        if populate {
+            for run in &out.runs {
+                let len = ((run.end - run.start) * self.sh.page_size) as usize;
+                sys::populate_write(self.page_ptr(r, run.start), len);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The second half: reads the runs straight into guest memory, then
+    /// checks every chunk of the unit.
+    fn read_prepped(&self, p: LoadPrepped, st: &mut ChannelStats) -> Result<(), MultifdError> {
+        let r = p.r;
+        for run in &p.runs {
+            self.read_run(r, *run, false, st)?;
+        }
+        st.present += p.present;
+        st.zero += p.zero;
+        for chunk in p.first..p.first + p.n {
+            let (p0, np) = self.chunk_pages(r, chunk)?;
             let ptr = self.page_ptr(r, p0);
             // SAFETY: the chunk is inside region r (checked) and this channel
             // is the only one touching it.
             let data =
                 unsafe { std::slice::from_raw_parts(ptr, (np * self.sh.page_size) as usize) };
-            layout.chunk_loaded(r, chunk, data).map_err(|m| {
+            self.sh.layout.chunk_loaded(r, chunk, data).map_err(|m| {
                 MultifdError::Checksum(format!(
                     "channel {}: region {r} chunk {chunk} (region bytes {:#x}..{:#x}): {m}",
                     self.c,

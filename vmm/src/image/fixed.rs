@@ -146,6 +146,21 @@ impl multifd::FileLayout for ImageLayout<'_> {
     }
 }
 
+/// Asks for transparent huge pages on fresh guest memory about to be filled:
+/// faulting it in (MADV_POPULATE_WRITE, one 2 MiB page at a time) is then
+/// several times cheaper than 4 KiB page by page, which is most of the cost
+/// of an eager restore's reads into new memory. Best effort.
+fn advise_huge_pages(memory: &GuestMemory) {
+    for r in memory.iter() {
+        // SAFETY: advice on a live mapping owned by `memory`; MADV_HUGEPAGE
+        // changes no contents.
+        let rc = unsafe { libc::madvise(r.as_ptr().cast(), r.len() as usize, libc::MADV_HUGEPAGE) };
+        if rc != 0 {
+            log::debug!("MADV_HUGEPAGE refused: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
 /// multifd's view of guest memory.
 pub fn mem_regions(memory: &GuestMemory) -> Vec<multifd::MemRegion> {
     memory
@@ -361,6 +376,7 @@ pub fn load_fixed_with(
         RestoreMode::Eager => {
             let memory = create_guest_memory(snapshot.machine.mem_mib, &MemoryBacking::Anonymous)
                 .map_err(|e| invalid(e.to_string()))?;
+            advise_huge_pages(&memory);
             on_memory(&memory);
             if let Some(p) = progress {
                 p.set_total(snapshot.machine.mem_mib << 20);
