@@ -264,7 +264,7 @@ impl Guest {
         }
     }
 
-    /// Kills the process.
+    /// Kills the process with SIGKILL and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

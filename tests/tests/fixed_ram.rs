@@ -267,8 +267,7 @@ fn sigkill_during_a_save_keeps_the_previous_image() {
     }
     assert!(tmp.exists(), "the second save never started");
     std::thread::sleep(Duration::from_millis(30));
-    // SAFETY: plain kill(2) of our own child process.
-    unsafe { libc::kill(g.pid() as i32, libc::SIGKILL) };
+    g.kill();
     let _ = g.wait_exit(T);
     let out = saver.wait_with_output().unwrap();
     assert!(!out.status.success(), "the killed save reported success");

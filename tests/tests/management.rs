@@ -37,11 +37,6 @@ fn image_of(dir: &Path, name: &str) -> PathBuf {
     dir.join(name).join("managed.img")
 }
 
-fn kill(g: &Guest) {
-    // SAFETY: kill(2) of our own child process.
-    unsafe { libc::kill(g.pid() as i32, libc::SIGKILL) };
-}
-
 #[test]
 fn managed_save_round_trip() {
     let dir = workdir("mgmt-basic");
@@ -145,7 +140,7 @@ fn sigkill_at_many_points_never_loses_or_corrupts_the_managed_image() {
         if had_image && k % 3 == 1 {
             // Kill during the restore from the managed image.
             std::thread::sleep(Duration::from_millis(k * 3));
-            kill(&g);
+            g.kill();
             let _ = g.wait_exit(T);
             points += 1;
             let ran = g
@@ -185,7 +180,7 @@ fn sigkill_at_many_points_never_loses_or_corrupts_the_managed_image() {
                 .spawn()
                 .unwrap();
             std::thread::sleep(Duration::from_millis((k * 7) % 120));
-            kill(&g);
+            g.kill();
             let _ = g.wait_exit(T);
             let _ = saver.wait_with_output();
             points += 1;

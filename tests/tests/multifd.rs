@@ -100,17 +100,14 @@ fn filled_guest(name: &str, mib: u64) -> (Guest, std::path::PathBuf) {
     cryo_tests::filled_guest(name, 2, mib + 64, mib / 2)
 }
 
-fn kill(g: &Guest) {
-    // SAFETY: kill(2) of our own child process.
-    unsafe { libc::kill(g.pid() as i32, libc::SIGKILL) };
-}
-
-#[test]
-fn receiver_dies_mid_transfer_and_the_source_runs_on() {
-    let listen = socket_path("mfd-dies-r");
+/// A filled source guest, a `cryo restore --listen` waiting for it, and a
+/// `cryo save` to it (one zstd channel, so that the transfer takes a while)
+/// under way for 400 ms.
+fn migration_under_way(name: &str) -> (Guest, std::path::PathBuf, Guest, std::process::Child) {
+    let listen = socket_path(&format!("{name}-l"));
     let _ = std::fs::remove_file(&listen);
     let endpoint = format!("unix:{}", listen.display());
-    let (mut g, api) = filled_guest("mfd-dies-src", 512);
+    let (src, api) = filled_guest(&format!("{name}-src"), 512);
     let dest = Guest::spawn(["restore", "--listen", &endpoint]);
     assert!(dest.wait_for_stderr(T, |l| l.contains("waiting for a migration")));
     let saver = std::process::Command::new(cryo_tests::cryo_bin())
@@ -130,7 +127,13 @@ fn receiver_dies_mid_transfer_and_the_source_runs_on() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(400));
-    kill(&dest);
+    (src, api, dest, saver)
+}
+
+#[test]
+fn receiver_dies_mid_transfer_and_the_source_runs_on() {
+    let (mut g, api, mut dest, saver) = migration_under_way("mfd-dies-r");
+    dest.kill();
     let out = saver.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "the save should fail: {err}");
@@ -150,30 +153,8 @@ fn receiver_dies_mid_transfer_and_the_source_runs_on() {
 
 #[test]
 fn sender_dies_mid_transfer_and_the_destination_never_runs() {
-    let listen = socket_path("mfd-dies-s");
-    let _ = std::fs::remove_file(&listen);
-    let endpoint = format!("unix:{}", listen.display());
-    let (g, api) = filled_guest("mfd-dies-src2", 512);
-    let mut dest = Guest::spawn(["restore", "--listen", &endpoint]);
-    assert!(dest.wait_for_stderr(T, |l| l.contains("waiting for a migration")));
-    let saver = std::process::Command::new(cryo_tests::cryo_bin())
-        .args([
-            "save",
-            "--api",
-            api.to_str().unwrap(),
-            "--to",
-            &endpoint,
-            "--channels",
-            "1",
-            "--compress",
-            "zstd",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(400));
-    kill(&g);
+    let (mut g, _api, mut dest, saver) = migration_under_way("mfd-dies-s");
+    g.kill();
     let _ = saver.wait_with_output();
     let status = dest.wait_exit(T);
     let code = status.and_then(|s| s.code());

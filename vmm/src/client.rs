@@ -15,32 +15,7 @@ pub struct Output {
 }
 
 fn info_of(ev: &Value) -> Option<ProgressInfo> {
-    let s = |k: &str| ev.get(k).and_then(Value::as_str).unwrap_or("");
-    let n = |k: &str| ev.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let f = |k: &str| ev.get(k).and_then(Value::as_f64);
-    let leak = |v: &str| -> &'static str {
-        match v {
-            "save" => "save",
-            "snapshot" => "snapshot",
-            "managed-save" => "managed-save",
-            "pausing" => "pausing",
-            "writing" => "writing",
-            "copying" => "copying",
-            "committing" => "committing",
-            "sending" => "sending",
-            "reading" => "reading",
-            _ => "working",
-        }
-    };
-    Some(ProgressInfo {
-        operation: leak(s("operation")),
-        phase: leak(s("phase")),
-        bytes_done: n("bytes_done"),
-        bytes_total: n("bytes_total"),
-        elapsed_s: f("elapsed_s").unwrap_or(0.0),
-        throughput_mb_s: f("throughput_mb_s").unwrap_or(0.0),
-        eta_s: f("eta_s"),
-    })
+    serde_json::from_value(ev.clone()).ok()
 }
 
 /// Sends `request` (with progress events for long operations), shows
@@ -57,7 +32,7 @@ pub fn call(api: &Path, mut request: Value, out: Output) -> Result<(), CliError>
     let reply = crate::api::request_with_events(api, &request, &mut |ev| {
         if let Some(info) = info_of(ev) {
             display
-                .get_or_insert_with(|| Display::new(info.operation, info.bytes_total))
+                .get_or_insert_with(|| Display::new(&info.operation, info.bytes_total))
                 .update(&info);
         }
     });

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Progress of one operation.
 #[derive(Debug)]
@@ -17,13 +17,14 @@ pub struct Progress {
     started: Instant,
 }
 
-/// A point-in-time copy of [`Progress`], as the API reports it.
-#[derive(Clone, Debug, Serialize)]
+/// A point-in-time copy of [`Progress`], as the API reports it (and as the
+/// CLI reads it back from progress events).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProgressInfo {
     /// "save", "snapshot", "managed-save", "restore".
-    pub operation: &'static str,
+    pub operation: String,
     /// What is happening now, e.g. "pausing", "writing", "committing".
-    pub phase: &'static str,
+    pub phase: String,
     /// Bytes of guest RAM processed so far.
     pub bytes_done: u64,
     /// Bytes of guest RAM in all.
@@ -77,8 +78,13 @@ impl Progress {
         };
         let eta = (rate > 0.0 && total >= done).then(|| (total - done) as f64 / rate);
         ProgressInfo {
-            operation: self.operation,
-            phase: self.phase.lock().map(|p| *p).unwrap_or("unknown"),
+            operation: self.operation.to_string(),
+            phase: self
+                .phase
+                .lock()
+                .map(|p| *p)
+                .unwrap_or("unknown")
+                .to_string(),
             bytes_done: done,
             bytes_total: total,
             elapsed_s: elapsed,
@@ -123,7 +129,7 @@ impl Display {
             Some(bar) => {
                 bar.set_length(info.bytes_total);
                 bar.set_position(info.bytes_done);
-                bar.set_message(info.phase.to_string());
+                bar.set_message(info.phase.clone());
             }
             None => {
                 if self.last_line.elapsed().as_secs_f64() >= 1.0 {

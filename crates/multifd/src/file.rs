@@ -398,6 +398,37 @@ fn transfer(
 fn channel(sh: &Shared<'_>, c: usize, file: &File) -> ChannelStats {
     let mut st = ChannelStats::default();
     let ch = Chan { sh, c, file };
+    match sh.dir {
+        // Saving: the first thread scans and checksums the next unit while
+        // the second writes the previous one.
+        Direction::Save => pipeline(
+            sh,
+            c,
+            |r, first, n| ch.prep_unit(r, first, n),
+            |p| ch.write_prepped(p, &mut st),
+        ),
+        // Loading: the first thread finds the present runs and faults their
+        // memory in for the next unit while the second reads.
+        Direction::Load { populate } => pipeline(
+            sh,
+            c,
+            |r, first, n| ch.prep_load(r, first, n, populate),
+            |p| ch.read_prepped(p, &mut st),
+        ),
+    }
+    st
+}
+
+/// Runs one channel as two threads, so that the disk is never idle while
+/// the channel computes: `prep` takes units from the shared cursor and
+/// hands its result (at most one ahead) to `io`, which runs on the calling
+/// thread. The first error from either side stops every channel.
+fn pipeline<T: Send>(
+    sh: &Shared<'_>,
+    c: usize,
+    prep: impl Fn(usize, u64, u64) -> Result<T, MultifdError> + Sync,
+    mut io: impl FnMut(T) -> Result<(), MultifdError>,
+) {
     let next_unit = || {
         if sh.stop.load(Ordering::Relaxed) {
             return None;
@@ -405,86 +436,40 @@ fn channel(sh: &Shared<'_>, c: usize, file: &File) -> ChannelStats {
         let idx = sh.cursor.fetch_add(1, Ordering::Relaxed);
         (idx < sh.work.total()).then(|| sh.work.unit(sh.layout, idx))
     };
-    match sh.dir {
-        Direction::Save => {
-            // Two threads per channel: one scans and checksums the next unit
-            // while the other writes the previous one, so that the disk is
-            // never idle while a channel computes.
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Prepped>(1);
-            std::thread::scope(|s| {
-                let prep = std::thread::Builder::new()
-                    .name(format!("multifd-prep-{c}"))
-                    .spawn_scoped(s, || {
-                        let tx = tx;
-                        while let Some((r, first, n)) = next_unit() {
-                            match ch.prep_unit(r, first, n) {
-                                Ok(p) => {
-                                    if tx.send(p).is_err() {
-                                        break;
-                                    }
-                                }
-                                Err(e) => {
-                                    sh.fail(e);
-                                    break;
-                                }
+    let (tx, rx) = std::sync::mpsc::sync_channel::<T>(1);
+    std::thread::scope(|s| {
+        let prep_thread = std::thread::Builder::new()
+            .name(format!("multifd-prep-{c}"))
+            .spawn_scoped(s, || {
+                let tx = tx;
+                while let Some((r, first, n)) = next_unit() {
+                    match prep(r, first, n) {
+                        Ok(p) => {
+                            if tx.send(p).is_err() {
+                                break;
                             }
                         }
-                    });
-                if let Err(e) = prep {
-                    sh.fail(MultifdError::io("starting a channel thread", e));
-                    return;
-                }
-                for p in rx {
-                    if sh.stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    if let Err(e) = ch.write_prepped(p, &mut st) {
-                        sh.fail(e);
-                        break;
+                        Err(e) => {
+                            sh.fail(e);
+                            break;
+                        }
                     }
                 }
             });
+        if let Err(e) = prep_thread {
+            sh.fail(MultifdError::io("starting a channel thread", e));
+            return;
         }
-        Direction::Load { populate } => {
-            // As for saves: one thread finds the present runs and faults
-            // their memory in for the next unit while the other reads.
-            let (tx, rx) = std::sync::mpsc::sync_channel::<LoadPrepped>(1);
-            std::thread::scope(|s| {
-                let prep = std::thread::Builder::new()
-                    .name(format!("multifd-prep-{c}"))
-                    .spawn_scoped(s, || {
-                        let tx = tx;
-                        while let Some((r, first, n)) = next_unit() {
-                            match ch.prep_load(r, first, n, populate) {
-                                Ok(p) => {
-                                    if tx.send(p).is_err() {
-                                        break;
-                                    }
-                                }
-                                Err(e) => {
-                                    sh.fail(e);
-                                    break;
-                                }
-                            }
-                        }
-                    });
-                if let Err(e) = prep {
-                    sh.fail(MultifdError::io("starting a channel thread", e));
-                    return;
-                }
-                for p in rx {
-                    if sh.stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    if let Err(e) = ch.read_prepped(p, &mut st) {
-                        sh.fail(e);
-                        break;
-                    }
-                }
-            });
+        for p in rx {
+            if sh.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            if let Err(e) = io(p) {
+                sh.fail(e);
+                break;
+            }
         }
-    }
-    st
+    });
 }
 
 /// A unit whose present runs are known (and their memory faulted in), ready to be read.

@@ -267,14 +267,13 @@ pub fn save_vm(
             migrate::send_vm(endpoint, &snapshot, &memory, opts)
         }),
     };
-    let path = path.as_path();
     let paused_ms = start.elapsed().as_secs_f64() * 1000.0;
     if (written.is_err() || keep_running) && was_running {
         controller.resume()?;
     }
     let w = written?;
     Ok(SaveStats {
-        path: path.to_owned(),
+        path,
         format,
         bytes: w.bytes,
         allocated_bytes: w.allocated_bytes,
@@ -288,24 +287,22 @@ pub fn save_vm(
 
 /// The format of a saved file, from its first bytes.
 pub fn detect_format(path: &Path) -> Result<SaveFormat, SaveError> {
-    let mut magic = [0u8; 8];
-    let mut f = File::open(path).map_err(|source| SaveError::Read {
+    let f = File::open(path).map_err(|source| SaveError::Read {
         path: path.to_owned(),
         source,
     })?;
-    let mut n = 0;
-    while n < magic.len() {
-        match f.read(&mut magic[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(source) => {
-                return Err(SaveError::Read {
-                    path: path.to_owned(),
-                    source,
-                })
-            }
-        }
-    }
+    let mut head = Vec::with_capacity(8);
+    f.take(8)
+        .read_to_end(&mut head)
+        .map_err(|source| SaveError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    let (magic, n) = {
+        let mut m = [0u8; 8];
+        m[..head.len()].copy_from_slice(&head);
+        (m, head.len())
+    };
     if magic == migration_stream::MAGIC {
         Ok(SaveFormat::Stream)
     } else if magic == fixed_ram::MAGIC || (n == magic.len() && magic == [0u8; 8]) {
