@@ -175,3 +175,8 @@ pub fn check_support() -> Result<Support, SnapshotError> {
     }
     Ok(support)
 }
+
+/// Compiles the README's example as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -138,3 +138,8 @@ impl Error {
         )
     }
 }
+
+/// Compiles the README's example as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -462,9 +462,15 @@ fn write_pvh_info(
             reserved: 0,
         })
         .collect();
-    let mut info = hvm_start_info {
+    let info = hvm_start_info {
         magic: PVH_MAGIC,
         version: 1,
+        nr_modules: u32::from(initrd.is_some()),
+        modlist_paddr: if initrd.is_some() {
+            PVH_MODLIST_START
+        } else {
+            0
+        },
         cmdline_paddr: CMDLINE_START,
         rsdp_paddr: rsdp.unwrap_or(0),
         memmap_paddr: PVH_MEMMAP_START,
@@ -473,9 +479,6 @@ fn write_pvh_info(
     };
     let mut bp = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_START));
     if let Some((paddr, size)) = initrd {
-        info.nr_modules = 1;
-        info.modlist_paddr = PVH_MODLIST_START;
-        bp = BootParams::new::<hvm_start_info>(&info, GuestAddress(PVH_INFO_START));
         bp.set_modules(
             &[hvm_modlist_entry {
                 paddr,

@@ -41,3 +41,8 @@ pub use protocol::{
 };
 pub use region::MemRegion;
 pub use socket::{receive, send, SocketOptions};
+
+/// Compiles the README's example as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
