@@ -101,20 +101,82 @@ fn write_newc_entry<W: Write>(out: &mut W, ino: u32, e: &CpioEntry<'_>) -> io::R
     Ok(())
 }
 
-/// Writes a complete uncompressed `newc` archive of `entries`, ending with
-/// the `TRAILER!!!` entry.
-fn write_newc<W: Write>(out: &mut W, entries: &[CpioEntry<'_>]) -> io::Result<()> {
-    for (ino, e) in (1u32..).zip(entries) {
-        write_newc_entry(out, ino, e)?;
+/// An uncompressed `newc` cpio archive built in memory: what the kernel
+/// unpacks as an initramfs.
+#[derive(Default)]
+pub struct CpioArchive {
+    bytes: Vec<u8>,
+    next_ino: u32,
+}
+
+impl CpioArchive {
+    /// An empty archive.
+    pub fn new() -> Self {
+        CpioArchive {
+            bytes: Vec::new(),
+            next_ino: 1,
+        }
     }
-    let trailer = CpioEntry {
-        name: TRAILER,
-        mode: 0,
-        rdev_major: 0,
-        rdev_minor: 0,
-        data: &[],
-    };
-    write_newc_entry(out, 0, &trailer)
+
+    fn add(&mut self, entry: &CpioEntry<'_>) -> io::Result<&mut Self> {
+        write_newc_entry(&mut self.bytes, self.next_ino, entry)?;
+        self.next_ino += 1;
+        Ok(self)
+    }
+
+    /// A directory (`path` without a leading `/`), mode 0755.
+    pub fn dir(&mut self, path: &str) -> io::Result<&mut Self> {
+        self.add(&CpioEntry {
+            name: path,
+            mode: S_IFDIR | 0o755,
+            rdev_major: 0,
+            rdev_minor: 0,
+            data: &[],
+        })
+    }
+
+    /// A regular file with `perm` permission bits.
+    pub fn file(&mut self, path: &str, perm: u32, data: &[u8]) -> io::Result<&mut Self> {
+        self.add(&CpioEntry {
+            name: path,
+            mode: S_IFREG | (perm & 0o7777),
+            rdev_major: 0,
+            rdev_minor: 0,
+            data,
+        })
+    }
+
+    /// A host file copied in with `perm` permission bits.
+    pub fn host_file(&mut self, path: &str, perm: u32, host: &Path) -> io::Result<&mut Self> {
+        let data = fs::read(host).map_err(|e| {
+            io::Error::new(e.kind(), format!("cpio: cannot read {}: {e}", host.display()))
+        })?;
+        self.file(path, perm, &data)
+    }
+
+    /// A character device node.
+    pub fn char_device(&mut self, path: &str, major: u32, minor: u32) -> io::Result<&mut Self> {
+        self.add(&CpioEntry {
+            name: path,
+            mode: S_IFCHR | 0o600,
+            rdev_major: major,
+            rdev_minor: minor,
+            data: &[],
+        })
+    }
+
+    /// The finished archive, with its trailer.
+    pub fn finish(mut self) -> io::Result<Vec<u8>> {
+        let trailer = CpioEntry {
+            name: TRAILER,
+            mode: 0,
+            rdev_major: 0,
+            rdev_minor: 0,
+            data: &[],
+        };
+        write_newc_entry(&mut self.bytes, 0, &trailer)?;
+        Ok(self.bytes)
+    }
 }
 
 /// Compiles `resources/initramfs/init.c` with `gcc -static -Os` into
@@ -151,31 +213,12 @@ pub fn build_initramfs(work_dir: &Path) -> io::Result<PathBuf> {
     }
     let init_data = fs::read(&init_bin)?;
 
-    let entries = [
-        CpioEntry {
-            name: "dev",
-            mode: S_IFDIR | 0o755,
-            rdev_major: 0,
-            rdev_minor: 0,
-            data: &[],
-        },
-        CpioEntry {
-            name: "dev/console",
-            mode: S_IFCHR | 0o600,
-            rdev_major: 5,
-            rdev_minor: 1,
-            data: &[],
-        },
-        CpioEntry {
-            name: "init",
-            mode: S_IFREG | 0o755,
-            rdev_major: 0,
-            rdev_minor: 0,
-            data: &init_data,
-        },
-    ];
-    let mut archive = Vec::with_capacity(init_data.len() + 1024);
-    write_newc(&mut archive, &entries)?;
+    let mut archive = CpioArchive::new();
+    archive
+        .dir("dev")?
+        .char_device("dev/console", 5, 1)?
+        .file("init", 0o755, &init_data)?;
+    let archive = archive.finish()?;
     let cpio_path = work_dir.join("initramfs.cpio");
     fs::write(&cpio_path, &archive)?;
     Ok(cpio_path)

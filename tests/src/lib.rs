@@ -28,10 +28,15 @@ pub fn test_kernel() -> &'static Path {
     cryo_test_kernel::kernel_path()
 }
 
-/// The `cryo` binary of the same profile as this test, built on first use.
+/// The `cryo` binary: `$CRYO_BIN` when set (for example inside the Linux
+/// tier's nested machine, which has no cargo), otherwise the one of the same
+/// profile as this test, built on first use.
 pub fn cryo_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("CRYO_BIN") {
+            return PathBuf::from(bin);
+        }
         // target/<profile>/deps/<test-binary> -> target/<profile>/cryo
         let exe = std::env::current_exe().expect("test executable path");
         let profile_dir = exe
@@ -70,6 +75,7 @@ pub fn slow_tests_enabled() -> bool {
 /// A `cryo` process whose stdout (the guest's serial console) is read line by line.
 pub struct Guest {
     child: Child,
+    stdin: Option<std::process::ChildStdin>,
     lines: Receiver<String>,
     seen: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
@@ -118,10 +124,24 @@ impl Guest {
 
     /// Starts a prepared command (e.g. with extra environment), stdin closed,
     /// stdout and stderr captured.
-    pub fn from_command(mut cmd: Command) -> Guest {
+    pub fn from_command(cmd: Command) -> Guest {
+        Guest::start(cmd, false)
+    }
+
+    /// Starts a prepared command with a pipe to its stdin (the guest's
+    /// console input, see [`Guest::send`]), stdout and stderr captured.
+    pub fn interactive(cmd: Command) -> Guest {
+        Guest::start(cmd, true)
+    }
+
+    fn start(mut cmd: Command, with_stdin: bool) -> Guest {
         let started = Instant::now();
         let mut child = cmd
-            .stdin(Stdio::null())
+            .stdin(if with_stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -142,6 +162,7 @@ impl Guest {
             ),
         ];
         Guest {
+            stdin: child.stdin.take(),
             child,
             lines: rx,
             seen,
@@ -238,6 +259,15 @@ impl Guest {
                 .join("\n"),
             err.join("\n")
         )
+    }
+
+    /// Types `text` on the guest's console (only for [`Guest::interactive`]).
+    pub fn send(&mut self, text: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        match self.stdin.as_mut() {
+            Some(stdin) => stdin.write_all(text.as_bytes()).and_then(|_| stdin.flush()),
+            None => Err(std::io::Error::other("this guest was started without a stdin pipe")),
+        }
     }
 
     /// The process id.

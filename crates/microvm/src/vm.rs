@@ -2,7 +2,6 @@
 //! built from a [`VmConfig`], run on an event loop until the guest or the host
 //! ends it.
 
-use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -22,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, MAX_VCPUS};
 use crate::arch::regs::{boot_fpu, boot_regs, setup_sregs};
 use crate::arch::{acpi, cpuid, lapic, mptable, msr};
+use crate::devices::console::{ConsoleInput, TerminalMode};
 use crate::devices::{
     new_serial, restore_serial, Cmos, EventFdTrigger, PioDevices, SerialOutput, COM1_IRQ,
 };
@@ -242,10 +242,13 @@ fn build_devices(
     let reset = EventFdTrigger::new().map_err(Error::Io)?;
     let reset_evt = reset.0.try_clone().map_err(Error::Io)?;
     let mut devices = match saved {
-        None => PioDevices::new(new_serial(serial_irq, serial_out), I8042Device::new(reset)),
+        None => PioDevices::new(
+            new_serial(serial_irq, serial_out).map_err(Error::Io)?,
+            I8042Device::new(reset),
+        ),
         Some((serial, _)) => {
             let serial = restore_serial(serial_irq, serial_out, serial)
-                .map_err(|e| Error::Snapshot(format!("serial state cannot be restored: {e:?}")))?;
+                .map_err(|e| Error::Snapshot(format!("serial state cannot be restored: {e}")))?;
             PioDevices::new(serial, I8042Device::new(reset))
         }
     };
@@ -662,10 +665,12 @@ impl MicroVm {
             done: Arc::clone(&done),
         }));
         manager.add_subscriber(watcher);
+        // Restores the terminal when the run ends, however it ends.
+        let _terminal = self.serial_input.then(TerminalMode::enter);
         if self.serial_input {
-            manager.add_subscriber(Arc::new(Mutex::new(SerialInput {
-                devices: Arc::clone(&self.devices),
-            })));
+            if let Some(input) = ConsoleInput::new(Arc::clone(&self.devices)).map_err(Error::Io)? {
+                manager.add_subscriber(Arc::new(Mutex::new(input)));
+            }
         }
         for s in extra {
             manager.add_subscriber(s);
@@ -733,40 +738,5 @@ impl MutEventSubscriber for ExitWatcher {
         let _ = ops.add(Events::new(&self.exit_evt, EventSet::IN));
         let _ = ops.add(Events::new(&self.reset_evt, EventSet::IN));
         let _ = ops.add(Events::new(&self.control_evt, EventSet::IN));
-    }
-}
-
-/// Feeds the VMM's stdin to the guest's serial port.
-struct SerialInput {
-    devices: Arc<Mutex<PioDevices>>,
-}
-
-impl MutEventSubscriber for SerialInput {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let stdin = std::io::stdin();
-        if events.event_set().contains(EventSet::IN) {
-            let mut buf = [0u8; 64];
-            let n = match stdin.lock().read(&mut buf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return,
-                Err(_) => 0,
-            };
-            if n > 0 {
-                if let Ok(mut d) = self.devices.lock() {
-                    // The 16550 FIFO is small; what does not fit is dropped,
-                    // as on a real UART without flow control.
-                    if let Err(e) = d.serial.enqueue_raw_bytes(&buf[..n]) {
-                        debug!("serial input dropped: {e:?}");
-                    }
-                }
-                return;
-            }
-        }
-        // End of input or an error: stop watching stdin.
-        let _ = ops.remove(Events::new(&stdin, EventSet::IN));
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        let _ = ops.add(Events::new(&std::io::stdin(), EventSet::IN));
     }
 }

@@ -1,5 +1,13 @@
 //! ACPI tables (RSDP, XSDT, FADT, DSDT, MADT) so that kernels that find CPUs
 //! and the IOAPIC only through ACPI (such as Debian's cloud kernel) see them.
+//!
+//! The FADT declares a hardware-reduced ACPI platform: no SCI, no PM timer,
+//! no legacy PIC for Linux to program. On such a platform Linux sets up no
+//! ISA interrupt lines by itself, so every legacy device that wants an
+//! interrupt must be described in the DSDT with its resources: COM1
+//! (`PNP0501`, IRQ 4) and the CMOS RTC (`PNP0B00`, IRQ 8). Without them the
+//! 8250 driver cannot get IRQ 4 (user-space console output never leaves the
+//! transmit queue) and `rtc_cmos` fails its probe with -EINVAL.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::madt::{
@@ -8,10 +16,12 @@ use acpi_tables::madt::{
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::aml::{Device, EISAName, Interrupt, Name, ResourceTemplate, IO};
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{ACPI_START, APIC_ADDR, IOAPIC_ADDR, MPTABLE_START};
+use crate::devices::{CMOS_INDEX, COM1_BASE, COM1_IRQ, RTC_IRQ};
 use crate::memory::GuestMemory;
 
 const OEM_ID: [u8; 6] = *b"CRYO  ";
@@ -42,6 +52,27 @@ fn align16(x: u64) -> u64 {
     (x + 15) & !15
 }
 
+/// A legacy ISA device in the DSDT: its PNP id, one port range, one
+/// edge-triggered active-high interrupt.
+fn isa_device(path: &str, pnp_id: &str, port: u16, ports: u8, irq: u32) -> Vec<u8> {
+    let hid = EISAName::new(pnp_id);
+    let interrupt = Interrupt::new(true, true, false, false, irq);
+    let io = IO::new(port, port, 0, ports);
+    let resources = ResourceTemplate::new(vec![&io, &interrupt]);
+    let hid_name = Name::new("_HID".into(), &hid);
+    let crs_name = Name::new("_CRS".into(), &resources);
+    bytes_of(&Device::new(path.into(), vec![&hid_name, &crs_name]))
+}
+
+/// The DSDT: the legacy devices that raise interrupts.
+fn dsdt() -> Vec<u8> {
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    dsdt.append_slice(&isa_device("_SB_.COM1", "PNP0501", COM1_BASE, 8, COM1_IRQ));
+    dsdt.append_slice(&isa_device("_SB_.RTC_", "PNP0B00", CMOS_INDEX, 2, RTC_IRQ));
+    dsdt.update_checksum();
+    dsdt.as_slice().to_vec()
+}
+
 /// Writes the ACPI tables for `vcpus` vCPUs; returns the RSDP address.
 pub fn setup_acpi(mem: &GuestMemory, vcpus: u8) -> Result<u64, AcpiError> {
     let rsdp_addr = ACPI_START;
@@ -50,9 +81,7 @@ pub fn setup_acpi(mem: &GuestMemory, vcpus: u8) -> Result<u64, AcpiError> {
     let xsdt_len = 36 + 3 * 8;
     let dsdt_addr = align16(xsdt_addr + xsdt_len);
 
-    // An empty DSDT: there are no devices to describe in AML.
-    let dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    let dsdt_bytes = dsdt.as_slice().to_vec();
+    let dsdt_bytes = dsdt();
     let fadt_addr = align16(dsdt_addr + dsdt_bytes.len() as u64);
 
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
@@ -62,6 +91,8 @@ pub fn setup_acpi(mem: &GuestMemory, vcpus: u8) -> Result<u64, AcpiError> {
         .flag(Flags::SlpButton);
     fadt.iapc_boot_arch =
         (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED).into();
+    // The CMOS byte that holds the century, read by Linux's rtc_cmos.
+    fadt.century = crate::devices::RTC_CENTURY_INDEX;
     let fadt_bytes = bytes_of(&fadt.finalize());
     let madt_addr = align16(fadt_addr + fadt_bytes.len() as u64);
 

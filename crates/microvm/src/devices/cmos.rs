@@ -14,7 +14,11 @@ const RTC_REG_A: usize = 0x0a;
 const RTC_REG_B: usize = 0x0b;
 const RTC_REG_C: usize = 0x0c;
 const RTC_REG_D: usize = 0x0d;
-const RTC_CENTURY: usize = 0x32;
+const RTC_CENTURY: usize = super::RTC_CENTURY_INDEX as usize;
+/// Register B: the clock registers are binary, not BCD.
+const REG_B_BINARY: u8 = 1 << 2;
+/// Register B: 24-hour mode (otherwise 12-hour with bit 7 of the hour for PM).
+const REG_B_24H: u8 = 1 << 1;
 
 /// 128 bytes of CMOS, the clock registers computed on read.
 pub struct Cmos {
@@ -30,6 +34,28 @@ impl Default for Cmos {
 
 fn bcd(v: u64) -> u8 {
     (((v / 10) << 4) | (v % 10)) as u8
+}
+
+/// A clock field in the encoding register B selects (BCD or binary).
+fn encode(v: u64, reg_b: u8) -> u8 {
+    if reg_b & REG_B_BINARY != 0 {
+        v as u8
+    } else {
+        bcd(v)
+    }
+}
+
+/// The hour register: 0-23, or 1-12 with bit 7 set for PM in 12-hour mode.
+fn encode_hour(hour: u64, reg_b: u8) -> u8 {
+    if reg_b & REG_B_24H != 0 {
+        return encode(hour, reg_b);
+    }
+    let pm = if hour >= 12 { 0x80 } else { 0 };
+    let h12 = match hour % 12 {
+        0 => 12,
+        h => h,
+    };
+    encode(h12, reg_b) | pm
 }
 
 /// Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -88,15 +114,16 @@ impl Cmos {
         let days = (now / 86_400) as i64;
         let secs = now % 86_400;
         let (year, month, day) = civil_from_days(days);
+        let reg_b = self.data[RTC_REG_B];
         match i {
-            RTC_SECONDS => bcd(secs % 60),
-            RTC_MINUTES => bcd((secs / 60) % 60),
-            RTC_HOURS => bcd(secs / 3600),
-            RTC_DAY_OF_WEEK => bcd(((days + 4).rem_euclid(7) + 1) as u64),
-            RTC_DAY_OF_MONTH => bcd(day),
-            RTC_MONTH => bcd(month),
-            RTC_YEAR => bcd((year.rem_euclid(100)) as u64),
-            RTC_CENTURY => bcd((year / 100) as u64),
+            RTC_SECONDS => encode(secs % 60, reg_b),
+            RTC_MINUTES => encode((secs / 60) % 60, reg_b),
+            RTC_HOURS => encode_hour(secs / 3600, reg_b),
+            RTC_DAY_OF_WEEK => encode(((days + 4).rem_euclid(7) + 1) as u64, reg_b),
+            RTC_DAY_OF_MONTH => encode(day, reg_b),
+            RTC_MONTH => encode(month, reg_b),
+            RTC_YEAR => encode(year.rem_euclid(100) as u64, reg_b),
+            RTC_CENTURY => encode(year.div_euclid(100).max(0) as u64, reg_b),
             RTC_REG_C => 0,
             _ => self.data[i],
         }
@@ -135,5 +162,20 @@ mod tests {
         assert!((1..=0x12).contains(&m));
         c.write(0, RTC_REG_B as u8);
         assert_eq!(c.read(1), 0x02);
+    }
+
+    #[test]
+    fn binary_and_12_hour_modes() {
+        assert_eq!(encode(59, 0x02), 0x59);
+        assert_eq!(encode(59, 0x06), 59);
+        assert_eq!(encode_hour(0, 0x00), 0x12);
+        assert_eq!(encode_hour(13, 0x00), 0x81);
+        assert_eq!(encode_hour(13, 0x04), 0x81);
+        assert_eq!(encode_hour(23, 0x06), 23);
+        let mut c = Cmos::new();
+        c.write(0, RTC_REG_B as u8);
+        c.write(1, 0x06);
+        c.write(0, RTC_MONTH as u8);
+        assert!((1..=12).contains(&c.read(1)));
     }
 }

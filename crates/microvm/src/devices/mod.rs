@@ -3,11 +3,13 @@
 //! catch-all for ports no device claims.
 
 mod cmos;
+pub mod console;
 mod serial;
 
 pub use cmos::Cmos;
 pub use serial::{
-    new_serial, restore_serial, EventFdTrigger, SerialDevice, SerialOutput, SerialWriter,
+    new_serial, restore_serial, EventFdTrigger, InputReady, RestoreSerialError, SerialDevice,
+    SerialOutput, SerialWriter,
 };
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +29,10 @@ pub const I8042_COMMAND: u16 = 0x64;
 pub const CMOS_INDEX: u16 = 0x70;
 /// CMOS data port.
 pub const CMOS_DATA: u16 = 0x71;
+/// The RTC's interrupt line.
+pub const RTC_IRQ: u32 = 8;
+/// The CMOS byte that holds the century (BCD), as the FADT announces it.
+pub const RTC_CENTURY_INDEX: u8 = 0x32;
 
 /// Every port I/O device of the VM. The vCPU threads call into it under a lock.
 pub struct PioDevices {

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{self, LineWriter, Write};
 
+use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -57,17 +58,37 @@ impl Write for SerialWriter {
     }
 }
 
-/// The COM1 device as the VM uses it.
-pub type SerialDevice = Serial<EventFdTrigger, vm_superio::serial::NoEvents, SerialWriter>;
+/// Signals, through an eventfd, that the guest has emptied the receive
+/// FIFO, so that console input held back for lack of room can go in.
+#[derive(Debug)]
+pub struct InputReady(pub EventFd);
 
-/// Builds COM1 with its interrupt trigger and output.
-pub fn new_serial(trigger: EventFdTrigger, output: SerialOutput) -> SerialDevice {
+impl SerialEvents for InputReady {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        // A full eventfd counter only means a wake-up is already pending.
+        let _ = self.0.write(1);
+    }
+}
+
+/// The COM1 device as the VM uses it.
+pub type SerialDevice = Serial<EventFdTrigger, InputReady, SerialWriter>;
+
+fn writer(output: SerialOutput) -> SerialWriter {
     let out: Box<dyn Write + Send> = match output {
         SerialOutput::Stdout => Box::new(io::stdout()),
         SerialOutput::File(f) => Box::new(f),
         SerialOutput::Sink => Box::new(io::sink()),
     };
-    Serial::new(trigger, SerialWriter(LineWriter::new(out)))
+    SerialWriter(LineWriter::new(out))
+}
+
+/// Builds COM1 with its interrupt trigger and output.
+pub fn new_serial(trigger: EventFdTrigger, output: SerialOutput) -> io::Result<SerialDevice> {
+    let ready = InputReady(EventFd::new(libc::EFD_NONBLOCK)?);
+    Ok(Serial::with_events(trigger, ready, writer(output)))
 }
 
 /// Rebuilds COM1 from saved registers and FIFO contents.
@@ -75,16 +96,19 @@ pub fn restore_serial(
     trigger: EventFdTrigger,
     output: SerialOutput,
     state: &crate::persist::SerialState,
-) -> Result<SerialDevice, vm_superio::serial::Error<io::Error>> {
-    let out: Box<dyn Write + Send> = match output {
-        SerialOutput::Stdout => Box::new(io::stdout()),
-        SerialOutput::File(f) => Box::new(f),
-        SerialOutput::Sink => Box::new(io::sink()),
-    };
-    Serial::from_state(
-        &state.into(),
-        trigger,
-        vm_superio::serial::NoEvents,
-        SerialWriter(LineWriter::new(out)),
-    )
+) -> Result<SerialDevice, RestoreSerialError> {
+    let ready = InputReady(EventFd::new(libc::EFD_NONBLOCK).map_err(RestoreSerialError::EventFd)?);
+    Serial::from_state(&state.into(), trigger, ready, writer(output))
+        .map_err(|e| RestoreSerialError::State(format!("{e:?}")))
+}
+
+/// Why COM1 could not be rebuilt from saved state.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreSerialError {
+    /// The input-ready eventfd could not be made.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(io::Error),
+    /// vm-superio refused the saved registers or FIFO.
+    #[error("saved serial state refused: {0}")]
+    State(String),
 }

@@ -1,0 +1,249 @@
+//! What the tier needs from the host, each found or built here, and each a
+//! loud error when it is missing: the statically linked binaries (built by
+//! cargo), the Debian kernels (fetched with `apt-get download`), a static
+//! busybox and QEMU (installed by `.ci/run`).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cryo_tests::initramfs::{debian_kernel_cache_dir, fetch_debian_kernel};
+use cryo_tests::workspace_root;
+
+use crate::TierError;
+
+/// The target the static binaries are built for (given explicitly so that
+/// the static-CRT flag reaches only them, not build scripts or proc macros).
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+/// The kernel modules that give the nested machine `/dev/kvm`, in load order.
+pub const KVM_MODULES: &[&str] = &[
+    "virt/lib/irqbypass.ko",
+    "drivers/crypto/ccp/ccp.ko",
+    "arch/x86/kvm/kvm.ko",
+    "arch/x86/kvm/kvm-amd.ko",
+];
+/// The Debian metapackage of the generic kernel the nested machine runs.
+const GENERIC_KERNEL_META: &str = "linux-image-amd64";
+
+/// The three statically linked programs of the tier.
+pub struct StaticBinaries {
+    /// The VMM.
+    pub cryo: PathBuf,
+    /// The scenario driver.
+    pub driver: PathBuf,
+    /// The guest's workload.
+    pub workload: PathBuf,
+}
+
+/// Builds `cryo`, `cryo-linux-driver` and `cryo-workload` statically linked
+/// (release profile, `target/static/`), so that they run inside a busybox
+/// initramfs with no shared libraries.
+pub fn static_binaries() -> Result<StaticBinaries, TierError> {
+    let root = workspace_root();
+    let target_dir = root.join("target/static");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static -C strip=debuginfo")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .args(["build", "--quiet", "--release", "--target", TARGET])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .args(["-p", "cryo", "-p", "cryo-linux-tier", "-p", "cryo-linux-guest"])
+        .args(["--bin", "cryo", "--bin", "cryo-linux-driver", "--bin", "cryo-workload"])
+        .status()
+        .map_err(|e| TierError::Build(format!("cannot run cargo: {e}")))?;
+    if !status.success() {
+        return Err(TierError::Build(format!(
+            "cargo build of the static binaries failed ({status})"
+        )));
+    }
+    let bin = target_dir.join(TARGET).join("release");
+    Ok(StaticBinaries {
+        cryo: bin.join("cryo"),
+        driver: bin.join("cryo-linux-driver"),
+        workload: bin.join("cryo-workload"),
+    })
+}
+
+/// The guest kernel: the Debian cloud kernel's ELF vmlinux.
+pub fn guest_kernel() -> Result<PathBuf, TierError> {
+    let dir = fetch_debian_kernel()
+        .map_err(|e| TierError::Missing(format!("the Debian cloud kernel: {e}")))?;
+    Ok(dir.join("debian-cloud-vmlinux"))
+}
+
+/// A static busybox (package `busybox-static`).
+pub fn busybox() -> Result<PathBuf, TierError> {
+    let path = PathBuf::from("/bin/busybox");
+    let bytes = fs::read(&path).map_err(|e| {
+        TierError::Missing(format!(
+            "{}: {e}; install the Debian package busybox-static (.ci/run does)",
+            path.display()
+        ))
+    })?;
+    if has_interpreter(&bytes) {
+        return Err(TierError::Missing(format!(
+            "{} is dynamically linked; install busybox-static instead of busybox (.ci/run does)",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// Whether an ELF64 file names a program interpreter (is dynamically linked).
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    (0..usize::from(phnum)).any(|i| {
+        let at = phoff as usize + i * usize::from(phentsize);
+        elf.get(at..at + 4)
+            .is_some_and(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == PT_INTERP)
+    })
+}
+
+/// QEMU for the nested machine (`qemu-system-x86` from bookworm-backports).
+pub fn qemu() -> Result<PathBuf, TierError> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("qemu-system-x86_64"))
+            .find(|p| p.is_file())
+    });
+    found.ok_or_else(|| {
+        TierError::Missing(
+            "qemu-system-x86_64: install qemu-system-x86 from bookworm-backports (.ci/run does)"
+                .into(),
+        )
+    })
+}
+
+/// The nested machine's kernel: Debian's generic kernel and its KVM modules.
+pub struct HostKernel {
+    /// The bzImage.
+    pub vmlinuz: PathBuf,
+    /// [`KVM_MODULES`], in order, as files in the cache.
+    pub modules: Vec<PathBuf>,
+}
+
+/// Fetches (once, then cached beside the cloud kernel) Debian's generic
+/// kernel package and takes its bzImage and KVM modules.
+pub fn nested_host_kernel() -> Result<HostKernel, TierError> {
+    let cache = debian_kernel_cache_dir().join("nested-host");
+    let kernel = HostKernel {
+        vmlinuz: cache.join("vmlinuz"),
+        modules: KVM_MODULES
+            .iter()
+            .map(|m| cache.join(Path::new(m).file_name().unwrap_or_default()))
+            .collect(),
+    };
+    if kernel.vmlinuz.is_file() && kernel.modules.iter().all(|m| m.is_file()) {
+        return Ok(kernel);
+    }
+    let package = generic_kernel_package()?;
+    let tmp = std::env::temp_dir().join(format!("cryo-nested-kernel-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(|e| TierError::Io(tmp.clone(), e))?;
+    // apt-get download runs as the _apt user, which must write here.
+    use std::os::unix::fs::PermissionsExt;
+    let _ = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o777));
+    run(
+        Command::new("apt-get")
+            .current_dir(&tmp)
+            .args(["download", "-q", &package]),
+        "apt-get download",
+    )?;
+    let deb = fs::read_dir(&tmp)
+        .map_err(|e| TierError::Io(tmp.clone(), e))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| TierError::Missing(format!("apt-get download {package} left no .deb")))?;
+    let root = tmp.join("root");
+    run(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root),
+        "dpkg-deb -x",
+    )?;
+    let version = package
+        .strip_prefix("linux-image-")
+        .unwrap_or(&package)
+        .to_string();
+    fs::create_dir_all(&cache).map_err(|e| TierError::Io(cache.clone(), e))?;
+    let copy = |from: PathBuf, to: &Path| {
+        fs::copy(&from, to)
+            .map(|_| ())
+            .map_err(|e| TierError::Io(from, e))
+    };
+    for (module, dest) in KVM_MODULES.iter().zip(&kernel.modules) {
+        copy(
+            root.join("lib/modules").join(&version).join("kernel").join(module),
+            dest,
+        )?;
+    }
+    // The bzImage last: its presence says the cache is complete.
+    copy(
+        root.join("boot").join(format!("vmlinuz-{version}")),
+        &kernel.vmlinuz,
+    )?;
+    let _ = fs::remove_dir_all(&tmp);
+    Ok(kernel)
+}
+
+/// The real package behind `linux-image-amd64` (running `apt-get update`
+/// once if apt does not know it yet).
+fn generic_kernel_package() -> Result<String, TierError> {
+    let resolve = || -> Option<String> {
+        let out = Command::new("apt-cache")
+            .args(["depends", "--no-recommends", "--no-suggests", GENERIC_KERNEL_META])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            let dep = l.trim().strip_prefix("Depends: ")?;
+            (dep.starts_with("linux-image-") && dep.ends_with("-amd64")).then(|| dep.to_string())
+        })
+    };
+    if let Some(p) = resolve() {
+        return Ok(p);
+    }
+    run(Command::new("apt-get").args(["update", "-q"]), "apt-get update")?;
+    resolve().ok_or_else(|| {
+        TierError::Missing(format!(
+            "apt cannot resolve {GENERIC_KERNEL_META} to a kernel package (Debian main in apt sources?)"
+        ))
+    })
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<(), TierError> {
+    let out = cmd
+        .output()
+        .map_err(|e| TierError::Missing(format!("{what}: cannot run: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(TierError::Missing(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tells_static_from_dynamic_elf() {
+        let ls = fs::read("/bin/ls").expect("read /bin/ls");
+        assert!(has_interpreter(&ls), "/bin/ls is dynamically linked");
+        assert!(!has_interpreter(b"not an elf"));
+    }
+}

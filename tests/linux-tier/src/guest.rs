@@ -1,0 +1,204 @@
+//! Following cryo's Linux test guest (`resources/linux-guest`) on its
+//! console: its `INIT` line, its heartbeats, and any `MISMATCH`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cryo_tests::{cryo_bin, field, num, Guest};
+
+/// The kernel command line the tier boots with. `workload_*` words reach
+/// the guest's `/init` as environment variables.
+pub const CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 workload_workers=2 workload_mib=8 workload_hb_ms=500";
+/// The heartbeat period that [`CMDLINE`] asks for.
+pub const HEARTBEAT: Duration = Duration::from_millis(500);
+/// Guest RAM for the tier's guests.
+pub const MEM_MIB: u32 = 256;
+
+/// One `HB` line of the workload.
+#[derive(Clone, Copy, Debug)]
+pub struct Heartbeat {
+    /// Sequence number, from 1 at boot.
+    pub seq: u64,
+    /// CLOCK_MONOTONIC in the guest.
+    pub mono_ns: i128,
+    /// CLOCK_REALTIME in the guest.
+    pub real_ns: i128,
+    /// When the driver read the line.
+    pub seen: Instant,
+}
+
+/// Parses an `HB seq=.. mono_ns=.. real_ns=..` line.
+pub fn parse_heartbeat(line: &str) -> Option<Heartbeat> {
+    let at = line.find("HB seq=")?;
+    let line = &line[at..];
+    Some(Heartbeat {
+        seq: num(line, "seq")?,
+        mono_ns: field(line, "mono_ns")?.parse().ok()?,
+        real_ns: field(line, "real_ns")?.parse().ok()?,
+        seen: Instant::now(),
+    })
+}
+
+/// The guest's `/init` announcing a boot (and so, after a restore, a reboot).
+pub fn is_init(line: &str) -> bool {
+    line.contains("INIT cpus=")
+}
+
+/// A line the workload prints only when something is wrong.
+pub fn is_mismatch(line: &str) -> bool {
+    line.contains("MISMATCH")
+}
+
+/// The last heartbeat among `lines`.
+pub fn last_heartbeat(lines: &[String]) -> Option<Heartbeat> {
+    lines.iter().rev().find_map(|l| parse_heartbeat(l))
+}
+
+/// A cryo process running the Linux test guest.
+pub struct LinuxVm {
+    /// The cryo process and its console.
+    pub guest: Guest,
+    /// Its API socket.
+    pub api: PathBuf,
+    /// The newest heartbeat seen on its console.
+    pub last: Option<Heartbeat>,
+}
+
+/// What went wrong, with the guest's console and stderr attached.
+#[derive(Debug)]
+pub struct Failure {
+    /// One line for the RESULT.
+    pub reason: String,
+    /// The guest's transcript (console tail and stderr).
+    pub log: Vec<String>,
+}
+
+impl Failure {
+    /// A failure of `vm` (its transcript attached).
+    pub fn of(vm: &LinuxVm, reason: impl Into<String>) -> Failure {
+        Failure {
+            reason: reason.into(),
+            log: vm.guest.transcript().lines().map(str::to_string).collect(),
+        }
+    }
+
+    /// A failure with no guest to show.
+    pub fn plain(reason: impl Into<String>) -> Failure {
+        Failure {
+            reason: reason.into(),
+            log: Vec::new(),
+        }
+    }
+}
+
+impl LinuxVm {
+    /// Starts `cryo` with `args` (stdin a pipe: the guest's console input).
+    pub fn spawn(args: &[String], api: PathBuf) -> LinuxVm {
+        let mut cmd = Command::new(cryo_bin());
+        cmd.args(args);
+        LinuxVm {
+            guest: Guest::interactive(cmd),
+            api,
+            last: None,
+        }
+    }
+
+    /// Reads console lines until `stop` says so or `timeout` passes. Every
+    /// line is watched on the way: a heartbeat becomes the newest one seen
+    /// (and must follow the previous one), a `MISMATCH` fails, and so does
+    /// an `INIT` unless `init_expected`. Returns whether `stop` was met.
+    fn watch(
+        &mut self,
+        timeout: Duration,
+        init_expected: bool,
+        mut stop: impl FnMut(&str, Option<Heartbeat>) -> bool,
+    ) -> Result<bool, Failure> {
+        let mut last = self.last;
+        let mut trouble: Option<String> = None;
+        let mut met = false;
+        self.guest.wait_for(timeout, |line| {
+            let hb = parse_heartbeat(line);
+            if is_mismatch(line) {
+                trouble = Some(format!("the guest reported: {line}"));
+            } else if is_init(line) && !init_expected {
+                trouble = Some(format!("the guest rebooted: {line}"));
+            } else if let Some(hb) = hb {
+                if let Some(p) = last.filter(|p| hb.seq != p.seq + 1) {
+                    trouble = Some(format!("heartbeat {} after {}", hb.seq, p.seq));
+                }
+                last = Some(hb);
+            }
+            met = trouble.is_none() && stop(line, hb);
+            trouble.is_some() || met
+        });
+        self.last = last;
+        match trouble {
+            Some(t) => Err(Failure::of(self, t)),
+            None => Ok(met),
+        }
+    }
+
+    /// Waits for the `INIT` line; returns it.
+    pub fn wait_init(&mut self, timeout: Duration) -> Result<String, Failure> {
+        let mut init = None;
+        self.watch(timeout, true, |line, _| {
+            if is_init(line) {
+                init = Some(line.to_string());
+            }
+            init.is_some()
+        })?;
+        init.ok_or_else(|| Failure::of(self, format!("no INIT line within {timeout:?}")))
+    }
+
+    /// Waits for `count` heartbeats after the newest one seen, failing on
+    /// a `MISMATCH`, on an `INIT` (a reboot), or on a sequence number that
+    /// does not follow the previous one. Returns them.
+    pub fn heartbeats(
+        &mut self,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Heartbeat>, Failure> {
+        let mut beats = Vec::new();
+        self.watch(timeout, false, |_, hb| {
+            beats.extend(hb);
+            beats.len() >= count
+        })?;
+        if beats.len() < count {
+            return Err(Failure::of(
+                self,
+                format!("{} of {count} heartbeats within {timeout:?}", beats.len()),
+            ));
+        }
+        Ok(beats)
+    }
+
+    /// Types a shell command and waits for a console line containing `expect`.
+    pub fn shell(&mut self, command: &str, expect: &str, timeout: Duration) -> Result<(), Failure> {
+        if let Err(e) = self.guest.send(&format!("{command}\n")) {
+            return Err(Failure::of(self, format!("cannot type into the console: {e}")));
+        }
+        // The echo of the command itself contains the command text, not the
+        // expected output (the test asks for computed output).
+        let found = self.watch(timeout, false, |line, _| {
+            line.contains(expect) && !line.contains(command)
+        })?;
+        if found {
+            Ok(())
+        } else {
+            Err(Failure::of(
+                self,
+                format!("typed {command:?}, no {expect:?} within {timeout:?}"),
+            ))
+        }
+    }
+
+    /// Waits for the process to end; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32, Failure> {
+        match self.guest.wait_exit(timeout) {
+            Some(status) => Ok(status.code().unwrap_or(-1)),
+            None => Err(Failure::of(self, format!("cryo still running after {timeout:?}"))),
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! The line protocol between the scenario driver and the test harness.
+//!
+//! The driver prints its findings as lines on its standard output, which is
+//! the nested machine's console when it runs nested. Every line starts with
+//! [`PREFIX`] so that the harness can pick them out of kernel messages:
+//!
+//! ```text
+//! LINUX-TIER RESULT <scenario> PASS <detail>
+//! LINUX-TIER RESULT <scenario> FAIL <reason>
+//! LINUX-TIER FIGURE <name> <value> <unit>
+//! LINUX-TIER LOG <scenario> | <a console or stderr line of the guest>
+//! LINUX-TIER DONE failed=<n>
+//! ```
+
+use std::collections::BTreeMap;
+
+/// What every protocol line starts with.
+pub const PREFIX: &str = "LINUX-TIER";
+
+/// The outcome of one scenario.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Whether it passed.
+    pub passed: bool,
+    /// What was checked, or why it failed.
+    pub detail: String,
+}
+
+/// Everything the driver reported.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Outcome per scenario name.
+    pub results: BTreeMap<String, Outcome>,
+    /// Figures (name → value and unit), such as boot times.
+    pub figures: BTreeMap<String, String>,
+    /// Guest lines the driver attached to each scenario (on failure).
+    pub logs: BTreeMap<String, Vec<String>>,
+    /// Whether the driver said it was done (it did not die midway).
+    pub done: bool,
+}
+
+/// Prints a RESULT line.
+pub fn result(scenario: &str, passed: bool, detail: &str) {
+    let status = if passed { "PASS" } else { "FAIL" };
+    println!("{PREFIX} RESULT {scenario} {status} {}", one_line(detail));
+}
+
+/// Prints a FIGURE line.
+pub fn figure(name: &str, value: impl std::fmt::Display, unit: &str) {
+    println!("{PREFIX} FIGURE {name} {value} {unit}");
+}
+
+/// Prints LOG lines for a scenario.
+pub fn log(scenario: &str, lines: &[String]) {
+    for l in lines {
+        println!("{PREFIX} LOG {scenario} | {l}");
+    }
+}
+
+/// Prints the DONE line.
+pub fn done(failed: usize) {
+    println!("{PREFIX} DONE failed={failed}");
+}
+
+fn one_line(s: &str) -> String {
+    s.replace(['\n', '\r'], " / ")
+}
+
+impl Report {
+    /// Collects the protocol lines out of a console transcript. Text before
+    /// the prefix on the same line (a kernel message that was cut into) is
+    /// ignored.
+    pub fn parse<'a>(lines: impl IntoIterator<Item = &'a str>) -> Report {
+        let mut r = Report::default();
+        for line in lines {
+            let Some(at) = line.find(PREFIX) else {
+                continue;
+            };
+            let rest = line[at + PREFIX.len()..].trim_start();
+            let mut words = rest.splitn(2, ' ');
+            let kind = words.next().unwrap_or_default();
+            let body = words.next().unwrap_or_default();
+            match kind {
+                "RESULT" => {
+                    let mut w = body.splitn(3, ' ');
+                    let name = w.next().unwrap_or_default().to_string();
+                    let passed = w.next() == Some("PASS");
+                    let detail = w.next().unwrap_or_default().to_string();
+                    r.results.insert(name, Outcome { passed, detail });
+                }
+                "FIGURE" => {
+                    let mut w = body.splitn(2, ' ');
+                    let name = w.next().unwrap_or_default().to_string();
+                    r.figures
+                        .insert(name, w.next().unwrap_or_default().to_string());
+                }
+                "LOG" => {
+                    let (name, text) = body.split_once(" | ").unwrap_or((body, ""));
+                    r.logs
+                        .entry(name.to_string())
+                        .or_default()
+                        .push(text.to_string());
+                }
+                "DONE" => r.done = true,
+                _ => {}
+            }
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_results_figures_and_logs() {
+        let text = [
+            "[    1.0] some kernel line",
+            "LINUX-TIER RESULT boot-2vcpus PASS 2 cpus, 12 heartbeats",
+            "noiseLINUX-TIER RESULT save-stream FAIL no heartbeat after restore",
+            "LINUX-TIER FIGURE boot_to_init_ms 4100 ms",
+            "LINUX-TIER LOG save-stream | HB seq=3 mono_ns=1",
+            "LINUX-TIER DONE failed=1",
+        ];
+        let r = Report::parse(text);
+        assert!(r.done);
+        assert!(r.results["boot-2vcpus"].passed);
+        assert_eq!(r.results["boot-2vcpus"].detail, "2 cpus, 12 heartbeats");
+        assert!(!r.results["save-stream"].passed);
+        assert_eq!(r.figures["boot_to_init_ms"], "4100 ms");
+        assert_eq!(r.logs["save-stream"], vec!["HB seq=3 mono_ns=1"]);
+    }
+}

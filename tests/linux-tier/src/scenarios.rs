@@ -1,0 +1,608 @@
+//! The scenarios: what the driver does with cryo and a Linux guest, and
+//! what it checks. Each one ends in a RESULT line (see [`crate::report`]).
+//!
+//! Two guests carry them, so that the slow part (a boot) happens twice only:
+//!
+//! 1. A one-vCPU guest started by name (`cryo run --name`): boot to user
+//!    space, the interactive shell through cryo's stdin, then a managed
+//!    save and the `cryo run --name` that brings it back, the shell again,
+//!    and a guest-initiated reboot that ends cryo with status 0.
+//! 2. A two-vCPU guest: boot and its boot log, then a chain in which each
+//!    step saves the running guest one way and restores it in a new cryo
+//!    process: stream, fixed-ram eager, fixed-ram lazy, multifd, a stopped
+//!    migration over a unix socket, and a live snapshot that is restored
+//!    after the source has gone on running and been stopped.
+//!
+//! After every restore the workload must carry on: the next heartbeat
+//! number, no `MISMATCH`, no new `INIT` (no reboot), timers that keep
+//! firing, and clocks that never go back and move together.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cryo_tests::run_cryo;
+
+use crate::boot_log;
+use crate::guest::{last_heartbeat, Failure, Heartbeat, LinuxVm, CMDLINE, MEM_MIB};
+use crate::report;
+
+/// Scenario names, as the RESULT lines and the harness's tests use them.
+pub mod names {
+    /// Boot with one vCPU to the workload.
+    pub const BOOT_1VCPU: &str = "boot-1vcpu";
+    /// Boot with two vCPUs to the workload.
+    pub const BOOT_2VCPUS: &str = "boot-2vcpus";
+    /// No unexpected warning in the boot log.
+    pub const BOOT_LOG: &str = "boot-log";
+    /// A busybox shell driven through cryo's stdin.
+    pub const CONSOLE_SHELL: &str = "console-shell";
+    /// Managed save and the run that restores it.
+    pub const MANAGED_SAVE: &str = "managed-save";
+    /// Stream format save and restore.
+    pub const SAVE_STREAM: &str = "save-stream";
+    /// Fixed-ram save, eager restore.
+    pub const SAVE_FIXED_EAGER: &str = "save-fixed-ram-eager";
+    /// Fixed-ram save, lazy restore.
+    pub const SAVE_FIXED_LAZY: &str = "save-fixed-ram-lazy";
+    /// Fixed-ram save and restore through two multifd channels.
+    pub const SAVE_MULTIFD: &str = "save-multifd";
+    /// Stopped migration over a unix socket.
+    pub const MIGRATE_UNIX: &str = "migrate-unix";
+    /// Live snapshot while the workload writes, then its restore.
+    pub const LIVE_SNAPSHOT: &str = "live-snapshot";
+    /// Clocks and timers across every restore.
+    pub const TIMEKEEPING: &str = "timekeeping";
+}
+
+/// Every scenario, in the order the driver reports them.
+pub const ALL: &[&str] = &[
+    names::BOOT_1VCPU,
+    names::CONSOLE_SHELL,
+    names::MANAGED_SAVE,
+    names::BOOT_2VCPUS,
+    names::BOOT_LOG,
+    names::SAVE_STREAM,
+    names::SAVE_FIXED_EAGER,
+    names::SAVE_FIXED_LAZY,
+    names::SAVE_MULTIFD,
+    names::MIGRATE_UNIX,
+    names::LIVE_SNAPSHOT,
+    names::TIMEKEEPING,
+];
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const BEAT_TIMEOUT: Duration = Duration::from_secs(60);
+const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Heartbeats each check waits for.
+const BEATS: usize = 4;
+/// How far the guest's monotonic clock may run ahead of the host's wall
+/// clock across a restore (both are read by the driver, at line arrival).
+const CLOCK_SLACK_MS: i128 = 2000;
+/// Largest difference between the realtime and monotonic steps.
+const CLOCK_SKEW_MS: i128 = 1000;
+
+/// What the driver needs: the kernel, the guest's initramfs, a scratch
+/// directory (tmpfs when nested).
+pub struct Setup {
+    /// The Debian cloud kernel (ELF vmlinux).
+    pub kernel: PathBuf,
+    /// cryo's Linux guest initramfs.
+    pub initrd: PathBuf,
+    /// Where images, sockets and state directories go.
+    pub work: PathBuf,
+    /// Whether the driver runs nested under QEMU's TCG emulator (some boot
+    /// warnings are expected only there).
+    pub nested: bool,
+}
+
+/// How the clocks moved across one restore.
+struct ClockRecord {
+    step: &'static str,
+    mono_gap_ms: i128,
+    real_gap_ms: i128,
+    host_gap_ms: i128,
+    problem: Option<String>,
+}
+
+/// The driver's running tally.
+struct Tally {
+    failed: usize,
+    clocks: Vec<ClockRecord>,
+}
+
+impl Tally {
+    fn pass(&mut self, scenario: &str, detail: &str) {
+        report::result(scenario, true, detail);
+    }
+
+    fn fail(&mut self, scenario: &str, failure: &Failure) {
+        self.failed += 1;
+        report::log(scenario, &failure.log);
+        report::result(scenario, false, &failure.reason);
+    }
+
+    fn outcome(&mut self, scenario: &str, result: Result<String, Failure>) -> bool {
+        match result {
+            Ok(detail) => {
+                self.pass(scenario, &detail);
+                true
+            }
+            Err(f) => {
+                self.fail(scenario, &f);
+                false
+            }
+        }
+    }
+
+    fn not_run(&mut self, scenarios: &[&str], because: &str) {
+        for s in scenarios {
+            self.fail(s, &Failure::plain(format!("not run: {because}")));
+        }
+    }
+}
+
+/// Runs every scenario; returns how many failed.
+pub fn run_all(setup: &Setup) -> usize {
+    let mut tally = Tally {
+        failed: 0,
+        clocks: Vec::new(),
+    };
+    single_vcpu_guest(setup, &mut tally);
+    two_vcpu_chain(setup, &mut tally);
+    report_clocks(&mut tally);
+    tally.failed
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn run_args(setup: &Setup, vcpus: u32, extra: &[String]) -> Vec<String> {
+    let mut args = strings(&["run", "--kernel"]);
+    args.push(path_str(&setup.kernel));
+    args.extend(strings(&["--initrd"]));
+    args.push(path_str(&setup.initrd));
+    args.extend(strings(&["--mem-mib", &MEM_MIB.to_string()]));
+    args.extend(strings(&["--vcpus", &vcpus.to_string(), "--cmdline", CMDLINE]));
+    args.extend(extra.iter().cloned());
+    args
+}
+
+/// Boots and checks the INIT line and the first heartbeats.
+fn boot(vm: &mut LinuxVm, vcpus: u32, figure: &str) -> Result<String, Failure> {
+    let started = Instant::now();
+    let init = vm.wait_init(BOOT_TIMEOUT)?;
+    report::figure(figure, started.elapsed().as_millis(), "ms");
+    if let Some(uptime) = cryo_tests::field(&init, "uptime") {
+        report::figure(&format!("{figure}_guest_uptime"), uptime, "s");
+    }
+    if cryo_tests::num(&init, "cpus") != Some(u64::from(vcpus)) {
+        return Err(Failure::of(vm, format!("expected {vcpus} cpus: {init}")));
+    }
+    if cryo_tests::field(&init, "rtc") != Some("rtc_cmos") {
+        return Err(Failure::of(vm, format!("the RTC did not probe: {init}")));
+    }
+    let beats = vm.heartbeats(BEATS, BEAT_TIMEOUT)?;
+    Ok(format!(
+        "{vcpus} cpus, rtc_cmos, heartbeats {}..{} in {:.1}s",
+        beats[0].seq,
+        beats[beats.len() - 1].seq,
+        started.elapsed().as_secs_f64()
+    ))
+}
+
+fn cryo_ok(args: &[String], what: &str) -> Result<String, Failure> {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = run_cryo(&refs, SAVE_TIMEOUT);
+    if code == Some(0) {
+        Ok(out)
+    } else {
+        Err(Failure {
+            reason: format!("{what} exited {code:?}: {}", err.trim()),
+            log: out.lines().chain(err.lines()).map(str::to_string).collect(),
+        })
+    }
+}
+
+/// Waits for a restored guest's first heartbeat, checks that it carries on
+/// from `before` (sequence within `seq_range`, clocks sane), then for more
+/// heartbeats (timers keep firing).
+fn carries_on(
+    vm: &mut LinuxVm,
+    step: &'static str,
+    before: Heartbeat,
+    seq_range: std::ops::RangeInclusive<u64>,
+    tally: &mut Tally,
+) -> Result<String, Failure> {
+    let first = vm.heartbeats(1, BEAT_TIMEOUT)?[0];
+    if !seq_range.contains(&first.seq) {
+        return Err(Failure::of(
+            vm,
+            format!(
+                "first heartbeat after restore is {}, expected {}..={} (last before: {})",
+                first.seq,
+                seq_range.start(),
+                seq_range.end(),
+                before.seq
+            ),
+        ));
+    }
+    tally.clocks.push(clock_record(step, before, first));
+    let more = vm.heartbeats(BEATS - 1, BEAT_TIMEOUT)?;
+    Ok(format!(
+        "heartbeats {} -> {}..{}, workload clean",
+        before.seq,
+        first.seq,
+        more[more.len() - 1].seq
+    ))
+}
+
+fn clock_record(step: &'static str, before: Heartbeat, after: Heartbeat) -> ClockRecord {
+    let mono_gap_ms = (after.mono_ns - before.mono_ns) / 1_000_000;
+    let real_gap_ms = (after.real_ns - before.real_ns) / 1_000_000;
+    let host_gap_ms = after.seen.duration_since(before.seen).as_millis() as i128;
+    let problem = if after.mono_ns <= before.mono_ns {
+        Some("monotonic time went back".to_string())
+    } else if mono_gap_ms > host_gap_ms + CLOCK_SLACK_MS {
+        Some(format!(
+            "monotonic time moved {mono_gap_ms} ms while {host_gap_ms} ms passed on the host"
+        ))
+    } else if (real_gap_ms - mono_gap_ms).abs() > CLOCK_SKEW_MS {
+        Some(format!(
+            "realtime moved {real_gap_ms} ms but monotonic {mono_gap_ms} ms"
+        ))
+    } else {
+        None
+    };
+    ClockRecord {
+        step,
+        mono_gap_ms,
+        real_gap_ms,
+        host_gap_ms,
+        problem,
+    }
+}
+
+fn report_clocks(tally: &mut Tally) {
+    if tally.clocks.is_empty() {
+        tally.not_run(&[names::TIMEKEEPING], "no restore got as far as a heartbeat");
+        return;
+    }
+    let summary: Vec<String> = tally
+        .clocks
+        .iter()
+        .map(|c| {
+            format!(
+                "{}: mono +{} ms, real +{} ms, host +{} ms{}",
+                c.step,
+                c.mono_gap_ms,
+                c.real_gap_ms,
+                c.host_gap_ms,
+                c.problem
+                    .as_ref()
+                    .map(|p| format!(" ({p})"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    let problems = tally.clocks.iter().filter(|c| c.problem.is_some()).count();
+    let detail = format!("{} restores; {}", tally.clocks.len(), summary.join("; "));
+    if problems == 0 {
+        tally.pass(names::TIMEKEEPING, &detail);
+    } else {
+        tally.fail(names::TIMEKEEPING, &Failure::plain(detail));
+    }
+}
+
+/// The one-vCPU guest: boot, shell, managed save, run by name again.
+fn single_vcpu_guest(setup: &Setup, tally: &mut Tally) {
+    let state = setup.work.join("state");
+    let name = "linux1";
+    let api = state.join(name).join("api.sock");
+    let by_name = strings(&["--name", name, "--state-dir", &path_str(&state)]);
+    let mut vm = LinuxVm::spawn(&run_args(setup, 1, &by_name), api.clone());
+    if !tally.outcome(names::BOOT_1VCPU, boot(&mut vm, 1, "boot_to_init_1vcpu")) {
+        tally.not_run(&[names::CONSOLE_SHELL, names::MANAGED_SAVE], "the boot failed");
+        return;
+    }
+    if let Err(f) = vm.shell("echo SHELL-$((6*7))", "SHELL-42", BEAT_TIMEOUT) {
+        tally.fail(names::CONSOLE_SHELL, &f);
+        tally.not_run(&[names::MANAGED_SAVE], "the shell did not answer");
+        return;
+    }
+    let result = managed_save_and_back(setup, vm, &by_name, api);
+    match result {
+        Ok((detail, shell_after)) => {
+            tally.pass(names::MANAGED_SAVE, &detail);
+            tally.outcome(
+                names::CONSOLE_SHELL,
+                shell_after.map(|()| {
+                    "typed commands answered before and after a managed save; `reboot -f` ended cryo with 0".to_string()
+                }),
+            );
+        }
+        Err(f) => {
+            tally.fail(names::MANAGED_SAVE, &f);
+            tally.not_run(&[names::CONSOLE_SHELL], "the managed save failed");
+        }
+    }
+}
+
+/// Managed save of `vm`, then `cryo run --name` again. Returns the managed
+/// save's detail and how the shell did after it.
+fn managed_save_and_back(
+    setup: &Setup,
+    mut vm: LinuxVm,
+    by_name: &[String],
+    api: PathBuf,
+) -> Result<(String, Result<(), Failure>), Failure> {
+    vm.heartbeats(2, BEAT_TIMEOUT)?;
+    cryo_ok(
+        &strings(&["managed-save", "--api", &path_str(&api)]),
+        "cryo managed-save",
+    )?;
+    let code = vm.wait_exit(EXIT_TIMEOUT)?;
+    if code != 0 {
+        return Err(Failure::of(&vm, format!("the saved VM exited {code}")));
+    }
+    let before = last_heartbeat(&vm.guest.output())
+        .ok_or_else(|| Failure::of(&vm, "no heartbeat before the managed save"))?;
+    let mut back = LinuxVm::spawn(&run_args(setup, 1, by_name), api);
+    back.last = None;
+    let mut tally = Tally {
+        failed: 0,
+        clocks: Vec::new(),
+    };
+    let detail = carries_on(
+        &mut back,
+        "managed-save",
+        before,
+        before.seq + 1..=before.seq + 2,
+        &mut tally,
+    )?;
+    let shell_after = back
+        .shell("echo AFTER-$((7*8))", "AFTER-56", BEAT_TIMEOUT)
+        .and_then(|()| {
+            back.guest
+                .send("reboot -f\n")
+                .map_err(|e| Failure::plain(format!("cannot type reboot: {e}")))?;
+            match back.wait_exit(EXIT_TIMEOUT)? {
+                0 => Ok(()),
+                code => Err(Failure::of(&back, format!("reboot ended cryo with {code}"))),
+            }
+        });
+    Ok((
+        format!("`cryo run --name` restored it: {detail}; {}", clock_note(&tally)),
+        shell_after,
+    ))
+}
+
+fn clock_note(tally: &Tally) -> String {
+    tally
+        .clocks
+        .first()
+        .map(|c| format!("mono +{} ms over host +{} ms", c.mono_gap_ms, c.host_gap_ms))
+        .unwrap_or_default()
+}
+
+/// One stopped save (file or socket) and its restore.
+struct SaveStep {
+    scenario: &'static str,
+    save: &'static [&'static str],
+    restore: &'static [&'static str],
+    /// Saves to a unix socket that the restoring process listens on.
+    over_socket: bool,
+}
+
+const SAVE_STEPS: &[SaveStep] = &[
+    SaveStep {
+        scenario: names::SAVE_STREAM,
+        save: &["--format", "stream"],
+        restore: &[],
+        over_socket: false,
+    },
+    SaveStep {
+        scenario: names::SAVE_FIXED_EAGER,
+        save: &["--format", "fixed-ram"],
+        restore: &[],
+        over_socket: false,
+    },
+    SaveStep {
+        scenario: names::SAVE_FIXED_LAZY,
+        save: &["--format", "fixed-ram"],
+        restore: &["--lazy"],
+        over_socket: false,
+    },
+    SaveStep {
+        scenario: names::SAVE_MULTIFD,
+        save: &["--format", "fixed-ram", "--channels", "2"],
+        restore: &["--channels", "2"],
+        over_socket: false,
+    },
+    SaveStep {
+        scenario: names::MIGRATE_UNIX,
+        save: &[],
+        restore: &[],
+        over_socket: true,
+    },
+];
+
+/// The two-vCPU guest and the chain of saves and restores.
+fn two_vcpu_chain(setup: &Setup, tally: &mut Tally) {
+    let chain: Vec<&str> = SAVE_STEPS
+        .iter()
+        .map(|s| s.scenario)
+        .chain([names::LIVE_SNAPSHOT])
+        .collect();
+    let api = setup.work.join("vm0.sock");
+    let mut vm = LinuxVm::spawn(
+        &run_args(setup, 2, &strings(&["--api", &path_str(&api)])),
+        api,
+    );
+    let booted = boot(&mut vm, 2, "boot_to_init_2vcpus");
+    let boot_lines: Vec<String> = vm
+        .guest
+        .output()
+        .into_iter()
+        .take_while(|l| !crate::guest::is_init(l))
+        .collect();
+    let unexpected = boot_log::unexpected(&boot_lines, setup.nested);
+    if unexpected.is_empty() {
+        tally.pass(
+            names::BOOT_LOG,
+            &format!(
+                "{} boot lines, every warning-like one expected",
+                boot_lines.len()
+            ),
+        );
+    } else {
+        let f = Failure {
+            reason: format!("{} unexpected boot line(s)", unexpected.len()),
+            log: unexpected,
+        };
+        tally.fail(names::BOOT_LOG, &f);
+    }
+    if !tally.outcome(names::BOOT_2VCPUS, booted) {
+        tally.not_run(&chain, "the boot failed");
+        return;
+    }
+    for (i, step) in SAVE_STEPS.iter().enumerate() {
+        match stopped_save(setup, vm, step, i + 1, tally) {
+            Ok((next, detail)) => {
+                tally.pass(step.scenario, &detail);
+                vm = next;
+            }
+            Err(f) => {
+                tally.fail(step.scenario, &f);
+                tally.not_run(&chain[i + 1..], &format!("{} failed", step.scenario));
+                return;
+            }
+        }
+    }
+    match live_snapshot(setup, vm, tally) {
+        Ok(detail) => tally.pass(names::LIVE_SNAPSHOT, &detail),
+        Err(f) => tally.fail(names::LIVE_SNAPSHOT, &f),
+    }
+}
+
+/// Saves `vm` as `step` says, restores it in a new process and checks it
+/// carries on. Returns the restored VM.
+fn stopped_save(
+    setup: &Setup,
+    mut vm: LinuxVm,
+    step: &SaveStep,
+    index: usize,
+    tally: &mut Tally,
+) -> Result<(LinuxVm, String), Failure> {
+    vm.heartbeats(2, BEAT_TIMEOUT)?;
+    let image = setup.work.join(format!("step{index}.img"));
+    let socket = setup.work.join(format!("step{index}.migrate"));
+    let _ = std::fs::remove_file(&socket);
+    let next_api = setup.work.join(format!("vm{index}.sock"));
+    let target = if step.over_socket {
+        format!("unix:{}", socket.display())
+    } else {
+        path_str(&image)
+    };
+
+    let mut restore = strings(&["restore"]);
+    let mut listener = None;
+    if step.over_socket {
+        let mut args = strings(&["restore", "--listen", &target, "--api", &path_str(&next_api)]);
+        args.extend(strings(step.restore));
+        let dest = LinuxVm::spawn(&args, next_api.clone());
+        // Not a probe connection: the destination takes the first one that
+        // comes as the migration.
+        let listening = dest.guest.wait_for_stderr(Duration::from_secs(60), |l| {
+            l.contains("waiting for a migration")
+        });
+        if !listening {
+            return Err(Failure::of(&dest, "the destination never listened"));
+        }
+        listener = Some(dest);
+    }
+
+    let mut save = strings(&["save", "--api", &path_str(&vm.api), "--to", &target]);
+    save.extend(strings(step.save));
+    let saved_at = Instant::now();
+    cryo_ok(&save, "cryo save")?;
+    let save_ms = saved_at.elapsed().as_millis();
+    let code = vm.wait_exit(EXIT_TIMEOUT)?;
+    if code != 0 {
+        return Err(Failure::of(&vm, format!("the saved VM exited {code}")));
+    }
+    let before = last_heartbeat(&vm.guest.output())
+        .ok_or_else(|| Failure::of(&vm, "no heartbeat before the save"))?;
+
+    let mut next = match listener {
+        Some(dest) => dest,
+        None => {
+            restore.extend(strings(&["--from", &path_str(&image), "--api", &path_str(&next_api)]));
+            restore.extend(strings(step.restore));
+            LinuxVm::spawn(&restore, next_api)
+        }
+    };
+    let detail = carries_on(
+        &mut next,
+        step.scenario,
+        before,
+        before.seq + 1..=before.seq + 2,
+        tally,
+    )?;
+    let _ = std::fs::remove_file(&image);
+    report::figure(&format!("{}_save_ms", step.scenario), save_ms, "ms");
+    Ok((next, format!("saved in {save_ms} ms; {detail}")))
+}
+
+/// A live snapshot while the workload runs; the source goes on, is
+/// stopped, and the snapshot is restored: the guest comes back at the
+/// moment the snapshot began.
+fn live_snapshot(setup: &Setup, mut vm: LinuxVm, tally: &mut Tally) -> Result<String, Failure> {
+    vm.heartbeats(2, BEAT_TIMEOUT)?;
+    let image = setup.work.join("snapshot.img");
+    let start = vm
+        .last
+        .ok_or_else(|| Failure::of(&vm, "no heartbeat before the snapshot"))?;
+    cryo_ok(
+        &strings(&["snapshot", "--api", &path_str(&vm.api), "--to", &path_str(&image)]),
+        "cryo snapshot",
+    )?;
+    // The source keeps running through and after the snapshot.
+    let after = vm.heartbeats(BEATS, BEAT_TIMEOUT)?;
+    let went_on_to = after[after.len() - 1].seq;
+    cryo_ok(&strings(&["quit", "--api", &path_str(&vm.api)]), "cryo quit")?;
+    vm.wait_exit(EXIT_TIMEOUT)?;
+
+    let api = setup.work.join("vm-snap.sock");
+    let mut restored = LinuxVm::spawn(
+        &strings(&[
+            "restore",
+            "--from",
+            &path_str(&image),
+            "--api",
+            &path_str(&api),
+        ]),
+        api,
+    );
+    // The image holds the guest as it was when the snapshot began: after
+    // `start` (the last heartbeat before the command) and before the
+    // source's later heartbeats.
+    let detail = carries_on(
+        &mut restored,
+        names::LIVE_SNAPSHOT,
+        start,
+        start.seq + 1..=went_on_to,
+        tally,
+    )?;
+    cryo_ok(&strings(&["quit", "--api", &path_str(&restored.api)]), "cryo quit")?;
+    restored.wait_exit(EXIT_TIMEOUT)?;
+    let _ = std::fs::remove_file(&image);
+    Ok(format!(
+        "source ran on to heartbeat {went_on_to}; restored snapshot: {detail}"
+    ))
+}

@@ -1,0 +1,110 @@
+//! The Linux tier as tests: one test per scenario (see
+//! `cryo_linux_tier::scenarios`). The tier runs once, on first use, for all
+//! of them: directly on hardware KVM, nested under QEMU TCG on PVM hosts.
+
+use std::sync::OnceLock;
+
+use cryo_linux_tier::scenarios::names;
+use cryo_linux_tier::{run_tier, Mode, TierRun};
+
+fn tier() -> &'static Result<TierRun, String> {
+    static TIER: OnceLock<Result<TierRun, String>> = OnceLock::new();
+    TIER.get_or_init(|| {
+        let run = run_tier().map_err(|e| e.to_string())?;
+        let mode = match run.mode {
+            Mode::Direct => "directly on hardware KVM",
+            Mode::Nested => "nested: QEMU TCG with kvm-amd, on a PVM host",
+        };
+        println!(
+            "linux tier: ran {mode} in {:.0} s",
+            run.wall.as_secs_f64()
+        );
+        for (name, value) in &run.report.figures {
+            println!("linux tier: {name} = {value}");
+        }
+        Ok(run)
+    })
+}
+
+fn check(scenario: &str) {
+    let run = match tier() {
+        Ok(run) => run,
+        Err(e) => panic!("the Linux tier did not run: {e}"),
+    };
+    let Some(outcome) = run.report.results.get(scenario) else {
+        let tail = &run.transcript[run.transcript.len().saturating_sub(60)..];
+        panic!(
+            "the Linux tier reported nothing for {scenario} (driver finished: {}); last lines:\n{}",
+            run.report.done,
+            tail.join("\n")
+        );
+    };
+    let log = run
+        .report
+        .logs
+        .get(scenario)
+        .map(|l| l.join("\n"))
+        .unwrap_or_default();
+    assert!(outcome.passed, "{scenario}: {}\n{log}", outcome.detail);
+    println!("{scenario}: {}", outcome.detail);
+}
+
+#[test]
+fn linux_boots_to_user_space_with_one_vcpu() {
+    check(names::BOOT_1VCPU);
+}
+
+#[test]
+fn linux_boots_to_user_space_with_two_vcpus() {
+    check(names::BOOT_2VCPUS);
+}
+
+#[test]
+fn linux_boot_log_has_only_expected_warnings() {
+    check(names::BOOT_LOG);
+}
+
+#[test]
+fn linux_shell_answers_on_the_console() {
+    check(names::CONSOLE_SHELL);
+}
+
+#[test]
+fn linux_survives_managed_save() {
+    check(names::MANAGED_SAVE);
+}
+
+#[test]
+fn linux_survives_stream_save() {
+    check(names::SAVE_STREAM);
+}
+
+#[test]
+fn linux_survives_fixed_ram_eager_restore() {
+    check(names::SAVE_FIXED_EAGER);
+}
+
+#[test]
+fn linux_survives_fixed_ram_lazy_restore() {
+    check(names::SAVE_FIXED_LAZY);
+}
+
+#[test]
+fn linux_survives_multifd_save() {
+    check(names::SAVE_MULTIFD);
+}
+
+#[test]
+fn linux_survives_unix_socket_migration() {
+    check(names::MIGRATE_UNIX);
+}
+
+#[test]
+fn linux_survives_live_snapshot() {
+    check(names::LIVE_SNAPSHOT);
+}
+
+#[test]
+fn linux_clocks_and_timers_hold_across_restores() {
+    check(names::TIMEKEEPING);
+}
