@@ -17,6 +17,7 @@ done
 if [ -c /dev/kvm ]; then
     echo "LINUX-TIER NESTED kvm ready uptime=$(cut -d' ' -f1 /proc/uptime)"
     /bin/cryo-linux-driver --nested --cryo /bin/cryo --kernel /guest/vmlinux \
+        --bzimage /guest/bzImage \
         --initrd /guest/initramfs.cpio --work /tmp/tier
     echo "LINUX-TIER NESTED driver exited $?"
 else

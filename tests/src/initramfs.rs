@@ -1,5 +1,5 @@
-//! Guest artefacts for full-Linux boot tests: a tiny initramfs whose `/init`
-//! prints `CRYO-INIT-OK cpus=<N>` and reboots, and the Debian cloud kernel
+//! Guest artefacts for Linux boot tests: initramfs archives ([`CpioArchive`],
+//! used by the Linux tier in `tests/linux-tier`), and the Debian cloud kernel
 //! fetched (and cached) by `resources/fetch-kernel.sh`.
 
 use std::fs;
@@ -20,15 +20,6 @@ const NEWC_HEADER_LEN: usize = 110;
 const NEWC_MAGIC: &[u8; 6] = b"070701";
 /// Name of the entry that ends a cpio archive.
 const TRAILER: &str = "TRAILER!!!";
-
-/// The marker line `/init` prints (followed by ` cpus=<N>`).
-pub const INIT_MARKER: &str = "CRYO-INIT-OK";
-
-/// Path of the C source of the initramfs `/init`
-/// (`resources/initramfs/init.c` at the workspace root).
-pub fn init_source() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/initramfs/init.c")
-}
 
 /// Path of the script that fetches the Debian cloud kernel
 /// (`resources/fetch-kernel.sh` at the workspace root).
@@ -149,7 +140,10 @@ impl CpioArchive {
     /// A host file copied in with `perm` permission bits.
     pub fn host_file(&mut self, path: &str, perm: u32, host: &Path) -> io::Result<&mut Self> {
         let data = fs::read(host).map_err(|e| {
-            io::Error::new(e.kind(), format!("cpio: cannot read {}: {e}", host.display()))
+            io::Error::new(
+                e.kind(),
+                format!("cpio: cannot read {}: {e}", host.display()),
+            )
         })?;
         self.file(path, perm, &data)
     }
@@ -177,51 +171,6 @@ impl CpioArchive {
         write_newc_entry(&mut self.bytes, 0, &trailer)?;
         Ok(self.bytes)
     }
-}
-
-/// Compiles `resources/initramfs/init.c` with `gcc -static -Os` into
-/// `<work_dir>/init` and packs it into an uncompressed `newc` cpio archive
-/// `<work_dir>/initramfs.cpio` holding `/init` (mode 0755), `/dev` and the
-/// `/dev/console` character device (5, 1). Returns the archive's path.
-///
-/// The guest's `/init` prints `CRYO-INIT-OK cpus=<N>` to the console, then
-/// syncs and reboots (boot the kernel with `reboot=k` so that the reset goes
-/// through the i8042 keyboard controller).
-pub fn build_initramfs(work_dir: &Path) -> io::Result<PathBuf> {
-    fs::create_dir_all(work_dir)?;
-    let source = init_source();
-    if !source.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("initramfs source not found: {}", source.display()),
-        ));
-    }
-    let init_bin = work_dir.join("init");
-    let output = Command::new("gcc")
-        .args(["-static", "-Os", "-o"])
-        .arg(&init_bin)
-        .arg(&source)
-        .output()
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot run gcc: {e}")))?;
-    if !output.status.success() {
-        return Err(io::Error::other(format!(
-            "gcc -static -Os {} failed ({}): {}",
-            source.display(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    let init_data = fs::read(&init_bin)?;
-
-    let mut archive = CpioArchive::new();
-    archive
-        .dir("dev")?
-        .char_device("dev/console", 5, 1)?
-        .file("init", 0o755, &init_data)?;
-    let archive = archive.finish()?;
-    let cpio_path = work_dir.join("initramfs.cpio");
-    fs::write(&cpio_path, &archive)?;
-    Ok(cpio_path)
 }
 
 /// Directory where `resources/fetch-kernel.sh` caches the Debian cloud kernel:
@@ -329,35 +278,21 @@ mod tests {
         }
     }
 
-    fn scratch_dir(tag: &str) -> PathBuf {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        std::env::temp_dir().join(format!("cryo-{tag}-{}-{nanos}", std::process::id()))
-    }
-
     #[test]
     fn newc_roundtrip_and_padding() {
         // Names and data of every length mod 4 exercise the padding.
-        let entries: Vec<CpioEntry<'_>> = ["a", "ab", "abc", "abcd"]
-            .iter()
-            .map(|n| CpioEntry {
-                name: n,
-                mode: S_IFREG | 0o644,
-                rdev_major: 0,
-                rdev_minor: 0,
-                data: n.as_bytes(),
-            })
-            .collect();
-        let mut buf = Vec::new();
-        write_newc(&mut buf, &entries).expect("write to Vec");
+        let names = ["a", "ab", "abc", "abcd"];
+        let mut archive = CpioArchive::new();
+        for n in names {
+            archive.file(n, 0o644, n.as_bytes()).expect("add");
+        }
+        let buf = archive.finish().expect("finish");
         assert_eq!(buf.len() % 4, 0);
         let parsed = parse_newc(&buf);
         assert_eq!(parsed.len(), 5);
-        for (p, e) in parsed.iter().zip(entries.iter()) {
-            assert_eq!(p.name, e.name);
-            assert_eq!(p.data, e.data);
+        for (p, n) in parsed.iter().zip(names) {
+            assert_eq!(p.name, n);
+            assert_eq!(p.data, n.as_bytes());
             assert_eq!(p.mode, S_IFREG | 0o644);
         }
         assert_eq!(parsed[4].name, TRAILER);
@@ -365,50 +300,22 @@ mod tests {
     }
 
     #[test]
-    fn build_initramfs_structure() {
-        let gcc_ok = Command::new("gcc")
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success());
-        if !matches!(gcc_ok, Ok(true)) {
-            eprintln!("skipping: gcc not available");
-            return;
-        }
-        let dir = scratch_dir("initramfs-test");
-        let cpio = build_initramfs(&dir).expect("build_initramfs");
-        let buf = fs::read(&cpio).expect("read cpio");
-        let parsed = parse_newc(&buf);
-        let _ = fs::remove_dir_all(&dir);
-
+    fn archive_holds_dirs_devices_and_files() {
+        let mut archive = CpioArchive::new();
+        archive
+            .dir("dev")
+            .and_then(|a| a.char_device("dev/console", 5, 1))
+            .and_then(|a| a.file("init", 0o755, b"#!/bin/sh\n"))
+            .expect("add");
+        let parsed = parse_newc(&archive.finish().expect("finish"));
         let names: Vec<&str> = parsed.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["dev", "dev/console", "init", TRAILER]);
-
-        let dev = &parsed[0];
-        assert_eq!(dev.mode, 0o040755);
-        assert_eq!(dev.nlink, 2);
-
-        let console = &parsed[1];
-        assert_eq!(console.mode, 0o020600);
-        assert_eq!(console.rdev, (5, 1));
-        assert!(console.data.is_empty());
-
-        let init = &parsed[2];
-        assert_eq!(init.mode, 0o100755);
-        // A static x86_64 ELF executable (ET_EXEC or ET_DYN for static-pie).
-        assert_eq!(&init.data[..4], b"\x7fELF");
-        assert_eq!(init.data[4], 2, "ELFCLASS64");
-        assert_eq!(u16::from_le_bytes([init.data[18], init.data[19]]), 0x3e);
-        // Static: no PT_INTERP program header.
-        let d = &init.data;
-        let le64 = |o: usize| u64::from_le_bytes(d[o..o + 8].try_into().expect("8 bytes"));
-        let le16 = |o: usize| u16::from_le_bytes([d[o], d[o + 1]]) as usize;
-        let (phoff, phentsize, phnum) = (le64(32) as usize, le16(54), le16(56));
-        let has_interp = (0..phnum).any(|i| {
-            let o = phoff + i * phentsize;
-            u32::from_le_bytes(d[o..o + 4].try_into().expect("4 bytes")) == 3
-        });
-        assert!(!has_interp, "init has PT_INTERP: not static");
-
+        assert_eq!(parsed[0].mode, 0o040755);
+        assert_eq!(parsed[0].nlink, 2);
+        assert_eq!(parsed[1].mode, 0o020600);
+        assert_eq!(parsed[1].rdev, (5, 1));
+        assert!(parsed[1].data.is_empty());
+        assert_eq!(parsed[2].mode, 0o100755);
         let inos: Vec<u32> = parsed[..3].iter().map(|p| p.ino).collect();
         assert_eq!(inos, [1, 2, 3]);
     }

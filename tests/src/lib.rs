@@ -67,11 +67,6 @@ pub fn host_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
-/// Whether slow tests were asked for (`CRYO_SLOW_TESTS=1`).
-pub fn slow_tests_enabled() -> bool {
-    std::env::var("CRYO_SLOW_TESTS").is_ok_and(|v| v == "1")
-}
-
 /// A `cryo` process whose stdout (the guest's serial console) is read line by line.
 pub struct Guest {
     child: Child,
@@ -266,7 +261,9 @@ impl Guest {
         use std::io::Write;
         match self.stdin.as_mut() {
             Some(stdin) => stdin.write_all(text.as_bytes()).and_then(|_| stdin.flush()),
-            None => Err(std::io::Error::other("this guest was started without a stdin pipe")),
+            None => Err(std::io::Error::other(
+                "this guest was started without a stdin pipe",
+            )),
         }
     }
 

@@ -53,9 +53,7 @@ fn parse_args() -> Result<Options, String> {
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value"))?;
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let bad = |e: std::num::ParseIntError| format!("{flag} {value}: {e}");
         match flag.as_str() {
             "--workers" => o.workers = value.parse().map_err(bad)?,
@@ -170,7 +168,11 @@ impl Files {
         if seq > 1 {
             let text = fs::read_to_string(&last).map_err(|e| format!("read last: {e}"))?;
             if text.trim() != (seq - 1).to_string() {
-                return Err(format!("last holds {:?}, expected {}", text.trim(), seq - 1));
+                return Err(format!(
+                    "last holds {:?}, expected {}",
+                    text.trim(),
+                    seq - 1
+                ));
             }
             let len = self.log.metadata().map_err(|e| e.to_string())?.len();
             if len != (seq - 1) * LOG_RECORD as u64 {
@@ -297,7 +299,9 @@ fn run_parent(o: &Options) -> ExitCode {
                 match child.try_wait() {
                     Ok(None) => alive += 1,
                     Ok(Some(status)) => {
-                        say(format!("MISMATCH what=worker-exited worker={k} status={status}"));
+                        say(format!(
+                            "MISMATCH what=worker-exited worker={k} status={status}"
+                        ));
                         *slot = None;
                     }
                     Err(e) => say(format!("MISMATCH what=worker-wait worker={k} error={e}")),

@@ -44,13 +44,30 @@ pub fn static_binaries() -> Result<StaticBinaries, TierError> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(&root)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static -C strip=debuginfo")
+        .env(
+            "RUSTFLAGS",
+            "-C target-feature=+crt-static -C strip=debuginfo",
+        )
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .args(["build", "--quiet", "--release", "--target", TARGET])
         .arg("--target-dir")
         .arg(&target_dir)
-        .args(["-p", "cryo", "-p", "cryo-linux-tier", "-p", "cryo-linux-guest"])
-        .args(["--bin", "cryo", "--bin", "cryo-linux-driver", "--bin", "cryo-workload"])
+        .args([
+            "-p",
+            "cryo",
+            "-p",
+            "cryo-linux-tier",
+            "-p",
+            "cryo-linux-guest",
+        ])
+        .args([
+            "--bin",
+            "cryo",
+            "--bin",
+            "cryo-linux-driver",
+            "--bin",
+            "cryo-workload",
+        ])
         .status()
         .map_err(|e| TierError::Build(format!("cannot run cargo: {e}")))?;
     if !status.success() {
@@ -66,11 +83,23 @@ pub fn static_binaries() -> Result<StaticBinaries, TierError> {
     })
 }
 
-/// The guest kernel: the Debian cloud kernel's ELF vmlinux.
-pub fn guest_kernel() -> Result<PathBuf, TierError> {
+/// The guest kernel: the Debian cloud kernel, as fetched by
+/// `resources/fetch-kernel.sh`.
+pub struct GuestKernel {
+    /// Its ELF vmlinux.
+    pub vmlinux: PathBuf,
+    /// Its bzImage.
+    pub bzimage: PathBuf,
+}
+
+/// Fetches (or finds cached) the guest kernel.
+pub fn guest_kernel() -> Result<GuestKernel, TierError> {
     let dir = fetch_debian_kernel()
         .map_err(|e| TierError::Missing(format!("the Debian cloud kernel: {e}")))?;
-    Ok(dir.join("debian-cloud-vmlinux"))
+    Ok(GuestKernel {
+        vmlinux: dir.join("debian-cloud-vmlinux"),
+        bzimage: dir.join("debian-cloud-bzImage"),
+    })
 }
 
 /// A static busybox (package `busybox-static`).
@@ -184,7 +213,10 @@ pub fn nested_host_kernel() -> Result<HostKernel, TierError> {
     };
     for (module, dest) in KVM_MODULES.iter().zip(&kernel.modules) {
         copy(
-            root.join("lib/modules").join(&version).join("kernel").join(module),
+            root.join("lib/modules")
+                .join(&version)
+                .join("kernel")
+                .join(module),
             dest,
         )?;
     }
@@ -202,7 +234,12 @@ pub fn nested_host_kernel() -> Result<HostKernel, TierError> {
 fn generic_kernel_package() -> Result<String, TierError> {
     let resolve = || -> Option<String> {
         let out = Command::new("apt-cache")
-            .args(["depends", "--no-recommends", "--no-suggests", GENERIC_KERNEL_META])
+            .args([
+                "depends",
+                "--no-recommends",
+                "--no-suggests",
+                GENERIC_KERNEL_META,
+            ])
             .output()
             .ok()?;
         String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
@@ -213,7 +250,10 @@ fn generic_kernel_package() -> Result<String, TierError> {
     if let Some(p) = resolve() {
         return Ok(p);
     }
-    run(Command::new("apt-get").args(["update", "-q"]), "apt-get update")?;
+    run(
+        Command::new("apt-get").args(["update", "-q"]),
+        "apt-get update",
+    )?;
     resolve().ok_or_else(|| {
         TierError::Missing(format!(
             "apt cannot resolve {GENERIC_KERNEL_META} to a kernel package (Debian main in apt sources?)"

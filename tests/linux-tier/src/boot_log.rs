@@ -95,7 +95,7 @@ fn has_word(lower: &str, word: &str) -> bool {
     lower.match_indices(word).any(|(at, _)| {
         let before = lower[..at].chars().next_back();
         let after = lower[at + word.len()..].chars().next();
-        !is_letter(before) && !(whole && is_letter(after))
+        !(is_letter(before) || whole && is_letter(after))
     })
 }
 

@@ -177,7 +177,10 @@ impl LinuxVm {
     /// Types a shell command and waits for a console line containing `expect`.
     pub fn shell(&mut self, command: &str, expect: &str, timeout: Duration) -> Result<(), Failure> {
         if let Err(e) = self.guest.send(&format!("{command}\n")) {
-            return Err(Failure::of(self, format!("cannot type into the console: {e}")));
+            return Err(Failure::of(
+                self,
+                format!("cannot type into the console: {e}"),
+            ));
         }
         // The echo of the command itself contains the command text, not the
         // expected output (the test asks for computed output).
@@ -198,7 +201,10 @@ impl LinuxVm {
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32, Failure> {
         match self.guest.wait_exit(timeout) {
             Some(status) => Ok(status.code().unwrap_or(-1)),
-            None => Err(Failure::of(self, format!("cryo still running after {timeout:?}"))),
+            None => Err(Failure::of(
+                self,
+                format!("cryo still running after {timeout:?}"),
+            )),
         }
     }
 }

@@ -8,11 +8,13 @@ use std::path::{Path, PathBuf};
 use cryo_tests::initramfs::CpioArchive;
 use cryo_tests::workspace_root;
 
-use crate::artifacts::{HostKernel, StaticBinaries};
+use crate::artifacts::{GuestKernel, HostKernel, StaticBinaries};
 use crate::TierError;
 
 /// Where the nested machine's `/init` finds the guest's kernel.
 pub const NESTED_GUEST_KERNEL: &str = "guest/vmlinux";
+/// Where the nested machine's `/init` finds the guest's kernel as a bzImage.
+pub const NESTED_GUEST_BZIMAGE: &str = "guest/bzImage";
 /// Where the nested machine's `/init` finds the guest's initramfs.
 pub const NESTED_GUEST_INITRD: &str = "guest/initramfs.cpio";
 
@@ -40,7 +42,10 @@ pub fn guest_initramfs(
     skeleton(&mut a)
         .and_then(|()| a.host_file("init", 0o755, &init).map(|_| ()))
         .and_then(|()| a.host_file("bin/busybox", 0o755, busybox).map(|_| ()))
-        .and_then(|()| a.host_file("bin/cryo-workload", 0o755, &bins.workload).map(|_| ()))
+        .and_then(|()| {
+            a.host_file("bin/cryo-workload", 0o755, &bins.workload)
+                .map(|_| ())
+        })
         .map_err(io(&path))?;
     fs::write(&path, a.finish().map_err(io(&path))?).map_err(io(&path))?;
     Ok(path)
@@ -52,7 +57,7 @@ pub fn nested_initramfs(
     busybox: &Path,
     bins: &StaticBinaries,
     host_kernel: &HostKernel,
-    guest_kernel: &Path,
+    guest_kernel: &GuestKernel,
     guest_initrd: &Path,
 ) -> Result<PathBuf, TierError> {
     let init = workspace_root().join("tests/linux-tier/nested-init.sh");
@@ -70,7 +75,8 @@ pub fn nested_initramfs(
             // The number keeps the load order that nested-init.sh follows.
             a.host_file(&format!("modules/{i}-{name}"), 0o644, module)?;
         }
-        a.host_file(NESTED_GUEST_KERNEL, 0o644, guest_kernel)?;
+        a.host_file(NESTED_GUEST_KERNEL, 0o644, &guest_kernel.vmlinux)?;
+        a.host_file(NESTED_GUEST_BZIMAGE, 0o644, &guest_kernel.bzimage)?;
         a.host_file(NESTED_GUEST_INITRD, 0o644, guest_initrd)?;
         Ok(())
     };

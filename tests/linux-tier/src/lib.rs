@@ -216,7 +216,7 @@ fn collect_lines(mut cmd: Command, timeout: Duration) -> Result<Vec<String>, Tie
 
 fn run_direct(
     bins: &artifacts::StaticBinaries,
-    kernel: &Path,
+    kernel: &artifacts::GuestKernel,
     initrd: &Path,
     work: &Path,
 ) -> Result<Vec<String>, TierError> {
@@ -224,7 +224,9 @@ fn run_direct(
     cmd.arg("--cryo")
         .arg(&bins.cryo)
         .arg("--kernel")
-        .arg(kernel)
+        .arg(&kernel.vmlinux)
+        .arg("--bzimage")
+        .arg(&kernel.bzimage)
         .arg("--initrd")
         .arg(initrd)
         .arg("--work")
@@ -242,16 +244,18 @@ fn nested_cmdline() -> &'static str {
 
 fn run_nested(qemu: &Path, vmlinuz: &Path, initrd: &Path) -> Result<Vec<String>, TierError> {
     let mut cmd = Command::new(qemu);
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", NESTED_MEM])
-        .arg("-kernel")
-        .arg(vmlinuz)
-        .arg("-initrd")
-        .arg(initrd)
-        // Quiet: the nested machine's own kernel messages are noise here;
-        // the guests' consoles come through the driver. CRYO_LINUX_TIER_VERBOSE=1
-        // shows them, to debug the nested machine itself.
-        .args(["-append", nested_cmdline()])
-        .args(["-display", "none", "-nodefaults", "-serial", "stdio"])
-        .args(["-no-reboot", "-monitor", "none"]);
+    cmd.args([
+        "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", NESTED_MEM,
+    ])
+    .arg("-kernel")
+    .arg(vmlinuz)
+    .arg("-initrd")
+    .arg(initrd)
+    // Quiet: the nested machine's own kernel messages are noise here;
+    // the guests' consoles come through the driver. CRYO_LINUX_TIER_VERBOSE=1
+    // shows them, to debug the nested machine itself.
+    .args(["-append", nested_cmdline()])
+    .args(["-display", "none", "-nodefaults", "-serial", "stdio"])
+    .args(["-no-reboot", "-monitor", "none"]);
     collect_lines(cmd, NESTED_TIMEOUT)
 }

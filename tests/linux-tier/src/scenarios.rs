@@ -32,6 +32,8 @@ pub mod names {
     pub const BOOT_1VCPU: &str = "boot-1vcpu";
     /// Boot with two vCPUs to the workload.
     pub const BOOT_2VCPUS: &str = "boot-2vcpus";
+    /// Boot the compressed bzImage (not the ELF vmlinux) to the workload.
+    pub const BOOT_BZIMAGE: &str = "boot-bzimage";
     /// No unexpected warning in the boot log.
     pub const BOOT_LOG: &str = "boot-log";
     /// A busybox shell driven through cryo's stdin.
@@ -61,6 +63,7 @@ pub const ALL: &[&str] = &[
     names::MANAGED_SAVE,
     names::BOOT_2VCPUS,
     names::BOOT_LOG,
+    names::BOOT_BZIMAGE,
     names::SAVE_STREAM,
     names::SAVE_FIXED_EAGER,
     names::SAVE_FIXED_LAZY,
@@ -87,6 +90,8 @@ const CLOCK_SKEW_MS: i128 = 1000;
 pub struct Setup {
     /// The Debian cloud kernel (ELF vmlinux).
     pub kernel: PathBuf,
+    /// The same kernel as a bzImage.
+    pub bzimage: PathBuf,
     /// cryo's Linux guest initramfs.
     pub initrd: PathBuf,
     /// Where images, sockets and state directories go.
@@ -150,6 +155,8 @@ pub fn run_all(setup: &Setup) -> usize {
     };
     single_vcpu_guest(setup, &mut tally);
     two_vcpu_chain(setup, &mut tally);
+    let bzimage = bzimage_boot(setup);
+    tally.outcome(names::BOOT_BZIMAGE, bzimage);
     report_clocks(&mut tally);
     tally.failed
 }
@@ -163,12 +170,21 @@ fn path_str(p: &Path) -> String {
 }
 
 fn run_args(setup: &Setup, vcpus: u32, extra: &[String]) -> Vec<String> {
+    run_kernel_args(&setup.kernel, setup, vcpus, extra)
+}
+
+fn run_kernel_args(kernel: &Path, setup: &Setup, vcpus: u32, extra: &[String]) -> Vec<String> {
     let mut args = strings(&["run", "--kernel"]);
-    args.push(path_str(&setup.kernel));
+    args.push(path_str(kernel));
     args.extend(strings(&["--initrd"]));
     args.push(path_str(&setup.initrd));
     args.extend(strings(&["--mem-mib", &MEM_MIB.to_string()]));
-    args.extend(strings(&["--vcpus", &vcpus.to_string(), "--cmdline", CMDLINE]));
+    args.extend(strings(&[
+        "--vcpus",
+        &vcpus.to_string(),
+        "--cmdline",
+        CMDLINE,
+    ]));
     args.extend(extra.iter().cloned());
     args
 }
@@ -270,7 +286,10 @@ fn clock_record(step: &'static str, before: Heartbeat, after: Heartbeat) -> Cloc
 
 fn report_clocks(tally: &mut Tally) {
     if tally.clocks.is_empty() {
-        tally.not_run(&[names::TIMEKEEPING], "no restore got as far as a heartbeat");
+        tally.not_run(
+            &[names::TIMEKEEPING],
+            "no restore got as far as a heartbeat",
+        );
         return;
     }
     let summary: Vec<String> = tally
@@ -307,7 +326,10 @@ fn single_vcpu_guest(setup: &Setup, tally: &mut Tally) {
     let by_name = strings(&["--name", name, "--state-dir", &path_str(&state)]);
     let mut vm = LinuxVm::spawn(&run_args(setup, 1, &by_name), api.clone());
     if !tally.outcome(names::BOOT_1VCPU, boot(&mut vm, 1, "boot_to_init_1vcpu")) {
-        tally.not_run(&[names::CONSOLE_SHELL, names::MANAGED_SAVE], "the boot failed");
+        tally.not_run(
+            &[names::CONSOLE_SHELL, names::MANAGED_SAVE],
+            "the boot failed",
+        );
         return;
     }
     if let Err(f) = vm.shell("echo SHELL-$((6*7))", "SHELL-42", BEAT_TIMEOUT) {
@@ -330,6 +352,27 @@ fn single_vcpu_guest(setup: &Setup, tally: &mut Tally) {
             tally.fail(names::MANAGED_SAVE, &f);
             tally.not_run(&[names::CONSOLE_SHELL], "the managed save failed");
         }
+    }
+}
+
+/// Boots the bzImage (the kernel's own decompressor runs first), then ends
+/// the guest from its shell.
+fn bzimage_boot(setup: &Setup) -> Result<String, Failure> {
+    let api = setup.work.join("bzimage.sock");
+    let args = run_kernel_args(
+        &setup.bzimage,
+        setup,
+        1,
+        &strings(&["--api", &path_str(&api)]),
+    );
+    let mut vm = LinuxVm::spawn(&args, api);
+    let detail = boot(&mut vm, 1, "boot_to_init_bzimage")?;
+    vm.guest
+        .send("reboot -f\n")
+        .map_err(|e| Failure::of(&vm, format!("cannot type reboot: {e}")))?;
+    match vm.wait_exit(EXIT_TIMEOUT)? {
+        0 => Ok(format!("{detail}; `reboot -f` ended cryo with 0")),
+        code => Err(Failure::of(&vm, format!("reboot ended cryo with {code}"))),
     }
 }
 
@@ -377,7 +420,10 @@ fn managed_save_and_back(
             }
         });
     Ok((
-        format!("`cryo run --name` restored it: {detail}; {}", clock_note(&tally)),
+        format!(
+            "`cryo run --name` restored it: {detail}; {}",
+            clock_note(&tally)
+        ),
         shell_after,
     ))
 }
@@ -513,7 +559,13 @@ fn stopped_save(
     let mut restore = strings(&["restore"]);
     let mut listener = None;
     if step.over_socket {
-        let mut args = strings(&["restore", "--listen", &target, "--api", &path_str(&next_api)]);
+        let mut args = strings(&[
+            "restore",
+            "--listen",
+            &target,
+            "--api",
+            &path_str(&next_api),
+        ]);
         args.extend(strings(step.restore));
         let dest = LinuxVm::spawn(&args, next_api.clone());
         // Not a probe connection: the destination takes the first one that
@@ -542,7 +594,12 @@ fn stopped_save(
     let mut next = match listener {
         Some(dest) => dest,
         None => {
-            restore.extend(strings(&["--from", &path_str(&image), "--api", &path_str(&next_api)]));
+            restore.extend(strings(&[
+                "--from",
+                &path_str(&image),
+                "--api",
+                &path_str(&next_api),
+            ]));
             restore.extend(strings(step.restore));
             LinuxVm::spawn(&restore, next_api)
         }
@@ -569,13 +626,22 @@ fn live_snapshot(setup: &Setup, mut vm: LinuxVm, tally: &mut Tally) -> Result<St
         .last
         .ok_or_else(|| Failure::of(&vm, "no heartbeat before the snapshot"))?;
     cryo_ok(
-        &strings(&["snapshot", "--api", &path_str(&vm.api), "--to", &path_str(&image)]),
+        &strings(&[
+            "snapshot",
+            "--api",
+            &path_str(&vm.api),
+            "--to",
+            &path_str(&image),
+        ]),
         "cryo snapshot",
     )?;
     // The source keeps running through and after the snapshot.
     let after = vm.heartbeats(BEATS, BEAT_TIMEOUT)?;
     let went_on_to = after[after.len() - 1].seq;
-    cryo_ok(&strings(&["quit", "--api", &path_str(&vm.api)]), "cryo quit")?;
+    cryo_ok(
+        &strings(&["quit", "--api", &path_str(&vm.api)]),
+        "cryo quit",
+    )?;
     vm.wait_exit(EXIT_TIMEOUT)?;
 
     let api = setup.work.join("vm-snap.sock");
@@ -599,7 +665,10 @@ fn live_snapshot(setup: &Setup, mut vm: LinuxVm, tally: &mut Tally) -> Result<St
         start.seq + 1..=went_on_to,
         tally,
     )?;
-    cryo_ok(&strings(&["quit", "--api", &path_str(&restored.api)]), "cryo quit")?;
+    cryo_ok(
+        &strings(&["quit", "--api", &path_str(&restored.api)]),
+        "cryo quit",
+    )?;
     restored.wait_exit(EXIT_TIMEOUT)?;
     let _ = std::fs::remove_file(&image);
     Ok(format!(

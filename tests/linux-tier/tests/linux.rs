@@ -15,10 +15,7 @@ fn tier() -> &'static Result<TierRun, String> {
             Mode::Direct => "directly on hardware KVM",
             Mode::Nested => "nested: QEMU TCG with kvm-amd, on a PVM host",
         };
-        println!(
-            "linux tier: ran {mode} in {:.0} s",
-            run.wall.as_secs_f64()
-        );
+        println!("linux tier: ran {mode} in {:.0} s", run.wall.as_secs_f64());
         for (name, value) in &run.report.figures {
             println!("linux tier: {name} = {value}");
         }
@@ -57,6 +54,11 @@ fn linux_boots_to_user_space_with_one_vcpu() {
 #[test]
 fn linux_boots_to_user_space_with_two_vcpus() {
     check(names::BOOT_2VCPUS);
+}
+
+#[test]
+fn linux_boots_from_a_bzimage() {
+    check(names::BOOT_BZIMAGE);
 }
 
 #[test]

@@ -9,6 +9,7 @@
 //! 8250 driver cannot get IRQ 4 (user-space console output never leaves the
 //! transmit queue) and `rtc_cmos` fails its probe with -EINVAL.
 
+use acpi_tables::aml::{Device, EISAName, Interrupt, Name, ResourceTemplate, IO};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
@@ -16,7 +17,6 @@ use acpi_tables::madt::{
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
-use acpi_tables::aml::{Device, EISAName, Interrupt, Name, ResourceTemplate, IO};
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 

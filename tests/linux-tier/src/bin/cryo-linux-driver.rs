@@ -5,7 +5,7 @@
 //! the program of the nested machine's `/init`. It is statically linked, so
 //! that the nested machine needs nothing but busybox.
 //!
-//! Usage: `cryo-linux-driver [--nested] --cryo PATH --kernel VMLINUX --initrd CPIO --work DIR`
+//! Usage: `cryo-linux-driver [--nested] --cryo PATH --kernel VMLINUX --bzimage BZIMAGE --initrd CPIO --work DIR`
 //! (`--nested`: running inside the tier's QEMU TCG machine).
 
 use std::path::PathBuf;
@@ -17,6 +17,7 @@ use cryo_linux_tier::scenarios::{run_all, Setup};
 fn main() -> ExitCode {
     let mut cryo = None;
     let mut kernel = None;
+    let mut bzimage = None;
     let mut initrd = None;
     let mut work = None;
     let mut nested = false;
@@ -30,16 +31,21 @@ fn main() -> ExitCode {
         match (flag.as_str(), value) {
             ("--cryo", Some(v)) => cryo = Some(v),
             ("--kernel", Some(v)) => kernel = Some(v),
+            ("--bzimage", Some(v)) => bzimage = Some(v),
             ("--initrd", Some(v)) => initrd = Some(v),
             ("--work", Some(v)) => work = Some(v),
             (other, _) => {
-                eprintln!("cryo-linux-driver: bad argument {other} (usage: --cryo PATH --kernel VMLINUX --initrd CPIO --work DIR)");
+                eprintln!("cryo-linux-driver: bad argument {other} (usage: --cryo PATH --kernel VMLINUX --bzimage BZIMAGE --initrd CPIO --work DIR)");
                 return ExitCode::from(2);
             }
         }
     }
-    let (Some(cryo), Some(kernel), Some(initrd), Some(work)) = (cryo, kernel, initrd, work) else {
-        eprintln!("cryo-linux-driver: --cryo, --kernel, --initrd and --work are all needed");
+    let (Some(cryo), Some(kernel), Some(bzimage), Some(initrd), Some(work)) =
+        (cryo, kernel, bzimage, initrd, work)
+    else {
+        eprintln!(
+            "cryo-linux-driver: --cryo, --kernel, --bzimage, --initrd and --work are all needed"
+        );
         return ExitCode::from(2);
     };
     if let Err(e) = std::fs::create_dir_all(&work) {
@@ -50,6 +56,7 @@ fn main() -> ExitCode {
     std::env::set_var("CRYO_BIN", &cryo);
     let failed = run_all(&Setup {
         kernel,
+        bzimage,
         initrd,
         work,
         nested,
