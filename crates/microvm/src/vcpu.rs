@@ -179,9 +179,36 @@ impl VcpuHandle {
         memory: GuestMemory,
         exit: Arc<ExitNotifier>,
     ) -> Result<Self, VcpuError> {
+        Self::spawn_with(index, fd, devices, memory, exit, false)
+    }
+
+    /// Like [`VcpuHandle::spawn`], but the thread pauses before it runs any
+    /// guest code (answering `Paused`) until it is resumed.
+    pub fn spawn_paused(
+        index: u8,
+        fd: VcpuFd,
+        devices: Arc<Mutex<PioDevices>>,
+        memory: GuestMemory,
+        exit: Arc<ExitNotifier>,
+    ) -> Result<Self, VcpuError> {
+        Self::spawn_with(index, fd, devices, memory, exit, true)
+    }
+
+    fn spawn_with(
+        index: u8,
+        fd: VcpuFd,
+        devices: Arc<Mutex<PioDevices>>,
+        memory: GuestMemory,
+        exit: Arc<ExitNotifier>,
+        paused: bool,
+    ) -> Result<Self, VcpuError> {
         install_kick_handler().map_err(VcpuError::Signal)?;
         let (req_tx, req_rx) = channel();
         let (resp_tx, resp_rx) = channel();
+        if paused {
+            // Queued before the thread exists: its first act is to pause.
+            let _ = req_tx.send(VcpuRequest::Pause);
+        }
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {

@@ -513,6 +513,31 @@ impl MicroVm {
         Ok(())
     }
 
+    /// Starts every vCPU thread paused: no guest code runs until
+    /// [`MicroVm::resume`] (a restore that waits for `cryo resume`).
+    pub fn start_paused(&mut self) -> Result<(), Error> {
+        if self.state != RunState::Created {
+            return Err(Error::State(format!(
+                "cannot start a VM that is {:?}",
+                self.state
+            )));
+        }
+        for (index, fd) in self.vcpu_fds.drain(..).enumerate() {
+            self.vcpus.push(VcpuHandle::spawn_paused(
+                index as u8,
+                fd,
+                Arc::clone(&self.devices),
+                self.memory.clone(),
+                Arc::clone(&self.exit),
+            )?);
+        }
+        for v in &self.vcpus {
+            v.wait_for(VcpuResponse::Paused)?;
+        }
+        self.state = RunState::Paused;
+        Ok(())
+    }
+
     /// Stops all vCPUs; when this returns, guest state no longer changes.
     pub fn pause(&mut self) -> Result<(), Error> {
         match self.state {
