@@ -253,7 +253,7 @@ fn elf_extent(path: &Path, file: &mut File) -> Result<(u64, u64, Vec<BssRange>),
 /// Zeroes each segment's `.bss`, as the ELF specification asks: guest
 /// memory is not always zero to begin with (a reused `--mem-file`).
 fn zero_bss(mem: &GuestMemory, path: &Path, bss: &[BssRange]) -> Result<(), LoadError> {
-    const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
     for &(start, len) in bss {
         let mut done = 0u64;
         while done < len {
