@@ -116,12 +116,21 @@ impl BlockSink for ImageSink<'_> {
 
 fn snap_err(path: &Path) -> impl Fn(SnapshotError) -> SaveError + '_ {
     move |e| match e {
-        SnapshotError::Unsupported { .. } | SnapshotError::UnsupportedMemory { .. } => {
-            SaveError::Invalid {
-                path: path.to_owned(),
-                reason: format!("live snapshot impossible: {e}"),
-            }
-        }
+        SnapshotError::Unsupported { .. } => SaveError::Invalid {
+            path: path.to_owned(),
+            reason: format!("live snapshot impossible: {e}"),
+        },
+        // Shared memory on tmpfs or hugetlbfs can be write-protected
+        // (UFFD_FEATURE_WP_HUGETLBFS_SHMEM, negotiated by bg-snapshot where
+        // the kernel has it); a --mem-file on a disk filesystem cannot.
+        SnapshotError::UnsupportedMemory { .. } => SaveError::Invalid {
+            path: path.to_owned(),
+            reason: format!(
+                "live snapshot impossible: {e}. A --mem-file can be snapshotted live only on \
+                 tmpfs (e.g. /dev/shm) or hugetlbfs, with Linux 5.19 or later; for this VM use \
+                 `cryo save --keep-running` (the VM pauses while it is written)"
+            ),
+        },
         other => SaveError::Image {
             path: path.to_owned(),
             reason: other.to_string(),
