@@ -213,7 +213,7 @@ impl ApiHandle {
     /// (bounded) until it has cleaned up and answered its client.
     pub fn shutdown(&self) {
         if let Some(c) = self.state.save_running() {
-            c.cancel();
+            c.cancel_for_vm_end();
         }
         self.state.cancel.cancel();
         let deadline = Instant::now() + SHUTDOWN_WAIT;

@@ -184,6 +184,8 @@ impl SaveError {
 #[derive(Clone, Default)]
 pub struct SaveControl {
     cancelled: Arc<AtomicBool>,
+    /// The VM is ending: its event loop no longer answers controller calls.
+    vm_ending: Arc<AtomicBool>,
     frozen: Option<VmController>,
 }
 
@@ -198,8 +200,20 @@ impl SaveControl {
     fn watching(&self, controller: &VmController) -> SaveControl {
         SaveControl {
             cancelled: Arc::clone(&self.cancelled),
+            vm_ending: Arc::clone(&self.vm_ending),
             frozen: Some(controller.clone()),
         }
+    }
+
+    /// The VM is ending (quit, signal): cancels the save, which must not
+    /// touch the VM any more.
+    pub fn cancel_for_vm_end(&self) {
+        self.vm_ending.store(true, Ordering::Release);
+        self.cancel();
+    }
+
+    fn vm_ending(&self) -> bool {
+        self.vm_ending.load(Ordering::Acquire)
     }
 
     /// Asks the save to stop at its next check and remove its file.
@@ -363,8 +377,10 @@ pub fn save_vm(
     let paused_ms = start.elapsed().as_secs_f64() * 1000.0;
     if was_running {
         if written.is_err() {
-            // Best effort: the VM may be ending (quit during the save).
-            let _ = controller.resume();
+            if !control.vm_ending() {
+                // Best effort: a failed or cancelled save leaves the VM running.
+                let _ = controller.resume();
+            }
         } else if keep_running {
             controller.resume()?;
         }
