@@ -171,30 +171,10 @@ pub struct VcpuHandle {
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl VcpuHandle {
-    /// Starts a thread running `fd` as vCPU `index`.
+    /// Starts a thread running `fd` as vCPU `index`; with `paused`, the
+    /// thread pauses before it runs any guest code (answering `Paused`)
+    /// until it is resumed.
     pub fn spawn(
-        index: u8,
-        fd: VcpuFd,
-        devices: Arc<Mutex<PioDevices>>,
-        memory: GuestMemory,
-        exit: Arc<ExitNotifier>,
-    ) -> Result<Self, VcpuError> {
-        Self::spawn_with(index, fd, devices, memory, exit, false)
-    }
-
-    /// Like [`VcpuHandle::spawn`], but the thread pauses before it runs any
-    /// guest code (answering `Paused`) until it is resumed.
-    pub fn spawn_paused(
-        index: u8,
-        fd: VcpuFd,
-        devices: Arc<Mutex<PioDevices>>,
-        memory: GuestMemory,
-        exit: Arc<ExitNotifier>,
-    ) -> Result<Self, VcpuError> {
-        Self::spawn_with(index, fd, devices, memory, exit, true)
-    }
-
-    fn spawn_with(
         index: u8,
         fd: VcpuFd,
         devices: Arc<Mutex<PioDevices>>,

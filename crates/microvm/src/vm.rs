@@ -494,6 +494,16 @@ impl MicroVm {
 
     /// Starts every vCPU thread.
     pub fn start(&mut self) -> Result<(), Error> {
+        self.start_vcpus(false)
+    }
+
+    /// Starts every vCPU thread paused: no guest code runs until
+    /// [`MicroVm::resume`] (a restore that waits for `cryo resume`).
+    pub fn start_paused(&mut self) -> Result<(), Error> {
+        self.start_vcpus(true)
+    }
+
+    fn start_vcpus(&mut self, paused: bool) -> Result<(), Error> {
         if self.state != RunState::Created {
             return Err(Error::State(format!(
                 "cannot start a VM that is {:?}",
@@ -507,34 +517,19 @@ impl MicroVm {
                 Arc::clone(&self.devices),
                 self.memory.clone(),
                 Arc::clone(&self.exit),
+                paused,
             )?);
         }
-        self.state = RunState::Running;
-        Ok(())
-    }
-
-    /// Starts every vCPU thread paused: no guest code runs until
-    /// [`MicroVm::resume`] (a restore that waits for `cryo resume`).
-    pub fn start_paused(&mut self) -> Result<(), Error> {
-        if self.state != RunState::Created {
-            return Err(Error::State(format!(
-                "cannot start a VM that is {:?}",
-                self.state
-            )));
+        if paused {
+            for v in &self.vcpus {
+                v.wait_for(VcpuResponse::Paused)?;
+            }
         }
-        for (index, fd) in self.vcpu_fds.drain(..).enumerate() {
-            self.vcpus.push(VcpuHandle::spawn_paused(
-                index as u8,
-                fd,
-                Arc::clone(&self.devices),
-                self.memory.clone(),
-                Arc::clone(&self.exit),
-            )?);
-        }
-        for v in &self.vcpus {
-            v.wait_for(VcpuResponse::Paused)?;
-        }
-        self.state = RunState::Paused;
+        self.state = if paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
         Ok(())
     }
 
