@@ -212,14 +212,17 @@ impl ApiHandle {
     /// The VM is ending: cancels a save or snapshot under way and waits
     /// (bounded) until it has cleaned up and answered its client.
     pub fn shutdown(&self) {
-        if let Some(c) = self.state.save_running() {
-            c.cancel_for_vm_end();
-        }
-        self.state.cancel.cancel();
         let deadline = Instant::now() + SHUTDOWN_WAIT;
-        while self.state.busy.load(Ordering::Acquire) && Instant::now() < deadline {
-            // A snapshot may arm its cancel handle only now.
+        loop {
+            // Again on every round: an operation that was just starting
+            // registers its cancel handle only a moment later.
+            if let Some(c) = self.state.save_running() {
+                c.cancel_for_vm_end();
+            }
             self.state.cancel.cancel();
+            if !self.state.busy.load(Ordering::Acquire) || Instant::now() >= deadline {
+                return;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -100,7 +100,12 @@ impl StopHandle {
 pub struct VmController {
     tx: Sender<ControlCall>,
     evt: Arc<EventFd>,
+    exit: Arc<ExitNotifier>,
 }
+
+/// How often a caller waiting on the event loop checks that the VM has not
+/// ended (an ended VM's loop runs no more calls).
+const CALL_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl VmController {
     /// Runs `f` on the VM's event-loop thread and returns its result, or an
@@ -116,8 +121,20 @@ impl VmController {
             }))
             .map_err(|_| Error::State("the VM has ended".into()))?;
         self.evt.write(1).map_err(Error::Io)?;
-        rx.recv()
-            .map_err(|_| Error::State("the VM has ended".into()))
+        let ended = || Error::State("the VM has ended".into());
+        loop {
+            match rx.recv_timeout(CALL_POLL) {
+                Ok(v) => return Ok(v),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    // The loop stops once an exit reason is recorded: a call
+                    // still queued then would wait forever.
+                    if self.exit.reason().is_some() {
+                        return Err(ended());
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(ended()),
+            }
+        }
     }
 
     /// Pauses every vCPU.
@@ -573,6 +590,7 @@ impl MicroVm {
         Ok(VmController {
             tx: self.control_tx.clone(),
             evt: Arc::new(self.control_evt.try_clone().map_err(Error::Io)?),
+            exit: Arc::clone(&self.exit),
         })
     }
 

@@ -328,6 +328,7 @@ pub fn save_vm(
         crate::files::check_save_target(path).map_err(|e| SaveError::BadRequest(e.0))?;
     }
     let control = opts.control.watching(controller);
+    control.check("save")?;
     if let Some(p) = progress {
         p.phase("pausing");
     }
