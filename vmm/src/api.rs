@@ -436,6 +436,19 @@ fn options_fit_target(
     }
 }
 
+/// Runs a stopped save with its control published: `cancel` can stop it,
+/// and `pause` and `resume` are refused while it holds the VM paused.
+fn run_save(
+    state: &ApiState,
+    target: &save::SaveTarget,
+    opts: &save::SaveOptions,
+) -> Result<save::SaveStats, save::SaveError> {
+    state.set_save(Some(opts.control.clone()));
+    let result = save::save_vm(&state.controller, target, opts);
+    state.set_save(None);
+    result
+}
+
 fn stop_after(c: &VmController) -> Option<AfterReply> {
     let c = c.clone();
     Some(Box::new(move || {
@@ -516,10 +529,14 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
             }
         }
         Request::Cancel { .. } => {
-            if let Some(control) = state.save_running() {
-                control.cancel();
-                (ok_reply(id, json!({"cancelled": true})), None)
-            } else if state.cancel.cancel() {
+            let cancelled = match state.save_running() {
+                Some(control) => {
+                    control.cancel();
+                    true
+                }
+                None => state.cancel.cancel(),
+            };
+            if cancelled {
                 (ok_reply(id, json!({"cancelled": true})), None)
             } else {
                 (
@@ -558,10 +575,7 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
                     progress: Some(p),
                     control: save::SaveControl::default(),
                 };
-                state.set_save(Some(opts.control.clone()));
-                let r = save::save_vm(c, &target, &opts);
-                state.set_save(None);
-                r
+                run_save(state, &target, &opts)
             });
             match run {
                 Err(busy) => (busy, None),
@@ -605,10 +619,7 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
                     progress: Some(p),
                     control: save::SaveControl::default(),
                 };
-                state.set_save(Some(opts.control.clone()));
-                let r = save::save_vm(c, &save::SaveTarget::File(managed.image.clone()), &opts);
-                state.set_save(None);
-                r
+                run_save(state, &save::SaveTarget::File(managed.image.clone()), &opts)
             });
             match run {
                 Err(busy) => (busy, None),

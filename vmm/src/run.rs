@@ -46,6 +46,26 @@ impl Drop for BoundApi {
     }
 }
 
+impl BoundApi {
+    /// Starts answering requests for `vm` on the bound socket.
+    fn serve(
+        &self,
+        vm: &MicroVm,
+        managed: Option<Managed>,
+    ) -> Result<crate::api::ApiHandle, CliError> {
+        let controller = vm.controller()?;
+        self.listener
+            .try_clone()
+            .and_then(|listener| crate::api::serve(listener, controller, managed))
+            .map_err(|e| {
+                CliError::failure(format!(
+                    "cannot serve the API on {}: {e}",
+                    self.path.display()
+                ))
+            })
+    }
+}
+
 fn bind_api(path: Option<&Path>) -> Result<Option<BoundApi>, CliError> {
     let Some(path) = path else {
         return Ok(None);
@@ -320,26 +340,7 @@ fn run_vm(
     managed: Option<Managed>,
     started: Instant,
 ) -> Result<(), CliError> {
-    let served = match &api {
-        Some(bound) => {
-            let controller = vm.controller()?;
-            let listener = bound.listener.try_clone().map_err(|e| {
-                CliError::failure(format!(
-                    "cannot serve the API on {}: {e}",
-                    bound.path.display()
-                ))
-            })?;
-            Some(
-                crate::api::serve(listener, controller, managed).map_err(|e| {
-                    CliError::failure(format!(
-                        "cannot serve the API on {}: {e}",
-                        bound.path.display()
-                    ))
-                })?,
-            )
-        }
-        None => None,
-    };
+    let served = api.as_ref().map(|b| b.serve(&vm, managed)).transpose()?;
     let signals = crate::signals::SignalWatcher::install(vm.stop_handle())
         .map_err(|e| CliError::failure(format!("cannot install signal handlers: {e}")))?;
     let reason = vm.run(vec![signals]);
