@@ -345,12 +345,17 @@ fn lazy_restore_warns_and_paused_restore_waits_for_resume() {
     paused.wait_exit(T);
 }
 
-/// Starts a slow save (one buffered channel) on its own connection.
-fn start_save(api: &Path, to: &Path) -> UnixStream {
+/// Starts a slow save (one buffered channel) in `format` on its own connection.
+fn start_save(api: &Path, to: &Path, format: &str) -> UnixStream {
     let mut s = UnixStream::connect(api).unwrap();
+    let direct_io = if format == "fixed-ram" {
+        r#","direct_io":"off""#
+    } else {
+        ""
+    };
     writeln!(
         s,
-        r#"{{"cmd":"save","path":"{}","channels":1,"direct_io":"off","keep_running":true}}"#,
+        r#"{{"cmd":"save","path":"{}","format":"{format}","channels":1{direct_io},"keep_running":true}}"#,
         to.display()
     )
     .unwrap();
@@ -363,22 +368,27 @@ fn a_save_in_progress_refuses_pause_and_resume_and_can_be_cancelled_or_ended() {
     let (mut g, api) = filled_guest("hard-busy", 2, 1024, 192);
     let file = dir.join("vm.img");
 
-    let client = start_save(&api, &file);
-    wait_for_phase(&api, "save", "writing");
-    for cmd in ["resume", "pause"] {
-        let r = ask(&api, &format!(r#"{{"cmd":"{cmd}"}}"#));
-        assert_eq!(r["error"]["kind"], "busy", "{cmd} during a save: {r}");
+    for format in ["fixed-ram", "stream"] {
+        let client = start_save(&api, &file, format);
+        wait_for_phase(&api, "save", "writing");
+        for cmd in ["resume", "pause"] {
+            let r = ask(&api, &format!(r#"{{"cmd":"{cmd}"}}"#));
+            assert_eq!(
+                r["error"]["kind"], "busy",
+                "{format}: {cmd} during a save: {r}"
+            );
+        }
+        let r = ask(&api, r#"{"cmd":"cancel"}"#);
+        assert_eq!(r["ok"], true, "{format}: {r}");
+        let reply = reply_of(client);
+        assert_eq!(reply["error"]["kind"], "cancelled", "{format}: {reply}");
+        assert!(entries(&dir).is_empty(), "{format}: {:?}", entries(&dir));
+        let st = ask(&api, r#"{"cmd":"status"}"#);
+        assert_eq!(st["result"]["state"], "running", "{format}: {st}");
     }
-    let r = ask(&api, r#"{"cmd":"cancel"}"#);
-    assert_eq!(r["ok"], true, "{r}");
-    let reply = reply_of(client);
-    assert_eq!(reply["error"]["kind"], "cancelled", "{reply}");
-    assert!(entries(&dir).is_empty(), "{:?}", entries(&dir));
-    let st = ask(&api, r#"{"cmd":"status"}"#);
-    assert_eq!(st["result"]["state"], "running", "{st}");
 
     // quit during a save: the save stops, removes its file and answers.
-    let client = start_save(&api, &file);
+    let client = start_save(&api, &file, "fixed-ram");
     wait_for_phase(&api, "save", "writing");
     assert_eq!(ask(&api, r#"{"cmd":"quit"}"#)["ok"], true);
     let reply = reply_of(client);
