@@ -40,7 +40,8 @@ pub enum Command {
     /// Take a live snapshot of a running VM (through its API socket): the VM
     /// at this instant, written while it keeps running.
     Snapshot(SnapshotArgs),
-    /// Cancel a running live snapshot (no file is left; the VM runs on).
+    /// Cancel a running save, managed save or live snapshot (no file is
+    /// left; the VM runs on).
     Cancel(ApiArgs),
     /// Build a VM from a saved file in this process and resume it.
     Restore(RestoreArgs),
@@ -48,8 +49,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Check a fixed-ram image's header and every chunk checksum.
     Verify(VerifyArgs),
-    /// Save a VM started with --name into its state directory and end it;
-    /// the next `cryo run --name` restores it.
+    /// Save a VM started with --name into its state directory and end it
+    /// (`cryo managed-save NAME`); the next `cryo run --name` restores it.
     ManagedSave(ManagedSaveArgs),
     /// Discard the managed save image of a named VM.
     ManagedSaveRemove(ManagedSaveRemoveArgs),
