@@ -248,7 +248,14 @@ fn sigkill_during_a_save_keeps_the_previous_image() {
     let good = std::fs::read(&file).unwrap();
 
     // Start another save to the same name and kill the VM process mid-way.
-    let tmp = dir.join(format!(".vm.img.tmp-{}", g.pid()));
+    // The temporary name is `.vm.img.tmp-<pid>-<random>`.
+    let prefix = format!(".vm.img.tmp-{}-", g.pid());
+    let find_tmp = || {
+        std::fs::read_dir(&dir).ok()?.flatten().find_map(|e| {
+            let n = e.file_name();
+            n.to_string_lossy().starts_with(&prefix).then(|| e.path())
+        })
+    };
     let saver = std::process::Command::new(cryo_tests::cryo_bin())
         .args([
             "save",
@@ -262,10 +269,12 @@ fn sigkill_during_a_save_keeps_the_previous_image() {
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + T;
-    while !tmp.exists() && std::time::Instant::now() < deadline {
+    let mut tmp = find_tmp();
+    while tmp.is_none() && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
+        tmp = find_tmp();
     }
-    assert!(tmp.exists(), "the second save never started");
+    let tmp = tmp.expect("the second save never started");
     std::thread::sleep(Duration::from_millis(30));
     g.kill();
     let _ = g.wait_exit(T);

@@ -76,7 +76,7 @@ fn emulation_failure_is_reported_with_instruction_bytes() {
         eprintln!("skipped: needs PVM's instruction emulator (hardware KVM runs int3 natively)");
         return;
     }
-    // int3 in ring 0: the PVM emulator cannot handle it (MACHINE.md).
+    // int3 in ring 0: the PVM emulator cannot handle it.
     let k = temp_file(
         "int3.elf",
         &tiny_elf(1 << 20, &[0x90, 0xcc, 0xeb, 0xfe], 4096),

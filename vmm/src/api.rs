@@ -78,9 +78,9 @@ pub enum Request {
         id: Option<Value>,
         /// Target file, or `tcp:HOST:PORT` / `unix:PATH` of a `cryo restore --listen`.
         path: String,
-        /// Image format (files).
+        /// Image format (files only; default fixed-ram).
         #[serde(default)]
-        format: save::SaveFormat,
+        format: Option<save::SaveFormat>,
         /// Resume the VM afterwards instead of ending it.
         #[serde(default)]
         keep_running: bool,
@@ -180,36 +180,82 @@ struct ApiState {
     started: Instant,
     busy: AtomicBool,
     cancel: save::live::CancelSlot,
+    /// The stopped save in progress, if any: it holds the VM paused, and
+    /// `cancel` (or the VM ending) stops it.
+    save: Mutex<Option<save::SaveControl>>,
     current: Mutex<Option<Arc<Progress>>>,
     managed: Option<Managed>,
 }
 
-/// Binds the socket and serves it on background threads.
-pub fn serve(
-    path: &Path,
-    controller: VmController,
-    managed: Option<Managed>,
-) -> std::io::Result<()> {
-    if path.exists() {
-        // A live server owns it: refuse. A stale socket from a dead cryo: replace it.
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("{} is already served by a running cryo", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
+impl ApiState {
+    fn save_running(&self) -> Option<save::SaveControl> {
+        self.save.lock().ok().and_then(|s| s.clone())
     }
+
+    fn set_save(&self, control: Option<save::SaveControl>) {
+        if let Ok(mut s) = self.save.lock() {
+            *s = control;
+        }
+    }
+}
+
+/// How long a VM that is ending waits for a save or snapshot under way to
+/// stop, remove its temporary file and answer its client.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
+
+/// The API of a running VM, kept by whoever runs the VM.
+pub struct ApiHandle {
+    state: Arc<ApiState>,
+}
+
+impl ApiHandle {
+    /// The VM is ending: cancels a save or snapshot under way and waits
+    /// (bounded) until it has cleaned up and answered its client.
+    pub fn shutdown(&self) {
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        loop {
+            // Again on every round: an operation that was just starting
+            // registers its cancel handle only a moment later.
+            if let Some(c) = self.state.save_running() {
+                c.cancel_for_vm_end();
+            }
+            self.state.cancel.cancel();
+            if !self.state.busy.load(Ordering::Acquire) || Instant::now() >= deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Takes `path` for the API socket (refusing a live socket or any other
+/// file there, replacing a stale socket) and binds it, mode 0600. Done
+/// before anything slow, so that a bad `--api` fails at once.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    crate::files::claim_socket_path(path)?;
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves the bound socket on background threads.
+pub fn serve(
+    listener: UnixListener,
+    controller: VmController,
+    managed: Option<Managed>,
+) -> std::io::Result<ApiHandle> {
     let state = Arc::new(ApiState {
         controller,
         started: Instant::now(),
         busy: AtomicBool::new(false),
         cancel: save::live::CancelSlot::default(),
+        save: Mutex::new(None),
         current: Mutex::new(None),
         managed,
     });
+    let handle = ApiHandle {
+        state: Arc::clone(&state),
+    };
     std::thread::Builder::new()
         .name("api-accept".into())
         .spawn(move || {
@@ -225,7 +271,7 @@ pub fn serve(
                 }
             }
         })?;
-    Ok(())
+    Ok(handle)
 }
 
 /// One client's connection: replies and events share it.
@@ -368,6 +414,41 @@ fn with_progress<T>(
     Ok(result)
 }
 
+/// Refuses options that do not apply to the target instead of ignoring
+/// them: compression is for peers; the image format and O_DIRECT are for files.
+fn options_fit_target(
+    target: &save::SaveTarget,
+    format: Option<save::SaveFormat>,
+    direct_io: Option<DirectIoArg>,
+    compression: Option<save::migrate::CompressionArg>,
+) -> Result<(), String> {
+    match target {
+        save::SaveTarget::File(_) if compression.is_some() => Err(
+            "compression applies to a save sent to a peer (tcp: or unix:), not to a file".into(),
+        ),
+        save::SaveTarget::Peer(_) if format.is_some() => Err(
+            "the image format applies to a save to a file; a peer receives the VM itself".into(),
+        ),
+        save::SaveTarget::Peer(_) if direct_io.is_some() => {
+            Err("O_DIRECT applies to a save to a file, not to a peer".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Runs a stopped save with its control published: `cancel` can stop it,
+/// and `pause` and `resume` are refused while it holds the VM paused.
+fn run_save(
+    state: &ApiState,
+    target: &save::SaveTarget,
+    opts: &save::SaveOptions,
+) -> Result<save::SaveStats, save::SaveError> {
+    state.set_save(Some(opts.control.clone()));
+    let result = save::save_vm(&state.controller, target, opts);
+    state.set_save(None);
+    result
+}
+
 fn stop_after(c: &VmController) -> Option<AfterReply> {
     let c = c.clone();
     Some(Box::new(move || {
@@ -417,6 +498,16 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
             ),
             Err(e) => (error_reply(id, "failed", &e.to_string()), None),
         },
+        // A stopped save holds the VM paused: resuming it would let the
+        // guest change memory the save is writing.
+        Request::Pause { .. } | Request::Resume { .. } if state.save_running().is_some() => (
+            error_reply(
+                id,
+                "busy",
+                "a save holds the VM paused; wait for it to end or cancel it",
+            ),
+            None,
+        ),
         Request::Pause { .. } => match c.pause() {
             Ok(()) => (ok_reply(id, json!({"state": "paused"})), None),
             Err(e) => (error_reply(id, "failed", &e.to_string()), None),
@@ -438,11 +529,18 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
             }
         }
         Request::Cancel { .. } => {
-            if state.cancel.cancel() {
+            let cancelled = match state.save_running() {
+                Some(control) => {
+                    control.cancel();
+                    true
+                }
+                None => state.cancel.cancel(),
+            };
+            if cancelled {
                 (ok_reply(id, json!({"cancelled": true})), None)
             } else {
                 (
-                    error_reply(id, "bad-request", "no live snapshot is running"),
+                    error_reply(id, "bad-request", "no save or snapshot is running"),
                     None,
                 )
             }
@@ -461,19 +559,23 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
                 Ok(t) => t,
                 Err(e) => return (error_reply(id, "bad-request", &e), None),
             };
+            if let Err(e) = options_fit_target(&target, format, direct_io, compression) {
+                return (error_reply(id, "bad-request", &e), None);
+            }
             let channels = match channel_options(channels, direct_io) {
                 Ok(c) => c,
                 Err(e) => return (error_reply(id, "bad-request", &e), None),
             };
             let run = with_progress(state, conn, &id, "save", progress, |p| {
                 let opts = save::SaveOptions {
-                    format,
+                    format: format.unwrap_or_default(),
                     keep_running,
                     channels,
                     compression,
                     progress: Some(p),
+                    control: save::SaveControl::default(),
                 };
-                save::save_vm(c, &target, &opts)
+                run_save(state, &target, &opts)
             });
             match run {
                 Err(busy) => (busy, None),
@@ -515,8 +617,9 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
                     channels,
                     compression: None,
                     progress: Some(p),
+                    control: save::SaveControl::default(),
                 };
-                save::save_vm(c, &save::SaveTarget::File(managed.image.clone()), &opts)
+                run_save(state, &save::SaveTarget::File(managed.image.clone()), &opts)
             });
             match run {
                 Err(busy) => (busy, None),
@@ -555,10 +658,6 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
                         None,
                     )
                 }
-                Ok(Err(save::SaveError::Image { reason, .. })) if reason.contains("cancelled") => (
-                    error_reply(id, "cancelled", "the snapshot was cancelled"),
-                    None,
-                ),
                 Ok(Err(e)) => (error_reply(id, e.kind(), &e.to_string()), None),
             }
         }

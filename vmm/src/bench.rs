@@ -499,7 +499,14 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
             };
             let sampler = Sampler::start(Arc::clone(&guest_ranges));
             let start = Instant::now();
-            let res = fixed::write_fixed_file(&img, &snapshot, &memory, &opts, None);
+            let res = fixed::write_fixed_file(
+                &img,
+                &snapshot,
+                &memory,
+                &opts,
+                None,
+                &crate::image::SaveControl::default(),
+            );
             let secs = start.elapsed().as_secs_f64();
             let (cache, rss) = sampler.finish();
             match res {

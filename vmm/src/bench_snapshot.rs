@@ -207,6 +207,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
             channels,
             compression: None,
             progress: None,
+            control: image::SaveControl::for_vm(&controller),
         };
         let saved = image::save_vm(&controller, &target, &opts)
             .map_err(|e| CliError::failure(e.to_string()))?;

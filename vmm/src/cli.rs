@@ -40,7 +40,8 @@ pub enum Command {
     /// Take a live snapshot of a running VM (through its API socket): the VM
     /// at this instant, written while it keeps running.
     Snapshot(SnapshotArgs),
-    /// Cancel a running live snapshot (no file is left; the VM runs on).
+    /// Cancel a running save, managed save or live snapshot (no file is
+    /// left; the VM runs on).
     Cancel(ApiArgs),
     /// Build a VM from a saved file in this process and resume it.
     Restore(RestoreArgs),
@@ -48,8 +49,8 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Check a fixed-ram image's header and every chunk checksum.
     Verify(VerifyArgs),
-    /// Save a VM started with --name into its state directory and end it;
-    /// the next `cryo run --name` restores it.
+    /// Save a VM started with --name into its state directory and end it
+    /// (`cryo managed-save NAME`); the next `cryo run --name` restores it.
     ManagedSave(ManagedSaveArgs),
     /// Discard the managed save image of a named VM.
     ManagedSaveRemove(ManagedSaveRemoveArgs),
@@ -127,13 +128,26 @@ pub struct RunArgs {
 /// `cryo managed-save`.
 #[derive(Args, Debug)]
 pub struct ManagedSaveArgs {
-    /// The VM's API socket.
+    /// The VM's name (as given to `cryo run --name`), like `virsh
+    /// managedsave NAME`; its API socket is <state-dir>/<name>/api.sock.
+    /// A path (with a '/') is taken as the API socket itself.
+    #[arg(
+        value_name = "NAME",
+        required_unless_present = "api",
+        conflicts_with = "api"
+    )]
+    pub name: Option<String>,
+    /// The VM's API socket (instead of NAME).
     #[arg(long, value_name = "PATH")]
-    pub api: PathBuf,
+    pub api: Option<PathBuf>,
+    /// State directory of named VMs (default: $XDG_STATE_HOME/cryo or ~/.local/state/cryo).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Channel threads moving pages (default: one per host CPU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: Option<u16>,
-    /// O_DIRECT for the page data: auto (default), on, off.
+    /// O_DIRECT for the page data: auto (the default without the option), on, off;
+    /// a bare --direct-io means on.
     #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
     pub direct_io: Option<crate::api::DirectIoArg>,
 }
@@ -161,16 +175,18 @@ pub struct SaveArgs {
     /// Channel threads moving pages (default: one per host CPU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: Option<u16>,
-    /// O_DIRECT for the page data of a file save: auto (default: on where the
-    /// filesystem supports it), on (an error where it does not), off.
+    /// O_DIRECT for the page data of a file save: auto (the default without
+    /// the option: on where the filesystem supports it), on (an error where it
+    /// does not), off; a bare --direct-io means on. Files only.
     #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
     pub direct_io: Option<crate::api::DirectIoArg>,
-    /// Per-packet compression when sending to a peer.
+    /// Per-packet compression when sending to a peer (tcp: or unix: only;
+    /// refused for a file).
     #[arg(long, value_enum, value_name = "ALGO")]
     pub compress: Option<crate::image::migrate::CompressionArg>,
-    /// Image format.
-    #[arg(long, value_enum, default_value = "fixed-ram")]
-    pub format: SaveFormat,
+    /// Image format of a file save (default fixed-ram; refused for a peer).
+    #[arg(long, value_enum)]
+    pub format: Option<SaveFormat>,
     /// Resume the VM after saving instead of ending it.
     #[arg(long)]
     pub keep_running: bool,
@@ -188,21 +204,18 @@ pub struct SnapshotArgs {
     /// Walker threads copying pages (default: one per host CPU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: Option<u16>,
-    /// O_DIRECT for the page data: auto (default), on, off.
+    /// O_DIRECT for the page data: auto (the default without the option), on, off;
+    /// a bare --direct-io means on.
     #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
     pub direct_io: Option<crate::api::DirectIoArg>,
 }
 
 /// `cryo restore`.
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["from", "listen"])))]
 pub struct RestoreArgs {
     /// The saved file (it is only read: restore it as often as you like).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "listen",
-        conflicts_with = "listen"
-    )]
+    #[arg(long, value_name = "FILE")]
     pub from: Option<PathBuf>,
     /// Wait for a `cryo save --to` from another process on this endpoint
     /// (tcp:HOST:PORT or unix:PATH) and run the VM it sends.
@@ -211,7 +224,8 @@ pub struct RestoreArgs {
     /// Channel threads reading the image (default: one per host CPU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: Option<u16>,
-    /// O_DIRECT for reading the image: auto (default), on, off.
+    /// O_DIRECT for reading the image: auto (the default without the option),
+    /// on, off; a bare --direct-io means on.
     #[arg(long, value_enum, value_name = "MODE", num_args = 0..=1, default_missing_value = "on")]
     pub direct_io: Option<crate::api::DirectIoArg>,
     /// Write the guest's serial console to this file instead of stdout.
@@ -232,9 +246,14 @@ pub struct RestoreArgs {
     #[arg(long, requires = "lazy")]
     pub prefetch: bool,
     /// Check every checksum of the image before restoring (a lazy restore
-    /// cannot check pages it has not read yet; an eager one checks as it reads).
+    /// cannot check pages it has not read yet, and warns unless --verify is
+    /// given; an eager one checks as it reads).
     #[arg(long)]
     pub verify: bool,
+    /// Restore the VM paused: its vCPUs do not run until `cryo resume`
+    /// through the API socket (which it therefore needs).
+    #[arg(long, requires = "api")]
+    pub paused: bool,
 }
 
 /// `cryo verify`.

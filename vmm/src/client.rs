@@ -132,7 +132,10 @@ pub fn save(args: crate::cli::SaveArgs, out: Output) -> Result<(), CliError> {
         crate::image::SaveTarget::Peer(_) => args.to.clone(),
         crate::image::SaveTarget::File(p) => absolute(&p)?,
     };
-    let mut req = json!({"cmd": "save", "path": to, "format": args.format, "keep_running": args.keep_running});
+    let mut req = json!({"cmd": "save", "path": to, "keep_running": args.keep_running});
+    if let Some(f) = args.format {
+        req["format"] = json!(f);
+    }
     if let Some(n) = args.channels {
         req["channels"] = json!(n);
     }
@@ -157,8 +160,37 @@ pub fn snapshot(args: crate::cli::SnapshotArgs, out: Output) -> Result<(), CliEr
     call(&args.api, req, out)
 }
 
+/// The API socket `cryo managed-save` talks to: `--api`, a path given in
+/// place of the name, or the named VM's socket in its state directory.
+fn managed_api(args: &crate::cli::ManagedSaveArgs) -> Result<std::path::PathBuf, CliError> {
+    if let Some(api) = &args.api {
+        return Ok(api.clone());
+    }
+    let name = args
+        .name
+        .as_deref()
+        .ok_or_else(|| CliError::bad_input("managed-save needs a VM name or --api PATH"))?;
+    if name.contains('/') {
+        return Ok(std::path::PathBuf::from(name));
+    }
+    crate::managed::check_name(name)?;
+    let dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(crate::managed::default_state_dir);
+    let api = dir.join(name).join("api.sock");
+    if !api.exists() {
+        return Err(CliError::bad_input(format!(
+            "no running VM named {name} (no API socket at {})",
+            api.display()
+        )));
+    }
+    Ok(api)
+}
+
 /// `cryo managed-save`.
 pub fn managed_save(args: crate::cli::ManagedSaveArgs, out: Output) -> Result<(), CliError> {
+    let api = managed_api(&args)?;
     let mut req = json!({"cmd": "managed-save"});
     if let Some(n) = args.channels {
         req["channels"] = json!(n);
@@ -166,5 +198,5 @@ pub fn managed_save(args: crate::cli::ManagedSaveArgs, out: Output) -> Result<()
     if let Some(d) = args.direct_io {
         req["direct_io"] = json!(d);
     }
-    call(&args.api, req, out)
+    call(&api, req, out)
 }

@@ -8,6 +8,7 @@ mod bench;
 mod bench_snapshot;
 mod cli;
 mod client;
+mod files;
 mod image;
 mod inspect;
 mod managed;
@@ -60,8 +61,34 @@ impl From<microvm::Error> for CliError {
     }
 }
 
+/// Files cryo creates (images, managed state, sockets, logs, serial
+/// output, a --mem-file) can hold guest memory: whatever the caller's
+/// umask, they are created readable by their owner only (0600, 0700).
+fn private_umask() {
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe { libc::umask(0o077) };
+}
+
+/// Verbs that print and exit end quietly when their output is closed
+/// (`cryo inspect IMAGE | head -1`), as other Unix tools do: SIGPIPE is
+/// restored to its default action. A process running a VM (run, restore,
+/// bench) keeps it ignored, so that a client or peer that goes away cannot
+/// end it; it reports the broken pipe as an error instead.
+fn quiet_on_closed_output(command: &cli::Command) {
+    if matches!(
+        command,
+        cli::Command::Run(_) | cli::Command::Restore(_) | cli::Command::Bench(_)
+    ) {
+        return;
+    }
+    // SAFETY: setting a signal's disposition to its default; no handler runs.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
+    private_umask();
+    quiet_on_closed_output(&args.command);
     if let Err(e) = init_logging(args.log_level.as_deref(), args.log_file.as_deref()) {
         eprintln!("cryo: error: {}", e.message);
         return ExitCode::from(e.status);
@@ -82,8 +109,12 @@ fn main() -> ExitCode {
         ),
         cli::Command::Cancel(a) => api(&a, "cancel"),
         cli::Command::QueryProgress(a) => api(&a, "query-progress"),
-        cli::Command::Inspect(a) => inspect::inspect(a),
-        cli::Command::Verify(a) => inspect::verify(a),
+        cli::Command::Inspect(a) => files::check_input_file(&a.file)
+            .map_err(CliError::bad_input)
+            .and_then(|()| inspect::inspect(a)),
+        cli::Command::Verify(a) => files::check_input_file(&a.file)
+            .map_err(CliError::bad_input)
+            .and_then(|()| inspect::verify(a)),
         cli::Command::Bench(b) => bench::bench(b),
         cli::Command::Pause(a) => api(&a, "pause"),
         cli::Command::Resume(a) => api(&a, "resume"),
@@ -105,9 +136,11 @@ fn init_logging(level: Option<&str>, file: Option<&std::path::Path>) -> Result<(
     let mut b = env_logger::Builder::from_env(env);
     b.format_timestamp_millis().format_target(true);
     if let Some(path) = file {
+        use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(path)
             .map_err(|e| {
                 CliError::bad_input(format!("cannot open log file {}: {e}", path.display()))

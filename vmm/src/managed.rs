@@ -76,12 +76,19 @@ impl ManagedVm {
     pub fn open(state_dir: &Path, name: &str) -> Result<ManagedVm, CliError> {
         check_name(name)?;
         let dir = state_dir.join(name);
-        std::fs::create_dir_all(&dir).map_err(|e| {
-            CliError::bad_input(format!(
-                "cannot create the state directory {}: {e}",
-                dir.display()
-            ))
-        })?;
+        // The VM's directory holds its memory image: owner-only (0700),
+        // also when an older cryo created it with the umask's mode.
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|e| {
+                CliError::bad_input(format!(
+                    "cannot create the state directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)

@@ -1,8 +1,8 @@
 //! `cryo run` and `cryo restore`: build a VM (booted or restored) and run it
 //! with the event loop, signal handling and the optional control socket.
 
-use std::fs::File;
-use std::path::Path;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,13 +22,61 @@ use crate::CliError;
 fn serial_output(path: Option<&Path>) -> Result<SerialOutput, CliError> {
     match path {
         None => Ok(SerialOutput::Stdout),
-        Some(path) => Ok(SerialOutput::File(File::create(path).map_err(|e| {
-            CliError::bad_input(format!(
-                "cannot create serial output file {}: {e}",
-                path.display()
-            ))
-        })?)),
+        Some(path) => Ok(SerialOutput::File(
+            crate::files::create_private(path).map_err(|e| {
+                CliError::bad_input(format!(
+                    "cannot create serial output file {}: {e}",
+                    path.display()
+                ))
+            })?,
+        )),
     }
+}
+
+/// The API socket, bound before the VM is built or loaded; its file is
+/// removed when this is dropped (the VM ended, or it never started).
+struct BoundApi {
+    path: PathBuf,
+    listener: UnixListener,
+}
+
+impl Drop for BoundApi {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl BoundApi {
+    /// Starts answering requests for `vm` on the bound socket.
+    fn serve(
+        &self,
+        vm: &MicroVm,
+        managed: Option<Managed>,
+    ) -> Result<crate::api::ApiHandle, CliError> {
+        let controller = vm.controller()?;
+        self.listener
+            .try_clone()
+            .and_then(|listener| crate::api::serve(listener, controller, managed))
+            .map_err(|e| {
+                CliError::failure(format!(
+                    "cannot serve the API on {}: {e}",
+                    self.path.display()
+                ))
+            })
+    }
+}
+
+fn bind_api(path: Option<&Path>) -> Result<Option<BoundApi>, CliError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let listener = crate::api::bind(path).map_err(|e| {
+        CliError::bad_input(format!("cannot serve the API on {}: {e}", path.display()))
+    })?;
+    Ok(Some(BoundApi {
+        path: path.to_owned(),
+        listener,
+    }))
 }
 
 fn load_err(e: SaveError) -> CliError {
@@ -110,9 +158,10 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
         mem_mib: args.mem_mib,
         vcpus: args.vcpus,
     };
+    let api = bind_api(api.as_deref())?;
     if let Some(m) = &managed {
         if m.image().exists() {
-            return run_managed_restore(m, &asked, &args, api.as_deref(), started);
+            return run_managed_restore(m, &asked, &args, api, started);
         }
     }
     let config = VmConfig {
@@ -140,7 +189,7 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
         m.write_config(&asked)?;
     }
     info!("VM built in {:?}", started.elapsed());
-    run_vm(vm, api.as_deref(), managed_info(managed.as_ref()), started)
+    run_vm(vm, api, managed_info(managed.as_ref()), started)
 }
 
 fn managed_info(m: Option<&ManagedVm>) -> Option<Managed> {
@@ -156,7 +205,7 @@ fn run_managed_restore(
     m: &ManagedVm,
     asked: &ManagedConfig,
     args: &RunArgs,
-    api: Option<&Path>,
+    api: Option<BoundApi>,
     started: Instant,
 ) -> Result<(), CliError> {
     let image_path = m.image();
@@ -195,9 +244,20 @@ fn run_managed_restore(
     run_vm(vm, api, managed_info(Some(m)), started)
 }
 
-/// Restores a VM from a saved file (or a migration) and runs it.
+/// Restores a VM from a saved file (or a migration) and runs it. Everything
+/// that can be checked without the image (the file type, the API socket,
+/// the serial output) is checked before any of it is read.
 pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
     let started = Instant::now();
+    if let Some(path) = &args.from {
+        crate::files::check_input_file(path).map_err(CliError::bad_input)?;
+    }
+    if args.listen.is_some() && (args.lazy || args.verify) {
+        return Err(CliError::bad_input(
+            "--lazy and --verify apply to image files, not to --listen",
+        ));
+    }
+    let api = bind_api(args.api.as_deref())?;
     let serial = serial_output(args.serial_out.as_deref())?;
     let mode = if args.lazy {
         RestoreMode::Lazy {
@@ -206,6 +266,9 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
     } else {
         RestoreMode::Eager
     };
+    if args.lazy && !args.verify {
+        eprintln!("{LAZY_WARNING}");
+    }
     let mut channels = image::fixed::ChannelOptions::default();
     if let Some(n) = args.channels {
         channels.channels = usize::from(n);
@@ -218,17 +281,10 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
             path.display().to_string(),
             load_with_progress(path, mode, args.verify, &channels)?,
         ),
-        (None, Some(listen)) => {
-            if args.lazy || args.verify {
-                return Err(CliError::bad_input(
-                    "--lazy and --verify apply to image files, not to --listen",
-                ));
-            }
-            (
-                listen.clone(),
-                image::migrate::receive_vm(listen).map_err(load_err)?,
-            )
-        }
+        (None, Some(listen)) => (
+            listen.clone(),
+            image::migrate::receive_vm(listen).map_err(load_err)?,
+        ),
         (None, None) => {
             return Err(CliError::bad_input(
                 "restore needs --from FILE or --listen ENDPOINT",
@@ -245,7 +301,11 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
             allow_tsc_mismatch: args.allow_tsc_mismatch,
         },
     )?;
-    vm.start()?;
+    if args.paused {
+        vm.start_paused()?;
+    } else {
+        vm.start()?;
+    }
     let mode_name = match mode {
         RestoreMode::Eager => "eager",
         RestoreMode::Lazy { prefetch: false } => "lazy",
@@ -253,9 +313,10 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
     };
     // Time to resume is the restore's headline figure: always reported.
     eprintln!(
-        "cryo: restored {source} ({mode_name}, {} MiB, {} vCPUs): guest resumed after {:.1} ms (memory ready after {:.1} ms)",
+        "cryo: restored {source} ({mode_name}, {} MiB, {} vCPUs): guest {} after {:.1} ms (memory ready after {:.1} ms)",
         loaded.snapshot.machine.mem_mib,
         loaded.snapshot.machine.vcpus,
+        if args.paused { "ready, paused (`cryo resume` runs it)," } else { "resumed" },
         started.elapsed().as_secs_f64() * 1000.0,
         read_time.as_secs_f64() * 1000.0
     );
@@ -267,27 +328,28 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
             );
         });
     }
-    run_vm(vm, args.api.as_deref(), None, started)
+    run_vm(vm, api, None, started)
 }
+
+/// Printed by every `restore --lazy` without `--verify`.
+const LAZY_WARNING: &str = "cryo: WARNING: --lazy restores without checking page data: pages are read from the image on first touch and their checksums are not verified, so a corrupt image can run with corrupt memory. Run `cryo verify` on the image first, or add --verify.";
 
 fn run_vm(
     mut vm: MicroVm,
-    api: Option<&Path>,
+    api: Option<BoundApi>,
     managed: Option<Managed>,
     started: Instant,
 ) -> Result<(), CliError> {
-    if let Some(path) = api {
-        let controller = vm.controller()?;
-        crate::api::serve(path, controller, managed).map_err(|e| {
-            CliError::bad_input(format!("cannot serve the API on {}: {e}", path.display()))
-        })?;
-    }
+    let served = api.as_ref().map(|b| b.serve(&vm, managed)).transpose()?;
     let signals = crate::signals::SignalWatcher::install(vm.stop_handle())
         .map_err(|e| CliError::failure(format!("cannot install signal handlers: {e}")))?;
     let reason = vm.run(vec![signals]);
-    if let Some(path) = api {
-        let _ = std::fs::remove_file(path);
+    // A save or snapshot under way stops, cleans up and answers its client
+    // before the process ends.
+    if let Some(handle) = served {
+        handle.shutdown();
     }
+    drop(api);
     let reason = reason?;
     info!("VM ended after {:?}: {reason:?}", started.elapsed());
     match reason {

@@ -188,9 +188,13 @@ fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Highest guest physical address (exclusive) the ELF's loadable segments use,
-/// and the lowest they start at.
-fn elf_extent(path: &Path, file: &mut File) -> Result<(u64, u64), LoadError> {
+/// The part of a loadable ELF segment that is in memory but not in the
+/// file (`.bss`): guest address and length.
+type BssRange = (u64, u64);
+
+/// Lowest and highest (exclusive) guest physical address the ELF's loadable
+/// segments use, and each segment's `.bss` (memsz beyond filesz).
+fn elf_extent(path: &Path, file: &mut File) -> Result<(u64, u64, Vec<BssRange>), LoadError> {
     let mut ehdr = [0u8; 64];
     file.seek(SeekFrom::Start(0)).map_err(read_err(path))?;
     if read_up_to(file, &mut ehdr).map_err(read_err(path))? < 64 {
@@ -211,15 +215,26 @@ fn elf_extent(path: &Path, file: &mut File) -> Result<(u64, u64), LoadError> {
         return Err(bad(path, "truncated ELF program headers"));
     }
     let (mut lo, mut hi) = (u64::MAX, 0u64);
+    let mut bss = Vec::new();
     for ph in table.chunks_exact(phentsize) {
         const PT_LOAD: u32 = 1;
-        if le_u32(ph, 0) != PT_LOAD || le_u64(ph, 32) == 0 {
+        let (filesz, memsz) = (le_u64(ph, 32), le_u64(ph, 40));
+        if le_u32(ph, 0) != PT_LOAD || memsz == 0 {
             continue;
         }
         let paddr = le_u64(ph, 24);
         let end = paddr
-            .checked_add(le_u64(ph, 40))
+            .checked_add(memsz)
             .ok_or_else(|| bad(path, "ELF segment wraps around"))?;
+        if filesz > memsz {
+            return Err(bad(
+                path,
+                "ELF segment has more file bytes than memory bytes",
+            ));
+        }
+        if memsz > filesz {
+            bss.push((paddr + filesz, memsz - filesz));
+        }
         lo = lo.min(paddr);
         hi = hi.max(end);
     }
@@ -232,7 +247,23 @@ fn elf_extent(path: &Path, file: &mut File) -> Result<(u64, u64), LoadError> {
             format!("ELF segment at {lo:#x} is below 1 MiB, where the boot structures live"),
         ));
     }
-    Ok((lo, hi))
+    Ok((lo, hi, bss))
+}
+
+/// Zeroes each segment's `.bss`, as the ELF specification asks: guest
+/// memory is not always zero to begin with (a reused `--mem-file`).
+fn zero_bss(mem: &GuestMemory, path: &Path, bss: &[BssRange]) -> Result<(), LoadError> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    for &(start, len) in bss {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(ZEROS.len() as u64) as usize;
+            mem.write_slice(&ZEROS[..n], GuestAddress(start + done))
+                .map_err(|e| bad(path, format!("zeroing .bss at {:#x}: {e}", start + done)))?;
+            done += n as u64;
+        }
+    }
+    Ok(())
 }
 
 /// The RAM layout as the guest is told in e820 form: (address, size, type).
@@ -294,7 +325,7 @@ pub fn load(
     let mut setup_header = None;
     let (entry_linux, pvh, kernel_end) = match format {
         KernelFormat::Elf => {
-            let (_, hi) = elf_extent(path, &mut file)?;
+            let (_, hi, bss) = elf_extent(path, &mut file)?;
             if hi > low_end {
                 return Err(LoadError::MemoryTooSmall {
                     what: "the kernel",
@@ -308,6 +339,7 @@ pub fn load(
                     source,
                 },
             )?;
+            zero_bss(mem, path, &bss)?;
             let pvh = match res.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(a) => Some(a.0),
                 _ => None,
@@ -546,6 +578,50 @@ mod tests {
             load(&mem, &src, None),
             Err(LoadError::BadImage { .. })
         ));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn elf_bss_is_zeroed_in_memory_that_was_not_zero() {
+        // One PT_LOAD at 2 MiB: 4 bytes in the file (an endless loop), 8 KiB in memory.
+        let paddr = 2u64 << 20;
+        let code = [0xeb, 0xfe, 0x90, 0x90];
+        let mut f = vec![0u8; 0x1000 + code.len()];
+        f[0..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+        f[16] = 2; // ET_EXEC
+        f[18] = 62; // EM_X86_64
+        f[20] = 1;
+        f[24..32].copy_from_slice(&paddr.to_le_bytes());
+        f[32] = 64; // e_phoff
+        f[52] = 64;
+        f[54] = 56;
+        f[56] = 1;
+        let ph = 64;
+        f[ph] = 1; // PT_LOAD
+        f[ph + 4] = 5;
+        f[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes());
+        f[ph + 16..ph + 24].copy_from_slice(&paddr.to_le_bytes());
+        f[ph + 24..ph + 32].copy_from_slice(&paddr.to_le_bytes());
+        f[ph + 32..ph + 40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+        f[ph + 40..ph + 48].copy_from_slice(&0x2000u64.to_le_bytes());
+        f[0x1000..].copy_from_slice(&code);
+        let p = tmp("bss-elf", &f);
+        let mem = create_guest_memory(16, &MemoryBacking::Anonymous).unwrap();
+        mem.write_slice(&[0xa5; 0x3000], GuestAddress(paddr))
+            .unwrap();
+        let src = BootSource {
+            kernel: p.clone(),
+            ..Default::default()
+        };
+        load(&mem, &src, None).unwrap();
+        let mut back = [0u8; 0x3000];
+        mem.read_slice(&mut back, GuestAddress(paddr)).unwrap();
+        assert_eq!(&back[..4], &code);
+        assert!(back[4..0x2000].iter().all(|b| *b == 0), ".bss not zeroed");
+        assert!(
+            back[0x2000..].iter().all(|b| *b == 0xa5),
+            "beyond memsz changed"
+        );
         std::fs::remove_file(p).unwrap();
     }
 

@@ -144,11 +144,14 @@ pub fn create_guest_memory(
 }
 
 fn open_backing_file(path: &Path, size: u64) -> Result<std::fs::File, MemoryError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // A file created here holds guest memory: owner-only (0600).
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(path)
         .map_err(|source| MemoryError::OpenFile {
             path: path.to_owned(),

@@ -171,17 +171,24 @@ pub struct VcpuHandle {
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl VcpuHandle {
-    /// Starts a thread running `fd` as vCPU `index`.
+    /// Starts a thread running `fd` as vCPU `index`; with `paused`, the
+    /// thread pauses before it runs any guest code (answering `Paused`)
+    /// until it is resumed.
     pub fn spawn(
         index: u8,
         fd: VcpuFd,
         devices: Arc<Mutex<PioDevices>>,
         memory: GuestMemory,
         exit: Arc<ExitNotifier>,
+        paused: bool,
     ) -> Result<Self, VcpuError> {
         install_kick_handler().map_err(VcpuError::Signal)?;
         let (req_tx, req_rx) = channel();
         let (resp_tx, resp_rx) = channel();
+        if paused {
+            // Queued before the thread exists: its first act is to pause.
+            let _ = req_tx.send(VcpuRequest::Pause);
+        }
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {

@@ -100,7 +100,12 @@ impl StopHandle {
 pub struct VmController {
     tx: Sender<ControlCall>,
     evt: Arc<EventFd>,
+    exit: Arc<ExitNotifier>,
 }
+
+/// How often a caller waiting on the event loop checks that the VM has not
+/// ended (an ended VM's loop runs no more calls).
+const CALL_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl VmController {
     /// Runs `f` on the VM's event-loop thread and returns its result, or an
@@ -116,8 +121,20 @@ impl VmController {
             }))
             .map_err(|_| Error::State("the VM has ended".into()))?;
         self.evt.write(1).map_err(Error::Io)?;
-        rx.recv()
-            .map_err(|_| Error::State("the VM has ended".into()))
+        let ended = || Error::State("the VM has ended".into());
+        loop {
+            match rx.recv_timeout(CALL_POLL) {
+                Ok(v) => return Ok(v),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    // The loop stops once an exit reason is recorded: a call
+                    // still queued then would wait forever.
+                    if self.exit.reason().is_some() {
+                        return Err(ended());
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(ended()),
+            }
+        }
     }
 
     /// Pauses every vCPU.
@@ -497,6 +514,16 @@ impl MicroVm {
 
     /// Starts every vCPU thread.
     pub fn start(&mut self) -> Result<(), Error> {
+        self.start_vcpus(false)
+    }
+
+    /// Starts every vCPU thread paused: no guest code runs until
+    /// [`MicroVm::resume`] (a restore that waits for `cryo resume`).
+    pub fn start_paused(&mut self) -> Result<(), Error> {
+        self.start_vcpus(true)
+    }
+
+    fn start_vcpus(&mut self, paused: bool) -> Result<(), Error> {
         if self.state != RunState::Created {
             return Err(Error::State(format!(
                 "cannot start a VM that is {:?}",
@@ -510,9 +537,19 @@ impl MicroVm {
                 Arc::clone(&self.devices),
                 self.memory.clone(),
                 Arc::clone(&self.exit),
+                paused,
             )?);
         }
-        self.state = RunState::Running;
+        if paused {
+            for v in &self.vcpus {
+                v.wait_for(VcpuResponse::Paused)?;
+            }
+        }
+        self.state = if paused {
+            RunState::Paused
+        } else {
+            RunState::Running
+        };
         Ok(())
     }
 
@@ -556,6 +593,7 @@ impl MicroVm {
         Ok(VmController {
             tx: self.control_tx.clone(),
             evt: Arc::new(self.control_evt.try_clone().map_err(Error::Io)?),
+            exit: Arc::clone(&self.exit),
         })
     }
 

@@ -16,8 +16,8 @@ use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
 use crate::progress::Progress;
 
 use super::{
-    file_sizes, publish, region_specs, snapshot, temp_path, Loaded, RestoreMode, SaveError,
-    Written, PAGE_SIZE,
+    create_temp, file_sizes, publish, region_specs, snapshot, Loaded, RestoreMode, SaveControl,
+    SaveError, Written, PAGE_SIZE,
 };
 
 /// How page data moves between guest memory and the image.
@@ -54,6 +54,7 @@ struct ImageLayout<'a> {
     layout: &'a Layout,
     side: Side<'a>,
     progress: Option<&'a Progress>,
+    control: Option<&'a SaveControl>,
 }
 
 enum Side<'a> {
@@ -62,11 +63,16 @@ enum Side<'a> {
 }
 
 impl<'a> ImageLayout<'a> {
-    fn save(writer: &'a ImageWriter, progress: Option<&'a Progress>) -> Self {
+    fn save(
+        writer: &'a ImageWriter,
+        progress: Option<&'a Progress>,
+        control: &'a SaveControl,
+    ) -> Self {
         ImageLayout {
             layout: writer.layout(),
             side: Side::Save(writer),
             progress,
+            control: Some(control),
         }
     }
 
@@ -75,6 +81,7 @@ impl<'a> ImageLayout<'a> {
             layout: image.layout(),
             side: Side::Load(image),
             progress,
+            control: None,
         }
     }
 
@@ -111,6 +118,10 @@ impl multifd::FileLayout for ImageLayout<'_> {
         let Side::Save(writer) = self.side else {
             return Err("the image is open for reading".into());
         };
+        // A cancelled save stops at its next chunk.
+        if let Some(c) = self.control {
+            c.check("save").map_err(|e| e.to_string())?;
+        }
         self.advance(self.layout.chunk_range(region, chunk).1);
         let bit = |p: u64| {
             present
@@ -225,7 +236,7 @@ fn for_each_chunk<E: Send>(
     }
 }
 
-fn image_err(path: &Path) -> impl Fn(fixed_ram::FixedRamError) -> SaveError + '_ {
+pub(super) fn image_err(path: &Path) -> impl Fn(fixed_ram::FixedRamError) -> SaveError + '_ {
     move |e| match e {
         fixed_ram::FixedRamError::Io { source, .. } => SaveError::Write {
             path: path.to_owned(),
@@ -239,29 +250,15 @@ fn image_err(path: &Path) -> impl Fn(fixed_ram::FixedRamError) -> SaveError + '_
 }
 
 /// Writes a fixed-ram image of the paused VM to `path` (temp file, data,
-/// fsync, header, fsync, rename, directory fsync).
+/// fsync, header, fsync, rename, directory fsync). On failure or cancel the
+/// temporary file is removed.
 pub fn write_fixed_file(
     path: &Path,
     snapshot: &VmSnapshot,
     memory: &GuestMemory,
     channels: &ChannelOptions,
     progress: Option<&Progress>,
-) -> Result<Written, SaveError> {
-    let tmp = temp_path(path);
-    let result = write_to(&tmp, path, snapshot, memory, channels, progress);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn write_to(
-    tmp: &Path,
-    path: &Path,
-    snapshot: &VmSnapshot,
-    memory: &GuestMemory,
-    channels: &ChannelOptions,
-    progress: Option<&Progress>,
+    control: &SaveControl,
 ) -> Result<Written, SaveError> {
     let ierr = image_err(path);
     if let Some(p) = progress {
@@ -273,14 +270,16 @@ fn write_to(
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
-    let writer = ImageWriter::create(tmp, layout).map_err(&ierr)?;
+    let (tmp, file) = create_temp(path)?;
+    let writer = ImageWriter::from_file(file, layout).map_err(&ierr)?;
     let stats = multifd::save_to_file(
-        tmp,
+        tmp.path(),
         &mem_regions(memory),
-        &ImageLayout::save(&writer, progress),
+        &ImageLayout::save(&writer, progress, control),
         &channels.multifd(),
     )
     .map_err(|e| match e {
+        _ if control.is_cancelled() => SaveError::Cancelled("save"),
         multifd::MultifdError::DirectIoUnsupported { .. } => SaveError::Invalid {
             path: path.to_owned(),
             reason: e.to_string(),
@@ -309,7 +308,7 @@ fn write_to(
     let file = writer.commit(&device_state).map_err(&ierr)?;
     let (bytes, allocated) = file_sizes(&file, path)?;
     drop(file);
-    publish(tmp, path)?;
+    publish(tmp, path, control)?;
     Ok(Written {
         bytes,
         allocated_bytes: allocated,

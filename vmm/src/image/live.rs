@@ -21,7 +21,9 @@ use microvm::{RunState, VmController};
 use serde::Serialize;
 
 use super::fixed::ChannelOptions;
-use super::{file_sizes, publish, region_specs, snapshot, temp_path, SaveError, PAGE_SIZE};
+use super::{
+    create_temp, file_sizes, publish, region_specs, snapshot, SaveControl, SaveError, PAGE_SIZE,
+};
 use crate::progress::Progress;
 
 /// Block size of a live snapshot: the unit of copy, of write protection and
@@ -114,12 +116,21 @@ impl BlockSink for ImageSink<'_> {
 
 fn snap_err(path: &Path) -> impl Fn(SnapshotError) -> SaveError + '_ {
     move |e| match e {
-        SnapshotError::Unsupported { .. } | SnapshotError::UnsupportedMemory { .. } => {
-            SaveError::Invalid {
-                path: path.to_owned(),
-                reason: format!("live snapshot impossible: {e}"),
-            }
-        }
+        SnapshotError::Unsupported { .. } => SaveError::Invalid {
+            path: path.to_owned(),
+            reason: format!("live snapshot impossible: {e}"),
+        },
+        // Shared memory on tmpfs or hugetlbfs can be write-protected
+        // (UFFD_FEATURE_WP_HUGETLBFS_SHMEM, negotiated by bg-snapshot where
+        // the kernel has it); a --mem-file on a disk filesystem cannot.
+        SnapshotError::UnsupportedMemory { .. } => SaveError::Invalid {
+            path: path.to_owned(),
+            reason: format!(
+                "live snapshot impossible: {e}. A --mem-file can be snapshotted live only on \
+                 tmpfs (e.g. /dev/shm) or hugetlbfs, with Linux 5.19 or later; for this VM use \
+                 `cryo save --keep-running` (the VM pauses while it is written)"
+            ),
+        },
         other => SaveError::Image {
             path: path.to_owned(),
             reason: other.to_string(),
@@ -135,6 +146,7 @@ pub fn snapshot_vm(
     cancel: &CancelSlot,
     progress: Option<&Progress>,
 ) -> Result<SnapshotStats, SaveError> {
+    crate::files::check_save_target(path).map_err(|e| SaveError::BadRequest(e.0))?;
     if let Some(p) = progress {
         p.phase("pausing");
     }
@@ -168,32 +180,31 @@ pub fn snapshot_vm(
     cancel.set(Some(armed.cancel_handle()));
     let arm_time = armed.arm_time();
 
-    let tmp = temp_path(path);
     let result = (|| {
         let specs = region_specs(&memory);
-        let ierr = |e: fixed_ram::FixedRamError| SaveError::Image {
-            path: path.to_owned(),
-            reason: e.to_string(),
-        };
+        // The same error kinds as a stopped save (a missing directory is
+        // the request's fault either way).
+        let ierr = super::fixed::image_err(path);
         let layout = Layout::with_params(
             PAGE_SIZE as u32,
             fixed_ram::DEFAULT_ALIGNMENT,
             BLOCK_SIZE as u64,
             &specs,
         )
-        .map_err(ierr)?;
+        .map_err(&ierr)?;
         let device_state =
             snapshot::encode(&snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
                 path: path.to_owned(),
                 reason: e.to_string(),
             })?;
-        let writer = ImageWriter::create(&tmp, layout).map_err(ierr)?;
+        let (tmp, file) = create_temp(path)?;
+        let writer = ImageWriter::from_file(file, layout).map_err(&ierr)?;
         let direct = match channels.direct_io {
             multifd::DirectIo::Off => None,
             mode => match OpenOptions::new()
                 .write(true)
                 .custom_flags(libc::O_DIRECT)
-                .open(&tmp)
+                .open(tmp.path())
             {
                 Ok(f) => Some(f),
                 Err(e) if mode == multifd::DirectIo::On => {
@@ -214,15 +225,21 @@ pub fn snapshot_vm(
             direct,
             progress,
         };
-        let report = armed.run(&sink, channels.channels.max(1)).map_err(&serr)?;
+        let report = armed
+            .run(&sink, channels.channels.max(1))
+            .map_err(|e| match e {
+                SnapshotError::Cancelled => SaveError::Cancelled("snapshot"),
+                other => serr(other),
+            })?;
         drop(sink);
         if let Some(p) = progress {
             p.phase("committing");
         }
-        let file = writer.commit(&device_state).map_err(ierr)?;
+        let file = writer.commit(&device_state).map_err(&ierr)?;
         let (bytes, allocated) = file_sizes(&file, path)?;
         drop(file);
-        publish(&tmp, path)?;
+        // A live snapshot is consistent while the VM runs: only a cancel stops it.
+        publish(tmp, path, &SaveControl::default())?;
         let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
         Ok(SnapshotStats {
             path: path.to_owned(),
@@ -242,9 +259,6 @@ pub fn snapshot_vm(
         })
     })();
     cancel.set(None);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
     drop(memory);
     result
 }

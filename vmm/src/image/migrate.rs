@@ -91,6 +91,11 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
         reason,
     };
     let endpoint = multifd::parse_endpoint(listen).map_err(|e| invalid(e.to_string()))?;
+    // A stale socket file of a dead receiver is replaced; a live one, or any
+    // other file, is refused.
+    if let multifd::Endpoint::Unix(socket) = &endpoint {
+        crate::files::claim_socket_path(socket).map_err(|e| invalid(e.to_string()))?;
+    }
     let listener = endpoint.listen().map_err(|e| invalid(e.to_string()))?;
     eprintln!("cryo: waiting for a migration on {listen}");
     let mut memory: Option<GuestMemory> = None;

@@ -10,9 +10,11 @@
 //!   page records.
 //!
 //! A save never leaves a file under the target name that would restore
-//! wrong: it writes `.<name>.tmp-<pid>` beside the target, fsyncs it, renames
-//! it over the target and fsyncs the directory. A failed save removes the
-//! temporary file and leaves the VM as it was (running, or paused).
+//! wrong: it writes `.<name>.tmp-<pid>-<random>` beside the target, fsyncs
+//! it, renames it over the target and fsyncs the directory. A failed or
+//! cancelled save removes the temporary file it created (and only that) and
+//! leaves the VM as it was (running, or paused). Temporary files of saves
+//! whose process died are removed by the next save to the same target.
 
 pub mod fixed;
 pub mod live;
@@ -23,6 +25,8 @@ pub mod stream;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use microvm::persist::VmSnapshot;
@@ -136,6 +140,12 @@ pub enum SaveError {
         /// What is wrong.
         reason: String,
     },
+    /// The request cannot be carried out as asked (a bad target or option).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The save or snapshot was cancelled (by `cancel`, `quit` or a signal).
+    #[error("the {0} was cancelled; no file was written")]
+    Cancelled(&'static str),
 }
 
 impl SaveError {
@@ -154,25 +164,106 @@ impl SaveError {
             }
             // A target the request cannot use (e.g. O_DIRECT where the
             // filesystem refuses it).
-            SaveError::Invalid { .. } => "bad-request",
+            SaveError::Invalid { .. } | SaveError::BadRequest(_) => "bad-request",
+            SaveError::Cancelled(_) => "cancelled",
             _ => "failed",
         }
     }
 
     /// Whether this is the input's fault (exit status 2) rather than a runtime failure.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, SaveError::Read { .. } | SaveError::Invalid { .. })
+        matches!(
+            self,
+            SaveError::Read { .. } | SaveError::Invalid { .. } | SaveError::BadRequest(_)
+        )
     }
 }
 
-/// The temporary name a save writes before renaming over `target`.
-pub fn temp_path(target: &Path) -> PathBuf {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "cryo-save".into());
-    target.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+/// What a save in progress answers to: a cancel request, and (for a stopped
+/// save) the VM that must stay paused until the image is committed.
+#[derive(Clone, Default)]
+pub struct SaveControl {
+    cancelled: Arc<AtomicBool>,
+    /// The VM is ending: its event loop no longer answers controller calls.
+    vm_ending: Arc<AtomicBool>,
+    frozen: Option<VmController>,
 }
+
+impl SaveControl {
+    /// A control for a save of the VM behind `controller`, which must stay
+    /// paused while the save writes its memory.
+    pub fn for_vm(controller: &VmController) -> SaveControl {
+        SaveControl::default().watching(controller)
+    }
+
+    /// The same cancel flag, checking that the VM behind `controller` stays paused.
+    fn watching(&self, controller: &VmController) -> SaveControl {
+        SaveControl {
+            cancelled: Arc::clone(&self.cancelled),
+            vm_ending: Arc::clone(&self.vm_ending),
+            frozen: Some(controller.clone()),
+        }
+    }
+
+    /// The VM is ending (quit, signal): cancels the save, which must not
+    /// touch the VM any more.
+    pub fn cancel_for_vm_end(&self) {
+        self.vm_ending.store(true, Ordering::Release);
+        self.cancel();
+    }
+
+    fn vm_ending(&self) -> bool {
+        self.vm_ending.load(Ordering::Acquire)
+    }
+
+    /// Asks the save to stop at its next check and remove its file.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+    }
+
+    /// Whether [`SaveControl::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Err when the save must stop now.
+    pub fn check(&self, what: &'static str) -> Result<(), SaveError> {
+        if self.is_cancelled() {
+            Err(SaveError::Cancelled(what))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Err unless the image just written is the VM as it was paused: not
+    /// cancelled, and the VM still paused (nothing resumed it meanwhile).
+    fn check_before_commit(&self, path: &Path) -> Result<(), SaveError> {
+        self.check("save")?;
+        if let Some(c) = &self.frozen {
+            let state = c.call(|vm| vm.state())?;
+            if state != RunState::Paused {
+                return Err(SaveError::Image {
+                    path: path.to_owned(),
+                    reason:
+                        "the VM ran while its memory was being written; the image was discarded"
+                            .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for SaveControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SaveControl")
+            .field("cancelled", &self.is_cancelled())
+            .field("checks_vm", &self.frozen.is_some())
+            .finish()
+    }
+}
+
+pub use crate::files::temp_path;
 
 /// fsyncs the directory holding `path`, so that a rename in it is durable.
 pub fn sync_dir(path: &Path) -> std::io::Result<()> {
@@ -218,6 +309,8 @@ pub struct SaveOptions {
     pub compression: Option<migrate::CompressionArg>,
     /// Where to report progress.
     pub progress: Option<std::sync::Arc<crate::progress::Progress>>,
+    /// Cancellation, and the check that the VM stayed paused.
+    pub control: SaveControl,
 }
 
 /// Pauses the VM, writes it to `target`, and resumes it when `keep_running`
@@ -230,6 +323,12 @@ pub fn save_vm(
     let keep_running = opts.keep_running;
     let format = opts.format;
     let progress = opts.progress.as_deref();
+    // Refuse an unusable target before the VM is paused.
+    if let SaveTarget::File(path) = target {
+        crate::files::check_save_target(path).map_err(|e| SaveError::BadRequest(e.0))?;
+    }
+    let control = opts.control.watching(controller);
+    control.check("save")?;
     if let Some(p) = progress {
         p.phase("pausing");
     }
@@ -254,22 +353,38 @@ pub fn save_vm(
         SaveTarget::File(path) => (
             path.clone(),
             match format {
-                SaveFormat::Stream => stream::write_stream_file(path, &snapshot, &memory, progress),
-                SaveFormat::FixedRam => {
-                    fixed::write_fixed_file(path, &snapshot, &memory, &opts.channels, progress)
+                SaveFormat::Stream => {
+                    stream::write_stream_file(path, &snapshot, &memory, progress, &control)
                 }
+                SaveFormat::FixedRam => fixed::write_fixed_file(
+                    path,
+                    &snapshot,
+                    &memory,
+                    &opts.channels,
+                    progress,
+                    &control,
+                ),
             },
         ),
         SaveTarget::Peer(endpoint) => (PathBuf::from(endpoint.to_string()), {
             if let Some(p) = progress {
                 p.phase("sending");
             }
-            migrate::send_vm(endpoint, &snapshot, &memory, opts)
+            control
+                .check("save")
+                .and_then(|()| migrate::send_vm(endpoint, &snapshot, &memory, opts))
         }),
     };
     let paused_ms = start.elapsed().as_secs_f64() * 1000.0;
-    if (written.is_err() || keep_running) && was_running {
-        controller.resume()?;
+    if was_running {
+        if written.is_err() {
+            if !control.vm_ending() {
+                // Best effort: a failed or cancelled save leaves the VM running.
+                let _ = controller.resume();
+            }
+        } else if keep_running {
+            controller.resume()?;
+        }
     }
     let w = written?;
     Ok(SaveStats {
@@ -422,15 +537,41 @@ pub fn file_sizes(file: &File, path: &Path) -> Result<(u64, u64), SaveError> {
     Ok((bytes, allocated_bytes(file)))
 }
 
-/// Makes a complete temporary image the target: rename, then fsync the
+/// Makes a complete temporary image the target: check that the save may
+/// still commit (not cancelled, VM still paused), rename, then fsync the
 /// directory so that the rename survives a crash.
-pub fn publish(tmp: &Path, path: &Path) -> Result<(), SaveError> {
+pub fn publish(
+    tmp: crate::files::TempFile,
+    path: &Path,
+    control: &SaveControl,
+) -> Result<(), SaveError> {
+    control.check_before_commit(path)?;
     let werr = |source| SaveError::Write {
         path: path.to_owned(),
         source,
     };
-    std::fs::rename(tmp, path).map_err(werr)?;
+    std::fs::rename(tmp.path(), path).map_err(werr)?;
+    tmp.keep();
     sync_dir(path).map_err(werr)
+}
+
+/// Creates the temporary file of a save to `path` (mode 0600, never an
+/// existing file), after removing those of dead saves to the same target.
+pub fn create_temp(path: &Path) -> Result<(crate::files::TempFile, File), SaveError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    crate::files::remove_stale_temps(path);
+    let tmp = temp_path(path);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|source| SaveError::Write {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok((crate::files::TempFile::created(tmp), file))
 }
 
 /// Bytes a file occupies on disk.

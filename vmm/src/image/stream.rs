@@ -1,7 +1,7 @@
 //! The `stream` format: device-state sections, the RAM layout, then runs of
 //! non-zero pages as raw records and runs of zero pages as zero records.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufReader, BufWriter};
 use std::path::Path;
 
@@ -14,8 +14,8 @@ use crate::progress::Progress;
 
 use super::snapshot::{write_sections, SnapshotBuilder};
 use super::{
-    file_sizes, is_zero_page, publish, region_bytes, region_bytes_mut, temp_path, SaveError,
-    Written, PAGE_SIZE,
+    create_temp, file_sizes, is_zero_page, publish, region_bytes, region_bytes_mut, SaveControl,
+    SaveError, Written, PAGE_SIZE,
 };
 
 /// Stream buffer size.
@@ -28,27 +28,19 @@ pub fn write_stream_file(
     snapshot: &VmSnapshot,
     memory: &GuestMemory,
     progress: Option<&Progress>,
+    control: &SaveControl,
 ) -> Result<Written, SaveError> {
-    let tmp = temp_path(path);
     let werr = |source| SaveError::Write {
         path: path.to_owned(),
         source,
     };
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(werr)?;
-    let result = write_stream(file, path, snapshot, memory, progress).and_then(|(file, stats)| {
-        file.sync_all().map_err(werr)?;
-        drop(file);
-        publish(&tmp, path)?;
-        Ok(stats)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    // The temporary file is removed when `tmp` drops, unless published.
+    let (tmp, file) = create_temp(path)?;
+    let (file, stats) = write_stream(file, path, snapshot, memory, progress, control)?;
+    file.sync_all().map_err(werr)?;
+    drop(file);
+    publish(tmp, path, control)?;
+    Ok(stats)
 }
 
 fn write_stream(
@@ -57,6 +49,7 @@ fn write_stream(
     snapshot: &VmSnapshot,
     memory: &GuestMemory,
     progress: Option<&Progress>,
+    control: &SaveControl,
 ) -> Result<(File, Written), SaveError> {
     if let Some(p) = progress {
         p.phase("writing");
@@ -98,6 +91,7 @@ fn write_stream(
                 q += 1;
             }
             let count = (q - p) as u64;
+            control.check("save")?;
             if let Some(pr) = progress {
                 pr.add(count * PAGE_SIZE as u64);
             }
