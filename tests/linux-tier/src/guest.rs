@@ -76,11 +76,15 @@ pub struct Failure {
 }
 
 impl Failure {
-    /// A failure of `vm` (its transcript attached).
+    /// A failure of `vm` (its transcript attached, and where its threads
+    /// are in the host kernel if it is still running: a stuck vCPU shows
+    /// there).
     pub fn of(vm: &LinuxVm, reason: impl Into<String>) -> Failure {
+        let mut log: Vec<String> = vm.guest.transcript().lines().map(str::to_string).collect();
+        log.extend(thread_states(vm.guest.pid()));
         Failure {
             reason: reason.into(),
-            log: vm.guest.transcript().lines().map(str::to_string).collect(),
+            log,
         }
     }
 
@@ -91,6 +95,32 @@ impl Failure {
             log: Vec::new(),
         }
     }
+}
+
+/// One line per thread of process `pid`: name, state, kernel wait channel,
+/// and the kernel stack where the host lets us read it.
+fn thread_states(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut lines = vec!["--- cryo threads ---".to_string()];
+    for task in tasks.filter_map(Result::ok) {
+        let dir = task.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        // The state follows the parenthesised name.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').next())
+            .unwrap_or("?");
+        lines.push(format!(
+            "{} state={state} wchan={}",
+            read("comm").trim(),
+            read("wchan").trim()
+        ));
+        lines.extend(read("stack").lines().map(|l| format!("    {l}")));
+    }
+    lines
 }
 
 impl LinuxVm {
