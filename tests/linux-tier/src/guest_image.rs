@@ -36,8 +36,18 @@ pub fn guest_initramfs(
     busybox: &Path,
     bins: &StaticBinaries,
 ) -> Result<PathBuf, TierError> {
-    let init = workspace_root().join("resources/linux-guest/init.sh");
     let path = work.join("guest-initramfs.cpio");
+    write_guest_initramfs(&path, busybox, bins)?;
+    Ok(path)
+}
+
+/// Writes the Linux guest's initramfs to `path`.
+pub fn write_guest_initramfs(
+    path: &Path,
+    busybox: &Path,
+    bins: &StaticBinaries,
+) -> Result<(), TierError> {
+    let init = workspace_root().join("resources/linux-guest/init.sh");
     let mut a = CpioArchive::new();
     skeleton(&mut a)
         .and_then(|()| a.host_file("init", 0o755, &init).map(|_| ()))
@@ -46,9 +56,8 @@ pub fn guest_initramfs(
             a.host_file("bin/cryo-workload", 0o755, &bins.workload)
                 .map(|_| ())
         })
-        .map_err(io(&path))?;
-    fs::write(&path, a.finish().map_err(io(&path))?).map_err(io(&path))?;
-    Ok(path)
+        .map_err(io(path))?;
+    fs::write(path, a.finish().map_err(io(path))?).map_err(io(path))
 }
 
 /// Builds the nested machine's initramfs into `work`; returns its path.

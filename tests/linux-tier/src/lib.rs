@@ -259,3 +259,8 @@ fn run_nested(qemu: &Path, vmlinuz: &Path, initrd: &Path) -> Result<Vec<String>,
     .args(["-no-reboot", "-monitor", "none"]);
     collect_lines(cmd, NESTED_TIMEOUT)
 }
+
+/// Compiles the README's example as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
