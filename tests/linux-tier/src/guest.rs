@@ -11,6 +11,12 @@ use cryo_tests::{cryo_bin, field, num, Guest};
 /// the guest's `/init` as environment variables.
 pub const CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 workload_workers=2 workload_mib=8 workload_hb_ms=500";
+/// Added to [`CMDLINE`] when the guest runs nested under QEMU's TCG
+/// emulator. There the host's TSC is unstable, and a guest LAPIC timer in
+/// TSC-deadline mode was seen to stop firing (a one-vCPU guest whose one
+/// CPU-bound process ran on while every sleeping one slept forever); the
+/// one-shot mode counts in nanoseconds and does not depend on the TSC.
+pub const NESTED_CMDLINE_EXTRA: &str = "lapic=notscdeadline";
 /// The heartbeat period that [`CMDLINE`] asks for.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// Guest RAM for the tier's guests.

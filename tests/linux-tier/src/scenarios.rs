@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use cryo_tests::run_cryo;
 
 use crate::boot_log;
-use crate::guest::{last_heartbeat, Failure, Heartbeat, LinuxVm, CMDLINE, MEM_MIB};
+use crate::guest::{
+    last_heartbeat, Failure, Heartbeat, LinuxVm, CMDLINE, MEM_MIB, NESTED_CMDLINE_EXTRA,
+};
 use crate::report;
 
 /// Scenario names, as the RESULT lines and the harness's tests use them.
@@ -179,11 +181,16 @@ fn run_kernel_args(kernel: &Path, setup: &Setup, vcpus: u32, extra: &[String]) -
     args.extend(strings(&["--initrd"]));
     args.push(path_str(&setup.initrd));
     args.extend(strings(&["--mem-mib", &MEM_MIB.to_string()]));
+    let cmdline = if setup.nested {
+        format!("{CMDLINE} {NESTED_CMDLINE_EXTRA}")
+    } else {
+        CMDLINE.to_string()
+    };
     args.extend(strings(&[
         "--vcpus",
         &vcpus.to_string(),
         "--cmdline",
-        CMDLINE,
+        &cmdline,
     ]));
     args.extend(extra.iter().cloned());
     args
