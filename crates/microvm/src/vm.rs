@@ -23,7 +23,7 @@ use crate::arch::regs::{boot_fpu, boot_regs, setup_sregs};
 use crate::arch::{acpi, cpuid, lapic, mptable, msr};
 use crate::devices::console::{ConsoleInput, TerminalMode};
 use crate::devices::{
-    new_serial, restore_serial, Cmos, EventFdTrigger, PioDevices, SerialOutput, COM1_IRQ,
+    new_serial, restore_serial, AcpiPm, Cmos, EventFdTrigger, PioDevices, SerialOutput, COM1_IRQ,
 };
 use crate::loader::{self, BootSource, LoadedKernel};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryBacking};
@@ -70,7 +70,7 @@ pub struct MicroVm {
     vcpu_fds: Vec<VcpuFd>,
     vcpus: Vec<VcpuHandle>,
     exit: Arc<ExitNotifier>,
-    reset_evt: EventFd,
+    platform: PlatformEvents,
     state: RunState,
     loaded: Option<LoadedKernel>,
     machine: MachineState,
@@ -246,33 +246,39 @@ fn create_vm_fd(kvm: &Kvm, memory: &GuestMemory) -> Result<VmFd, Error> {
 }
 
 /// Builds the port I/O devices, fresh or from saved state; returns them and
-/// the i8042 reset eventfd.
+/// the events of the guest's reset and power-off lines.
 fn build_devices(
     vm_fd: &VmFd,
     serial_out: SerialOutput,
     saved: Option<(&SerialState, &CmosState)>,
-) -> Result<(PioDevices, EventFd), Error> {
+) -> Result<(PioDevices, PlatformEvents), Error> {
     let serial_irq = EventFdTrigger::new().map_err(Error::Io)?;
     vm_fd
         .register_irqfd(&serial_irq.0, COM1_IRQ)
         .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
     let reset = EventFdTrigger::new().map_err(Error::Io)?;
-    let reset_evt = reset.0.try_clone().map_err(Error::Io)?;
+    let power_off = EventFdTrigger::new().map_err(Error::Io)?;
+    let platform = PlatformEvents {
+        reset: reset.0.try_clone().map_err(Error::Io)?,
+        power_off: power_off.0.try_clone().map_err(Error::Io)?,
+    };
+    let acpi_pm = AcpiPm::new(reset.try_clone().map_err(Error::Io)?, power_off);
     let mut devices = match saved {
         None => PioDevices::new(
             new_serial(serial_irq, serial_out).map_err(Error::Io)?,
             I8042Device::new(reset),
+            acpi_pm,
         ),
         Some((serial, _)) => {
             let serial = restore_serial(serial_irq, serial_out, serial)
                 .map_err(|e| Error::Snapshot(format!("serial state cannot be restored: {e}")))?;
-            PioDevices::new(serial, I8042Device::new(reset))
+            PioDevices::new(serial, I8042Device::new(reset), acpi_pm)
         }
     };
     if let Some((_, cmos)) = saved {
         devices.cmos = Cmos::from_state(cmos);
     }
-    Ok((devices, reset_evt))
+    Ok((devices, platform))
 }
 
 /// Largest vCPU count this host and this VMM allow.
@@ -331,7 +337,7 @@ impl MicroVm {
             "loaded {:?} kernel, entry {:x?}, kernel end {:#x}, initrd {:x?}",
             loaded.format, loaded.entry, loaded.kernel_end, loaded.initrd
         );
-        let (devices, reset_evt) = build_devices(&vm_fd, config.serial, None)?;
+        let (devices, platform) = build_devices(&vm_fd, config.serial, None)?;
 
         // vCPUs.
         let supported = kvm
@@ -387,7 +393,7 @@ impl MicroVm {
             vm_fd,
             memory,
             devices,
-            reset_evt,
+            platform,
             vcpu_fds,
             machine,
             Some(loaded),
@@ -425,7 +431,7 @@ impl MicroVm {
         }
         let vm_fd = create_vm_fd(&kvm, &memory)?;
         vstate::restore_vm(&vm_fd, &snapshot.vm)?;
-        let (devices, reset_evt) =
+        let (devices, platform) =
             build_devices(&vm_fd, serial, Some((&snapshot.serial, &snapshot.cmos)))?;
         let ctx = vstate::VcpuStateContext::new(&kvm, &vm_fd)?;
         let mut vcpu_fds = Vec::with_capacity(snapshot.vcpus.len());
@@ -442,7 +448,7 @@ impl MicroVm {
             vm_fd,
             memory,
             devices,
-            reset_evt,
+            platform,
             vcpu_fds,
             machine.clone(),
             None,
@@ -485,7 +491,7 @@ impl MicroVm {
         vm_fd: VmFd,
         memory: GuestMemory,
         devices: PioDevices,
-        reset_evt: EventFd,
+        platform: PlatformEvents,
         vcpu_fds: Vec<VcpuFd>,
         machine: MachineState,
         loaded: Option<LoadedKernel>,
@@ -501,7 +507,7 @@ impl MicroVm {
             vcpu_fds,
             vcpus: Vec::new(),
             exit: Arc::new(ExitNotifier::new().map_err(Error::Io)?),
-            reset_evt,
+            platform,
             state: RunState::Created,
             loaded,
             machine,
@@ -647,14 +653,13 @@ impl MicroVm {
         if let Some(r) = self.exit.reason() {
             return Some(r);
         }
-        // The i8042 reset line fires an eventfd of its own.
-        match self.reset_evt.read() {
-            Ok(_) => {
-                self.exit.notify(VmExitReason::Reset);
-                self.exit.reason()
-            }
-            Err(_) => None,
+        // The reset and power-off lines fire eventfds of their own.
+        if self.platform.power_off.read().is_ok() {
+            self.exit.notify(VmExitReason::PowerOff);
+        } else if self.platform.reset.read().is_ok() {
+            self.exit.notify(VmExitReason::Reset);
         }
+        self.exit.reason()
     }
 
     /// Asks the VM to stop with `reason` (wakes [`MicroVm::run`]).
@@ -697,7 +702,7 @@ impl MicroVm {
         let done = Arc::new(AtomicBool::new(false));
         let watcher = Arc::new(Mutex::new(ExitWatcher {
             exit_evt: self.exit.event().try_clone().map_err(Error::Io)?,
-            reset_evt: self.reset_evt.try_clone().map_err(Error::Io)?,
+            platform: self.platform.try_clone().map_err(Error::Io)?,
             control_evt: self.control_evt.try_clone().map_err(Error::Io)?,
             exit: Arc::clone(&self.exit),
             done: Arc::clone(&done),
@@ -747,9 +752,24 @@ impl From<VcpuError> for Error {
     }
 }
 
+/// The guest's reset and power-off lines, as eventfds the event loop watches.
+struct PlatformEvents {
+    reset: EventFd,
+    power_off: EventFd,
+}
+
+impl PlatformEvents {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(PlatformEvents {
+            reset: self.reset.try_clone()?,
+            power_off: self.power_off.try_clone()?,
+        })
+    }
+}
+
 struct ExitWatcher {
     exit_evt: EventFd,
-    reset_evt: EventFd,
+    platform: PlatformEvents,
     control_evt: EventFd,
     exit: Arc<ExitNotifier>,
     done: Arc<AtomicBool>,
@@ -757,10 +777,14 @@ struct ExitWatcher {
 
 impl MutEventSubscriber for ExitWatcher {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.reset_evt.as_raw_fd() {
-            let _ = self.reset_evt.read();
-            info!("guest reset through the i8042");
+        if events.fd() == self.platform.reset.as_raw_fd() {
+            let _ = self.platform.reset.read();
+            info!("guest reset (i8042 or ACPI reset register)");
             self.exit.notify(VmExitReason::Reset);
+        } else if events.fd() == self.platform.power_off.as_raw_fd() {
+            let _ = self.platform.power_off.read();
+            info!("guest powered off (ACPI S5)");
+            self.exit.notify(VmExitReason::PowerOff);
         } else if events.fd() == self.control_evt.as_raw_fd() {
             // The run loop drains the control calls after this returns.
             let _ = self.control_evt.read();
@@ -774,7 +798,8 @@ impl MutEventSubscriber for ExitWatcher {
 
     fn init(&mut self, ops: &mut EventOps) {
         let _ = ops.add(Events::new(&self.exit_evt, EventSet::IN));
-        let _ = ops.add(Events::new(&self.reset_evt, EventSet::IN));
+        let _ = ops.add(Events::new(&self.platform.reset, EventSet::IN));
+        let _ = ops.add(Events::new(&self.platform.power_off, EventSet::IN));
         let _ = ops.add(Events::new(&self.control_evt, EventSet::IN));
     }
 }

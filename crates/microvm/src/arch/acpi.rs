@@ -9,8 +9,9 @@
 //! 8250 driver cannot get IRQ 4 (user-space console output never leaves the
 //! transmit queue) and `rtc_cmos` fails its probe with -EINVAL.
 
-use acpi_tables::aml::{Device, EISAName, Interrupt, Name, ResourceTemplate, IO};
+use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, ResourceTemplate, IO};
 use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
@@ -21,7 +22,9 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::layout::{ACPI_START, APIC_ADDR, IOAPIC_ADDR, MPTABLE_START};
-use crate::devices::{CMOS_INDEX, COM1_BASE, COM1_IRQ, RTC_IRQ};
+use crate::devices::{
+    ACPI_PM_PORT, CMOS_INDEX, COM1_BASE, COM1_IRQ, RESET_VALUE, RTC_IRQ, SLEEP_TYPE_S5,
+};
 use crate::memory::GuestMemory;
 
 const OEM_ID: [u8; 6] = *b"CRYO  ";
@@ -64,9 +67,13 @@ fn isa_device(path: &str, pnp_id: &str, port: u16, ports: u8, irq: u32) -> Vec<u
     bytes_of(&Device::new(path.into(), vec![&hid_name, &crs_name]))
 }
 
-/// The DSDT: the legacy devices that raise interrupts.
+/// The DSDT: the legacy devices that raise interrupts, and the sleep type
+/// of soft-off (`\_S5`) that the guest writes to power off.
 fn dsdt() -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let s5_type = SLEEP_TYPE_S5;
+    let s5 = Package::new(vec![&s5_type]);
+    dsdt.append_slice(&bytes_of(&Name::new("_S5_".into(), &s5)));
     dsdt.append_slice(&isa_device("_SB_.COM1", "PNP0501", COM1_BASE, 8, COM1_IRQ));
     dsdt.append_slice(&isa_device("_SB_.RTC_", "PNP0B00", CMOS_INDEX, 2, RTC_IRQ));
     dsdt.update_checksum();
@@ -87,12 +94,26 @@ pub fn setup_acpi(mem: &GuestMemory, vcpus: u8) -> Result<u64, AcpiError> {
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
     fadt.iapc_boot_arch =
         (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_MSI_NOT_SUPPORTED).into();
     // The CMOS byte that holds the century, read by Linux's rtc_cmos.
     fadt.century = crate::devices::RTC_CENTURY_INDEX;
+    // One byte-wide port is the sleep control, sleep status and reset
+    // register: power off (S5) and reset end the VM.
+    let pm_port = GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(ACPI_PM_PORT),
+    );
+    fadt.sleep_control_reg = pm_port;
+    fadt.sleep_status_reg = pm_port;
+    fadt.reset_reg = pm_port;
+    fadt.reset_value = RESET_VALUE;
     let fadt_bytes = bytes_of(&fadt.finalize());
     let madt_addr = align16(fadt_addr + fadt_bytes.len() as u64);
 

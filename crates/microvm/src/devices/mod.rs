@@ -2,10 +2,12 @@
 //! the i8042 keyboard controller (used for guest reset), a CMOS/RTC, and a
 //! catch-all for ports no device claims.
 
+mod acpi_pm;
 mod cmos;
 pub mod console;
 mod serial;
 
+pub use acpi_pm::{AcpiPm, ACPI_PM_PORT, RESET_VALUE, SLEEP_TYPE_S5};
 pub use cmos::Cmos;
 pub use serial::{
     new_serial, restore_serial, EventFdTrigger, InputReady, RestoreSerialError, SerialDevice,
@@ -42,16 +44,19 @@ pub struct PioDevices {
     pub i8042: I8042Device<EventFdTrigger>,
     /// CMOS and RTC.
     pub cmos: Cmos,
+    /// ACPI sleep control (power off) and reset register.
+    pub acpi_pm: AcpiPm,
     unhandled: AtomicU64,
 }
 
 impl PioDevices {
     /// Groups the devices.
-    pub fn new(serial: SerialDevice, i8042: I8042Device<EventFdTrigger>) -> Self {
+    pub fn new(serial: SerialDevice, i8042: I8042Device<EventFdTrigger>, acpi_pm: AcpiPm) -> Self {
         PioDevices {
             serial,
             i8042,
             cmos: Cmos::new(),
+            acpi_pm,
             unhandled: AtomicU64::new(0),
         }
     }
@@ -62,6 +67,7 @@ impl PioDevices {
             (COM1_BASE..=0x3ff, 1) => data[0] = self.serial.read((port - COM1_BASE) as u8),
             (I8042_DATA | I8042_COMMAND, 1) => data[0] = self.i8042.read((port - I8042_DATA) as u8),
             (CMOS_INDEX | CMOS_DATA, 1) => data[0] = self.cmos.read(port - CMOS_INDEX),
+            (ACPI_PM_PORT, 1) => data[0] = self.acpi_pm.read(),
             _ => {
                 self.note_unhandled("read", port, data.len());
                 data.fill(0xff);
@@ -83,6 +89,7 @@ impl PioDevices {
                 }
             }
             (CMOS_INDEX | CMOS_DATA, 1) => self.cmos.write(port - CMOS_INDEX, data[0]),
+            (ACPI_PM_PORT, 1) => self.acpi_pm.write(data[0]),
             // POST code port: firmware and kernels write progress codes here.
             (0x80, _) => {}
             _ => self.note_unhandled("write", port, data.len()),
