@@ -56,6 +56,8 @@ pub mod names {
     pub const LIVE_SNAPSHOT: &str = "live-snapshot";
     /// Clocks and timers across every restore.
     pub const TIMEKEEPING: &str = "timekeeping";
+    /// `cryo pause`, a wait, `cryo resume`: the guest sees the gap.
+    pub const PAUSE_RESUME: &str = "pause-resume";
 }
 
 /// Every scenario, in the order the driver reports them.
@@ -66,6 +68,7 @@ pub const ALL: &[&str] = &[
     names::BOOT_2VCPUS,
     names::BOOT_LOG,
     names::BOOT_BZIMAGE,
+    names::PAUSE_RESUME,
     names::SAVE_STREAM,
     names::SAVE_FIXED_EAGER,
     names::SAVE_FIXED_LAZY,
@@ -524,6 +527,7 @@ fn two_vcpu_chain(setup: &Setup, tally: &mut Tally) {
         tally.not_run(&chain, "the boot failed");
         return;
     }
+    tally.outcome(names::PAUSE_RESUME, pause_resume(&mut vm));
     for (i, step) in SAVE_STEPS.iter().enumerate() {
         match stopped_save(setup, vm, step, i + 1, tally) {
             Ok((next, detail)) => {
@@ -541,6 +545,46 @@ fn two_vcpu_chain(setup: &Setup, tally: &mut Tally) {
         Ok(detail) => tally.pass(names::LIVE_SNAPSHOT, &detail),
         Err(f) => tally.fail(names::LIVE_SNAPSHOT, &f),
     }
+}
+
+/// How long [`pause_resume`] keeps the guest paused.
+const PAUSE_FOR: Duration = Duration::from_secs(3);
+
+/// Pauses the guest through the API, waits, resumes it: the workload must
+/// report the pause (its clocks moved on together while it was stopped)
+/// and carry on.
+fn pause_resume(vm: &mut LinuxVm) -> Result<String, Failure> {
+    vm.heartbeats(2, BEAT_TIMEOUT)?;
+    let api = path_str(&vm.api);
+    cryo_ok(&strings(&["pause", "--api", &api]), "cryo pause")?;
+    std::thread::sleep(PAUSE_FOR);
+    cryo_ok(&strings(&["resume", "--api", &api]), "cryo resume")?;
+    let mut pause_line = None;
+    let beats = vm.heartbeats(3, BEAT_TIMEOUT)?;
+    for line in vm.guest.output().iter().rev().take(40) {
+        if line.contains("PAUSE seq=") {
+            pause_line = Some(line.clone());
+            break;
+        }
+    }
+    let Some(line) = pause_line else {
+        return Err(Failure::of(
+            vm,
+            "the workload reported no PAUSE after a 3 s pause",
+        ));
+    };
+    let gap = cryo_tests::num(&line, "mono_gap_ms").unwrap_or(0);
+    if gap < (PAUSE_FOR.as_millis() as u64) / 2 {
+        return Err(Failure::of(
+            vm,
+            format!("a 3 s pause seen as {gap} ms: {line}"),
+        ));
+    }
+    Ok(format!(
+        "paused {} s: the guest saw {line:?}, heartbeats went on to {}",
+        PAUSE_FOR.as_secs(),
+        beats[beats.len() - 1].seq
+    ))
 }
 
 /// Saves `vm` as `step` says, restores it in a new process and checks it

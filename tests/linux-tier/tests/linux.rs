@@ -72,6 +72,11 @@ fn linux_shell_answers_on_the_console() {
 }
 
 #[test]
+fn linux_sees_a_pause_and_carries_on() {
+    check(names::PAUSE_RESUME);
+}
+
+#[test]
 fn linux_survives_managed_save() {
     check(names::MANAGED_SAVE);
 }
