@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cryo_tests::{check_continues, cryo, restore_vm, workdir, workspace_root, Progress};
+use cryo_tests::{
+    boot_with_api, check_continues, cryo, restore_vm, run_cryo, save_vm, socket_path, test_kernel,
+    workdir, workspace_root, Progress,
+};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -54,11 +57,52 @@ fn restores_and_runs(g: &Golden, file: &Path, extra: &[&str]) {
     r.kill();
 }
 
-/// `cryo inspect` reads the image and names its format.
+/// `cryo inspect` reads the image: its format, and the VM's configuration
+/// (a v1 image did not record its writer or kernel).
 fn inspects(file: &Path, format: &str) {
     let (status, out, err) = cryo(&["inspect", file.to_str().unwrap_or_default()]);
     assert_eq!(status, Some(0), "{out}\n{err}");
-    assert!(out.contains(format), "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("inspect prints JSON");
+    assert_eq!(v["format"], format, "{out}");
+    assert_eq!(v["format_version"], 1, "{out}");
+    assert_eq!(v["writer"], "", "{out}");
+    assert_eq!(v["vm"]["vcpus"], 1, "{out}");
+    assert_eq!(v["vm"]["mem_mib"], 8, "{out}");
+    assert_eq!(
+        v["vm"]["cmdline"], "console=ttyS0 cryo.mem=1 cryo.hb_ms=200",
+        "{out}"
+    );
+    assert_eq!(v["vm"]["kernel"], "", "{out}");
+    assert_eq!(
+        v["vm"]["devices"],
+        serde_json::json!(["serial", "i8042", "cmos"]),
+        "{out}"
+    );
+}
+
+/// An image written now records this cryo as its writer, and the kernel.
+#[test]
+fn new_images_record_writer_and_kernel() {
+    let dir = workdir("golden-new");
+    for format in ["fixed-ram", "stream"] {
+        let api = socket_path(&format!("golden-new-{format}"));
+        let file = dir.join(format!("{format}.cryo"));
+        let (mut g, _) = boot_with_api(1, 8, "cryo.mem=1 cryo.hb_ms=200", &api);
+        save_vm(&api, &file, &["--format", format]);
+        g.wait_exit(T);
+        let (status, out, err) = cryo(&["inspect", file.to_str().unwrap_or_default()]);
+        assert_eq!(status, Some(0), "{out}\n{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("inspect prints JSON");
+        // `cryo --version` prints "cryo X.Y.Z", the string an image records.
+        let (_, version, _) = run_cryo(&["--version"], T);
+        assert_eq!(v["writer"], version.trim(), "{out}");
+        assert_eq!(
+            v["vm"]["kernel"],
+            test_kernel().display().to_string(),
+            "{out}"
+        );
+        assert_eq!(v["vm"]["vcpus"], 1, "{out}");
+    }
 }
 
 #[test]

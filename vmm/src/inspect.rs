@@ -6,6 +6,8 @@ use std::io::BufReader;
 use serde_json::json;
 
 use crate::cli::{InspectArgs, VerifyArgs};
+use microvm::persist::{MachineState, StateSection};
+
 use crate::image::{self, SaveFormat};
 use crate::CliError;
 
@@ -23,6 +25,76 @@ pub fn inspect(args: InspectArgs) -> Result<(), CliError> {
         SaveFormat::Stream => inspect_stream(&args),
         SaveFormat::FixedRam => inspect_fixed(&args),
     }
+}
+
+/// The sections that are devices (not the machine, the KVM VM or a vCPU).
+fn devices(s: &migration_stream::StreamSummary) -> Vec<String> {
+    let mut d: Vec<String> = s
+        .sections
+        .iter()
+        .filter(|x| {
+            ![
+                image::sections::MACHINE,
+                image::sections::KVM_VM,
+                image::sections::VCPU,
+            ]
+            .contains(&x.name.as_str())
+        })
+        .map(|x| x.name.clone())
+        .collect();
+    d.dedup();
+    d
+}
+
+/// The machine section of a stream: the first section of every image.
+fn machine_of_stream(r: impl std::io::Read) -> Result<MachineState, String> {
+    let mut reader = migration_stream::StreamReader::new(r).map_err(|e| e.to_string())?;
+    while let Some(rec) = reader.next_record().map_err(|e| e.to_string())? {
+        if let migration_stream::Record::Section(s) = rec {
+            if s.name == image::sections::MACHINE {
+                return MachineState::decode_versioned(s.version, &s.data)
+                    .map_err(|e| e.to_string());
+            }
+        }
+    }
+    Err("no machine section".into())
+}
+
+/// What wrote the image, as recorded (older images did not record it).
+fn writer(m: &MachineState) -> String {
+    if m.writer.is_empty() {
+        "not recorded (written before cryo recorded its version)".into()
+    } else {
+        m.writer.clone()
+    }
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() {
+        "(not recorded)"
+    } else {
+        s
+    }
+}
+
+fn config_json(m: &MachineState, s: &migration_stream::StreamSummary) -> serde_json::Value {
+    json!({
+        "vcpus": m.vcpus,
+        "mem_mib": m.mem_mib,
+        "cmdline": m.cmdline,
+        "kernel": m.kernel,
+        "tsc_khz": m.tsc_khz,
+        "devices": devices(s),
+    })
+}
+
+fn print_config(m: &MachineState, s: &migration_stream::StreamSummary) {
+    println!("  writer: {}", writer(m));
+    println!("VM:");
+    println!("  {} vCPUs, {} MiB of RAM", m.vcpus, m.mem_mib);
+    println!("  kernel: {}", or_unknown(&m.kernel));
+    println!("  command line: {}", m.cmdline);
+    println!("  devices: {}", devices(s).join(", "));
 }
 
 fn device_sections(bytes: &[u8]) -> Result<migration_stream::StreamSummary, String> {
@@ -52,7 +124,11 @@ fn sections_json(s: &migration_stream::StreamSummary) -> serde_json::Value {
 fn inspect_stream(args: &InspectArgs) -> Result<(), CliError> {
     let file = File::open(&args.file)
         .map_err(|e| CliError::bad_input(format!("cannot read {}: {e}", args.file.display())))?;
-    let s = migration_stream::summarize(BufReader::with_capacity(1 << 20, file))
+    let s = migration_stream::summarize(BufReader::with_capacity(1 << 20, &file))
+        .map_err(|e| CliError::bad_input(format!("{}: {e}", args.file.display())))?;
+    let machine = File::open(&args.file)
+        .map_err(|e| e.to_string())
+        .and_then(|f| machine_of_stream(BufReader::new(f)))
         .map_err(|e| CliError::bad_input(format!("{}: {e}", args.file.display())))?;
     if args.json {
         let regions: Vec<serde_json::Value> = s
@@ -63,6 +139,8 @@ fn inspect_stream(args: &InspectArgs) -> Result<(), CliError> {
         let v = json!({
             "format": "stream",
             "format_version": s.format_version,
+            "writer": machine.writer,
+            "vm": config_json(&machine, &s),
             "page_size": s.page_size,
             "sections": sections_json(&s),
             "ram_layout": regions,
@@ -79,6 +157,7 @@ fn inspect_stream(args: &InspectArgs) -> Result<(), CliError> {
         s.format_version, s.page_size
     );
     println!("  {} bytes in all", s.total_bytes);
+    print_config(&machine, &s);
     print_sections(&s);
     println!("RAM layout:");
     for (i, r) in s.ram_layout.iter().enumerate() {
@@ -105,10 +184,13 @@ fn inspect_fixed(args: &InspectArgs) -> Result<(), CliError> {
         .device_state()
         .map_err(|e| CliError::bad_input(format!("{}: {e}", args.file.display())))
         .and_then(|d| {
-            device_sections(&d).map_err(|e| {
-                CliError::bad_input(format!("{}: device state: {e}", args.file.display()))
-            })
+            device_sections(&d)
+                .and_then(|s| Ok((s, machine_of_stream(d.as_slice())?)))
+                .map_err(|e| {
+                    CliError::bad_input(format!("{}: device state: {e}", args.file.display()))
+                })
         })?;
+    let (device, machine) = device;
     let regions: Vec<(usize, &fixed_ram::RegionLayout, u64)> = img
         .layout()
         .regions()
@@ -128,6 +210,8 @@ fn inspect_fixed(args: &InspectArgs) -> Result<(), CliError> {
         let v = json!({
             "format": "fixed-ram",
             "format_version": h.format_version,
+            "writer": machine.writer,
+            "vm": config_json(&machine, &device),
             "page_size": h.page_size,
             "alignment": h.alignment,
             "chunk_size": h.chunk_size,
@@ -157,6 +241,7 @@ fn inspect_fixed(args: &InspectArgs) -> Result<(), CliError> {
         img.allocated_size(),
         img.allocated_size() >> 20
     );
+    print_config(&machine, &device);
     println!("regions:");
     for (i, r, p) in &regions {
         let pages = r.size / u64::from(h.page_size);

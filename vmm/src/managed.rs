@@ -249,6 +249,8 @@ mod tests {
             regions: vec![(0, 512 << 20)],
             cmdline: "console=ttyS0".into(),
             tsc_khz: 1,
+            kernel: "/k".into(),
+            writer: String::new(),
         };
         let d = differences(&asked, Some(&asked), &machine);
         assert_eq!(d.len(), 1);

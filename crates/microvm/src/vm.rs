@@ -361,6 +361,8 @@ impl MicroVm {
             regions: region_list(&memory),
             cmdline: config.boot.cmdline.clone(),
             tsc_khz,
+            kernel: config.boot.kernel.display().to_string(),
+            writer: String::new(),
         };
         Self::assemble(
             kvm,

@@ -358,8 +358,10 @@ pub fn load_fixed_with(
         image.verify().map_err(|e| invalid(e.to_string()))?;
     }
     let device_state = image.device_state().map_err(|e| invalid(e.to_string()))?;
-    let snapshot =
-        snapshot::decode(&device_state).map_err(|e| invalid(format!("device state: {e}")))?;
+    let snapshot = snapshot::decode(&device_state).map_err(|source| SaveError::DeviceState {
+        path: path.to_owned(),
+        source,
+    })?;
     let image_regions: Vec<(u64, u64)> = image
         .layout()
         .regions()

@@ -125,8 +125,10 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
         stats.elapsed,
         stats.mb_per_s()
     );
-    let snap =
-        snapshot::decode(&device_state).map_err(|e| invalid(format!("device state: {e}")))?;
+    let snap = snapshot::decode(&device_state).map_err(|source| SaveError::DeviceState {
+        path: path.clone(),
+        source,
+    })?;
     let memory = memory.ok_or_else(|| invalid("no RAM layout was received".into()))?;
     let ours: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
     if ours != snap.machine.regions {

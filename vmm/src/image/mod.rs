@@ -33,20 +33,24 @@ use serde::{Deserialize, Serialize};
 /// Guest page size.
 pub const PAGE_SIZE: usize = 4096;
 
-/// Section names in a saved image's device state.
+/// Section names in a saved image's device state (each state's
+/// [`StateSection::NAME`](microvm::persist::StateSection::NAME)).
 pub mod sections {
+    use microvm::persist::{
+        CmosState, I8042State, MachineState, SerialState, StateSection, VcpuState, VmState,
+    };
     /// [`microvm::persist::MachineState`], always first.
-    pub const MACHINE: &str = "machine";
+    pub const MACHINE: &str = MachineState::NAME;
     /// [`microvm::persist::VmState`].
-    pub const KVM_VM: &str = "kvm-vm";
+    pub const KVM_VM: &str = VmState::NAME;
     /// [`microvm::persist::VcpuState`], instance = vCPU index.
-    pub const VCPU: &str = "vcpu";
+    pub const VCPU: &str = VcpuState::NAME;
     /// [`microvm::persist::SerialState`].
-    pub const SERIAL: &str = "serial";
+    pub const SERIAL: &str = SerialState::NAME;
     /// [`microvm::persist::I8042State`].
-    pub const I8042: &str = "i8042";
+    pub const I8042: &str = I8042State::NAME;
     /// [`microvm::persist::CmosState`].
-    pub const CMOS: &str = "cmos";
+    pub const CMOS: &str = CmosState::NAME;
 }
 
 /// The image formats `save` writes.
@@ -128,6 +132,15 @@ pub enum SaveError {
         /// Why.
         source: std::io::Error,
     },
+    /// The image's device state does not make a VM (damaged, or from a newer cryo).
+    #[error("{path}: device state: {source}")]
+    DeviceState {
+        /// File (or peer).
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: snapshot::DeviceStateError,
+    },
     /// The file is not a valid saved VM.
     #[error("{path}: {reason}")]
     Invalid {
@@ -154,14 +167,17 @@ impl SaveError {
             }
             // A target the request cannot use (e.g. O_DIRECT where the
             // filesystem refuses it).
-            SaveError::Invalid { .. } => "bad-request",
+            SaveError::Invalid { .. } | SaveError::DeviceState { .. } => "bad-request",
             _ => "failed",
         }
     }
 
     /// Whether this is the input's fault (exit status 2) rather than a runtime failure.
     pub fn is_bad_input(&self) -> bool {
-        matches!(self, SaveError::Read { .. } | SaveError::Invalid { .. })
+        matches!(
+            self,
+            SaveError::Read { .. } | SaveError::Invalid { .. } | SaveError::DeviceState { .. }
+        )
     }
 }
 

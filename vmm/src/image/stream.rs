@@ -149,12 +149,16 @@ pub fn load_stream_file(path: &Path) -> Result<(VmSnapshot, GuestMemory), SaveEr
             r.page_size()
         )));
     }
+    let device_state = |source| SaveError::DeviceState {
+        path: path.to_owned(),
+        source,
+    };
     let mut builder = SnapshotBuilder::default();
     let mut memory: Option<GuestMemory> = None;
     while let Some(record) = r.next_record().map_err(|e| invalid(e.to_string()))? {
         match record {
             Record::Section(s) => {
-                builder.add(&s).map_err(invalid)?;
+                builder.add(&s).map_err(device_state)?;
                 if memory.is_none() {
                     if let Some(m) = builder.machine() {
                         memory = Some(
@@ -199,7 +203,7 @@ pub fn load_stream_file(path: &Path) -> Result<(VmSnapshot, GuestMemory), SaveEr
             Record::Sync(_) | Record::End => {}
         }
     }
-    let snapshot = builder.finish().map_err(invalid)?;
+    let snapshot = builder.finish().map_err(device_state)?;
     let memory = memory.ok_or_else(|| invalid("no guest memory".into()))?;
     Ok((snapshot, memory))
 }
