@@ -24,8 +24,16 @@ pub enum DeviceStateError {
     #[error(transparent)]
     Stream(#[from] StreamError),
     /// A section could not be read (a newer version, or damaged bytes).
-    #[error(transparent)]
-    Section(#[from] SectionError),
+    #[error("section '{name}' instance {instance}: {source}")]
+    Section {
+        /// Section name.
+        name: String,
+        /// Instance.
+        instance: u32,
+        /// Why.
+        #[source]
+        source: SectionError,
+    },
     /// A section came before the machine section.
     #[error("section '{0}' comes before the machine section")]
     BeforeMachine(String),
@@ -67,6 +75,9 @@ pub enum DeviceStateError {
     /// A section is missing.
     #[error("no {0} section")]
     Missing(String),
+    /// A vCPU's section is missing.
+    #[error("no vcpu section for vCPU {0}")]
+    MissingVcpu(usize),
     /// Device state that holds RAM records.
     #[error("device state holds RAM records")]
     HoldsRam,
@@ -103,8 +114,12 @@ pub fn write_sections<W: std::io::Write>(
 }
 
 /// Decodes `s` as a `T`, through the layout of its version.
-fn read<T: StateSection>(s: &Section) -> Result<T, SectionError> {
-    T::decode_versioned(s.version, &s.data)
+fn read<T: StateSection>(s: &Section) -> Result<T, DeviceStateError> {
+    T::decode_versioned(s.version, &s.data).map_err(|source| DeviceStateError::Section {
+        name: s.name.clone(),
+        instance: s.instance,
+        source,
+    })
 }
 
 /// Collects sections into a [`VmSnapshot`].
@@ -181,7 +196,7 @@ impl SnapshotBuilder {
             .vcpus
             .into_iter()
             .enumerate()
-            .map(|(i, v)| v.ok_or_else(|| missing(&format!("vcpu {i}"))))
+            .map(|(i, v)| v.ok_or(DeviceStateError::MissingVcpu(i)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(VmSnapshot {
             machine,
