@@ -267,11 +267,14 @@ impl ImageWriter {
         // Metadata goes through 4096-aligned, padded buffers so that a file
         // opened with O_DIRECT (`from_file`) takes it; the padding lands in
         // the gaps before the next aligned area, or past the end (truncated).
+        // The metadata CRC covers every bitmap, then the checksum table.
+        let mut metadata_crc = 0u32;
         for (region, (r, words)) in layout.regions().iter().zip(&self.bitmaps).enumerate() {
             let bytes: Vec<u8> = words
                 .iter()
                 .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
                 .collect();
+            metadata_crc = crc32c::crc32c_append(metadata_crc, &bytes);
             write_padded(&self.file, &bytes, r.bitmap_offset, &|| {
                 format!("the bitmap of region {region}")
             })?;
@@ -281,6 +284,7 @@ impl ImageWriter {
             .iter()
             .flat_map(|c| c.load(Ordering::Acquire).to_le_bytes())
             .collect();
+        metadata_crc = crc32c::crc32c_append(metadata_crc, &table);
         write_padded(&self.file, &table, layout.checksum_table_offset(), &|| {
             "the checksum table".to_string()
         })?;
@@ -301,6 +305,7 @@ impl ImageWriter {
             layout,
             device_state.len() as u64,
             crc32c::crc32c(device_state),
+            metadata_crc,
         );
         write_padded(&self.file, &header.to_bytes(), 0, &|| {
             "the header".to_string()
