@@ -20,16 +20,38 @@ struct Golden {
     file: &'static str,
     /// Heartbeat (seq, tsc) of cpu 0 last printed before the save.
     last_beat: (u64, u64),
+    /// `format` and `format_version` as `cryo inspect` reports them.
+    format: (&'static str, u32),
+    /// Whether the image records its writer and kernel (machine section 2 on).
+    records_writer: bool,
 }
 
 const V1_FIXED_RAM: Golden = Golden {
     file: "v1/fixed-ram.cryo.zst",
     last_beat: (19, 14168911228278),
+    format: ("fixed-ram", 1),
+    records_writer: false,
 };
 
 const V1_STREAM: Golden = Golden {
     file: "v1/stream.cryo.zst",
     last_beat: (19, 14179940457980),
+    format: ("stream", 1),
+    records_writer: false,
+};
+
+const V2_FIXED_RAM: Golden = Golden {
+    file: "v2/fixed-ram.cryo.zst",
+    last_beat: (19, 15378487779850),
+    format: ("fixed-ram", 2),
+    records_writer: true,
+};
+
+const V2_STREAM: Golden = Golden {
+    file: "v2/stream.cryo.zst",
+    last_beat: (19, 15389386236098),
+    format: ("stream", 1),
+    records_writer: true,
 };
 
 /// Decompresses a golden image into a fresh scratch directory.
@@ -59,25 +81,69 @@ fn restores_and_runs(g: &Golden, file: &Path, extra: &[&str]) {
 
 /// `cryo inspect` reads the image: its format, and the VM's configuration
 /// (a v1 image did not record its writer or kernel).
-fn inspects(file: &Path, format: &str) {
+fn inspects(file: &Path, g: &Golden) {
     let (status, out, err) = cryo(&["inspect", file.to_str().unwrap_or_default()]);
     assert_eq!(status, Some(0), "{out}\n{err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("inspect prints JSON");
-    assert_eq!(v["format"], format, "{out}");
-    assert_eq!(v["format_version"], 1, "{out}");
-    assert_eq!(v["writer"], "", "{out}");
+    assert_eq!(v["format"], g.format.0, "{out}");
+    assert_eq!(v["format_version"], g.format.1, "{out}");
     assert_eq!(v["vm"]["vcpus"], 1, "{out}");
     assert_eq!(v["vm"]["mem_mib"], 8, "{out}");
     assert_eq!(
         v["vm"]["cmdline"], "console=ttyS0 cryo.mem=1 cryo.hb_ms=200",
         "{out}"
     );
-    assert_eq!(v["vm"]["kernel"], "", "{out}");
     assert_eq!(
         v["vm"]["devices"],
         serde_json::json!(["serial", "i8042", "cmos"]),
         "{out}"
     );
+    let kernel = v["vm"]["kernel"].as_str().unwrap_or_default();
+    if g.records_writer {
+        assert_eq!(v["writer"], "cryo 0.1.0", "{out}");
+        assert!(kernel.ends_with("cryo-test-kernel.elf"), "{out}");
+    } else {
+        assert_eq!(v["writer"], "", "{out}");
+        assert_eq!(kernel, "", "{out}");
+    }
+}
+
+/// Inspects, verifies (`cryo verify`) and restores a fixed-ram golden image
+/// eagerly and lazily.
+fn fixed_ram_golden(g: &Golden, name: &str) {
+    let file = unpack(g, name);
+    inspects(&file, g);
+    let (status, out, err) = cryo(&["verify", file.to_str().unwrap_or_default()]);
+    assert_eq!(status, Some(0), "{out}\n{err}");
+    restores_and_runs(g, &file, &[]);
+    restores_and_runs(g, &file, &["--lazy"]);
+}
+
+/// Inspects and restores a stream golden image.
+fn stream_golden(g: &Golden, name: &str) {
+    let file = unpack(g, name);
+    inspects(&file, g);
+    restores_and_runs(g, &file, &[]);
+}
+
+#[test]
+fn v1_fixed_ram() {
+    fixed_ram_golden(&V1_FIXED_RAM, "v1-fr");
+}
+
+#[test]
+fn v1_stream() {
+    stream_golden(&V1_STREAM, "v1-stream");
+}
+
+#[test]
+fn v2_fixed_ram() {
+    fixed_ram_golden(&V2_FIXED_RAM, "v2-fr");
+}
+
+#[test]
+fn v2_stream() {
+    stream_golden(&V2_STREAM, "v2-stream");
 }
 
 /// An image written now records this cryo as its writer, and the kernel.
@@ -103,26 +169,4 @@ fn new_images_record_writer_and_kernel() {
         );
         assert_eq!(v["vm"]["vcpus"], 1, "{out}");
     }
-}
-
-#[test]
-fn v1_fixed_ram_restores_eagerly() {
-    let file = unpack(&V1_FIXED_RAM, "v1-fr-eager");
-    inspects(&file, "fixed-ram");
-    let (status, out, err) = cryo(&["verify", file.to_str().unwrap_or_default()]);
-    assert_eq!(status, Some(0), "{out}\n{err}");
-    restores_and_runs(&V1_FIXED_RAM, &file, &[]);
-}
-
-#[test]
-fn v1_fixed_ram_restores_lazily() {
-    let file = unpack(&V1_FIXED_RAM, "v1-fr-lazy");
-    restores_and_runs(&V1_FIXED_RAM, &file, &["--lazy"]);
-}
-
-#[test]
-fn v1_stream_restores() {
-    let file = unpack(&V1_STREAM, "v1-stream");
-    inspects(&file, "stream");
-    restores_and_runs(&V1_STREAM, &file, &[]);
 }
