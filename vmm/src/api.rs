@@ -555,7 +555,7 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
                         None,
                     )
                 }
-                Ok(Err(save::SaveError::Image { reason, .. })) if reason.contains("cancelled") => (
+                Ok(Err(save::SaveError::Cancelled { .. })) => (
                     error_reply(id, "cancelled", "the snapshot was cancelled"),
                     None,
                 ),
@@ -580,9 +580,9 @@ pub fn request_with_events(
     path: &Path,
     req: &Value,
     on_event: &mut dyn FnMut(&Value),
-) -> Result<Value, crate::CliError> {
+) -> Result<Value, crate::error::CliError> {
     let mut stream = UnixStream::connect(path).map_err(|e| {
-        crate::CliError::bad_input(format!(
+        crate::error::CliError::bad_input(format!(
             "cannot connect to the API socket {}: {e}",
             path.display()
         ))
@@ -591,20 +591,21 @@ pub fn request_with_events(
     line.push('\n');
     stream
         .write_all(line.as_bytes())
-        .map_err(|e| crate::CliError::failure(format!("API socket write failed: {e}")))?;
+        .map_err(|e| crate::error::CliError::failure(format!("API socket write failed: {e}")))?;
     let mut reader = BufReader::new(stream);
     loop {
         let mut reply = String::new();
         reader
             .read_line(&mut reply)
-            .map_err(|e| crate::CliError::failure(format!("API socket read failed: {e}")))?;
+            .map_err(|e| crate::error::CliError::failure(format!("API socket read failed: {e}")))?;
         if reply.is_empty() {
-            return Err(crate::CliError::failure(
+            return Err(crate::error::CliError::failure(
                 "the VM closed the API connection without a reply",
             ));
         }
-        let v: Value = serde_json::from_str(&reply)
-            .map_err(|e| crate::CliError::failure(format!("malformed reply from the VM: {e}")))?;
+        let v: Value = serde_json::from_str(&reply).map_err(|e| {
+            crate::error::CliError::failure(format!("malformed reply from the VM: {e}"))
+        })?;
         if v.get("event").is_some() {
             on_event(&v);
             continue;

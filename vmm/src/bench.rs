@@ -21,8 +21,8 @@ use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use microvm::{BootSource, MemoryBacking, MicroVm, RestoreOptions, SerialOutput, VmConfig};
 use serde::Serialize;
 
+use crate::error::CliError;
 use crate::image::{self, fixed, RestoreMode};
-use crate::CliError;
 
 /// Arguments of `cryo bench save-restore`.
 #[derive(clap::Args, Debug)]

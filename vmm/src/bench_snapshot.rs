@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use microvm::{BootSource, MemoryBacking, MicroVm, SerialOutput, VmConfig};
 use serde::Serialize;
 
+use crate::error::CliError;
 use crate::image::{self, fixed, live};
-use crate::CliError;
 
 /// Arguments of `cryo bench snapshot`.
 #[derive(clap::Args, Debug)]

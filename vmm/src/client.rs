@@ -4,8 +4,8 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use crate::error::CliError;
 use crate::progress::{Display, ProgressInfo};
-use crate::CliError;
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug)]

@@ -8,15 +8,11 @@ use serde_json::json;
 use crate::cli::{InspectArgs, VerifyArgs};
 use microvm::persist::{MachineState, StateSection};
 
+use crate::error::CliError;
 use crate::image::{self, SaveFormat};
-use crate::CliError;
 
 fn input_err(e: image::SaveError) -> CliError {
-    if e.is_bad_input() {
-        CliError::bad_input(e.to_string())
-    } else {
-        CliError::failure(e.to_string())
-    }
+    e.into()
 }
 
 /// Prints the header, the sections with versions and sizes, and the RAM layout.

@@ -8,6 +8,7 @@ mod bench;
 mod bench_snapshot;
 mod cli;
 mod client;
+mod error;
 mod image;
 mod inspect;
 mod managed;
@@ -19,46 +20,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Exit status for a runtime failure.
-pub const EXIT_FAILURE: u8 = 1;
-/// Exit status for bad input (arguments, files, host set-up).
-pub const EXIT_BAD_INPUT: u8 = 2;
-
-/// A failure with the exit status it maps to.
-#[derive(Debug)]
-pub struct CliError {
-    /// One line for the user.
-    pub message: String,
-    /// 1 or 2.
-    pub status: u8,
-}
-
-impl CliError {
-    /// Bad input (status 2).
-    pub fn bad_input(message: impl Into<String>) -> Self {
-        CliError {
-            message: message.into(),
-            status: EXIT_BAD_INPUT,
-        }
-    }
-    /// Runtime failure (status 1).
-    pub fn failure(message: impl Into<String>) -> Self {
-        CliError {
-            message: message.into(),
-            status: EXIT_FAILURE,
-        }
-    }
-}
-
-impl From<microvm::Error> for CliError {
-    fn from(e: microvm::Error) -> Self {
-        if e.is_bad_input() {
-            CliError::bad_input(e.to_string())
-        } else {
-            CliError::failure(e.to_string())
-        }
-    }
-}
+use error::CliError;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();

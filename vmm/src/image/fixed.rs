@@ -233,7 +233,7 @@ fn image_err(path: &Path) -> impl Fn(fixed_ram::FixedRamError) -> SaveError + '_
         },
         other => SaveError::Image {
             path: path.to_owned(),
-            reason: other.to_string(),
+            source: other.into(),
         },
     }
 }
@@ -271,7 +271,7 @@ fn write_to(
     let device_state =
         snapshot::encode(snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
             path: path.to_owned(),
-            reason: e.to_string(),
+            source: e.into(),
         })?;
     let writer = ImageWriter::create(tmp, layout).map_err(&ierr)?;
     let stats = multifd::save_to_file(
@@ -287,7 +287,7 @@ fn write_to(
         },
         other => SaveError::Image {
             path: path.to_owned(),
-            reason: other.to_string(),
+            source: other.into(),
         },
     })?;
     log::info!(
@@ -394,7 +394,7 @@ pub fn load_fixed_with(
                 multifd::MultifdError::DirectIoUnsupported { .. } => invalid(e.to_string()),
                 multifd::MultifdError::Io { .. } => SaveError::Image {
                     path: path.to_owned(),
-                    reason: e.to_string(),
+                    source: e.into(),
                 },
                 other => invalid(other.to_string()),
             })?;

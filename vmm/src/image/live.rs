@@ -120,9 +120,12 @@ fn snap_err(path: &Path) -> impl Fn(SnapshotError) -> SaveError + '_ {
                 reason: format!("live snapshot impossible: {e}"),
             }
         }
+        SnapshotError::Cancelled => SaveError::Cancelled {
+            path: path.to_owned(),
+        },
         other => SaveError::Image {
             path: path.to_owned(),
-            reason: other.to_string(),
+            source: other.into(),
         },
     }
 }
@@ -173,7 +176,7 @@ pub fn snapshot_vm(
         let specs = region_specs(&memory);
         let ierr = |e: fixed_ram::FixedRamError| SaveError::Image {
             path: path.to_owned(),
-            reason: e.to_string(),
+            source: e.into(),
         };
         let layout = Layout::with_params(
             PAGE_SIZE as u32,
@@ -185,7 +188,7 @@ pub fn snapshot_vm(
         let device_state =
             snapshot::encode(&snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
                 path: path.to_owned(),
-                reason: e.to_string(),
+                source: e.into(),
             })?;
         let writer = ImageWriter::create(&tmp, layout).map_err(ierr)?;
         let direct = match channels.direct_io {

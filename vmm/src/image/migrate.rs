@@ -50,7 +50,7 @@ pub fn send_vm(
     let target = PathBuf::from(endpoint.to_string());
     let device_state = snapshot::encode(snap, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
         path: target.clone(),
-        reason: e.to_string(),
+        source: e.into(),
     })?;
     let socket_opts = multifd::SocketOptions {
         channels: opts.channels.channels.clamp(1, 64),
@@ -64,7 +64,7 @@ pub fn send_vm(
     )
     .map_err(|e| SaveError::Image {
         path: target.clone(),
-        reason: e.to_string(),
+        source: e.into(),
     })?;
     log::info!(
         "sent {} pages ({} zero) over {} channels in {:?}: {:.0} MB/s on the wire",
@@ -115,7 +115,7 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
         })
         .map_err(|e| SaveError::Image {
             path: path.clone(),
-            reason: e.to_string(),
+            source: e.into(),
         })?;
     drop(listener);
     log::info!(

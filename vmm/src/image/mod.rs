@@ -102,6 +102,23 @@ pub struct Written {
     pub zero_pages: u64,
 }
 
+/// What failed underneath a save or load, by layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The fixed-ram image.
+    #[error(transparent)]
+    FixedRam(#[from] fixed_ram::FixedRamError),
+    /// The migration stream (stream files, device state).
+    #[error(transparent)]
+    Stream(#[from] migration_stream::StreamError),
+    /// The page channels.
+    #[error(transparent)]
+    Multifd(#[from] multifd::MultifdError),
+    /// The live-snapshot engine.
+    #[error(transparent)]
+    Snapshot(#[from] bg_snapshot::SnapshotError),
+}
+
 /// Why a save or load failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
@@ -116,13 +133,20 @@ pub enum SaveError {
         /// Why.
         source: std::io::Error,
     },
-    /// The image writer failed.
-    #[error("writing {path}: {reason}")]
+    /// The image writer or reader failed.
+    #[error("writing {path}: {source}")]
     Image {
         /// File.
         path: PathBuf,
         /// Why.
-        reason: String,
+        #[source]
+        source: ImageError,
+    },
+    /// A live snapshot was cancelled (no file is left).
+    #[error("{path}: the snapshot was cancelled")]
+    Cancelled {
+        /// The target that was not written.
+        path: PathBuf,
     },
     /// The file could not be read.
     #[error("cannot read {path}: {source}")]
@@ -168,6 +192,7 @@ impl SaveError {
             // A target the request cannot use (e.g. O_DIRECT where the
             // filesystem refuses it).
             SaveError::Invalid { .. } | SaveError::DeviceState { .. } => "bad-request",
+            SaveError::Cancelled { .. } => "cancelled",
             _ => "failed",
         }
     }

@@ -68,7 +68,7 @@ fn write_stream(
         },
         other => SaveError::Image {
             path: path.to_owned(),
-            reason: other.to_string(),
+            source: other.into(),
         },
     };
     let mut w = StreamWriter::new(BufWriter::with_capacity(IO_BUFFER, file), PAGE_SIZE as u32)
