@@ -459,7 +459,7 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
         } => {
             let target = match save::SaveTarget::parse(&path) {
                 Ok(t) => t,
-                Err(e) => return (error_reply(id, "bad-request", &e), None),
+                Err(e) => return (error_reply(id, "bad-request", &e.to_string()), None),
             };
             let channels = match channel_options(channels, direct_io) {
                 Ok(c) => c,

@@ -128,7 +128,9 @@ fn absolute(p: &Path) -> Result<String, CliError> {
 /// `cryo save`.
 pub fn save(args: crate::cli::SaveArgs, out: Output) -> Result<(), CliError> {
     // The VM resolves a path in its own working directory: send it absolute.
-    let to = match crate::image::SaveTarget::parse(&args.to).map_err(CliError::bad_input)? {
+    let to = match crate::image::SaveTarget::parse(&args.to)
+        .map_err(|e| CliError::bad_input(e.to_string()))?
+    {
         crate::image::SaveTarget::Peer(_) => args.to.clone(),
         crate::image::SaveTarget::File(p) => absolute(&p)?,
     };

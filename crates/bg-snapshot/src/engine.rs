@@ -503,10 +503,10 @@ impl Shared<'_> {
     fn write(&self, sink: &dyn BlockSink, g: u64, data: &[u8]) -> Result<(), SnapshotError> {
         let (r, b, _, _) = self.locate(g);
         sink.write_block(r, b, data)
-            .map_err(|message| SnapshotError::Sink {
+            .map_err(|source| SnapshotError::Sink {
                 range: r,
                 block: b,
-                message,
+                source,
             })
     }
 

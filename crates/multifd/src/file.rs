@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::sys;
-use crate::{MemRegion, MultifdError};
+use crate::{CallerError, MemRegion, MultifdError};
 
 /// The most channels a file transfer may use.
 pub const MAX_FILE_CHANNELS: usize = 256;
@@ -49,12 +49,12 @@ pub trait FileLayout: Sync {
         chunk: u64,
         present: &[u64],
         crc: u32,
-    ) -> Result<(), String>;
+    ) -> Result<(), CallerError>;
     /// Whether page `page` of `region` is present in the file (restore side).
     fn page_present(&self, region: usize, page: u64) -> bool;
     /// Checks a chunk after it was read into memory (restore side):
-    /// `Err(message)` if its checksum does not match.
-    fn chunk_loaded(&self, region: usize, chunk: u64, data: &[u8]) -> Result<(), String>;
+    /// an error if its checksum does not match.
+    fn chunk_loaded(&self, region: usize, chunk: u64, data: &[u8]) -> Result<(), CallerError>;
 }
 
 /// Whether file channels use `O_DIRECT`.
@@ -662,11 +662,12 @@ impl Chan<'_, '_> {
             self.sh
                 .layout
                 .chunk_saved(r, pend.chunk, &pend.words, pend.crc)
-                .map_err(|m| {
-                    MultifdError::Layout(format!(
-                        "channel {}: region {r} chunk {}: recording the saved chunk: {m}",
+                .map_err(|source| MultifdError::Caller {
+                    context: format!(
+                        "channel {}: region {r} chunk {}: recording the saved chunk",
                         self.c, pend.chunk
-                    ))
+                    ),
+                    source,
                 })?;
         }
         Ok(())
@@ -786,14 +787,18 @@ impl Chan<'_, '_> {
             // is the only one touching it.
             let data =
                 unsafe { std::slice::from_raw_parts(ptr, (np * self.sh.page_size) as usize) };
-            self.sh.layout.chunk_loaded(r, chunk, data).map_err(|m| {
-                MultifdError::Checksum(format!(
-                    "channel {}: region {r} chunk {chunk} (region bytes {:#x}..{:#x}): {m}",
-                    self.c,
-                    p0 * self.sh.page_size,
-                    (p0 + np) * self.sh.page_size
-                ))
-            })?;
+            self.sh
+                .layout
+                .chunk_loaded(r, chunk, data)
+                .map_err(|source| MultifdError::ChunkRejected {
+                    context: format!(
+                        "channel {}: region {r} chunk {chunk} (region bytes {:#x}..{:#x})",
+                        self.c,
+                        p0 * self.sh.page_size,
+                        (p0 + np) * self.sh.page_size
+                    ),
+                    source,
+                })?;
         }
         Ok(())
     }

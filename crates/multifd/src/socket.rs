@@ -13,7 +13,7 @@ use crate::protocol::{
     Run, HELLO_LEN, MAIN_HEADER_LEN, MAX_DATA_CHANNELS, MAX_DEVICE_STATE, MAX_PAGES_PER_PACKET,
     MAX_REGIONS, MAX_STRAYS, PACKET_HEADER_LEN, PAGE_SIZE, RUN_LEN,
 };
-use crate::{sys, Channel, MemRegion, MultifdError, TransferStats};
+use crate::{sys, CallerError, Channel, MemRegion, MultifdError, TransferStats};
 
 /// Options for [`send`].
 #[derive(Clone, Debug)]
@@ -617,7 +617,7 @@ fn send_channel<S: Write + ?Sized>(
 #[allow(clippy::type_complexity)]
 pub fn receive<S: Read + Write + Send>(
     accept: &mut dyn FnMut() -> io::Result<S>,
-    alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, String>,
+    alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError>,
 ) -> Result<(Vec<u8>, TransferStats), MultifdError> {
     let start = Instant::now();
     let mut main = accept().map_err(|e| MultifdError::io("accepting the main connection", e))?;
@@ -678,7 +678,7 @@ fn receive_main<S: Read + Write + Send>(
     main: &mut S,
     hello: &Hello,
     accept: &mut dyn FnMut() -> io::Result<S>,
-    alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, String>,
+    alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError>,
     wire: &mut u64,
 ) -> Result<(Vec<u8>, TransferStats), MultifdError> {
     let ps = hello.page_size;
@@ -695,11 +695,9 @@ fn receive_main<S: Read + Write + Send>(
             )))
         }
     };
-    let regions = alloc(&layout).map_err(|m| {
-        MultifdError::Layout(format!(
-            "allocating the guest memory ({} regions): {m}",
-            layout.len()
-        ))
+    let regions = alloc(&layout).map_err(|source| MultifdError::Caller {
+        context: format!("allocating the guest memory ({} regions)", layout.len()),
+        source,
     })?;
     if regions.len() != layout.len() {
         return Err(MultifdError::Layout(format!(

@@ -194,7 +194,7 @@ fn checksum_mismatch_names_the_chunk() {
             .err()
             .expect("corruption detected");
         let msg = err.to_string();
-        assert!(matches!(err, MultifdError::Checksum(_)), "{msg}");
+        assert!(matches!(err, MultifdError::ChunkRejected { .. }), "{msg}");
         assert!(msg.contains("region 1 chunk 2"), "{msg}");
     }
 }

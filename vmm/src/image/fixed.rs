@@ -107,7 +107,7 @@ impl multifd::FileLayout for ImageLayout<'_> {
         chunk: u64,
         present: &[u64],
         crc: u32,
-    ) -> Result<(), String> {
+    ) -> Result<(), multifd::CallerError> {
         let Side::Save(writer) = self.side else {
             return Err("the image is open for reading".into());
         };
@@ -119,7 +119,7 @@ impl multifd::FileLayout for ImageLayout<'_> {
         };
         writer
             .record_chunk(region, chunk, &bit, crc)
-            .map_err(|e| e.to_string())
+            .map_err(Into::into)
     }
     fn page_present(&self, region: usize, page: u64) -> bool {
         match self.side {
@@ -127,7 +127,12 @@ impl multifd::FileLayout for ImageLayout<'_> {
             Side::Save(_) => false,
         }
     }
-    fn chunk_loaded(&self, region: usize, chunk: u64, data: &[u8]) -> Result<(), String> {
+    fn chunk_loaded(
+        &self,
+        region: usize,
+        chunk: u64,
+        data: &[u8],
+    ) -> Result<(), multifd::CallerError> {
         let Side::Load(image) = self.side else {
             return Ok(());
         };
@@ -139,10 +144,14 @@ impl multifd::FileLayout for ImageLayout<'_> {
         }
         let (offset, len) = self.chunk_range(region, chunk);
         let base = self.layout.regions()[region].guest_addr + offset;
-        Err(format!(
-            "chunk {chunk} of region {region} (guest {base:#x}..{:#x}) is corrupt: CRC32C {found:#010x}, expected {expected:#010x}",
-            base + len
-        ))
+        Err(Box::new(fixed_ram::FixedRamError::ChunkChecksum {
+            region,
+            chunk,
+            expected,
+            found,
+            guest_start: base,
+            guest_end: base + len,
+        }))
     }
 }
 

@@ -97,7 +97,12 @@ impl BlockSink for ImageSink<'_> {
         BLOCK_SIZE
     }
 
-    fn write_block(&self, range: usize, block: u64, data: &[u8]) -> Result<(), String> {
+    fn write_block(
+        &self,
+        range: usize,
+        block: u64,
+        data: &[u8],
+    ) -> Result<(), bg_snapshot::SinkError> {
         // Blocks straight from guest memory are page aligned and can go
         // through O_DIRECT; fault copies live in ordinary buffers.
         if let Some(p) = self.progress {
@@ -108,7 +113,7 @@ impl BlockSink for ImageSink<'_> {
             (Some(fd), true) => self.writer.write_chunk_via(fd, range, block, data),
             _ => self.writer.write_chunk(range, block, data),
         };
-        r.map(|_| ()).map_err(|e| e.to_string())
+        r.map(|_| ()).map_err(Into::into)
     }
 }
 

@@ -98,16 +98,16 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
         .receive(DATA_CONNECT_TIMEOUT, &mut |layout| {
             let total: u64 = layout.iter().map(|(_, size)| *size).sum();
             if !total.is_multiple_of(1 << 20) {
-                return Err(format!("RAM of {total} bytes is not a whole number of MiB"));
+                return Err(format!("RAM of {total} bytes is not a whole number of MiB").into());
             }
-            let mem = create_guest_memory(total >> 20, &MemoryBacking::Anonymous)
-                .map_err(|e| e.to_string())?;
+            let mem = create_guest_memory(total >> 20, &MemoryBacking::Anonymous)?;
             let ours: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
             if ours != layout {
                 return Err(format!(
                     "RAM layout {layout:x?} is not the one cryo builds for {} MiB ({ours:x?})",
                     total >> 20
-                ));
+                )
+                .into());
             }
             let regions = mem_regions(&mem);
             memory = Some(mem);

@@ -235,11 +235,9 @@ pub enum SaveTarget {
 
 impl SaveTarget {
     /// `tcp:HOST:PORT` and `unix:PATH` are peers; anything else is a file path.
-    pub fn parse(s: &str) -> Result<SaveTarget, String> {
+    pub fn parse(s: &str) -> Result<SaveTarget, multifd::MultifdError> {
         if s.starts_with("tcp:") || s.starts_with("unix:") {
-            multifd::parse_endpoint(s)
-                .map(SaveTarget::Peer)
-                .map_err(|e| e.to_string())
+            multifd::parse_endpoint(s).map(SaveTarget::Peer)
         } else {
             Ok(SaveTarget::File(PathBuf::from(s)))
         }
