@@ -6,9 +6,10 @@ use std::io::BufReader;
 use serde_json::json;
 
 use crate::cli::{InspectArgs, VerifyArgs};
-use microvm::persist::{MachineState, StateSection};
+use microvm::persist::MachineState;
 
 use crate::error::CliError;
+use crate::image::snapshot::{DeviceStateError, SnapshotBuilder};
 use crate::image::{self, SaveFormat};
 
 fn input_err(e: image::SaveError) -> CliError {
@@ -43,17 +44,18 @@ fn devices(s: &migration_stream::StreamSummary) -> Vec<String> {
 }
 
 /// The machine section of a stream: the first section of every image.
-fn machine_of_stream(r: impl std::io::Read) -> Result<MachineState, String> {
-    let mut reader = migration_stream::StreamReader::new(r).map_err(|e| e.to_string())?;
-    while let Some(rec) = reader.next_record().map_err(|e| e.to_string())? {
+fn machine_of_stream(r: impl std::io::Read) -> Result<MachineState, DeviceStateError> {
+    let mut reader = migration_stream::StreamReader::new(r)?;
+    let mut builder = SnapshotBuilder::default();
+    while let Some(rec) = reader.next_record()? {
         if let migration_stream::Record::Section(s) = rec {
-            if s.name == image::sections::MACHINE {
-                return MachineState::decode_versioned(s.version, &s.data)
-                    .map_err(|e| e.to_string());
+            builder.add(&s)?;
+            if let Some(m) = builder.machine() {
+                return Ok(m.clone());
             }
         }
     }
-    Err("no machine section".into())
+    Err(DeviceStateError::Missing(image::sections::MACHINE.into()))
 }
 
 /// What wrote the image, as recorded (older images did not record it).
@@ -93,10 +95,6 @@ fn print_config(m: &MachineState, s: &migration_stream::StreamSummary) {
     println!("  devices: {}", devices(s).join(", "));
 }
 
-fn device_sections(bytes: &[u8]) -> Result<migration_stream::StreamSummary, String> {
-    migration_stream::summarize(bytes).map_err(|e| e.to_string())
-}
-
 fn print_sections(s: &migration_stream::StreamSummary) {
     println!("sections:");
     let mut device_bytes = 0u64;
@@ -122,9 +120,9 @@ fn inspect_stream(args: &InspectArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::bad_input(format!("cannot read {}: {e}", args.file.display())))?;
     let s = migration_stream::summarize(BufReader::with_capacity(1 << 20, &file))
         .map_err(|e| CliError::bad_input(format!("{}: {e}", args.file.display())))?;
-    let machine = File::open(&args.file)
-        .map_err(|e| e.to_string())
-        .and_then(|f| machine_of_stream(BufReader::new(f)))
+    std::io::Seek::rewind(&mut &file)
+        .map_err(|e| CliError::failure(format!("cannot read {}: {e}", args.file.display())))?;
+    let machine = machine_of_stream(BufReader::new(&file))
         .map_err(|e| CliError::bad_input(format!("{}: {e}", args.file.display())))?;
     if args.json {
         let regions: Vec<serde_json::Value> = s
@@ -176,17 +174,14 @@ fn inspect_stream(args: &InspectArgs) -> Result<(), CliError> {
 fn inspect_fixed(args: &InspectArgs) -> Result<(), CliError> {
     let img = image::fixed::open_for_inspect(&args.file).map_err(input_err)?;
     let h = img.header();
-    let device = img
+    let bad = |e: &dyn std::fmt::Display| {
+        CliError::bad_input(format!("{}: device state: {e}", args.file.display()))
+    };
+    let state = img
         .device_state()
-        .map_err(|e| CliError::bad_input(format!("{}: {e}", args.file.display())))
-        .and_then(|d| {
-            device_sections(&d)
-                .and_then(|s| Ok((s, machine_of_stream(d.as_slice())?)))
-                .map_err(|e| {
-                    CliError::bad_input(format!("{}: device state: {e}", args.file.display()))
-                })
-        })?;
-    let (device, machine) = device;
+        .map_err(|e| CliError::bad_input(format!("{}: {e}", args.file.display())))?;
+    let device = migration_stream::summarize(state.as_slice()).map_err(|e| bad(&e))?;
+    let machine = machine_of_stream(state.as_slice()).map_err(|e| bad(&e))?;
     let regions: Vec<(usize, &fixed_ram::RegionLayout, u64)> = img
         .layout()
         .regions()
