@@ -2,7 +2,6 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use crate::header::header_len;
@@ -216,28 +215,18 @@ impl Image {
         let ps = self.layout.page_size() as usize;
         let pages = dst.len() / ps;
         let first_page = start / ps as u64;
-        let mut run_start = 0;
-        let mut run_present = false;
-        for p in 0..=pages {
-            let present = p < pages && self.is_present(region, first_page + p as u64);
-            if p == 0 {
-                run_present = present;
-                continue;
-            }
-            if p < pages && present == run_present {
-                continue;
-            }
-            let buf = &mut dst[run_start * ps..p * ps];
+        let present = |p: u64| self.is_present(region, first_page + p);
+        for (run, run_present) in page_runs::spans(pages as u64, present) {
+            let (from, to) = (run.start as usize * ps, run.end as usize * ps);
+            let buf = &mut dst[from..to];
             if run_present {
-                let offset = r.pages_offset + start + (run_start * ps) as u64;
+                let offset = r.pages_offset + start + from as u64;
                 read_exact_at(fd, buf, offset, &|| {
                     format!("pages of chunk {chunk} of region {region}")
                 })?;
             } else if !dst_is_zeroed {
                 buf.fill(0);
             }
-            run_start = p;
-            run_present = present;
         }
         self.check_chunk(region, chunk, g, dst)
     }
@@ -386,7 +375,7 @@ impl Image {
     /// The bytes the file occupies on disk (`st_blocks * 512`; 0 if it
     /// cannot be read). Holes take no space.
     pub fn allocated_size(&self) -> u64 {
-        self.file.metadata().map_or(0, |m| m.blocks() * 512)
+        page_runs::allocated_bytes(&self.file)
     }
 }
 

@@ -1221,20 +1221,6 @@ fn error_messages_are_one_line() {
 }
 
 #[test]
-fn zero_scan() {
-    use crate::io::is_zero;
-    let mut page = vec![0u8; 4096];
-    assert!(is_zero(&page));
-    assert!(is_zero(&[]));
-    for at in [0, 7, 8, 255, 256, 4000, 4095] {
-        page[at] = 1;
-        assert!(!is_zero(&page), "{at}");
-        page[at] = 0;
-    }
-    assert!(!is_zero(&[0, 0, 1]));
-}
-
-#[test]
 fn writer_over_an_o_direct_file() {
     let dir = TempDir::new();
     let path = dir.path("direct.img");
