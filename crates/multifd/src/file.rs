@@ -3,12 +3,12 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::sys;
 use crate::{CallerError, MemRegion, MultifdError};
+use page_runs::{is_zero, push_page, FirstError, PageRun};
 
 /// The most channels a file transfer may use.
 pub const MAX_FILE_CHANNELS: usize = 256;
@@ -221,8 +221,7 @@ struct Shared<'a> {
     layout: &'a dyn FileLayout,
     work: Work,
     cursor: AtomicU64,
-    stop: AtomicBool,
-    error: Mutex<Option<MultifdError>>,
+    first_error: FirstError<MultifdError>,
     page_size: u64,
     direct: bool,
     dir: Direction,
@@ -230,11 +229,11 @@ struct Shared<'a> {
 
 impl Shared<'_> {
     fn fail(&self, e: MultifdError) {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some(e);
-        }
+        self.first_error.fail(e);
+    }
+
+    fn stopped(&self) -> bool {
+        self.first_error.stopped()
     }
 }
 
@@ -332,8 +331,7 @@ fn transfer(
         layout,
         work: Work::new(layout, regions.len(), per_unit)?,
         cursor: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-        error: Mutex::new(None),
+        first_error: FirstError::new(),
         page_size,
         direct,
         dir,
@@ -363,7 +361,7 @@ fn transfer(
             })
             .collect()
     });
-    if let Some(e) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    if let Some(e) = shared.first_error.into_inner() {
         return Err(e);
     }
     let mut stats = TransferStats {
@@ -430,7 +428,7 @@ fn pipeline<T: Send>(
     mut io: impl FnMut(T) -> Result<(), MultifdError>,
 ) {
     let next_unit = || {
-        if sh.stop.load(Ordering::Relaxed) {
+        if sh.stopped() {
             return None;
         }
         let idx = sh.cursor.fetch_add(1, Ordering::Relaxed);
@@ -461,7 +459,7 @@ fn pipeline<T: Send>(
             return;
         }
         for p in rx {
-            if sh.stop.load(Ordering::Relaxed) {
+            if sh.stopped() {
                 break;
             }
             if let Err(e) = io(p) {
@@ -499,11 +497,7 @@ struct Pending {
 }
 
 /// A run of pages of one region: `start..end` (page indices).
-#[derive(Clone, Copy)]
-struct Run {
-    start: u64,
-    end: u64,
-}
+type Run = PageRun;
 
 struct Chan<'a, 'b> {
     sh: &'a Shared<'b>,
@@ -594,15 +588,8 @@ impl Chan<'_, '_> {
             present: 0,
             zero: 0,
         };
-        let mut run: Option<Run> = None;
         for chunk in first..first + n {
             let (p0, np) = self.chunk_pages(r, chunk)?;
-            if let Some(open) = run {
-                if open.end != p0 {
-                    out.runs.push(open);
-                    run = None;
-                }
-            }
             let mut words = vec![0u64; np.div_ceil(64) as usize];
             let mut crc = 0u32;
             // CRC32C over whole runs of non-zero pages: one call per run
@@ -612,40 +599,26 @@ impl Chan<'_, '_> {
             for i in 0..np {
                 let page = p0 + i;
                 let ptr = self.page_ptr(r, page);
-                // SAFETY: the page is inside region r (checked chunk), page
-                // aligned (so 8-aligned) and ps is a multiple of 64.
-                let zero = unsafe { sys::is_zero_page(ptr, ps as usize) };
+                // SAFETY: the page is inside region r (checked chunk), which
+                // the MemRegion contract keeps readable while we run.
+                let zero = is_zero(unsafe { std::slice::from_raw_parts(ptr, ps as usize) });
                 if zero {
                     if let Some(from) = crc_run.take() {
                         crc = self.crc_pages(r, crc, from, page);
                     }
                     crc = sys::crc_zeros(crc, ps);
                     out.zero += 1;
-                    if let Some(open) = run.take() {
-                        out.runs.push(open);
-                    }
                 } else {
                     crc_run.get_or_insert(page);
                     words[(i / 64) as usize] |= 1 << (i % 64);
                     out.present += 1;
-                    match &mut run {
-                        Some(open) => open.end = page + 1,
-                        None => {
-                            run = Some(Run {
-                                start: page,
-                                end: page + 1,
-                            })
-                        }
-                    }
+                    push_page(&mut out.runs, page);
                 }
             }
             if let Some(from) = crc_run.take() {
                 crc = self.crc_pages(r, crc, from, p0 + np);
             }
             out.pending.push(Pending { chunk, words, crc });
-        }
-        if let Some(open) = run {
-            out.runs.push(open);
         }
         Ok(out)
     }
@@ -730,37 +703,16 @@ impl Chan<'_, '_> {
             present: 0,
             zero: 0,
         };
-        let mut run: Option<Run> = None;
         for chunk in first..first + n {
             let (p0, np) = self.chunk_pages(r, chunk)?;
-            if let Some(open) = run {
-                if open.end != p0 {
-                    out.runs.push(open);
-                    run = None;
-                }
-            }
             for page in p0..p0 + np {
                 if layout.page_present(r, page) {
                     out.present += 1;
-                    match &mut run {
-                        Some(open) => open.end = page + 1,
-                        None => {
-                            run = Some(Run {
-                                start: page,
-                                end: page + 1,
-                            })
-                        }
-                    }
+                    push_page(&mut out.runs, page);
                 } else {
                     out.zero += 1;
-                    if let Some(open) = run.take() {
-                        out.runs.push(open);
-                    }
                 }
             }
-        }
-        if let Some(open) = run {
-            out.runs.push(open);
         }
         if populate {
             for run in &out.runs {

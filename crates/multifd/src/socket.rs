@@ -3,8 +3,7 @@
 //! (`docs/multifd-protocol.md`).
 
 use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::protocol::{
@@ -14,6 +13,7 @@ use crate::protocol::{
     MAX_REGIONS, MAX_STRAYS, PACKET_HEADER_LEN, PAGE_SIZE, RUN_LEN,
 };
 use crate::{sys, CallerError, Channel, MemRegion, MultifdError, TransferStats};
+use page_runs::FirstError;
 
 /// Options for [`send`].
 #[derive(Clone, Debug)]
@@ -25,35 +25,7 @@ pub struct SocketOptions {
 }
 
 /// First-error-wins bookkeeping shared by the threads of one side.
-struct Fail {
-    stop: AtomicBool,
-    error: Mutex<Option<MultifdError>>,
-}
-
-impl Fail {
-    fn new() -> Fail {
-        Fail {
-            stop: AtomicBool::new(false),
-            error: Mutex::new(None),
-        }
-    }
-
-    fn set(&self, e: MultifdError) {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some(e);
-        }
-    }
-
-    fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-
-    fn take(&self) -> Option<MultifdError> {
-        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
+type Fail = FirstError<MultifdError>;
 
 /// Maps an I/O error on a connection: a closed or reset connection becomes
 /// [`MultifdError::PeerDisconnected`].
@@ -301,7 +273,7 @@ pub fn send<S: Read + Write + Send>(
                         // Record a failure before the connection closes, so
                         // that it is the first error this side reports.
                         let r = send_channel(shared, i as u16, &mut conn).unwrap_or_else(|e| {
-                            shared.fail.set(e);
+                            shared.fail.fail(e);
                             SendCounts::default()
                         });
                         drop(conn);
@@ -315,13 +287,13 @@ pub fn send<S: Read + Write + Send>(
                 Ok(h) => h.join().unwrap_or_else(|_| {
                     shared
                         .fail
-                        .set(MultifdError::Aborted("a channel thread panicked".into()));
+                        .fail(MultifdError::Aborted("a channel thread panicked".into()));
                     SendCounts::default()
                 }),
                 Err(e) => {
                     shared
                         .fail
-                        .set(MultifdError::io("starting a channel thread", e));
+                        .fail(MultifdError::io("starting a channel thread", e));
                     SendCounts::default()
                 }
             })
@@ -483,9 +455,11 @@ fn send_channel<S: Write + ?Sized>(
         runs.clear();
         let mut page_count = 0u32;
         for p in first..first + n {
-            // SAFETY: p < region_pages, so the page is inside the region
-            // (readable per the MemRegion contract), page aligned.
-            let zero = unsafe { sys::is_zero_page(region.as_ptr().add(p as usize * ps), ps) };
+            // SAFETY: p < region_pages, so the page is inside the region,
+            // which the MemRegion contract keeps readable while we run.
+            let page =
+                unsafe { std::slice::from_raw_parts(region.as_ptr().add(p as usize * ps), ps) };
+            let zero = page_runs::is_zero(page);
             if zero {
                 continue;
             }
@@ -740,7 +714,7 @@ fn receive_main<S: Read + Write + Send>(
             let mut conn = match accept() {
                 Ok(c) => c,
                 Err(e) => {
-                    shared.fail.set(MultifdError::io(
+                    shared.fail.fail(MultifdError::io(
                         format!("accepting data connection {} of {n}", handles.len() + 1),
                         e,
                     ));
@@ -762,7 +736,7 @@ fn receive_main<S: Read + Write + Send>(
                     };
                     log::warn!("multifd: dropping a stray connection: {why}");
                     if strays > MAX_STRAYS {
-                        shared.fail.set(MultifdError::Protocol(format!(
+                        shared.fail.fail(MultifdError::Protocol(format!(
                             "more than {MAX_STRAYS} stray connections (last: {why})"
                         )));
                         break;
@@ -777,7 +751,7 @@ fn receive_main<S: Read + Write + Send>(
                 || h.compression != hello.compression
                 || seen[i]
             {
-                shared.fail.set(MultifdError::Protocol(format!(
+                shared.fail.fail(MultifdError::Protocol(format!(
                     "data connection hello for channel {i} does not match the main hello or repeats a channel: {h:?}"
                 )));
                 break;
@@ -792,7 +766,7 @@ fn receive_main<S: Read + Write + Send>(
                     // Record a failure before the connection closes (which
                     // makes the sender give up and report its own error).
                     let r = recv_channel(shared, i as u16, &mut conn).unwrap_or_else(|e| {
-                        shared.fail.set(e);
+                        shared.fail.fail(e);
                         RecvCounts::default()
                     });
                     drop(conn);
@@ -803,7 +777,7 @@ fn receive_main<S: Read + Write + Send>(
                 Err(e) => {
                     shared
                         .fail
-                        .set(MultifdError::io("starting a channel thread", e));
+                        .fail(MultifdError::io("starting a channel thread", e));
                     break;
                 }
             }
@@ -823,7 +797,7 @@ fn receive_main<S: Read + Write + Send>(
                     m
                 }
                 Err(e) => {
-                    shared.fail.set(e);
+                    shared.fail.fail(e);
                     break;
                 }
             };
@@ -832,7 +806,7 @@ fn receive_main<S: Read + Write + Send>(
             match m {
                 MainMessage::RoundDone { round: r, channels } => {
                     if round.is_some() || r != 0 || channels.len() != n {
-                        shared.fail.set(MultifdError::Protocol(format!(
+                        shared.fail.fail(MultifdError::Protocol(format!(
                             "ROUND_DONE for round {r} with {} channels (expected round 0, {n} channels, once)",
                             channels.len()
                         )));
@@ -845,11 +819,11 @@ fn receive_main<S: Read + Write + Send>(
                 }
                 MainMessage::End if state.is_some() => break,
                 MainMessage::Error(msg) => {
-                    shared.fail.set(MultifdError::Remote(msg));
+                    shared.fail.fail(MultifdError::Remote(msg));
                     break;
                 }
                 other => {
-                    shared.fail.set(bad(other.name()));
+                    shared.fail.fail(bad(other.name()));
                     break;
                 }
             }
@@ -860,7 +834,7 @@ fn receive_main<S: Read + Write + Send>(
                 Ok(c) => results[i] = c,
                 Err(_) => shared
                     .fail
-                    .set(MultifdError::Aborted("a channel thread panicked".into())),
+                    .fail(MultifdError::Aborted("a channel thread panicked".into())),
             }
         }
         results
