@@ -273,8 +273,17 @@ fn check_args(
     Ok(ps)
 }
 
-/// Opens the probe fd and decides whether `O_DIRECT` is used.
-fn resolve_direct(path: &Path, mode: DirectIo, write: bool) -> Result<(File, bool), MultifdError> {
+/// Opens `path` for writing (`write`) or reading and decides, by `mode`,
+/// whether `O_DIRECT` is used: the one place that makes the auto/on/off
+/// decision. Returns the file and whether it is `O_DIRECT`. `On` on a
+/// filesystem that refuses `O_DIRECT` is
+/// [`MultifdError::DirectIoUnsupported`]; `Auto` falls back to buffered I/O
+/// with a warning.
+pub fn open_with_direct_io(
+    path: &Path,
+    mode: DirectIo,
+    write: bool,
+) -> Result<(File, bool), MultifdError> {
     let what = if write { "writing" } else { "reading" };
     let plain = |e| MultifdError::io(format!("opening {} for {what}", path.display()), e);
     if mode == DirectIo::Off {
@@ -310,7 +319,7 @@ fn transfer(
     let start = Instant::now();
     let page_size = check_args(regions, layout, opts)?;
     let write = dir == Direction::Save;
-    let (probe, direct) = resolve_direct(path, opts.direct_io, write)?;
+    let (probe, direct) = open_with_direct_io(path, opts.direct_io, write)?;
     let mut files = vec![probe];
     for c in 1..opts.channels {
         let f = sys::open(path, write, direct).map_err(|e| {

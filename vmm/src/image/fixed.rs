@@ -206,32 +206,23 @@ fn for_each_chunk<E: Send>(
     work: impl Fn(usize, u64) -> Result<(), E> + Sync,
 ) -> Result<(), E> {
     let next = AtomicUsize::new(0);
-    let failed = std::sync::atomic::AtomicBool::new(false);
-    let first_error = std::sync::Mutex::new(None);
+    let first_error = page_runs::FirstError::new();
     std::thread::scope(|s| {
         for _ in 0..threads.min(chunks.len()).max(1) {
-            s.spawn(|| loop {
-                if failed.load(Ordering::Relaxed) {
-                    return;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(region, chunk)) = chunks.get(i) else {
-                    return;
-                };
-                if let Err(e) = work(region, chunk) {
-                    failed.store(true, Ordering::Relaxed);
-                    if let Ok(mut slot) = first_error.lock() {
-                        slot.get_or_insert(e);
+            s.spawn(|| {
+                while !first_error.stopped() {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(region, chunk)) = chunks.get(i) else {
+                        return;
+                    };
+                    if let Err(e) = work(region, chunk) {
+                        first_error.fail(e);
                     }
-                    return;
                 }
             });
         }
     });
-    match first_error.into_inner() {
-        Ok(Some(e)) => Err(e),
-        _ => Ok(()),
-    }
+    first_error.into_result()
 }
 
 fn image_err(path: &Path) -> impl Fn(fixed_ram::FixedRamError) -> SaveError + '_ {

@@ -8,8 +8,7 @@
 //! copied that block. The image is committed with the device state of the
 //! pause, so it is the VM at that instant.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -196,22 +195,21 @@ pub fn snapshot_vm(
                 source: e.into(),
             })?;
         let writer = ImageWriter::create(&tmp, layout).map_err(ierr)?;
-        let direct = match channels.direct_io {
-            multifd::DirectIo::Off => None,
-            mode => match OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&tmp)
-            {
-                Ok(f) => Some(f),
-                Err(e) if mode == multifd::DirectIo::On => {
-                    return Err(SaveError::Invalid {
-                        path: path.to_owned(),
-                        reason: format!("the filesystem does not support O_DIRECT ({e})"),
-                    })
-                }
-                Err(_) => None,
-            },
+        let direct = match multifd::open_with_direct_io(&tmp, channels.direct_io, true) {
+            Ok((f, true)) => Some(f),
+            Ok((_, false)) => None,
+            Err(e @ multifd::MultifdError::DirectIoUnsupported { .. }) => {
+                return Err(SaveError::Invalid {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(e) => {
+                return Err(SaveError::Image {
+                    path: path.to_owned(),
+                    source: e.into(),
+                })
+            }
         };
         if let Some(p) = progress {
             p.set_total(memory.iter().map(|r| r.len()).sum());

@@ -430,14 +430,6 @@ pub fn region_bytes_mut(region: &microvm::GuestRegion) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(ptr, len) }
 }
 
-/// Whether a page holds only zero bytes (word-wise scan).
-pub fn is_zero_page(page: &[u8]) -> bool {
-    // SAFETY: reinterpreting initialized bytes as u64 words is valid for
-    // any bit pattern; align_to handles the unaligned ends.
-    let (head, words, tail) = unsafe { page.align_to::<u64>() };
-    head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
-}
-
 /// The guest memory regions as fixed-ram region specs.
 pub fn region_specs(memory: &GuestMemory) -> Vec<fixed_ram::RegionSpec> {
     memory
@@ -458,7 +450,7 @@ pub fn file_sizes(file: &File, path: &Path) -> Result<(u64, u64), SaveError> {
             source,
         })?
         .len();
-    Ok((bytes, allocated_bytes(file)))
+    Ok((bytes, page_runs::allocated_bytes(file)))
 }
 
 /// Makes a complete temporary image the target: rename, then fsync the
@@ -470,10 +462,4 @@ pub fn publish(tmp: &Path, path: &Path) -> Result<(), SaveError> {
     };
     std::fs::rename(tmp, path).map_err(werr)?;
     sync_dir(path).map_err(werr)
-}
-
-/// Bytes a file occupies on disk.
-pub fn allocated_bytes(file: &File) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
 }

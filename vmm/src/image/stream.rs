@@ -14,8 +14,7 @@ use crate::progress::Progress;
 
 use super::snapshot::{write_sections, SnapshotBuilder};
 use super::{
-    file_sizes, is_zero_page, publish, region_bytes, region_bytes_mut, temp_path, SaveError,
-    Written, PAGE_SIZE,
+    file_sizes, publish, region_bytes, region_bytes_mut, temp_path, SaveError, Written, PAGE_SIZE,
 };
 
 /// Stream buffer size.
@@ -90,14 +89,10 @@ fn write_stream(
         let bytes = region_bytes(region);
         let pages = bytes.len() / PAGE_SIZE;
         let page = |i: usize| &bytes[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-        let mut p = 0;
-        while p < pages {
-            let zero = is_zero_page(page(p));
-            let mut q = p + 1;
-            while q < pages && is_zero_page(page(q)) == zero {
-                q += 1;
-            }
-            let count = (q - p) as u64;
+        for (run, zero) in page_runs::spans(pages as u64, |p| page_runs::is_zero(page(p as usize)))
+        {
+            let (p, q) = (run.start as usize, run.end as usize);
+            let count = run.len();
             if let Some(pr) = progress {
                 pr.add(count * PAGE_SIZE as u64);
             }
@@ -110,7 +105,6 @@ fn write_stream(
                     .map_err(serr)?;
                 ram_pages += count;
             }
-            p = q;
         }
     }
     let buffered = w.finish().map_err(serr)?;
