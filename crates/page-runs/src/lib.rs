@@ -149,7 +149,7 @@ impl<E> FirstError<E> {
 
     /// Whether the workers should stop.
     pub fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
+        self.stop.load(Ordering::SeqCst)
     }
 
     /// Takes the first error, if any (the stop flag stays set).
