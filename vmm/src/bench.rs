@@ -442,7 +442,10 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
     let mut parts: Vec<&mut [u8]> = Vec::new();
     let mut spans: Vec<(usize, usize, usize)> = Vec::new();
     for (index, region) in memory.iter().enumerate() {
-        let bytes = image::region_bytes_mut(region);
+        // SAFETY: the VM is paused, and until the scope below ends these
+        // views (split into disjoint parts, one per thread) are the only
+        // references to the region's bytes; `filled` is made after they are gone.
+        let bytes = unsafe { image::region_bytes_mut(region) };
         let skip = if region.start_addr().0 == 0 {
             64 * MIB as usize
         } else {

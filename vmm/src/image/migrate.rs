@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use microvm::persist::VmSnapshot;
-use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
 use serde::{Deserialize, Serialize};
 
@@ -101,7 +100,7 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
                 return Err(format!("RAM of {total} bytes is not a whole number of MiB").into());
             }
             let mem = create_guest_memory(total >> 20, &MemoryBacking::Anonymous)?;
-            let ours: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+            let ours = microvm::region_list(&mem);
             if ours != layout {
                 return Err(format!(
                     "RAM layout {layout:x?} is not the one cryo builds for {} MiB ({ours:x?})",
@@ -130,7 +129,7 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
         source,
     })?;
     let memory = memory.ok_or_else(|| invalid("no RAM layout was received".into()))?;
-    let ours: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    let ours = microvm::region_list(&memory);
     if ours != snap.machine.regions {
         return Err(invalid(format!(
             "received RAM {ours:x?} does not match the machine section's {:x?}",

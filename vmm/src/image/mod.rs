@@ -419,14 +419,19 @@ pub fn region_bytes(region: &microvm::GuestRegion) -> &[u8] {
 }
 
 /// The bytes of a guest memory region, for filling before the VM runs.
+///
+/// # Safety
+///
+/// While the returned slice lives, nothing else may read or write the
+/// region's bytes: no vCPU runs on this memory and no other reference
+/// (from this function, [`region_bytes`] or vm-memory's accessors) to the
+/// same bytes is in use.
 #[allow(clippy::mut_from_ref)]
-pub fn region_bytes_mut(region: &microvm::GuestRegion) -> &mut [u8] {
+pub unsafe fn region_bytes_mut(region: &microvm::GuestRegion) -> &mut [u8] {
     let len = region.len() as usize;
     let ptr = region.as_ptr();
-    // SAFETY: the region is a live mapping of `len` bytes; no vCPU exists
-    // yet for this memory and restore code is its only user, which writes
-    // disjoint chunks from each thread, so no two references to the same
-    // bytes are used at once.
+    // SAFETY: the region is a live mapping of `len` bytes owned by the
+    // region; exclusive use is the caller's contract.
     unsafe { std::slice::from_raw_parts_mut(ptr, len) }
 }
 

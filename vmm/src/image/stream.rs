@@ -6,16 +6,14 @@ use std::io::{BufReader, BufWriter};
 use std::path::Path;
 
 use microvm::persist::VmSnapshot;
-use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use microvm::vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
 use migration_stream::{PagesKind, RamRegion, Record, StreamReader, StreamWriter};
 
 use crate::progress::Progress;
 
 use super::snapshot::{write_sections, SnapshotBuilder};
-use super::{
-    file_sizes, publish, region_bytes, region_bytes_mut, temp_path, SaveError, Written, PAGE_SIZE,
-};
+use super::{file_sizes, publish, region_bytes, temp_path, SaveError, Written, PAGE_SIZE};
 
 /// Stream buffer size.
 const IO_BUFFER: usize = 1 << 20;
@@ -190,8 +188,9 @@ pub fn load_stream_file(path: &Path) -> Result<(VmSnapshot, GuestMemory), SaveEr
                         .checked_mul(PAGE_SIZE as u64)
                         .filter(|o| o.saturating_add(data.len() as u64) <= region.len())
                         .ok_or_else(|| invalid("pages beyond their region".into()))?;
-                    let dst = region_bytes_mut(region);
-                    dst[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                    region
+                        .write_slice(&data, MemoryRegionAddress(offset))
+                        .map_err(|e| invalid(format!("writing pages into guest memory: {e}")))?;
                 }
             }
             Record::Sync(_) | Record::End => {}
