@@ -155,6 +155,108 @@ pub fn send<S: Read + Write + Send>(
     opts: &SocketOptions,
 ) -> Result<TransferStats, MultifdError> {
     let start = Instant::now();
+    check_send_args(regions, device_state, opts)?;
+    let n = opts.channels;
+    let ps = u64::from(PAGE_SIZE);
+    let session = sys::random_u64();
+    let hello = |role, channel| Hello {
+        role,
+        compression: opts.compression.into(),
+        channel,
+        channels: n as u16,
+        session,
+        page_size: PAGE_SIZE,
+    };
+    let mut wire = 0u64;
+
+    // 1-2. Main connection, layout, READY.
+    let mut main = connect().map_err(|e| MultifdError::io("connecting the main connection", e))?;
+    main.write_all(&hello(Role::Main, 0).encode())
+        .map_err(|e| conn_err(Channel::Main, "sending the hello", e))?;
+    wire += HELLO_LEN as u64;
+    let layout: Vec<(u64, u64)> = regions.iter().map(|r| (r.guest_addr(), r.len())).collect();
+    wire += write_main(
+        &mut main,
+        &MainMessage::RamLayout(layout),
+        "sending the RAM layout",
+    )?;
+    let (m, w) = read_main(&mut main, PAGE_SIZE, "waiting for READY")?;
+    wire += w;
+    expect_reply(m, "READY", |m| matches!(m, MainMessage::Ready))?;
+
+    // 3. Data connections.
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = connect()
+            .map_err(|e| MultifdError::io(format!("connecting data channel {i}"), e))
+            .and_then(|mut s| {
+                s.write_all(&hello(Role::Data, i as u16).encode())
+                    .map_err(|e| conn_err(Channel::Data(i as u16), "sending the hello", e))?;
+                Ok(s)
+            });
+        match r {
+            Ok(s) => conns.push(s),
+            Err(e) => {
+                send_error(&mut main, &e);
+                return Err(e);
+            }
+        }
+        wire += HELLO_LEN as u64;
+    }
+
+    // 4. Data channels.
+    let pages: Vec<u64> = regions.iter().map(|r| r.len() / ps).collect();
+    let total_pages: u64 = pages.iter().sum();
+    let shared = SendShared {
+        regions,
+        chunks: Chunks::new(&pages),
+        cursor: AtomicU64::new(0),
+        fail: Fail::new(),
+        compression: opts.compression,
+    };
+    let results = run_send_channels(&shared, conns);
+    if let Some(e) = shared.fail.take() {
+        return Err(sender_failed(&mut main, e));
+    }
+
+    // 5. ROUND_DONE, DEVICE_STATE, END.
+    let counts: Vec<ChannelCount> = results.iter().map(|c| c.count).collect();
+    let sent_pages: u64 = counts.iter().map(|c| c.pages).sum();
+    wire += results.iter().map(|c| c.bytes).sum::<u64>();
+    wire += send_finish(&mut main, counts, device_state)?;
+
+    // 6. ACK.
+    let (m, w) = read_main(&mut main, PAGE_SIZE, "waiting for the receiver's ACK")?;
+    wire += w;
+    expect_reply(m, "ACK", |m| matches!(m, MainMessage::Ack))?;
+    let stats = TransferStats {
+        bytes: wire,
+        present_pages: sent_pages,
+        zero_pages: total_pages - sent_pages,
+        elapsed: start.elapsed(),
+        direct_io: false,
+        channels: n,
+    };
+    log::info!(
+        "multifd: sent {} pages ({} zero pages skipped) and {} bytes of device state as {} bytes over {n} channels ({:?}) in {:.1} ms ({:.0} MB/s)",
+        stats.present_pages,
+        stats.zero_pages,
+        device_state.len(),
+        stats.bytes,
+        opts.compression,
+        stats.elapsed.as_secs_f64() * 1e3,
+        stats.mb_per_s()
+    );
+    Ok(stats)
+}
+
+/// Checks `send`'s arguments: channel count, compression level, regions,
+/// device-state size.
+fn check_send_args(
+    regions: &[MemRegion],
+    device_state: &[u8],
+    opts: &SocketOptions,
+) -> Result<(), MultifdError> {
     let n = opts.channels;
     if n == 0 || n > usize::from(MAX_DATA_CHANNELS) {
         return Err(MultifdError::InvalidArgument(format!(
@@ -195,77 +297,37 @@ pub fn send<S: Read + Write + Send>(
             )));
         }
     }
-    let session = sys::random_u64();
-    let hello = |role, channel| Hello {
-        role,
-        compression: opts.compression.into(),
-        channel,
-        channels: n as u16,
-        session,
-        page_size: PAGE_SIZE,
-    };
-    let mut wire = 0u64;
+    Ok(())
+}
 
-    // 1-2. Main connection, layout, READY.
-    let mut main = connect().map_err(|e| MultifdError::io("connecting the main connection", e))?;
-    main.write_all(&hello(Role::Main, 0).encode())
-        .map_err(|e| conn_err(Channel::Main, "sending the hello", e))?;
-    wire += HELLO_LEN as u64;
-    let layout: Vec<(u64, u64)> = regions.iter().map(|r| (r.guest_addr(), r.len())).collect();
-    wire += write_main(
-        &mut main,
-        &MainMessage::RamLayout(layout),
-        "sending the RAM layout",
-    )?;
-    let (m, w) = read_main(&mut main, PAGE_SIZE, "waiting for READY")?;
-    wire += w;
+/// The receiver's reply on the main connection must be `expected` (`is`);
+/// its ERROR is [`MultifdError::Remote`], anything else a protocol error.
+fn expect_reply(
+    m: MainMessage,
+    expected: &str,
+    is: impl Fn(&MainMessage) -> bool,
+) -> Result<(), MultifdError> {
     match m {
-        MainMessage::Ready => {}
-        MainMessage::Error(msg) => return Err(MultifdError::Remote(msg)),
-        other => {
-            return Err(MultifdError::Protocol(format!(
-                "expected READY from the receiver, got {}",
-                other.name()
-            )))
-        }
+        m if is(&m) => Ok(()),
+        MainMessage::Error(msg) => Err(MultifdError::Remote(msg)),
+        other => Err(MultifdError::Protocol(format!(
+            "expected {expected} from the receiver, got {}",
+            other.name()
+        ))),
     }
+}
 
-    // 3. Data connections.
-    let mut conns = Vec::with_capacity(n);
-    for i in 0..n {
-        let r = connect()
-            .map_err(|e| MultifdError::io(format!("connecting data channel {i}"), e))
-            .and_then(|mut s| {
-                s.write_all(&hello(Role::Data, i as u16).encode())
-                    .map_err(|e| conn_err(Channel::Data(i as u16), "sending the hello", e))?;
-                Ok(s)
-            });
-        match r {
-            Ok(s) => conns.push(s),
-            Err(e) => {
-                send_error(&mut main, &e);
-                return Err(e);
-            }
-        }
-        wire += HELLO_LEN as u64;
-    }
-
-    // 4. Data channels.
-    let pages: Vec<u64> = regions.iter().map(|r| r.len() / ps).collect();
-    let total_pages: u64 = pages.iter().sum();
-    let shared = SendShared {
-        regions,
-        chunks: Chunks::new(&pages),
-        cursor: AtomicU64::new(0),
-        fail: Fail::new(),
-        compression: opts.compression,
-    };
-    let results: Vec<SendCounts> = std::thread::scope(|s| {
+/// Runs one sending thread per data connection until every chunk is sent
+/// or one fails (the first error is in `shared.fail`).
+fn run_send_channels<S: Read + Write + Send>(
+    shared: &SendShared<'_>,
+    conns: Vec<S>,
+) -> Vec<SendCounts> {
+    std::thread::scope(|s| {
         let handles: Vec<_> = conns
             .into_iter()
             .enumerate()
             .map(|(i, conn)| {
-                let shared = &shared;
                 std::thread::Builder::new()
                     .name(format!("multifd-send-{i}"))
                     .spawn_scoped(s, move || {
@@ -298,28 +360,34 @@ pub fn send<S: Read + Write + Send>(
                 }
             })
             .collect()
-    });
-    if let Some(e) = shared.fail.take() {
-        // Tell the receiver, then see whether it has a reason of its own
-        // (e.g. a checksum mismatch that made it close a data connection).
-        send_error(&mut main, &e);
-        if matches!(
-            e,
-            MultifdError::PeerDisconnected { .. } | MultifdError::Io { .. }
-        ) {
-            if let Ok((MainMessage::Error(msg), _)) =
-                read_main(&mut main, PAGE_SIZE, "reading the receiver's error")
-            {
-                return Err(MultifdError::Remote(format!("{msg} (here: {e})")));
-            }
-        }
-        return Err(e);
-    }
+    })
+}
 
-    // 5. ROUND_DONE, DEVICE_STATE, END.
-    let counts: Vec<ChannelCount> = results.iter().map(|c| c.count).collect();
-    let sent_pages: u64 = counts.iter().map(|c| c.pages).sum();
-    wire += results.iter().map(|c| c.bytes).sum::<u64>();
+/// A data channel failed with `e`: tells the receiver, then returns the
+/// receiver's own reason if it has one (e.g. a checksum mismatch that made
+/// it close a data connection), else `e`.
+fn sender_failed<S: Read + Write>(main: &mut S, e: MultifdError) -> MultifdError {
+    send_error(main, &e);
+    if matches!(
+        e,
+        MultifdError::PeerDisconnected { .. } | MultifdError::Io { .. }
+    ) {
+        if let Ok((MainMessage::Error(msg), _)) =
+            read_main(main, PAGE_SIZE, "reading the receiver's error")
+        {
+            return MultifdError::Remote(format!("{msg} (here: {e})"));
+        }
+    }
+    e
+}
+
+/// Sends ROUND_DONE with the channels' counts, the device state and END;
+/// returns the bytes written.
+fn send_finish<S: Read + Write>(
+    main: &mut S,
+    counts: Vec<ChannelCount>,
+    device_state: &[u8],
+) -> Result<u64, MultifdError> {
     let finish = [
         (
             MainMessage::RoundDone {
@@ -334,13 +402,14 @@ pub fn send<S: Read + Write + Send>(
         ),
         (MainMessage::End, "sending END"),
     ];
+    let mut wire = 0;
     for (m, during) in &finish {
-        match write_main(&mut main, m, during) {
+        match write_main(main, m, during) {
             Ok(w) => wire += w,
             Err(e) => {
                 // The receiver may have given up and said why.
                 if let Ok((MainMessage::Error(msg), _)) =
-                    read_main(&mut main, PAGE_SIZE, "reading the receiver's error")
+                    read_main(main, PAGE_SIZE, "reading the receiver's error")
                 {
                     return Err(MultifdError::Remote(format!("{msg} (here: {e})")));
                 }
@@ -348,39 +417,7 @@ pub fn send<S: Read + Write + Send>(
             }
         }
     }
-
-    // 6. ACK.
-    let (m, w) = read_main(&mut main, PAGE_SIZE, "waiting for the receiver's ACK")?;
-    wire += w;
-    match m {
-        MainMessage::Ack => {}
-        MainMessage::Error(msg) => return Err(MultifdError::Remote(msg)),
-        other => {
-            return Err(MultifdError::Protocol(format!(
-                "expected ACK from the receiver, got {}",
-                other.name()
-            )))
-        }
-    }
-    let stats = TransferStats {
-        bytes: wire,
-        present_pages: sent_pages,
-        zero_pages: total_pages - sent_pages,
-        elapsed: start.elapsed(),
-        direct_io: false,
-        channels: n,
-    };
-    log::info!(
-        "multifd: sent {} pages ({} zero pages skipped) and {} bytes of device state as {} bytes over {n} channels ({:?}) in {:.1} ms ({:.0} MB/s)",
-        stats.present_pages,
-        stats.zero_pages,
-        device_state.len(),
-        stats.bytes,
-        opts.compression,
-        stats.elapsed.as_secs_f64() * 1e3,
-        stats.mb_per_s()
-    );
-    Ok(stats)
+    Ok(wire)
 }
 
 struct SendShared<'a> {
