@@ -694,6 +694,112 @@ fn receive_main<S: Read + Write + Send>(
 ) -> Result<(Vec<u8>, TransferStats), MultifdError> {
     let ps = hello.page_size;
     let n = hello.channels as usize;
+    let (layout, regions) = receive_layout(main, ps, alloc, wire)?;
+    let pages: Vec<u64> = layout.iter().map(|&(_, s)| s / u64::from(ps)).collect();
+    let total_pages: u64 = pages.iter().sum();
+    let shared = RecvShared {
+        regions: &regions,
+        claimed: pages
+            .iter()
+            .map(|p| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+            .collect(),
+        page_size: ps,
+        compression: hello.compression,
+        fail: Fail::new(),
+    };
+    *wire += write_main(main, &MainMessage::Ready, "sending READY")?;
+
+    let (results, round, state) = std::thread::scope(|s| {
+        let mut handles = Vec::with_capacity(n);
+        let mut seen = vec![false; n];
+        let mut strays = 0;
+        // Accept the data connections.
+        while handles.len() < n && !shared.fail.stopped() {
+            let mut conn = match accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    shared.fail.fail(MultifdError::io(
+                        format!("accepting data connection {} of {n}", handles.len() + 1),
+                        e,
+                    ));
+                    break;
+                }
+            };
+            let i = match data_hello(&mut conn, hello, &mut seen, &mut strays) {
+                Ok(Some(i)) => i,
+                Ok(None) => continue,
+                Err(e) => {
+                    shared.fail.fail(e);
+                    break;
+                }
+            };
+            *wire += HELLO_LEN as u64;
+            let shared = &shared;
+            let spawned = std::thread::Builder::new()
+                .name(format!("multifd-recv-{i}"))
+                .spawn_scoped(s, move || {
+                    let mut conn = conn;
+                    // Record a failure before the connection closes (which
+                    // makes the sender give up and report its own error).
+                    let r = recv_channel(shared, i as u16, &mut conn).unwrap_or_else(|e| {
+                        shared.fail.fail(e);
+                        RecvCounts::default()
+                    });
+                    drop(conn);
+                    r
+                });
+            match spawned {
+                Ok(h) => handles.push((i, h)),
+                Err(e) => {
+                    shared
+                        .fail
+                        .fail(MultifdError::io("starting a channel thread", e));
+                    break;
+                }
+            }
+        }
+        // Meanwhile on the main connection: ROUND_DONE, DEVICE_STATE, END.
+        let (round, state) = receive_main_tail(main, ps, n, &shared.fail, wire);
+        let mut results = vec![RecvCounts::default(); n];
+        for (i, h) in handles {
+            match h.join() {
+                Ok(c) => results[i] = c,
+                Err(_) => shared
+                    .fail
+                    .fail(MultifdError::Aborted("a channel thread panicked".into())),
+            }
+        }
+        (results, round, state)
+    });
+    if let Some(e) = shared.fail.take() {
+        return Err(e);
+    }
+    let (Some(round), Some(state)) = (round, state) else {
+        return Err(MultifdError::Protocol("the transfer ended early".into()));
+    };
+    let present = check_counts(&results, &round, wire)?;
+    Ok((
+        state,
+        TransferStats {
+            bytes: 0,
+            present_pages: present,
+            zero_pages: total_pages - present,
+            elapsed: Default::default(),
+            direct_io: false,
+            channels: n,
+        },
+    ))
+}
+
+/// Reads the RAM layout on the main connection and allocates the memory
+/// for it through `alloc`, checking what it returns against the layout.
+#[allow(clippy::type_complexity)]
+fn receive_layout<S: Read + Write>(
+    main: &mut S,
+    ps: u32,
+    alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError>,
+    wire: &mut u64,
+) -> Result<(Vec<(u64, u64)>, Vec<MemRegion>), MultifdError> {
     let (m, w) = read_main(main, ps, "reading the RAM layout")?;
     *wire += w;
     let layout = match m {
@@ -726,164 +832,121 @@ fn receive_main<S: Read + Write + Send>(
             )));
         }
     }
-    let pages: Vec<u64> = layout.iter().map(|&(_, s)| s / u64::from(ps)).collect();
-    let total_pages: u64 = pages.iter().sum();
-    let shared = RecvShared {
-        regions: &regions,
-        claimed: pages
-            .iter()
-            .map(|p| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
-            .collect(),
-        page_size: ps,
-        compression: hello.compression,
-        fail: Fail::new(),
-    };
-    *wire += write_main(main, &MainMessage::Ready, "sending READY")?;
+    Ok((layout, regions))
+}
 
+/// Reads and checks a data connection's hello: `Some(channel)`, `None` for
+/// a stray connection to drop (another session, or garbage; at most
+/// [`MAX_STRAYS`]), an error for a hello that breaks the protocol.
+fn data_hello<S: Read>(
+    conn: &mut S,
+    hello: &Hello,
+    seen: &mut [bool],
+    strays: &mut usize,
+) -> Result<Option<usize>, MultifdError> {
+    let mut hb = [0u8; HELLO_LEN];
+    let h = conn
+        .read_exact(&mut hb)
+        .map_err(|e| MultifdError::io("reading a data connection's hello", e))
+        .and_then(|_| parse_hello(&hb));
+    let h = match h {
+        Ok(h) if h.session == hello.session => h,
+        other => {
+            *strays += 1;
+            let why = match other {
+                Ok(_) => "another session id".to_string(),
+                Err(e) => e.to_string(),
+            };
+            log::warn!("multifd: dropping a stray connection: {why}");
+            if *strays > MAX_STRAYS {
+                return Err(MultifdError::Protocol(format!(
+                    "more than {MAX_STRAYS} stray connections (last: {why})"
+                )));
+            }
+            return Ok(None);
+        }
+    };
+    let i = usize::from(h.channel);
+    if h.role != Role::Data
+        || h.channels != hello.channels
+        || h.page_size != hello.page_size
+        || h.compression != hello.compression
+        || seen[i]
+    {
+        return Err(MultifdError::Protocol(format!(
+            "data connection hello for channel {i} does not match the main hello or repeats a channel: {h:?}"
+        )));
+    }
+    seen[i] = true;
+    Ok(Some(i))
+}
+
+/// Follows the main connection to its END while the data channels run:
+/// ROUND_DONE (the channels' counts), DEVICE_STATE, END. A failure goes to
+/// `fail`, and ends the wait.
+fn receive_main_tail<S: Read>(
+    main: &mut S,
+    ps: u32,
+    n: usize,
+    fail: &Fail,
+    wire: &mut u64,
+) -> (Option<Vec<ChannelCount>>, Option<Vec<u8>>) {
     let mut round: Option<Vec<ChannelCount>> = None;
     let mut state: Option<Vec<u8>> = None;
-    let results: Vec<RecvCounts> = std::thread::scope(|s| {
-        let mut handles = Vec::with_capacity(n);
-        let mut seen = vec![false; n];
-        let mut strays = 0;
-        // Accept the data connections.
-        while handles.len() < n && !shared.fail.stopped() {
-            let mut conn = match accept() {
-                Ok(c) => c,
-                Err(e) => {
-                    shared.fail.fail(MultifdError::io(
-                        format!("accepting data connection {} of {n}", handles.len() + 1),
-                        e,
-                    ));
-                    break;
-                }
-            };
-            let mut hb = [0u8; HELLO_LEN];
-            let h = conn
-                .read_exact(&mut hb)
-                .map_err(|e| MultifdError::io("reading a data connection's hello", e))
-                .and_then(|_| parse_hello(&hb));
-            let h = match h {
-                Ok(h) if h.session == hello.session => h,
-                other => {
-                    strays += 1;
-                    let why = match other {
-                        Ok(_) => "another session id".to_string(),
-                        Err(e) => e.to_string(),
-                    };
-                    log::warn!("multifd: dropping a stray connection: {why}");
-                    if strays > MAX_STRAYS {
-                        shared.fail.fail(MultifdError::Protocol(format!(
-                            "more than {MAX_STRAYS} stray connections (last: {why})"
-                        )));
-                        break;
-                    }
-                    continue;
-                }
-            };
-            let i = usize::from(h.channel);
-            if h.role != Role::Data
-                || h.channels != hello.channels
-                || h.page_size != hello.page_size
-                || h.compression != hello.compression
-                || seen[i]
-            {
-                shared.fail.fail(MultifdError::Protocol(format!(
-                    "data connection hello for channel {i} does not match the main hello or repeats a channel: {h:?}"
-                )));
+    while !fail.stopped() {
+        let during = if round.is_none() {
+            "waiting for ROUND_DONE"
+        } else if state.is_none() {
+            "waiting for the device state"
+        } else {
+            "waiting for END"
+        };
+        let m = match read_main(main, ps, during) {
+            Ok((m, w)) => {
+                *wire += w;
+                m
+            }
+            Err(e) => {
+                fail.fail(e);
                 break;
             }
-            seen[i] = true;
-            *wire += HELLO_LEN as u64;
-            let shared = &shared;
-            let spawned = std::thread::Builder::new()
-                .name(format!("multifd-recv-{i}"))
-                .spawn_scoped(s, move || {
-                    let mut conn = conn;
-                    // Record a failure before the connection closes (which
-                    // makes the sender give up and report its own error).
-                    let r = recv_channel(shared, i as u16, &mut conn).unwrap_or_else(|e| {
-                        shared.fail.fail(e);
-                        RecvCounts::default()
-                    });
-                    drop(conn);
-                    r
-                });
-            match spawned {
-                Ok(h) => handles.push((i, h)),
-                Err(e) => {
-                    shared
-                        .fail
-                        .fail(MultifdError::io("starting a channel thread", e));
+        };
+        let bad = |what: &str| MultifdError::Protocol(format!("unexpected {what} while {during}"));
+        match m {
+            MainMessage::RoundDone { round: r, channels } => {
+                if round.is_some() || r != 0 || channels.len() != n {
+                    fail.fail(MultifdError::Protocol(format!(
+                        "ROUND_DONE for round {r} with {} channels (expected round 0, {n} channels, once)",
+                        channels.len()
+                    )));
                     break;
                 }
+                round = Some(channels);
+            }
+            MainMessage::DeviceState(d) if round.is_some() && state.is_none() => state = Some(d),
+            MainMessage::End if state.is_some() => break,
+            MainMessage::Error(msg) => {
+                fail.fail(MultifdError::Remote(msg));
+                break;
+            }
+            other => {
+                fail.fail(bad(other.name()));
+                break;
             }
         }
-        // Meanwhile on the main connection: ROUND_DONE, DEVICE_STATE, END.
-        while !shared.fail.stopped() {
-            let during = if round.is_none() {
-                "waiting for ROUND_DONE"
-            } else if state.is_none() {
-                "waiting for the device state"
-            } else {
-                "waiting for END"
-            };
-            let m = match read_main(main, ps, during) {
-                Ok((m, w)) => {
-                    *wire += w;
-                    m
-                }
-                Err(e) => {
-                    shared.fail.fail(e);
-                    break;
-                }
-            };
-            let bad =
-                |what: &str| MultifdError::Protocol(format!("unexpected {what} while {during}"));
-            match m {
-                MainMessage::RoundDone { round: r, channels } => {
-                    if round.is_some() || r != 0 || channels.len() != n {
-                        shared.fail.fail(MultifdError::Protocol(format!(
-                            "ROUND_DONE for round {r} with {} channels (expected round 0, {n} channels, once)",
-                            channels.len()
-                        )));
-                        break;
-                    }
-                    round = Some(channels);
-                }
-                MainMessage::DeviceState(d) if round.is_some() && state.is_none() => {
-                    state = Some(d)
-                }
-                MainMessage::End if state.is_some() => break,
-                MainMessage::Error(msg) => {
-                    shared.fail.fail(MultifdError::Remote(msg));
-                    break;
-                }
-                other => {
-                    shared.fail.fail(bad(other.name()));
-                    break;
-                }
-            }
-        }
-        let mut results = vec![RecvCounts::default(); n];
-        for (i, h) in handles {
-            match h.join() {
-                Ok(c) => results[i] = c,
-                Err(_) => shared
-                    .fail
-                    .fail(MultifdError::Aborted("a channel thread panicked".into())),
-            }
-        }
-        results
-    });
-    if let Some(e) = shared.fail.take() {
-        return Err(e);
     }
-    let (Some(round), Some(state)) = (round, state) else {
-        return Err(MultifdError::Protocol("the transfer ended early".into()));
-    };
+    (round, state)
+}
+
+/// Checks each data channel's counts against the sender's ROUND_DONE;
+/// returns the pages received, adding the channels' bytes to `wire`.
+fn check_counts(
+    results: &[RecvCounts],
+    round: &[ChannelCount],
+    wire: &mut u64,
+) -> Result<u64, MultifdError> {
     let mut present = 0;
-    for (i, (got, want)) in results.iter().zip(&round).enumerate() {
+    for (i, (got, want)) in results.iter().zip(round).enumerate() {
         if !got.synced || got.count != *want {
             return Err(MultifdError::Protocol(format!(
                 "data channel {i}: received {} packets and {} pages, the sender says {} and {}",
@@ -893,17 +956,7 @@ fn receive_main<S: Read + Write + Send>(
         present += got.count.pages;
         *wire += got.bytes;
     }
-    Ok((
-        state,
-        TransferStats {
-            bytes: 0,
-            present_pages: present,
-            zero_pages: total_pages - present,
-            elapsed: Default::default(),
-            direct_io: false,
-            channels: n,
-        },
-    ))
+    Ok(present)
 }
 
 /// Marks pages `first..first+count` of a region received; false if any was already.
