@@ -16,8 +16,8 @@ use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
 use crate::progress::Progress;
 
 use super::{
-    file_sizes, publish, region_specs, snapshot, temp_path, Loaded, RestoreMode, SaveError,
-    Written, PAGE_SIZE,
+    file_sizes, publish, region_specs, snapshot, temp_path, ImageError, Loaded, RestoreMode,
+    SaveError, Written, PAGE_SIZE,
 };
 
 /// How page data moves between guest memory and the image.
@@ -281,9 +281,9 @@ fn write_to(
         &channels.multifd(),
     )
     .map_err(|e| match e {
-        multifd::MultifdError::DirectIoUnsupported { .. } => SaveError::Invalid {
+        multifd::MultifdError::DirectIoUnsupported { .. } => SaveError::BadImage {
             path: path.to_owned(),
-            reason: e.to_string(),
+            source: e.into(),
         },
         other => SaveError::Image {
             path: path.to_owned(),
@@ -325,9 +325,9 @@ fn open_image(path: &Path) -> Result<Image, SaveError> {
             path: path.to_owned(),
             source,
         },
-        other => SaveError::Invalid {
+        other => SaveError::BadImage {
             path: path.to_owned(),
-            reason: other.to_string(),
+            source: other.into(),
         },
     })
 }
@@ -347,6 +347,10 @@ pub fn load_fixed_with(
         path: path.to_owned(),
         reason,
     };
+    let bad_image = |e: ImageError| SaveError::BadImage {
+        path: path.to_owned(),
+        source: e,
+    };
     let image = open_image(path)?;
     if image.header().page_size as usize != PAGE_SIZE {
         return Err(invalid(format!(
@@ -355,9 +359,9 @@ pub fn load_fixed_with(
         )));
     }
     if verify {
-        image.verify().map_err(|e| invalid(e.to_string()))?;
+        image.verify().map_err(|e| bad_image(e.into()))?;
     }
-    let device_state = image.device_state().map_err(|e| invalid(e.to_string()))?;
+    let device_state = image.device_state().map_err(|e| bad_image(e.into()))?;
     let snapshot = snapshot::decode(&device_state).map_err(|source| SaveError::DeviceState {
         path: path.to_owned(),
         source,
@@ -377,7 +381,7 @@ pub fn load_fixed_with(
     match mode {
         RestoreMode::Eager => {
             let memory = create_guest_memory(snapshot.machine.mem_mib, &MemoryBacking::Anonymous)
-                .map_err(|e| invalid(e.to_string()))?;
+                .map_err(|e| bad_image(e.into()))?;
             advise_huge_pages(&memory);
             on_memory(&memory);
             if let Some(p) = progress {
@@ -391,12 +395,12 @@ pub fn load_fixed_with(
                 &channels.multifd(),
             )
             .map_err(|e| match e {
-                multifd::MultifdError::DirectIoUnsupported { .. } => invalid(e.to_string()),
+                multifd::MultifdError::DirectIoUnsupported { .. } => bad_image(e.into()),
                 multifd::MultifdError::Io { .. } => SaveError::Image {
                     path: path.to_owned(),
                     source: e.into(),
                 },
-                other => invalid(other.to_string()),
+                other => bad_image(other.into()),
             })?;
             log::info!(
                 "loaded {} pages through {} channels{} in {:?}: {:.0} MB/s",
@@ -433,7 +437,7 @@ pub fn load_fixed_with(
                 })
                 .collect();
             let memory =
-                microvm::memory::map_file_private(&ranges).map_err(|e| invalid(e.to_string()))?;
+                microvm::memory::map_file_private(&ranges).map_err(|e| bad_image(e.into()))?;
             let prefetch = prefetch.then(|| Prefetch {
                 memory: memory.clone(),
                 image: Arc::new(image),
@@ -519,9 +523,9 @@ impl Prefetch {
 /// `cryo verify` for a fixed-ram image: header and every checksum.
 pub fn verify(path: &Path) -> Result<fixed_ram::VerifyReport, SaveError> {
     let image = open_image(path)?;
-    image.verify().map_err(|e| SaveError::Invalid {
+    image.verify().map_err(|e| SaveError::BadImage {
         path: path.to_owned(),
-        reason: e.to_string(),
+        source: e.into(),
     })
 }
 

@@ -199,9 +199,9 @@ pub fn snapshot_vm(
             Ok((f, true)) => Some(f),
             Ok((_, false)) => None,
             Err(e @ multifd::MultifdError::DirectIoUnsupported { .. }) => {
-                return Err(SaveError::Invalid {
+                return Err(SaveError::BadImage {
                     path: path.to_owned(),
-                    reason: e.to_string(),
+                    source: e.into(),
                 })
             }
             Err(e) => {

@@ -11,7 +11,7 @@ use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
 use serde::{Deserialize, Serialize};
 
 use super::fixed::mem_regions;
-use super::{snapshot, Loaded, SaveError, SaveOptions, Written, PAGE_SIZE};
+use super::{snapshot, ImageError, Loaded, SaveError, SaveOptions, Written, PAGE_SIZE};
 
 /// How long the receiver waits for each data connection once the main one is up.
 const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -89,8 +89,12 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
         path: path.clone(),
         reason,
     };
-    let endpoint = multifd::parse_endpoint(listen).map_err(|e| invalid(e.to_string()))?;
-    let listener = endpoint.listen().map_err(|e| invalid(e.to_string()))?;
+    let bad_image = |e: ImageError| SaveError::BadImage {
+        path: path.clone(),
+        source: e,
+    };
+    let endpoint = multifd::parse_endpoint(listen).map_err(|e| bad_image(e.into()))?;
+    let listener = endpoint.listen().map_err(|e| bad_image(e.into()))?;
     eprintln!("cryo: waiting for a migration on {listen}");
     let mut memory: Option<GuestMemory> = None;
     let (device_state, stats) = listener

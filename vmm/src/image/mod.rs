@@ -117,6 +117,9 @@ pub enum ImageError {
     /// The live-snapshot engine.
     #[error(transparent)]
     Snapshot(#[from] bg_snapshot::SnapshotError),
+    /// Guest memory for the image.
+    #[error(transparent)]
+    Memory(#[from] microvm::MemoryError),
 }
 
 /// Why a save or load failed.
@@ -165,6 +168,17 @@ pub enum SaveError {
         #[source]
         source: snapshot::DeviceStateError,
     },
+    /// The file (or peer) is not a valid saved VM, or cannot be used as
+    /// asked (e.g. O_DIRECT where the filesystem refuses it), as a lower
+    /// layer found (bad input).
+    #[error("{path}: {source}")]
+    BadImage {
+        /// File (or peer).
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: ImageError,
+    },
     /// The file is not a valid saved VM.
     #[error("{path}: {reason}")]
     Invalid {
@@ -191,7 +205,9 @@ impl SaveError {
             }
             // A target the request cannot use (e.g. O_DIRECT where the
             // filesystem refuses it).
-            SaveError::Invalid { .. } | SaveError::DeviceState { .. } => "bad-request",
+            SaveError::Invalid { .. }
+            | SaveError::BadImage { .. }
+            | SaveError::DeviceState { .. } => "bad-request",
             SaveError::Cancelled { .. } => "cancelled",
             _ => "failed",
         }
@@ -201,7 +217,10 @@ impl SaveError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            SaveError::Read { .. } | SaveError::Invalid { .. } | SaveError::DeviceState { .. }
+            SaveError::Read { .. }
+                | SaveError::Invalid { .. }
+                | SaveError::BadImage { .. }
+                | SaveError::DeviceState { .. }
         )
     }
 }

@@ -13,7 +13,9 @@ use migration_stream::{PagesKind, RamRegion, Record, StreamReader, StreamWriter}
 use crate::progress::Progress;
 
 use super::snapshot::{write_sections, SnapshotBuilder};
-use super::{file_sizes, publish, region_bytes, temp_path, SaveError, Written, PAGE_SIZE};
+use super::{
+    file_sizes, publish, region_bytes, temp_path, ImageError, SaveError, Written, PAGE_SIZE,
+};
 
 /// Stream buffer size.
 const IO_BUFFER: usize = 1 << 20;
@@ -129,12 +131,16 @@ pub fn load_stream_file(path: &Path) -> Result<(VmSnapshot, GuestMemory), SaveEr
         path: path.to_owned(),
         reason,
     };
+    let bad_image = |e: ImageError| SaveError::BadImage {
+        path: path.to_owned(),
+        source: e,
+    };
     let file = File::open(path).map_err(|source| SaveError::Read {
         path: path.to_owned(),
         source,
     })?;
     let mut r = StreamReader::new(BufReader::with_capacity(IO_BUFFER, file))
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| bad_image(e.into()))?;
     if r.page_size() as usize != PAGE_SIZE {
         return Err(invalid(format!(
             "page size {} is not this host's {PAGE_SIZE}",
@@ -147,7 +153,7 @@ pub fn load_stream_file(path: &Path) -> Result<(VmSnapshot, GuestMemory), SaveEr
     };
     let mut builder = SnapshotBuilder::default();
     let mut memory: Option<GuestMemory> = None;
-    while let Some(record) = r.next_record().map_err(|e| invalid(e.to_string()))? {
+    while let Some(record) = r.next_record().map_err(|e| bad_image(e.into()))? {
         match record {
             Record::Section(s) => {
                 builder.add(&s).map_err(device_state)?;
@@ -155,7 +161,7 @@ pub fn load_stream_file(path: &Path) -> Result<(VmSnapshot, GuestMemory), SaveEr
                     if let Some(m) = builder.machine() {
                         memory = Some(
                             create_guest_memory(m.mem_mib, &MemoryBacking::Anonymous)
-                                .map_err(|e| invalid(e.to_string()))?,
+                                .map_err(|e| bad_image(e.into()))?,
                         );
                     }
                 }
