@@ -226,16 +226,7 @@ fn for_each_chunk<E: Send>(
 }
 
 fn image_err(path: &Path) -> impl Fn(fixed_ram::FixedRamError) -> SaveError + '_ {
-    move |e| match e {
-        fixed_ram::FixedRamError::Io { source, .. } => SaveError::Write {
-            path: path.to_owned(),
-            source,
-        },
-        other => SaveError::Image {
-            path: path.to_owned(),
-            source: other.into(),
-        },
-    }
+    move |e| SaveError::writing(path, e)
 }
 
 /// Writes a fixed-ram image of the paused VM to `path` (temp file, data,

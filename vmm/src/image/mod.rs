@@ -190,6 +190,25 @@ pub enum SaveError {
 }
 
 impl SaveError {
+    /// A lower layer's error while writing `path`: its I/O errors are
+    /// [`SaveError::Write`] (the target's fault, e.g. a full disk), the rest
+    /// [`SaveError::Image`].
+    pub fn writing(path: &Path, e: impl Into<ImageError>) -> SaveError {
+        match e.into() {
+            ImageError::FixedRam(fixed_ram::FixedRamError::Io { source, .. })
+            | ImageError::Stream(migration_stream::StreamError::Io { source, .. }) => {
+                SaveError::Write {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+            other => SaveError::Image {
+                path: path.to_owned(),
+                source: other,
+            },
+        }
+    }
+
     /// The API error kind for this error.
     pub fn kind(&self) -> &'static str {
         match self {

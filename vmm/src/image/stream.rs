@@ -60,16 +60,7 @@ fn write_stream(
     if let Some(p) = progress {
         p.phase("writing");
     }
-    let serr = |e: migration_stream::StreamError| match e {
-        migration_stream::StreamError::Io { source, .. } => SaveError::Write {
-            path: path.to_owned(),
-            source,
-        },
-        other => SaveError::Image {
-            path: path.to_owned(),
-            source: other.into(),
-        },
-    };
+    let serr = |e: migration_stream::StreamError| SaveError::writing(path, e);
     let mut w = StreamWriter::new(BufWriter::with_capacity(IO_BUFFER, file), PAGE_SIZE as u32)
         .map_err(serr)?;
     let before = w.bytes_written();
