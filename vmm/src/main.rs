@@ -28,6 +28,11 @@ fn main() -> ExitCode {
         eprintln!("cryo: error: {}", e.message);
         return ExitCode::from(e.status);
     }
+    // The KVM device: `/dev/kvm`, or `$CRYO_KVM_DEVICE` (hosts that put it
+    // elsewhere, tests of the error paths). The library reads no environment.
+    if let Some(path) = std::env::var_os("CRYO_KVM_DEVICE") {
+        microvm::set_kvm_device_path(path.into());
+    }
     let out = client::Output { json: args.json };
     let api =
         |a: &cli::ApiArgs, cmd: &str| client::call(&a.api, serde_json::json!({"cmd": cmd}), out);

@@ -53,8 +53,8 @@ pub use loader::{BootProtocol, BootSource, KernelFormat, LoadError};
 pub use memory::{create_guest_memory, GuestMemory, GuestRegion, MemoryBacking, MemoryError};
 pub use vcpu::{VcpuError, VmExitReason};
 pub use vm::{
-    kvm_device_path, max_vcpus, open_kvm, region_list, MicroVm, RestoreOptions, RunState,
-    StopHandle, VmConfig, VmController,
+    kvm_device_path, max_vcpus, open_kvm, region_list, set_kvm_device_path, MicroVm,
+    RestoreOptions, RunState, StopHandle, VmConfig, VmController,
 };
 pub use vm_memory;
 
