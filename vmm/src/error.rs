@@ -54,15 +54,29 @@ impl std::fmt::Display for CliError {
     }
 }
 
+/// What the user can do about `e` on this command line, if anything.
+fn hint(e: &microvm::Error) -> &'static str {
+    match e {
+        microvm::Error::TscMismatch { .. } => ": pass --allow-tsc-mismatch to restore anyway",
+        _ => "",
+    }
+}
+
 impl From<microvm::Error> for CliError {
     fn from(e: microvm::Error) -> Self {
-        CliError::classified(&e, e.is_bad_input())
+        let mut c = CliError::classified(&e, e.is_bad_input());
+        c.message.push_str(hint(&e));
+        c
     }
 }
 
 impl From<SaveError> for CliError {
     fn from(e: SaveError) -> Self {
-        CliError::classified(&e, e.is_bad_input())
+        let mut c = CliError::classified(&e, e.is_bad_input());
+        if let SaveError::Vm(vm) = &e {
+            c.message.push_str(hint(vm));
+        }
+        c
     }
 }
 

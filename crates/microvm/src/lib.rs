@@ -109,7 +109,7 @@ pub enum Error {
     #[error("snapshot: {0}")]
     Snapshot(String),
     /// The host's TSC frequency differs from the saved one and cannot be scaled.
-    #[error("this VM was saved on a host with a TSC of {saved_khz} kHz; this host runs at {host_khz} kHz and KVM cannot scale the TSC (KVM_CAP_TSC_CONTROL): pass --allow-tsc-mismatch to restore anyway, with guest time running at the wrong rate")]
+    #[error("this VM was saved on a host with a TSC of {saved_khz} kHz; this host runs at {host_khz} kHz and KVM cannot scale the TSC (KVM_CAP_TSC_CONTROL); restoring anyway (RestoreOptions::allow_tsc_mismatch) makes guest time run at the wrong rate")]
     TscMismatch {
         /// Saved frequency.
         saved_khz: u32,
