@@ -134,7 +134,9 @@ pub fn save(args: crate::cli::SaveArgs, out: Output) -> Result<(), CliError> {
         crate::image::SaveTarget::Peer(_) => args.to.clone(),
         crate::image::SaveTarget::File(p) => absolute(&p)?,
     };
-    let mut req = json!({"cmd": "save", "path": to, "format": args.format, "keep_running": args.keep_running});
+    let format = crate::image::SaveFormat::from(args.format);
+    let mut req =
+        json!({"cmd": "save", "path": to, "format": format, "keep_running": args.keep_running});
     if let Some(n) = args.channels {
         req["channels"] = json!(n);
     }
@@ -142,7 +144,7 @@ pub fn save(args: crate::cli::SaveArgs, out: Output) -> Result<(), CliError> {
         req["direct_io"] = json!(d);
     }
     if let Some(c) = args.compress {
-        req["compression"] = json!(c);
+        req["compression"] = json!(crate::image::migrate::CompressionArg::from(c));
     }
     call(&args.api, req, out)
 }

@@ -17,7 +17,7 @@ use super::{snapshot, ImageError, Loaded, SaveError, SaveOptions, Written, PAGE_
 const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Per-packet compression on the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CompressionArg {
     /// Raw pages.

@@ -54,7 +54,7 @@ pub mod sections {
 }
 
 /// The image formats `save` writes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SaveFormat {
     /// Every page at a fixed offset (docs/fixed-ram-format.md).
