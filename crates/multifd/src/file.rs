@@ -77,6 +77,11 @@ pub struct FileChannelOptions {
     pub channels: usize,
     /// Whether to bypass the page cache.
     pub direct_io: DirectIo,
+    /// Loading: fault each run's target pages in (`MADV_POPULATE_WRITE`)
+    /// before reading into them. Cheaper for fresh anonymous memory (one
+    /// call instead of a fault per page); useless for memory that is already
+    /// populated. Saving ignores it.
+    pub prefault: bool,
 }
 
 /// What a transfer did.
@@ -140,25 +145,7 @@ pub fn load_from_file(
     layout: &dyn FileLayout,
     opts: &FileChannelOptions,
 ) -> Result<TransferStats, MultifdError> {
-    transfer(
-        path,
-        regions,
-        layout,
-        opts,
-        Direction::Load { populate: true },
-    )
-}
-
-/// [`load_from_file`] with the pre-faulting of target pages
-/// (`MADV_POPULATE_WRITE`) switched on or off; for measurements.
-#[doc(hidden)]
-pub fn load_from_file_with(
-    path: &Path,
-    regions: &[MemRegion],
-    layout: &dyn FileLayout,
-    opts: &FileChannelOptions,
-    populate: bool,
-) -> Result<TransferStats, MultifdError> {
+    let populate = opts.prefault;
     transfer(path, regions, layout, opts, Direction::Load { populate })
 }
 

@@ -28,8 +28,8 @@ mod sys;
 pub use endpoint::{parse_endpoint, Endpoint, Listener, Stream};
 pub use error::{CallerError, Channel, MultifdError};
 pub use file::{
-    load_from_file, load_from_file_with, open_with_direct_io, save_to_file, DirectIo,
-    FileChannelOptions, FileLayout, TransferStats, MAX_FILE_CHANNELS,
+    load_from_file, open_with_direct_io, save_to_file, DirectIo, FileChannelOptions, FileLayout,
+    TransferStats, MAX_FILE_CHANNELS,
 };
 pub use protocol::{
     check_main_crc, decode_main_payload, decode_payload, parse_hello, parse_main_header,

@@ -43,6 +43,7 @@ impl ChannelOptions {
         multifd::FileChannelOptions {
             channels: self.channels.clamp(1, multifd::MAX_FILE_CHANNELS),
             direct_io: self.direct_io,
+            prefault: true,
         }
     }
 }
