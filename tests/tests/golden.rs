@@ -73,7 +73,11 @@ fn restores_and_runs(g: &Golden, file: &Path, extra: &[&str]) {
         last_beat: BTreeMap::from([(0, g.last_beat)]),
         ..Progress::default()
     };
-    let mut r = restore_vm(file, None, extra);
+    // The images were saved on one host; CI may run on a host with another
+    // TSC frequency (the guest then keeps running, its clock at another rate).
+    let mut args = vec!["--allow-tsc-mismatch"];
+    args.extend_from_slice(extra);
+    let mut r = restore_vm(file, None, &args);
     let after = r.follow(1, 3, 2, T);
     check_continues(&before, &after, 1);
     r.kill();
