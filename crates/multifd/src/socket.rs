@@ -470,6 +470,7 @@ fn send_channel<S: Write + ?Sized>(
     } else {
         Vec::new()
     };
+    let mut present: Vec<page_runs::PageRun> = Vec::with_capacity(MAX_PAGES_PER_PACKET as usize);
     let mut runs: Vec<Run> = Vec::with_capacity(MAX_PAGES_PER_PACKET as usize);
     let mut head: Vec<u8> =
         Vec::with_capacity(PACKET_HEADER_LEN + RUN_LEN * MAX_PAGES_PER_PACKET as usize);
@@ -489,26 +490,23 @@ fn send_channel<S: Write + ?Sized>(
         let region_pages = region.len() / ps as u64;
         let n = (region_pages - first).min(u64::from(MAX_PAGES_PER_PACKET));
         // Runs of non-zero pages.
-        runs.clear();
-        let mut page_count = 0u32;
+        present.clear();
         for p in first..first + n {
             // SAFETY: p < region_pages, so the page is inside the region,
             // which the MemRegion contract keeps readable while we run.
             let page =
                 unsafe { std::slice::from_raw_parts(region.as_ptr().add(p as usize * ps), ps) };
-            let zero = page_runs::is_zero(page);
-            if zero {
-                continue;
-            }
-            page_count += 1;
-            match runs.last_mut() {
-                Some(run) if run.first_page + u64::from(run.count) == p => run.count += 1,
-                _ => runs.push(Run {
-                    first_page: p,
-                    count: 1,
-                }),
+            if !page_runs::is_zero(page) {
+                page_runs::push_page(&mut present, p);
             }
         }
+        // At most MAX_PAGES_PER_PACKET pages: counts fit in u32.
+        runs.clear();
+        runs.extend(present.iter().map(|r| Run {
+            first_page: r.start,
+            count: r.len() as u32,
+        }));
+        let page_count: u32 = runs.iter().map(|r| r.count).sum();
         if runs.is_empty() {
             continue;
         }
