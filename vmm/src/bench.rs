@@ -24,7 +24,6 @@ use serde::Serialize;
 use crate::error::CliError;
 use crate::image::{self, fixed, RestoreMode};
 
-
 /// The guest kernel of a bench: `--kernel`, or the test kernel built into
 /// this binary, written to a temporary file in the bench directory (so that
 /// an installed `cryo` needs no build tree) and removed on drop.
@@ -43,9 +42,8 @@ impl BenchKernel {
             });
         }
         let path = dir.join(format!(".cryo-bench-kernel-{}.elf", std::process::id()));
-        std::fs::write(&path, cryo_test_kernel::KERNEL_IMAGE).map_err(|e| {
-            CliError::bad_input(format!("cannot write in {}: {e}", dir.display()))
-        })?;
+        std::fs::write(&path, cryo_test_kernel::KERNEL_IMAGE)
+            .map_err(|e| CliError::bad_input(format!("cannot write in {}: {e}", dir.display())))?;
         Ok(BenchKernel {
             path,
             temporary: true,
