@@ -212,7 +212,7 @@ fn section_version_newer_than_known() {
     expect_refused(
         "newer-section",
         &bytes,
-        "section 'serial' instance 0 has version 7",
+        "section 'serial' instance 0: 'serial' state version 7 is newer than this cryo reads",
     );
 }
 
@@ -245,8 +245,8 @@ fn garbage_state_in_a_section() {
 
 #[test]
 fn tsc_frequency_mismatch_is_refused_unless_allowed() {
-    // Forge the saved TSC frequency (machine section: postcard, tsc_khz is the
-    // last field, a varint): decode, change, re-encode.
+    // Forge the saved TSC frequency (machine section version 2, postcard):
+    // decode, change, re-encode.
     #[derive(serde::Serialize, serde::Deserialize)]
     struct Machine {
         vcpus: u8,
@@ -254,6 +254,8 @@ fn tsc_frequency_mismatch_is_refused_unless_allowed() {
         regions: Vec<(u64, u64)>,
         cmdline: String,
         tsc_khz: u32,
+        kernel: String,
+        writer: String,
     }
     let bytes = rewrite(
         |s| {

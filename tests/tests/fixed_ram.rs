@@ -238,6 +238,58 @@ fn flipped_byte_is_caught_by_verify_and_eager_restore() {
     assert_eq!(status, Some(2), "{err}");
 }
 
+/// Format version 2 covers the bitmaps and the checksum table with a CRC in
+/// the header: a flipped byte in any of them is refused by `verify` and by
+/// every restore (eager, lazy), with an error naming the metadata, before
+/// any guest runs.
+#[test]
+fn flipped_metadata_byte_is_refused_by_verify_and_every_restore() {
+    let dir = workdir("fr-meta");
+    let api = socket_path("fr-meta");
+    let file = dir.join("vm.img");
+    let (mut g, _) = boot_with_api(1, 32, "cryo.mem=4 cryo.hb_ms=200", &api);
+    save_vm(&api, &file, &[]);
+    assert!(g.wait_exit(T).is_some());
+    let img = fixed_ram::Image::open(&file).unwrap();
+    assert_eq!(img.header().format_version, 2);
+    let h = img.header().clone();
+    drop(img);
+    let bitmap = h.regions[0].bitmap_offset;
+    let offsets = [
+        bitmap,                                   // first bitmap word
+        bitmap + h.regions[0].bitmap_len / 2 + 3, // a middle one
+        bitmap + h.regions[0].bitmap_len - 1,     // the last byte
+        h.checksum_table_offset + 1,              // the checksum table
+        h.checksum_table_offset + h.checksum_table_len - 1,
+    ];
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&file)
+        .unwrap();
+    for offset in offsets {
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, offset).unwrap();
+        f.write_all_at(&[b[0] ^ 0x01], offset).unwrap();
+        let path = file.to_str().unwrap();
+        let (status, _, err) = cryo(&["verify", path]);
+        assert_eq!(status, Some(2), "{offset:#x}: {err}");
+        assert!(err.contains("metadata checksum"), "{offset:#x}: {err}");
+        for extra in [&[][..], &["--lazy"][..]] {
+            let mut args = vec!["restore", "--from", path];
+            args.extend_from_slice(extra);
+            let (status, out, err) = cryo(&args);
+            assert_eq!(status, Some(2), "{offset:#x} {extra:?}: {err}");
+            assert!(out.is_empty(), "the guest ran: {out}");
+            assert!(err.contains("metadata checksum"), "{offset:#x}: {err}");
+        }
+        f.write_all_at(&b, offset).unwrap();
+    }
+    let (status, out, err) = cryo(&["verify", file.to_str().unwrap()]);
+    assert_eq!(status, Some(0), "{out}{err}");
+}
+
 #[test]
 fn sigkill_during_a_save_keeps_the_previous_image() {
     let dir = workdir("fr-kill");

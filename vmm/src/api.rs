@@ -557,7 +557,7 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
         } => {
             let target = match save::SaveTarget::parse(&path) {
                 Ok(t) => t,
-                Err(e) => return (error_reply(id, "bad-request", &e), None),
+                Err(e) => return (error_reply(id, "bad-request", &e.to_string()), None),
             };
             if let Err(e) = options_fit_target(&target, format, direct_io, compression) {
                 return (error_reply(id, "bad-request", &e), None);
@@ -679,9 +679,9 @@ pub fn request_with_events(
     path: &Path,
     req: &Value,
     on_event: &mut dyn FnMut(&Value),
-) -> Result<Value, crate::CliError> {
+) -> Result<Value, crate::error::CliError> {
     let mut stream = UnixStream::connect(path).map_err(|e| {
-        crate::CliError::bad_input(format!(
+        crate::error::CliError::bad_input(format!(
             "cannot connect to the API socket {}: {e}",
             path.display()
         ))
@@ -690,20 +690,21 @@ pub fn request_with_events(
     line.push('\n');
     stream
         .write_all(line.as_bytes())
-        .map_err(|e| crate::CliError::failure(format!("API socket write failed: {e}")))?;
+        .map_err(|e| crate::error::CliError::failure(format!("API socket write failed: {e}")))?;
     let mut reader = BufReader::new(stream);
     loop {
         let mut reply = String::new();
         reader
             .read_line(&mut reply)
-            .map_err(|e| crate::CliError::failure(format!("API socket read failed: {e}")))?;
+            .map_err(|e| crate::error::CliError::failure(format!("API socket read failed: {e}")))?;
         if reply.is_empty() {
-            return Err(crate::CliError::failure(
+            return Err(crate::error::CliError::failure(
                 "the VM closed the API connection without a reply",
             ));
         }
-        let v: Value = serde_json::from_str(&reply)
-            .map_err(|e| crate::CliError::failure(format!("malformed reply from the VM: {e}")))?;
+        let v: Value = serde_json::from_str(&reply).map_err(|e| {
+            crate::error::CliError::failure(format!("malformed reply from the VM: {e}"))
+        })?;
         if v.get("event").is_some() {
             on_event(&v);
             continue;

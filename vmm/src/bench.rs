@@ -21,8 +21,48 @@ use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use microvm::{BootSource, MemoryBacking, MicroVm, RestoreOptions, SerialOutput, VmConfig};
 use serde::Serialize;
 
+use crate::error::CliError;
 use crate::image::{self, fixed, RestoreMode};
-use crate::CliError;
+
+/// The guest kernel of a bench: `--kernel`, or the test kernel built into
+/// this binary, written to a temporary file in the bench directory (so that
+/// an installed `cryo` needs no build tree) and removed on drop.
+pub struct BenchKernel {
+    path: PathBuf,
+    temporary: bool,
+}
+
+impl BenchKernel {
+    /// `given`, or the built-in test kernel written under `dir`.
+    pub fn resolve(given: Option<&Path>, dir: &Path) -> Result<BenchKernel, CliError> {
+        if let Some(p) = given {
+            return Ok(BenchKernel {
+                path: p.to_path_buf(),
+                temporary: false,
+            });
+        }
+        let path = dir.join(format!(".cryo-bench-kernel-{}.elf", std::process::id()));
+        std::fs::write(&path, cryo_test_kernel::KERNEL_IMAGE)
+            .map_err(|e| CliError::bad_input(format!("cannot write in {}: {e}", dir.display())))?;
+        Ok(BenchKernel {
+            path,
+            temporary: true,
+        })
+    }
+
+    /// The kernel file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for BenchKernel {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
 
 /// Arguments of `cryo bench save-restore`.
 #[derive(clap::Args, Debug)]
@@ -42,7 +82,7 @@ pub struct SaveRestoreArgs {
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Kernel to boot (default: the cryo test kernel built with this binary).
+    /// Kernel to boot (default: the cryo test kernel built into this binary).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
 }
@@ -394,10 +434,7 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
     // The VM: the test kernel in fill mode with a tiny share (it halts at
     // once); its RAM is then filled host-side, which is much faster than
     // the guest's first touches under emulated paging.
-    let kernel = a
-        .kernel
-        .clone()
-        .unwrap_or_else(|| cryo_test_kernel::kernel_path().to_path_buf());
+    let kernel = BenchKernel::resolve(a.kernel.as_deref(), &a.dir)?;
     let serial_path = a
         .dir
         .join(format!(".cryo-bench-serial-{}", std::process::id()));
@@ -409,7 +446,7 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
         mem_mib: a.mem_mib,
         backing: MemoryBacking::Anonymous,
         boot: BootSource {
-            kernel,
+            kernel: kernel.path().to_path_buf(),
             cmdline: "console=ttyS0 cryo.mode=fill cryo.mem=1".into(),
             ..Default::default()
         },
@@ -442,7 +479,10 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
     let mut parts: Vec<&mut [u8]> = Vec::new();
     let mut spans: Vec<(usize, usize, usize)> = Vec::new();
     for (index, region) in memory.iter().enumerate() {
-        let bytes = image::region_bytes_mut(region);
+        // SAFETY: the VM is paused, and until the scope below ends these
+        // views (split into disjoint parts, one per thread) are the only
+        // references to the region's bytes; `filled` is made after they are gone.
+        let bytes = unsafe { image::region_bytes_mut(region) };
         let skip = if region.start_addr().0 == 0 {
             64 * MIB as usize
         } else {

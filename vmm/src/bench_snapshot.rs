@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use microvm::{BootSource, MemoryBacking, MicroVm, SerialOutput, VmConfig};
 use serde::Serialize;
 
+use crate::error::CliError;
 use crate::image::{self, fixed, live};
-use crate::CliError;
 
 /// Arguments of `cryo bench snapshot`.
 #[derive(clap::Args, Debug)]
@@ -42,7 +42,7 @@ pub struct SnapshotArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Kernel to boot (default: the cryo test kernel built with this binary).
+    /// Kernel to boot (default: the cryo test kernel built into this binary).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
 }
@@ -143,10 +143,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
         .join(format!(".cryo-bench-snap-serial-{}", std::process::id()));
     let serial = File::create(&serial_path)
         .map_err(|e| CliError::bad_input(format!("cannot write in {}: {e}", a.dir.display())))?;
-    let kernel = a
-        .kernel
-        .clone()
-        .unwrap_or_else(|| cryo_test_kernel::kernel_path().to_path_buf());
+    let kernel = crate::bench::BenchKernel::resolve(a.kernel.as_deref(), &a.dir)?;
     eprintln!(
         "bench: booting a {} MiB guest that fills and keeps writing {} MiB",
         a.mem_mib, a.fill_mib
@@ -156,7 +153,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
         mem_mib: a.mem_mib,
         backing: MemoryBacking::Anonymous,
         boot: BootSource {
-            kernel,
+            kernel: kernel.path().to_path_buf(),
             cmdline: format!(
                 "console=ttyS0 cryo.mem={} cryo.rate=0 cryo.hb_ms=100",
                 a.fill_mib / u64::from(a.vcpus.max(1))

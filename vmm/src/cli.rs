@@ -4,7 +4,47 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::image::migrate::CompressionArg;
 use crate::image::SaveFormat;
+
+/// `--format` (the save core's [`SaveFormat`] knows nothing of clap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FormatChoice {
+    /// Every page at a fixed offset (docs/fixed-ram-format.md).
+    FixedRam,
+    /// A sequential migration stream (docs/stream-format.md).
+    Stream,
+}
+
+impl From<FormatChoice> for SaveFormat {
+    fn from(f: FormatChoice) -> Self {
+        match f {
+            FormatChoice::FixedRam => SaveFormat::FixedRam,
+            FormatChoice::Stream => SaveFormat::Stream,
+        }
+    }
+}
+
+/// `--compress` (the save core's [`CompressionArg`] knows nothing of clap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CompressChoice {
+    /// Raw pages.
+    None,
+    /// zstd, level 1.
+    Zstd,
+    /// lz4.
+    Lz4,
+}
+
+impl From<CompressChoice> for CompressionArg {
+    fn from(c: CompressChoice) -> Self {
+        match c {
+            CompressChoice::None => CompressionArg::None,
+            CompressChoice::Zstd => CompressionArg::Zstd,
+            CompressChoice::Lz4 => CompressionArg::Lz4,
+        }
+    }
+}
 
 /// cryo: a small, fast KVM VMM that boots, freezes and thaws whole VMs.
 ///
@@ -183,10 +223,10 @@ pub struct SaveArgs {
     /// Per-packet compression when sending to a peer (tcp: or unix: only;
     /// refused for a file).
     #[arg(long, value_enum, value_name = "ALGO")]
-    pub compress: Option<crate::image::migrate::CompressionArg>,
+    pub compress: Option<CompressChoice>,
     /// Image format of a file save (default fixed-ram; refused for a peer).
     #[arg(long, value_enum)]
-    pub format: Option<SaveFormat>,
+    pub format: Option<FormatChoice>,
     /// Resume the VM after saving instead of ending it.
     #[arg(long)]
     pub keep_running: bool,

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use serde_json::{json, Value};
 
+use crate::error::CliError;
 use crate::progress::{Display, ProgressInfo};
-use crate::CliError;
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug)]
@@ -128,13 +128,15 @@ fn absolute(p: &Path) -> Result<String, CliError> {
 /// `cryo save`.
 pub fn save(args: crate::cli::SaveArgs, out: Output) -> Result<(), CliError> {
     // The VM resolves a path in its own working directory: send it absolute.
-    let to = match crate::image::SaveTarget::parse(&args.to).map_err(CliError::bad_input)? {
+    let to = match crate::image::SaveTarget::parse(&args.to)
+        .map_err(|e| CliError::bad_input(e.to_string()))?
+    {
         crate::image::SaveTarget::Peer(_) => args.to.clone(),
         crate::image::SaveTarget::File(p) => absolute(&p)?,
     };
     let mut req = json!({"cmd": "save", "path": to, "keep_running": args.keep_running});
     if let Some(f) = args.format {
-        req["format"] = json!(f);
+        req["format"] = json!(crate::image::SaveFormat::from(f));
     }
     if let Some(n) = args.channels {
         req["channels"] = json!(n);
@@ -143,7 +145,7 @@ pub fn save(args: crate::cli::SaveArgs, out: Output) -> Result<(), CliError> {
         req["direct_io"] = json!(d);
     }
     if let Some(c) = args.compress {
-        req["compression"] = json!(c);
+        req["compression"] = json!(crate::image::migrate::CompressionArg::from(c));
     }
     call(&args.api, req, out)
 }

@@ -6,15 +6,14 @@ use std::io::BufReader;
 use serde_json::json;
 
 use crate::cli::{InspectArgs, VerifyArgs};
+use microvm::persist::MachineState;
+
+use crate::error::CliError;
+use crate::image::snapshot::{DeviceStateError, SnapshotBuilder};
 use crate::image::{self, SaveFormat};
-use crate::CliError;
 
 fn input_err(e: image::SaveError) -> CliError {
-    if e.is_bad_input() {
-        CliError::bad_input(e.to_string())
-    } else {
-        CliError::failure(e.to_string())
-    }
+    e.into()
 }
 
 /// Prints the header, the sections with versions and sizes, and the RAM layout.
@@ -25,8 +24,75 @@ pub fn inspect(args: InspectArgs) -> Result<(), CliError> {
     }
 }
 
-fn device_sections(bytes: &[u8]) -> Result<migration_stream::StreamSummary, String> {
-    migration_stream::summarize(bytes).map_err(|e| e.to_string())
+/// The sections that are devices (not the machine, the KVM VM or a vCPU).
+fn devices(s: &migration_stream::StreamSummary) -> Vec<String> {
+    let mut d: Vec<String> = s
+        .sections
+        .iter()
+        .filter(|x| {
+            ![
+                image::sections::MACHINE,
+                image::sections::KVM_VM,
+                image::sections::VCPU,
+            ]
+            .contains(&x.name.as_str())
+        })
+        .map(|x| x.name.clone())
+        .collect();
+    d.dedup();
+    d
+}
+
+/// The machine section of a stream: the first section of every image.
+fn machine_of_stream(r: impl std::io::Read) -> Result<MachineState, DeviceStateError> {
+    let mut reader = migration_stream::StreamReader::new(r)?;
+    let mut builder = SnapshotBuilder::default();
+    while let Some(rec) = reader.next_record()? {
+        if let migration_stream::Record::Section(s) = rec {
+            builder.add(&s)?;
+            if let Some(m) = builder.machine() {
+                return Ok(m.clone());
+            }
+        }
+    }
+    Err(DeviceStateError::Missing(image::sections::MACHINE.into()))
+}
+
+/// What wrote the image, as recorded (older images did not record it).
+fn writer(m: &MachineState) -> String {
+    if m.writer.is_empty() {
+        "not recorded (written before cryo recorded its version)".into()
+    } else {
+        m.writer.clone()
+    }
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() {
+        "(not recorded)"
+    } else {
+        s
+    }
+}
+
+fn config_json(m: &MachineState, s: &migration_stream::StreamSummary) -> serde_json::Value {
+    json!({
+        "vcpus": m.vcpus,
+        "mem_mib": m.mem_mib,
+        "cmdline": m.cmdline,
+        "kernel": m.kernel,
+        "tsc_khz": m.tsc_khz,
+        "devices": devices(s),
+    })
+}
+
+fn print_config(m: &MachineState, s: &migration_stream::StreamSummary) {
+    println!("  writer: {}", writer(m));
+    println!("VM:");
+    println!("  {} vCPUs, {} MiB of RAM", m.vcpus, m.mem_mib);
+    println!("  kernel: {}", or_unknown(&m.kernel));
+    println!("  command line: {}", m.cmdline);
+    println!("  devices: {}", devices(s).join(", "));
 }
 
 fn print_sections(s: &migration_stream::StreamSummary) {
@@ -52,7 +118,11 @@ fn sections_json(s: &migration_stream::StreamSummary) -> serde_json::Value {
 fn inspect_stream(args: &InspectArgs) -> Result<(), CliError> {
     let file = File::open(&args.file)
         .map_err(|e| CliError::bad_input(format!("cannot read {}: {e}", args.file.display())))?;
-    let s = migration_stream::summarize(BufReader::with_capacity(1 << 20, file))
+    let s = migration_stream::summarize(BufReader::with_capacity(1 << 20, &file))
+        .map_err(|e| CliError::bad_input(format!("{}: {e}", args.file.display())))?;
+    std::io::Seek::rewind(&mut &file)
+        .map_err(|e| CliError::failure(format!("cannot read {}: {e}", args.file.display())))?;
+    let machine = machine_of_stream(BufReader::new(&file))
         .map_err(|e| CliError::bad_input(format!("{}: {e}", args.file.display())))?;
     if args.json {
         let regions: Vec<serde_json::Value> = s
@@ -63,6 +133,8 @@ fn inspect_stream(args: &InspectArgs) -> Result<(), CliError> {
         let v = json!({
             "format": "stream",
             "format_version": s.format_version,
+            "writer": machine.writer,
+            "vm": config_json(&machine, &s),
             "page_size": s.page_size,
             "sections": sections_json(&s),
             "ram_layout": regions,
@@ -79,6 +151,7 @@ fn inspect_stream(args: &InspectArgs) -> Result<(), CliError> {
         s.format_version, s.page_size
     );
     println!("  {} bytes in all", s.total_bytes);
+    print_config(&machine, &s);
     print_sections(&s);
     println!("RAM layout:");
     for (i, r) in s.ram_layout.iter().enumerate() {
@@ -101,14 +174,14 @@ fn inspect_stream(args: &InspectArgs) -> Result<(), CliError> {
 fn inspect_fixed(args: &InspectArgs) -> Result<(), CliError> {
     let img = image::fixed::open_for_inspect(&args.file).map_err(input_err)?;
     let h = img.header();
-    let device = img
+    let bad = |e: &dyn std::fmt::Display| {
+        CliError::bad_input(format!("{}: device state: {e}", args.file.display()))
+    };
+    let state = img
         .device_state()
-        .map_err(|e| CliError::bad_input(format!("{}: {e}", args.file.display())))
-        .and_then(|d| {
-            device_sections(&d).map_err(|e| {
-                CliError::bad_input(format!("{}: device state: {e}", args.file.display()))
-            })
-        })?;
+        .map_err(|e| CliError::bad_input(format!("{}: {e}", args.file.display())))?;
+    let device = migration_stream::summarize(state.as_slice()).map_err(|e| bad(&e))?;
+    let machine = machine_of_stream(state.as_slice()).map_err(|e| bad(&e))?;
     let regions: Vec<(usize, &fixed_ram::RegionLayout, u64)> = img
         .layout()
         .regions()
@@ -128,6 +201,8 @@ fn inspect_fixed(args: &InspectArgs) -> Result<(), CliError> {
         let v = json!({
             "format": "fixed-ram",
             "format_version": h.format_version,
+            "writer": machine.writer,
+            "vm": config_json(&machine, &device),
             "page_size": h.page_size,
             "alignment": h.alignment,
             "chunk_size": h.chunk_size,
@@ -157,6 +232,7 @@ fn inspect_fixed(args: &InspectArgs) -> Result<(), CliError> {
         img.allocated_size(),
         img.allocated_size() >> 20
     );
+    print_config(&machine, &device);
     println!("regions:");
     for (i, r, p) in &regions {
         let pages = r.size / u64::from(h.page_size);

@@ -8,6 +8,7 @@ mod bench;
 mod bench_snapshot;
 mod cli;
 mod client;
+mod error;
 mod files;
 mod image;
 mod inspect;
@@ -20,46 +21,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-/// Exit status for a runtime failure.
-pub const EXIT_FAILURE: u8 = 1;
-/// Exit status for bad input (arguments, files, host set-up).
-pub const EXIT_BAD_INPUT: u8 = 2;
-
-/// A failure with the exit status it maps to.
-#[derive(Debug)]
-pub struct CliError {
-    /// One line for the user.
-    pub message: String,
-    /// 1 or 2.
-    pub status: u8,
-}
-
-impl CliError {
-    /// Bad input (status 2).
-    pub fn bad_input(message: impl Into<String>) -> Self {
-        CliError {
-            message: message.into(),
-            status: EXIT_BAD_INPUT,
-        }
-    }
-    /// Runtime failure (status 1).
-    pub fn failure(message: impl Into<String>) -> Self {
-        CliError {
-            message: message.into(),
-            status: EXIT_FAILURE,
-        }
-    }
-}
-
-impl From<microvm::Error> for CliError {
-    fn from(e: microvm::Error) -> Self {
-        if e.is_bad_input() {
-            CliError::bad_input(e.to_string())
-        } else {
-            CliError::failure(e.to_string())
-        }
-    }
-}
+use error::CliError;
 
 /// Files cryo creates (images, managed state, sockets, logs, serial
 /// output, a --mem-file) can hold guest memory: whatever the caller's
@@ -92,6 +54,11 @@ fn main() -> ExitCode {
     if let Err(e) = init_logging(args.log_level.as_deref(), args.log_file.as_deref()) {
         eprintln!("cryo: error: {}", e.message);
         return ExitCode::from(e.status);
+    }
+    // The KVM device: `/dev/kvm`, or `$CRYO_KVM_DEVICE` (hosts that put it
+    // elsewhere, tests of the error paths). The library reads no environment.
+    if let Some(path) = std::env::var_os("CRYO_KVM_DEVICE") {
+        microvm::set_kvm_device_path(path.into());
     }
     let out = client::Output { json: args.json };
     let api =

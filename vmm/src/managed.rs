@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::CliError;
+use crate::error::CliError;
 
 /// The default state directory.
 pub fn default_state_dir() -> PathBuf {
@@ -256,6 +256,8 @@ mod tests {
             regions: vec![(0, 512 << 20)],
             cmdline: "console=ttyS0".into(),
             tsc_khz: 1,
+            kernel: "/k".into(),
+            writer: String::new(),
         };
         let d = differences(&asked, Some(&asked), &machine);
         assert_eq!(d.len(), 1);

@@ -14,10 +14,10 @@ use microvm::{
 
 use crate::api::Managed;
 use crate::cli::{BootArg, RestoreArgs, RunArgs};
+use crate::error::CliError;
 use crate::image::{self, RestoreMode, SaveError};
 use crate::managed::{ManagedConfig, ManagedVm};
 use crate::progress::{Display, Progress};
-use crate::CliError;
 
 fn serial_output(path: Option<&Path>) -> Result<SerialOutput, CliError> {
     match path {
@@ -80,11 +80,7 @@ fn bind_api(path: Option<&Path>) -> Result<Option<BoundApi>, CliError> {
 }
 
 fn load_err(e: SaveError) -> CliError {
-    if e.is_bad_input() {
-        CliError::bad_input(e.to_string())
-    } else {
-        CliError::failure(e.to_string())
-    }
+    e.into()
 }
 
 /// Loads an image with a progress display on stderr (a bar on a terminal).

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use bg_snapshot::{arm, BlockSink, MemRange};
+use bg_snapshot::{arm, BlockSink, MemRange, SinkError};
 
 struct VecSink(Mutex<Vec<u8>>, usize);
 
@@ -13,9 +13,9 @@ impl BlockSink for VecSink {
     fn block_size(&self) -> usize {
         self.1
     }
-    fn write_block(&self, _range: usize, block: u64, data: &[u8]) -> Result<(), String> {
+    fn write_block(&self, _range: usize, block: u64, data: &[u8]) -> Result<(), SinkError> {
         let off = block as usize * self.1;
-        let mut img = self.0.lock().map_err(|_| "poisoned".to_string())?;
+        let mut img = self.0.lock().map_err(|_| "poisoned")?;
         img[off..off + data.len()].copy_from_slice(data);
         Ok(())
     }

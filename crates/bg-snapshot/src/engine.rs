@@ -1,5 +1,6 @@
 //! Arming (register + write-protect) and running (walkers + fault thread).
 
+use page_runs::FirstError;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -410,11 +411,11 @@ struct Shared<'a> {
     cursor: AtomicU64,
     /// Cancel requested by the owner.
     cancel: &'a AtomicBool,
-    /// Internal stop: an error happened, or a thread panicked.
-    abort: AtomicBool,
+    /// Internal stop, and the first error: an error happened, or a thread
+    /// panicked (stop without an error).
+    abort: FirstError<SnapshotError>,
     /// Set by `run` once the walkers are gone and protection is removed.
     fault_stop: AtomicBool,
-    error: Mutex<Option<SnapshotError>>,
     queue: Mutex<VecDeque<Queued>>,
     queue_cap: usize,
     cv: Condvar,
@@ -430,12 +431,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Sets `abort` if the owning thread unwinds, so the others stop instead of
 /// waiting for a block that will never be done.
-struct AbortOnPanic<'a>(&'a AtomicBool);
+struct AbortOnPanic<'a>(&'a FirstError<SnapshotError>);
 
 impl Drop for AbortOnPanic<'_> {
     fn drop(&mut self) {
         if thread::panicking() {
-            self.0.store(true, Ordering::SeqCst);
+            self.0.stop();
         }
     }
 }
@@ -450,7 +451,7 @@ struct FaultStats {
 
 impl Shared<'_> {
     fn stopping(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst) || self.abort.load(Ordering::SeqCst)
+        self.cancel.load(Ordering::SeqCst) || self.abort.stopped()
     }
 
     fn all_done(&self) -> bool {
@@ -458,8 +459,7 @@ impl Shared<'_> {
     }
 
     fn fail(&self, err: SnapshotError) {
-        lock(&self.error).get_or_insert(err);
-        self.abort.store(true, Ordering::SeqCst);
+        self.abort.fail(err);
         self.cv.notify_all();
     }
 
@@ -503,10 +503,10 @@ impl Shared<'_> {
     fn write(&self, sink: &dyn BlockSink, g: u64, data: &[u8]) -> Result<(), SnapshotError> {
         let (r, b, _, _) = self.locate(g);
         sink.write_block(r, b, data)
-            .map_err(|message| SnapshotError::Sink {
+            .map_err(|source| SnapshotError::Sink {
                 range: r,
                 block: b,
-                message,
+                source,
             })
     }
 
@@ -766,9 +766,8 @@ impl Armed {
             done: AtomicU64::new(0),
             cursor: AtomicU64::new(0),
             cancel: &self.cancel,
-            abort: AtomicBool::new(false),
+            abort: FirstError::new(),
             fault_stop: AtomicBool::new(false),
-            error: Mutex::new(None),
             queue: Mutex::new(VecDeque::new()),
             queue_cap,
             cv: Condvar::new(),
@@ -813,7 +812,7 @@ impl Armed {
             }
             // Walkers are gone. Unless everything is done, let every writer go now.
             if !sh.all_done() {
-                sh.abort.store(true, Ordering::SeqCst);
+                sh.abort.stop();
                 if let Err(e) = self.prot.unprotect_all() {
                     unprotect_err = Some(e);
                 }
@@ -826,7 +825,7 @@ impl Armed {
             }
         });
         let complete = shared.all_done();
-        let error = lock(&shared.error).take();
+        let error = shared.abort.take();
         let report = SnapshotReport {
             blocks_by_walkers: shared.blocks_by_walkers.load(Ordering::Relaxed),
             blocks_by_faults: shared.blocks_by_faults.load(Ordering::Relaxed),

@@ -2,6 +2,10 @@
 
 use std::io;
 
+/// A [`BlockSink`](crate::BlockSink)'s own error, kept whole (with its
+/// source chain) in [`SnapshotError::Sink`].
+pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Everything that can go wrong while checking support, arming or running a snapshot.
 ///
 /// Whatever the error, by the time a function returns it no memory is left
@@ -47,14 +51,15 @@ pub enum SnapshotError {
         source: io::Error,
     },
     /// The sink refused a block.
-    #[error("sink failed to write block {block} of range {range}: {message}")]
+    #[error("sink failed to write block {block} of range {range}: {source}")]
     Sink {
         /// Range index.
         range: usize,
         /// Block index within the range.
         block: u64,
-        /// The sink's message.
-        message: String,
+        /// The sink's own error.
+        #[source]
+        source: SinkError,
     },
     /// The userfaultfd reported something a write-protect-only registration never produces.
     #[error("unexpected userfaultfd event: {0}")]

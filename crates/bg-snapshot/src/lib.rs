@@ -20,13 +20,13 @@
 //! The design, guarantees and traps are in `docs/bg-snapshot.md`.
 //!
 //! ```
-//! use bg_snapshot::{arm, BlockSink, MemRange};
+//! use bg_snapshot::{arm, BlockSink, MemRange, SinkError};
 //! use std::sync::Mutex;
 //!
 //! struct VecSink(Mutex<Vec<u8>>);
 //! impl BlockSink for VecSink {
 //!     fn block_size(&self) -> usize { 64 * 1024 }
-//!     fn write_block(&self, _range: usize, block: u64, data: &[u8]) -> Result<(), String> {
+//!     fn write_block(&self, _range: usize, block: u64, data: &[u8]) -> Result<(), SinkError> {
 //!         let off = block as usize * self.block_size();
 //!         self.0.lock().unwrap()[off..off + data.len()].copy_from_slice(data);
 //!         Ok(())
@@ -54,7 +54,7 @@ mod report;
 mod sys;
 
 pub use engine::{arm, arm_with, prepare, prepare_with, ArmOptions, Armed, CancelHandle, Prepared};
-pub use error::SnapshotError;
+pub use error::{SinkError, SnapshotError};
 pub use report::{LatencyStats, SnapshotReport};
 pub use sys::UffdSource;
 
@@ -118,7 +118,7 @@ pub trait BlockSink: Sync {
     /// block size, shorter for a range's tail block. An `Err` aborts the
     /// snapshot (protection is removed) and `run` returns
     /// [`SnapshotError::Sink`].
-    fn write_block(&self, range: usize, block: u64, data: &[u8]) -> Result<(), String>;
+    fn write_block(&self, range: usize, block: u64, data: &[u8]) -> Result<(), SinkError>;
 }
 
 /// What the kernel's userfaultfd offers (from [`check_support`]).

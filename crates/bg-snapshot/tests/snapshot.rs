@@ -6,7 +6,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bg_snapshot::{arm, arm_with, check_support, ArmOptions, BlockSink, MemRange, SnapshotError};
+use bg_snapshot::{
+    arm, arm_with, check_support, ArmOptions, BlockSink, MemRange, SinkError, SnapshotError,
+};
 
 const PAGE: usize = 4096;
 const MIB: usize = 1 << 20;
@@ -139,7 +141,7 @@ impl BlockSink for VecSink {
         self.bs
     }
 
-    fn write_block(&self, range: usize, block: u64, data: &[u8]) -> Result<(), String> {
+    fn write_block(&self, range: usize, block: u64, data: &[u8]) -> Result<(), SinkError> {
         if self.fail_at == Some((range, block)) {
             return Err("disk full (test)".into());
         }
@@ -363,9 +365,9 @@ fn sink_error_removes_protection() {
         Err(SnapshotError::Sink {
             range: 1,
             block: 20,
-            ref message,
+            ref source,
         }) => {
-            assert!(message.contains("disk full"))
+            assert!(source.to_string().contains("disk full"))
         }
         other => panic!("expected the sink error, got {other:?}"),
     }
@@ -505,7 +507,7 @@ impl BlockSink for PanickingSink {
     fn block_size(&self) -> usize {
         256 * 1024
     }
-    fn write_block(&self, _range: usize, block: u64, _data: &[u8]) -> Result<(), String> {
+    fn write_block(&self, _range: usize, block: u64, _data: &[u8]) -> Result<(), SinkError> {
         if block == 5 {
             panic!("sink panics (test)");
         }

@@ -48,6 +48,17 @@ pub enum FixedRamError {
         /// The CRC computed over the header bytes before it.
         computed: u32,
     },
+    /// The bitmaps or the checksum table do not match the metadata CRC in
+    /// the header (format version 2 on).
+    #[error(
+        "fixed-ram metadata checksum mismatch (bitmaps and checksum table): stored {stored:#010x}, computed {computed:#010x}: the image is damaged"
+    )]
+    MetadataChecksum {
+        /// The CRC in the header.
+        stored: u32,
+        /// The CRC computed over the bitmaps and the checksum table.
+        computed: u32,
+    },
     /// The page size is not a power of two in 4096 ..= 2 MiB.
     #[error("bad page size {0}: must be a power of two from 4096 to 2097152")]
     BadPageSize(u32),

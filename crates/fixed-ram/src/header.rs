@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use crate::layout::METADATA_CRC_VERSION;
 use crate::layout::{
     bitmap_len_for, check_alignment, check_chunk_size, check_region_specs, chunk_bases,
     is_valid_page_size, HEADER_FIXED_LEN, REGION_ENTRY_LEN,
@@ -11,7 +12,7 @@ use crate::{FixedRamError, Layout, RegionLayout, FORMAT_VERSION, MAGIC, MAX_REGI
 /// A validated image header (see `docs/fixed-ram-format.md` §2).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
-    /// The format version (1).
+    /// The format version (1 or 2).
     pub format_version: u32,
     /// The page size in bytes.
     pub page_size: u32,
@@ -31,11 +32,20 @@ pub struct Header {
     pub checksum_table_offset: u64,
     /// The checksum table's length (4 bytes per chunk).
     pub checksum_table_len: u64,
+    /// CRC32C of every bitmap (in region order) followed by the checksum
+    /// table; `None` in version 1, which had none.
+    pub metadata_crc: Option<u32>,
 }
 
-/// The encoded length of a header with `regions` regions.
-pub(crate) fn header_len(regions: usize) -> usize {
-    HEADER_FIXED_LEN + REGION_ENTRY_LEN * regions + 4
+/// The encoded length of a version-`version` header with `regions` regions:
+/// `72 + 40 N` in version 1, `76 + 40 N` from version 2 (the metadata CRC).
+pub(crate) fn header_len(version: u32, regions: usize) -> usize {
+    let metadata_crc = if version >= METADATA_CRC_VERSION {
+        4
+    } else {
+        0
+    };
+    HEADER_FIXED_LEN + REGION_ENTRY_LEN * regions + metadata_crc + 4
 }
 
 fn rd_u32(b: &[u8], off: usize) -> u32 {
@@ -75,8 +85,14 @@ impl fmt::Display for Area {
 impl Header {
     /// The header that [`ImageWriter::commit`](crate::ImageWriter::commit)
     /// writes for `layout` and a device state of `device_state_len` bytes
-    /// with CRC32C `device_state_crc`.
-    pub fn from_layout(layout: &Layout, device_state_len: u64, device_state_crc: u32) -> Header {
+    /// with CRC32C `device_state_crc`, and bitmaps and checksum table with
+    /// CRC32C `metadata_crc`.
+    pub fn from_layout(
+        layout: &Layout,
+        device_state_len: u64,
+        device_state_crc: u32,
+        metadata_crc: u32,
+    ) -> Header {
         Header {
             format_version: FORMAT_VERSION,
             page_size: layout.page_size,
@@ -89,15 +105,19 @@ impl Header {
             device_state_crc,
             checksum_table_offset: layout.checksum_table_offset,
             checksum_table_len: layout.checksum_table_len(),
+            metadata_crc: Some(metadata_crc),
         }
     }
 
-    /// The header's encoded length: `72 + 40 * regions`.
+    /// The header's encoded length: `76 + 40 * regions` (`72 + 40 * regions`
+    /// in version 1).
     pub fn encoded_len(&self) -> usize {
-        header_len(self.regions.len())
+        header_len(self.format_version, self.regions.len())
     }
 
-    /// Encodes the header, CRC included (flags are always 0).
+    /// Encodes the header in its `format_version`'s layout, CRC included
+    /// (flags are always 0; the metadata CRC is written from version 2 on,
+    /// as 0 if `metadata_crc` is `None`).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(self.encoded_len());
         b.extend_from_slice(&MAGIC);
@@ -119,6 +139,9 @@ impl Header {
             b.extend_from_slice(&r.bitmap_offset.to_le_bytes());
             b.extend_from_slice(&r.bitmap_len.to_le_bytes());
             b.extend_from_slice(&r.pages_offset.to_le_bytes());
+        }
+        if self.format_version >= METADATA_CRC_VERSION {
+            b.extend_from_slice(&self.metadata_crc.unwrap_or(0).to_le_bytes());
         }
         let crc = crc32c::crc32c(&b);
         b.extend_from_slice(&crc.to_le_bytes());
@@ -186,7 +209,7 @@ impl Header {
             return Err(FixedRamError::RegionCount(count));
         }
         let n = count as usize;
-        let hlen = header_len(n);
+        let hlen = header_len(format_version, n);
         if avail < hlen as u64 {
             return Err(short(hlen));
         }
@@ -239,6 +262,8 @@ impl Header {
             device_state_crc: rd_u32(bytes, 48),
             checksum_table_offset: rd_u64(bytes, 52),
             checksum_table_len: rd_u64(bytes, 60),
+            metadata_crc: (format_version >= METADATA_CRC_VERSION)
+                .then(|| rd_u32(bytes, HEADER_FIXED_LEN + REGION_ENTRY_LEN * n)),
         };
         header.validate_areas(file_len)?;
         Ok(header)

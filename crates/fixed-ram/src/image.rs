@@ -2,12 +2,11 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use crate::header::header_len;
 use crate::io::read_exact_at;
-use crate::{FixedRamError, Header, Layout, MAX_REGIONS};
+use crate::{FixedRamError, Header, Layout, FORMAT_VERSION, MAX_REGIONS};
 
 /// What [`Image::verify`] checked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -53,20 +52,39 @@ impl Image {
             .metadata()
             .map_err(|e| FixedRamError::io("reading the image's metadata", e))?
             .len();
-        let max_header = header_len(MAX_REGIONS as usize) as u64;
+        let max_header = header_len(FORMAT_VERSION, MAX_REGIONS as usize) as u64;
         let mut bytes = vec![0u8; file_len.min(max_header) as usize];
         read_exact_at(&file, &mut bytes, 0, &|| "the header".to_string())?;
         let header = Header::parse(&bytes, file_len)?;
         let layout = header.layout()?;
         let ps = u64::from(header.page_size);
         // Bitmap and checksum-table lengths were bounded by the file length.
-        let mut bitmaps = Vec::with_capacity(header.regions.len());
-        let mut present = Vec::with_capacity(header.regions.len());
+        let mut raw_bitmaps = Vec::with_capacity(header.regions.len());
         for (i, r) in header.regions.iter().enumerate() {
             let mut raw = vec![0u8; r.bitmap_len as usize];
             read_exact_at(&file, &mut raw, r.bitmap_offset, &|| {
                 format!("the bitmap of region {i}")
             })?;
+            raw_bitmaps.push(raw);
+        }
+        let mut raw_table = vec![0u8; header.checksum_table_len as usize];
+        read_exact_at(&file, &mut raw_table, header.checksum_table_offset, &|| {
+            "the checksum table".to_string()
+        })?;
+        // 12. The metadata CRC (version 2 on), before anything is read from
+        // the bitmaps or the table.
+        if let Some(stored) = header.metadata_crc {
+            let computed = raw_bitmaps
+                .iter()
+                .chain(std::iter::once(&raw_table))
+                .fold(0, |crc, b| crc32c::crc32c_append(crc, b));
+            if stored != computed {
+                return Err(FixedRamError::MetadataChecksum { stored, computed });
+            }
+        }
+        let mut bitmaps = Vec::with_capacity(header.regions.len());
+        let mut present = Vec::with_capacity(header.regions.len());
+        for (i, (r, raw)) in header.regions.iter().zip(&raw_bitmaps).enumerate() {
             let words: Vec<u64> = raw
                 .chunks_exact(8)
                 .map(|w| {
@@ -89,11 +107,7 @@ impl Image {
             present.push(words.iter().map(|w| u64::from(w.count_ones())).sum());
             bitmaps.push(words);
         }
-        let mut raw = vec![0u8; header.checksum_table_len as usize];
-        read_exact_at(&file, &mut raw, header.checksum_table_offset, &|| {
-            "the checksum table".to_string()
-        })?;
-        let checksums = raw
+        let checksums = raw_table
             .chunks_exact(4)
             .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
             .collect();
@@ -201,28 +215,18 @@ impl Image {
         let ps = self.layout.page_size() as usize;
         let pages = dst.len() / ps;
         let first_page = start / ps as u64;
-        let mut run_start = 0;
-        let mut run_present = false;
-        for p in 0..=pages {
-            let present = p < pages && self.is_present(region, first_page + p as u64);
-            if p == 0 {
-                run_present = present;
-                continue;
-            }
-            if p < pages && present == run_present {
-                continue;
-            }
-            let buf = &mut dst[run_start * ps..p * ps];
+        let present = |p: u64| self.is_present(region, first_page + p);
+        for (run, run_present) in page_runs::spans(pages as u64, present) {
+            let (from, to) = (run.start as usize * ps, run.end as usize * ps);
+            let buf = &mut dst[from..to];
             if run_present {
-                let offset = r.pages_offset + start + (run_start * ps) as u64;
+                let offset = r.pages_offset + start + from as u64;
                 read_exact_at(fd, buf, offset, &|| {
                     format!("pages of chunk {chunk} of region {region}")
                 })?;
             } else if !dst_is_zeroed {
                 buf.fill(0);
             }
-            run_start = p;
-            run_present = present;
         }
         self.check_chunk(region, chunk, g, dst)
     }
@@ -371,7 +375,7 @@ impl Image {
     /// The bytes the file occupies on disk (`st_blocks * 512`; 0 if it
     /// cannot be read). Holes take no space.
     pub fn allocated_size(&self) -> u64 {
-        self.file.metadata().map_or(0, |m| m.blocks() * 512)
+        page_runs::allocated_bytes(&self.file)
     }
 }
 

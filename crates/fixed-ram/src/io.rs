@@ -47,25 +47,6 @@ pub(crate) fn read_exact_at(
     })
 }
 
-/// True when every byte of `buf` is zero. Scans 256 bytes at a time with an
-/// OR reduction the compiler turns into vector instructions, so a page with
-/// data is usually rejected after its first block.
-pub(crate) fn is_zero(buf: &[u8]) -> bool {
-    let mut blocks = buf.chunks_exact(256);
-    for block in &mut blocks {
-        let mut acc = 0u64;
-        for word in block.chunks_exact(8) {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(word);
-            acc |= u64::from_ne_bytes(w);
-        }
-        if acc != 0 {
-            return false;
-        }
-    }
-    blocks.remainder().iter().all(|&b| b == 0)
-}
-
 /// Zeros for the no-punch fallback, aligned so that `O_DIRECT` takes them.
 #[repr(C, align(4096))]
 struct Zeros([u8; 64 * 1024]);

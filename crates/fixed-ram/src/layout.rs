@@ -4,8 +4,12 @@ use crate::FixedRamError;
 
 /// The first 8 bytes of a committed image.
 pub const MAGIC: [u8; 8] = *b"CRYOFRAM";
-/// The format version this crate writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this crate writes and the newest it reads; it reads
+/// every version from 1 (version 2 added the metadata CRC).
+pub const FORMAT_VERSION: u32 = 2;
+/// The first version whose header holds the metadata CRC (of the bitmaps
+/// and the checksum table).
+pub const METADATA_CRC_VERSION: u32 = 2;
 /// The alignment of every area in files this crate writes (raised to the
 /// page size for larger pages).
 pub const DEFAULT_ALIGNMENT: u64 = 1 << 20;
@@ -202,12 +206,12 @@ impl Layout {
         if count == 0 || count > MAX_REGIONS {
             return Err(FixedRamError::RegionCount(count));
         }
-        if crate::header::header_len(regions.len()) as u64 > alignment {
+        if crate::header::header_len(FORMAT_VERSION, regions.len()) as u64 > alignment {
             return Err(FixedRamError::BadAlignment {
                 alignment,
                 reason: format!(
                     "the {}-byte header of {} regions does not fit in it",
-                    crate::header::header_len(regions.len()),
+                    crate::header::header_len(FORMAT_VERSION, regions.len()),
                     regions.len()
                 ),
             });

@@ -624,6 +624,96 @@ fn verify_finds_corruption() {
     ));
 }
 
+/// Rewrites the header of the image at `path` in the version-1 layout (no
+/// metadata CRC), as cryo 0.1.0 wrote it.
+fn rewrite_as_v1(path: &Path) {
+    let h = Image::open(path).unwrap().header().clone();
+    let v1 = Header {
+        format_version: 1,
+        metadata_crc: None,
+        ..h.clone()
+    };
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    // Zero the whole version-2 header first: the version-1 one is 4 bytes shorter.
+    f.write_all_at(&vec![0u8; h.encoded_len()], 0).unwrap();
+    f.write_all_at(&v1.to_bytes(), 0).unwrap();
+}
+
+#[test]
+fn version_1_images_are_read() {
+    let dir = TempDir::new();
+    let path = dir.path("v1.img");
+    let specs = specs();
+    let mem = guest_memory(&specs, 20, 5);
+    write_image(&path, Layout::new(PS, &specs).unwrap(), &mem, b"state");
+    assert_eq!(Image::open(&path).unwrap().header().format_version, 2);
+    rewrite_as_v1(&path);
+    let image = Image::open(&path).unwrap();
+    assert_eq!(image.header().format_version, 1);
+    assert_eq!(image.header().metadata_crc, None);
+    image.verify().unwrap();
+    assert_eq!(read_all(&image, true), mem);
+    assert_eq!(image.device_state().unwrap(), b"state");
+}
+
+/// Opens, verifies and reads the device state: what every restore and
+/// `cryo verify` do before trusting an image.
+fn open_and_check(path: &Path) -> Result<(), FixedRamError> {
+    let image = Image::open(path)?;
+    image.verify()?;
+    image.device_state().map(|_| ())
+}
+
+/// Every byte of metadata (header, bitmaps, checksum table, device state) is
+/// covered by a checksum: any single-byte change is refused.
+#[test]
+fn every_metadata_byte_is_checked() {
+    let dir = TempDir::new();
+    let path = dir.path("meta.img");
+    let specs = specs();
+    let mem = guest_memory(&specs, 30, 11);
+    let layout = Layout::new(PS, &specs).unwrap();
+    write_image(&path, layout.clone(), &mem, b"some device state");
+    open_and_check(&path).unwrap();
+    let h = Image::open(&path).unwrap().header().clone();
+    let mut areas: Vec<(u64, u64)> = vec![(0, h.encoded_len() as u64)];
+    areas.extend(h.regions.iter().map(|r| (r.bitmap_offset, r.bitmap_len)));
+    areas.push((h.checksum_table_offset, h.checksum_table_len));
+    areas.push((h.device_state_offset, h.device_state_len));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut checked = 0;
+    for (start, len) in areas {
+        for offset in start..start + len {
+            let mut orig = [0u8; 1];
+            f.read_exact_at(&mut orig, offset).unwrap();
+            for mask in [0x01u8, 0x80, 0xff] {
+                f.write_all_at(&[orig[0] ^ mask], offset).unwrap();
+                assert!(
+                    open_and_check(&path).is_err(),
+                    "byte {offset:#x} ^ {mask:#x} was not noticed"
+                );
+                checked += 1;
+            }
+            f.write_all_at(&orig, offset).unwrap();
+        }
+    }
+    assert!(checked > 3 * 500, "{checked}");
+    open_and_check(&path).unwrap();
+    // The error for a bitmap byte names the metadata.
+    let b = h.regions[0].bitmap_offset + 5;
+    flip_byte(&path, b);
+    let err = Image::open(&path).unwrap_err();
+    assert!(
+        matches!(err, FixedRamError::MetadataChecksum { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("bitmaps"), "{err}");
+}
+
 #[test]
 fn uncommitted_and_empty_files() {
     let dir = TempDir::new();
@@ -766,9 +856,13 @@ fn map_page_area_private_and_shared() {
 }
 
 /// A valid header for a small file, and its file length.
+/// Its metadata CRC is that of all-zero bitmaps and checksum table.
 fn valid_header() -> (Header, u64) {
     let layout = Layout::with_params(PS, 4096, 8192, &specs()).unwrap();
-    let h = Header::from_layout(&layout, 100, 0);
+    let zeros =
+        layout.regions().iter().map(|r| r.bitmap_len).sum::<u64>() + layout.checksum_table_len();
+    let metadata_crc = crc32c::crc32c(&vec![0u8; zeros as usize]);
+    let h = Header::from_layout(&layout, 100, 0, metadata_crc);
     let len = h.file_len();
     (h, len)
 }
@@ -796,7 +890,18 @@ fn hostile_headers() {
     let (h, len) = valid_header();
     assert_eq!(parse(&h, len).unwrap(), h);
     assert_eq!(h.to_bytes().len(), h.encoded_len());
-    assert_eq!(h.encoded_len(), HEADER_FIXED_LEN + 2 * REGION_ENTRY_LEN + 4);
+    assert_eq!(h.encoded_len(), HEADER_FIXED_LEN + 2 * REGION_ENTRY_LEN + 8);
+    // The version-1 layout (no metadata CRC) is still read.
+    let v1 = Header {
+        format_version: 1,
+        metadata_crc: None,
+        ..h.clone()
+    };
+    assert_eq!(
+        v1.encoded_len(),
+        HEADER_FIXED_LEN + 2 * REGION_ENTRY_LEN + 4
+    );
+    assert_eq!(parse(&v1, len).unwrap(), v1);
 
     let expect = |h2: &Header, file_len: u64, check: &dyn Fn(&FixedRamError) -> bool| {
         let err = parse(h2, file_len).unwrap_err();
@@ -920,13 +1025,13 @@ fn hostile_headers() {
     });
     // Version.
     let mut h2 = h.clone();
-    h2.format_version = 2;
+    h2.format_version = 3;
     expect(&h2, len, &|e| {
         matches!(
             e,
             FixedRamError::UnsupportedVersion {
-                found: 2,
-                supported: 1
+                found: 3,
+                supported: 2
             }
         )
     });
@@ -1039,11 +1144,24 @@ fn hostile_files_fail_cleanly() {
         ),
         "{err}"
     );
-    // A bitmap with bits past the last page of region 1 (1027 pages).
+    // A bitmap with bits past the last page of region 1 (1027 pages): the
+    // metadata CRC refuses it, and so does the bitmap check (version 1,
+    // which has no metadata CRC).
     let f = OpenOptions::new().write(true).open(&path).unwrap();
     let last_word = h.regions[1].bitmap_offset + h.regions[1].bitmap_len - 8;
     f.write_all_at(&(1u64 << 3).to_le_bytes(), last_word)
         .unwrap();
+    let err = Image::open(&path).unwrap_err();
+    assert!(
+        matches!(err, FixedRamError::MetadataChecksum { .. }),
+        "{err}"
+    );
+    let v1 = Header {
+        format_version: 1,
+        metadata_crc: None,
+        ..h.clone()
+    };
+    f.write_all_at(&v1.to_bytes(), 0).unwrap();
     let err = Image::open(&path).unwrap_err();
     assert!(
         matches!(err, FixedRamError::BadBitmap { region: 1, .. }),
@@ -1071,7 +1189,11 @@ fn error_messages_are_one_line() {
         FixedRamError::BadMagic,
         FixedRamError::UnsupportedVersion {
             found: 9,
-            supported: 1,
+            supported: 2,
+        },
+        FixedRamError::MetadataChecksum {
+            stored: 1,
+            computed: 2,
         },
         FixedRamError::ChunkChecksum {
             region: 1,
@@ -1093,23 +1215,9 @@ fn error_messages_are_one_line() {
         assert!(!s.contains('\n'), "{s}");
     }
     assert_eq!(
-        errors[3].to_string(),
+        errors[4].to_string(),
         "chunk 2 of region 1 (guest 0x100200000..0x100300000) is corrupt: CRC32C 0x00000001, expected 0xdeadbeef"
     );
-}
-
-#[test]
-fn zero_scan() {
-    use crate::io::is_zero;
-    let mut page = vec![0u8; 4096];
-    assert!(is_zero(&page));
-    assert!(is_zero(&[]));
-    for at in [0, 7, 8, 255, 256, 4000, 4095] {
-        page[at] = 1;
-        assert!(!is_zero(&page), "{at}");
-        page[at] = 0;
-    }
-    assert!(!is_zero(&[0, 0, 1]));
 }
 
 #[test]

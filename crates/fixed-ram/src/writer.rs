@@ -6,7 +6,9 @@ use std::io::ErrorKind;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
-use crate::io::{is_zero, punch_hole, write_all_at, write_padded};
+use page_runs::{is_zero, spans};
+
+use crate::io::{punch_hole, write_all_at, write_padded};
 use crate::{FixedRamError, Header, Layout};
 
 /// What [`ImageWriter::write_chunk`] did with one chunk.
@@ -177,20 +179,9 @@ impl ImageWriter {
             }
             Ok(())
         };
-        let mut run_start = 0;
-        let mut run_nonzero = false;
-        for (p, page) in data.chunks_exact(ps).enumerate() {
-            let nonzero = !is_zero(page);
-            if p == 0 {
-                run_nonzero = nonzero;
-            } else if nonzero != run_nonzero {
-                flush(run_start, p, run_nonzero)?;
-                run_start = p;
-                run_nonzero = nonzero;
-            }
-        }
-        if pages > 0 {
-            flush(run_start, pages, run_nonzero)?;
+        let page = |p: u64| &data[p as usize * ps..][..ps];
+        for (run, nonzero) in spans(pages as u64, |p| !is_zero(page(p))) {
+            flush(run.start as usize, run.end as usize, nonzero)?;
         }
         self.crcs[g].store(crc32c::crc32c(data), Ordering::Relaxed);
         self.written[g].store(true, Ordering::Release);
@@ -215,8 +206,6 @@ impl ImageWriter {
         let ps = u64::from(self.layout.page_size());
         let pages = len / ps;
         let first_page = start / ps;
-        let mut run_start = 0;
-        let mut run_present = false;
         let flush = |from: u64, to: u64, is_present: bool| -> Result<(), FixedRamError> {
             if is_present {
                 self.set_bits(region, first_page + from, to - from, true);
@@ -225,18 +214,8 @@ impl ImageWriter {
                 self.clear_and_punch(region, first_page + from, to - from)
             }
         };
-        for p in 0..pages {
-            let is_present = present(p);
-            if p == 0 {
-                run_present = is_present;
-            } else if is_present != run_present {
-                flush(run_start, p, run_present)?;
-                run_start = p;
-                run_present = is_present;
-            }
-        }
-        if pages > 0 {
-            flush(run_start, pages, run_present)?;
+        for (run, is_present) in spans(pages, present) {
+            flush(run.start, run.end, is_present)?;
         }
         self.crcs[g].store(crc, Ordering::Relaxed);
         self.written[g].store(true, Ordering::Release);
@@ -267,11 +246,14 @@ impl ImageWriter {
         // Metadata goes through 4096-aligned, padded buffers so that a file
         // opened with O_DIRECT (`from_file`) takes it; the padding lands in
         // the gaps before the next aligned area, or past the end (truncated).
+        // The metadata CRC covers every bitmap, then the checksum table.
+        let mut metadata_crc = 0u32;
         for (region, (r, words)) in layout.regions().iter().zip(&self.bitmaps).enumerate() {
             let bytes: Vec<u8> = words
                 .iter()
                 .flat_map(|w| w.load(Ordering::Acquire).to_le_bytes())
                 .collect();
+            metadata_crc = crc32c::crc32c_append(metadata_crc, &bytes);
             write_padded(&self.file, &bytes, r.bitmap_offset, &|| {
                 format!("the bitmap of region {region}")
             })?;
@@ -281,6 +263,7 @@ impl ImageWriter {
             .iter()
             .flat_map(|c| c.load(Ordering::Acquire).to_le_bytes())
             .collect();
+        metadata_crc = crc32c::crc32c_append(metadata_crc, &table);
         write_padded(&self.file, &table, layout.checksum_table_offset(), &|| {
             "the checksum table".to_string()
         })?;
@@ -301,6 +284,7 @@ impl ImageWriter {
             layout,
             device_state.len() as u64,
             crc32c::crc32c(device_state),
+            metadata_crc,
         );
         write_padded(&self.file, &header.to_bytes(), 0, &|| {
             "the header".to_string()

@@ -53,8 +53,8 @@ pub use loader::{BootProtocol, BootSource, KernelFormat, LoadError};
 pub use memory::{create_guest_memory, GuestMemory, GuestRegion, MemoryBacking, MemoryError};
 pub use vcpu::{VcpuError, VmExitReason};
 pub use vm::{
-    kvm_device_path, max_vcpus, open_kvm, region_list, MicroVm, RestoreOptions, RunState,
-    StopHandle, VmConfig, VmController,
+    kvm_device_path, max_vcpus, open_kvm, region_list, set_kvm_device_path, MicroVm,
+    RestoreOptions, RunState, StopHandle, VmConfig, VmController,
 };
 pub use vm_memory;
 
@@ -109,7 +109,7 @@ pub enum Error {
     #[error("snapshot: {0}")]
     Snapshot(String),
     /// The host's TSC frequency differs from the saved one and cannot be scaled.
-    #[error("this VM was saved on a host with a TSC of {saved_khz} kHz; this host runs at {host_khz} kHz and KVM cannot scale the TSC (KVM_CAP_TSC_CONTROL): pass --allow-tsc-mismatch to restore anyway, with guest time running at the wrong rate")]
+    #[error("this VM was saved on a host with a TSC of {saved_khz} kHz; this host runs at {host_khz} kHz and KVM cannot scale the TSC (KVM_CAP_TSC_CONTROL); restoring anyway (RestoreOptions::allow_tsc_mismatch) makes guest time run at the wrong rate")]
     TscMismatch {
         /// Saved frequency.
         saved_khz: u32,

@@ -286,11 +286,21 @@ pub fn max_vcpus(kvm: &Kvm) -> u8 {
     kvm.get_max_vcpus().min(usize::from(MAX_VCPUS)) as u8
 }
 
-/// The KVM device path: `/dev/kvm`, or `$CRYO_KVM_DEVICE` when set (for
-/// hosts that put it elsewhere, and for tests of the error paths).
+static KVM_DEVICE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Makes every VM of this process use `path` instead of `/dev/kvm` (for
+/// hosts that put it elsewhere, and for tests of the error paths). Only the
+/// first call counts; false if the path was set before.
+pub fn set_kvm_device_path(path: std::path::PathBuf) -> bool {
+    KVM_DEVICE.set(path).is_ok()
+}
+
+/// The KVM device path: `/dev/kvm`, or the one given to
+/// [`set_kvm_device_path`].
 pub fn kvm_device_path() -> std::path::PathBuf {
-    std::env::var_os("CRYO_KVM_DEVICE")
-        .map(Into::into)
+    KVM_DEVICE
+        .get()
+        .cloned()
         .unwrap_or_else(|| "/dev/kvm".into())
 }
 
@@ -387,6 +397,8 @@ impl MicroVm {
             regions: region_list(&memory),
             cmdline: config.boot.cmdline.clone(),
             tsc_khz,
+            kernel: config.boot.kernel.display().to_string(),
+            writer: String::new(),
         };
         Self::assemble(
             kvm,

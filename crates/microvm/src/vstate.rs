@@ -274,6 +274,77 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::StateSection;
+
+    /// A VM with the in-kernel irqchip and PIT the state refers to.
+    fn fresh_vm(kvm: &Kvm) -> VmFd {
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        vm.create_pit2(kvm_bindings::kvm_pit_config::default())
+            .unwrap();
+        vm
+    }
+
+    fn bytes<T: serde::Serialize>(v: &T) -> Vec<u8> {
+        postcard::to_stdvec(v).unwrap()
+    }
+
+    #[test]
+    fn vm_state_round_trip() {
+        let Ok(kvm) = Kvm::new() else {
+            return; // no KVM here: nothing to check
+        };
+        let vm = fresh_vm(&kvm);
+        let mut master = get_chip(&vm, KVM_IRQCHIP_PIC_MASTER).unwrap();
+        // Writing a union field is safe; the PIC chip id selects `pic`.
+        master.chip.pic.imr = 0xa5;
+        vm.set_irqchip(&master).unwrap();
+        let saved = save_vm(&vm).unwrap();
+        let read = VmState::decode_versioned(VmState::VERSION, &saved.encode().unwrap()).unwrap();
+        let vm2 = fresh_vm(&kvm);
+        restore_vm(&vm2, &read).unwrap();
+        let again = save_vm(&vm2).unwrap();
+        assert_eq!(bytes(&again.pic_master), bytes(&saved.pic_master));
+        assert_eq!(bytes(&again.pic_slave), bytes(&saved.pic_slave));
+        assert_eq!(bytes(&again.ioapic), bytes(&saved.ioapic));
+        // SAFETY: the union holds the PIC's state for a PIC chip id.
+        assert_eq!(unsafe { again.pic_master.chip.pic.imr }, 0xa5);
+        for (a, b) in again.pit.channels.iter().zip(saved.pit.channels.iter()) {
+            assert_eq!((a.mode, a.count), (b.mode, b.count));
+        }
+    }
+
+    #[test]
+    fn vcpu_state_round_trip() {
+        let Ok(kvm) = Kvm::new() else {
+            return; // no KVM here: nothing to check
+        };
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let vm = fresh_vm(&kvm);
+        let fd = vm.create_vcpu(0).unwrap();
+        fd.set_cpuid2(&cpuid).unwrap();
+        let mut regs = fd.get_regs().unwrap();
+        regs.rax = 0x1234_5678;
+        regs.rip = 0xfff0;
+        fd.set_regs(&regs).unwrap();
+        let ctx = VcpuStateContext::new(&kvm, &vm).unwrap();
+        let saved = save_vcpu(&fd, &ctx).unwrap();
+        let read =
+            VcpuState::decode_versioned(VcpuState::VERSION, &saved.encode().unwrap()).unwrap();
+
+        let vm2 = fresh_vm(&kvm);
+        let fd2 = vm2.create_vcpu(0).unwrap();
+        let ctx2 = VcpuStateContext::new(&kvm, &vm2).unwrap();
+        restore_vcpu(&fd2, &read, &ctx2).unwrap();
+        let again = save_vcpu(&fd2, &ctx2).unwrap();
+        assert_eq!(again.regs.rax, 0x1234_5678);
+        assert_eq!(bytes(&again.regs), bytes(&saved.regs));
+        assert_eq!(bytes(&again.sregs), bytes(&saved.sregs));
+        assert_eq!(bytes(&again.xcrs), bytes(&saved.xcrs));
+        assert_eq!(again.xsave, saved.xsave);
+        assert_eq!(bytes(&again.cpuid), bytes(&saved.cpuid));
+        assert_eq!(again.msrs.len(), saved.msrs.len());
+    }
 
     #[test]
     fn msr_list_carries_the_tsc() {

@@ -45,6 +45,12 @@ pub struct Section {
 impl Section {
     /// Decodes the state as a `T`, refusing a section version newer than
     /// `max_version` and state bytes left over after decoding.
+    ///
+    /// `T` is one layout: postcard does not describe itself, so a consumer
+    /// whose section layout has changed across versions must not decode an
+    /// older version as today's `T`; it matches on [`Section::version`] and
+    /// decodes [`Section::data`] through the layout of that version (as
+    /// cryo's `microvm::persist::StateSection` does).
     pub fn decode<T: DeserializeOwned>(&self, max_version: u32) -> Result<T, StreamError> {
         if self.version > max_version {
             return Err(StreamError::SectionVersionTooNew {

@@ -7,7 +7,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{MemRegion, MultifdError, TransferStats};
+use crate::{CallerError, MemRegion, MultifdError, TransferStats};
 
 /// Where a receiver listens: a TCP address or a Unix socket path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -205,7 +205,7 @@ impl Listener {
     pub fn receive(
         &self,
         data_timeout: Duration,
-        alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, String>,
+        alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError>,
     ) -> Result<(Vec<u8>, TransferStats), MultifdError> {
         let mut first = true;
         crate::receive(

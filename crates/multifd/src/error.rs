@@ -22,6 +22,10 @@ impl fmt::Display for Channel {
     }
 }
 
+/// The caller's own error (from a [`FileLayout`](crate::FileLayout) or a
+/// [`receive`](crate::receive) allocator), kept whole with its source chain.
+pub type CallerError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Everything that can go wrong in a multifd transfer.
 ///
 /// Each message is one line and says where it happened (channel, region,
@@ -77,6 +81,26 @@ pub enum MultifdError {
     /// An argument (options, regions) is invalid.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A chunk read back was refused by the caller's
+    /// [`FileLayout::chunk_loaded`](crate::FileLayout::chunk_loaded) (its
+    /// checksum does not match).
+    #[error("checksum mismatch: {context}: {source}")]
+    ChunkRejected {
+        /// Channel, region, chunk and bytes.
+        context: String,
+        /// The layout's error.
+        #[source]
+        source: CallerError,
+    },
+    /// The caller's layout or allocator failed.
+    #[error("{context}: {source}")]
+    Caller {
+        /// What was being done.
+        context: String,
+        /// The caller's error.
+        #[source]
+        source: CallerError,
+    },
 }
 
 impl MultifdError {

@@ -3,12 +3,12 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::sys;
-use crate::{MemRegion, MultifdError};
+use crate::{CallerError, MemRegion, MultifdError};
+use page_runs::{is_zero, push_page, FirstError, PageRun};
 
 /// The most channels a file transfer may use.
 pub const MAX_FILE_CHANNELS: usize = 256;
@@ -49,12 +49,12 @@ pub trait FileLayout: Sync {
         chunk: u64,
         present: &[u64],
         crc: u32,
-    ) -> Result<(), String>;
+    ) -> Result<(), CallerError>;
     /// Whether page `page` of `region` is present in the file (restore side).
     fn page_present(&self, region: usize, page: u64) -> bool;
     /// Checks a chunk after it was read into memory (restore side):
-    /// `Err(message)` if its checksum does not match.
-    fn chunk_loaded(&self, region: usize, chunk: u64, data: &[u8]) -> Result<(), String>;
+    /// an error if its checksum does not match.
+    fn chunk_loaded(&self, region: usize, chunk: u64, data: &[u8]) -> Result<(), CallerError>;
 }
 
 /// Whether file channels use `O_DIRECT`.
@@ -77,6 +77,11 @@ pub struct FileChannelOptions {
     pub channels: usize,
     /// Whether to bypass the page cache.
     pub direct_io: DirectIo,
+    /// Loading: fault each run's target pages in (`MADV_POPULATE_WRITE`)
+    /// before reading into them. Cheaper for fresh anonymous memory (one
+    /// call instead of a fault per page); useless for memory that is already
+    /// populated. Saving ignores it.
+    pub prefault: bool,
 }
 
 /// What a transfer did.
@@ -140,25 +145,7 @@ pub fn load_from_file(
     layout: &dyn FileLayout,
     opts: &FileChannelOptions,
 ) -> Result<TransferStats, MultifdError> {
-    transfer(
-        path,
-        regions,
-        layout,
-        opts,
-        Direction::Load { populate: true },
-    )
-}
-
-/// [`load_from_file`] with the pre-faulting of target pages
-/// (`MADV_POPULATE_WRITE`) switched on or off; for measurements.
-#[doc(hidden)]
-pub fn load_from_file_with(
-    path: &Path,
-    regions: &[MemRegion],
-    layout: &dyn FileLayout,
-    opts: &FileChannelOptions,
-    populate: bool,
-) -> Result<TransferStats, MultifdError> {
+    let populate = opts.prefault;
     transfer(path, regions, layout, opts, Direction::Load { populate })
 }
 
@@ -221,8 +208,7 @@ struct Shared<'a> {
     layout: &'a dyn FileLayout,
     work: Work,
     cursor: AtomicU64,
-    stop: AtomicBool,
-    error: Mutex<Option<MultifdError>>,
+    first_error: FirstError<MultifdError>,
     page_size: u64,
     direct: bool,
     dir: Direction,
@@ -230,11 +216,11 @@ struct Shared<'a> {
 
 impl Shared<'_> {
     fn fail(&self, e: MultifdError) {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some(e);
-        }
+        self.first_error.fail(e);
+    }
+
+    fn stopped(&self) -> bool {
+        self.first_error.stopped()
     }
 }
 
@@ -274,8 +260,17 @@ fn check_args(
     Ok(ps)
 }
 
-/// Opens the probe fd and decides whether `O_DIRECT` is used.
-fn resolve_direct(path: &Path, mode: DirectIo, write: bool) -> Result<(File, bool), MultifdError> {
+/// Opens `path` for writing (`write`) or reading and decides, by `mode`,
+/// whether `O_DIRECT` is used: the one place that makes the auto/on/off
+/// decision. Returns the file and whether it is `O_DIRECT`. `On` on a
+/// filesystem that refuses `O_DIRECT` is
+/// [`MultifdError::DirectIoUnsupported`]; `Auto` falls back to buffered I/O
+/// with a warning.
+pub fn open_with_direct_io(
+    path: &Path,
+    mode: DirectIo,
+    write: bool,
+) -> Result<(File, bool), MultifdError> {
     let what = if write { "writing" } else { "reading" };
     let plain = |e| MultifdError::io(format!("opening {} for {what}", path.display()), e);
     if mode == DirectIo::Off {
@@ -311,7 +306,7 @@ fn transfer(
     let start = Instant::now();
     let page_size = check_args(regions, layout, opts)?;
     let write = dir == Direction::Save;
-    let (probe, direct) = resolve_direct(path, opts.direct_io, write)?;
+    let (probe, direct) = open_with_direct_io(path, opts.direct_io, write)?;
     let mut files = vec![probe];
     for c in 1..opts.channels {
         let f = sys::open(path, write, direct).map_err(|e| {
@@ -332,8 +327,7 @@ fn transfer(
         layout,
         work: Work::new(layout, regions.len(), per_unit)?,
         cursor: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-        error: Mutex::new(None),
+        first_error: FirstError::new(),
         page_size,
         direct,
         dir,
@@ -363,7 +357,7 @@ fn transfer(
             })
             .collect()
     });
-    if let Some(e) = shared.error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    if let Some(e) = shared.first_error.into_inner() {
         return Err(e);
     }
     let mut stats = TransferStats {
@@ -430,7 +424,7 @@ fn pipeline<T: Send>(
     mut io: impl FnMut(T) -> Result<(), MultifdError>,
 ) {
     let next_unit = || {
-        if sh.stop.load(Ordering::Relaxed) {
+        if sh.stopped() {
             return None;
         }
         let idx = sh.cursor.fetch_add(1, Ordering::Relaxed);
@@ -461,7 +455,7 @@ fn pipeline<T: Send>(
             return;
         }
         for p in rx {
-            if sh.stop.load(Ordering::Relaxed) {
+            if sh.stopped() {
                 break;
             }
             if let Err(e) = io(p) {
@@ -499,11 +493,7 @@ struct Pending {
 }
 
 /// A run of pages of one region: `start..end` (page indices).
-#[derive(Clone, Copy)]
-struct Run {
-    start: u64,
-    end: u64,
-}
+type Run = PageRun;
 
 struct Chan<'a, 'b> {
     sh: &'a Shared<'b>,
@@ -594,15 +584,8 @@ impl Chan<'_, '_> {
             present: 0,
             zero: 0,
         };
-        let mut run: Option<Run> = None;
         for chunk in first..first + n {
             let (p0, np) = self.chunk_pages(r, chunk)?;
-            if let Some(open) = run {
-                if open.end != p0 {
-                    out.runs.push(open);
-                    run = None;
-                }
-            }
             let mut words = vec![0u64; np.div_ceil(64) as usize];
             let mut crc = 0u32;
             // CRC32C over whole runs of non-zero pages: one call per run
@@ -612,40 +595,26 @@ impl Chan<'_, '_> {
             for i in 0..np {
                 let page = p0 + i;
                 let ptr = self.page_ptr(r, page);
-                // SAFETY: the page is inside region r (checked chunk), page
-                // aligned (so 8-aligned) and ps is a multiple of 64.
-                let zero = unsafe { sys::is_zero_page(ptr, ps as usize) };
+                // SAFETY: the page is inside region r (checked chunk), which
+                // the MemRegion contract keeps readable while we run.
+                let zero = is_zero(unsafe { std::slice::from_raw_parts(ptr, ps as usize) });
                 if zero {
                     if let Some(from) = crc_run.take() {
                         crc = self.crc_pages(r, crc, from, page);
                     }
                     crc = sys::crc_zeros(crc, ps);
                     out.zero += 1;
-                    if let Some(open) = run.take() {
-                        out.runs.push(open);
-                    }
                 } else {
                     crc_run.get_or_insert(page);
                     words[(i / 64) as usize] |= 1 << (i % 64);
                     out.present += 1;
-                    match &mut run {
-                        Some(open) => open.end = page + 1,
-                        None => {
-                            run = Some(Run {
-                                start: page,
-                                end: page + 1,
-                            })
-                        }
-                    }
+                    push_page(&mut out.runs, page);
                 }
             }
             if let Some(from) = crc_run.take() {
                 crc = self.crc_pages(r, crc, from, p0 + np);
             }
             out.pending.push(Pending { chunk, words, crc });
-        }
-        if let Some(open) = run {
-            out.runs.push(open);
         }
         Ok(out)
     }
@@ -662,11 +631,12 @@ impl Chan<'_, '_> {
             self.sh
                 .layout
                 .chunk_saved(r, pend.chunk, &pend.words, pend.crc)
-                .map_err(|m| {
-                    MultifdError::Layout(format!(
-                        "channel {}: region {r} chunk {}: recording the saved chunk: {m}",
+                .map_err(|source| MultifdError::Caller {
+                    context: format!(
+                        "channel {}: region {r} chunk {}: recording the saved chunk",
                         self.c, pend.chunk
-                    ))
+                    ),
+                    source,
                 })?;
         }
         Ok(())
@@ -729,37 +699,16 @@ impl Chan<'_, '_> {
             present: 0,
             zero: 0,
         };
-        let mut run: Option<Run> = None;
         for chunk in first..first + n {
             let (p0, np) = self.chunk_pages(r, chunk)?;
-            if let Some(open) = run {
-                if open.end != p0 {
-                    out.runs.push(open);
-                    run = None;
-                }
-            }
             for page in p0..p0 + np {
                 if layout.page_present(r, page) {
                     out.present += 1;
-                    match &mut run {
-                        Some(open) => open.end = page + 1,
-                        None => {
-                            run = Some(Run {
-                                start: page,
-                                end: page + 1,
-                            })
-                        }
-                    }
+                    push_page(&mut out.runs, page);
                 } else {
                     out.zero += 1;
-                    if let Some(open) = run.take() {
-                        out.runs.push(open);
-                    }
                 }
             }
-        }
-        if let Some(open) = run {
-            out.runs.push(open);
         }
         if populate {
             for run in &out.runs {
@@ -786,14 +735,18 @@ impl Chan<'_, '_> {
             // is the only one touching it.
             let data =
                 unsafe { std::slice::from_raw_parts(ptr, (np * self.sh.page_size) as usize) };
-            self.sh.layout.chunk_loaded(r, chunk, data).map_err(|m| {
-                MultifdError::Checksum(format!(
-                    "channel {}: region {r} chunk {chunk} (region bytes {:#x}..{:#x}): {m}",
-                    self.c,
-                    p0 * self.sh.page_size,
-                    (p0 + np) * self.sh.page_size
-                ))
-            })?;
+            self.sh
+                .layout
+                .chunk_loaded(r, chunk, data)
+                .map_err(|source| MultifdError::ChunkRejected {
+                    context: format!(
+                        "channel {}: region {r} chunk {chunk} (region bytes {:#x}..{:#x})",
+                        self.c,
+                        p0 * self.sh.page_size,
+                        (p0 + np) * self.sh.page_size
+                    ),
+                    source,
+                })?;
         }
         Ok(())
     }

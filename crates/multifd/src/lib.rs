@@ -26,9 +26,9 @@ mod socket;
 mod sys;
 
 pub use endpoint::{parse_endpoint, Endpoint, Listener, Stream};
-pub use error::{Channel, MultifdError};
+pub use error::{CallerError, Channel, MultifdError};
 pub use file::{
-    load_from_file, load_from_file_with, save_to_file, DirectIo, FileChannelOptions, FileLayout,
+    load_from_file, open_with_direct_io, save_to_file, DirectIo, FileChannelOptions, FileLayout,
     TransferStats, MAX_FILE_CHANNELS,
 };
 pub use protocol::{

@@ -3,8 +3,7 @@
 //! (`docs/multifd-protocol.md`).
 
 use std::io::{self, BufReader, IoSlice, Read, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::protocol::{
@@ -13,7 +12,8 @@ use crate::protocol::{
     Run, HELLO_LEN, MAIN_HEADER_LEN, MAX_DATA_CHANNELS, MAX_DEVICE_STATE, MAX_PAGES_PER_PACKET,
     MAX_REGIONS, MAX_STRAYS, PACKET_HEADER_LEN, PAGE_SIZE, RUN_LEN,
 };
-use crate::{sys, Channel, MemRegion, MultifdError, TransferStats};
+use crate::{sys, CallerError, Channel, MemRegion, MultifdError, TransferStats};
+use page_runs::FirstError;
 
 /// Options for [`send`].
 #[derive(Clone, Debug)]
@@ -25,35 +25,7 @@ pub struct SocketOptions {
 }
 
 /// First-error-wins bookkeeping shared by the threads of one side.
-struct Fail {
-    stop: AtomicBool,
-    error: Mutex<Option<MultifdError>>,
-}
-
-impl Fail {
-    fn new() -> Fail {
-        Fail {
-            stop: AtomicBool::new(false),
-            error: Mutex::new(None),
-        }
-    }
-
-    fn set(&self, e: MultifdError) {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some(e);
-        }
-    }
-
-    fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-
-    fn take(&self) -> Option<MultifdError> {
-        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
+type Fail = FirstError<MultifdError>;
 
 /// Maps an I/O error on a connection: a closed or reset connection becomes
 /// [`MultifdError::PeerDisconnected`].
@@ -183,6 +155,108 @@ pub fn send<S: Read + Write + Send>(
     opts: &SocketOptions,
 ) -> Result<TransferStats, MultifdError> {
     let start = Instant::now();
+    check_send_args(regions, device_state, opts)?;
+    let n = opts.channels;
+    let ps = u64::from(PAGE_SIZE);
+    let session = sys::random_u64();
+    let hello = |role, channel| Hello {
+        role,
+        compression: opts.compression.into(),
+        channel,
+        channels: n as u16,
+        session,
+        page_size: PAGE_SIZE,
+    };
+    let mut wire = 0u64;
+
+    // 1-2. Main connection, layout, READY.
+    let mut main = connect().map_err(|e| MultifdError::io("connecting the main connection", e))?;
+    main.write_all(&hello(Role::Main, 0).encode())
+        .map_err(|e| conn_err(Channel::Main, "sending the hello", e))?;
+    wire += HELLO_LEN as u64;
+    let layout: Vec<(u64, u64)> = regions.iter().map(|r| (r.guest_addr(), r.len())).collect();
+    wire += write_main(
+        &mut main,
+        &MainMessage::RamLayout(layout),
+        "sending the RAM layout",
+    )?;
+    let (m, w) = read_main(&mut main, PAGE_SIZE, "waiting for READY")?;
+    wire += w;
+    expect_reply(m, "READY", |m| matches!(m, MainMessage::Ready))?;
+
+    // 3. Data connections.
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = connect()
+            .map_err(|e| MultifdError::io(format!("connecting data channel {i}"), e))
+            .and_then(|mut s| {
+                s.write_all(&hello(Role::Data, i as u16).encode())
+                    .map_err(|e| conn_err(Channel::Data(i as u16), "sending the hello", e))?;
+                Ok(s)
+            });
+        match r {
+            Ok(s) => conns.push(s),
+            Err(e) => {
+                send_error(&mut main, &e);
+                return Err(e);
+            }
+        }
+        wire += HELLO_LEN as u64;
+    }
+
+    // 4. Data channels.
+    let pages: Vec<u64> = regions.iter().map(|r| r.len() / ps).collect();
+    let total_pages: u64 = pages.iter().sum();
+    let shared = SendShared {
+        regions,
+        chunks: Chunks::new(&pages),
+        cursor: AtomicU64::new(0),
+        fail: Fail::new(),
+        compression: opts.compression,
+    };
+    let results = run_send_channels(&shared, conns);
+    if let Some(e) = shared.fail.take() {
+        return Err(sender_failed(&mut main, e));
+    }
+
+    // 5. ROUND_DONE, DEVICE_STATE, END.
+    let counts: Vec<ChannelCount> = results.iter().map(|c| c.count).collect();
+    let sent_pages: u64 = counts.iter().map(|c| c.pages).sum();
+    wire += results.iter().map(|c| c.bytes).sum::<u64>();
+    wire += send_finish(&mut main, counts, device_state)?;
+
+    // 6. ACK.
+    let (m, w) = read_main(&mut main, PAGE_SIZE, "waiting for the receiver's ACK")?;
+    wire += w;
+    expect_reply(m, "ACK", |m| matches!(m, MainMessage::Ack))?;
+    let stats = TransferStats {
+        bytes: wire,
+        present_pages: sent_pages,
+        zero_pages: total_pages - sent_pages,
+        elapsed: start.elapsed(),
+        direct_io: false,
+        channels: n,
+    };
+    log::info!(
+        "multifd: sent {} pages ({} zero pages skipped) and {} bytes of device state as {} bytes over {n} channels ({:?}) in {:.1} ms ({:.0} MB/s)",
+        stats.present_pages,
+        stats.zero_pages,
+        device_state.len(),
+        stats.bytes,
+        opts.compression,
+        stats.elapsed.as_secs_f64() * 1e3,
+        stats.mb_per_s()
+    );
+    Ok(stats)
+}
+
+/// Checks `send`'s arguments: channel count, compression level, regions,
+/// device-state size.
+fn check_send_args(
+    regions: &[MemRegion],
+    device_state: &[u8],
+    opts: &SocketOptions,
+) -> Result<(), MultifdError> {
     let n = opts.channels;
     if n == 0 || n > usize::from(MAX_DATA_CHANNELS) {
         return Err(MultifdError::InvalidArgument(format!(
@@ -223,77 +297,37 @@ pub fn send<S: Read + Write + Send>(
             )));
         }
     }
-    let session = sys::random_u64();
-    let hello = |role, channel| Hello {
-        role,
-        compression: opts.compression.into(),
-        channel,
-        channels: n as u16,
-        session,
-        page_size: PAGE_SIZE,
-    };
-    let mut wire = 0u64;
+    Ok(())
+}
 
-    // 1-2. Main connection, layout, READY.
-    let mut main = connect().map_err(|e| MultifdError::io("connecting the main connection", e))?;
-    main.write_all(&hello(Role::Main, 0).encode())
-        .map_err(|e| conn_err(Channel::Main, "sending the hello", e))?;
-    wire += HELLO_LEN as u64;
-    let layout: Vec<(u64, u64)> = regions.iter().map(|r| (r.guest_addr(), r.len())).collect();
-    wire += write_main(
-        &mut main,
-        &MainMessage::RamLayout(layout),
-        "sending the RAM layout",
-    )?;
-    let (m, w) = read_main(&mut main, PAGE_SIZE, "waiting for READY")?;
-    wire += w;
+/// The receiver's reply on the main connection must be `expected` (`is`);
+/// its ERROR is [`MultifdError::Remote`], anything else a protocol error.
+fn expect_reply(
+    m: MainMessage,
+    expected: &str,
+    is: impl Fn(&MainMessage) -> bool,
+) -> Result<(), MultifdError> {
     match m {
-        MainMessage::Ready => {}
-        MainMessage::Error(msg) => return Err(MultifdError::Remote(msg)),
-        other => {
-            return Err(MultifdError::Protocol(format!(
-                "expected READY from the receiver, got {}",
-                other.name()
-            )))
-        }
+        m if is(&m) => Ok(()),
+        MainMessage::Error(msg) => Err(MultifdError::Remote(msg)),
+        other => Err(MultifdError::Protocol(format!(
+            "expected {expected} from the receiver, got {}",
+            other.name()
+        ))),
     }
+}
 
-    // 3. Data connections.
-    let mut conns = Vec::with_capacity(n);
-    for i in 0..n {
-        let r = connect()
-            .map_err(|e| MultifdError::io(format!("connecting data channel {i}"), e))
-            .and_then(|mut s| {
-                s.write_all(&hello(Role::Data, i as u16).encode())
-                    .map_err(|e| conn_err(Channel::Data(i as u16), "sending the hello", e))?;
-                Ok(s)
-            });
-        match r {
-            Ok(s) => conns.push(s),
-            Err(e) => {
-                send_error(&mut main, &e);
-                return Err(e);
-            }
-        }
-        wire += HELLO_LEN as u64;
-    }
-
-    // 4. Data channels.
-    let pages: Vec<u64> = regions.iter().map(|r| r.len() / ps).collect();
-    let total_pages: u64 = pages.iter().sum();
-    let shared = SendShared {
-        regions,
-        chunks: Chunks::new(&pages),
-        cursor: AtomicU64::new(0),
-        fail: Fail::new(),
-        compression: opts.compression,
-    };
-    let results: Vec<SendCounts> = std::thread::scope(|s| {
+/// Runs one sending thread per data connection until every chunk is sent
+/// or one fails (the first error is in `shared.fail`).
+fn run_send_channels<S: Read + Write + Send>(
+    shared: &SendShared<'_>,
+    conns: Vec<S>,
+) -> Vec<SendCounts> {
+    std::thread::scope(|s| {
         let handles: Vec<_> = conns
             .into_iter()
             .enumerate()
             .map(|(i, conn)| {
-                let shared = &shared;
                 std::thread::Builder::new()
                     .name(format!("multifd-send-{i}"))
                     .spawn_scoped(s, move || {
@@ -301,7 +335,7 @@ pub fn send<S: Read + Write + Send>(
                         // Record a failure before the connection closes, so
                         // that it is the first error this side reports.
                         let r = send_channel(shared, i as u16, &mut conn).unwrap_or_else(|e| {
-                            shared.fail.set(e);
+                            shared.fail.fail(e);
                             SendCounts::default()
                         });
                         drop(conn);
@@ -315,39 +349,45 @@ pub fn send<S: Read + Write + Send>(
                 Ok(h) => h.join().unwrap_or_else(|_| {
                     shared
                         .fail
-                        .set(MultifdError::Aborted("a channel thread panicked".into()));
+                        .fail(MultifdError::Aborted("a channel thread panicked".into()));
                     SendCounts::default()
                 }),
                 Err(e) => {
                     shared
                         .fail
-                        .set(MultifdError::io("starting a channel thread", e));
+                        .fail(MultifdError::io("starting a channel thread", e));
                     SendCounts::default()
                 }
             })
             .collect()
-    });
-    if let Some(e) = shared.fail.take() {
-        // Tell the receiver, then see whether it has a reason of its own
-        // (e.g. a checksum mismatch that made it close a data connection).
-        send_error(&mut main, &e);
-        if matches!(
-            e,
-            MultifdError::PeerDisconnected { .. } | MultifdError::Io { .. }
-        ) {
-            if let Ok((MainMessage::Error(msg), _)) =
-                read_main(&mut main, PAGE_SIZE, "reading the receiver's error")
-            {
-                return Err(MultifdError::Remote(format!("{msg} (here: {e})")));
-            }
-        }
-        return Err(e);
-    }
+    })
+}
 
-    // 5. ROUND_DONE, DEVICE_STATE, END.
-    let counts: Vec<ChannelCount> = results.iter().map(|c| c.count).collect();
-    let sent_pages: u64 = counts.iter().map(|c| c.pages).sum();
-    wire += results.iter().map(|c| c.bytes).sum::<u64>();
+/// A data channel failed with `e`: tells the receiver, then returns the
+/// receiver's own reason if it has one (e.g. a checksum mismatch that made
+/// it close a data connection), else `e`.
+fn sender_failed<S: Read + Write>(main: &mut S, e: MultifdError) -> MultifdError {
+    send_error(main, &e);
+    if matches!(
+        e,
+        MultifdError::PeerDisconnected { .. } | MultifdError::Io { .. }
+    ) {
+        if let Ok((MainMessage::Error(msg), _)) =
+            read_main(main, PAGE_SIZE, "reading the receiver's error")
+        {
+            return MultifdError::Remote(format!("{msg} (here: {e})"));
+        }
+    }
+    e
+}
+
+/// Sends ROUND_DONE with the channels' counts, the device state and END;
+/// returns the bytes written.
+fn send_finish<S: Read + Write>(
+    main: &mut S,
+    counts: Vec<ChannelCount>,
+    device_state: &[u8],
+) -> Result<u64, MultifdError> {
     let finish = [
         (
             MainMessage::RoundDone {
@@ -362,13 +402,14 @@ pub fn send<S: Read + Write + Send>(
         ),
         (MainMessage::End, "sending END"),
     ];
+    let mut wire = 0;
     for (m, during) in &finish {
-        match write_main(&mut main, m, during) {
+        match write_main(main, m, during) {
             Ok(w) => wire += w,
             Err(e) => {
                 // The receiver may have given up and said why.
                 if let Ok((MainMessage::Error(msg), _)) =
-                    read_main(&mut main, PAGE_SIZE, "reading the receiver's error")
+                    read_main(main, PAGE_SIZE, "reading the receiver's error")
                 {
                     return Err(MultifdError::Remote(format!("{msg} (here: {e})")));
                 }
@@ -376,39 +417,7 @@ pub fn send<S: Read + Write + Send>(
             }
         }
     }
-
-    // 6. ACK.
-    let (m, w) = read_main(&mut main, PAGE_SIZE, "waiting for the receiver's ACK")?;
-    wire += w;
-    match m {
-        MainMessage::Ack => {}
-        MainMessage::Error(msg) => return Err(MultifdError::Remote(msg)),
-        other => {
-            return Err(MultifdError::Protocol(format!(
-                "expected ACK from the receiver, got {}",
-                other.name()
-            )))
-        }
-    }
-    let stats = TransferStats {
-        bytes: wire,
-        present_pages: sent_pages,
-        zero_pages: total_pages - sent_pages,
-        elapsed: start.elapsed(),
-        direct_io: false,
-        channels: n,
-    };
-    log::info!(
-        "multifd: sent {} pages ({} zero pages skipped) and {} bytes of device state as {} bytes over {n} channels ({:?}) in {:.1} ms ({:.0} MB/s)",
-        stats.present_pages,
-        stats.zero_pages,
-        device_state.len(),
-        stats.bytes,
-        opts.compression,
-        stats.elapsed.as_secs_f64() * 1e3,
-        stats.mb_per_s()
-    );
-    Ok(stats)
+    Ok(wire)
 }
 
 struct SendShared<'a> {
@@ -461,6 +470,7 @@ fn send_channel<S: Write + ?Sized>(
     } else {
         Vec::new()
     };
+    let mut present: Vec<page_runs::PageRun> = Vec::with_capacity(MAX_PAGES_PER_PACKET as usize);
     let mut runs: Vec<Run> = Vec::with_capacity(MAX_PAGES_PER_PACKET as usize);
     let mut head: Vec<u8> =
         Vec::with_capacity(PACKET_HEADER_LEN + RUN_LEN * MAX_PAGES_PER_PACKET as usize);
@@ -480,24 +490,23 @@ fn send_channel<S: Write + ?Sized>(
         let region_pages = region.len() / ps as u64;
         let n = (region_pages - first).min(u64::from(MAX_PAGES_PER_PACKET));
         // Runs of non-zero pages.
-        runs.clear();
-        let mut page_count = 0u32;
+        present.clear();
         for p in first..first + n {
-            // SAFETY: p < region_pages, so the page is inside the region
-            // (readable per the MemRegion contract), page aligned.
-            let zero = unsafe { sys::is_zero_page(region.as_ptr().add(p as usize * ps), ps) };
-            if zero {
-                continue;
-            }
-            page_count += 1;
-            match runs.last_mut() {
-                Some(run) if run.first_page + u64::from(run.count) == p => run.count += 1,
-                _ => runs.push(Run {
-                    first_page: p,
-                    count: 1,
-                }),
+            // SAFETY: p < region_pages, so the page is inside the region,
+            // which the MemRegion contract keeps readable while we run.
+            let page =
+                unsafe { std::slice::from_raw_parts(region.as_ptr().add(p as usize * ps), ps) };
+            if !page_runs::is_zero(page) {
+                page_runs::push_page(&mut present, p);
             }
         }
+        // At most MAX_PAGES_PER_PACKET pages: counts fit in u32.
+        runs.clear();
+        runs.extend(present.iter().map(|r| Run {
+            first_page: r.start,
+            count: r.len() as u32,
+        }));
+        let page_count: u32 = runs.iter().map(|r| r.count).sum();
         if runs.is_empty() {
             continue;
         }
@@ -617,7 +626,7 @@ fn send_channel<S: Write + ?Sized>(
 #[allow(clippy::type_complexity)]
 pub fn receive<S: Read + Write + Send>(
     accept: &mut dyn FnMut() -> io::Result<S>,
-    alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, String>,
+    alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError>,
 ) -> Result<(Vec<u8>, TransferStats), MultifdError> {
     let start = Instant::now();
     let mut main = accept().map_err(|e| MultifdError::io("accepting the main connection", e))?;
@@ -678,11 +687,117 @@ fn receive_main<S: Read + Write + Send>(
     main: &mut S,
     hello: &Hello,
     accept: &mut dyn FnMut() -> io::Result<S>,
-    alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, String>,
+    alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError>,
     wire: &mut u64,
 ) -> Result<(Vec<u8>, TransferStats), MultifdError> {
     let ps = hello.page_size;
     let n = hello.channels as usize;
+    let (layout, regions) = receive_layout(main, ps, alloc, wire)?;
+    let pages: Vec<u64> = layout.iter().map(|&(_, s)| s / u64::from(ps)).collect();
+    let total_pages: u64 = pages.iter().sum();
+    let shared = RecvShared {
+        regions: &regions,
+        claimed: pages
+            .iter()
+            .map(|p| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+            .collect(),
+        page_size: ps,
+        compression: hello.compression,
+        fail: Fail::new(),
+    };
+    *wire += write_main(main, &MainMessage::Ready, "sending READY")?;
+
+    let (results, round, state) = std::thread::scope(|s| {
+        let mut handles = Vec::with_capacity(n);
+        let mut seen = vec![false; n];
+        let mut strays = 0;
+        // Accept the data connections.
+        while handles.len() < n && !shared.fail.stopped() {
+            let mut conn = match accept() {
+                Ok(c) => c,
+                Err(e) => {
+                    shared.fail.fail(MultifdError::io(
+                        format!("accepting data connection {} of {n}", handles.len() + 1),
+                        e,
+                    ));
+                    break;
+                }
+            };
+            let i = match data_hello(&mut conn, hello, &mut seen, &mut strays) {
+                Ok(Some(i)) => i,
+                Ok(None) => continue,
+                Err(e) => {
+                    shared.fail.fail(e);
+                    break;
+                }
+            };
+            *wire += HELLO_LEN as u64;
+            let shared = &shared;
+            let spawned = std::thread::Builder::new()
+                .name(format!("multifd-recv-{i}"))
+                .spawn_scoped(s, move || {
+                    let mut conn = conn;
+                    // Record a failure before the connection closes (which
+                    // makes the sender give up and report its own error).
+                    let r = recv_channel(shared, i as u16, &mut conn).unwrap_or_else(|e| {
+                        shared.fail.fail(e);
+                        RecvCounts::default()
+                    });
+                    drop(conn);
+                    r
+                });
+            match spawned {
+                Ok(h) => handles.push((i, h)),
+                Err(e) => {
+                    shared
+                        .fail
+                        .fail(MultifdError::io("starting a channel thread", e));
+                    break;
+                }
+            }
+        }
+        // Meanwhile on the main connection: ROUND_DONE, DEVICE_STATE, END.
+        let (round, state) = receive_main_tail(main, ps, n, &shared.fail, wire);
+        let mut results = vec![RecvCounts::default(); n];
+        for (i, h) in handles {
+            match h.join() {
+                Ok(c) => results[i] = c,
+                Err(_) => shared
+                    .fail
+                    .fail(MultifdError::Aborted("a channel thread panicked".into())),
+            }
+        }
+        (results, round, state)
+    });
+    if let Some(e) = shared.fail.take() {
+        return Err(e);
+    }
+    let (Some(round), Some(state)) = (round, state) else {
+        return Err(MultifdError::Protocol("the transfer ended early".into()));
+    };
+    let present = check_counts(&results, &round, wire)?;
+    Ok((
+        state,
+        TransferStats {
+            bytes: 0,
+            present_pages: present,
+            zero_pages: total_pages - present,
+            elapsed: Default::default(),
+            direct_io: false,
+            channels: n,
+        },
+    ))
+}
+
+/// Reads the RAM layout on the main connection and allocates the memory
+/// for it through `alloc`, checking what it returns against the layout.
+#[allow(clippy::type_complexity)]
+fn receive_layout<S: Read + Write>(
+    main: &mut S,
+    ps: u32,
+    alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError>,
+    wire: &mut u64,
+) -> Result<(Vec<(u64, u64)>, Vec<MemRegion>), MultifdError> {
     let (m, w) = read_main(main, ps, "reading the RAM layout")?;
     *wire += w;
     let layout = match m {
@@ -695,11 +810,9 @@ fn receive_main<S: Read + Write + Send>(
             )))
         }
     };
-    let regions = alloc(&layout).map_err(|m| {
-        MultifdError::Layout(format!(
-            "allocating the guest memory ({} regions): {m}",
-            layout.len()
-        ))
+    let regions = alloc(&layout).map_err(|source| MultifdError::Caller {
+        context: format!("allocating the guest memory ({} regions)", layout.len()),
+        source,
     })?;
     if regions.len() != layout.len() {
         return Err(MultifdError::Layout(format!(
@@ -717,164 +830,121 @@ fn receive_main<S: Read + Write + Send>(
             )));
         }
     }
-    let pages: Vec<u64> = layout.iter().map(|&(_, s)| s / u64::from(ps)).collect();
-    let total_pages: u64 = pages.iter().sum();
-    let shared = RecvShared {
-        regions: &regions,
-        claimed: pages
-            .iter()
-            .map(|p| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
-            .collect(),
-        page_size: ps,
-        compression: hello.compression,
-        fail: Fail::new(),
-    };
-    *wire += write_main(main, &MainMessage::Ready, "sending READY")?;
+    Ok((layout, regions))
+}
 
+/// Reads and checks a data connection's hello: `Some(channel)`, `None` for
+/// a stray connection to drop (another session, or garbage; at most
+/// [`MAX_STRAYS`]), an error for a hello that breaks the protocol.
+fn data_hello<S: Read>(
+    conn: &mut S,
+    hello: &Hello,
+    seen: &mut [bool],
+    strays: &mut usize,
+) -> Result<Option<usize>, MultifdError> {
+    let mut hb = [0u8; HELLO_LEN];
+    let h = conn
+        .read_exact(&mut hb)
+        .map_err(|e| MultifdError::io("reading a data connection's hello", e))
+        .and_then(|_| parse_hello(&hb));
+    let h = match h {
+        Ok(h) if h.session == hello.session => h,
+        other => {
+            *strays += 1;
+            let why = match other {
+                Ok(_) => "another session id".to_string(),
+                Err(e) => e.to_string(),
+            };
+            log::warn!("multifd: dropping a stray connection: {why}");
+            if *strays > MAX_STRAYS {
+                return Err(MultifdError::Protocol(format!(
+                    "more than {MAX_STRAYS} stray connections (last: {why})"
+                )));
+            }
+            return Ok(None);
+        }
+    };
+    let i = usize::from(h.channel);
+    if h.role != Role::Data
+        || h.channels != hello.channels
+        || h.page_size != hello.page_size
+        || h.compression != hello.compression
+        || seen[i]
+    {
+        return Err(MultifdError::Protocol(format!(
+            "data connection hello for channel {i} does not match the main hello or repeats a channel: {h:?}"
+        )));
+    }
+    seen[i] = true;
+    Ok(Some(i))
+}
+
+/// Follows the main connection to its END while the data channels run:
+/// ROUND_DONE (the channels' counts), DEVICE_STATE, END. A failure goes to
+/// `fail`, and ends the wait.
+fn receive_main_tail<S: Read>(
+    main: &mut S,
+    ps: u32,
+    n: usize,
+    fail: &Fail,
+    wire: &mut u64,
+) -> (Option<Vec<ChannelCount>>, Option<Vec<u8>>) {
     let mut round: Option<Vec<ChannelCount>> = None;
     let mut state: Option<Vec<u8>> = None;
-    let results: Vec<RecvCounts> = std::thread::scope(|s| {
-        let mut handles = Vec::with_capacity(n);
-        let mut seen = vec![false; n];
-        let mut strays = 0;
-        // Accept the data connections.
-        while handles.len() < n && !shared.fail.stopped() {
-            let mut conn = match accept() {
-                Ok(c) => c,
-                Err(e) => {
-                    shared.fail.set(MultifdError::io(
-                        format!("accepting data connection {} of {n}", handles.len() + 1),
-                        e,
-                    ));
-                    break;
-                }
-            };
-            let mut hb = [0u8; HELLO_LEN];
-            let h = conn
-                .read_exact(&mut hb)
-                .map_err(|e| MultifdError::io("reading a data connection's hello", e))
-                .and_then(|_| parse_hello(&hb));
-            let h = match h {
-                Ok(h) if h.session == hello.session => h,
-                other => {
-                    strays += 1;
-                    let why = match other {
-                        Ok(_) => "another session id".to_string(),
-                        Err(e) => e.to_string(),
-                    };
-                    log::warn!("multifd: dropping a stray connection: {why}");
-                    if strays > MAX_STRAYS {
-                        shared.fail.set(MultifdError::Protocol(format!(
-                            "more than {MAX_STRAYS} stray connections (last: {why})"
-                        )));
-                        break;
-                    }
-                    continue;
-                }
-            };
-            let i = usize::from(h.channel);
-            if h.role != Role::Data
-                || h.channels != hello.channels
-                || h.page_size != hello.page_size
-                || h.compression != hello.compression
-                || seen[i]
-            {
-                shared.fail.set(MultifdError::Protocol(format!(
-                    "data connection hello for channel {i} does not match the main hello or repeats a channel: {h:?}"
-                )));
+    while !fail.stopped() {
+        let during = if round.is_none() {
+            "waiting for ROUND_DONE"
+        } else if state.is_none() {
+            "waiting for the device state"
+        } else {
+            "waiting for END"
+        };
+        let m = match read_main(main, ps, during) {
+            Ok((m, w)) => {
+                *wire += w;
+                m
+            }
+            Err(e) => {
+                fail.fail(e);
                 break;
             }
-            seen[i] = true;
-            *wire += HELLO_LEN as u64;
-            let shared = &shared;
-            let spawned = std::thread::Builder::new()
-                .name(format!("multifd-recv-{i}"))
-                .spawn_scoped(s, move || {
-                    let mut conn = conn;
-                    // Record a failure before the connection closes (which
-                    // makes the sender give up and report its own error).
-                    let r = recv_channel(shared, i as u16, &mut conn).unwrap_or_else(|e| {
-                        shared.fail.set(e);
-                        RecvCounts::default()
-                    });
-                    drop(conn);
-                    r
-                });
-            match spawned {
-                Ok(h) => handles.push((i, h)),
-                Err(e) => {
-                    shared
-                        .fail
-                        .set(MultifdError::io("starting a channel thread", e));
+        };
+        let bad = |what: &str| MultifdError::Protocol(format!("unexpected {what} while {during}"));
+        match m {
+            MainMessage::RoundDone { round: r, channels } => {
+                if round.is_some() || r != 0 || channels.len() != n {
+                    fail.fail(MultifdError::Protocol(format!(
+                        "ROUND_DONE for round {r} with {} channels (expected round 0, {n} channels, once)",
+                        channels.len()
+                    )));
                     break;
                 }
+                round = Some(channels);
+            }
+            MainMessage::DeviceState(d) if round.is_some() && state.is_none() => state = Some(d),
+            MainMessage::End if state.is_some() => break,
+            MainMessage::Error(msg) => {
+                fail.fail(MultifdError::Remote(msg));
+                break;
+            }
+            other => {
+                fail.fail(bad(other.name()));
+                break;
             }
         }
-        // Meanwhile on the main connection: ROUND_DONE, DEVICE_STATE, END.
-        while !shared.fail.stopped() {
-            let during = if round.is_none() {
-                "waiting for ROUND_DONE"
-            } else if state.is_none() {
-                "waiting for the device state"
-            } else {
-                "waiting for END"
-            };
-            let m = match read_main(main, ps, during) {
-                Ok((m, w)) => {
-                    *wire += w;
-                    m
-                }
-                Err(e) => {
-                    shared.fail.set(e);
-                    break;
-                }
-            };
-            let bad =
-                |what: &str| MultifdError::Protocol(format!("unexpected {what} while {during}"));
-            match m {
-                MainMessage::RoundDone { round: r, channels } => {
-                    if round.is_some() || r != 0 || channels.len() != n {
-                        shared.fail.set(MultifdError::Protocol(format!(
-                            "ROUND_DONE for round {r} with {} channels (expected round 0, {n} channels, once)",
-                            channels.len()
-                        )));
-                        break;
-                    }
-                    round = Some(channels);
-                }
-                MainMessage::DeviceState(d) if round.is_some() && state.is_none() => {
-                    state = Some(d)
-                }
-                MainMessage::End if state.is_some() => break,
-                MainMessage::Error(msg) => {
-                    shared.fail.set(MultifdError::Remote(msg));
-                    break;
-                }
-                other => {
-                    shared.fail.set(bad(other.name()));
-                    break;
-                }
-            }
-        }
-        let mut results = vec![RecvCounts::default(); n];
-        for (i, h) in handles {
-            match h.join() {
-                Ok(c) => results[i] = c,
-                Err(_) => shared
-                    .fail
-                    .set(MultifdError::Aborted("a channel thread panicked".into())),
-            }
-        }
-        results
-    });
-    if let Some(e) = shared.fail.take() {
-        return Err(e);
     }
-    let (Some(round), Some(state)) = (round, state) else {
-        return Err(MultifdError::Protocol("the transfer ended early".into()));
-    };
+    (round, state)
+}
+
+/// Checks each data channel's counts against the sender's ROUND_DONE;
+/// returns the pages received, adding the channels' bytes to `wire`.
+fn check_counts(
+    results: &[RecvCounts],
+    round: &[ChannelCount],
+    wire: &mut u64,
+) -> Result<u64, MultifdError> {
     let mut present = 0;
-    for (i, (got, want)) in results.iter().zip(&round).enumerate() {
+    for (i, (got, want)) in results.iter().zip(round).enumerate() {
         if !got.synced || got.count != *want {
             return Err(MultifdError::Protocol(format!(
                 "data channel {i}: received {} packets and {} pages, the sender says {} and {}",
@@ -884,17 +954,7 @@ fn receive_main<S: Read + Write + Send>(
         present += got.count.pages;
         *wire += got.bytes;
     }
-    Ok((
-        state,
-        TransferStats {
-            bytes: 0,
-            present_pages: present,
-            zero_pages: total_pages - present,
-            elapsed: Default::default(),
-            direct_io: false,
-            channels: n,
-        },
-    ))
+    Ok(present)
 }
 
 /// Marks pages `first..first+count` of a region received; false if any was already.

@@ -160,22 +160,6 @@ pub(crate) fn random_u64() -> u64 {
     t ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15
 }
 
-/// Whether the `len`-byte page at `ptr` is all zeros. Scans u64 words in
-/// groups of eight and stops at the first group that is not zero.
-///
-/// # Safety
-///
-/// `ptr` must be 8-byte aligned, `len` a multiple of 64, and `ptr..ptr+len`
-/// valid for reads.
-#[inline]
-pub(crate) unsafe fn is_zero_page(ptr: *const u8, len: usize) -> bool {
-    // SAFETY: the caller guarantees alignment, size and validity.
-    let words = unsafe { std::slice::from_raw_parts(ptr.cast::<u64>(), len / 8) };
-    words
-        .chunks_exact(8)
-        .all(|g| (g[0] | g[1] | g[2] | g[3] | g[4] | g[5] | g[6] | g[7]) == 0)
-}
-
 /// 4 KiB of zeros for CRCs over zero pages.
 static ZEROS: [u8; 4096] = [0; 4096];
 
@@ -193,19 +177,6 @@ pub(crate) fn crc_zeros(mut crc: u32, mut len: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zero_page_scan() {
-        let mut page = vec![0u64; 512];
-        // SAFETY: a u64 vector is 8-aligned; 4096 bytes, a multiple of 64.
-        assert!(unsafe { is_zero_page(page.as_ptr().cast(), 4096) });
-        for i in [0usize, 7, 8, 300, 511] {
-            page[i] = 1 << 63;
-            // SAFETY: as above.
-            assert!(!unsafe { is_zero_page(page.as_ptr().cast(), 4096) });
-            page[i] = 0;
-        }
-    }
 
     #[test]
     fn crc_over_zeros_matches() {

@@ -46,6 +46,7 @@ fn save(path: &Path, sizes: &[u64], channels: usize, direct: DirectIo, seed: u64
     let opts = FileChannelOptions {
         channels,
         direct_io: direct,
+        prefault: true,
     };
     let stats = save_to_file(path, &regions, &layout, &opts).unwrap();
     let total_pages: u64 = sizes.iter().map(|s| s / PAGE).sum();
@@ -119,6 +120,7 @@ fn load(
     let opts = FileChannelOptions {
         channels,
         direct_io: direct,
+        prefault: true,
     };
     let stats = load_from_file(path, &regions, &s.layout, &opts)?;
     Ok((mems, stats))
@@ -194,7 +196,7 @@ fn checksum_mismatch_names_the_chunk() {
             .err()
             .expect("corruption detected");
         let msg = err.to_string();
-        assert!(matches!(err, MultifdError::Checksum(_)), "{msg}");
+        assert!(matches!(err, MultifdError::ChunkRejected { .. }), "{msg}");
         assert!(msg.contains("region 1 chunk 2"), "{msg}");
     }
 }
@@ -226,6 +228,7 @@ fn tmpfs_refuses_direct_io() {
     let on = FileChannelOptions {
         channels: 2,
         direct_io: DirectIo::On,
+        prefault: true,
     };
     let err = save_to_file(&path, &regions, &layout, &on).unwrap_err();
     let msg = err.to_string();
@@ -237,6 +240,7 @@ fn tmpfs_refuses_direct_io() {
     let auto = FileChannelOptions {
         channels: 2,
         direct_io: DirectIo::Auto,
+        prefault: true,
     };
     let stats = save_to_file(&path, &regions, &layout, &auto).unwrap();
     assert!(!stats.direct_io);
@@ -257,6 +261,7 @@ fn bad_arguments() {
     let opts = |channels| FileChannelOptions {
         channels,
         direct_io: DirectIo::Off,
+        prefault: true,
     };
     let r = [mem.region(0)];
     assert!(matches!(

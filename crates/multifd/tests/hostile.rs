@@ -268,7 +268,7 @@ fn hostile_streams_fail() {
     fails(
         "huge layout",
         |p| p.layout = MainMessage::RamLayout(vec![(0, 1 << 40)]).encode(),
-        |e| matches!(e, MultifdError::Layout(_)),
+        |e| matches!(e, MultifdError::Caller { .. }),
     );
     fails(
         "only strays",

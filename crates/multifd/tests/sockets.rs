@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use common::{fill, Anon, PAGE};
 use multifd::{
-    parse_endpoint, receive, send, Channel, Compression, MemRegion, MultifdError, SocketOptions,
-    TransferStats,
+    parse_endpoint, receive, send, CallerError, Channel, Compression, MemRegion, MultifdError,
+    SocketOptions, TransferStats,
 };
 
 const SIZES: [u64; 2] = [8 << 20, 4 << 20];
@@ -37,7 +37,7 @@ fn regions(mems: &[Anon]) -> Vec<MemRegion> {
 /// An allocator for `receive` that keeps the memory it hands out.
 fn allocator(
     keep: Arc<Mutex<Vec<Anon>>>,
-) -> impl FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, String> {
+) -> impl FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError> {
     move |layout: &[(u64, u64)]| {
         let mut k = keep.lock().unwrap();
         let mut out = Vec::new();
@@ -346,7 +346,7 @@ fn receiver_refuses_the_memory() {
                     rx.recv_timeout(Duration::from_secs(20))
                         .map_err(|_| io::Error::other("no more"))
                 },
-                &mut |_| Err("not enough memory for 12 MiB".to_string()),
+                &mut |_| Err("not enough memory for 12 MiB".into()),
             )
         });
         let opts = SocketOptions {
@@ -371,7 +371,7 @@ fn receiver_refuses_the_memory() {
         matches!(&se, MultifdError::Remote(m) if m.contains("not enough memory")),
         "{se}"
     );
-    assert!(matches!(received.unwrap_err(), MultifdError::Layout(_)));
+    assert!(matches!(received.unwrap_err(), MultifdError::Caller { .. }));
 }
 
 /// A receiver that reads everything but closes without sending the ACK.

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use common::{direct_io_works, Anon, TestLayout, PAGE};
-use multifd::{load_from_file_with, save_to_file, DirectIo, FileChannelOptions};
+use multifd::{load_from_file, save_to_file, DirectIo, FileChannelOptions};
 
 fn drop_cache(path: &Path) {
     let f = std::fs::File::open(path).unwrap();
@@ -156,6 +156,7 @@ fn measure_throughput() {
             let opts = FileChannelOptions {
                 channels: ch,
                 direct_io: direct,
+                prefault: true,
             };
             let regions = [mem.region(0)];
             let t = Instant::now();
@@ -171,8 +172,11 @@ fn measure_throughput() {
                     unsafe { libc::madvise(target.ptr.cast(), target.len, libc::MADV_HUGEPAGE) };
                 }
                 drop_cache(&path);
-                let l = load_from_file_with(&path, &[target.region(0)], &layout, &opts, populate)
-                    .unwrap();
+                let opts = FileChannelOptions {
+                    prefault: populate,
+                    ..opts.clone()
+                };
+                let l = load_from_file(&path, &[target.region(0)], &layout, &opts).unwrap();
                 assert_eq!(l.present_pages, size / PAGE);
                 assert!(target.bytes()[..1 << 20] == mem.bytes()[..1 << 20]);
                 loads.push(l.mb_per_s());

@@ -24,6 +24,10 @@ pub fn kernel_path() -> &'static Path {
     Path::new(KERNEL_PATH)
 }
 
+/// The kernel image itself (about 100 KiB), for programs that must work
+/// without the build tree (e.g. an installed `cryo bench`).
+pub static KERNEL_IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cryo-test-kernel.elf"));
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,8 +16,8 @@ use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
 use crate::progress::Progress;
 
 use super::{
-    create_temp, file_sizes, publish, region_specs, snapshot, Loaded, RestoreMode, SaveControl,
-    SaveError, Written, PAGE_SIZE,
+    create_temp, file_sizes, publish, region_specs, snapshot, ImageError, Loaded, RestoreMode,
+    SaveControl, SaveError, Written, PAGE_SIZE,
 };
 
 /// How page data moves between guest memory and the image.
@@ -43,6 +43,7 @@ impl ChannelOptions {
         multifd::FileChannelOptions {
             channels: self.channels.clamp(1, multifd::MAX_FILE_CHANNELS),
             direct_io: self.direct_io,
+            prefault: true,
         }
     }
 }
@@ -114,7 +115,7 @@ impl multifd::FileLayout for ImageLayout<'_> {
         chunk: u64,
         present: &[u64],
         crc: u32,
-    ) -> Result<(), String> {
+    ) -> Result<(), multifd::CallerError> {
         let Side::Save(writer) = self.side else {
             return Err("the image is open for reading".into());
         };
@@ -130,7 +131,7 @@ impl multifd::FileLayout for ImageLayout<'_> {
         };
         writer
             .record_chunk(region, chunk, &bit, crc)
-            .map_err(|e| e.to_string())
+            .map_err(Into::into)
     }
     fn page_present(&self, region: usize, page: u64) -> bool {
         match self.side {
@@ -138,7 +139,12 @@ impl multifd::FileLayout for ImageLayout<'_> {
             Side::Save(_) => false,
         }
     }
-    fn chunk_loaded(&self, region: usize, chunk: u64, data: &[u8]) -> Result<(), String> {
+    fn chunk_loaded(
+        &self,
+        region: usize,
+        chunk: u64,
+        data: &[u8],
+    ) -> Result<(), multifd::CallerError> {
         let Side::Load(image) = self.side else {
             return Ok(());
         };
@@ -150,10 +156,14 @@ impl multifd::FileLayout for ImageLayout<'_> {
         }
         let (offset, len) = self.chunk_range(region, chunk);
         let base = self.layout.regions()[region].guest_addr + offset;
-        Err(format!(
-            "chunk {chunk} of region {region} (guest {base:#x}..{:#x}) is corrupt: CRC32C {found:#010x}, expected {expected:#010x}",
-            base + len
-        ))
+        Err(Box::new(fixed_ram::FixedRamError::ChunkChecksum {
+            region,
+            chunk,
+            expected,
+            found,
+            guest_start: base,
+            guest_end: base + len,
+        }))
     }
 }
 
@@ -208,45 +218,27 @@ fn for_each_chunk<E: Send>(
     work: impl Fn(usize, u64) -> Result<(), E> + Sync,
 ) -> Result<(), E> {
     let next = AtomicUsize::new(0);
-    let failed = std::sync::atomic::AtomicBool::new(false);
-    let first_error = std::sync::Mutex::new(None);
+    let first_error = page_runs::FirstError::new();
     std::thread::scope(|s| {
         for _ in 0..threads.min(chunks.len()).max(1) {
-            s.spawn(|| loop {
-                if failed.load(Ordering::Relaxed) {
-                    return;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&(region, chunk)) = chunks.get(i) else {
-                    return;
-                };
-                if let Err(e) = work(region, chunk) {
-                    failed.store(true, Ordering::Relaxed);
-                    if let Ok(mut slot) = first_error.lock() {
-                        slot.get_or_insert(e);
+            s.spawn(|| {
+                while !first_error.stopped() {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(region, chunk)) = chunks.get(i) else {
+                        return;
+                    };
+                    if let Err(e) = work(region, chunk) {
+                        first_error.fail(e);
                     }
-                    return;
                 }
             });
         }
     });
-    match first_error.into_inner() {
-        Ok(Some(e)) => Err(e),
-        _ => Ok(()),
-    }
+    first_error.into_result()
 }
 
 pub(super) fn image_err(path: &Path) -> impl Fn(fixed_ram::FixedRamError) -> SaveError + '_ {
-    move |e| match e {
-        fixed_ram::FixedRamError::Io { source, .. } => SaveError::Write {
-            path: path.to_owned(),
-            source,
-        },
-        other => SaveError::Image {
-            path: path.to_owned(),
-            reason: other.to_string(),
-        },
-    }
+    move |e| SaveError::writing(path, e)
 }
 
 /// Writes a fixed-ram image of the paused VM to `path` (temp file, data,
@@ -268,7 +260,7 @@ pub fn write_fixed_file(
     let device_state =
         snapshot::encode(snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
             path: path.to_owned(),
-            reason: e.to_string(),
+            source: e.into(),
         })?;
     let (tmp, file) = create_temp(path)?;
     let writer = ImageWriter::from_file(file, layout).map_err(&ierr)?;
@@ -280,13 +272,13 @@ pub fn write_fixed_file(
     )
     .map_err(|e| match e {
         _ if control.is_cancelled() => SaveError::Cancelled("save"),
-        multifd::MultifdError::DirectIoUnsupported { .. } => SaveError::Invalid {
+        multifd::MultifdError::DirectIoUnsupported { .. } => SaveError::BadImage {
             path: path.to_owned(),
-            reason: e.to_string(),
+            source: e.into(),
         },
         other => SaveError::Image {
             path: path.to_owned(),
-            reason: other.to_string(),
+            source: other.into(),
         },
     })?;
     log::info!(
@@ -324,9 +316,9 @@ fn open_image(path: &Path) -> Result<Image, SaveError> {
             path: path.to_owned(),
             source,
         },
-        other => SaveError::Invalid {
+        other => SaveError::BadImage {
             path: path.to_owned(),
-            reason: other.to_string(),
+            source: other.into(),
         },
     })
 }
@@ -346,6 +338,10 @@ pub fn load_fixed_with(
         path: path.to_owned(),
         reason,
     };
+    let bad_image = |e: ImageError| SaveError::BadImage {
+        path: path.to_owned(),
+        source: e,
+    };
     let image = open_image(path)?;
     if image.header().page_size as usize != PAGE_SIZE {
         return Err(invalid(format!(
@@ -354,11 +350,13 @@ pub fn load_fixed_with(
         )));
     }
     if verify {
-        image.verify().map_err(|e| invalid(e.to_string()))?;
+        image.verify().map_err(|e| bad_image(e.into()))?;
     }
-    let device_state = image.device_state().map_err(|e| invalid(e.to_string()))?;
-    let snapshot =
-        snapshot::decode(&device_state).map_err(|e| invalid(format!("device state: {e}")))?;
+    let device_state = image.device_state().map_err(|e| bad_image(e.into()))?;
+    let snapshot = snapshot::decode(&device_state).map_err(|source| SaveError::DeviceState {
+        path: path.to_owned(),
+        source,
+    })?;
     let image_regions: Vec<(u64, u64)> = image
         .layout()
         .regions()
@@ -374,7 +372,7 @@ pub fn load_fixed_with(
     match mode {
         RestoreMode::Eager => {
             let memory = create_guest_memory(snapshot.machine.mem_mib, &MemoryBacking::Anonymous)
-                .map_err(|e| invalid(e.to_string()))?;
+                .map_err(|e| bad_image(e.into()))?;
             advise_huge_pages(&memory);
             on_memory(&memory);
             if let Some(p) = progress {
@@ -388,12 +386,12 @@ pub fn load_fixed_with(
                 &channels.multifd(),
             )
             .map_err(|e| match e {
-                multifd::MultifdError::DirectIoUnsupported { .. } => invalid(e.to_string()),
+                multifd::MultifdError::DirectIoUnsupported { .. } => bad_image(e.into()),
                 multifd::MultifdError::Io { .. } => SaveError::Image {
                     path: path.to_owned(),
-                    reason: e.to_string(),
+                    source: e.into(),
                 },
-                other => invalid(other.to_string()),
+                other => bad_image(other.into()),
             })?;
             log::info!(
                 "loaded {} pages through {} channels{} in {:?}: {:.0} MB/s",
@@ -430,7 +428,7 @@ pub fn load_fixed_with(
                 })
                 .collect();
             let memory =
-                microvm::memory::map_file_private(&ranges).map_err(|e| invalid(e.to_string()))?;
+                microvm::memory::map_file_private(&ranges).map_err(|e| bad_image(e.into()))?;
             let prefetch = prefetch.then(|| Prefetch {
                 memory: memory.clone(),
                 image: Arc::new(image),
@@ -516,9 +514,9 @@ impl Prefetch {
 /// `cryo verify` for a fixed-ram image: header and every checksum.
 pub fn verify(path: &Path) -> Result<fixed_ram::VerifyReport, SaveError> {
     let image = open_image(path)?;
-    image.verify().map_err(|e| SaveError::Invalid {
+    image.verify().map_err(|e| SaveError::BadImage {
         path: path.to_owned(),
-        reason: e.to_string(),
+        source: e.into(),
     })
 }
 

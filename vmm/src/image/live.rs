@@ -8,8 +8,7 @@
 //! copied that block. The image is committed with the device state of the
 //! pause, so it is the VM at that instant.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -99,7 +98,12 @@ impl BlockSink for ImageSink<'_> {
         BLOCK_SIZE
     }
 
-    fn write_block(&self, range: usize, block: u64, data: &[u8]) -> Result<(), String> {
+    fn write_block(
+        &self,
+        range: usize,
+        block: u64,
+        data: &[u8],
+    ) -> Result<(), bg_snapshot::SinkError> {
         // Blocks straight from guest memory are page aligned and can go
         // through O_DIRECT; fault copies live in ordinary buffers.
         if let Some(p) = self.progress {
@@ -110,7 +114,7 @@ impl BlockSink for ImageSink<'_> {
             (Some(fd), true) => self.writer.write_chunk_via(fd, range, block, data),
             _ => self.writer.write_chunk(range, block, data),
         };
-        r.map(|_| ()).map_err(|e| e.to_string())
+        r.map(|_| ()).map_err(Into::into)
     }
 }
 
@@ -133,7 +137,7 @@ fn snap_err(path: &Path) -> impl Fn(SnapshotError) -> SaveError + '_ {
         },
         other => SaveError::Image {
             path: path.to_owned(),
-            reason: other.to_string(),
+            source: other.into(),
         },
     }
 }
@@ -195,26 +199,25 @@ pub fn snapshot_vm(
         let device_state =
             snapshot::encode(&snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
                 path: path.to_owned(),
-                reason: e.to_string(),
+                source: e.into(),
             })?;
         let (tmp, file) = create_temp(path)?;
         let writer = ImageWriter::from_file(file, layout).map_err(&ierr)?;
-        let direct = match channels.direct_io {
-            multifd::DirectIo::Off => None,
-            mode => match OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(tmp.path())
-            {
-                Ok(f) => Some(f),
-                Err(e) if mode == multifd::DirectIo::On => {
-                    return Err(SaveError::Invalid {
-                        path: path.to_owned(),
-                        reason: format!("the filesystem does not support O_DIRECT ({e})"),
-                    })
-                }
-                Err(_) => None,
-            },
+        let direct = match multifd::open_with_direct_io(tmp.path(), channels.direct_io, true) {
+            Ok((f, true)) => Some(f),
+            Ok((_, false)) => None,
+            Err(e @ multifd::MultifdError::DirectIoUnsupported { .. }) => {
+                return Err(SaveError::BadImage {
+                    path: path.to_owned(),
+                    source: e.into(),
+                })
+            }
+            Err(e) => {
+                return Err(SaveError::Image {
+                    path: path.to_owned(),
+                    source: e.into(),
+                })
+            }
         };
         if let Some(p) = progress {
             p.set_total(memory.iter().map(|r| r.len()).sum());

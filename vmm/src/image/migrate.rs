@@ -7,18 +7,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use microvm::persist::VmSnapshot;
-use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
 use serde::{Deserialize, Serialize};
 
 use super::fixed::mem_regions;
-use super::{snapshot, Loaded, SaveError, SaveOptions, Written, PAGE_SIZE};
+use super::{snapshot, ImageError, Loaded, SaveError, SaveOptions, Written, PAGE_SIZE};
 
 /// How long the receiver waits for each data connection once the main one is up.
 const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Per-packet compression on the wire.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CompressionArg {
     /// Raw pages.
@@ -50,7 +49,7 @@ pub fn send_vm(
     let target = PathBuf::from(endpoint.to_string());
     let device_state = snapshot::encode(snap, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
         path: target.clone(),
-        reason: e.to_string(),
+        source: e.into(),
     })?;
     let socket_opts = multifd::SocketOptions {
         channels: opts.channels.channels.clamp(1, 64),
@@ -64,7 +63,7 @@ pub fn send_vm(
     )
     .map_err(|e| SaveError::Image {
         path: target.clone(),
-        reason: e.to_string(),
+        source: e.into(),
     })?;
     log::info!(
         "sent {} pages ({} zero) over {} channels in {:?}: {:.0} MB/s on the wire",
@@ -90,29 +89,33 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
         path: path.clone(),
         reason,
     };
-    let endpoint = multifd::parse_endpoint(listen).map_err(|e| invalid(e.to_string()))?;
+    let bad_image = |e: ImageError| SaveError::BadImage {
+        path: path.clone(),
+        source: e,
+    };
+    let endpoint = multifd::parse_endpoint(listen).map_err(|e| bad_image(e.into()))?;
     // A stale socket file of a dead receiver is replaced; a live one, or any
     // other file, is refused.
     if let multifd::Endpoint::Unix(socket) = &endpoint {
         crate::files::claim_socket_path(socket).map_err(|e| invalid(e.to_string()))?;
     }
-    let listener = endpoint.listen().map_err(|e| invalid(e.to_string()))?;
+    let listener = endpoint.listen().map_err(|e| bad_image(e.into()))?;
     eprintln!("cryo: waiting for a migration on {listen}");
     let mut memory: Option<GuestMemory> = None;
     let (device_state, stats) = listener
         .receive(DATA_CONNECT_TIMEOUT, &mut |layout| {
             let total: u64 = layout.iter().map(|(_, size)| *size).sum();
             if !total.is_multiple_of(1 << 20) {
-                return Err(format!("RAM of {total} bytes is not a whole number of MiB"));
+                return Err(format!("RAM of {total} bytes is not a whole number of MiB").into());
             }
-            let mem = create_guest_memory(total >> 20, &MemoryBacking::Anonymous)
-                .map_err(|e| e.to_string())?;
-            let ours: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+            let mem = create_guest_memory(total >> 20, &MemoryBacking::Anonymous)?;
+            let ours = microvm::region_list(&mem);
             if ours != layout {
                 return Err(format!(
                     "RAM layout {layout:x?} is not the one cryo builds for {} MiB ({ours:x?})",
                     total >> 20
-                ));
+                )
+                .into());
             }
             let regions = mem_regions(&mem);
             memory = Some(mem);
@@ -120,7 +123,7 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
         })
         .map_err(|e| SaveError::Image {
             path: path.clone(),
-            reason: e.to_string(),
+            source: e.into(),
         })?;
     drop(listener);
     log::info!(
@@ -130,10 +133,12 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
         stats.elapsed,
         stats.mb_per_s()
     );
-    let snap =
-        snapshot::decode(&device_state).map_err(|e| invalid(format!("device state: {e}")))?;
+    let snap = snapshot::decode(&device_state).map_err(|source| SaveError::DeviceState {
+        path: path.clone(),
+        source,
+    })?;
     let memory = memory.ok_or_else(|| invalid("no RAM layout was received".into()))?;
-    let ours: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    let ours = microvm::region_list(&memory);
     if ours != snap.machine.regions {
         return Err(invalid(format!(
             "received RAM {ours:x?} does not match the machine section's {:x?}",

@@ -37,24 +37,28 @@ use serde::{Deserialize, Serialize};
 /// Guest page size.
 pub const PAGE_SIZE: usize = 4096;
 
-/// Section names in a saved image's device state.
+/// Section names in a saved image's device state (each state's
+/// [`StateSection::NAME`](microvm::persist::StateSection::NAME)).
 pub mod sections {
+    use microvm::persist::{
+        CmosState, I8042State, MachineState, SerialState, StateSection, VcpuState, VmState,
+    };
     /// [`microvm::persist::MachineState`], always first.
-    pub const MACHINE: &str = "machine";
+    pub const MACHINE: &str = MachineState::NAME;
     /// [`microvm::persist::VmState`].
-    pub const KVM_VM: &str = "kvm-vm";
+    pub const KVM_VM: &str = VmState::NAME;
     /// [`microvm::persist::VcpuState`], instance = vCPU index.
-    pub const VCPU: &str = "vcpu";
+    pub const VCPU: &str = VcpuState::NAME;
     /// [`microvm::persist::SerialState`].
-    pub const SERIAL: &str = "serial";
+    pub const SERIAL: &str = SerialState::NAME;
     /// [`microvm::persist::I8042State`].
-    pub const I8042: &str = "i8042";
+    pub const I8042: &str = I8042State::NAME;
     /// [`microvm::persist::CmosState`].
-    pub const CMOS: &str = "cmos";
+    pub const CMOS: &str = CmosState::NAME;
 }
 
 /// The image formats `save` writes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SaveFormat {
     /// Every page at a fixed offset (docs/fixed-ram-format.md).
@@ -102,6 +106,26 @@ pub struct Written {
     pub zero_pages: u64,
 }
 
+/// What failed underneath a save or load, by layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The fixed-ram image.
+    #[error(transparent)]
+    FixedRam(#[from] fixed_ram::FixedRamError),
+    /// The migration stream (stream files, device state).
+    #[error(transparent)]
+    Stream(#[from] migration_stream::StreamError),
+    /// The page channels.
+    #[error(transparent)]
+    Multifd(#[from] multifd::MultifdError),
+    /// The live-snapshot engine.
+    #[error(transparent)]
+    Snapshot(#[from] bg_snapshot::SnapshotError),
+    /// Guest memory for the image.
+    #[error(transparent)]
+    Memory(#[from] microvm::MemoryError),
+}
+
 /// Why a save or load failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
@@ -116,13 +140,14 @@ pub enum SaveError {
         /// Why.
         source: std::io::Error,
     },
-    /// The image writer failed.
-    #[error("writing {path}: {reason}")]
+    /// The image writer or reader failed.
+    #[error("writing {path}: {source}")]
     Image {
         /// File.
         path: PathBuf,
         /// Why.
-        reason: String,
+        #[source]
+        source: ImageError,
     },
     /// The file could not be read.
     #[error("cannot read {path}: {source}")]
@@ -131,6 +156,26 @@ pub enum SaveError {
         path: PathBuf,
         /// Why.
         source: std::io::Error,
+    },
+    /// The image's device state does not make a VM (damaged, or from a newer cryo).
+    #[error("{path}: device state: {source}")]
+    DeviceState {
+        /// File (or peer).
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: snapshot::DeviceStateError,
+    },
+    /// The file (or peer) is not a valid saved VM, or cannot be used as
+    /// asked (e.g. O_DIRECT where the filesystem refuses it), as a lower
+    /// layer found (bad input).
+    #[error("{path}: {source}")]
+    BadImage {
+        /// File (or peer).
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: ImageError,
     },
     /// The file is not a valid saved VM.
     #[error("{path}: {reason}")]
@@ -143,12 +188,38 @@ pub enum SaveError {
     /// The request cannot be carried out as asked (a bad target or option).
     #[error("{0}")]
     BadRequest(String),
+    /// The VM ran while a stopped save wrote its memory, so the image would
+    /// be torn: it is discarded.
+    #[error("{path}: the VM ran while its memory was being written; the image was discarded")]
+    RanDuringSave {
+        /// The target that was not committed.
+        path: PathBuf,
+    },
     /// The save or snapshot was cancelled (by `cancel`, `quit` or a signal).
     #[error("the {0} was cancelled; no file was written")]
     Cancelled(&'static str),
 }
 
 impl SaveError {
+    /// A lower layer's error while writing `path`: its I/O errors are
+    /// [`SaveError::Write`] (the target's fault, e.g. a full disk), the rest
+    /// [`SaveError::Image`].
+    pub fn writing(path: &Path, e: impl Into<ImageError>) -> SaveError {
+        match e.into() {
+            ImageError::FixedRam(fixed_ram::FixedRamError::Io { source, .. })
+            | ImageError::Stream(migration_stream::StreamError::Io { source, .. }) => {
+                SaveError::Write {
+                    path: path.to_owned(),
+                    source,
+                }
+            }
+            other => SaveError::Image {
+                path: path.to_owned(),
+                source: other,
+            },
+        }
+    }
+
     /// The API error kind for this error.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -164,7 +235,10 @@ impl SaveError {
             }
             // A target the request cannot use (e.g. O_DIRECT where the
             // filesystem refuses it).
-            SaveError::Invalid { .. } | SaveError::BadRequest(_) => "bad-request",
+            SaveError::Invalid { .. }
+            | SaveError::BadRequest(_)
+            | SaveError::BadImage { .. }
+            | SaveError::DeviceState { .. } => "bad-request",
             SaveError::Cancelled(_) => "cancelled",
             _ => "failed",
         }
@@ -174,7 +248,11 @@ impl SaveError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            SaveError::Read { .. } | SaveError::Invalid { .. } | SaveError::BadRequest(_)
+            SaveError::Read { .. }
+                | SaveError::Invalid { .. }
+                | SaveError::BadRequest(_)
+                | SaveError::BadImage { .. }
+                | SaveError::DeviceState { .. }
         )
     }
 }
@@ -242,11 +320,8 @@ impl SaveControl {
         if let Some(c) = &self.frozen {
             let state = c.call(|vm| vm.state())?;
             if state != RunState::Paused {
-                return Err(SaveError::Image {
+                return Err(SaveError::RanDuringSave {
                     path: path.to_owned(),
-                    reason:
-                        "the VM ran while its memory was being written; the image was discarded"
-                            .into(),
                 });
             }
         }
@@ -285,11 +360,9 @@ pub enum SaveTarget {
 
 impl SaveTarget {
     /// `tcp:HOST:PORT` and `unix:PATH` are peers; anything else is a file path.
-    pub fn parse(s: &str) -> Result<SaveTarget, String> {
+    pub fn parse(s: &str) -> Result<SaveTarget, multifd::MultifdError> {
         if s.starts_with("tcp:") || s.starts_with("unix:") {
-            multifd::parse_endpoint(s)
-                .map(SaveTarget::Peer)
-                .map_err(|e| e.to_string())
+            multifd::parse_endpoint(s).map(SaveTarget::Peer)
         } else {
             Ok(SaveTarget::File(PathBuf::from(s)))
         }
@@ -495,23 +568,20 @@ pub fn region_bytes(region: &microvm::GuestRegion) -> &[u8] {
 }
 
 /// The bytes of a guest memory region, for filling before the VM runs.
+///
+/// # Safety
+///
+/// While the returned slice lives, nothing else may read or write the
+/// region's bytes: no vCPU runs on this memory and no other reference
+/// (from this function, [`region_bytes`] or vm-memory's accessors) to the
+/// same bytes is in use.
 #[allow(clippy::mut_from_ref)]
-pub fn region_bytes_mut(region: &microvm::GuestRegion) -> &mut [u8] {
+pub unsafe fn region_bytes_mut(region: &microvm::GuestRegion) -> &mut [u8] {
     let len = region.len() as usize;
     let ptr = region.as_ptr();
-    // SAFETY: the region is a live mapping of `len` bytes; no vCPU exists
-    // yet for this memory and restore code is its only user, which writes
-    // disjoint chunks from each thread, so no two references to the same
-    // bytes are used at once.
+    // SAFETY: the region is a live mapping of `len` bytes owned by the
+    // region; exclusive use is the caller's contract.
     unsafe { std::slice::from_raw_parts_mut(ptr, len) }
-}
-
-/// Whether a page holds only zero bytes (word-wise scan).
-pub fn is_zero_page(page: &[u8]) -> bool {
-    // SAFETY: reinterpreting initialized bytes as u64 words is valid for
-    // any bit pattern; align_to handles the unaligned ends.
-    let (head, words, tail) = unsafe { page.align_to::<u64>() };
-    head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
 }
 
 /// The guest memory regions as fixed-ram region specs.
@@ -534,7 +604,7 @@ pub fn file_sizes(file: &File, path: &Path) -> Result<(u64, u64), SaveError> {
             source,
         })?
         .len();
-    Ok((bytes, allocated_bytes(file)))
+    Ok((bytes, page_runs::allocated_bytes(file)))
 }
 
 /// Makes a complete temporary image the target: check that the save may
@@ -572,10 +642,4 @@ pub fn create_temp(path: &Path) -> Result<(crate::files::TempFile, File), SaveEr
             source,
         })?;
     Ok((crate::files::TempFile::created(tmp), file))
-}
-
-/// Bytes a file occupies on disk.
-pub fn allocated_bytes(file: &File) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
 }

@@ -1,35 +1,125 @@
 //! The device state of a saved VM as migration-stream sections: encoding a
 //! [`VmSnapshot`], and rebuilding one from sections read back, checking that
-//! each is known, of a version we read, and present.
+//! each is known, of a version we read (every version back to 1, each
+//! through its own layout: see [`StateSection`] and docs/versions.md), and
+//! present.
 
 use microvm::persist::{
-    CmosState, I8042State, MachineState, SerialState, VcpuState, VmSnapshot, VmState,
-    CMOS_STATE_VERSION, I8042_STATE_VERSION, MACHINE_STATE_VERSION, SERIAL_STATE_VERSION,
-    VCPU_STATE_VERSION, VM_STATE_VERSION,
+    CmosState, I8042State, MachineState, SectionError, SerialState, StateSection, VcpuState,
+    VmSnapshot, VmState,
 };
 use migration_stream::{Section, StreamError, StreamWriter};
 
 use super::sections;
 
-/// Writes every device-state section of `snapshot`.
+/// The program and version recorded as the writer of every image.
+pub fn writer_version() -> String {
+    format!("cryo {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Why device-state sections do not make a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    /// The stream holding the sections is damaged.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// A section could not be read (a newer version, or damaged bytes).
+    #[error("section '{name}' instance {instance}: {source}")]
+    Section {
+        /// Section name.
+        name: String,
+        /// Instance.
+        instance: u32,
+        /// Why.
+        #[source]
+        source: SectionError,
+    },
+    /// A section came before the machine section.
+    #[error("section '{0}' comes before the machine section")]
+    BeforeMachine(String),
+    /// The machine section appeared twice.
+    #[error("two machine sections")]
+    TwoMachines,
+    /// The machine section contradicts itself.
+    #[error(
+        "machine section is inconsistent: {mem_mib} MiB in regions {regions:x?}, {vcpus} vCPUs"
+    )]
+    InconsistentMachine {
+        /// Memory size.
+        mem_mib: u64,
+        /// Regions recorded.
+        regions: Vec<(u64, u64)>,
+        /// vCPUs recorded.
+        vcpus: u8,
+    },
+    /// A vCPU section for a vCPU the machine does not have.
+    #[error("vcpu section for vCPU {index} of {count}")]
+    VcpuOutOfRange {
+        /// Instance in the section.
+        index: u32,
+        /// vCPUs of the machine.
+        count: usize,
+    },
+    /// A section this cryo does not know.
+    #[error(
+        "unknown section '{name}' (instance {instance}, version {version}): saved by a newer cryo?"
+    )]
+    Unknown {
+        /// Name.
+        name: String,
+        /// Instance.
+        instance: u32,
+        /// Version.
+        version: u32,
+    },
+    /// A section is missing.
+    #[error("no {0} section")]
+    Missing(String),
+    /// A vCPU's section is missing.
+    #[error("no vcpu section for vCPU {0}")]
+    MissingVcpu(usize),
+    /// Device state that holds RAM records.
+    #[error("device state holds RAM records")]
+    HoldsRam,
+}
+
+/// Writes `state` as its section, in its current version.
+fn write_one<W: std::io::Write, T: StateSection>(
+    w: &mut StreamWriter<W>,
+    instance: u32,
+    state: &T,
+) -> Result<(), StreamError> {
+    w.write_section(T::NAME, instance, T::VERSION, state)
+}
+
+/// Writes every device-state section of `snapshot`, recording this cryo as
+/// the writer.
 pub fn write_sections<W: std::io::Write>(
     w: &mut StreamWriter<W>,
     snapshot: &VmSnapshot,
 ) -> Result<(), StreamError> {
-    w.write_section(
-        sections::MACHINE,
-        0,
-        MACHINE_STATE_VERSION,
-        &snapshot.machine,
-    )?;
-    w.write_section(sections::KVM_VM, 0, VM_STATE_VERSION, &snapshot.vm)?;
+    let machine = MachineState {
+        writer: writer_version(),
+        ..snapshot.machine.clone()
+    };
+    write_one(w, 0, &machine)?;
+    write_one(w, 0, &snapshot.vm)?;
     for (i, v) in snapshot.vcpus.iter().enumerate() {
-        w.write_section(sections::VCPU, i as u32, VCPU_STATE_VERSION, v)?;
+        write_one(w, i as u32, v)?;
     }
-    w.write_section(sections::SERIAL, 0, SERIAL_STATE_VERSION, &snapshot.serial)?;
-    w.write_section(sections::I8042, 0, I8042_STATE_VERSION, &snapshot.i8042)?;
-    w.write_section(sections::CMOS, 0, CMOS_STATE_VERSION, &snapshot.cmos)?;
+    write_one(w, 0, &snapshot.serial)?;
+    write_one(w, 0, &snapshot.i8042)?;
+    write_one(w, 0, &snapshot.cmos)?;
     Ok(())
+}
+
+/// Decodes `s` as a `T`, through the layout of its version.
+fn read<T: StateSection>(s: &Section) -> Result<T, DeviceStateError> {
+    T::decode_versioned(s.version, &s.data).map_err(|source| DeviceStateError::Section {
+        name: s.name.clone(),
+        instance: s.instance,
+        source,
+    })
 }
 
 /// Collects sections into a [`VmSnapshot`].
@@ -49,65 +139,65 @@ impl SnapshotBuilder {
         self.machine.as_ref()
     }
 
-    /// Takes one section. Errors are one-line reasons.
-    pub fn add(&mut self, s: &Section) -> Result<(), String> {
-        let dec = |e: StreamError| e.to_string();
+    /// Takes one section.
+    pub fn add(&mut self, s: &Section) -> Result<(), DeviceStateError> {
         if self.machine.is_none() && s.name != sections::MACHINE {
-            return Err(format!(
-                "section '{}' comes before the machine section",
-                s.name
-            ));
+            return Err(DeviceStateError::BeforeMachine(s.name.clone()));
         }
         match s.name.as_str() {
             sections::MACHINE => {
                 if self.machine.is_some() {
-                    return Err("two machine sections".into());
+                    return Err(DeviceStateError::TwoMachines);
                 }
-                let m: MachineState = s.decode(MACHINE_STATE_VERSION).map_err(dec)?;
+                let m: MachineState = read(s)?;
                 let layout = microvm::memory::ram_ranges(m.mem_mib.saturating_mul(1 << 20));
                 let expected: Vec<(u64, u64)> = layout.iter().map(|r| (r.start, r.len)).collect();
                 if m.regions != expected || m.vcpus == 0 || m.mem_mib < microvm::memory::MIN_MEM_MIB
                 {
-                    return Err(format!(
-                        "machine section is inconsistent: {} MiB in regions {:x?}, {} vCPUs",
-                        m.mem_mib, m.regions, m.vcpus
-                    ));
+                    return Err(DeviceStateError::InconsistentMachine {
+                        mem_mib: m.mem_mib,
+                        regions: m.regions,
+                        vcpus: m.vcpus,
+                    });
                 }
                 self.vcpus = vec![None; usize::from(m.vcpus)];
                 self.machine = Some(m);
             }
-            sections::KVM_VM => self.vm = Some(s.decode(VM_STATE_VERSION).map_err(dec)?),
+            sections::KVM_VM => self.vm = Some(read(s)?),
             sections::VCPU => {
                 let count = self.vcpus.len();
-                let slot = self
-                    .vcpus
-                    .get_mut(s.instance as usize)
-                    .ok_or_else(|| format!("vcpu section for vCPU {} of {count}", s.instance))?;
-                *slot = Some(s.decode(VCPU_STATE_VERSION).map_err(dec)?);
+                let slot = self.vcpus.get_mut(s.instance as usize).ok_or(
+                    DeviceStateError::VcpuOutOfRange {
+                        index: s.instance,
+                        count,
+                    },
+                )?;
+                *slot = Some(read(s)?);
             }
-            sections::SERIAL => self.serial = Some(s.decode(SERIAL_STATE_VERSION).map_err(dec)?),
-            sections::I8042 => self.i8042 = Some(s.decode(I8042_STATE_VERSION).map_err(dec)?),
-            sections::CMOS => self.cmos = Some(s.decode(CMOS_STATE_VERSION).map_err(dec)?),
+            sections::SERIAL => self.serial = Some(read(s)?),
+            sections::I8042 => self.i8042 = Some(read(s)?),
+            sections::CMOS => self.cmos = Some(read(s)?),
             other => {
-                return Err(format!(
-                    "unknown section '{other}' (instance {}, version {}): saved by a newer cryo?",
-                    s.instance, s.version
-                ))
+                return Err(DeviceStateError::Unknown {
+                    name: other.to_string(),
+                    instance: s.instance,
+                    version: s.version,
+                })
             }
         }
         Ok(())
     }
 
     /// The snapshot, if every section is there.
-    pub fn finish(self) -> Result<VmSnapshot, String> {
-        let machine = self.machine.ok_or("no machine section")?;
+    pub fn finish(self) -> Result<VmSnapshot, DeviceStateError> {
+        let missing = |what: &str| DeviceStateError::Missing(what.to_string());
+        let machine = self.machine.ok_or_else(|| missing(sections::MACHINE))?;
         let vcpus = self
             .vcpus
             .into_iter()
             .enumerate()
-            .map(|(i, v)| v.ok_or_else(|| format!("no vcpu section for vCPU {i}")))
+            .map(|(i, v)| v.ok_or(DeviceStateError::MissingVcpu(i)))
             .collect::<Result<Vec<_>, _>>()?;
-        let missing = |what: &str| format!("no {what} section");
         Ok(VmSnapshot {
             machine,
             vm: self.vm.ok_or_else(|| missing(sections::KVM_VM))?,
@@ -127,14 +217,14 @@ pub fn encode(snapshot: &VmSnapshot, page_size: u32) -> Result<Vec<u8>, StreamEr
 }
 
 /// Decodes a device-state stream (sections only) into a snapshot.
-pub fn decode(bytes: &[u8]) -> Result<VmSnapshot, String> {
-    let mut r = migration_stream::StreamReader::new(bytes).map_err(|e| e.to_string())?;
+pub fn decode(bytes: &[u8]) -> Result<VmSnapshot, DeviceStateError> {
+    let mut r = migration_stream::StreamReader::new(bytes)?;
     let mut b = SnapshotBuilder::default();
-    while let Some(rec) = r.next_record().map_err(|e| e.to_string())? {
+    while let Some(rec) = r.next_record()? {
         match rec {
             migration_stream::Record::Section(s) => b.add(&s)?,
             migration_stream::Record::End => {}
-            _ => return Err("device state holds RAM records".into()),
+            _ => return Err(DeviceStateError::HoldsRam),
         }
     }
     b.finish()

@@ -6,7 +6,7 @@ use std::io::{BufReader, BufWriter};
 use std::path::Path;
 
 use microvm::persist::VmSnapshot;
-use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use microvm::vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
 use migration_stream::{PagesKind, RamRegion, Record, StreamReader, StreamWriter};
 
@@ -14,8 +14,8 @@ use crate::progress::Progress;
 
 use super::snapshot::{write_sections, SnapshotBuilder};
 use super::{
-    create_temp, file_sizes, is_zero_page, publish, region_bytes, region_bytes_mut, SaveControl,
-    SaveError, Written, PAGE_SIZE,
+    create_temp, file_sizes, publish, region_bytes, ImageError, SaveControl, SaveError, Written,
+    PAGE_SIZE,
 };
 
 /// Stream buffer size.
@@ -54,16 +54,7 @@ fn write_stream(
     if let Some(p) = progress {
         p.phase("writing");
     }
-    let serr = |e: migration_stream::StreamError| match e {
-        migration_stream::StreamError::Io { source, .. } => SaveError::Write {
-            path: path.to_owned(),
-            source,
-        },
-        other => SaveError::Image {
-            path: path.to_owned(),
-            reason: other.to_string(),
-        },
-    };
+    let serr = |e: migration_stream::StreamError| SaveError::writing(path, e);
     let mut w = StreamWriter::new(BufWriter::with_capacity(IO_BUFFER, file), PAGE_SIZE as u32)
         .map_err(serr)?;
     let before = w.bytes_written();
@@ -83,14 +74,10 @@ fn write_stream(
         let bytes = region_bytes(region);
         let pages = bytes.len() / PAGE_SIZE;
         let page = |i: usize| &bytes[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
-        let mut p = 0;
-        while p < pages {
-            let zero = is_zero_page(page(p));
-            let mut q = p + 1;
-            while q < pages && is_zero_page(page(q)) == zero {
-                q += 1;
-            }
-            let count = (q - p) as u64;
+        for (run, zero) in page_runs::spans(pages as u64, |p| page_runs::is_zero(page(p as usize)))
+        {
+            let (p, q) = (run.start as usize, run.end as usize);
+            let count = run.len();
             control.check("save")?;
             if let Some(pr) = progress {
                 pr.add(count * PAGE_SIZE as u64);
@@ -104,7 +91,6 @@ fn write_stream(
                     .map_err(serr)?;
                 ram_pages += count;
             }
-            p = q;
         }
     }
     let buffered = w.finish().map_err(serr)?;
@@ -131,29 +117,37 @@ pub fn load_stream_file(path: &Path) -> Result<(VmSnapshot, GuestMemory), SaveEr
         path: path.to_owned(),
         reason,
     };
+    let bad_image = |e: ImageError| SaveError::BadImage {
+        path: path.to_owned(),
+        source: e,
+    };
     let file = File::open(path).map_err(|source| SaveError::Read {
         path: path.to_owned(),
         source,
     })?;
     let mut r = StreamReader::new(BufReader::with_capacity(IO_BUFFER, file))
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(|e| bad_image(e.into()))?;
     if r.page_size() as usize != PAGE_SIZE {
         return Err(invalid(format!(
             "page size {} is not this host's {PAGE_SIZE}",
             r.page_size()
         )));
     }
+    let device_state = |source| SaveError::DeviceState {
+        path: path.to_owned(),
+        source,
+    };
     let mut builder = SnapshotBuilder::default();
     let mut memory: Option<GuestMemory> = None;
-    while let Some(record) = r.next_record().map_err(|e| invalid(e.to_string()))? {
+    while let Some(record) = r.next_record().map_err(|e| bad_image(e.into()))? {
         match record {
             Record::Section(s) => {
-                builder.add(&s).map_err(invalid)?;
+                builder.add(&s).map_err(device_state)?;
                 if memory.is_none() {
                     if let Some(m) = builder.machine() {
                         memory = Some(
                             create_guest_memory(m.mem_mib, &MemoryBacking::Anonymous)
-                                .map_err(|e| invalid(e.to_string()))?,
+                                .map_err(|e| bad_image(e.into()))?,
                         );
                     }
                 }
@@ -186,14 +180,15 @@ pub fn load_stream_file(path: &Path) -> Result<(VmSnapshot, GuestMemory), SaveEr
                         .checked_mul(PAGE_SIZE as u64)
                         .filter(|o| o.saturating_add(data.len() as u64) <= region.len())
                         .ok_or_else(|| invalid("pages beyond their region".into()))?;
-                    let dst = region_bytes_mut(region);
-                    dst[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+                    region
+                        .write_slice(&data, MemoryRegionAddress(offset))
+                        .map_err(|e| invalid(format!("writing pages into guest memory: {e}")))?;
                 }
             }
             Record::Sync(_) | Record::End => {}
         }
     }
-    let snapshot = builder.finish().map_err(invalid)?;
+    let snapshot = builder.finish().map_err(device_state)?;
     let memory = memory.ok_or_else(|| invalid("no guest memory".into()))?;
     Ok((snapshot, memory))
 }

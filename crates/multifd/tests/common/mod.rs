@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use multifd::{FileLayout, MemRegion};
+use multifd::{CallerError, FileLayout, MemRegion};
 
 pub mod wire;
 
@@ -185,7 +185,7 @@ impl FileLayout for TestLayout {
         chunk: u64,
         present: &[u64],
         crc: u32,
-    ) -> Result<(), String> {
+    ) -> Result<(), CallerError> {
         let first_word = (chunk * CHUNK / PAGE / 64) as usize;
         let mut p = self.present.lock().unwrap();
         for (i, w) in present.iter().enumerate() {
@@ -193,7 +193,7 @@ impl FileLayout for TestLayout {
         }
         let mut c = self.crcs.lock().unwrap();
         if c[region][chunk as usize].replace(crc).is_some() {
-            return Err(format!("chunk {chunk} saved twice"));
+            return Err(format!("chunk {chunk} saved twice").into());
         }
         *self.saved_calls.lock().unwrap() += 1;
         Ok(())
@@ -201,12 +201,12 @@ impl FileLayout for TestLayout {
     fn page_present(&self, region: usize, page: u64) -> bool {
         self.is_present(region, page)
     }
-    fn chunk_loaded(&self, region: usize, chunk: u64, data: &[u8]) -> Result<(), String> {
+    fn chunk_loaded(&self, region: usize, chunk: u64, data: &[u8]) -> Result<(), CallerError> {
         let expected = self.crcs.lock().unwrap()[region][chunk as usize]
             .ok_or_else(|| format!("chunk {chunk} has no checksum"))?;
         let found = crc32c::crc32c(data);
         if found != expected {
-            return Err(format!("CRC32C {found:#010x}, expected {expected:#010x}"));
+            return Err(format!("CRC32C {found:#010x}, expected {expected:#010x}").into());
         }
         Ok(())
     }

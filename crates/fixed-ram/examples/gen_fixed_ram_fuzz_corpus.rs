@@ -1,6 +1,7 @@
-//! Writes the fuzz seed corpus: a few small valid headers.
+//! Writes the fuzz seed corpus: a few small valid headers, in the layout of
+//! every format version (`seed-*` version 1, `seed-v2-*` version 2).
 //!
-//! `cargo run -p fixed-ram --example gen_fuzz_corpus [DIR]`
+//! `cargo run -p fixed-ram --example gen_fixed_ram_fuzz_corpus [DIR]`
 //! (default DIR: `crates/fixed-ram/fuzz/corpus/header`).
 //!
 //! Each seed is the file length (u64, little-endian) followed by the header
@@ -18,15 +19,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/header"));
     std::fs::create_dir_all(&dir)?;
-    for (name, bytes) in seeds()? {
-        std::fs::write(dir.join(name), &bytes)?;
-        println!("{}: {} bytes", dir.join(name).display(), bytes.len());
+    for version in 1..=fixed_ram::FORMAT_VERSION {
+        for (name, bytes) in seeds(version)? {
+            if version > 1 && name == "seed-uncommitted" {
+                continue; // the same bytes in every version
+            }
+            let name = match version {
+                1 => name.to_string(),
+                v => name.replacen("seed-", &format!("seed-v{v}-"), 1),
+            };
+            std::fs::write(dir.join(&name), &bytes)?;
+            println!("{}: {} bytes", dir.join(&name).display(), bytes.len());
+        }
     }
     Ok(())
 }
 
-/// (file name, fuzz input) for every seed.
-fn seeds() -> Result<Vec<(&'static str, Vec<u8>)>, FixedRamError> {
+/// (file name, fuzz input) for every seed, headers of format `version`.
+fn seeds(version: u32) -> Result<Vec<(&'static str, Vec<u8>)>, FixedRamError> {
+    let input = |layout: &Layout, device_state_len| input(layout, device_state_len, version);
     let region = |guest_addr, size| RegionSpec { guest_addr, size };
     Ok(vec![
         (
@@ -64,8 +75,12 @@ fn seeds() -> Result<Vec<(&'static str, Vec<u8>)>, FixedRamError> {
     ])
 }
 
-fn input(layout: &Layout, device_state_len: u64) -> Vec<u8> {
-    let header = Header::from_layout(layout, device_state_len, 0x1234_5678);
+fn input(layout: &Layout, device_state_len: u64, version: u32) -> Vec<u8> {
+    let mut header = Header::from_layout(layout, device_state_len, 0x1234_5678, 0x9abc_def0);
+    if version == 1 {
+        header.format_version = 1;
+        header.metadata_crc = None;
+    }
     let mut b = header.file_len().to_le_bytes().to_vec();
     b.extend_from_slice(&header.to_bytes());
     b
