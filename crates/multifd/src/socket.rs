@@ -629,16 +629,7 @@ pub fn receive<S: Read + Write + Send>(
     alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError>,
 ) -> Result<(Vec<u8>, TransferStats), MultifdError> {
     let start = Instant::now();
-    let mut main = accept().map_err(|e| MultifdError::io("accepting the main connection", e))?;
-    let mut hb = [0u8; HELLO_LEN];
-    main.read_exact(&mut hb)
-        .map_err(|e| conn_err(Channel::Main, "reading the hello", e))?;
-    let hello = parse_hello(&hb)?;
-    if hello.role != Role::Main {
-        return Err(MultifdError::Protocol(
-            "the first connection is not a main connection".into(),
-        ));
-    }
+    let (mut main, hello) = accept_main(accept)?;
     let mut wire = HELLO_LEN as u64;
     match receive_main(&mut main, &hello, accept, alloc, &mut wire) {
         Ok((state, mut stats)) => {
@@ -664,6 +655,32 @@ pub fn receive<S: Read + Write + Send>(
             Err(e)
         }
     }
+}
+
+/// Accepts the main connection: the first one that opens with a main
+/// hello. A connection that closes or sends anything else first (a
+/// connect-and-close readiness probe, a stray client) is dropped and the
+/// next one accepted, at most [`MAX_STRAYS`] times.
+fn accept_main<S: Read>(
+    accept: &mut dyn FnMut() -> io::Result<S>,
+) -> Result<(S, Hello), MultifdError> {
+    for _ in 0..=MAX_STRAYS {
+        let mut main =
+            accept().map_err(|e| MultifdError::io("accepting the main connection", e))?;
+        let mut hb = [0u8; HELLO_LEN];
+        let why = match main.read_exact(&mut hb) {
+            Err(e) => format!("closed before its hello ({e})"),
+            Ok(()) => match parse_hello(&hb) {
+                Ok(h) if h.role == Role::Main => return Ok((main, h)),
+                Ok(_) => "a data connection before the main one".to_string(),
+                Err(e) => e.to_string(),
+            },
+        };
+        log::warn!("multifd: dropping a connection that is not a migration: {why}");
+    }
+    Err(MultifdError::Protocol(format!(
+        "more than {MAX_STRAYS} connections that were not a migration"
+    )))
 }
 
 struct RecvShared<'a> {

@@ -496,6 +496,59 @@ fn stray_connections_are_skipped() {
 }
 
 #[test]
+fn probes_before_the_main_connection_are_skipped() {
+    let src = source(8);
+    let regs = regions(&src);
+    let (tx, rx) = mpsc::channel::<UnixStream>();
+    let keep = Arc::new(Mutex::new(Vec::new()));
+    let (sent, received) = std::thread::scope(|s| {
+        let k = keep.clone();
+        let r = s.spawn(move || {
+            let mut n = 0;
+            let mut alloc = allocator(k);
+            receive(
+                &mut || {
+                    n += 1;
+                    match n {
+                        // A readiness probe: connects and closes at once.
+                        1 => Ok(UnixStream::pair()?.1),
+                        // A stray client that sends garbage.
+                        2 => {
+                            let (mut a, b) = UnixStream::pair()?;
+                            a.write_all(&[0x55; 40])?;
+                            Ok(b)
+                        }
+                        _ => rx
+                            .recv_timeout(Duration::from_secs(20))
+                            .map_err(|_| io::Error::other("no more")),
+                    }
+                },
+                &mut alloc,
+            )
+        });
+        let opts = SocketOptions {
+            channels: 2,
+            compression: Compression::None,
+        };
+        let sent = send(
+            &mut || {
+                let (a, b) = UnixStream::pair()?;
+                tx.send(b).map_err(|_| io::Error::other("gone"))?;
+                Ok(a)
+            },
+            &regs,
+            b"x",
+            &opts,
+        );
+        drop(tx);
+        (sent, r.join().unwrap())
+    });
+    sent.unwrap();
+    received.unwrap();
+    check_same(&src, &keep.lock().unwrap());
+}
+
+#[test]
 fn bad_options() {
     let src = source(9);
     let regs = regions(&src);
