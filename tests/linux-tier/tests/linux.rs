@@ -2,6 +2,7 @@
 //! `cryo_linux_tier::scenarios`). The tier runs once, on first use, for all
 //! of them: directly on hardware KVM, nested under QEMU TCG on PVM hosts.
 
+use std::io::Write;
 use std::sync::OnceLock;
 
 use cryo_linux_tier::scenarios::names;
@@ -18,6 +19,9 @@ fn tier() -> &'static Result<TierRun, String> {
         println!("linux tier: ran {mode} in {:.0} s", run.wall.as_secs_f64());
         for (name, value) in &run.report.figures {
             println!("linux tier: {name} = {value}");
+        }
+        for note in &run.retries {
+            println!("linux tier: {note}");
         }
         Ok(run)
     })
@@ -42,7 +46,11 @@ fn check(scenario: &str) {
         .get(scenario)
         .map(|l| l.join("\n"))
         .unwrap_or_default();
-    assert!(outcome.passed, "{scenario}: {}\n{log}", outcome.detail);
+    assert!(
+        outcome.passed,
+        "{scenario}: {}\n{log}\nearlier nested runs: {:?}",
+        outcome.detail, run.retries
+    );
     println!("{scenario}: {}", outcome.detail);
 }
 
