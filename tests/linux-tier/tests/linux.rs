@@ -16,13 +16,20 @@ fn tier() -> &'static Result<TierRun, String> {
             Mode::Direct => "directly on hardware KVM",
             Mode::Nested => "nested: QEMU TCG with kvm-amd, on a PVM host",
         };
-        println!("linux tier: ran {mode} in {:.0} s", run.wall.as_secs_f64());
-        for (name, value) in &run.report.figures {
-            println!("linux tier: {name} = {value}");
-        }
-        for note in &run.retries {
-            println!("linux tier: {note}");
-        }
+        // Straight to stderr, past the test harness's capture: the mode,
+        // the time, the figures and any nested retry belong in every log.
+        let mut summary = vec![format!(
+            "linux tier: ran {mode} in {:.0} s",
+            run.wall.as_secs_f64()
+        )];
+        summary.extend(
+            run.report
+                .figures
+                .iter()
+                .map(|(name, value)| format!("linux tier: {name} = {value}")),
+        );
+        summary.extend(run.retries.iter().map(|n| format!("linux tier: {n}")));
+        let _ = writeln!(std::io::stderr(), "{}", summary.join("\n"));
         Ok(run)
     })
 }
