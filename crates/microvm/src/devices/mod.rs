@@ -5,6 +5,7 @@
 mod cmos;
 pub mod console;
 mod serial;
+pub mod virtio;
 
 pub use cmos::Cmos;
 pub use serial::{
