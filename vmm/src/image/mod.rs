@@ -51,6 +51,8 @@ pub mod sections {
     pub const I8042: &str = "i8042";
     /// [`microvm::persist::CmosState`].
     pub const CMOS: &str = "cmos";
+    /// [`microvm::devices::virtio::state::BlockDeviceState`], instance = MMIO slot.
+    pub const VIRTIO_BLK: &str = "virtio-blk";
 }
 
 /// The image formats `save` writes.

@@ -7,6 +7,7 @@ use microvm::persist::{
     CMOS_STATE_VERSION, I8042_STATE_VERSION, MACHINE_STATE_VERSION, SERIAL_STATE_VERSION,
     VCPU_STATE_VERSION, VM_STATE_VERSION,
 };
+use microvm::devices::virtio::state::{BlockDeviceState, VIRTIO_BLK_STATE_VERSION};
 use migration_stream::{Section, StreamError, StreamWriter};
 
 use super::sections;
@@ -29,6 +30,9 @@ pub fn write_sections<W: std::io::Write>(
     w.write_section(sections::SERIAL, 0, SERIAL_STATE_VERSION, &snapshot.serial)?;
     w.write_section(sections::I8042, 0, I8042_STATE_VERSION, &snapshot.i8042)?;
     w.write_section(sections::CMOS, 0, CMOS_STATE_VERSION, &snapshot.cmos)?;
+    for b in &snapshot.blocks {
+        w.write_section(sections::VIRTIO_BLK, b.slot, VIRTIO_BLK_STATE_VERSION, b)?;
+    }
     Ok(())
 }
 
@@ -41,6 +45,7 @@ pub struct SnapshotBuilder {
     serial: Option<SerialState>,
     i8042: Option<I8042State>,
     cmos: Option<CmosState>,
+    blocks: Vec<BlockDeviceState>,
 }
 
 impl SnapshotBuilder {
@@ -88,6 +93,19 @@ impl SnapshotBuilder {
             sections::SERIAL => self.serial = Some(s.decode(SERIAL_STATE_VERSION).map_err(dec)?),
             sections::I8042 => self.i8042 = Some(s.decode(I8042_STATE_VERSION).map_err(dec)?),
             sections::CMOS => self.cmos = Some(s.decode(CMOS_STATE_VERSION).map_err(dec)?),
+            sections::VIRTIO_BLK => {
+                let b: BlockDeviceState = s.decode(VIRTIO_BLK_STATE_VERSION).map_err(dec)?;
+                // Sections come in slot order, each slot once, matching its instance.
+                if b.slot != s.instance || s.instance as usize != self.blocks.len() {
+                    return Err(format!(
+                        "virtio-blk section instance {} (slot {}) out of order: expected {}",
+                        s.instance,
+                        b.slot,
+                        self.blocks.len()
+                    ));
+                }
+                self.blocks.push(b);
+            }
             other => {
                 return Err(format!(
                     "unknown section '{other}' (instance {}, version {}): saved by a newer cryo?",
@@ -115,6 +133,7 @@ impl SnapshotBuilder {
             serial: self.serial.ok_or_else(|| missing(sections::SERIAL))?,
             i8042: self.i8042.ok_or_else(|| missing(sections::I8042))?,
             cmos: self.cmos.ok_or_else(|| missing(sections::CMOS))?,
+            blocks: self.blocks,
         })
     }
 }

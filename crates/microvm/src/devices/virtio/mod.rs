@@ -14,6 +14,7 @@
 //! panics the host.
 
 pub mod block;
+pub mod bus;
 mod mmio;
 pub mod state;
 
