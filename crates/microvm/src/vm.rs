@@ -22,10 +22,10 @@ use crate::arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, MAX_VCPUS};
 use crate::arch::regs::{boot_fpu, boot_regs, setup_sregs};
 use crate::arch::{acpi, cpuid, lapic, mptable, msr};
 use crate::devices::console::{ConsoleInput, TerminalMode};
+use crate::devices::virtio;
 use crate::devices::virtio::block::{check_identity, Block, DiskConfig};
 use crate::devices::virtio::bus::{self as virtio_bus, BlockSlot, MmioBus, QueueWorker};
 use crate::devices::virtio::state::BlockDeviceState;
-use crate::devices::virtio;
 use crate::devices::{
     new_serial, restore_serial, Cmos, EventFdTrigger, PioDevices, SerialOutput, COM1_IRQ,
 };

@@ -2,12 +2,12 @@
 //! [`VmSnapshot`], and rebuilding one from sections read back, checking that
 //! each is known, of a version we read, and present.
 
+use microvm::devices::virtio::state::{BlockDeviceState, VIRTIO_BLK_STATE_VERSION};
 use microvm::persist::{
     CmosState, I8042State, MachineState, SerialState, VcpuState, VmSnapshot, VmState,
     CMOS_STATE_VERSION, I8042_STATE_VERSION, MACHINE_STATE_VERSION, SERIAL_STATE_VERSION,
     VCPU_STATE_VERSION, VM_STATE_VERSION,
 };
-use microvm::devices::virtio::state::{BlockDeviceState, VIRTIO_BLK_STATE_VERSION};
 use migration_stream::{Section, StreamError, StreamWriter};
 
 use super::sections;
