@@ -125,8 +125,8 @@ pub struct RunArgs {
     pub state_dir: Option<PathBuf>,
     /// A raw disk image as a virtio-blk disk (repeatable: /dev/vda, vdb, ...
     /// in order); `ro` makes it read-only, `direct` opens it with O_DIRECT.
-    /// The guest finds it through `virtio_mmio.device=` entries that cryo
-    /// appends to the command line.
+    /// The guest finds it in the ACPI DSDT (`LNRO0005`, Linux's virtio_mmio
+    /// driver); the disk must stay in place, unchanged, for restores.
     #[arg(long = "disk", value_name = "PATH[,ro][,direct]", value_parser = microvm::devices::virtio::block::DiskConfig::parse)]
     pub disks: Vec<microvm::devices::virtio::block::DiskConfig>,
 }

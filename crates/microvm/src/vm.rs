@@ -352,18 +352,6 @@ fn save_disks(blocks: &[BlockSlot]) -> Result<Vec<BlockDeviceState>, Error> {
     Ok(states)
 }
 
-/// The command line with the virtio-mmio devices announced on it.
-fn cmdline_with_devices(cmdline: &str, devices: usize) -> String {
-    let mut line = cmdline.to_string();
-    for entry in (0..devices).filter_map(virtio::cmdline_entry) {
-        if !line.is_empty() {
-            line.push(' ');
-        }
-        line.push_str(&entry);
-    }
-    line
-}
-
 /// Largest vCPU count this host and this VMM allow.
 pub fn max_vcpus(kvm: &Kvm) -> u8 {
     kvm.get_max_vcpus().min(usize::from(MAX_VCPUS)) as u8
@@ -412,13 +400,12 @@ impl MicroVm {
         let memory = create_guest_memory(config.mem_mib, &config.backing)?;
         let vm_fd = create_vm_fd(&kvm, &memory)?;
         let blocks = attach_disks(&vm_fd, &config.disks)?;
-        let mut boot = config.boot.clone();
-        boot.cmdline = cmdline_with_devices(&boot.cmdline, blocks.len());
+        let boot = &config.boot;
 
         // Firmware tables, then the kernel (which gets the RSDP address).
         mptable::setup_mptable(&memory, config.vcpus)?;
-        let rsdp = acpi::setup_acpi(&memory, config.vcpus)?;
-        let loaded = loader::load(&memory, &boot, Some(rsdp))?;
+        let rsdp = acpi::setup_acpi(&memory, config.vcpus, blocks.len())?;
+        let loaded = loader::load(&memory, boot, Some(rsdp))?;
         info!(
             "loaded {:?} kernel, entry {:x?}, kernel end {:#x}, initrd {:x?}",
             loaded.format, loaded.entry, loaded.kernel_end, loaded.initrd
@@ -471,7 +458,7 @@ impl MicroVm {
             vcpus: config.vcpus,
             mem_mib: config.mem_mib,
             regions: region_list(&memory),
-            cmdline: boot.cmdline,
+            cmdline: config.boot.cmdline.clone(),
             tsc_khz,
         };
         let mut vm = Self::assemble(

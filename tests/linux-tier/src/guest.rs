@@ -174,6 +174,31 @@ impl LinuxVm {
         Ok(beats)
     }
 
+    /// Types a line into the console without waiting for anything.
+    pub fn type_line(&mut self, line: &str) -> Result<(), Failure> {
+        self.guest
+            .send(&format!("{line}\n"))
+            .map_err(|e| Failure::of(self, format!("cannot type into the console: {e}")))
+    }
+
+    /// Waits for a console line that `pred` accepts, watching heartbeats on
+    /// the way as [`LinuxVm::heartbeats`] does; returns the line.
+    pub fn wait_line(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Result<String, Failure> {
+        let mut found = None;
+        self.watch(timeout, false, |line, _| {
+            if pred(line) {
+                found = Some(line.to_string());
+            }
+            found.is_some()
+        })?;
+        found
+            .ok_or_else(|| Failure::of(self, format!("no awaited console line within {timeout:?}")))
+    }
+
     /// Types a shell command and waits for a console line containing `expect`.
     pub fn shell(&mut self, command: &str, expect: &str, timeout: Duration) -> Result<(), Failure> {
         if let Err(e) = self.guest.send(&format!("{command}\n")) {

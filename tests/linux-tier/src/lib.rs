@@ -28,6 +28,7 @@
 
 pub mod artifacts;
 pub mod boot_log;
+mod disk_scenarios;
 pub mod guest;
 pub mod guest_image;
 pub mod report;
@@ -107,7 +108,10 @@ pub fn run_tier() -> Result<TierRun, TierError> {
     };
     let bins = artifacts::static_binaries()?;
     let guest_kernel = artifacts::guest_kernel()?;
-    let guest_initrd = guest_image::guest_initramfs(&work, &busybox, &bins)?;
+    let guest_modules = artifacts::guest_modules()?;
+    let guest_tools = artifacts::guest_disk_tools()?;
+    let guest_initrd =
+        guest_image::guest_initramfs(&work, &busybox, &bins, &guest_modules, &guest_tools)?;
     let transcript = match qemu {
         None => run_direct(&bins, &guest_kernel, &guest_initrd, &work)?,
         Some(qemu) => {

@@ -54,6 +54,11 @@ pub mod names {
     pub const LIVE_SNAPSHOT: &str = "live-snapshot";
     /// Clocks and timers across every restore.
     pub const TIMEKEEPING: &str = "timekeeping";
+    /// ext4 on virtio-blk written with fsync while saved: every
+    /// acknowledged write there after the restore, e2fsck clean.
+    pub const DISK_FSYNC_SAVE: &str = "disk-fsync-save";
+    /// A changed or missing disk refused at restore.
+    pub const DISK_CHANGED_REFUSED: &str = "disk-changed-refused";
 }
 
 /// Every scenario, in the order the driver reports them.
@@ -71,12 +76,14 @@ pub const ALL: &[&str] = &[
     names::MIGRATE_UNIX,
     names::LIVE_SNAPSHOT,
     names::TIMEKEEPING,
+    names::DISK_FSYNC_SAVE,
+    names::DISK_CHANGED_REFUSED,
 ];
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-const BEAT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+pub(crate) const BEAT_TIMEOUT: Duration = Duration::from_secs(60);
 const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Heartbeats each check waits for.
 const BEATS: usize = 4;
 /// How far the guest's monotonic clock may run ahead of the host's wall
@@ -111,23 +118,23 @@ struct ClockRecord {
 }
 
 /// The driver's running tally.
-struct Tally {
+pub(crate) struct Tally {
     failed: usize,
     clocks: Vec<ClockRecord>,
 }
 
 impl Tally {
-    fn pass(&mut self, scenario: &str, detail: &str) {
+    pub(crate) fn pass(&mut self, scenario: &str, detail: &str) {
         report::result(scenario, true, detail);
     }
 
-    fn fail(&mut self, scenario: &str, failure: &Failure) {
+    pub(crate) fn fail(&mut self, scenario: &str, failure: &Failure) {
         self.failed += 1;
         report::log(scenario, &failure.log);
         report::result(scenario, false, &failure.reason);
     }
 
-    fn outcome(&mut self, scenario: &str, result: Result<String, Failure>) -> bool {
+    pub(crate) fn outcome(&mut self, scenario: &str, result: Result<String, Failure>) -> bool {
         match result {
             Ok(detail) => {
                 self.pass(scenario, &detail);
@@ -140,7 +147,7 @@ impl Tally {
         }
     }
 
-    fn not_run(&mut self, scenarios: &[&str], because: &str) {
+    pub(crate) fn not_run(&mut self, scenarios: &[&str], because: &str) {
         for s in scenarios {
             self.fail(s, &Failure::plain(format!("not run: {because}")));
         }
@@ -157,19 +164,20 @@ pub fn run_all(setup: &Setup) -> usize {
     two_vcpu_chain(setup, &mut tally);
     let bzimage = bzimage_boot(setup);
     tally.outcome(names::BOOT_BZIMAGE, bzimage);
+    crate::disk_scenarios::disk_guest(setup, &mut tally);
     report_clocks(&mut tally);
     tally.failed
 }
 
-fn strings(args: &[&str]) -> Vec<String> {
+pub(crate) fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-fn path_str(p: &Path) -> String {
+pub(crate) fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn run_args(setup: &Setup, vcpus: u32, extra: &[String]) -> Vec<String> {
+pub(crate) fn run_args(setup: &Setup, vcpus: u32, extra: &[String]) -> Vec<String> {
     run_kernel_args(&setup.kernel, setup, vcpus, extra)
 }
 
@@ -212,7 +220,7 @@ fn boot(vm: &mut LinuxVm, vcpus: u32, figure: &str) -> Result<String, Failure> {
     ))
 }
 
-fn cryo_ok(args: &[String], what: &str) -> Result<String, Failure> {
+pub(crate) fn cryo_ok(args: &[String], what: &str) -> Result<String, Failure> {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, out, err) = run_cryo(&refs, SAVE_TIMEOUT);
     if code == Some(0) {

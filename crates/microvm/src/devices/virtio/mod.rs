@@ -4,8 +4,10 @@
 //! "modern") over any [`VirtioDevice`]; [`block::Block`] is a virtio-blk
 //! device backed by a raw file. Each transport sits in a 4 KiB window of the
 //! 32-bit MMIO gap ([`mmio_base`]) and raises its interrupt through an irqfd
-//! on an IOAPIC pin ([`mmio_irq`]); the guest finds it on the kernel command
-//! line (`virtio_mmio.device=4K@0xd0000000:5`, see [`cmdline_entry`]). Queue
+//! on an IOAPIC pin ([`mmio_irq`]); the guest finds it in the ACPI DSDT
+//! (`LNRO0005` devices, see [`crate::arch::acpi`]), or, for kernels booted
+//! without ACPI but built with `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`, from
+//! command-line entries the user adds ([`cmdline_entry`]). Queue
 //! notifications arrive on ioeventfds that the VM's event loop watches.
 //!
 //! The guest is not trusted: a bad descriptor chain, a ring index out of
@@ -47,7 +49,8 @@ pub fn mmio_irq(slot: usize) -> Option<u32> {
 }
 
 /// The kernel command-line parameter that announces device `slot` to
-/// Linux's virtio_mmio driver.
+/// Linux's virtio_mmio driver (for kernels that do not read the DSDT; do not
+/// combine with ACPI, which already announces the device).
 pub fn cmdline_entry(slot: usize) -> Option<String> {
     let irq = mmio_irq(slot)?;
     Some(format!(
