@@ -70,11 +70,15 @@ fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
     let extra = strings(&["--api", &path_str(&api), "--disk", &path_str(&disk)]);
     let mut vm = LinuxVm::spawn(&run_args(setup, 1, &extra), api.clone());
     vm.wait_init(BOOT_TIMEOUT)?;
-    vm.shell(
-        "mke2fs -q -F -t ext4 /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo DISK-$((40+2))",
-        "DISK-42",
-        BOOT_TIMEOUT,
+    vm.type_line(
+        "mke2fs -q -F -t ext4 /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo DISK-$((40+2)) || echo DISK-FAILED-$((1+1)) $(ls /dev/vd* 2>&1) $(mke2fs -V 2>&1 | head -2) $(dmesg | grep -iE 'virtio|vda|LNRO' | tail -6)",
     )?;
+    let line = vm.wait_line(BOOT_TIMEOUT, |l| {
+        l.contains("DISK-42") || l.contains("DISK-FAILED-2")
+    })?;
+    if line.contains("DISK-FAILED-2") {
+        return Err(Failure::of(&vm, format!("no ext4 on the disk: {line}")));
+    }
     throughput(&mut vm)?;
     vm.type_line(WRITER)?;
     let mut acks = 0;

@@ -238,12 +238,17 @@ fn run_direct(
     collect_lines(cmd, NESTED_TIMEOUT)
 }
 
-fn nested_cmdline() -> &'static str {
-    if std::env::var("CRYO_LINUX_TIER_VERBOSE").is_ok_and(|v| v == "1") {
-        "console=ttyS0 panic=-1"
+fn nested_cmdline() -> String {
+    let mut line = if std::env::var("CRYO_LINUX_TIER_VERBOSE").is_ok_and(|v| v == "1") {
+        "console=ttyS0 panic=-1".to_string()
     } else {
-        "console=ttyS0 quiet panic=-1"
+        "console=ttyS0 quiet panic=-1".to_string()
+    };
+    // Reaches the nested /init, and so the driver, as an environment variable.
+    if let Ok(only) = std::env::var(scenarios::ONLY_VAR) {
+        line.push_str(&format!(" {}={only}", scenarios::ONLY_VAR));
     }
+    line
 }
 
 fn run_nested(qemu: &Path, vmlinuz: &Path, initrd: &Path) -> Result<Vec<String>, TierError> {
@@ -258,7 +263,8 @@ fn run_nested(qemu: &Path, vmlinuz: &Path, initrd: &Path) -> Result<Vec<String>,
     // Quiet: the nested machine's own kernel messages are noise here;
     // the guests' consoles come through the driver. CRYO_LINUX_TIER_VERBOSE=1
     // shows them, to debug the nested machine itself.
-    .args(["-append", nested_cmdline()])
+    .arg("-append")
+    .arg(nested_cmdline())
     .args(["-display", "none", "-nodefaults", "-serial", "stdio"])
     .args(["-no-reboot", "-monitor", "none"]);
     collect_lines(cmd, NESTED_TIMEOUT)
