@@ -47,6 +47,14 @@ fn make_disk(dir: &Path, name: &str, mib: usize) -> PathBuf {
     p
 }
 
+/// Saves the VM (which then ends with status 0); returns its progress.
+fn save_and_end(g: &mut Guest, api: &Path, file: &Path, extra: &[&str]) -> Progress {
+    save_vm(api, file, extra);
+    let status = g.wait_exit(T).and_then(|s| s.code());
+    assert_eq!(status, Some(0), "{}", g.transcript());
+    g.follow_output(1)
+}
+
 /// Restores `file` and expects a bad-input refusal mentioning `needle`.
 fn refused(file: &Path, extra: &[&str], needle: &str) {
     let (status, _, err) = cryo(
@@ -77,14 +85,7 @@ fn disk_identity_is_checked_at_restore() {
         &api,
         &[disk.display().to_string(), format!("{},ro", ro.display())],
     );
-    save_vm(&api, &file, &[]);
-    assert_eq!(
-        g.wait_exit(T).and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        g.transcript()
-    );
-    let before = g.follow_output(1);
+    let before = save_and_end(&mut g, &api, &file, &[]);
 
     // The image holds one virtio-blk section per disk.
     let (status, out, err) = cryo(&["inspect", file.to_str().unwrap()]);
@@ -118,14 +119,7 @@ fn disk_sections_in_stream_saves() {
     let api = socket_path("disk-stream");
     let file = dir.join("vm.stream");
     let (mut g, _) = boot_with_disks(&api, &[format!("{},direct", disk.display())]);
-    save_vm(&api, &file, &["--format", "stream"]);
-    assert_eq!(
-        g.wait_exit(T).and_then(|s| s.code()),
-        Some(0),
-        "{}",
-        g.transcript()
-    );
-    let before = g.follow_output(1);
+    let before = save_and_end(&mut g, &api, &file, &["--format", "stream"]);
     restores_and_continues(&file, &[], &before, "disk-stream-r0");
 }
 

@@ -299,6 +299,10 @@ pub fn guest_modules() -> Result<Vec<PathBuf>, TierError> {
     Ok(modules)
 }
 
+/// Where the guest finds `mke2fs` and `e2fsck` (not in `/bin` or `/sbin`,
+/// where busybox's applets of the same names are).
+pub const GUEST_TOOLS_DIR: &str = "opt/e2fsprogs";
+
 /// Host programs the guest runs on its disk (`mke2fs`, `e2fsck`), with the
 /// shared libraries and loader they need, as (path in the guest, host
 /// file). From the host's e2fsprogs.
@@ -324,13 +328,8 @@ pub fn guest_disk_tools() -> Result<Vec<(String, PathBuf)>, TierError> {
                 files.push((lib.trim_start_matches('/').to_string(), PathBuf::from(lib)));
             }
         }
-        files.push((
-            format!(
-                "bin/{}",
-                path.file_name().unwrap_or_default().to_string_lossy()
-            ),
-            path,
-        ));
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        files.push((format!("{GUEST_TOOLS_DIR}/{name}"), path.clone()));
     }
     files.sort();
     files.dedup();

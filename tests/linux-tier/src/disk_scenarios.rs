@@ -12,7 +12,7 @@ use cryo_tests::run_cryo;
 
 use crate::guest::{Failure, LinuxVm};
 use crate::report;
-use crate::scenarios::{cryo_ok, names, path_str, run_args, strings, Setup, Tally};
+use crate::scenarios::{cryo_ok, names, path_str, run_args, spawn_restore, strings, Setup, Tally};
 use crate::scenarios::{BEAT_TIMEOUT, BOOT_TIMEOUT, EXIT_TIMEOUT};
 
 /// Size of the guest's disk.
@@ -27,6 +27,22 @@ const REFUSAL_TIMEOUT: Duration = Duration::from_secs(60);
 const WRITER: &str = "(i=0; while [ $i -lt 100000 ]; do i=$((i+1)); \
 dd if=/dev/urandom of=/mnt/w$i bs=4k count=4 conv=fsync 2>/dev/null && \
 echo ACK $i $(md5sum /mnt/w$i | cut -c1-32); done) &";
+
+/// Labels a failure with the step that failed and attaches `vm`'s console
+/// without the workload's heartbeat and sweep lines.
+fn at(vm: &LinuxVm, step: &'static str) -> impl FnOnce(Failure) -> Failure {
+    let log: Vec<String> = vm
+        .guest
+        .output()
+        .into_iter()
+        .filter(|l| !l.contains("HB seq=") && !l.contains("SWEEP "))
+        .collect();
+    let log = log[log.len().saturating_sub(80)..].to_vec();
+    move |f| Failure {
+        reason: format!("{step}: {}", f.reason),
+        log,
+    }
+}
 
 /// Runs the disk scenarios.
 pub fn disk_guest(setup: &Setup, tally: &mut Tally) {
@@ -71,21 +87,24 @@ fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
     let mut vm = LinuxVm::spawn(&run_args(setup, 1, &extra), api.clone());
     vm.wait_init(BOOT_TIMEOUT)?;
     vm.type_line(
-        "mke2fs -q -F -t ext4 /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo DISK-$((40+2)) || echo DISK-FAILED-$((1+1)) $(ls /dev/vd* 2>&1) $(mke2fs -V 2>&1 | head -2) $(dmesg | grep -iE 'virtio|vda|LNRO' | tail -6)",
+        "/opt/e2fsprogs/mke2fs -q -F -t ext4 /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo DISK-$((40+2)) || echo DISK-FAILED-$((1+1)) $(ls /dev/vd* 2>&1) $(/opt/e2fsprogs/mke2fs -V 2>&1 | head -2) $(dmesg | grep -iE 'virtio|vda|LNRO' | tail -6)",
     )?;
-    let line = vm.wait_line(BOOT_TIMEOUT, |l| {
-        l.contains("DISK-42") || l.contains("DISK-FAILED-2")
-    })?;
+    let line = vm
+        .wait_line(BOOT_TIMEOUT, |l| {
+            l.contains("DISK-42") || l.contains("DISK-FAILED-2")
+        })
+        .map_err(at(&vm, "mke2fs and mount"))?;
     if line.contains("DISK-FAILED-2") {
         return Err(Failure::of(&vm, format!("no ext4 on the disk: {line}")));
     }
-    throughput(&mut vm)?;
+    throughput(&mut vm).map_err(at(&vm, "dd"))?;
     vm.type_line(WRITER)?;
     let mut acks = 0;
     vm.wait_line(BOOT_TIMEOUT, |l| {
         acks += usize::from(l.contains("ACK "));
         acks >= ACKS_BEFORE_SAVE
-    })?;
+    })
+    .map_err(at(&vm, "fsync writes before the save"))?;
 
     let image = setup.work.join("disk-vm.img");
     let started = Instant::now();
@@ -102,19 +121,12 @@ fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
     let last = *acked.keys().last().unwrap_or(&0);
 
     let api2 = setup.work.join("disk-vm2.sock");
-    let mut restored = LinuxVm::spawn(
-        &strings(&[
-            "restore",
-            "--from",
-            &path_str(&image),
-            "--api",
-            &path_str(&api2),
-        ]),
-        api2.clone(),
-    );
+    let mut restored = spawn_restore(&image, api2.clone());
     restored.heartbeats(2, BEAT_TIMEOUT)?;
     // The writer carries on after the restore: its next acknowledgement.
-    restored.wait_line(BEAT_TIMEOUT, |l| l.contains("ACK "))?;
+    restored
+        .wait_line(BEAT_TIMEOUT, |l| l.contains("ACK "))
+        .map_err(at(&restored, "fsync writes after the restore"))?;
     restored.shell(
         "kill $!; sleep 1; cd /; echo STOPPED-$((3+4))",
         "STOPPED-7",
@@ -140,7 +152,7 @@ fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
         ));
     }
     restored.shell(
-        "umount /mnt && e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1; echo FSCK-RC-$?",
+        "umount /mnt && /opt/e2fsprogs/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1; echo FSCK-RC-$?",
         "FSCK-RC-",
         BOOT_TIMEOUT,
     )?;

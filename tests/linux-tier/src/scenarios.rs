@@ -229,6 +229,18 @@ fn boot(vm: &mut LinuxVm, vcpus: u32, figure: &str) -> Result<String, Failure> {
     ))
 }
 
+/// `cryo restore --from IMAGE --api API` in a new process.
+pub(crate) fn spawn_restore(image: &Path, api: PathBuf) -> LinuxVm {
+    let args = strings(&[
+        "restore",
+        "--from",
+        &path_str(image),
+        "--api",
+        &path_str(&api),
+    ]);
+    LinuxVm::spawn(&args, api)
+}
+
 pub(crate) fn cryo_ok(args: &[String], what: &str) -> Result<String, Failure> {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, out, err) = run_cryo(&refs, SAVE_TIMEOUT);
@@ -661,17 +673,7 @@ fn live_snapshot(setup: &Setup, mut vm: LinuxVm, tally: &mut Tally) -> Result<St
     )?;
     vm.wait_exit(EXIT_TIMEOUT)?;
 
-    let api = setup.work.join("vm-snap.sock");
-    let mut restored = LinuxVm::spawn(
-        &strings(&[
-            "restore",
-            "--from",
-            &path_str(&image),
-            "--api",
-            &path_str(&api),
-        ]),
-        api,
-    );
+    let mut restored = spawn_restore(&image, setup.work.join("vm-snap.sock"));
     // The image holds the guest as it was when the snapshot began: after
     // `start` (the last heartbeat before the command) and before the
     // source's later heartbeats.

@@ -279,20 +279,23 @@ impl Block {
         (end <= self.capacity * SECTOR_SIZE).then_some(start)
     }
 
-    fn read(&mut self, sector: u64, writer: &mut Writer<'_>) -> u32 {
-        let total = writer.available_bytes();
+    /// Moves a request of `total` bytes at `sector` through the bounce
+    /// buffer, one chunk at a time: `step` gets the file, the chunk and its
+    /// disk offset. Returns the request's status.
+    fn chunked(
+        &mut self,
+        sector: u64,
+        total: usize,
+        mut step: impl FnMut(&File, &mut [u8], u64) -> std::io::Result<()>,
+    ) -> u32 {
         let Some(mut offset) = self.offset(sector, total) else {
             return VIRTIO_BLK_S_IOERR;
         };
         let mut left = total;
         while left > 0 {
             let n = left.min(CHUNK);
-            let buf = &mut self.bounce.0[..n];
-            if let Err(e) = self.file.read_exact_at(buf, offset) {
-                log::warn!("disk {}: read at {offset}: {e}", self.config.path.display());
-                return VIRTIO_BLK_S_IOERR;
-            }
-            if writer.write_all(buf).is_err() {
+            if let Err(e) = step(&self.file, &mut self.bounce.0[..n], offset) {
+                log::warn!("disk {}: at {offset}: {e}", self.config.path.display());
                 return VIRTIO_BLK_S_IOERR;
             }
             offset += n as u64;
@@ -301,32 +304,23 @@ impl Block {
         VIRTIO_BLK_S_OK
     }
 
+    fn read(&mut self, sector: u64, writer: &mut Writer<'_>) -> u32 {
+        let total = writer.available_bytes();
+        self.chunked(sector, total, |file, buf, offset| {
+            file.read_exact_at(buf, offset)?;
+            writer.write_all(buf)
+        })
+    }
+
     fn write(&mut self, sector: u64, reader: &mut Reader<'_>) -> u32 {
         if self.config.read_only {
             return VIRTIO_BLK_S_IOERR;
         }
         let total = reader.available_bytes();
-        let Some(mut offset) = self.offset(sector, total) else {
-            return VIRTIO_BLK_S_IOERR;
-        };
-        let mut left = total;
-        while left > 0 {
-            let n = left.min(CHUNK);
-            let buf = &mut self.bounce.0[..n];
-            if reader.read_exact(buf).is_err() {
-                return VIRTIO_BLK_S_IOERR;
-            }
-            if let Err(e) = self.file.write_all_at(buf, offset) {
-                log::warn!(
-                    "disk {}: write at {offset}: {e}",
-                    self.config.path.display()
-                );
-                return VIRTIO_BLK_S_IOERR;
-            }
-            offset += n as u64;
-            left -= n;
-        }
-        VIRTIO_BLK_S_OK
+        self.chunked(sector, total, |file, buf, offset| {
+            reader.read_exact(buf)?;
+            file.write_all_at(buf, offset)
+        })
     }
 
     fn flush(&mut self) -> u32 {

@@ -271,26 +271,20 @@ fn hostile_avail_index_out_of_range_needs_reset() {
 #[test]
 fn hostile_chain_loop_and_bad_next_need_reset() {
     let disk = TempDisk::new("loop", &disk_bytes());
-    let mut d = Driver::new(&disk, false);
-    // Descriptor 0 points at itself: the chain never ends.
-    d.mem.write_obj(0x8000u64, GuestAddress(DESC)).unwrap();
-    d.mem.write_obj(16u32, GuestAddress(DESC + 8)).unwrap();
-    d.mem.write_obj(F_NEXT, GuestAddress(DESC + 12)).unwrap();
-    d.mem.write_obj(0u16, GuestAddress(DESC + 14)).unwrap();
-    d.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
-    d.publish(1);
-    assert!(d.needs_reset());
+    // Descriptor 0 points at itself (the chain never ends), then at an
+    // index beyond the queue.
+    for next in [0u16, 500] {
+        let mut d = Driver::new(&disk, false);
+        d.mem.write_obj(0x8000u64, GuestAddress(DESC)).unwrap();
+        d.mem.write_obj(16u32, GuestAddress(DESC + 8)).unwrap();
+        d.mem.write_obj(F_NEXT, GuestAddress(DESC + 12)).unwrap();
+        d.mem.write_obj(next, GuestAddress(DESC + 14)).unwrap();
+        d.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        d.publish(1);
+        assert!(d.needs_reset(), "next {next}");
+    }
 
-    let mut d = Driver::new(&disk, false);
-    // Next index beyond the queue, and a head index beyond it.
-    d.mem.write_obj(0x8000u64, GuestAddress(DESC)).unwrap();
-    d.mem.write_obj(16u32, GuestAddress(DESC + 8)).unwrap();
-    d.mem.write_obj(F_NEXT, GuestAddress(DESC + 12)).unwrap();
-    d.mem.write_obj(500u16, GuestAddress(DESC + 14)).unwrap();
-    d.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
-    d.publish(1);
-    assert!(d.needs_reset());
-
+    // A head index beyond the queue.
     let mut d = Driver::new(&disk, false);
     d.mem.write_obj(900u16, GuestAddress(AVAIL + 4)).unwrap();
     d.publish(1);
