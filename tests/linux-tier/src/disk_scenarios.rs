@@ -156,22 +156,18 @@ fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
             format!("acknowledged writes lost or changed after the restore: {lost:?}"),
         ));
     }
-    restored.shell(
-        "umount /mnt && /opt/e2fsprogs/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1; echo FSCK-RC-$?",
-        "FSCK-RC-",
-        BOOT_TIMEOUT,
+    restored.type_line(
+        "umount /mnt && /opt/e2fsprogs/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1; echo FSCK-$((6*7))-RC-$?",
     )?;
-    let fsck_ok = restored
-        .guest
-        .output()
-        .iter()
-        .any(|l| l.contains("FSCK-RC-0"));
-    if !fsck_ok {
+    let fsck = restored
+        .wait_line(BOOT_TIMEOUT, |l| l.contains("FSCK-42-RC-"))
+        .map_err(at(&restored, "e2fsck"))?;
+    if !fsck.contains("FSCK-42-RC-0") {
         let _ = restored.type_line("cat /tmp/fsck.log");
         std::thread::sleep(Duration::from_secs(2));
         return Err(Failure::of(
             &restored,
-            "e2fsck found the filesystem unclean",
+            format!("e2fsck found the filesystem unclean: {fsck}"),
         ));
     }
     cryo_ok(&strings(&["quit", "--api", &path_str(&api2)]), "cryo quit")?;
