@@ -333,6 +333,7 @@ fn restore_disks(
 
 /// Quiesces each virtio-blk device and reads its state and disk identity.
 fn save_disks(blocks: &[BlockSlot]) -> Result<Vec<BlockDeviceState>, Error> {
+    let started = std::time::Instant::now();
     let mut states = Vec::with_capacity(blocks.len());
     for (slot, b) in blocks.iter().enumerate() {
         let mut t = b
@@ -348,6 +349,13 @@ fn save_disks(blocks: &[BlockSlot]) -> Result<Vec<BlockDeviceState>, Error> {
             read_only: b.disk.read_only,
             direct: b.disk.direct,
         });
+    }
+    if !blocks.is_empty() {
+        info!(
+            "{} disks quiesced and identified in {:.1} ms",
+            blocks.len(),
+            started.elapsed().as_secs_f64() * 1000.0
+        );
     }
     Ok(states)
 }
