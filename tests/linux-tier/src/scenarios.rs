@@ -13,6 +13,9 @@
 //!    migration over a unix socket, and a live snapshot that is restored
 //!    after the source has gone on running and been stopped.
 //!
+//! A third guest, with an ext4 filesystem on a virtio-blk disk, carries the
+//! disk scenarios (`crate::disk_scenarios`).
+//!
 //! After every restore the workload must carry on: the next heartbeat
 //! number, no `MISMATCH`, no new `INIT` (no reboot), timers that keep
 //! firing, and clocks that never go back and move together.
