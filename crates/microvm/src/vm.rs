@@ -325,7 +325,8 @@ fn restore_disks(
         slot.transport
             .lock()
             .map_err(|_| Error::Internal("device lock poisoned".into()))?
-            .restore(&state.transport)?;
+            .restore(&state.transport)
+            .map_err(|e| Error::Snapshot(format!("virtio-blk device {i}: {e}")))?;
         slots.push(slot);
     }
     Ok(slots)
