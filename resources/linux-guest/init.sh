@@ -15,6 +15,11 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+# Drivers the kernel builds as modules (virtio-mmio and virtio-blk on
+# Debian's cloud kernel), in the order their names give.
+for m in /lib/modules/*.ko; do
+    [ -e "$m" ] && insmod "$m"
+done
 
 rtc=$(cat /sys/class/rtc/rtc0/name 2>/dev/null || echo none)
 echo "INIT cpus=$(nproc) uptime=$(cut -d' ' -f1 /proc/uptime) rtc=$rtc boot_id=$(cat /proc/sys/kernel/random/boot_id)"

@@ -162,6 +162,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
         },
         serial: SerialOutput::File(serial),
         serial_input: false,
+        disks: Vec::new(),
     })?;
     let controller = vm.controller()?;
     let stop = vm.stop_handle();

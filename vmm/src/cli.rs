@@ -163,6 +163,12 @@ pub struct RunArgs {
     /// State directory for named VMs (default: $XDG_STATE_HOME/cryo or ~/.local/state/cryo).
     #[arg(long, value_name = "DIR", requires = "name")]
     pub state_dir: Option<PathBuf>,
+    /// A raw disk image as a virtio-blk disk (repeatable: /dev/vda, vdb, ...
+    /// in order); `ro` makes it read-only, `direct` opens it with O_DIRECT.
+    /// The guest finds it in the ACPI DSDT (`LNRO0005`, Linux's virtio_mmio
+    /// driver); the disk must stay in place, unchanged, for restores.
+    #[arg(long = "disk", value_name = "PATH[,ro][,direct]", value_parser = microvm::devices::virtio::block::DiskConfig::parse)]
+    pub disks: Vec<microvm::devices::virtio::block::DiskConfig>,
 }
 
 /// `cryo managed-save`.
@@ -278,6 +284,12 @@ pub struct RestoreArgs {
     /// one and KVM cannot scale it (guest time then runs at the wrong rate).
     #[arg(long)]
     pub allow_tsc_mismatch: bool,
+    /// Restore even when a disk's size or fingerprint (inode, modification
+    /// time, first and last MiB) differs from the one recorded in the save;
+    /// the guest may then see a filesystem that does not match its caches.
+    /// A missing disk is refused even so.
+    #[arg(long)]
+    pub disk_changed_ok: bool,
     /// Map the image as guest memory and resume at once; pages load on first
     /// touch (fixed-ram images only; the image must stay in place while the VM runs).
     #[arg(long)]

@@ -179,6 +179,7 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
         },
         serial: serial_output(args.serial_out.as_deref())?,
         serial_input: true,
+        disks: args.disks,
     };
     let vm = MicroVm::new(config)?;
     if let Some(m) = &managed {
@@ -295,6 +296,7 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
         true,
         RestoreOptions {
             allow_tsc_mismatch: args.allow_tsc_mismatch,
+            disk_changed_ok: args.disk_changed_ok,
         },
     )?;
     if args.paused {

@@ -30,6 +30,7 @@
 //!     },
 //!     serial: SerialOutput::Stdout,
 //!     serial_input: false,
+//!     disks: Vec::new(),
 //! };
 //! let mut vm = MicroVm::new(config)?;
 //! let reason = vm.run(Vec::new())?;
@@ -116,6 +117,15 @@ pub enum Error {
         /// This host's.
         host_khz: u32,
     },
+    /// More virtio devices than the MMIO slots hold.
+    #[error("{0} virtio devices requested, but a VM has at most {max}", max = devices::virtio::MAX_DEVICES)]
+    TooManyDevices(usize),
+    /// A virtio device failed to set up or restore.
+    #[error(transparent)]
+    Virtio(#[from] devices::virtio::VirtioError),
+    /// A disk cannot be used (missing, unreadable, or changed since a save).
+    #[error(transparent)]
+    Disk(#[from] devices::virtio::block::DiskError),
     /// A bug or an unexpected condition inside microvm.
     #[error("internal error: {0}")]
     Internal(String),
@@ -135,6 +145,8 @@ impl Error {
                 | Error::Load(_)
                 | Error::Snapshot(_)
                 | Error::TscMismatch { .. }
+                | Error::TooManyDevices(_)
+                | Error::Disk(_)
         )
     }
 }

@@ -361,6 +361,8 @@ pub struct VmSnapshot {
     pub i8042: I8042State,
     /// CMOS.
     pub cmos: CmosState,
+    /// virtio-blk devices, in MMIO slot order (one `virtio-blk` section each).
+    pub blocks: Vec<crate::devices::virtio::state::BlockDeviceState>,
 }
 
 #[cfg(test)]

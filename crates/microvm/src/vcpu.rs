@@ -21,6 +21,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::devices::virtio::bus::MmioBus;
 use crate::devices::PioDevices;
 use crate::memory::GuestMemory;
 
@@ -178,6 +179,7 @@ impl VcpuHandle {
         index: u8,
         fd: VcpuFd,
         devices: Arc<Mutex<PioDevices>>,
+        mmio: MmioBus,
         memory: GuestMemory,
         exit: Arc<ExitNotifier>,
         paused: bool,
@@ -196,6 +198,7 @@ impl VcpuHandle {
                     index,
                     fd,
                     devices,
+                    mmio,
                     memory,
                     exit,
                     requests: req_rx,
@@ -279,6 +282,7 @@ struct VcpuThread {
     index: u8,
     fd: VcpuFd,
     devices: Arc<Mutex<PioDevices>>,
+    mmio: MmioBus,
     memory: GuestMemory,
     exit: Arc<ExitNotifier>,
     requests: Receiver<VcpuRequest>,
@@ -407,12 +411,16 @@ impl VcpuThread {
                     Next::Continue
                 }
                 VcpuExit::MmioRead(addr, data) => {
-                    debug!("vCPU {index}: MMIO read of unmapped {addr:#x}");
-                    data.fill(0xff);
+                    if !self.mmio.read(addr, data) {
+                        debug!("vCPU {index}: MMIO read of unmapped {addr:#x}");
+                        data.fill(0xff);
+                    }
                     Next::Continue
                 }
-                VcpuExit::MmioWrite(addr, _) => {
-                    debug!("vCPU {index}: MMIO write to unmapped {addr:#x}");
+                VcpuExit::MmioWrite(addr, data) => {
+                    if !self.mmio.write(addr, data) {
+                        debug!("vCPU {index}: MMIO write to unmapped {addr:#x}");
+                    }
                     Next::Continue
                 }
                 VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen => Next::Continue,

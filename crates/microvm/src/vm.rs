@@ -22,6 +22,10 @@ use crate::arch::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS, MAX_VCPUS};
 use crate::arch::regs::{boot_fpu, boot_regs, setup_sregs};
 use crate::arch::{acpi, cpuid, lapic, mptable, msr};
 use crate::devices::console::{ConsoleInput, TerminalMode};
+use crate::devices::virtio;
+use crate::devices::virtio::block::{check_identity, Block, DiskConfig};
+use crate::devices::virtio::bus::{self as virtio_bus, BlockSlot, MmioBus, QueueWorker};
+use crate::devices::virtio::state::BlockDeviceState;
 use crate::devices::{
     new_serial, restore_serial, AcpiPm, Cmos, EventFdTrigger, PioDevices, SerialOutput, COM1_IRQ,
 };
@@ -46,6 +50,9 @@ pub struct VmConfig {
     pub serial: SerialOutput,
     /// Whether the VMM's stdin feeds the serial console.
     pub serial_input: bool,
+    /// virtio-blk disks, in MMIO slot order (announced to the guest on its
+    /// command line).
+    pub disks: Vec<DiskConfig>,
 }
 
 /// Whether the VM runs or is paused.
@@ -79,6 +86,9 @@ pub struct MicroVm {
     control_tx: Sender<ControlCall>,
     control_rx: Receiver<ControlCall>,
     control_evt: EventFd,
+    blocks: Vec<BlockSlot>,
+    /// Serve every virtio queue once when the loop starts (after a restore).
+    kick_queues: bool,
 }
 
 type ControlCall = Box<dyn FnOnce(&mut MicroVm) + Send>;
@@ -159,6 +169,9 @@ pub struct RestoreOptions {
     /// Restore even if this host's TSC frequency differs from the saved one
     /// and KVM cannot scale it (the guest's sense of time will be off).
     pub allow_tsc_mismatch: bool,
+    /// Restore even if a disk's size or fingerprint differs from the one
+    /// recorded in the save (a missing disk is still refused).
+    pub disk_changed_ok: bool,
 }
 
 /// TSC frequencies closer than this (in parts per million) count as equal:
@@ -281,6 +294,79 @@ fn build_devices(
     Ok((devices, platform))
 }
 
+/// Opens the disks and attaches each as a virtio-blk device in its MMIO slot.
+fn attach_disks(vm_fd: &VmFd, disks: &[DiskConfig]) -> Result<Vec<BlockSlot>, Error> {
+    if disks.len() > virtio::MAX_DEVICES {
+        return Err(Error::TooManyDevices(disks.len()));
+    }
+    let mut slots = Vec::with_capacity(disks.len());
+    for (slot, disk) in disks.iter().enumerate() {
+        slots.push(virtio_bus::attach(vm_fd, slot, Block::open(disk.clone())?)?);
+    }
+    Ok(slots)
+}
+
+/// Rebuilds the saved virtio-blk devices: checks each disk is the one the
+/// save recorded, opens it and applies the saved transport state.
+fn restore_disks(
+    vm_fd: &VmFd,
+    saved: &[BlockDeviceState],
+    disk_changed_ok: bool,
+) -> Result<Vec<BlockSlot>, Error> {
+    let mut slots = Vec::with_capacity(saved.len());
+    for (i, state) in saved.iter().enumerate() {
+        if state.slot as usize != i {
+            return Err(Error::Snapshot(format!(
+                "virtio-blk device {i} is saved in slot {}",
+                state.slot
+            )));
+        }
+        check_identity(&state.disk, disk_changed_ok)?;
+        let block = Block::open(DiskConfig {
+            path: state.disk.path.clone().into(),
+            read_only: state.read_only,
+            direct: state.direct,
+        })?;
+        let slot = virtio_bus::attach(vm_fd, i, block)?;
+        slot.transport
+            .lock()
+            .map_err(|_| Error::Internal("device lock poisoned".into()))?
+            .restore(&state.transport)
+            .map_err(|e| Error::Snapshot(format!("virtio-blk device {i}: {e}")))?;
+        slots.push(slot);
+    }
+    Ok(slots)
+}
+
+/// Quiesces each virtio-blk device and reads its state and disk identity.
+fn save_disks(blocks: &[BlockSlot]) -> Result<Vec<BlockDeviceState>, Error> {
+    let started = std::time::Instant::now();
+    let mut states = Vec::with_capacity(blocks.len());
+    for (slot, b) in blocks.iter().enumerate() {
+        let mut t = b
+            .transport
+            .lock()
+            .map_err(|_| Error::Internal("device lock poisoned".into()))?;
+        t.device_mut().quiesce()?;
+        let path = std::path::absolute(&b.disk.path).map_err(Error::Io)?;
+        states.push(BlockDeviceState {
+            slot: slot as u32,
+            transport: t.state(),
+            disk: virtio::block::disk_identity(&path)?,
+            read_only: b.disk.read_only,
+            direct: b.disk.direct,
+        });
+    }
+    if !blocks.is_empty() {
+        info!(
+            "{} disks quiesced and identified in {:.1} ms",
+            blocks.len(),
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    Ok(states)
+}
+
 /// Largest vCPU count this host and this VMM allow.
 pub fn max_vcpus(kvm: &Kvm) -> u8 {
     kvm.get_max_vcpus().min(usize::from(MAX_VCPUS)) as u8
@@ -338,11 +424,13 @@ impl MicroVm {
         })?;
         let memory = create_guest_memory(config.mem_mib, &config.backing)?;
         let vm_fd = create_vm_fd(&kvm, &memory)?;
+        let blocks = attach_disks(&vm_fd, &config.disks)?;
+        let boot = &config.boot;
 
         // Firmware tables, then the kernel (which gets the RSDP address).
         mptable::setup_mptable(&memory, config.vcpus)?;
-        let rsdp = acpi::setup_acpi(&memory, config.vcpus)?;
-        let loaded = loader::load(&memory, &config.boot, Some(rsdp))?;
+        let rsdp = acpi::setup_acpi(&memory, config.vcpus, blocks.len())?;
+        let loaded = loader::load(&memory, boot, Some(rsdp))?;
         info!(
             "loaded {:?} kernel, entry {:x?}, kernel end {:#x}, initrd {:x?}",
             loaded.format, loaded.entry, loaded.kernel_end, loaded.initrd
@@ -400,7 +488,7 @@ impl MicroVm {
             kernel: config.boot.kernel.display().to_string(),
             writer: String::new(),
         };
-        Self::assemble(
+        let mut vm = Self::assemble(
             kvm,
             vm_fd,
             memory,
@@ -410,7 +498,9 @@ impl MicroVm {
             machine,
             Some(loaded),
             config.serial_input,
-        )
+        )?;
+        vm.blocks = blocks;
+        Ok(vm)
     }
 
     /// Rebuilds a VM from a snapshot in this process. `memory` must already
@@ -445,6 +535,7 @@ impl MicroVm {
         vstate::restore_vm(&vm_fd, &snapshot.vm)?;
         let (devices, platform) =
             build_devices(&vm_fd, serial, Some((&snapshot.serial, &snapshot.cmos)))?;
+        let blocks = restore_disks(&vm_fd, &snapshot.blocks, options.disk_changed_ok)?;
         let ctx = vstate::VcpuStateContext::new(&kvm, &vm_fd)?;
         let mut vcpu_fds = Vec::with_capacity(snapshot.vcpus.len());
         for (index, state) in snapshot.vcpus.iter().enumerate() {
@@ -455,7 +546,7 @@ impl MicroVm {
             vstate::restore_vcpu(&fd, state, &ctx)?;
             vcpu_fds.push(fd);
         }
-        Self::assemble(
+        let mut vm = Self::assemble(
             kvm,
             vm_fd,
             memory,
@@ -465,7 +556,10 @@ impl MicroVm {
             machine.clone(),
             None,
             serial_input,
-        )
+        )?;
+        vm.blocks = blocks;
+        vm.kick_queues = true;
+        Ok(vm)
     }
 
     /// Captures the complete state of the paused VM except its RAM.
@@ -483,11 +577,13 @@ impl MicroVm {
             let ctx = Arc::clone(&ctx);
             vcpus.push(v.with(move |fd| vstate::save_vcpu(fd, &ctx))??);
         }
+        let blocks = save_disks(&self.blocks)?;
         let devices = self
             .devices
             .lock()
             .map_err(|_| Error::Internal("device lock poisoned".into()))?;
         Ok(VmSnapshot {
+            blocks,
             machine: self.machine.clone(),
             vm,
             vcpus,
@@ -527,6 +623,8 @@ impl MicroVm {
             control_tx,
             control_rx,
             control_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?,
+            blocks: Vec::new(),
+            kick_queues: false,
         })
     }
 
@@ -548,11 +646,13 @@ impl MicroVm {
                 self.state
             )));
         }
+        let mmio = MmioBus::new(self.transports());
         for (index, fd) in self.vcpu_fds.drain(..).enumerate() {
             self.vcpus.push(VcpuHandle::spawn(
                 index as u8,
                 fd,
                 Arc::clone(&self.devices),
+                mmio.clone(),
                 self.memory.clone(),
                 Arc::clone(&self.exit),
                 paused,
@@ -645,6 +745,18 @@ impl MicroVm {
         &self.devices
     }
 
+    /// The virtio-blk devices, in MMIO slot order.
+    pub fn blocks(&self) -> &[BlockSlot] {
+        &self.blocks
+    }
+
+    fn transports(&self) -> Vec<Arc<Mutex<virtio::MmioTransport>>> {
+        self.blocks
+            .iter()
+            .map(|b| Arc::clone(&b.transport))
+            .collect()
+    }
+
     /// What was loaded and how the VM boots (None for a restored VM).
     pub fn loaded_kernel(&self) -> Option<&LoadedKernel> {
         self.loaded.as_ref()
@@ -729,6 +841,12 @@ impl MicroVm {
         }
         for s in extra {
             manager.add_subscriber(s);
+        }
+        if !self.blocks.is_empty() {
+            let worker =
+                QueueWorker::new(self.memory.clone(), &self.transports(), self.kick_queues)?;
+            self.kick_queues = false;
+            manager.add_subscriber(Arc::new(Mutex::new(worker)));
         }
         if self.state == RunState::Created {
             self.start()?;

@@ -177,30 +177,8 @@ pub fn nested_host_kernel() -> Result<HostKernel, TierError> {
     if kernel.vmlinuz.is_file() && kernel.modules.iter().all(|m| m.is_file()) {
         return Ok(kernel);
     }
-    let package = generic_kernel_package()?;
-    let tmp = std::env::temp_dir().join(format!("cryo-nested-kernel-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&tmp);
-    fs::create_dir_all(&tmp).map_err(|e| TierError::Io(tmp.clone(), e))?;
-    // apt-get download runs as the _apt user, which must write here.
-    use std::os::unix::fs::PermissionsExt;
-    let _ = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o777));
-    run(
-        Command::new("apt-get")
-            .current_dir(&tmp)
-            .args(["download", "-q", &package]),
-        "apt-get download",
-    )?;
-    let deb = fs::read_dir(&tmp)
-        .map_err(|e| TierError::Io(tmp.clone(), e))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .ok_or_else(|| TierError::Missing(format!("apt-get download {package} left no .deb")))?;
-    let root = tmp.join("root");
-    run(
-        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root),
-        "dpkg-deb -x",
-    )?;
+    let package = kernel_package(GENERIC_KERNEL_META)?;
+    let (tmp, root) = download_package(&package)?;
     let version = package
         .strip_prefix("linux-image-")
         .unwrap_or(&package)
@@ -229,17 +207,142 @@ pub fn nested_host_kernel() -> Result<HostKernel, TierError> {
     Ok(kernel)
 }
 
-/// The real package behind `linux-image-amd64` (running `apt-get update`
-/// once if apt does not know it yet).
-fn generic_kernel_package() -> Result<String, TierError> {
+/// Downloads `package` with `apt-get download` and unpacks it; returns the
+/// scratch directory (to remove) and the unpacked root.
+fn download_package(package: &str) -> Result<(PathBuf, PathBuf), TierError> {
+    let tmp = std::env::temp_dir().join(format!("cryo-deb-{}-{package}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(|e| TierError::Io(tmp.clone(), e))?;
+    // apt-get download runs as the _apt user, which must write here.
+    use std::os::unix::fs::PermissionsExt;
+    let _ = fs::set_permissions(&tmp, fs::Permissions::from_mode(0o777));
+    run(
+        Command::new("apt-get")
+            .current_dir(&tmp)
+            .args(["download", "-q", package]),
+        "apt-get download",
+    )?;
+    let deb = fs::read_dir(&tmp)
+        .map_err(|e| TierError::Io(tmp.clone(), e))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| TierError::Missing(format!("apt-get download {package} left no .deb")))?;
+    let root = tmp.join("root");
+    run(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root),
+        "dpkg-deb -x",
+    )?;
+    Ok((tmp, root))
+}
+
+/// The kernel modules the guest loads for its virtio disk, in load order
+/// (paths under the package's `lib/modules/<abi>/kernel/`). The Debian
+/// cloud kernel builds virtio, virtio-mmio and virtio-blk as modules.
+pub const GUEST_MODULES: &[&str] = &[
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_mmio.ko",
+    "drivers/block/virtio_blk.ko",
+];
+/// The Debian metapackage of the guest's kernel.
+const CLOUD_KERNEL_META: &str = "linux-image-cloud-amd64";
+
+/// Fetches (once, then cached beside the cloud kernel) the modules of
+/// [`GUEST_MODULES`] from the cloud kernel package of the same version as
+/// the cached guest kernel; returns them in load order.
+pub fn guest_modules() -> Result<Vec<PathBuf>, TierError> {
+    let dir = debian_kernel_cache_dir();
+    let version_file = dir.join("debian-cloud-version");
+    let version = fs::read_to_string(&version_file)
+        .map_err(|e| TierError::Io(version_file.clone(), e))?
+        .trim()
+        .to_string();
+    let cache = dir.join(format!("guest-modules-{version}"));
+    let modules: Vec<PathBuf> = GUEST_MODULES
+        .iter()
+        .map(|m| cache.join(Path::new(m).file_name().unwrap_or_default()))
+        .collect();
+    if modules.iter().all(|m| m.is_file()) {
+        return Ok(modules);
+    }
+    let package = kernel_package(CLOUD_KERNEL_META)?;
+    let (tmp, root) = download_package(&package)?;
+    let abi = package.strip_prefix("linux-image-").unwrap_or(&package);
+    let config = root.join("boot").join(format!("config-{abi}"));
+    if !config.is_file() {
+        return Err(TierError::Missing(format!(
+            "{package} has no {}",
+            config.display()
+        )));
+    }
+    let vmlinux = fs::read(dir.join("debian-cloud-vmlinux")).unwrap_or_default();
+    let needle = format!("Linux version {abi} ");
+    if !vmlinux
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+    {
+        return Err(TierError::Missing(format!(
+            "the cached cloud kernel ({version}) is not {package}: run resources/fetch-kernel.sh --force"
+        )));
+    }
+    fs::create_dir_all(&cache).map_err(|e| TierError::Io(cache.clone(), e))?;
+    for (module, dest) in GUEST_MODULES.iter().zip(&modules) {
+        let from = root
+            .join("lib/modules")
+            .join(abi)
+            .join("kernel")
+            .join(module);
+        fs::copy(&from, dest).map_err(|e| TierError::Io(from, e))?;
+    }
+    let _ = fs::remove_dir_all(&tmp);
+    Ok(modules)
+}
+
+/// Where the guest finds `mke2fs` and `e2fsck` (not in `/bin` or `/sbin`,
+/// where busybox's applets of the same names are).
+pub const GUEST_TOOLS_DIR: &str = "opt/e2fsprogs";
+
+/// Host programs the guest runs on its disk (`mke2fs`, `e2fsck`), with the
+/// shared libraries and loader they need, as (path in the guest, host
+/// file). From the host's e2fsprogs.
+pub fn guest_disk_tools() -> Result<Vec<(String, PathBuf)>, TierError> {
+    let mut files = Vec::new();
+    for tool in ["/usr/sbin/mke2fs", "/usr/sbin/e2fsck"] {
+        let path = PathBuf::from(tool);
+        if !path.is_file() {
+            return Err(TierError::Missing(format!("{tool}: install e2fsprogs")));
+        }
+        let out = Command::new("ldd")
+            .arg(&path)
+            .output()
+            .map_err(|e| TierError::Missing(format!("ldd: {e}")))?;
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // "libx.so => /lib/.../libx.so (0x...)" or "/lib64/ld-linux... (0x...)".
+            let lib = line
+                .split("=>")
+                .last()
+                .and_then(|r| r.split_whitespace().next())
+                .filter(|p| p.starts_with('/'));
+            if let Some(lib) = lib {
+                files.push((lib.trim_start_matches('/').to_string(), PathBuf::from(lib)));
+            }
+        }
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        files.push((format!("{GUEST_TOOLS_DIR}/{name}"), path.clone()));
+    }
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// The real package behind a kernel metapackage such as
+/// `linux-image-amd64` (running `apt-get update` once if apt does not know
+/// it yet).
+fn kernel_package(meta: &str) -> Result<String, TierError> {
     let resolve = || -> Option<String> {
         let out = Command::new("apt-cache")
-            .args([
-                "depends",
-                "--no-recommends",
-                "--no-suggests",
-                GENERIC_KERNEL_META,
-            ])
+            .args(["depends", "--no-recommends", "--no-suggests", meta])
             .output()
             .ok()?;
         String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
@@ -256,7 +359,7 @@ fn generic_kernel_package() -> Result<String, TierError> {
     )?;
     resolve().ok_or_else(|| {
         TierError::Missing(format!(
-            "apt cannot resolve {GENERIC_KERNEL_META} to a kernel package (Debian main in apt sources?)"
+            "apt cannot resolve {meta} to a kernel package (Debian main in apt sources?)"
         ))
     })
 }

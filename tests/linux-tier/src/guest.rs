@@ -178,14 +178,7 @@ impl LinuxVm {
 
     /// Waits for the `INIT` line; returns it.
     pub fn wait_init(&mut self, timeout: Duration) -> Result<String, Failure> {
-        let mut init = None;
-        self.watch(timeout, true, |line, _| {
-            if is_init(line) {
-                init = Some(line.to_string());
-            }
-            init.is_some()
-        })?;
-        init.ok_or_else(|| Failure::of(self, format!("no INIT line within {timeout:?}")))
+        self.find_line(timeout, true, "INIT line", is_init)
     }
 
     /// Waits for `count` heartbeats after the newest one seen, failing on
@@ -208,6 +201,40 @@ impl LinuxVm {
             ));
         }
         Ok(beats)
+    }
+
+    /// Types a line into the console without waiting for anything.
+    pub fn type_line(&mut self, line: &str) -> Result<(), Failure> {
+        self.guest
+            .send(&format!("{line}\n"))
+            .map_err(|e| Failure::of(self, format!("cannot type into the console: {e}")))
+    }
+
+    /// Waits for a console line that `pred` accepts, watching heartbeats on
+    /// the way as [`LinuxVm::heartbeats`] does; returns the line.
+    pub fn wait_line(
+        &mut self,
+        timeout: Duration,
+        pred: impl FnMut(&str) -> bool,
+    ) -> Result<String, Failure> {
+        self.find_line(timeout, false, "awaited console line", pred)
+    }
+
+    fn find_line(
+        &mut self,
+        timeout: Duration,
+        init_expected: bool,
+        what: &str,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Result<String, Failure> {
+        let mut found = None;
+        self.watch(timeout, init_expected, |line, _| {
+            if pred(line) {
+                found = Some(line.to_string());
+            }
+            found.is_some()
+        })?;
+        found.ok_or_else(|| Failure::of(self, format!("no {what} within {timeout:?}")))
     }
 
     /// Types a shell command and waits for a console line containing `expect`.

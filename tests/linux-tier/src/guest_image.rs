@@ -31,21 +31,29 @@ fn skeleton(archive: &mut CpioArchive) -> std::io::Result<()> {
 }
 
 /// Builds the Linux guest's initramfs into `work`; returns its path.
+/// `modules` go to `/lib/modules/` (the guest's `/init` loads them in name
+/// order), `tools` (path in the guest, host file) are added as they are.
 pub fn guest_initramfs(
     work: &Path,
     busybox: &Path,
     bins: &StaticBinaries,
+    modules: &[PathBuf],
+    tools: &[(String, PathBuf)],
 ) -> Result<PathBuf, TierError> {
     let path = work.join("guest-initramfs.cpio");
-    write_guest_initramfs(&path, busybox, bins)?;
+    write_guest_initramfs(&path, busybox, bins, modules, tools)?;
     Ok(path)
 }
 
-/// Writes the Linux guest's initramfs to `path`.
+/// Writes the Linux guest's initramfs to `path`: busybox, the workload,
+/// the kernel modules `/init` loads, and the disk tools (each with the
+/// name it gets in the guest).
 pub fn write_guest_initramfs(
     path: &Path,
     busybox: &Path,
     bins: &StaticBinaries,
+    modules: &[PathBuf],
+    tools: &[(String, PathBuf)],
 ) -> Result<(), TierError> {
     let init = workspace_root().join("resources/linux-guest/init.sh");
     let mut a = CpioArchive::new();
@@ -57,7 +65,37 @@ pub fn write_guest_initramfs(
                 .map(|_| ())
         })
         .map_err(io(path))?;
+    add_modules_and_tools(&mut a, modules, tools).map_err(io(path))?;
     fs::write(path, a.finish().map_err(io(path))?).map_err(io(path))
+}
+
+fn add_modules_and_tools(
+    a: &mut CpioArchive,
+    modules: &[PathBuf],
+    tools: &[(String, PathBuf)],
+) -> std::io::Result<()> {
+    a.dir("lib")?.dir("lib/modules")?;
+    for (i, module) in modules.iter().enumerate() {
+        let name = module.file_name().unwrap_or_default().to_string_lossy();
+        // The number keeps the load order that the guest's /init follows.
+        a.host_file(&format!("lib/modules/{i}-{name}"), 0o644, module)?;
+    }
+    let mut dirs: Vec<String> = Vec::new();
+    for (guest, host) in tools {
+        let mut prefix = String::new();
+        for part in Path::new(guest).parent().into_iter().flat_map(Path::iter) {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(&part.to_string_lossy());
+            if !dirs.contains(&prefix) && prefix != "bin" && prefix != "lib" {
+                a.dir(&prefix)?;
+                dirs.push(prefix.clone());
+            }
+        }
+        a.host_file(guest, 0o755, host)?;
+    }
+    Ok(())
 }
 
 /// Builds the nested machine's initramfs into `work`; returns its path.

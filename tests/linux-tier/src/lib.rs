@@ -28,6 +28,7 @@
 
 pub mod artifacts;
 pub mod boot_log;
+mod disk_scenarios;
 pub mod guest;
 pub mod guest_image;
 pub mod report;
@@ -110,7 +111,10 @@ pub fn run_tier() -> Result<TierRun, TierError> {
     };
     let bins = artifacts::static_binaries()?;
     let guest_kernel = artifacts::guest_kernel()?;
-    let guest_initrd = guest_image::guest_initramfs(&work, &busybox, &bins)?;
+    let guest_modules = artifacts::guest_modules()?;
+    let guest_tools = artifacts::guest_disk_tools()?;
+    let guest_initrd =
+        guest_image::guest_initramfs(&work, &busybox, &bins, &guest_modules, &guest_tools)?;
     let mut retries = Vec::new();
     let transcript = match qemu {
         None => run_direct(&bins, &guest_kernel, &guest_initrd, &work)?,
@@ -267,12 +271,17 @@ fn run_nested_until_pass(
     Ok((Vec::new(), notes))
 }
 
-fn nested_cmdline() -> &'static str {
-    if std::env::var("CRYO_LINUX_TIER_VERBOSE").is_ok_and(|v| v == "1") {
-        "console=ttyS0 panic=-1"
+fn nested_cmdline() -> String {
+    let mut line = if std::env::var("CRYO_LINUX_TIER_VERBOSE").is_ok_and(|v| v == "1") {
+        "console=ttyS0 panic=-1".to_string()
     } else {
-        "console=ttyS0 quiet panic=-1"
+        "console=ttyS0 quiet panic=-1".to_string()
+    };
+    // Reaches the nested /init, and so the driver, as an environment variable.
+    if let Ok(only) = std::env::var(scenarios::ONLY_VAR) {
+        line.push_str(&format!(" {}={only}", scenarios::ONLY_VAR));
     }
+    line
 }
 
 fn run_nested(qemu: &Path, vmlinuz: &Path, initrd: &Path) -> Result<Vec<String>, TierError> {
@@ -287,7 +296,8 @@ fn run_nested(qemu: &Path, vmlinuz: &Path, initrd: &Path) -> Result<Vec<String>,
     // Quiet: the nested machine's own kernel messages are noise here;
     // the guests' consoles come through the driver. CRYO_LINUX_TIER_VERBOSE=1
     // shows them, to debug the nested machine itself.
-    .args(["-append", nested_cmdline()])
+    .arg("-append")
+    .arg(nested_cmdline())
     .args(["-display", "none", "-nodefaults", "-serial", "stdio"])
     .args(["-no-reboot", "-monitor", "none"]);
     collect_lines(cmd, NESTED_TIMEOUT)

@@ -13,6 +13,9 @@
 //!    migration over a unix socket, and a live snapshot that is restored
 //!    after the source has gone on running and been stopped.
 //!
+//! A third guest, with an ext4 filesystem on a virtio-blk disk, carries the
+//! disk scenarios (`crate::disk_scenarios`).
+//!
 //! After every restore the workload must carry on: the next heartbeat
 //! number, no `MISMATCH`, no new `INIT` (no reboot), timers that keep
 //! firing, and clocks that never go back and move together.
@@ -58,6 +61,11 @@ pub mod names {
     pub const TIMEKEEPING: &str = "timekeeping";
     /// `cryo pause`, a wait, `cryo resume`: the guest sees the gap.
     pub const PAUSE_RESUME: &str = "pause-resume";
+    /// ext4 on virtio-blk written with fsync while saved: every
+    /// acknowledged write there after the restore, e2fsck clean.
+    pub const DISK_FSYNC_SAVE: &str = "disk-fsync-save";
+    /// A changed or missing disk refused at restore.
+    pub const DISK_CHANGED_REFUSED: &str = "disk-changed-refused";
 }
 
 /// Every scenario, in the order the driver reports them.
@@ -76,12 +84,14 @@ pub const ALL: &[&str] = &[
     names::MIGRATE_UNIX,
     names::LIVE_SNAPSHOT,
     names::TIMEKEEPING,
+    names::DISK_FSYNC_SAVE,
+    names::DISK_CHANGED_REFUSED,
 ];
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-const BEAT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+pub(crate) const BEAT_TIMEOUT: Duration = Duration::from_secs(60);
 const SAVE_TIMEOUT: Duration = Duration::from_secs(300);
-const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Heartbeats each check waits for.
 const BEATS: usize = 4;
 /// How far the guest's monotonic clock may run ahead of the host's wall
@@ -116,23 +126,23 @@ struct ClockRecord {
 }
 
 /// The driver's running tally.
-struct Tally {
+pub(crate) struct Tally {
     failed: usize,
     clocks: Vec<ClockRecord>,
 }
 
 impl Tally {
-    fn pass(&mut self, scenario: &str, detail: &str) {
+    pub(crate) fn pass(&mut self, scenario: &str, detail: &str) {
         report::result(scenario, true, detail);
     }
 
-    fn fail(&mut self, scenario: &str, failure: &Failure) {
+    pub(crate) fn fail(&mut self, scenario: &str, failure: &Failure) {
         self.failed += 1;
         report::log(scenario, &failure.log);
         report::result(scenario, false, &failure.reason);
     }
 
-    fn outcome(&mut self, scenario: &str, result: Result<String, Failure>) -> bool {
+    pub(crate) fn outcome(&mut self, scenario: &str, result: Result<String, Failure>) -> bool {
         match result {
             Ok(detail) => {
                 self.pass(scenario, &detail);
@@ -145,12 +155,17 @@ impl Tally {
         }
     }
 
-    fn not_run(&mut self, scenarios: &[&str], because: &str) {
+    pub(crate) fn not_run(&mut self, scenarios: &[&str], because: &str) {
         for s in scenarios {
             self.fail(s, &Failure::plain(format!("not run: {because}")));
         }
     }
 }
+
+/// With this environment variable set to `disk`, the driver runs the disk
+/// scenarios only (a shortcut while working on them; the other scenarios
+/// then report nothing and their tests fail).
+pub const ONLY_VAR: &str = "CRYO_LINUX_TIER_ONLY";
 
 /// Runs every scenario; returns how many failed.
 pub fn run_all(setup: &Setup) -> usize {
@@ -158,23 +173,28 @@ pub fn run_all(setup: &Setup) -> usize {
         failed: 0,
         clocks: Vec::new(),
     };
+    if std::env::var(ONLY_VAR).is_ok_and(|v| v == "disk") {
+        crate::disk_scenarios::disk_guest(setup, &mut tally);
+        return tally.failed;
+    }
     single_vcpu_guest(setup, &mut tally);
     two_vcpu_chain(setup, &mut tally);
     let bzimage = bzimage_boot(setup);
     tally.outcome(names::BOOT_BZIMAGE, bzimage);
+    crate::disk_scenarios::disk_guest(setup, &mut tally);
     report_clocks(&mut tally);
     tally.failed
 }
 
-fn strings(args: &[&str]) -> Vec<String> {
+pub(crate) fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-fn path_str(p: &Path) -> String {
+pub(crate) fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
-fn run_args(setup: &Setup, vcpus: u32, extra: &[String]) -> Vec<String> {
+pub(crate) fn run_args(setup: &Setup, vcpus: u32, extra: &[String]) -> Vec<String> {
     run_kernel_args(&setup.kernel, setup, vcpus, extra)
 }
 
@@ -222,7 +242,19 @@ fn boot(vm: &mut LinuxVm, vcpus: u32, figure: &str) -> Result<String, Failure> {
     ))
 }
 
-fn cryo_ok(args: &[String], what: &str) -> Result<String, Failure> {
+/// `cryo restore --from IMAGE --api API` in a new process.
+pub(crate) fn spawn_restore(image: &Path, api: PathBuf) -> LinuxVm {
+    let args = strings(&[
+        "restore",
+        "--from",
+        &path_str(image),
+        "--api",
+        &path_str(&api),
+    ]);
+    LinuxVm::spawn(&args, api)
+}
+
+pub(crate) fn cryo_ok(args: &[String], what: &str) -> Result<String, Failure> {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, out, err) = run_cryo(&refs, SAVE_TIMEOUT);
     if code == Some(0) {
@@ -695,17 +727,7 @@ fn live_snapshot(setup: &Setup, mut vm: LinuxVm, tally: &mut Tally) -> Result<St
     )?;
     vm.wait_exit(EXIT_TIMEOUT)?;
 
-    let api = setup.work.join("vm-snap.sock");
-    let mut restored = LinuxVm::spawn(
-        &strings(&[
-            "restore",
-            "--from",
-            &path_str(&image),
-            "--api",
-            &path_str(&api),
-        ]),
-        api,
-    );
+    let mut restored = spawn_restore(&image, setup.work.join("vm-snap.sock"));
     // The image holds the guest as it was when the snapshot began: after
     // `start` (the last heartbeat before the command) and before the
     // source's later heartbeats.

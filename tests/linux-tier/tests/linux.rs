@@ -62,6 +62,16 @@ fn check(scenario: &str) {
 }
 
 #[test]
+fn linux_disk_keeps_every_acknowledged_write_across_a_save() {
+    check(names::DISK_FSYNC_SAVE);
+}
+
+#[test]
+fn linux_disk_changed_or_missing_is_refused_at_restore() {
+    check(names::DISK_CHANGED_REFUSED);
+}
+
+#[test]
 fn linux_boots_to_user_space_with_one_vcpu() {
     check(names::BOOT_1VCPU);
 }

@@ -40,6 +40,7 @@ pub const PAGE_SIZE: usize = 4096;
 /// Section names in a saved image's device state (each state's
 /// [`StateSection::NAME`](microvm::persist::StateSection::NAME)).
 pub mod sections {
+    use microvm::devices::virtio::state::BlockDeviceState;
     use microvm::persist::{
         CmosState, I8042State, MachineState, SerialState, StateSection, VcpuState, VmState,
     };
@@ -55,6 +56,8 @@ pub mod sections {
     pub const I8042: &str = I8042State::NAME;
     /// [`microvm::persist::CmosState`].
     pub const CMOS: &str = CmosState::NAME;
+    /// [`microvm::devices::virtio::state::BlockDeviceState`], instance = MMIO slot.
+    pub const VIRTIO_BLK: &str = BlockDeviceState::NAME;
 }
 
 /// The image formats `save` writes.

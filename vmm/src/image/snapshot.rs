@@ -4,6 +4,7 @@
 //! through its own layout: see [`StateSection`] and docs/versions.md), and
 //! present.
 
+use microvm::devices::virtio::state::BlockDeviceState;
 use microvm::persist::{
     CmosState, I8042State, MachineState, SectionError, SerialState, StateSection, VcpuState,
     VmSnapshot, VmState,
@@ -81,6 +82,18 @@ pub enum DeviceStateError {
     /// Device state that holds RAM records.
     #[error("device state holds RAM records")]
     HoldsRam,
+    /// A virtio-blk section out of slot order, or whose slot is not its instance.
+    #[error(
+        "virtio-blk section instance {instance} (slot {slot}) out of order: expected {expected}"
+    )]
+    BlockOutOfOrder {
+        /// Instance of the section.
+        instance: u32,
+        /// Slot recorded inside it.
+        slot: u32,
+        /// The instance expected next.
+        expected: usize,
+    },
 }
 
 /// Writes `state` as its section, in its current version.
@@ -110,6 +123,9 @@ pub fn write_sections<W: std::io::Write>(
     write_one(w, 0, &snapshot.serial)?;
     write_one(w, 0, &snapshot.i8042)?;
     write_one(w, 0, &snapshot.cmos)?;
+    for b in &snapshot.blocks {
+        write_one(w, b.slot, b)?;
+    }
     Ok(())
 }
 
@@ -131,6 +147,7 @@ pub struct SnapshotBuilder {
     serial: Option<SerialState>,
     i8042: Option<I8042State>,
     cmos: Option<CmosState>,
+    blocks: Vec<BlockDeviceState>,
 }
 
 impl SnapshotBuilder {
@@ -177,6 +194,18 @@ impl SnapshotBuilder {
             sections::SERIAL => self.serial = Some(read(s)?),
             sections::I8042 => self.i8042 = Some(read(s)?),
             sections::CMOS => self.cmos = Some(read(s)?),
+            sections::VIRTIO_BLK => {
+                let b: BlockDeviceState = read(s)?;
+                // Sections come in slot order, each slot once, matching its instance.
+                if b.slot != s.instance || s.instance as usize != self.blocks.len() {
+                    return Err(DeviceStateError::BlockOutOfOrder {
+                        instance: s.instance,
+                        slot: b.slot,
+                        expected: self.blocks.len(),
+                    });
+                }
+                self.blocks.push(b);
+            }
             other => {
                 return Err(DeviceStateError::Unknown {
                     name: other.to_string(),
@@ -205,6 +234,7 @@ impl SnapshotBuilder {
             serial: self.serial.ok_or_else(|| missing(sections::SERIAL))?,
             i8042: self.i8042.ok_or_else(|| missing(sections::I8042))?,
             cmos: self.cmos.ok_or_else(|| missing(sections::CMOS))?,
+            blocks: self.blocks,
         })
     }
 }

@@ -8,8 +8,15 @@
 //! (`PNP0501`, IRQ 4) and the CMOS RTC (`PNP0B00`, IRQ 8). Without them the
 //! 8250 driver cannot get IRQ 4 (user-space console output never leaves the
 //! transmit queue) and `rtc_cmos` fails its probe with -EINVAL.
+//!
+//! Virtio-mmio devices are described the same way (`LNRO0005`, their 4 KiB
+//! MMIO window and interrupt line), which is how Linux's `virtio_mmio`
+//! driver finds them on kernels built without
+//! `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` (Debian's, among others).
 
-use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, ResourceTemplate, IO};
+use acpi_tables::aml::{
+    Device, EISAName, Interrupt, Memory32Fixed, Name, Package, ResourceTemplate, IO,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -67,28 +74,57 @@ fn isa_device(path: &str, pnp_id: &str, port: u16, ports: u8, irq: u32) -> Vec<u
     bytes_of(&Device::new(path.into(), vec![&hid_name, &crs_name]))
 }
 
-/// The DSDT: the legacy devices that raise interrupts, and the sleep type
-/// of soft-off (`\_S5`) that the guest writes to power off.
-fn dsdt() -> Vec<u8> {
+/// A virtio-mmio device in the DSDT: `LNRO0005`, its window, its interrupt.
+fn virtio_mmio_device(slot: usize, base: u64, irq: u32) -> Vec<u8> {
+    let hid: &'static str = "LNRO0005";
+    let uid = slot as u32;
+    let mem = Memory32Fixed::new(
+        true,
+        base as u32,
+        crate::devices::virtio::MMIO_WINDOW as u32,
+    );
+    let interrupt = Interrupt::new(true, true, false, false, irq);
+    let resources = ResourceTemplate::new(vec![&mem, &interrupt]);
+    let hid_name = Name::new("_HID".into(), &hid);
+    let uid_name = Name::new("_UID".into(), &uid);
+    let crs_name = Name::new("_CRS".into(), &resources);
+    let path = format!("_SB_.VR{slot:02X}");
+    bytes_of(&Device::new(
+        path.as_str().into(),
+        vec![&hid_name, &uid_name, &crs_name],
+    ))
+}
+
+/// The DSDT: the legacy devices that raise interrupts, the sleep type of
+/// soft-off (`\_S5`) that the guest writes to power off, and
+/// `virtio_devices` virtio-mmio devices in slots 0, 1, ...
+fn dsdt(virtio_devices: usize) -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let s5_type = SLEEP_TYPE_S5;
     let s5 = Package::new(vec![&s5_type]);
     dsdt.append_slice(&bytes_of(&Name::new("_S5_".into(), &s5)));
     dsdt.append_slice(&isa_device("_SB_.COM1", "PNP0501", COM1_BASE, 8, COM1_IRQ));
     dsdt.append_slice(&isa_device("_SB_.RTC_", "PNP0B00", CMOS_INDEX, 2, RTC_IRQ));
+    for slot in 0..virtio_devices {
+        if let Some(irq) = crate::devices::virtio::mmio_irq(slot) {
+            let base = crate::devices::virtio::mmio_base(slot);
+            dsdt.append_slice(&virtio_mmio_device(slot, base, irq));
+        }
+    }
     dsdt.update_checksum();
     dsdt.as_slice().to_vec()
 }
 
-/// Writes the ACPI tables for `vcpus` vCPUs; returns the RSDP address.
-pub fn setup_acpi(mem: &GuestMemory, vcpus: u8) -> Result<u64, AcpiError> {
+/// Writes the ACPI tables for `vcpus` vCPUs and `virtio_devices` virtio-mmio
+/// devices; returns the RSDP address.
+pub fn setup_acpi(mem: &GuestMemory, vcpus: u8, virtio_devices: usize) -> Result<u64, AcpiError> {
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align16(rsdp_addr + 36);
     // The XSDT has three entries: FADT, MADT (DSDT is reached through the FADT).
     let xsdt_len = 36 + 3 * 8;
     let dsdt_addr = align16(xsdt_addr + xsdt_len);
 
-    let dsdt_bytes = dsdt();
+    let dsdt_bytes = dsdt(virtio_devices);
     let fadt_addr = align16(dsdt_addr + dsdt_bytes.len() as u64);
 
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
@@ -166,7 +202,7 @@ mod tests {
     #[test]
     fn tables_are_linked_and_checksummed() {
         let mem = create_guest_memory(16, &MemoryBacking::Anonymous).unwrap();
-        let rsdp = setup_acpi(&mem, 4).unwrap();
+        let rsdp = setup_acpi(&mem, 4, 2).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, GuestAddress(rsdp)).unwrap();
         assert_eq!(&sig, b"RSD PTR ");

@@ -6,6 +6,7 @@ mod acpi_pm;
 mod cmos;
 pub mod console;
 mod serial;
+pub mod virtio;
 
 pub use acpi_pm::{AcpiPm, ACPI_PM_PORT, RESET_VALUE, SLEEP_TYPE_S5};
 pub use cmos::Cmos;

@@ -1,6 +1,7 @@
 //! `cryo-linux-guest-image OUT`: builds cryo's Linux test guest initramfs
-//! (busybox-static, the statically linked `cryo-workload` and the `/init`
-//! of `resources/linux-guest`) and writes it to OUT, for
+//! (busybox-static, the statically linked `cryo-workload`, the `/init` of
+//! `resources/linux-guest`, the virtio modules of the Debian cloud kernel
+//! and the ext4 tools) and writes it to OUT, for
 //! `cryo run --kernel VMLINUX --initrd OUT`.
 
 use std::path::PathBuf;
@@ -17,7 +18,9 @@ fn main() -> ExitCode {
     let out = PathBuf::from(out);
     let result = artifacts::busybox().and_then(|busybox| {
         let bins = artifacts::static_binaries()?;
-        guest_image::write_guest_initramfs(&out, &busybox, &bins)
+        let modules = artifacts::guest_modules()?;
+        let tools = artifacts::guest_disk_tools()?;
+        guest_image::write_guest_initramfs(&out, &busybox, &bins, &modules, &tools)
     });
     match result {
         Ok(()) => {

@@ -1,0 +1,256 @@
+//! Disk scenarios: a Linux guest with an ext4 filesystem on a virtio-blk
+//! disk, written with fsync while it is saved; after the restore every
+//! write the guest saw acknowledged is on the disk and `e2fsck` finds the
+//! filesystem clean. Then the disk, changed by the restored guest, or
+//! missing, is refused by a restore of the same image.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cryo_tests::run_cryo;
+
+use crate::guest::{Failure, LinuxVm};
+use crate::report;
+use crate::scenarios::{cryo_ok, names, path_str, run_args, spawn_restore, strings, Setup, Tally};
+use crate::scenarios::{BEAT_TIMEOUT, BOOT_TIMEOUT, EXIT_TIMEOUT};
+
+/// Size of the guest's disk.
+const DISK_BYTES: u64 = 96 << 20;
+/// Acknowledged writes to see before the save (the echo of the typed
+/// writer counts as one).
+const ACKS_BEFORE_SAVE: usize = 9;
+/// MiB each dd moves.
+const DD_MIB: u64 = 32;
+/// How long one dd may take.
+const DD_TIMEOUT: Duration = Duration::from_secs(150);
+/// How long a restore that must be refused may take.
+const REFUSAL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The background writer: each file is written with fsync, then announced
+/// with its checksum (`ACK i md5`): an acknowledged write.
+const WRITER: &str = "(i=0; while [ $i -lt 100000 ]; do i=$((i+1)); \
+dd if=/dev/urandom of=/mnt/w$i bs=4k count=4 conv=fsync 2>/dev/null && \
+echo ACK $i $(md5sum /mnt/w$i | cut -c1-32); done) &";
+
+/// Labels a failure with the step that failed and attaches `vm`'s console
+/// without the workload's heartbeat and sweep lines.
+fn at(vm: &LinuxVm, step: &'static str) -> impl FnOnce(Failure) -> Failure {
+    let log: Vec<String> = vm
+        .guest
+        .output()
+        .into_iter()
+        .filter(|l| !l.contains("HB seq=") && !l.contains("SWEEP "))
+        .collect();
+    let log = log[log.len().saturating_sub(80)..].to_vec();
+    move |f| Failure {
+        reason: format!("{step}: {}", f.reason),
+        log,
+    }
+}
+
+/// Runs the disk scenarios.
+pub fn disk_guest(setup: &Setup, tally: &mut Tally) {
+    match fsync_save(setup) {
+        Ok((detail, image, disk)) => {
+            tally.pass(names::DISK_FSYNC_SAVE, &detail);
+            tally.outcome(names::DISK_CHANGED_REFUSED, refusals(&image, &disk));
+        }
+        Err(f) => {
+            tally.fail(names::DISK_FSYNC_SAVE, &f);
+            tally.not_run(&[names::DISK_CHANGED_REFUSED], "the disk save failed");
+        }
+    }
+}
+
+/// `ACK i md5` / `HAVE i md5` lines of `lines`, by i.
+fn checksums(lines: &[String], tag: &str) -> BTreeMap<u64, String> {
+    let prefix = format!("{tag} ");
+    lines
+        .iter()
+        .filter_map(|l| {
+            let rest = &l[l.find(&prefix)? + prefix.len()..];
+            let mut words = rest.split_whitespace();
+            let i = words.next()?.parse().ok()?;
+            let sum = words.next()?;
+            (sum.len() == 32).then(|| (i, sum.to_string()))
+        })
+        .collect()
+}
+
+/// Boots with a blank disk, makes ext4 on it, measures O_DIRECT dd, starts
+/// the writer, saves, restores, and checks every acknowledged write and
+/// the filesystem. Returns the detail, the image and the disk.
+fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
+    let disk = setup.work.join("disk.raw");
+    let file = std::fs::File::create(&disk)
+        .and_then(|f| f.set_len(DISK_BYTES).map(|()| f))
+        .map_err(|e| Failure::plain(format!("cannot create {}: {e}", disk.display())))?;
+    drop(file);
+    let api = setup.work.join("disk-vm.sock");
+    let extra = strings(&["--api", &path_str(&api), "--disk", &path_str(&disk)]);
+    let mut vm = LinuxVm::spawn(&run_args(setup, 1, &extra), api.clone());
+    vm.wait_init(BOOT_TIMEOUT)?;
+    vm.type_line(
+        "/opt/e2fsprogs/mke2fs -q -F -t ext4 /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo DISK-$((40+2)) || echo DISK-FAILED-$((1+1)) $(ls /dev/vd* 2>&1) $(/opt/e2fsprogs/mke2fs -V 2>&1 | head -2) $(dmesg | grep -iE 'virtio|vda|LNRO' | tail -6)",
+    )?;
+    let line = vm
+        .wait_line(BOOT_TIMEOUT, |l| {
+            l.contains("DISK-42") || l.contains("DISK-FAILED-2")
+        })
+        .map_err(at(&vm, "mke2fs and mount"))?;
+    if line.contains("DISK-FAILED-2") {
+        return Err(Failure::of(&vm, format!("no ext4 on the disk: {line}")));
+    }
+    throughput(&mut vm).map_err(at(&vm, "dd"))?;
+    vm.type_line(WRITER)?;
+    let mut acks = 0;
+    vm.wait_line(BOOT_TIMEOUT, |l| {
+        acks += usize::from(l.contains("ACK "));
+        acks >= ACKS_BEFORE_SAVE
+    })
+    .map_err(at(&vm, "fsync writes before the save"))?;
+
+    let image = setup.work.join("disk-vm.img");
+    let started = Instant::now();
+    cryo_ok(
+        &strings(&["save", "--api", &path_str(&api), "--to", &path_str(&image)]),
+        "cryo save",
+    )?;
+    report::figure("disk_save_ms", started.elapsed().as_millis(), "ms");
+    let code = vm.wait_exit(EXIT_TIMEOUT)?;
+    if code != 0 {
+        return Err(Failure::of(&vm, format!("the saved VM exited {code}")));
+    }
+    let acked = checksums(&vm.guest.output(), "ACK");
+    let last = *acked.keys().last().unwrap_or(&0);
+
+    let api2 = setup.work.join("disk-vm2.sock");
+    let mut restored = spawn_restore(&image, api2.clone());
+    restored.heartbeats(2, BEAT_TIMEOUT)?;
+    // The writer carries on after the restore: its next acknowledgement.
+    restored
+        .wait_line(BEAT_TIMEOUT, |l| l.contains("ACK "))
+        .map_err(at(&restored, "fsync writes after the restore"))?;
+    restored.shell(
+        "kill $!; sleep 1; cd /; echo STOPPED-$((3+4))",
+        "STOPPED-7",
+        BEAT_TIMEOUT,
+    )?;
+    restored.shell(
+        &format!(
+            "for i in $(seq 1 {last}); do echo HAVE $i $(md5sum /mnt/w$i 2>&1 | cut -c1-32); done; echo HAVE-END-$((0+{last}))"
+        ),
+        &format!("HAVE-END-{last}"),
+        BEAT_TIMEOUT,
+    )?;
+    let have = checksums(&restored.guest.output(), "HAVE");
+    let lost: Vec<u64> = acked
+        .iter()
+        .filter(|(i, sum)| have.get(i) != Some(sum))
+        .map(|(i, _)| *i)
+        .collect();
+    if !lost.is_empty() {
+        return Err(Failure::of(
+            &restored,
+            format!("acknowledged writes lost or changed after the restore: {lost:?}"),
+        ));
+    }
+    restored.type_line(
+        "umount /mnt && /opt/e2fsprogs/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1; echo FSCK-$((6*7))-RC-$?",
+    )?;
+    let fsck = restored
+        .wait_line(BOOT_TIMEOUT, |l| l.contains("FSCK-42-RC-"))
+        .map_err(at(&restored, "e2fsck"))?;
+    if !fsck.contains("FSCK-42-RC-0") {
+        let _ = restored.type_line("cat /tmp/fsck.log");
+        std::thread::sleep(Duration::from_secs(2));
+        return Err(Failure::of(
+            &restored,
+            format!("e2fsck found the filesystem unclean: {fsck}"),
+        ));
+    }
+    cryo_ok(&strings(&["quit", "--api", &path_str(&api2)]), "cryo quit")?;
+    restored.wait_exit(EXIT_TIMEOUT)?;
+    Ok((
+        format!(
+            "{} writes acknowledged before the save, all on disk after the restore; e2fsck -fn clean",
+            acked.len()
+        ),
+        image,
+        disk,
+    ))
+}
+
+/// Guest `dd` of [`DD_MIB`] MiB onto a file of the ext4 filesystem
+/// (O_DIRECT write and read, and a buffered write with fsync), timed with
+/// the guest's uptime; reports the rates in MiB/s (nested: the guest runs
+/// under cryo inside QEMU TCG, on a disk file in the nested machine's
+/// tmpfs). A dd that fails is reported, not fatal.
+fn throughput(vm: &mut LinuxVm) -> Result<(), Failure> {
+    let count = DD_MIB * 16;
+    for (what, dd) in [
+        (
+            "direct_write",
+            format!("dd if=/dev/zero of=/mnt/bench bs=64k count={count} oflag=direct"),
+        ),
+        (
+            "direct_read",
+            "dd if=/mnt/bench of=/dev/null bs=64k iflag=direct".to_string(),
+        ),
+        (
+            "fsync_write",
+            format!("dd if=/dev/zero of=/mnt/bench2 bs=64k count={count} conv=fsync"),
+        ),
+    ] {
+        vm.type_line(&format!(
+            "s=$(cut -d' ' -f1 /proc/uptime); {dd} 2>/tmp/dd.err; r=$?; e=$(cut -d' ' -f1 /proc/uptime); echo DDW-$((1+1))-{what} rc=$r start=$s end=$e"
+        ))?;
+        let tag = format!("DDW-2-{what} ");
+        let line = vm.wait_line(DD_TIMEOUT, |l| l.contains(&tag))?;
+        let secs = |key| cryo_tests::field(&line, key).and_then(|v| v.parse::<f64>().ok());
+        let value = match (cryo_tests::field(&line, "rc"), secs("start"), secs("end")) {
+            (Some("0"), Some(s), Some(e)) if e > s => format!("{:.1}", DD_MIB as f64 / (e - s)),
+            _ => format!("failed:{}", line.trim().replace(' ', "_")),
+        };
+        report::figure(&format!("disk_dd_{what}_nested"), value, "MiB/s");
+    }
+    vm.shell(
+        "rm -f /mnt/bench /mnt/bench2 && echo RM-$((5+5))",
+        "RM-10",
+        BEAT_TIMEOUT,
+    )
+}
+
+/// The disk changed since the save (the restored guest wrote to it), then
+/// missing: both restores of the image are refused with a clear error.
+fn refusals(image: &Path, disk: &Path) -> Result<String, Failure> {
+    let restore = ["restore", "--from", &path_str(image)];
+    let (code, _, err) = run_cryo(&restore, REFUSAL_TIMEOUT);
+    if code != Some(2) || !err.contains("changed since the save") {
+        return Err(Failure::plain(format!(
+            "a restore onto the changed disk gave {code:?}: {}",
+            err.trim()
+        )));
+    }
+    let moved = disk.with_extension("moved");
+    std::fs::rename(disk, &moved)
+        .map_err(|e| Failure::plain(format!("cannot move the disk away: {e}")))?;
+    let (code2, _, err2) = run_cryo(
+        &[&restore[..], &["--disk-changed-ok"]].concat(),
+        REFUSAL_TIMEOUT,
+    );
+    let _ = std::fs::remove_file(&moved);
+    let _ = std::fs::remove_file(image);
+    if code2 != Some(2) || !err2.contains("disk.raw") {
+        return Err(Failure::plain(format!(
+            "a restore with the disk missing gave {code2:?}: {}",
+            err2.trim()
+        )));
+    }
+    Ok(format!(
+        "changed disk refused ({}); missing disk refused even with --disk-changed-ok ({})",
+        err.trim(),
+        err2.trim()
+    ))
+}
