@@ -453,6 +453,7 @@ fn stray_connections_are_skipped() {
                         // A stray: garbage, then a hello of another session.
                         let (mut a, b) = UnixStream::pair()?;
                         let h = multifd::Hello {
+                            version: multifd::PROTOCOL_VERSION,
                             role: multifd::Role::Data,
                             compression: multifd::Encoding::Raw,
                             channel: 0,
