@@ -1,0 +1,311 @@
+//! Live migration (pre-copy): the VM keeps running while its RAM goes to a
+//! `cryo restore --listen` peer, first all of it, then rounds of the pages
+//! the guest dirtied meanwhile (KVM dirty logging, the `dirty-log` crate),
+//! over multifd protocol version 2. Once the dirty pages left fit the
+//! downtime limit at the measured bandwidth, the VM is paused, the last
+//! pages and the device state are sent, and the source ends only after the
+//! destination's ACK. Any failure, `cancel` or the time limit leaves the
+//! source running with dirty logging off.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use dirty_log::{DirtyBitmap, DirtyLog, PAGE_SIZE as LOG_PAGE};
+use microvm::{GuestMemory, RunState, VmController};
+use multifd::{LiveSender, PageSet, SocketOptions};
+use serde::Serialize;
+
+use super::fixed::mem_regions;
+use super::migrate::CompressionArg;
+use super::{snapshot, SaveControl, SaveError, PAGE_SIZE};
+use crate::progress::Progress;
+
+/// Options of a live migration.
+#[derive(Clone, Debug)]
+pub struct MigrateOptions {
+    /// Data channels (1 to 64).
+    pub channels: usize,
+    /// Per-packet compression.
+    pub compression: Option<CompressionArg>,
+    /// The longest pause the guest may see, in ms.
+    pub max_downtime_ms: u64,
+    /// Bandwidth limit of the data channels together, bytes per second.
+    pub max_bandwidth: Option<u64>,
+    /// Give up (and keep the source running) after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// What a live migration did.
+#[derive(Clone, Debug, Serialize)]
+pub struct MigrateStats {
+    /// The peer.
+    pub to: String,
+    /// Rounds sent, the first full pass and the last one included.
+    pub rounds: u32,
+    /// Pages sent over all rounds.
+    pub pages_sent: u64,
+    /// Guest RAM in bytes.
+    pub ram_bytes: u64,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// Pages sent in the last round (with the VM paused).
+    pub last_round_pages: u64,
+    /// How long the VM was paused, from pause to the destination's ACK, ms.
+    pub downtime_ms: f64,
+    /// The bandwidth the downtime estimate used, MB/s.
+    pub bandwidth_mb_s: f64,
+    /// The whole migration, ms.
+    pub total_ms: f64,
+}
+
+/// Rounds shorter than this say little about the bandwidth.
+const MIN_MEASURED_BYTES: u64 = 4 << 20;
+
+/// Migrates the running VM behind `controller` to `endpoint`. On success
+/// the VM is paused and the destination runs it: the caller ends it. On
+/// failure it runs on, dirty logging off.
+pub fn migrate_vm(
+    controller: &VmController,
+    endpoint: &multifd::Endpoint,
+    opts: &MigrateOptions,
+    control: &SaveControl,
+    progress: Option<&Progress>,
+) -> Result<MigrateStats, SaveError> {
+    let start = Instant::now();
+    control.check("migration")?;
+    let memory = controller.call(|vm| match vm.state() {
+        RunState::Running => Ok(vm.memory().clone()),
+        s => Err(SaveError::BadRequest(format!(
+            "live migration needs a running VM (it is {s:?}); use save --to for a paused one"
+        ))),
+    })??;
+    let mut log = Some(start_log(controller)?);
+    let mut paused = false;
+    let result = precopy(
+        controller,
+        endpoint,
+        opts,
+        control,
+        progress,
+        &memory,
+        &mut log,
+        &mut paused,
+    );
+    if let Some(log) = log {
+        // Off on every path; a VM that ended has no log to switch off.
+        let _ = controller.call(move |vm| log.stop(vm.vm_fd()));
+    }
+    match result {
+        Ok(mut stats) => {
+            stats.total_ms = start.elapsed().as_secs_f64() * 1e3;
+            Ok(stats)
+        }
+        Err(e) => {
+            if paused && !control.vm_ending() {
+                let _ = controller.resume();
+            }
+            Err(e)
+        }
+    }
+}
+
+fn start_log(controller: &VmController) -> Result<DirtyLog, SaveError> {
+    controller.call(|vm| {
+        let slots = vm.memory_slots()?;
+        // SAFETY: the VM's own memory slots as registered; the VM owns
+        // their mappings for as long as its fd (and so the slots) exists.
+        unsafe { DirtyLog::start(vm.vm_fd(), &slots) }.map_err(SaveError::from)
+    })?
+}
+
+/// The pages dirtied since the last fetch, one bitmap per memory region.
+fn fetch(
+    controller: &VmController,
+    log: &mut Option<DirtyLog>,
+) -> Result<Vec<DirtyBitmap>, SaveError> {
+    let mut l = log
+        .take()
+        .ok_or(SaveError::BadRequest("dirty logging is not running".into()))?;
+    let (l, maps) = controller.call(move |vm| {
+        let r = l.fetch_and_clear(vm.vm_fd());
+        (l, r)
+    })?;
+    *log = Some(l);
+    Ok(maps?)
+}
+
+fn dirty_bytes(maps: &[DirtyBitmap]) -> u64 {
+    maps.iter().map(DirtyBitmap::count).sum::<u64>() * LOG_PAGE
+}
+
+/// Adds `newer` into `maps` (same shapes: the same slots).
+fn merge(maps: &mut [DirtyBitmap], newer: &[DirtyBitmap]) {
+    for (m, n) in maps.iter_mut().zip(newer) {
+        m.merge(n);
+    }
+}
+
+/// Sets `stop` when the migration is cancelled or runs past `deadline`,
+/// until `done`.
+fn watch(control: &SaveControl, deadline: Option<Instant>, stop: &AtomicBool, done: &AtomicBool) {
+    while !done.load(Ordering::Acquire) {
+        if control.is_cancelled() || deadline.is_some_and(|d| Instant::now() >= d) {
+            stop.store(true, Ordering::Release);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn precopy(
+    controller: &VmController,
+    endpoint: &multifd::Endpoint,
+    opts: &MigrateOptions,
+    control: &SaveControl,
+    progress: Option<&Progress>,
+    memory: &GuestMemory,
+    log: &mut Option<DirtyLog>,
+    paused: &mut bool,
+) -> Result<MigrateStats, SaveError> {
+    let deadline = opts.timeout.map(|t| Instant::now() + t);
+    let stop = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| watch(control, deadline, &stop, &done));
+        let r = rounds(
+            controller, endpoint, opts, control, progress, memory, log, paused, &stop,
+        );
+        done.store(true, Ordering::Release);
+        r
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rounds(
+    controller: &VmController,
+    endpoint: &multifd::Endpoint,
+    opts: &MigrateOptions,
+    control: &SaveControl,
+    progress: Option<&Progress>,
+    memory: &GuestMemory,
+    log: &mut Option<DirtyLog>,
+    paused: &mut bool,
+    stop: &AtomicBool,
+) -> Result<MigrateStats, SaveError> {
+    let to = endpoint.to_string();
+    let wire = |e: multifd::MultifdError| SaveError::Image {
+        path: to.clone().into(),
+        source: e.into(),
+    };
+    let regions = mem_regions(memory);
+    let ram_bytes: u64 = regions.iter().map(|r| r.len()).sum();
+    if let Some(p) = progress {
+        p.set_total(ram_bytes);
+        p.phase("first pass");
+    }
+    let socket_opts = SocketOptions {
+        channels: opts.channels.clamp(1, 64),
+        compression: opts.compression.unwrap_or(CompressionArg::None).multifd(),
+    };
+    let mut tx =
+        LiveSender::connect(&mut || endpoint.connect(), &regions, &socket_opts).map_err(wire)?;
+    tx.set_max_bandwidth(opts.max_bandwidth);
+    let stopped = |tx: LiveSender<multifd::Stream>| -> SaveError {
+        let timed_out = !control.is_cancelled();
+        tx.abort(if timed_out {
+            "the source gave up: time limit reached"
+        } else {
+            "the source cancelled the migration"
+        });
+        if timed_out {
+            SaveError::NotConverged {
+                limit_s: opts.timeout.map_or(0, |t| t.as_secs()),
+            }
+        } else {
+            SaveError::Cancelled("migration")
+        }
+    };
+    let first = match tx.send_round(PageSet::AllNonZero, false, stop) {
+        Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
+            return Err(stopped(tx))
+        }
+        r => r.map_err(wire)?,
+    };
+    if let Some(p) = progress {
+        p.add(ram_bytes);
+        p.phase("dirty rounds");
+    }
+    let mut bandwidth = first.bytes_per_s().max(1.0);
+    let mut pages_sent = first.pages;
+    let budget = opts.max_downtime_ms as f64 / 1e3;
+    let mut maps = fetch(controller, log)?;
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return Err(stopped(tx));
+        }
+        let pending = dirty_bytes(&maps) as f64;
+        if pending / bandwidth <= budget {
+            break;
+        }
+        let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
+        let r = match tx.send_round(PageSet::Dirty(&words), false, stop) {
+            Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
+                return Err(stopped(tx))
+            }
+            r => r.map_err(wire)?,
+        };
+        pages_sent += r.pages;
+        if r.bytes >= MIN_MEASURED_BYTES {
+            bandwidth = r.bytes_per_s().max(1.0);
+        }
+        log::info!(
+            "live migration round {}: {} pages in {:.1} ms ({:.0} MB/s)",
+            r.round,
+            r.pages,
+            r.elapsed.as_secs_f64() * 1e3,
+            r.bytes_per_s() / 1e6
+        );
+        maps = fetch(controller, log)?;
+    }
+
+    // Stop and copy: the pages still pending plus those dirtied since.
+    if let Some(p) = progress {
+        p.phase("stop-and-copy");
+    }
+    let pause_start = Instant::now();
+    let snap = controller.call(|vm| {
+        vm.pause()?;
+        vm.save_state()
+    })?;
+    *paused = true;
+    let snap = snap?;
+    merge(&mut maps, &fetch(controller, log)?);
+    let device_state = snapshot::encode(&snap, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
+        path: to.clone().into(),
+        source: e.into(),
+    })?;
+    let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
+    let never = AtomicBool::new(false);
+    let last = tx
+        .send_round(PageSet::Dirty(&words), true, &never)
+        .map_err(wire)?;
+    let rounds = tx.next_round();
+    let stats = tx.finish(&device_state).map_err(wire)?;
+    let downtime_ms = pause_start.elapsed().as_secs_f64() * 1e3;
+    log::info!(
+        "live migration to {to}: {rounds} rounds, {} pages, paused {downtime_ms:.1} ms",
+        pages_sent + last.pages
+    );
+    Ok(MigrateStats {
+        to: to.clone(),
+        rounds,
+        pages_sent: pages_sent + last.pages,
+        ram_bytes,
+        bytes: stats.bytes,
+        last_round_pages: last.pages,
+        downtime_ms,
+        bandwidth_mb_s: bandwidth / 1e6,
+        total_ms: 0.0,
+    })
+}
