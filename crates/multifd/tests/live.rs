@@ -8,75 +8,27 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use common::{fill, Anon, PAGE};
-use multifd::{
-    receive, CallerError, Compression, LiveSender, MemRegion, MultifdError, PageSet, SocketOptions,
-    TransferStats,
-};
+use common::{fill, filled_regions, with_receiver, Anon, RecvResult, PAGE};
+use multifd::{Compression, LiveSender, MemRegion, MultifdError, PageSet, SocketOptions};
 
 const SIZES: [u64; 2] = [8 << 20, 4 << 20];
 const GUEST: [u64; 2] = [0, 1 << 32];
 
-type RecvResult = Result<(Vec<u8>, TransferStats), MultifdError>;
-
 fn source(seed: u64) -> Vec<Anon> {
-    SIZES
-        .iter()
-        .enumerate()
-        .map(|(i, &s)| {
-            let mut a = Anon::new(s as usize);
-            fill(a.bytes_mut(), seed + i as u64);
-            a
-        })
-        .collect()
+    filled_regions(&SIZES, seed)
 }
 
-fn allocator(
-    keep: Arc<Mutex<Vec<Anon>>>,
-) -> impl FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError> {
-    move |layout: &[(u64, u64)]| {
-        let mut k = keep.lock().unwrap();
-        let mut out = Vec::new();
-        for &(g, s) in layout {
-            let a = Anon::new(s as usize);
-            out.push(a.region(g));
-            k.push(a);
-        }
-        Ok(out)
-    }
-}
-
-/// Runs `send` against a receiving thread over socket pairs; returns the
-/// receiver's result and memory.
-fn with_receiver<T>(
+/// Runs `send` against a receiving thread over Unix socket pairs.
+fn over_pairs<T>(
     send: impl FnOnce(&mut dyn FnMut() -> io::Result<UnixStream>) -> T,
 ) -> (T, RecvResult, Vec<Anon>) {
-    let (tx, rx) = mpsc::channel::<UnixStream>();
-    let keep = Arc::new(Mutex::new(Vec::new()));
-    std::thread::scope(|s| {
-        let k = keep.clone();
-        let receiver = s.spawn(move || {
-            let mut alloc = allocator(k);
-            receive(
-                &mut || {
-                    rx.recv_timeout(Duration::from_secs(20))
-                        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no more connections"))
-                },
-                &mut alloc,
-            )
-        });
-        let sent = send(&mut || {
+    with_receiver(|tx: &mpsc::Sender<UnixStream>| {
+        send(&mut || {
             let (a, b) = UnixStream::pair()?;
             tx.send(b).map_err(|_| io::Error::other("receiver gone"))?;
             Ok(a)
-        });
-        drop(tx);
-        let received = receiver.join().unwrap();
-        let mems = std::mem::take(&mut *keep.lock().unwrap());
-        (sent, received, mems)
+        })
     })
 }
 
@@ -116,7 +68,7 @@ fn rounds_bring_the_receiver_up_to_date() {
                 compression,
             };
             let state = b"the device state".to_vec();
-            let (sent, received, mems) = with_receiver(|connect| {
+            let (sent, received, mems) = over_pairs(|connect| {
                 let mut tx = LiveSender::connect(connect, &regs, &opts)?;
                 let first = tx.send_round(PageSet::AllNonZero, false, &no_cancel)?;
                 assert_eq!(first.round, 0);
@@ -159,7 +111,7 @@ fn cancel_and_abort_fail_the_receiver_cleanly() {
         compression: Compression::None,
     };
     let cancel = AtomicBool::new(true);
-    let (sent, received, _) = with_receiver(|connect| {
+    let (sent, received, _) = over_pairs(|connect| {
         let mut tx = LiveSender::connect(connect, &regs, &opts)?;
         let r = tx.send_round(PageSet::AllNonZero, false, &cancel);
         assert!(matches!(r, Err(MultifdError::Aborted(_))), "{r:?}");
@@ -184,7 +136,7 @@ fn finish_needs_the_last_round_and_rounds_need_fitting_bitmaps() {
         compression: Compression::None,
     };
     let no_cancel = AtomicBool::new(false);
-    let (sent, received, _) = with_receiver(|connect| {
+    let (sent, received, _) = over_pairs(|connect| {
         let mut tx = LiveSender::connect(connect, &regs, &opts)?;
         let short = [0u64; 1];
         let maps: [&[u64]; 2] = [&short, &short];

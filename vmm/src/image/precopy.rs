@@ -81,16 +81,15 @@ pub fn migrate_vm(
     })??;
     let mut log = Some(start_log(controller)?);
     let mut paused = false;
-    let result = precopy(
+    let m = Migration {
         controller,
         endpoint,
         opts,
         control,
         progress,
-        &memory,
-        &mut log,
-        &mut paused,
-    );
+        memory: &memory,
+    };
+    let result = m.precopy(&mut log, &mut paused);
     if let Some(log) = log {
         // Off on every path; a VM that ended has no log to switch off.
         let _ = controller.call(move |vm| log.stop(vm.vm_fd()));
@@ -157,155 +156,163 @@ fn watch(control: &SaveControl, deadline: Option<Instant>, stop: &AtomicBool, do
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn precopy(
-    controller: &VmController,
-    endpoint: &multifd::Endpoint,
-    opts: &MigrateOptions,
-    control: &SaveControl,
-    progress: Option<&Progress>,
-    memory: &GuestMemory,
-    log: &mut Option<DirtyLog>,
-    paused: &mut bool,
-) -> Result<MigrateStats, SaveError> {
-    let deadline = opts.timeout.map(|t| Instant::now() + t);
-    let stop = AtomicBool::new(false);
-    let done = AtomicBool::new(false);
-    std::thread::scope(|s| {
-        s.spawn(|| watch(control, deadline, &stop, &done));
-        let r = rounds(
-            controller, endpoint, opts, control, progress, memory, log, paused, &stop,
-        );
-        done.store(true, Ordering::Release);
-        r
-    })
+/// One live migration's fixed inputs.
+struct Migration<'a> {
+    controller: &'a VmController,
+    endpoint: &'a multifd::Endpoint,
+    opts: &'a MigrateOptions,
+    control: &'a SaveControl,
+    progress: Option<&'a Progress>,
+    memory: &'a GuestMemory,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn rounds(
-    controller: &VmController,
-    endpoint: &multifd::Endpoint,
-    opts: &MigrateOptions,
-    control: &SaveControl,
-    progress: Option<&Progress>,
-    memory: &GuestMemory,
-    log: &mut Option<DirtyLog>,
-    paused: &mut bool,
-    stop: &AtomicBool,
-) -> Result<MigrateStats, SaveError> {
-    let to = endpoint.to_string();
-    let wire = |e: multifd::MultifdError| SaveError::Image {
-        path: to.clone().into(),
-        source: e.into(),
-    };
-    let regions = mem_regions(memory);
-    let ram_bytes: u64 = regions.iter().map(|r| r.len()).sum();
-    if let Some(p) = progress {
-        p.set_total(ram_bytes);
-        p.phase("first pass");
+impl Migration<'_> {
+    /// The rounds, with a watcher that stops them on cancel or at the time limit.
+    fn precopy(
+        &self,
+        log: &mut Option<DirtyLog>,
+        paused: &mut bool,
+    ) -> Result<MigrateStats, SaveError> {
+        let deadline = self.opts.timeout.map(|t| Instant::now() + t);
+        let stop = AtomicBool::new(false);
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| watch(self.control, deadline, &stop, &done));
+            let r = self.rounds(log, paused, &stop);
+            done.store(true, Ordering::Release);
+            r
+        })
     }
-    let socket_opts = SocketOptions {
-        channels: opts.channels.clamp(1, 64),
-        compression: opts.compression.unwrap_or(CompressionArg::None).multifd(),
-    };
-    let mut tx =
-        LiveSender::connect(&mut || endpoint.connect(), &regions, &socket_opts).map_err(wire)?;
-    tx.set_max_bandwidth(opts.max_bandwidth);
-    let stopped = |tx: LiveSender<multifd::Stream>| -> SaveError {
-        let timed_out = !control.is_cancelled();
-        tx.abort(if timed_out {
-            "the source gave up: time limit reached"
-        } else {
-            "the source cancelled the migration"
-        });
-        if timed_out {
-            SaveError::NotConverged {
-                limit_s: opts.timeout.map_or(0, |t| t.as_secs()),
+
+    fn rounds(
+        &self,
+        log: &mut Option<DirtyLog>,
+        paused: &mut bool,
+        stop: &AtomicBool,
+    ) -> Result<MigrateStats, SaveError> {
+        let Migration {
+            controller,
+            endpoint,
+            opts,
+            control,
+            progress,
+            memory,
+        } = *self;
+        let to = endpoint.to_string();
+        let wire = |e: multifd::MultifdError| SaveError::Image {
+            path: to.clone().into(),
+            source: e.into(),
+        };
+        let regions = mem_regions(memory);
+        let ram_bytes: u64 = regions.iter().map(|r| r.len()).sum();
+        if let Some(p) = progress {
+            p.set_total(ram_bytes);
+            p.phase("first pass");
+        }
+        let socket_opts = SocketOptions {
+            channels: opts.channels.clamp(1, 64),
+            compression: opts.compression.unwrap_or(CompressionArg::None).multifd(),
+        };
+        let mut tx = LiveSender::connect(&mut || endpoint.connect(), &regions, &socket_opts)
+            .map_err(wire)?;
+        tx.set_max_bandwidth(opts.max_bandwidth);
+        let stopped = |tx: LiveSender<multifd::Stream>| -> SaveError {
+            let timed_out = !control.is_cancelled();
+            tx.abort(if timed_out {
+                "the source gave up: time limit reached"
+            } else {
+                "the source cancelled the migration"
+            });
+            if timed_out {
+                SaveError::NotConverged {
+                    limit_s: opts.timeout.map_or(0, |t| t.as_secs()),
+                }
+            } else {
+                SaveError::Cancelled("migration")
             }
-        } else {
-            SaveError::Cancelled("migration")
-        }
-    };
-    let first = match tx.send_round(PageSet::AllNonZero, false, stop) {
-        Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
-            return Err(stopped(tx))
-        }
-        r => r.map_err(wire)?,
-    };
-    if let Some(p) = progress {
-        p.add(ram_bytes);
-        p.phase("dirty rounds");
-    }
-    let mut bandwidth = first.bytes_per_s().max(1.0);
-    let mut pages_sent = first.pages;
-    let budget = opts.max_downtime_ms as f64 / 1e3;
-    let mut maps = fetch(controller, log)?;
-    loop {
-        if stop.load(Ordering::Acquire) {
-            return Err(stopped(tx));
-        }
-        let pending = dirty_bytes(&maps) as f64;
-        if pending / bandwidth <= budget {
-            break;
-        }
-        let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
-        let r = match tx.send_round(PageSet::Dirty(&words), false, stop) {
+        };
+        let first = match tx.send_round(PageSet::AllNonZero, false, stop) {
             Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
                 return Err(stopped(tx))
             }
             r => r.map_err(wire)?,
         };
-        pages_sent += r.pages;
-        if r.bytes >= MIN_MEASURED_BYTES {
-            bandwidth = r.bytes_per_s().max(1.0);
+        if let Some(p) = progress {
+            p.add(ram_bytes);
+            p.phase("dirty rounds");
         }
-        log::info!(
-            "live migration round {}: {} pages in {:.1} ms ({:.0} MB/s)",
-            r.round,
-            r.pages,
-            r.elapsed.as_secs_f64() * 1e3,
-            r.bytes_per_s() / 1e6
-        );
-        maps = fetch(controller, log)?;
-    }
+        let mut bandwidth = first.bytes_per_s().max(1.0);
+        let mut pages_sent = first.pages;
+        let budget = opts.max_downtime_ms as f64 / 1e3;
+        let mut maps = fetch(controller, log)?;
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return Err(stopped(tx));
+            }
+            let pending = dirty_bytes(&maps) as f64;
+            if pending / bandwidth <= budget {
+                break;
+            }
+            let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
+            let r = match tx.send_round(PageSet::Dirty(&words), false, stop) {
+                Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
+                    return Err(stopped(tx))
+                }
+                r => r.map_err(wire)?,
+            };
+            pages_sent += r.pages;
+            if r.bytes >= MIN_MEASURED_BYTES {
+                bandwidth = r.bytes_per_s().max(1.0);
+            }
+            log::info!(
+                "live migration round {}: {} pages in {:.1} ms ({:.0} MB/s)",
+                r.round,
+                r.pages,
+                r.elapsed.as_secs_f64() * 1e3,
+                r.bytes_per_s() / 1e6
+            );
+            maps = fetch(controller, log)?;
+        }
 
-    // Stop and copy: the pages still pending plus those dirtied since.
-    if let Some(p) = progress {
-        p.phase("stop-and-copy");
+        // Stop and copy: the pages still pending plus those dirtied since.
+        if let Some(p) = progress {
+            p.phase("stop-and-copy");
+        }
+        let pause_start = Instant::now();
+        let snap = controller.call(|vm| {
+            vm.pause()?;
+            vm.save_state()
+        })?;
+        *paused = true;
+        let snap = snap?;
+        merge(&mut maps, &fetch(controller, log)?);
+        let device_state =
+            snapshot::encode(&snap, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
+                path: to.clone().into(),
+                source: e.into(),
+            })?;
+        let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
+        let never = AtomicBool::new(false);
+        let last = tx
+            .send_round(PageSet::Dirty(&words), true, &never)
+            .map_err(wire)?;
+        let rounds = tx.next_round();
+        let stats = tx.finish(&device_state).map_err(wire)?;
+        let downtime_ms = pause_start.elapsed().as_secs_f64() * 1e3;
+        log::info!(
+            "live migration to {to}: {rounds} rounds, {} pages, paused {downtime_ms:.1} ms",
+            pages_sent + last.pages
+        );
+        Ok(MigrateStats {
+            to: to.clone(),
+            rounds,
+            pages_sent: pages_sent + last.pages,
+            ram_bytes,
+            bytes: stats.bytes,
+            last_round_pages: last.pages,
+            downtime_ms,
+            bandwidth_mb_s: bandwidth / 1e6,
+            total_ms: 0.0,
+        })
     }
-    let pause_start = Instant::now();
-    let snap = controller.call(|vm| {
-        vm.pause()?;
-        vm.save_state()
-    })?;
-    *paused = true;
-    let snap = snap?;
-    merge(&mut maps, &fetch(controller, log)?);
-    let device_state = snapshot::encode(&snap, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
-        path: to.clone().into(),
-        source: e.into(),
-    })?;
-    let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
-    let never = AtomicBool::new(false);
-    let last = tx
-        .send_round(PageSet::Dirty(&words), true, &never)
-        .map_err(wire)?;
-    let rounds = tx.next_round();
-    let stats = tx.finish(&device_state).map_err(wire)?;
-    let downtime_ms = pause_start.elapsed().as_secs_f64() * 1e3;
-    log::info!(
-        "live migration to {to}: {rounds} rounds, {} pages, paused {downtime_ms:.1} ms",
-        pages_sent + last.pages
-    );
-    Ok(MigrateStats {
-        to: to.clone(),
-        rounds,
-        pages_sent: pages_sent + last.pages,
-        ram_bytes,
-        bytes: stats.bytes,
-        last_round_pages: last.pages,
-        downtime_ms,
-        bandwidth_mb_s: bandwidth / 1e6,
-        total_ms: 0.0,
-    })
 }
