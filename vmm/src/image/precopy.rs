@@ -7,7 +7,8 @@
 //! destination's ACK. Any failure, `cancel` or the time limit leaves the
 //! source running with dirty logging off.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dirty_log::{DirtyBitmap, DirtyLog, PAGE_SIZE as LOG_PAGE};
@@ -54,6 +55,9 @@ pub struct MigrateStats {
     pub downtime_ms: f64,
     /// The bandwidth the downtime estimate used, MB/s.
     pub bandwidth_mb_s: f64,
+    /// The highest auto-converge throttle reached: the share of time the
+    /// vCPUs were held paused, percent (0: never throttled).
+    pub throttle_percent: u32,
     /// The whole migration, ms.
     pub total_ms: f64,
 }
@@ -156,6 +160,55 @@ fn watch(control: &SaveControl, deadline: Option<Instant>, stop: &AtomicBool, do
     }
 }
 
+/// Auto-converge: while a guest dirties memory faster than the link
+/// drains it, its vCPUs are held paused for a growing share of each period.
+struct Throttle {
+    percent: AtomicU32,
+    /// Held for the length of one paused slice; the last round holds it so
+    /// that no slice starts (or is under way) while it pauses the VM.
+    slice: Mutex<()>,
+}
+
+const THROTTLE_PERIOD: Duration = Duration::from_millis(100);
+/// The shares tried, one step per round that did not shrink the dirty set.
+const THROTTLE_STEPS: [u32; 6] = [20, 40, 60, 80, 95, 99];
+
+impl Throttle {
+    /// The next step after the current one; the highest stays.
+    fn step_up(&self) -> u32 {
+        let now = self.percent.load(Ordering::Acquire);
+        let next = THROTTLE_STEPS
+            .iter()
+            .copied()
+            .find(|s| *s > now)
+            .unwrap_or(now);
+        self.percent.store(next, Ordering::Release);
+        next
+    }
+
+    /// Pauses and resumes the VM in slices until `done`.
+    fn run(&self, controller: &VmController, done: &AtomicBool) {
+        while !done.load(Ordering::Acquire) {
+            let Ok(guard) = self.slice.lock() else {
+                return;
+            };
+            let percent = self.percent.load(Ordering::Acquire);
+            if percent == 0 {
+                drop(guard);
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            let hold = THROTTLE_PERIOD * percent / 100;
+            if controller.pause().is_ok() {
+                std::thread::sleep(hold);
+                let _ = controller.resume();
+            }
+            drop(guard);
+            std::thread::sleep(THROTTLE_PERIOD - hold);
+        }
+    }
+}
+
 /// One live migration's fixed inputs.
 struct Migration<'a> {
     controller: &'a VmController,
@@ -167,7 +220,8 @@ struct Migration<'a> {
 }
 
 impl Migration<'_> {
-    /// The rounds, with a watcher that stops them on cancel or at the time limit.
+    /// The rounds, with a watcher that stops them on cancel or at the time
+    /// limit, and the auto-converge throttle.
     fn precopy(
         &self,
         log: &mut Option<DirtyLog>,
@@ -176,9 +230,14 @@ impl Migration<'_> {
         let deadline = self.opts.timeout.map(|t| Instant::now() + t);
         let stop = AtomicBool::new(false);
         let done = AtomicBool::new(false);
+        let throttle = Throttle {
+            percent: AtomicU32::new(0),
+            slice: Mutex::new(()),
+        };
         std::thread::scope(|s| {
             s.spawn(|| watch(self.control, deadline, &stop, &done));
-            let r = self.rounds(log, paused, &stop);
+            s.spawn(|| throttle.run(self.controller, &done));
+            let r = self.rounds(log, paused, &stop, &throttle);
             done.store(true, Ordering::Release);
             r
         })
@@ -189,6 +248,7 @@ impl Migration<'_> {
         log: &mut Option<DirtyLog>,
         paused: &mut bool,
         stop: &AtomicBool,
+        throttle: &Throttle,
     ) -> Result<MigrateStats, SaveError> {
         let Migration {
             controller,
@@ -245,6 +305,8 @@ impl Migration<'_> {
         let mut pages_sent = first.pages;
         let budget = opts.max_downtime_ms as f64 / 1e3;
         let mut maps = fetch(controller, log)?;
+        let mut before: Option<f64> = None;
+        let mut throttled = 0;
         loop {
             if stop.load(Ordering::Acquire) {
                 return Err(stopped(tx));
@@ -253,6 +315,13 @@ impl Migration<'_> {
             if pending / bandwidth <= budget {
                 break;
             }
+            // The dirty set did not shrink by a fifth: the guest writes
+            // about as fast as the link drains, or faster.
+            if before.is_some_and(|b| pending >= b * 0.8) {
+                throttled = throttle.step_up();
+                log::info!("live migration: auto-converge throttles the vCPUs {throttled}%");
+            }
+            before = Some(pending);
             let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
             let r = match tx.send_round(PageSet::Dirty(&words), false, stop) {
                 Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
@@ -278,6 +347,10 @@ impl Migration<'_> {
         if let Some(p) = progress {
             p.phase("stop-and-copy");
         }
+        throttle.percent.store(0, Ordering::Release);
+        // No throttle slice runs from here on (a poisoned lock: the throttle
+        // thread is gone, which is as good).
+        let _no_slices = throttle.slice.lock();
         let pause_start = Instant::now();
         let snap = controller.call(|vm| {
             vm.pause()?;
@@ -312,6 +385,7 @@ impl Migration<'_> {
             last_round_pages: last.pages,
             downtime_ms,
             bandwidth_mb_s: bandwidth / 1e6,
+            throttle_percent: throttled,
             total_ms: 0.0,
         })
     }
