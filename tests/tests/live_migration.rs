@@ -124,6 +124,12 @@ fn finished(child: Child) -> (Option<i32>, String) {
 #[test]
 fn cancel_mid_way_leaves_the_source_running() {
     let (mut src, api, mut dest, migrate) = slow_migration("lm-cancel", &[]);
+    let (status, out, err) = cryo(&["query-progress", "--api", api.to_str().unwrap()]);
+    assert_eq!(status, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("\"migrate\"") && out.contains("\"first pass\""),
+        "{out}"
+    );
     let (status, out, err) = cryo(&["cancel", "--api", api.to_str().unwrap()]);
     assert_eq!(status, Some(0), "{out}\n{err}");
     let (code, text) = finished(migrate);

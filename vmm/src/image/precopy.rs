@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::fixed::mem_regions;
 use super::migrate::CompressionArg;
 use super::{snapshot, SaveControl, SaveError, PAGE_SIZE};
-use crate::progress::Progress;
+use crate::progress::{MigrationProgress, Progress};
 
 /// Options of a live migration.
 #[derive(Clone, Debug)]
@@ -305,6 +305,8 @@ impl Migration<'_> {
         let mut pages_sent = first.pages;
         let budget = opts.max_downtime_ms as f64 / 1e3;
         let mut maps = fetch(controller, log)?;
+        let mut fetched = Instant::now();
+        let mut round_time = first.elapsed;
         let mut before: Option<f64> = None;
         let mut throttled = 0;
         loop {
@@ -312,6 +314,15 @@ impl Migration<'_> {
                 return Err(stopped(tx));
             }
             let pending = dirty_bytes(&maps) as f64;
+            if let Some(p) = progress {
+                p.set_migration(MigrationProgress {
+                    round: tx.next_round(),
+                    dirty_rate_mb_s: pending / round_time.as_secs_f64().max(1e-3) / 1e6,
+                    remaining_bytes: pending as u64,
+                    expected_downtime_ms: pending / bandwidth * 1e3,
+                    throttle_percent: throttled,
+                });
+            }
             if pending / bandwidth <= budget {
                 break;
             }
@@ -341,6 +352,8 @@ impl Migration<'_> {
                 r.bytes_per_s() / 1e6
             );
             maps = fetch(controller, log)?;
+            round_time = fetched.elapsed();
+            fetched = Instant::now();
         }
 
         // Stop and copy: the pages still pending plus those dirtied since.
