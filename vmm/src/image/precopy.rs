@@ -62,6 +62,9 @@ pub struct MigrateStats {
     pub total_ms: f64,
 }
 
+/// The share of the downtime limit the last round's pages may take.
+const DATA_SHARE_OF_DOWNTIME: f64 = 0.5;
+
 /// Rounds shorter than this say little about the bandwidth.
 const MIN_MEASURED_BYTES: u64 = 4 << 20;
 
@@ -303,7 +306,10 @@ impl Migration<'_> {
         }
         let mut bandwidth = first.bytes_per_s().max(1.0);
         let mut pages_sent = first.pages;
-        let budget = opts.max_downtime_ms as f64 / 1e3;
+        // Half the downtime for the pages; the other half covers pausing and
+        // capturing the device state, the pages written up to the pause, and
+        // the destination's confirmation.
+        let budget = opts.max_downtime_ms as f64 / 1e3 * DATA_SHARE_OF_DOWNTIME;
         let mut maps = fetch(controller, log)?;
         let mut fetched = Instant::now();
         let mut round_time = first.elapsed;
@@ -377,6 +383,7 @@ impl Migration<'_> {
                 path: to.clone().into(),
                 source: e.into(),
             })?;
+        let captured_ms = pause_start.elapsed().as_secs_f64() * 1e3;
         let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
         let never = AtomicBool::new(false);
         let last = tx
@@ -386,8 +393,9 @@ impl Migration<'_> {
         let stats = tx.finish(&device_state).map_err(wire)?;
         let downtime_ms = pause_start.elapsed().as_secs_f64() * 1e3;
         log::info!(
-            "live migration to {to}: {rounds} rounds, {} pages, paused {downtime_ms:.1} ms",
-            pages_sent + last.pages
+            "live migration to {to}: {rounds} rounds, {} pages, paused {downtime_ms:.1} ms (state and log {captured_ms:.1} ms, last round {:.1} ms)",
+            pages_sent + last.pages,
+            last.elapsed.as_secs_f64() * 1e3
         );
         Ok(MigrateStats {
             to: to.clone(),
