@@ -10,11 +10,17 @@ use cryo_tests::{boot_with_api, check_continues, cryo, cryo_bin, socket_path, Gu
 
 const T: Duration = Duration::from_secs(90);
 
-/// A `cryo restore --listen` on a fresh Unix socket; returns it and the endpoint.
+/// A `cryo restore --listen` on a fresh Unix socket (or, for a name that
+/// starts with `tcp`, a loopback port); returns it and the endpoint.
 fn listener(name: &str) -> (Guest, String) {
-    let p = socket_path(&format!("{name}-l"));
-    let _ = std::fs::remove_file(&p);
-    let endpoint = format!("unix:{}", p.display());
+    let endpoint = if name.starts_with("tcp") {
+        // A port unlikely to collide: derived from the process id.
+        format!("tcp:127.0.0.1:{}", 40000 + std::process::id() % 20000)
+    } else {
+        let p = socket_path(&format!("{name}-l"));
+        let _ = std::fs::remove_file(&p);
+        format!("unix:{}", p.display())
+    };
     let dest = Guest::spawn(["restore", "--listen", &endpoint]);
     assert!(
         dest.wait_for_stderr(T, |l| l.contains("waiting for a migration")),
@@ -46,6 +52,11 @@ fn live_migration(name: &str, cmdline: &str, extra: &[&str]) -> serde_json::Valu
 #[test]
 fn live_migration_of_a_nearly_idle_guest() {
     live_migration("lm-idle", "cryo.rate=10", &["--channels", "2"]);
+}
+
+#[test]
+fn live_migration_over_tcp() {
+    live_migration("tcp-lm", "cryo.rate=1000", &["--compress", "zstd"]);
 }
 
 #[test]
