@@ -72,6 +72,8 @@ pub struct LiveSender<S> {
     counts: Vec<SendCounts>,
     round: u32,
     last_sent: bool,
+    /// [`LiveSender::abort`] was called: nothing more may be sent.
+    aborted: bool,
     wire: u64,
     pages: u64,
     start: Instant,
@@ -116,6 +118,7 @@ impl<S: Read + Write + Send> LiveSender<S> {
             opts: opts.clone(),
             round: 0,
             last_sent: false,
+            aborted: false,
             wire,
             pages: 0,
             start: Instant::now(),
@@ -143,9 +146,9 @@ impl<S: Read + Write + Send> LiveSender<S> {
         last: bool,
         cancel: &AtomicBool,
     ) -> Result<RoundStats, MultifdError> {
-        if self.last_sent {
+        if self.last_sent || self.aborted {
             return Err(MultifdError::InvalidArgument(
-                "the last round was sent already".into(),
+                "the last round was sent already, or the transfer was aborted".into(),
             ));
         }
         self.check_page_set(pages)?;
@@ -213,9 +216,9 @@ impl<S: Read + Write + Send> LiveSender<S> {
     /// Ends the transfer after the last round: sends the device state and
     /// `END`, and waits for the receiver's `ACK`. Only an `ACK` is success.
     pub fn finish(mut self, device_state: &[u8]) -> Result<TransferStats, MultifdError> {
-        if !self.last_sent {
+        if !self.last_sent || self.aborted {
             return Err(MultifdError::InvalidArgument(
-                "finish before the last round".into(),
+                "finish before the last round, or after an abort".into(),
             ));
         }
         if device_state.len() > crate::MAX_DEVICE_STATE as usize {
@@ -252,8 +255,10 @@ impl<S: Read + Write + Send> LiveSender<S> {
         })
     }
 
-    /// Gives up: tells the receiver why (best effort) and closes everything.
-    pub fn abort(mut self, why: &str) {
+    /// Gives up: tells the receiver why (best effort). Drop the sender
+    /// afterwards; no round can follow.
+    pub fn abort(&mut self, why: &str) {
+        self.aborted = true;
         let _ = write_main(
             &mut self.main,
             &MainMessage::Error(why.to_string()),

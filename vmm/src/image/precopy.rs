@@ -253,102 +253,126 @@ impl Migration<'_> {
         stop: &AtomicBool,
         throttle: &Throttle,
     ) -> Result<MigrateStats, SaveError> {
-        let Migration {
-            controller,
-            endpoint,
-            opts,
-            control,
-            progress,
-            memory,
-        } = *self;
-        let to = endpoint.to_string();
-        let wire = |e: multifd::MultifdError| SaveError::Image {
-            path: to.clone().into(),
+        let mut sending = self.first_pass(stop)?;
+        let maps = self.converge(&mut sending, log, stop, throttle)?;
+        throttle.percent.store(0, Ordering::Release);
+        // No throttle slice runs from here on (a poisoned lock: the throttle
+        // thread is gone, which is as good).
+        let _no_slices = throttle.slice.lock();
+        self.stop_and_copy(sending, maps, log, paused)
+    }
+
+    fn wire(&self, e: multifd::MultifdError) -> SaveError {
+        SaveError::Image {
+            path: self.endpoint.to_string().into(),
             source: e.into(),
-        };
-        let regions = mem_regions(memory);
+        }
+    }
+
+    /// Sends one round; a round stopped by cancel or the time limit tells
+    /// the destination and becomes the matching error.
+    fn send(
+        &self,
+        tx: &mut LiveSender<multifd::Stream>,
+        pages: PageSet<'_>,
+        stop: &AtomicBool,
+    ) -> Result<multifd::RoundStats, SaveError> {
+        match tx.send_round(pages, false, stop) {
+            Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
+                Err(self.stopped(tx))
+            }
+            r => r.map_err(|e| self.wire(e)),
+        }
+    }
+
+    /// Tells the destination why the source stops (cancel or time limit).
+    fn stopped(&self, tx: &mut LiveSender<multifd::Stream>) -> SaveError {
+        if self.control.is_cancelled() {
+            tx.abort("the source cancelled the migration");
+            SaveError::Cancelled("migration")
+        } else {
+            tx.abort("the source gave up: time limit reached");
+            SaveError::NotConverged {
+                limit_s: self.opts.timeout.map_or(0, |t| t.as_secs()),
+            }
+        }
+    }
+
+    /// Connects and sends every non-zero page while the guest runs.
+    fn first_pass(&self, stop: &AtomicBool) -> Result<Sending, SaveError> {
+        let regions = mem_regions(self.memory);
         let ram_bytes: u64 = regions.iter().map(|r| r.len()).sum();
-        if let Some(p) = progress {
+        if let Some(p) = self.progress {
             p.set_total(ram_bytes);
             p.phase("first pass");
         }
         let socket_opts = SocketOptions {
-            channels: opts.channels.clamp(1, 64),
-            compression: opts.compression.unwrap_or(CompressionArg::None).multifd(),
+            channels: self.opts.channels.clamp(1, 64),
+            compression: self
+                .opts
+                .compression
+                .unwrap_or(CompressionArg::None)
+                .multifd(),
         };
-        let mut tx = LiveSender::connect(&mut || endpoint.connect(), &regions, &socket_opts)
-            .map_err(wire)?;
-        tx.set_max_bandwidth(opts.max_bandwidth);
-        let stopped = |tx: LiveSender<multifd::Stream>| -> SaveError {
-            let timed_out = !control.is_cancelled();
-            tx.abort(if timed_out {
-                "the source gave up: time limit reached"
-            } else {
-                "the source cancelled the migration"
-            });
-            if timed_out {
-                SaveError::NotConverged {
-                    limit_s: opts.timeout.map_or(0, |t| t.as_secs()),
-                }
-            } else {
-                SaveError::Cancelled("migration")
-            }
-        };
-        let first = match tx.send_round(PageSet::AllNonZero, false, stop) {
-            Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
-                return Err(stopped(tx))
-            }
-            r => r.map_err(wire)?,
-        };
-        if let Some(p) = progress {
+        let mut tx = LiveSender::connect(&mut || self.endpoint.connect(), &regions, &socket_opts)
+            .map_err(|e| self.wire(e))?;
+        tx.set_max_bandwidth(self.opts.max_bandwidth);
+        let first = self.send(&mut tx, PageSet::AllNonZero, stop)?;
+        if let Some(p) = self.progress {
             p.add(ram_bytes);
             p.phase("dirty rounds");
         }
-        let mut bandwidth = first.bytes_per_s().max(1.0);
-        let mut pages_sent = first.pages;
+        Ok(Sending {
+            tx,
+            ram_bytes,
+            bandwidth: first.bytes_per_s().max(1.0),
+            pages_sent: first.pages,
+            round_time: first.elapsed,
+            throttled: 0,
+        })
+    }
+
+    /// Rounds of dirty pages until what is left fits the downtime, throttling
+    /// the vCPUs when a round does not shrink the dirty set; returns the
+    /// pages still dirty.
+    fn converge(
+        &self,
+        s: &mut Sending,
+        log: &mut Option<DirtyLog>,
+        stop: &AtomicBool,
+        throttle: &Throttle,
+    ) -> Result<Vec<DirtyBitmap>, SaveError> {
         // Half the downtime for the pages; the other half covers pausing and
         // capturing the device state, the pages written up to the pause, and
         // the destination's confirmation.
-        let budget = opts.max_downtime_ms as f64 / 1e3 * DATA_SHARE_OF_DOWNTIME;
-        let mut maps = fetch(controller, log)?;
+        let budget = self.opts.max_downtime_ms as f64 / 1e3 * DATA_SHARE_OF_DOWNTIME;
+        let mut maps = fetch(self.controller, log)?;
         let mut fetched = Instant::now();
-        let mut round_time = first.elapsed;
         let mut before: Option<f64> = None;
-        let mut throttled = 0;
         loop {
             if stop.load(Ordering::Acquire) {
-                return Err(stopped(tx));
+                return Err(self.stopped(&mut s.tx));
             }
             let pending = dirty_bytes(&maps) as f64;
-            if let Some(p) = progress {
-                p.set_migration(MigrationProgress {
-                    round: tx.next_round(),
-                    dirty_rate_mb_s: pending / round_time.as_secs_f64().max(1e-3) / 1e6,
-                    remaining_bytes: pending as u64,
-                    expected_downtime_ms: pending / bandwidth * 1e3,
-                    throttle_percent: throttled,
-                });
-            }
-            if pending / bandwidth <= budget {
-                break;
+            self.report(s, pending);
+            if pending / s.bandwidth <= budget {
+                return Ok(maps);
             }
             // The dirty set did not shrink by a fifth: the guest writes
             // about as fast as the link drains, or faster.
             if before.is_some_and(|b| pending >= b * 0.8) {
-                throttled = throttle.step_up();
-                log::info!("live migration: auto-converge throttles the vCPUs {throttled}%");
+                s.throttled = throttle.step_up();
+                log::info!(
+                    "live migration: auto-converge throttles the vCPUs {}%",
+                    s.throttled
+                );
             }
             before = Some(pending);
             let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
-            let r = match tx.send_round(PageSet::Dirty(&words), false, stop) {
-                Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
-                    return Err(stopped(tx))
-                }
-                r => r.map_err(wire)?,
-            };
-            pages_sent += r.pages;
+            let r = self.send(&mut s.tx, PageSet::Dirty(&words), stop)?;
+            s.pages_sent += r.pages;
             if r.bytes >= MIN_MEASURED_BYTES {
-                bandwidth = r.bytes_per_s().max(1.0);
+                s.bandwidth = r.bytes_per_s().max(1.0);
             }
             log::info!(
                 "live migration round {}: {} pages in {:.1} ms ({:.0} MB/s)",
@@ -357,57 +381,88 @@ impl Migration<'_> {
                 r.elapsed.as_secs_f64() * 1e3,
                 r.bytes_per_s() / 1e6
             );
-            maps = fetch(controller, log)?;
-            round_time = fetched.elapsed();
+            maps = fetch(self.controller, log)?;
+            s.round_time = fetched.elapsed();
             fetched = Instant::now();
         }
+    }
 
-        // Stop and copy: the pages still pending plus those dirtied since.
-        if let Some(p) = progress {
+    fn report(&self, s: &Sending, pending: f64) {
+        if let Some(p) = self.progress {
+            p.set_migration(MigrationProgress {
+                round: s.tx.next_round(),
+                dirty_rate_mb_s: pending / s.round_time.as_secs_f64().max(1e-3) / 1e6,
+                remaining_bytes: pending as u64,
+                expected_downtime_ms: pending / s.bandwidth * 1e3,
+                throttle_percent: s.throttled,
+            });
+        }
+    }
+
+    /// Pauses the VM, sends the pages still dirty (`maps` plus those written
+    /// up to the pause) and the device state, and waits for the ACK.
+    fn stop_and_copy(
+        &self,
+        mut s: Sending,
+        mut maps: Vec<DirtyBitmap>,
+        log: &mut Option<DirtyLog>,
+        paused: &mut bool,
+    ) -> Result<MigrateStats, SaveError> {
+        if let Some(p) = self.progress {
             p.phase("stop-and-copy");
         }
-        throttle.percent.store(0, Ordering::Release);
-        // No throttle slice runs from here on (a poisoned lock: the throttle
-        // thread is gone, which is as good).
-        let _no_slices = throttle.slice.lock();
         let pause_start = Instant::now();
-        let snap = controller.call(|vm| {
+        let snap = self.controller.call(|vm| {
             vm.pause()?;
             vm.save_state()
         })?;
         *paused = true;
         let snap = snap?;
-        merge(&mut maps, &fetch(controller, log)?);
+        merge(&mut maps, &fetch(self.controller, log)?);
         let device_state =
             snapshot::encode(&snap, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
-                path: to.clone().into(),
+                path: self.endpoint.to_string().into(),
                 source: e.into(),
             })?;
         let captured_ms = pause_start.elapsed().as_secs_f64() * 1e3;
         let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
         let never = AtomicBool::new(false);
-        let last = tx
-            .send_round(PageSet::Dirty(&words), true, &never)
-            .map_err(wire)?;
-        let rounds = tx.next_round();
-        let stats = tx.finish(&device_state).map_err(wire)?;
+        let last =
+            s.tx.send_round(PageSet::Dirty(&words), true, &never)
+                .map_err(|e| self.wire(e))?;
+        let rounds = s.tx.next_round();
+        let stats = s.tx.finish(&device_state).map_err(|e| self.wire(e))?;
         let downtime_ms = pause_start.elapsed().as_secs_f64() * 1e3;
         log::info!(
-            "live migration to {to}: {rounds} rounds, {} pages, paused {downtime_ms:.1} ms (state and log {captured_ms:.1} ms, last round {:.1} ms)",
-            pages_sent + last.pages,
+            "live migration to {}: {rounds} rounds, {} pages, paused {downtime_ms:.1} ms (state and log {captured_ms:.1} ms, last round {:.1} ms)",
+            self.endpoint,
+            s.pages_sent + last.pages,
             last.elapsed.as_secs_f64() * 1e3
         );
         Ok(MigrateStats {
-            to: to.clone(),
+            to: self.endpoint.to_string(),
             rounds,
-            pages_sent: pages_sent + last.pages,
-            ram_bytes,
+            pages_sent: s.pages_sent + last.pages,
+            ram_bytes: s.ram_bytes,
             bytes: stats.bytes,
             last_round_pages: last.pages,
             downtime_ms,
-            bandwidth_mb_s: bandwidth / 1e6,
-            throttle_percent: throttled,
+            bandwidth_mb_s: s.bandwidth / 1e6,
+            throttle_percent: s.throttled,
             total_ms: 0.0,
         })
     }
+}
+
+/// A migration's sending side between rounds.
+struct Sending {
+    tx: LiveSender<multifd::Stream>,
+    ram_bytes: u64,
+    /// Bytes per second, as last measured.
+    bandwidth: f64,
+    pages_sent: u64,
+    /// How long the last round took (for the dirty rate).
+    round_time: Duration,
+    /// The auto-converge throttle reached, percent.
+    throttled: u32,
 }
