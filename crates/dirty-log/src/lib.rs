@@ -224,3 +224,8 @@ impl DirtyLog {
 
 #[cfg(test)]
 mod tests;
+
+/// Compiles the README's example as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
