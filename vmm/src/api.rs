@@ -129,6 +129,33 @@ pub enum Request {
         #[serde(default)]
         progress: bool,
     },
+    /// Live-migrate the running VM to a `cryo restore --listen` peer; the VM
+    /// ends here once the peer confirmed.
+    Migrate {
+        /// Echoed.
+        #[serde(default)]
+        id: Option<Value>,
+        /// `tcp:HOST:PORT` or `unix:PATH` of a `cryo restore --listen`.
+        to: String,
+        /// Data channels (default: one per host CPU).
+        #[serde(default)]
+        channels: Option<usize>,
+        /// Per-packet compression.
+        #[serde(default)]
+        compression: Option<save::migrate::CompressionArg>,
+        /// The longest pause the guest may see, ms (default 50).
+        #[serde(default)]
+        max_downtime_ms: Option<u64>,
+        /// Bandwidth limit, MB/s (10^6 bytes; default none).
+        #[serde(default)]
+        max_bandwidth: Option<u64>,
+        /// Give up after this many seconds, the VM running on (default none).
+        #[serde(default)]
+        timeout_s: Option<u64>,
+        /// Send progress events before the reply.
+        #[serde(default)]
+        progress: bool,
+    },
     /// Cancel a running live snapshot.
     Cancel {
         /// Echoed.
@@ -158,6 +185,7 @@ impl Request {
             | Request::Save { id, .. }
             | Request::ManagedSave { id, .. }
             | Request::Snapshot { id, .. }
+            | Request::Migrate { id, .. }
             | Request::Cancel { id }
             | Request::QueryProgress { id }
             | Request::Quit { id } => id.clone(),
@@ -628,6 +656,60 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
                     let mut v = serde_json::to_value(&stats).unwrap_or(Value::Null);
                     v["name"] = json!(managed.name);
                     (ok_reply(id, v), stop_after(c))
+                }
+                Ok(Err(e)) => (error_reply(id, e.kind(), &e.to_string()), None),
+            }
+        }
+        Request::Migrate {
+            to,
+            channels,
+            compression,
+            max_downtime_ms,
+            max_bandwidth,
+            timeout_s,
+            progress,
+            ..
+        } => {
+            let endpoint = match save::SaveTarget::parse(&to) {
+                Ok(save::SaveTarget::Peer(e)) => e,
+                Ok(save::SaveTarget::File(_)) => {
+                    return (
+                        error_reply(
+                            id,
+                            "bad-request",
+                            "migrate sends to a peer: tcp:HOST:PORT or unix:PATH",
+                        ),
+                        None,
+                    )
+                }
+                Err(e) => return (error_reply(id, "bad-request", &e.to_string()), None),
+            };
+            let channels = match channel_options(channels, None) {
+                Ok(c) => c.channels,
+                Err(e) => return (error_reply(id, "bad-request", &e), None),
+            };
+            let opts = save::precopy::MigrateOptions {
+                channels,
+                compression,
+                max_downtime_ms: max_downtime_ms.unwrap_or(50),
+                max_bandwidth: max_bandwidth.map(|mb| mb.saturating_mul(1_000_000)),
+                timeout: timeout_s.map(Duration::from_secs),
+            };
+            let run = with_progress(state, conn, &id, "migrate", progress, |p| {
+                let control = save::SaveControl::default();
+                state.set_save(Some(control.clone()));
+                let r = save::precopy::migrate_vm(c, &endpoint, &opts, &control, Some(&p));
+                state.set_save(None);
+                r
+            });
+            match run {
+                Err(busy) => (busy, None),
+                Ok(Ok(stats)) => {
+                    info!("migrated to {to}: {stats:?}");
+                    (
+                        ok_reply(id, serde_json::to_value(&stats).unwrap_or(Value::Null)),
+                        stop_after(c),
+                    )
                 }
                 Ok(Err(e)) => (error_reply(id, e.kind(), &e.to_string()), None),
             }

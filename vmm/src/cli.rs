@@ -80,8 +80,12 @@ pub enum Command {
     /// Take a live snapshot of a running VM (through its API socket): the VM
     /// at this instant, written while it keeps running.
     Snapshot(SnapshotArgs),
-    /// Cancel a running save, managed save or live snapshot (no file is
-    /// left; the VM runs on).
+    /// Live-migrate a running VM (through its API socket) to a `cryo
+    /// restore --listen` peer while it keeps running; it ends here once the
+    /// peer confirmed.
+    Migrate(MigrateArgs),
+    /// Cancel a running save, managed save, live snapshot or migration (no
+    /// file is left; the VM runs on).
     Cancel(ApiArgs),
     /// Build a VM from a saved file in this process and resume it.
     Restore(RestoreArgs),
@@ -236,6 +240,33 @@ pub struct SaveArgs {
     /// Resume the VM after saving instead of ending it.
     #[arg(long)]
     pub keep_running: bool,
+}
+
+/// `cryo migrate`.
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    pub api: PathBuf,
+    /// The `cryo restore --listen` peer.
+    #[arg(long, value_name = "tcp:HOST:PORT|unix:PATH")]
+    pub to: String,
+    /// Data channels (default: one per host CPU).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub channels: Option<u16>,
+    /// The longest pause the guest may see: the VM is stopped for the last
+    /// round only once the dirty pages left fit this at the measured bandwidth.
+    #[arg(long, value_name = "MS", default_value_t = 50)]
+    pub max_downtime_ms: u64,
+    /// Bandwidth limit of the transfer, MB/s (10^6 bytes).
+    #[arg(long, value_name = "MB/S", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_bandwidth: Option<u64>,
+    /// Give up after this many seconds; the VM runs on here.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_s: Option<u64>,
+    /// Per-packet compression.
+    #[arg(long, value_enum, value_name = "ALGO")]
+    pub compress: Option<CompressChoice>,
 }
 
 /// `cryo snapshot`.

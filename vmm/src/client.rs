@@ -23,7 +23,7 @@ fn info_of(ev: &Value) -> Option<ProgressInfo> {
 pub fn call(api: &Path, mut request: Value, out: Output) -> Result<(), CliError> {
     let long = matches!(
         request.get("cmd").and_then(Value::as_str),
-        Some("save" | "snapshot" | "managed-save")
+        Some("save" | "snapshot" | "managed-save" | "migrate")
     );
     if long {
         request["progress"] = json!(true);
@@ -108,6 +108,14 @@ fn human(cmd: &str, r: &Value) -> String {
             r.get("blocks_by_faults").and_then(Value::as_u64).unwrap_or(0),
             num(r, "fault_latency_median_us"),
         ),
+        "migrate" => format!(
+            "migrated to {} in {:.2} s: {} rounds, {:.2}x RAM sent, VM paused {:.1} ms",
+            s("to"),
+            num(r, "total_ms") / 1000.0,
+            r.get("rounds").and_then(Value::as_u64).unwrap_or(0),
+            num(r, "bytes") / num(r, "ram_bytes").max(1.0),
+            num(r, "downtime_ms"),
+        ),
         "pause" | "resume" | "quit" => s("state"),
         "cancel" => "cancelled".into(),
         _ => r.to_string(),
@@ -143,6 +151,28 @@ pub fn save(args: crate::cli::SaveArgs, out: Output) -> Result<(), CliError> {
     }
     if let Some(d) = args.direct_io {
         req["direct_io"] = json!(d);
+    }
+    if let Some(c) = args.compress {
+        req["compression"] = json!(crate::image::migrate::CompressionArg::from(c));
+    }
+    call(&args.api, req, out)
+}
+
+/// `cryo migrate`.
+pub fn migrate(args: crate::cli::MigrateArgs, out: Output) -> Result<(), CliError> {
+    let mut req = json!({
+        "cmd": "migrate",
+        "to": args.to,
+        "max_downtime_ms": args.max_downtime_ms,
+    });
+    if let Some(n) = args.channels {
+        req["channels"] = json!(n);
+    }
+    if let Some(b) = args.max_bandwidth {
+        req["max_bandwidth"] = json!(b);
+    }
+    if let Some(t) = args.timeout_s {
+        req["timeout_s"] = json!(t);
     }
     if let Some(c) = args.compress {
         req["compression"] = json!(crate::image::migrate::CompressionArg::from(c));

@@ -68,6 +68,7 @@ fn main() -> ExitCode {
         cli::Command::Restore(a) => run::restore(a),
         cli::Command::Save(a) => client::save(a, out),
         cli::Command::Snapshot(a) => client::snapshot(a, out),
+        cli::Command::Migrate(a) => client::migrate(a, out),
         cli::Command::ManagedSave(a) => client::managed_save(a, out),
         cli::Command::ManagedSaveRemove(a) => managed::remove(
             &a.state_dir.unwrap_or_else(managed::default_state_dir),

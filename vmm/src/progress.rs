@@ -15,6 +15,22 @@ pub struct Progress {
     done: AtomicU64,
     total: AtomicU64,
     started: Instant,
+    migration: Mutex<Option<MigrationProgress>>,
+}
+
+/// Where a live migration stands (in [`ProgressInfo::migration`]).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    /// The round under way (0 = the first pass over all RAM).
+    pub round: u32,
+    /// How fast the guest dirtied memory during the last round, MB/s.
+    pub dirty_rate_mb_s: f64,
+    /// Dirty bytes still to send.
+    pub remaining_bytes: u64,
+    /// The pause those bytes would take at the measured bandwidth, ms.
+    pub expected_downtime_ms: f64,
+    /// The auto-converge throttle, percent of the vCPUs' time held paused.
+    pub throttle_percent: u32,
 }
 
 /// A point-in-time copy of [`Progress`], as the API reports it (and as the
@@ -35,6 +51,9 @@ pub struct ProgressInfo {
     pub throughput_mb_s: f64,
     /// Estimated seconds left at that throughput (null when unknown).
     pub eta_s: Option<f64>,
+    /// A live migration's rounds (absent for other operations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationProgress>,
 }
 
 impl Progress {
@@ -46,6 +65,7 @@ impl Progress {
             done: AtomicU64::new(0),
             total: AtomicU64::new(total),
             started: Instant::now(),
+            migration: Mutex::new(None),
         }
     }
 
@@ -59,6 +79,13 @@ impl Progress {
     /// Sets the total.
     pub fn set_total(&self, total: u64) {
         self.total.store(total, Ordering::Relaxed);
+    }
+
+    /// Records where a live migration stands.
+    pub fn set_migration(&self, m: MigrationProgress) {
+        if let Ok(mut g) = self.migration.lock() {
+            *g = Some(m);
+        }
     }
 
     /// Counts `bytes` more as done.
@@ -90,6 +117,7 @@ impl Progress {
             elapsed_s: elapsed,
             throughput_mb_s: rate / 1e6,
             eta_s: eta,
+            migration: self.migration.lock().ok().and_then(|m| *m),
         }
     }
 }

@@ -218,6 +218,26 @@ pub fn region_list(memory: &GuestMemory) -> Vec<(u64, u64)> {
     memory.iter().map(|r| (r.start_addr().0, r.len())).collect()
 }
 
+/// The KVM memory slots of `memory`: slot `i` is region `i`, flags 0.
+fn memory_slots(memory: &GuestMemory) -> Result<Vec<kvm_userspace_memory_region>, Error> {
+    memory
+        .iter()
+        .enumerate()
+        .map(|(slot, region)| {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|_| Error::Internal("guest memory region has no host address".into()))?;
+            Ok(kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            })
+        })
+        .collect()
+}
+
 /// Creates the KVM VM with its TSS, identity map, irqchip, PIT and memory slots.
 fn create_vm_fd(kvm: &Kvm, memory: &GuestMemory) -> Result<VmFd, Error> {
     let vm_fd = kvm
@@ -239,17 +259,7 @@ fn create_vm_fd(kvm: &Kvm, memory: &GuestMemory) -> Result<VmFd, Error> {
     vm_fd
         .create_pit2(pit)
         .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
-    for (slot, region) in memory.iter().enumerate() {
-        let host = region
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|_| Error::Internal("guest memory region has no host address".into()))?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-        };
+    for r in memory_slots(memory)? {
         // SAFETY: the region is a live mapping owned by `memory`, which the
         // VM keeps for as long as the VM fd exists.
         unsafe { vm_fd.set_user_memory_region(r) }
@@ -733,6 +743,13 @@ impl MicroVm {
     /// The KVM VM fd.
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm_fd
+    }
+
+    /// The KVM memory slots as registered (slot, guest address, size, host
+    /// address, flags 0): what dirty logging re-registers. Their mappings
+    /// live as long as this VM.
+    pub fn memory_slots(&self) -> Result<Vec<kvm_userspace_memory_region>, Error> {
+        memory_slots(&self.memory)
     }
 
     /// The KVM system fd.

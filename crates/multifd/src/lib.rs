@@ -15,11 +15,15 @@
 //!   `docs/multifd-protocol.md` in the repository; the parsers
 //!   ([`parse_hello`], [`parse_packet_header`], [`parse_packet`],
 //!   [`parse_main_message`]) treat their input as hostile.
+//! - [`LiveSender`]: the sending side of a live migration (protocol version
+//!   2): rounds of pages while the guest runs ([`PageSet`]), then the last
+//!   round and the device state; [`receive`] reads versions 1 and 2.
 #![deny(missing_docs)]
 
 mod endpoint;
 mod error;
 mod file;
+mod live;
 mod protocol;
 mod region;
 mod socket;
@@ -31,13 +35,14 @@ pub use file::{
     load_from_file, open_with_direct_io, save_to_file, DirectIo, FileChannelOptions, FileLayout,
     TransferStats, MAX_FILE_CHANNELS,
 };
+pub use live::{LiveSender, PageSet, RoundStats};
 pub use protocol::{
     check_main_crc, decode_main_payload, decode_payload, parse_hello, parse_main_header,
     parse_main_message, parse_packet, parse_packet_header, parse_runs_into, ChannelCount,
     Compression, Encoding, Hello, MainHeader, MainMessage, Packet, PacketHeader, Role, Run,
-    HELLO_LEN, HELLO_MAGIC, MAIN_HEADER_LEN, MAX_DATA_CHANNELS, MAX_DEVICE_STATE,
-    MAX_ERROR_MESSAGE, MAX_PAGES_PER_PACKET, MAX_REGIONS, PACKET_HEADER_LEN, PACKET_MAGIC,
-    PAGE_SIZE, PROTOCOL_VERSION, RUN_LEN,
+    HELLO_LEN, HELLO_MAGIC, LIVE_PROTOCOL_VERSION, MAIN_HEADER_LEN, MAX_DATA_CHANNELS,
+    MAX_DEVICE_STATE, MAX_ERROR_MESSAGE, MAX_PAGES_PER_PACKET, MAX_REGIONS, PACKET_HEADER_LEN,
+    PACKET_MAGIC, PAGE_SIZE, PROTOCOL_VERSION, RUN_LEN,
 };
 pub use region::MemRegion;
 pub use socket::{receive, send, SocketOptions};

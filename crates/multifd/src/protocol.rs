@@ -6,8 +6,12 @@ use crate::MultifdError;
 
 /// The magic at the start of every connection hello.
 pub const HELLO_MAGIC: [u8; 8] = *b"CRYOMFD1";
-/// The protocol version this crate speaks.
+/// Protocol version 1: one round (a stopped VM). [`send`](crate::send) speaks it.
 pub const PROTOCOL_VERSION: u16 = 1;
+/// Protocol version 2: several rounds of pages (a running VM, live
+/// migration). [`LiveSender`](crate::LiveSender) speaks it; [`receive`](crate::receive)
+/// reads both.
+pub const LIVE_PROTOCOL_VERSION: u16 = 2;
 /// Length of a connection hello.
 pub const HELLO_LEN: usize = 40;
 /// The magic at the start of every data packet (`MFDP`).
@@ -41,6 +45,8 @@ pub const MAX_STRAYS: usize = 16;
 
 /// Data packet flag: a sync packet (end of a round on a channel).
 pub const FLAG_SYNC: u8 = 1;
+/// Data packet flag (version 2, sync packets only): the last round.
+pub const FLAG_LAST: u8 = 2;
 
 const fn proto(msg: String) -> MultifdError {
     MultifdError::Protocol(msg)
@@ -123,6 +129,8 @@ pub enum Role {
 /// A connection hello.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
+    /// The protocol version ([`PROTOCOL_VERSION`] or [`LIVE_PROTOCOL_VERSION`]).
+    pub version: u16,
     /// Main or data.
     pub role: Role,
     /// The transfer's compression.
@@ -142,7 +150,7 @@ impl Hello {
     pub fn encode(&self) -> [u8; HELLO_LEN] {
         let mut b = [0u8; HELLO_LEN];
         b[0..8].copy_from_slice(&HELLO_MAGIC);
-        b[8..10].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        b[8..10].copy_from_slice(&self.version.to_le_bytes());
         b[10] = match self.role {
             Role::Main => 0,
             Role::Data => 1,
@@ -183,9 +191,9 @@ pub fn parse_hello(bytes: &[u8]) -> Result<Hello, MultifdError> {
         )));
     }
     let version = u16_at(b, 8);
-    if version != PROTOCOL_VERSION {
+    if version != PROTOCOL_VERSION && version != LIVE_PROTOCOL_VERSION {
         return Err(proto(format!(
-            "multifd protocol version {version} is not supported: this cryo speaks version {PROTOCOL_VERSION}"
+            "multifd protocol version {version} is not supported: this cryo speaks versions {PROTOCOL_VERSION} and {LIVE_PROTOCOL_VERSION}"
         )));
     }
     let stored = u32_at(b, 36);
@@ -229,6 +237,7 @@ pub fn parse_hello(bytes: &[u8]) -> Result<Hello, MultifdError> {
     }
     check_page_size(page_size)?;
     Ok(Hello {
+        version,
         role,
         compression,
         channel,
@@ -522,6 +531,8 @@ pub struct PacketHeader {
     pub encoding: Encoding,
     /// A sync packet (end of the round on this channel).
     pub sync: bool,
+    /// On a sync packet of a version 2 transfer: the round it ends is the last.
+    pub last: bool,
     /// Payload bytes on the wire.
     pub payload_len: u32,
 }
@@ -537,6 +548,7 @@ impl PacketHeader {
             run_count: 0,
             encoding: Encoding::Raw,
             sync: true,
+            last: false,
             payload_len: 0,
         }
     }
@@ -552,7 +564,7 @@ impl PacketHeader {
         b[20..24].copy_from_slice(&self.page_count.to_le_bytes());
         b[24..28].copy_from_slice(&self.run_count.to_le_bytes());
         b[28] = self.encoding.code();
-        b[29] = if self.sync { FLAG_SYNC } else { 0 };
+        b[29] = if self.sync { FLAG_SYNC } else { 0 } | if self.last { FLAG_LAST } else { 0 };
         b[32..36].copy_from_slice(&self.payload_len.to_le_bytes());
         let crc = crc32c::crc32c(&b[..36]);
         b[36..40].copy_from_slice(&crc.to_le_bytes());
@@ -623,10 +635,11 @@ pub fn parse_packet_header(bytes: &[u8]) -> Result<PacketHeader, MultifdError> {
         encoding: Encoding::from_code(b[28])
             .ok_or_else(|| proto(format!("data packet: unknown encoding {}", b[28])))?,
         sync: b[29] & FLAG_SYNC != 0,
+        last: b[29] & FLAG_LAST != 0,
         payload_len: u32_at(b, 32),
     };
     let what = || format!("data channel {} packet {}", h.channel, h.sequence);
-    if b[29] & !FLAG_SYNC != 0 || u16_at(b, 30) != 0 {
+    if b[29] & !(FLAG_SYNC | FLAG_LAST) != 0 || u16_at(b, 30) != 0 || (h.last && !h.sync) {
         return Err(proto(format!(
             "{}: reserved flags or bytes are set",
             what()
@@ -826,6 +839,7 @@ mod tests {
 
     fn hello() -> Hello {
         Hello {
+            version: PROTOCOL_VERSION,
             role: Role::Data,
             compression: Encoding::Lz4,
             channel: 3,
@@ -854,9 +868,14 @@ mod tests {
             assert!(parse_hello(&c).is_err(), "bit {i}");
         }
         let mut v = b;
-        v[8] = 2;
+        v[8] = 3;
         let e = parse_hello(&v).unwrap_err().to_string();
-        assert!(e.contains("version 2"), "{e}");
+        assert!(e.contains("version 3"), "{e}");
+        let live = Hello {
+            version: LIVE_PROTOCOL_VERSION,
+            ..h
+        };
+        assert_eq!(parse_hello(&live.encode()).unwrap(), live);
         for bad in [
             Hello { channel: 4, ..h },
             Hello { channels: 0, ..h },
@@ -970,6 +989,7 @@ mod tests {
             run_count: runs.len() as u32,
             encoding: enc,
             sync: false,
+            last: false,
             payload_len: payload.len() as u32,
         };
         let mut b = h.encode().to_vec();

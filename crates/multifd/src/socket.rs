@@ -9,8 +9,9 @@ use std::time::Instant;
 use crate::protocol::{
     decode_main_payload, decode_payload, parse_hello, parse_main_header, parse_packet_header,
     parse_runs_into, ChannelCount, Compression, Encoding, Hello, MainMessage, PacketHeader, Role,
-    Run, HELLO_LEN, MAIN_HEADER_LEN, MAX_DATA_CHANNELS, MAX_DEVICE_STATE, MAX_PAGES_PER_PACKET,
-    MAX_REGIONS, MAX_STRAYS, PACKET_HEADER_LEN, PAGE_SIZE, RUN_LEN,
+    Run, HELLO_LEN, LIVE_PROTOCOL_VERSION, MAIN_HEADER_LEN, MAX_DATA_CHANNELS, MAX_DEVICE_STATE,
+    MAX_PAGES_PER_PACKET, MAX_REGIONS, MAX_STRAYS, PACKET_HEADER_LEN, PAGE_SIZE, PROTOCOL_VERSION,
+    RUN_LEN,
 };
 use crate::{sys, CallerError, Channel, MemRegion, MultifdError, TransferStats};
 use page_runs::FirstError;
@@ -25,11 +26,11 @@ pub struct SocketOptions {
 }
 
 /// First-error-wins bookkeeping shared by the threads of one side.
-type Fail = FirstError<MultifdError>;
+pub(crate) type Fail = FirstError<MultifdError>;
 
 /// Maps an I/O error on a connection: a closed or reset connection becomes
 /// [`MultifdError::PeerDisconnected`].
-fn conn_err(channel: Channel, during: impl Into<String>, e: io::Error) -> MultifdError {
+pub(crate) fn conn_err(channel: Channel, during: impl Into<String>, e: io::Error) -> MultifdError {
     use io::ErrorKind::*;
     let during = during.into();
     match e.kind() {
@@ -48,7 +49,7 @@ fn conn_err(channel: Channel, during: impl Into<String>, e: io::Error) -> Multif
     }
 }
 
-fn write_all_vectored<W: Write + ?Sized>(
+pub(crate) fn write_all_vectored<W: Write + ?Sized>(
     w: &mut W,
     mut bufs: &mut [IoSlice<'_>],
 ) -> io::Result<()> {
@@ -65,7 +66,7 @@ fn write_all_vectored<W: Write + ?Sized>(
 }
 
 /// Reads one main message (header, payload, CRC). Returns it and its size on the wire.
-fn read_main<R: Read + ?Sized>(
+pub(crate) fn read_main<R: Read + ?Sized>(
     r: &mut R,
     page_size: u32,
     during: &str,
@@ -93,7 +94,7 @@ fn read_main<R: Read + ?Sized>(
     Ok((m, (MAIN_HEADER_LEN + payload.len() + 4) as u64))
 }
 
-fn write_main<W: Write + ?Sized>(
+pub(crate) fn write_main<W: Write + ?Sized>(
     w: &mut W,
     m: &MainMessage,
     during: &str,
@@ -106,18 +107,18 @@ fn write_main<W: Write + ?Sized>(
 }
 
 /// Best effort: tells the peer why this side gives up.
-fn send_error<W: Write + ?Sized>(w: &mut W, e: &MultifdError) {
+pub(crate) fn send_error<W: Write + ?Sized>(w: &mut W, e: &MultifdError) {
     let _ = write_main(w, &MainMessage::Error(e.to_string()), "sending an error");
 }
 
 /// Chunks of guest RAM of one packet each: `MAX_PAGES_PER_PACKET` pages of one region.
-struct Chunks {
+pub(crate) struct Chunks {
     /// Index of the first chunk of each region, plus the total.
     start: Vec<u64>,
 }
 
 impl Chunks {
-    fn new(pages: &[u64]) -> Chunks {
+    pub(crate) fn new(pages: &[u64]) -> Chunks {
         let mut start = Vec::with_capacity(pages.len() + 1);
         let mut t = 0;
         for p in pages {
@@ -128,14 +129,19 @@ impl Chunks {
         Chunks { start }
     }
 
-    fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.start.last().copied().unwrap_or(0)
     }
 
     /// Chunk `idx` as (region, first page).
-    fn get(&self, idx: u64) -> (usize, u64) {
+    pub(crate) fn get(&self, idx: u64) -> (usize, u64) {
         let r = self.start.partition_point(|&s| s <= idx) - 1;
         (r, (idx - self.start[r]) * u64::from(MAX_PAGES_PER_PACKET))
+    }
+
+    /// The chunk holding page `page` of region `region`.
+    pub(crate) fn index_of(&self, region: usize, page: u64) -> u64 {
+        self.start[region] + page / u64::from(MAX_PAGES_PER_PACKET)
     }
 }
 
@@ -158,51 +164,12 @@ pub fn send<S: Read + Write + Send>(
     check_send_args(regions, device_state, opts)?;
     let n = opts.channels;
     let ps = u64::from(PAGE_SIZE);
-    let session = sys::random_u64();
-    let hello = |role, channel| Hello {
-        role,
-        compression: opts.compression.into(),
-        channel,
-        channels: n as u16,
-        session,
-        page_size: PAGE_SIZE,
-    };
-    let mut wire = 0u64;
-
-    // 1-2. Main connection, layout, READY.
-    let mut main = connect().map_err(|e| MultifdError::io("connecting the main connection", e))?;
-    main.write_all(&hello(Role::Main, 0).encode())
-        .map_err(|e| conn_err(Channel::Main, "sending the hello", e))?;
-    wire += HELLO_LEN as u64;
-    let layout: Vec<(u64, u64)> = regions.iter().map(|r| (r.guest_addr(), r.len())).collect();
-    wire += write_main(
-        &mut main,
-        &MainMessage::RamLayout(layout),
-        "sending the RAM layout",
-    )?;
-    let (m, w) = read_main(&mut main, PAGE_SIZE, "waiting for READY")?;
-    wire += w;
-    expect_reply(m, "READY", |m| matches!(m, MainMessage::Ready))?;
-
-    // 3. Data connections.
-    let mut conns = Vec::with_capacity(n);
-    for i in 0..n {
-        let r = connect()
-            .map_err(|e| MultifdError::io(format!("connecting data channel {i}"), e))
-            .and_then(|mut s| {
-                s.write_all(&hello(Role::Data, i as u16).encode())
-                    .map_err(|e| conn_err(Channel::Data(i as u16), "sending the hello", e))?;
-                Ok(s)
-            });
-        match r {
-            Ok(s) => conns.push(s),
-            Err(e) => {
-                send_error(&mut main, &e);
-                return Err(e);
-            }
-        }
-        wire += HELLO_LEN as u64;
-    }
+    let Session {
+        mut main,
+        conns,
+        wire: opened,
+    } = open_session(connect, regions, opts, PROTOCOL_VERSION)?;
+    let mut wire = opened;
 
     // 4. Data channels.
     let pages: Vec<u64> = regions.iter().map(|r| r.len() / ps).collect();
@@ -250,9 +217,71 @@ pub fn send<S: Read + Write + Send>(
     Ok(stats)
 }
 
+/// The connections of a transfer, set up: hellos sent, layout agreed.
+pub(crate) struct Session<S> {
+    pub(crate) main: S,
+    pub(crate) conns: Vec<S>,
+    /// Bytes on the wire so far.
+    pub(crate) wire: u64,
+}
+
+/// Steps 1 to 3 of a transfer (protocol `version`): the main connection,
+/// its hello, `RAM_LAYOUT`, `READY`, then the data connections with theirs.
+pub(crate) fn open_session<S: Read + Write>(
+    connect: &mut dyn FnMut() -> io::Result<S>,
+    regions: &[MemRegion],
+    opts: &SocketOptions,
+    version: u16,
+) -> Result<Session<S>, MultifdError> {
+    let n = opts.channels;
+    let session = sys::random_u64();
+    let hello = |role, channel| Hello {
+        version,
+        role,
+        compression: opts.compression.into(),
+        channel,
+        channels: n as u16,
+        session,
+        page_size: PAGE_SIZE,
+    };
+    let mut wire = 0u64;
+    let mut main = connect().map_err(|e| MultifdError::io("connecting the main connection", e))?;
+    main.write_all(&hello(Role::Main, 0).encode())
+        .map_err(|e| conn_err(Channel::Main, "sending the hello", e))?;
+    wire += HELLO_LEN as u64;
+    let layout: Vec<(u64, u64)> = regions.iter().map(|r| (r.guest_addr(), r.len())).collect();
+    wire += write_main(
+        &mut main,
+        &MainMessage::RamLayout(layout),
+        "sending the RAM layout",
+    )?;
+    let (m, w) = read_main(&mut main, PAGE_SIZE, "waiting for READY")?;
+    wire += w;
+    expect_reply(m, "READY", |m| matches!(m, MainMessage::Ready))?;
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let r = connect()
+            .map_err(|e| MultifdError::io(format!("connecting data channel {i}"), e))
+            .and_then(|mut s| {
+                s.write_all(&hello(Role::Data, i as u16).encode())
+                    .map_err(|e| conn_err(Channel::Data(i as u16), "sending the hello", e))?;
+                Ok(s)
+            });
+        match r {
+            Ok(s) => conns.push(s),
+            Err(e) => {
+                send_error(&mut main, &e);
+                return Err(e);
+            }
+        }
+        wire += HELLO_LEN as u64;
+    }
+    Ok(Session { main, conns, wire })
+}
+
 /// Checks `send`'s arguments: channel count, compression level, regions,
 /// device-state size.
-fn check_send_args(
+pub(crate) fn check_send_args(
     regions: &[MemRegion],
     device_state: &[u8],
     opts: &SocketOptions,
@@ -302,7 +331,7 @@ fn check_send_args(
 
 /// The receiver's reply on the main connection must be `expected` (`is`);
 /// its ERROR is [`MultifdError::Remote`], anything else a protocol error.
-fn expect_reply(
+pub(crate) fn expect_reply(
     m: MainMessage,
     expected: &str,
     is: impl Fn(&MainMessage) -> bool,
@@ -366,7 +395,7 @@ fn run_send_channels<S: Read + Write + Send>(
 /// A data channel failed with `e`: tells the receiver, then returns the
 /// receiver's own reason if it has one (e.g. a checksum mismatch that made
 /// it close a data connection), else `e`.
-fn sender_failed<S: Read + Write>(main: &mut S, e: MultifdError) -> MultifdError {
+pub(crate) fn sender_failed<S: Read + Write>(main: &mut S, e: MultifdError) -> MultifdError {
     send_error(main, &e);
     if matches!(
         e,
@@ -388,22 +417,31 @@ fn send_finish<S: Read + Write>(
     counts: Vec<ChannelCount>,
     device_state: &[u8],
 ) -> Result<u64, MultifdError> {
-    let finish = [
-        (
-            MainMessage::RoundDone {
-                round: 0,
-                channels: counts,
-            },
-            "sending ROUND_DONE",
-        ),
-        (
-            MainMessage::DeviceState(device_state.to_vec()),
-            "sending the device state",
-        ),
-        (MainMessage::End, "sending END"),
-    ];
+    let round = MainMessage::RoundDone {
+        round: 0,
+        channels: counts,
+    };
+    send_main_messages(
+        main,
+        vec![
+            (round, "sending ROUND_DONE"),
+            (
+                MainMessage::DeviceState(device_state.to_vec()),
+                "sending the device state",
+            ),
+            (MainMessage::End, "sending END"),
+        ],
+    )
+}
+
+/// Sends `messages` on the main connection; on a failed write, the
+/// receiver's ERROR (if it sent one) is the error. Returns the bytes written.
+pub(crate) fn send_main_messages<S: Read + Write>(
+    main: &mut S,
+    messages: Vec<(MainMessage, &'static str)>,
+) -> Result<u64, MultifdError> {
     let mut wire = 0;
-    for (m, during) in &finish {
+    for (m, during) in &messages {
         match write_main(main, m, during) {
             Ok(w) => wire += w,
             Err(e) => {
@@ -429,15 +467,51 @@ struct SendShared<'a> {
 }
 
 #[derive(Default, Clone, Copy)]
-struct SendCounts {
-    count: ChannelCount,
-    bytes: u64,
+pub(crate) struct SendCounts {
+    pub(crate) count: ChannelCount,
+    pub(crate) bytes: u64,
 }
 
-enum Compressor {
+pub(crate) enum Compressor {
     None,
     Zstd(Box<zstd::bulk::Compressor<'static>>),
     Lz4,
+}
+
+impl Compressor {
+    pub(crate) fn new(c: Compression) -> Result<Compressor, MultifdError> {
+        Ok(match c {
+            Compression::None => Compressor::None,
+            Compression::Zstd(level) => Compressor::Zstd(Box::new(
+                zstd::bulk::Compressor::new(level)
+                    .map_err(|e| MultifdError::io("creating a zstd compressor", e))?,
+            )),
+            Compression::Lz4 => Compressor::Lz4,
+        })
+    }
+
+    /// Room for the worst case of either compressor on a full packet.
+    pub(crate) fn out_len() -> usize {
+        let max_raw = MAX_PAGES_PER_PACKET as usize * PAGE_SIZE as usize;
+        lz4_flex::block::get_maximum_output_size(max_raw)
+            .max(zstd::zstd_safe::compress_bound(max_raw))
+    }
+
+    /// Compresses `src` into `out`: the encoding and length, or None when
+    /// not compressing or when that would not make it smaller (sent raw).
+    pub(crate) fn compress(&mut self, src: &[u8], out: &mut [u8]) -> Option<(Encoding, usize)> {
+        let r = match self {
+            Compressor::Zstd(z) => z
+                .compress_to_buffer(src, out)
+                .ok()
+                .map(|n| (Encoding::Zstd, n)),
+            Compressor::Lz4 => lz4_flex::block::compress_into(src, out)
+                .ok()
+                .map(|n| (Encoding::Lz4, n)),
+            Compressor::None => None,
+        };
+        r.filter(|&(_, n)| n > 0 && n < src.len())
+    }
 }
 
 fn send_channel<S: Write + ?Sized>(
@@ -447,26 +521,15 @@ fn send_channel<S: Write + ?Sized>(
 ) -> Result<SendCounts, MultifdError> {
     let ps = PAGE_SIZE as usize;
     let max_raw = MAX_PAGES_PER_PACKET as usize * ps;
-    let mut compressor = match sh.compression {
-        Compression::None => Compressor::None,
-        Compression::Zstd(level) => Compressor::Zstd(Box::new(
-            zstd::bulk::Compressor::new(level)
-                .map_err(|e| MultifdError::io("creating a zstd compressor", e))?,
-        )),
-        Compression::Lz4 => Compressor::Lz4,
-    };
+    let mut compressor = Compressor::new(sh.compression)?;
     let compressing = !matches!(compressor, Compressor::None);
     let mut gather = if compressing {
         vec![0u8; max_raw]
     } else {
         Vec::new()
     };
-    // Room for the worst case of either compressor; a result that is not
-    // smaller than the raw pages is not sent.
-    let out_len = lz4_flex::block::get_maximum_output_size(max_raw)
-        .max(zstd::zstd_safe::compress_bound(max_raw));
     let mut out = if compressing {
-        vec![0u8; out_len]
+        vec![0u8; Compressor::out_len()]
     } else {
         Vec::new()
     };
@@ -535,18 +598,7 @@ fn send_channel<S: Write + ?Sized>(
                 }
                 &gather[..raw_len]
             };
-            let dst = &mut out[..];
-            compressed = match &mut compressor {
-                Compressor::Zstd(z) => z
-                    .compress_to_buffer(src, dst)
-                    .ok()
-                    .map(|n| (Encoding::Zstd, n)),
-                Compressor::Lz4 => lz4_flex::block::compress_into(src, dst)
-                    .ok()
-                    .map(|n| (Encoding::Lz4, n)),
-                Compressor::None => None,
-            };
-            compressed = compressed.filter(|&(_, n)| n > 0 && n < raw_len);
+            compressed = compressor.compress(src, &mut out);
         }
         let (encoding, payload_len) = compressed.unwrap_or((Encoding::Raw, raw_len));
         let h = PacketHeader {
@@ -557,6 +609,7 @@ fn send_channel<S: Write + ?Sized>(
             run_count: runs.len() as u32,
             encoding,
             sync: false,
+            last: false,
             payload_len: payload_len as u32,
         };
         head.clear();
@@ -685,7 +738,12 @@ fn accept_main<S: Read>(
 
 struct RecvShared<'a> {
     regions: &'a [MemRegion],
-    /// Per region, one bit per page: received already.
+    /// The protocol version of the transfer.
+    version: u16,
+    /// Version 2: chunk `i` travels on data channel `i % channels` only.
+    chunks: Chunks,
+    channels: u64,
+    /// Version 1: per region, one bit per page: received already.
     claimed: Vec<Vec<AtomicU64>>,
     page_size: u32,
     compression: Encoding,
@@ -696,6 +754,8 @@ struct RecvShared<'a> {
 struct RecvCounts {
     count: ChannelCount,
     bytes: u64,
+    /// Sync packets seen (one per round).
+    syncs: u64,
     synced: bool,
 }
 
@@ -712,11 +772,19 @@ fn receive_main<S: Read + Write + Send>(
     let (layout, regions) = receive_layout(main, ps, alloc, wire)?;
     let pages: Vec<u64> = layout.iter().map(|&(_, s)| s / u64::from(ps)).collect();
     let total_pages: u64 = pages.iter().sum();
+    let live = hello.version == LIVE_PROTOCOL_VERSION;
     let shared = RecvShared {
         regions: &regions,
+        version: hello.version,
+        chunks: Chunks::new(&pages),
+        channels: n as u64,
+        // Version 2 pages come again in later rounds: no claim bitmap.
         claimed: pages
             .iter()
-            .map(|p| (0..p.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+            .map(|p| {
+                let words = if live { 0 } else { p.div_ceil(64) };
+                (0..words).map(|_| AtomicU64::new(0)).collect()
+            })
             .collect(),
         page_size: ps,
         compression: hello.compression,
@@ -774,7 +842,7 @@ fn receive_main<S: Read + Write + Send>(
             }
         }
         // Meanwhile on the main connection: ROUND_DONE, DEVICE_STATE, END.
-        let (round, state) = receive_main_tail(main, ps, n, &shared.fail, wire);
+        let (round, state) = receive_main_tail(main, hello, &shared.fail, wire);
         let mut results = vec![RecvCounts::default(); n];
         for (i, h) in handles {
             match h.join() {
@@ -789,16 +857,16 @@ fn receive_main<S: Read + Write + Send>(
     if let Some(e) = shared.fail.take() {
         return Err(e);
     }
-    let (Some(round), Some(state)) = (round, state) else {
+    let (Some((last_round, round)), Some(state)) = (round, state) else {
         return Err(MultifdError::Protocol("the transfer ended early".into()));
     };
-    let present = check_counts(&results, &round, wire)?;
+    let present = check_counts(&results, u64::from(last_round) + 1, &round, wire)?;
     Ok((
         state,
         TransferStats {
             bytes: 0,
             present_pages: present,
-            zero_pages: total_pages - present,
+            zero_pages: total_pages.saturating_sub(present),
             elapsed: Default::default(),
             direct_io: false,
             channels: n,
@@ -883,6 +951,7 @@ fn data_hello<S: Read>(
     };
     let i = usize::from(h.channel);
     if h.role != Role::Data
+        || h.version != hello.version
         || h.channels != hello.channels
         || h.page_size != hello.page_size
         || h.compression != hello.compression
@@ -897,16 +966,20 @@ fn data_hello<S: Read>(
 }
 
 /// Follows the main connection to its END while the data channels run:
-/// ROUND_DONE (the channels' counts), DEVICE_STATE, END. A failure goes to
-/// `fail`, and ends the wait.
+/// ROUND_DONE (the channels' counts; version 2: once per round, numbered
+/// from 0, counts so far), DEVICE_STATE, END. Returns the last round's
+/// number and counts, and the device state. A failure goes to `fail`, and
+/// ends the wait.
+#[allow(clippy::type_complexity)]
 fn receive_main_tail<S: Read>(
     main: &mut S,
-    ps: u32,
-    n: usize,
+    hello: &Hello,
     fail: &Fail,
     wire: &mut u64,
-) -> (Option<Vec<ChannelCount>>, Option<Vec<u8>>) {
-    let mut round: Option<Vec<ChannelCount>> = None;
+) -> (Option<(u32, Vec<ChannelCount>)>, Option<Vec<u8>>) {
+    let n = usize::from(hello.channels);
+    let live = hello.version == LIVE_PROTOCOL_VERSION;
+    let mut round: Option<(u32, Vec<ChannelCount>)> = None;
     let mut state: Option<Vec<u8>> = None;
     while !fail.stopped() {
         let during = if round.is_none() {
@@ -916,7 +989,7 @@ fn receive_main_tail<S: Read>(
         } else {
             "waiting for END"
         };
-        let m = match read_main(main, ps, during) {
+        let m = match read_main(main, hello.page_size, during) {
             Ok((m, w)) => {
                 *wire += w;
                 m
@@ -929,14 +1002,21 @@ fn receive_main_tail<S: Read>(
         let bad = |what: &str| MultifdError::Protocol(format!("unexpected {what} while {during}"));
         match m {
             MainMessage::RoundDone { round: r, channels } => {
-                if round.is_some() || r != 0 || channels.len() != n {
+                let next = round.as_ref().map_or(0, |(last, _)| last + 1);
+                let fits = if live {
+                    state.is_none()
+                } else {
+                    round.is_none()
+                };
+                if !fits || r != next || channels.len() != n {
                     fail.fail(MultifdError::Protocol(format!(
-                        "ROUND_DONE for round {r} with {} channels (expected round 0, {n} channels, once)",
-                        channels.len()
+                        "ROUND_DONE for round {r} with {} channels (expected round {next}, {n} channels, before the device state{})",
+                        channels.len(),
+                        if live { "" } else { ", once" }
                     )));
                     break;
                 }
-                round = Some(channels);
+                round = Some((r, channels));
             }
             MainMessage::DeviceState(d) if round.is_some() && state.is_none() => state = Some(d),
             MainMessage::End if state.is_some() => break,
@@ -953,19 +1033,21 @@ fn receive_main_tail<S: Read>(
     (round, state)
 }
 
-/// Checks each data channel's counts against the sender's ROUND_DONE;
-/// returns the pages received, adding the channels' bytes to `wire`.
+/// Checks each data channel's counts against the sender's last ROUND_DONE
+/// (and its sync packets against the rounds); returns the pages received,
+/// adding the channels' bytes to `wire`.
 fn check_counts(
     results: &[RecvCounts],
+    rounds: u64,
     round: &[ChannelCount],
     wire: &mut u64,
 ) -> Result<u64, MultifdError> {
     let mut present = 0;
     for (i, (got, want)) in results.iter().zip(round).enumerate() {
-        if !got.synced || got.count != *want {
+        if !got.synced || got.count != *want || got.syncs != rounds {
             return Err(MultifdError::Protocol(format!(
-                "data channel {i}: received {} packets and {} pages, the sender says {} and {}",
-                got.count.packets, got.count.pages, want.packets, want.pages
+                "data channel {i}: received {} packets and {} pages in {} rounds, the sender says {} and {} in {rounds}",
+                got.count.packets, got.count.pages, got.syncs, want.packets, want.pages
             )));
         }
         present += got.count.pages;
@@ -1040,6 +1122,16 @@ fn recv_channel<S: Read + ?Sized>(
                 .map_err(|e| conn_err(chan, during("sync CRC"), e))?;
             check_packet_crc(ch, &h, crc, cb)?;
             c.bytes += (PACKET_HEADER_LEN + 4) as u64;
+            c.syncs += 1;
+            if sh.version == LIVE_PROTOCOL_VERSION && !h.last {
+                continue;
+            }
+            if h.last != (sh.version == LIVE_PROTOCOL_VERSION) {
+                return Err(MultifdError::Protocol(format!(
+                    "data channel {ch}: a LAST flag on a version {} sync packet",
+                    sh.version
+                )));
+            }
             c.synced = true;
             return Ok(c);
         }
@@ -1062,7 +1154,10 @@ fn recv_channel<S: Read + ?Sized>(
             .map_err(|e| conn_err(chan, during("runs"), e))?;
         parse_runs_into(&h, &rb[..rl], region.len() / ps as u64, &mut runs)?;
         crc = crc32c::crc32c_append(crc, &rb[..rl]);
-        for run in &runs {
+        if sh.version == LIVE_PROTOCOL_VERSION {
+            check_chunk_owner(sh, ch, h.region as usize, &runs)?;
+        }
+        for run in runs.iter().filter(|_| sh.version == PROTOCOL_VERSION) {
             if !claim(
                 &sh.claimed[h.region as usize],
                 run.first_page,
@@ -1077,7 +1172,8 @@ fn recv_channel<S: Read + ?Sized>(
         let run_slice = |run: &Run| -> &mut [u8] {
             // SAFETY: the run lies inside the region (parse_runs_into checked
             // it against the region's page count); this channel claimed its
-            // pages, so no other thread touches them; the MemRegion contract
+            // pages (version 1) or owns their chunk (version 2), so no other
+            // thread touches them; the MemRegion contract
             // keeps the memory writable and otherwise unused.
             unsafe {
                 std::slice::from_raw_parts_mut(
@@ -1143,6 +1239,31 @@ fn recv_channel<S: Read + ?Sized>(
         c.count.packets += 1;
         c.count.pages += u64::from(h.page_count);
     }
+}
+
+/// Version 2: a packet's pages all lie in one chunk that belongs to data
+/// channel `ch` (chunk `i` to channel `i % channels`), so that a page's
+/// later copies arrive after its earlier ones, on the same connection.
+fn check_chunk_owner(
+    sh: &RecvShared<'_>,
+    ch: u16,
+    region: usize,
+    runs: &[Run],
+) -> Result<(), MultifdError> {
+    let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
+        return Ok(());
+    };
+    let chunk = sh.chunks.index_of(region, first.first_page);
+    let end = sh
+        .chunks
+        .index_of(region, last.first_page + u64::from(last.count) - 1);
+    if chunk != end || chunk % sh.channels != u64::from(ch) {
+        return Err(MultifdError::Protocol(format!(
+            "data channel {ch}: a packet of region {region} pages {}.. crosses chunks or belongs to another channel",
+            first.first_page
+        )));
+    }
+    Ok(())
 }
 
 fn check_packet_crc(

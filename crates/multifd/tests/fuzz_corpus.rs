@@ -115,11 +115,22 @@ fn receive_corpus_and_artifacts_do_not_panic() {
 #[test]
 fn seeds_are_valid() {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-    for seed in ["seed-valid", "seed-valid-empty-state"] {
+    for seed in ["seed-valid", "seed-valid-empty-state", "seed-valid-live"] {
         let data = std::fs::read(fuzz.join("receive").join(seed)).expect("seed file");
         // seed-valid-empty-state has only one of two data streams: it fails.
-        assert_eq!(receive_streams(&data), seed == "seed-valid", "{seed}");
+        assert_eq!(
+            receive_streams(&data),
+            seed != "seed-valid-empty-state",
+            "{seed}"
+        );
     }
+    let hello = std::fs::read(fuzz.join("packet/seed-hello-live")).expect("seed file");
+    assert_eq!(
+        parse_hello(&hello).map(|h| h.version).ok(),
+        Some(multifd::LIVE_PROTOCOL_VERSION)
+    );
+    let sync = std::fs::read(fuzz.join("packet/seed-sync-last")).expect("seed file");
+    assert!(parse_packet_header(&sync).is_ok_and(|h| h.sync && h.last));
     for i in 0..5 {
         let data = std::fs::read(fuzz.join(format!("packet/seed-packet-{i}"))).expect("seed file");
         parse_packet(&data, 4096, &[16, 4]).unwrap_or_else(|e| panic!("seed-packet-{i}: {e}"));

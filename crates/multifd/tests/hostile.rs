@@ -6,7 +6,9 @@ mod common;
 use std::io::Cursor;
 use std::path::Path;
 
-use common::wire::{self, hello, packet, page, round_done, sync, Mem};
+use common::wire::{
+    self, hello, hello_v, packet, page, round_done, round_done_n, sync, sync_last, Mem,
+};
 use common::Anon;
 use multifd::{receive, Encoding, MainMessage, MultifdError, Role};
 
@@ -243,6 +245,7 @@ fn hostile_streams_fail() {
         "data hello with another page size",
         |p| {
             p.d1[0] = multifd::Hello {
+                version: multifd::PROTOCOL_VERSION,
                 role: Role::Data,
                 compression: Encoding::Lz4,
                 channel: 1,
@@ -277,6 +280,7 @@ fn hostile_streams_fail() {
         "only strays",
         |p| {
             let stray = multifd::Hello {
+                version: multifd::PROTOCOL_VERSION,
                 role: Role::Data,
                 compression: Encoding::Lz4,
                 channel: 1,
@@ -291,6 +295,73 @@ fn hostile_streams_fail() {
         },
         |e| matches!(e, MultifdError::Io { .. }),
     );
+}
+
+#[test]
+fn valid_live_stream_loads_the_latest_pages() {
+    let (main, data) = wire::valid_live(b"live");
+    let (r, mems) = run(main, data);
+    let (state, stats) = r.unwrap();
+    assert_eq!(state, b"live");
+    assert_eq!(stats.present_pages, 4);
+    let m0 = mems[0].bytes();
+    assert_eq!(&m0[..4096], &page(1)[..]);
+    assert_eq!(&m0[4096..2 * 4096], &page(7)[..], "round 1 wins");
+    assert_eq!(&mems[1].bytes()[3 * 4096..], &page(9)[..]);
+}
+
+#[test]
+fn hostile_live_streams_fail() {
+    const V: u16 = multifd::LIVE_PROTOCOL_VERSION;
+    type Alter = Box<dyn Fn(&mut Vec<u8>, &mut Vec<Vec<u8>>)>;
+    let cases: Vec<(&str, Alter)> = vec![
+        (
+            "a region 0 packet on channel 1 (not its chunk)",
+            Box::new(|_, d| {
+                d[1] = hello_v(V, Role::Data, 1, 2, Encoding::Raw);
+                d[1].extend(packet(1, 0, 0, &[(3, 1)], Encoding::Raw, &page(9)));
+                d[1].extend(sync(1, 1));
+                d[1].extend(sync_last(1, 1));
+            }),
+        ),
+        (
+            "the last sync missing",
+            Box::new(|_, d| {
+                let cut = d[1].len() - 44;
+                d[1].truncate(cut);
+            }),
+        ),
+        (
+            "a skipped round number",
+            Box::new(|m, _| {
+                let (main, _) = wire::valid_live(b"live");
+                let r0 = round_done_n(0, &[(1, 2), (1, 1)]);
+                let at = main.windows(r0.len()).position(|w| w == r0).unwrap();
+                m.clear();
+                m.extend(&main[..at + r0.len()]);
+                m.extend(round_done_n(2, &[(2, 3), (1, 1)]));
+                m.extend(MainMessage::DeviceState(b"live".to_vec()).encode());
+                m.extend(MainMessage::End.encode());
+            }),
+        ),
+        (
+            "a LAST flag in a version 1 transfer",
+            Box::new(|m, d| {
+                let (main, data) = wire::valid(b"dev");
+                *m = main;
+                *d = data;
+                let cut = d[1].len() - 44;
+                d[1].truncate(cut);
+                d[1].extend(sync_last(1, 1));
+            }),
+        ),
+    ];
+    for (what, alter) in cases {
+        let (mut main, mut data) = wire::valid_live(b"live");
+        alter(&mut main, &mut data);
+        let (r, _) = run(main, data);
+        assert!(r.is_err(), "{what}: accepted");
+    }
 }
 
 /// Regenerates the fuzz seed corpus: `cargo test -p multifd --test hostile -- --ignored`.
@@ -315,6 +386,10 @@ fn write_seed_corpus() {
         std::fs::write(pkt.join(format!("seed-packet-{i}")), b).unwrap();
     }
     std::fs::write(pkt.join("seed-hello"), &p.main_hello).unwrap();
+    let (main, data) = wire::valid_live(b"live state");
+    std::fs::write(recv.join("seed-valid-live"), wire::pack(&main, &data)).unwrap();
+    std::fs::write(pkt.join("seed-hello-live"), &data[0][..40]).unwrap();
+    std::fs::write(pkt.join("seed-sync-last"), sync_last(1, 5)).unwrap();
     std::fs::write(
         pkt.join("seed-main"),
         [p.layout, p.round, p.state, p.end].concat(),

@@ -9,45 +9,21 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{fill, Anon, PAGE};
+use common::{allocator, filled_regions, with_receiver, Anon, RecvResult, PAGE};
 use multifd::{
-    parse_endpoint, receive, send, CallerError, Channel, Compression, MemRegion, MultifdError,
-    SocketOptions, TransferStats,
+    parse_endpoint, receive, send, Channel, Compression, MemRegion, MultifdError, SocketOptions,
+    TransferStats,
 };
 
 const SIZES: [u64; 2] = [8 << 20, 4 << 20];
 const GUEST: [u64; 2] = [0, 1 << 32];
 
 fn source(seed: u64) -> Vec<Anon> {
-    SIZES
-        .iter()
-        .enumerate()
-        .map(|(i, &s)| {
-            let mut a = Anon::new(s as usize);
-            fill(a.bytes_mut(), seed + i as u64);
-            a
-        })
-        .collect()
+    filled_regions(&SIZES, seed)
 }
 
 fn regions(mems: &[Anon]) -> Vec<MemRegion> {
     mems.iter().zip(GUEST).map(|(m, g)| m.region(g)).collect()
-}
-
-/// An allocator for `receive` that keeps the memory it hands out.
-fn allocator(
-    keep: Arc<Mutex<Vec<Anon>>>,
-) -> impl FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError> {
-    move |layout: &[(u64, u64)]| {
-        let mut k = keep.lock().unwrap();
-        let mut out = Vec::new();
-        for &(g, s) in layout {
-            let a = Anon::new(s as usize);
-            out.push(a.region(g));
-            k.push(a);
-        }
-        Ok(out)
-    }
 }
 
 /// A stream that fails (and shuts the socket down) after `limit` bytes
@@ -100,7 +76,6 @@ impl Write for Faulty {
 }
 
 type SendResult = Result<TransferStats, MultifdError>;
-type RecvResult = Result<(Vec<u8>, TransferStats), MultifdError>;
 
 /// Runs a transfer over Unix socket pairs; `tweak(i, stream)` can make the
 /// sender's i-th connection (0 = main) faulty.
@@ -111,27 +86,14 @@ fn run_pairs(
     src: &[Anon],
     tweak: &(dyn Fn(usize, &mut Faulty) + Sync),
 ) -> (SendResult, RecvResult, Vec<Anon>) {
-    let (tx, rx) = mpsc::channel::<Faulty>();
-    let keep = Arc::new(Mutex::new(Vec::new()));
     let regs = regions(src);
-    std::thread::scope(|s| {
-        let k = keep.clone();
-        let receiver = s.spawn(move || {
-            let mut alloc = allocator(k);
-            receive(
-                &mut || {
-                    rx.recv_timeout(Duration::from_secs(20))
-                        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no more connections"))
-                },
-                &mut alloc,
-            )
-        });
+    with_receiver(|tx: &mpsc::Sender<Faulty>| {
         let mut i = 0;
         let opts = SocketOptions {
             channels,
             compression,
         };
-        let sent = send(
+        send(
             &mut || {
                 let (a, b) = UnixStream::pair()?;
                 let mut a = Faulty::new(a);
@@ -144,11 +106,7 @@ fn run_pairs(
             &regs,
             state,
             &opts,
-        );
-        drop(tx);
-        let received = receiver.join().unwrap();
-        let mems = std::mem::take(&mut *keep.lock().unwrap());
-        (sent, received, mems)
+        )
     })
 }
 
@@ -453,6 +411,7 @@ fn stray_connections_are_skipped() {
                         // A stray: garbage, then a hello of another session.
                         let (mut a, b) = UnixStream::pair()?;
                         let h = multifd::Hello {
+                            version: multifd::PROTOCOL_VERSION,
                             role: multifd::Role::Data,
                             compression: multifd::Encoding::Raw,
                             channel: 0,

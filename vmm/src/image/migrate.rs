@@ -29,7 +29,7 @@ pub enum CompressionArg {
 }
 
 impl CompressionArg {
-    fn multifd(self) -> multifd::Compression {
+    pub(crate) fn multifd(self) -> multifd::Compression {
         match self {
             CompressionArg::None => multifd::Compression::None,
             CompressionArg::Zstd => multifd::Compression::Zstd(1),

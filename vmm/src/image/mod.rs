@@ -19,6 +19,7 @@
 pub mod fixed;
 pub mod live;
 pub mod migrate;
+pub mod precopy;
 pub mod snapshot;
 pub mod stream;
 
@@ -201,6 +202,15 @@ pub enum SaveError {
     /// The save or snapshot was cancelled (by `cancel`, `quit` or a signal).
     #[error("the {0} was cancelled; no file was written")]
     Cancelled(&'static str),
+    /// Dirty logging failed (live migration).
+    #[error("dirty logging: {0}")]
+    DirtyLog(#[from] dirty_log::Error),
+    /// A live migration did not finish within its time limit; the VM runs on.
+    #[error("the live migration did not finish within {limit_s} s; the VM runs on here")]
+    NotConverged {
+        /// The limit, seconds.
+        limit_s: u64,
+    },
 }
 
 impl SaveError {
@@ -243,6 +253,7 @@ impl SaveError {
             | SaveError::BadImage { .. }
             | SaveError::DeviceState { .. } => "bad-request",
             SaveError::Cancelled(_) => "cancelled",
+            SaveError::NotConverged { .. } => "timeout",
             _ => "failed",
         }
     }
@@ -293,7 +304,7 @@ impl SaveControl {
         self.cancel();
     }
 
-    fn vm_ending(&self) -> bool {
+    pub(crate) fn vm_ending(&self) -> bool {
         self.vm_ending.load(Ordering::Acquire)
     }
 

@@ -2,7 +2,7 @@
 //! and a simple in-memory FileLayout.
 #![allow(dead_code)]
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use multifd::{CallerError, FileLayout, MemRegion};
 
@@ -225,4 +225,66 @@ pub fn direct_io_works(dir: &std::path::Path) -> bool {
         .is_ok();
     let _ = std::fs::remove_file(&p);
     ok
+}
+
+/// Regions of the given sizes filled with a pattern of `seed`.
+pub fn filled_regions(sizes: &[u64], seed: u64) -> Vec<Anon> {
+    sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            let mut a = Anon::new(s as usize);
+            fill(a.bytes_mut(), seed + i as u64);
+            a
+        })
+        .collect()
+}
+
+/// An allocator for `receive` that keeps the memory it hands out.
+pub fn allocator(
+    keep: Arc<Mutex<Vec<Anon>>>,
+) -> impl FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError> {
+    move |layout: &[(u64, u64)]| {
+        let mut k = keep.lock().unwrap();
+        let mut out = Vec::new();
+        for &(g, s) in layout {
+            let a = Anon::new(s as usize);
+            out.push(a.region(g));
+            k.push(a);
+        }
+        Ok(out)
+    }
+}
+
+/// What `receive` returned.
+pub type RecvResult = Result<(Vec<u8>, multifd::TransferStats), multifd::MultifdError>;
+
+/// Runs `send` against a receiving thread: `send` gets the channel through
+/// which it hands the receiver the other end of each connection it makes.
+/// Returns `send`'s result, the receiver's and the received memory.
+pub fn with_receiver<S: std::io::Read + std::io::Write + Send, T>(
+    send: impl FnOnce(&std::sync::mpsc::Sender<S>) -> T,
+) -> (T, RecvResult, Vec<Anon>) {
+    let (tx, rx) = std::sync::mpsc::channel::<S>();
+    let keep = Arc::new(Mutex::new(Vec::new()));
+    std::thread::scope(|s| {
+        let k = keep.clone();
+        let receiver = s.spawn(move || {
+            let mut alloc = allocator(k);
+            multifd::receive(
+                &mut || {
+                    rx.recv_timeout(std::time::Duration::from_secs(20))
+                        .map_err(|_| {
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, "no more connections")
+                        })
+                },
+                &mut alloc,
+            )
+        });
+        let sent = send(&tx);
+        drop(tx);
+        let received = receiver.join().unwrap();
+        let mems = std::mem::take(&mut *keep.lock().unwrap());
+        (sent, received, mems)
+    })
 }

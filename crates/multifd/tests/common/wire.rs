@@ -8,7 +8,24 @@ use multifd::{ChannelCount, Encoding, Hello, MainMessage, PacketHeader, Role, Ru
 pub const SESSION: u64 = 0x5eed;
 
 pub fn hello(role: Role, channel: u16, channels: u16, compression: Encoding) -> Vec<u8> {
+    hello_v(
+        multifd::PROTOCOL_VERSION,
+        role,
+        channel,
+        channels,
+        compression,
+    )
+}
+
+pub fn hello_v(
+    version: u16,
+    role: Role,
+    channel: u16,
+    channels: u16,
+    compression: Encoding,
+) -> Vec<u8> {
     Hello {
+        version,
         role,
         compression,
         channel,
@@ -36,6 +53,7 @@ pub fn packet(
         run_count: runs.len() as u32,
         encoding: enc,
         sync: false,
+        last: false,
         payload_len: payload.len() as u32,
     };
     let mut b = h.encode().to_vec();
@@ -55,9 +73,23 @@ pub fn sync(ch: u16, seq: u64) -> Vec<u8> {
     b
 }
 
+/// A version 2 sync packet that ends the last round.
+pub fn sync_last(ch: u16, seq: u64) -> Vec<u8> {
+    let mut h = PacketHeader::sync(ch, seq);
+    h.last = true;
+    let mut b = h.encode().to_vec();
+    let crc = crc32c::crc32c(&b);
+    b.extend_from_slice(&crc.to_le_bytes());
+    b
+}
+
 pub fn round_done(counts: &[(u64, u64)]) -> Vec<u8> {
+    round_done_n(0, counts)
+}
+
+pub fn round_done_n(round: u32, counts: &[(u64, u64)]) -> Vec<u8> {
     MainMessage::RoundDone {
-        round: 0,
+        round,
         channels: counts
             .iter()
             .map(|&(packets, pages)| ChannelCount { packets, pages })
@@ -99,6 +131,32 @@ pub fn valid(state: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
         &lz4_flex::block::compress(&raw),
     ));
     d1.extend(sync(1, 1));
+    (main, vec![d0, d1])
+}
+
+/// A valid live transfer (version 2), same layout as [`valid`]: two rounds;
+/// round 1 sends region 0 page 1 again with new contents (`page(7)`).
+/// Chunk 0 (region 0) is channel 0's, chunk 1 (region 1) channel 1's.
+pub fn valid_live(state: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
+    let v = multifd::LIVE_PROTOCOL_VERSION;
+    let mut main = hello_v(v, Role::Main, 0, 2, Encoding::Raw);
+    main.extend(MainMessage::RamLayout(vec![(0, 16 * 4096), (1 << 20, 4 * 4096)]).encode());
+    main.extend(round_done_n(0, &[(1, 2), (1, 1)]));
+    main.extend(round_done_n(1, &[(2, 3), (1, 1)]));
+    main.extend(MainMessage::DeviceState(state.to_vec()).encode());
+    main.extend(MainMessage::End.encode());
+
+    let mut d0 = hello_v(v, Role::Data, 0, 2, Encoding::Raw);
+    let pages: Vec<u8> = [page(1), page(2)].concat();
+    d0.extend(packet(0, 0, 0, &[(0, 2)], Encoding::Raw, &pages));
+    d0.extend(sync(0, 1));
+    d0.extend(packet(0, 1, 0, &[(1, 1)], Encoding::Raw, &page(7)));
+    d0.extend(sync_last(0, 2));
+
+    let mut d1 = hello_v(v, Role::Data, 1, 2, Encoding::Raw);
+    d1.extend(packet(1, 0, 1, &[(3, 1)], Encoding::Raw, &page(9)));
+    d1.extend(sync(1, 1));
+    d1.extend(sync_last(1, 1));
     (main, vec![d0, d1])
 }
 

@@ -1,0 +1,153 @@
+//! Live transfers (protocol version 2): rounds of pages while the memory
+//! changes, the last round and the device state, over Unix socket pairs;
+//! cancel and abort.
+
+mod common;
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc;
+
+use common::{fill, filled_regions, with_receiver, Anon, RecvResult, PAGE};
+use multifd::{Compression, LiveSender, MemRegion, MultifdError, PageSet, SocketOptions};
+
+const SIZES: [u64; 2] = [8 << 20, 4 << 20];
+const GUEST: [u64; 2] = [0, 1 << 32];
+
+fn source(seed: u64) -> Vec<Anon> {
+    filled_regions(&SIZES, seed)
+}
+
+/// Runs `send` against a receiving thread over Unix socket pairs.
+fn over_pairs<T>(
+    send: impl FnOnce(&mut dyn FnMut() -> io::Result<UnixStream>) -> T,
+) -> (T, RecvResult, Vec<Anon>) {
+    with_receiver(|tx: &mpsc::Sender<UnixStream>| {
+        send(&mut || {
+            let (a, b) = UnixStream::pair()?;
+            tx.send(b).map_err(|_| io::Error::other("receiver gone"))?;
+            Ok(a)
+        })
+    })
+}
+
+/// Writes `pages` of region `r` (a new pattern, or zeros for every third
+/// one) and marks them in `dirty`.
+fn touch(mem: &mut [Anon], dirty: &mut [Vec<u64>], r: usize, pages: &[u64], seed: u64) {
+    for (k, &p) in pages.iter().enumerate() {
+        let at = (p * PAGE) as usize;
+        let page = &mut mem[r].bytes_mut()[at..at + PAGE as usize];
+        if k % 3 == 2 {
+            page.fill(0);
+        } else {
+            fill(page, seed + p);
+        }
+        dirty[r][(p / 64) as usize] |= 1 << (p % 64);
+    }
+}
+
+fn clean_maps() -> Vec<Vec<u64>> {
+    SIZES
+        .iter()
+        .map(|s| vec![0u64; (s / PAGE).div_ceil(64) as usize])
+        .collect()
+}
+
+#[test]
+fn rounds_bring_the_receiver_up_to_date() {
+    let no_cancel = AtomicBool::new(false);
+    for channels in [1, 2, 3] {
+        for compression in [Compression::None, Compression::Lz4, Compression::Zstd(1)] {
+            let mut src = source(7);
+            // A page that starts zero and gets written later.
+            src[1].bytes_mut()[..PAGE as usize].fill(0);
+            let regs: Vec<MemRegion> = src.iter().zip(GUEST).map(|(m, g)| m.region(g)).collect();
+            let opts = SocketOptions {
+                channels,
+                compression,
+            };
+            let state = b"the device state".to_vec();
+            let (sent, received, mems) = over_pairs(|connect| {
+                let mut tx = LiveSender::connect(connect, &regs, &opts)?;
+                let first = tx.send_round(PageSet::AllNonZero, false, &no_cancel)?;
+                assert_eq!(first.round, 0);
+                for round in 1..4u64 {
+                    let mut dirty = clean_maps();
+                    touch(&mut src, &mut dirty, 0, &[3, 4, 5, 300, 2047], round * 100);
+                    touch(
+                        &mut src,
+                        &mut dirty,
+                        1,
+                        &[0, 511, 700 + round],
+                        round * 1000,
+                    );
+                    let maps: Vec<&[u64]> = dirty.iter().map(Vec::as_slice).collect();
+                    let stats = tx.send_round(PageSet::Dirty(&maps), round == 3, &no_cancel)?;
+                    assert_eq!(stats.pages, 8, "round {round}");
+                    assert_eq!(stats.round as u64, round);
+                }
+                tx.finish(&state)
+            });
+            let what = format!("{channels} channels, {compression:?}");
+            let sent = sent.unwrap_or_else(|e| panic!("{what}: {e}"));
+            let (got, rstats) = received.unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(got, state);
+            assert_eq!(sent.present_pages, rstats.present_pages, "{what}");
+            assert_eq!(sent.bytes, rstats.bytes, "{what}: wire bytes");
+            for (a, b) in src.iter().zip(&mems) {
+                assert!(a.bytes() == b.bytes(), "{what}: memory differs");
+            }
+        }
+    }
+}
+
+#[test]
+fn cancel_and_abort_fail_the_receiver_cleanly() {
+    let src = source(9);
+    let regs: Vec<MemRegion> = src.iter().zip(GUEST).map(|(m, g)| m.region(g)).collect();
+    let opts = SocketOptions {
+        channels: 2,
+        compression: Compression::None,
+    };
+    let cancel = AtomicBool::new(true);
+    let (sent, received, _) = over_pairs(|connect| {
+        let mut tx = LiveSender::connect(connect, &regs, &opts)?;
+        let r = tx.send_round(PageSet::AllNonZero, false, &cancel);
+        assert!(matches!(r, Err(MultifdError::Aborted(_))), "{r:?}");
+        tx.abort("cancelled by the user");
+        Ok::<_, MultifdError>(())
+    });
+    sent.unwrap();
+    let e = received.unwrap_err();
+    assert!(
+        matches!(&e, MultifdError::Remote(m) if m.contains("cancelled"))
+            || matches!(e, MultifdError::PeerDisconnected { .. }),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn finish_needs_the_last_round_and_rounds_need_fitting_bitmaps() {
+    let src = source(11);
+    let regs: Vec<MemRegion> = src.iter().zip(GUEST).map(|(m, g)| m.region(g)).collect();
+    let opts = SocketOptions {
+        channels: 1,
+        compression: Compression::None,
+    };
+    let no_cancel = AtomicBool::new(false);
+    let (sent, received, _) = over_pairs(|connect| {
+        let mut tx = LiveSender::connect(connect, &regs, &opts)?;
+        let short = [0u64; 1];
+        let maps: [&[u64]; 2] = [&short, &short];
+        let r = tx.send_round(PageSet::Dirty(&maps), false, &no_cancel);
+        assert!(matches!(r, Err(MultifdError::InvalidArgument(_))), "{r:?}");
+        tx.send_round(PageSet::AllNonZero, false, &no_cancel)?;
+        tx.finish(b"state")
+    });
+    assert!(
+        matches!(sent, Err(MultifdError::InvalidArgument(_))),
+        "{sent:?}"
+    );
+    assert!(received.is_err());
+}

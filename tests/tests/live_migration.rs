@@ -1,0 +1,172 @@
+//! Live migration (`cryo migrate` to `cryo restore --listen`) with the test
+//! kernel as the oracle: the guest runs during the transfer, and on the
+//! destination its heartbeats continue with no mismatch and no reboot.
+//! Cancel, a dead destination and the time limit leave the source running.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cryo_tests::{boot_with_api, check_continues, cryo, cryo_bin, socket_path, Guest};
+
+const T: Duration = Duration::from_secs(90);
+
+/// A `cryo restore --listen` on a fresh Unix socket (or, for a name that
+/// starts with `tcp`, a loopback port); returns it and the endpoint.
+fn listener(name: &str) -> (Guest, String) {
+    let endpoint = if name.starts_with("tcp") {
+        // A port unlikely to collide: derived from the process id.
+        format!("tcp:127.0.0.1:{}", 40000 + std::process::id() % 20000)
+    } else {
+        let p = socket_path(&format!("{name}-l"));
+        let _ = std::fs::remove_file(&p);
+        format!("unix:{}", p.display())
+    };
+    let dest = Guest::spawn(["restore", "--listen", &endpoint]);
+    assert!(
+        dest.wait_for_stderr(T, |l| l.contains("waiting for a migration")),
+        "{}",
+        dest.transcript()
+    );
+    (dest, endpoint)
+}
+
+fn live_migration(name: &str, cmdline: &str, extra: &[&str]) -> serde_json::Value {
+    let api = socket_path(name);
+    let (mut dest, endpoint) = listener(name);
+    let (mut src, _) = boot_with_api(2, 64, &format!("cryo.mem=8 cryo.hb_ms=200 {cmdline}"), &api);
+    let mut args = vec!["migrate", "--api", api.to_str().unwrap(), "--to", &endpoint];
+    args.extend_from_slice(extra);
+    let (status, out, err) = cryo(&args);
+    assert_eq!(status, Some(0), "{out}\n{err}\n{}", dest.transcript());
+    let result: serde_json::Value = serde_json::from_str(&out).expect("JSON result");
+    assert!(result["rounds"].as_u64().unwrap_or(0) >= 2, "{result}");
+    assert!(result["pages_sent"].as_u64().unwrap_or(0) > 0, "{result}");
+    // The source ends only after the destination confirmed.
+    assert_eq!(src.wait_exit(T).and_then(|s| s.code()), Some(0));
+    let before = src.follow_output(2);
+    let after = dest.follow(2, 3, 2, T);
+    check_continues(&before, &after, 2);
+    result
+}
+
+#[test]
+fn live_migration_of_a_nearly_idle_guest() {
+    live_migration("lm-idle", "cryo.rate=10", &["--channels", "2"]);
+}
+
+#[test]
+fn live_migration_over_tcp() {
+    live_migration("tcp-lm", "cryo.rate=1000", &["--compress", "zstd"]);
+}
+
+#[test]
+fn live_migration_of_a_writing_guest() {
+    // The guest rewrites 4000 pages a second per vCPU; the downtime limit is
+    // generous so that a debug build on a busy host converges too.
+    live_migration(
+        "lm-writing",
+        "cryo.rate=4000",
+        &[
+            "--channels",
+            "3",
+            "--max-downtime-ms",
+            "500",
+            "--compress",
+            "lz4",
+        ],
+    );
+}
+
+#[test]
+fn a_guest_writing_faster_than_the_link_converges_by_auto_converge() {
+    // Unlimited rewrites dirty the whole 16 MiB working set far faster than
+    // a 20 MB/s link drains it: only throttling the vCPUs lets it converge.
+    let result = live_migration(
+        "lm-converge",
+        "cryo.rate=0",
+        &["--max-bandwidth", "20", "--timeout-s", "120"],
+    );
+    assert!(
+        result["throttle_percent"].as_u64().unwrap_or(0) > 0,
+        "{result}"
+    );
+}
+
+/// A migration slowed down to 4 MB/s, so that it is still under way when
+/// the test interferes; returns the source, its API socket, the destination
+/// and the `cryo migrate` process.
+fn slow_migration(name: &str, extra: &[&str]) -> (Guest, std::path::PathBuf, Guest, Child) {
+    let api = socket_path(name);
+    let (dest, endpoint) = listener(name);
+    let (src, _) = boot_with_api(2, 64, "cryo.mem=8 cryo.hb_ms=200", &api);
+    let migrate = Command::new(cryo_bin())
+        .args(["migrate", "--api", api.to_str().unwrap(), "--to", &endpoint])
+        .args(["--max-bandwidth", "4"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cryo migrate");
+    std::thread::sleep(Duration::from_millis(800));
+    (src, api, dest, migrate)
+}
+
+/// The source still runs: new heartbeats, and the API says running.
+fn source_runs_on(src: &mut Guest, api: &std::path::Path) {
+    src.drain();
+    src.follow(2, 2, 1, T);
+    let (status, out, err) = cryo(&["status", "--api", api.to_str().unwrap()]);
+    assert_eq!(status, Some(0), "{out}\n{err}");
+    assert!(out.contains("\"running\""), "{out}");
+}
+
+fn finished(child: Child) -> (Option<i32>, String) {
+    let out = child.wait_with_output().expect("cryo migrate output");
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn cancel_mid_way_leaves_the_source_running() {
+    let (mut src, api, mut dest, migrate) = slow_migration("lm-cancel", &[]);
+    let (status, out, err) = cryo(&["query-progress", "--api", api.to_str().unwrap()]);
+    assert_eq!(status, Some(0), "{out}\n{err}");
+    assert!(
+        out.contains("\"migrate\"") && out.contains("\"first pass\""),
+        "{out}"
+    );
+    let (status, out, err) = cryo(&["cancel", "--api", api.to_str().unwrap()]);
+    assert_eq!(status, Some(0), "{out}\n{err}");
+    let (code, text) = finished(migrate);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("cancelled"), "{text}");
+    source_runs_on(&mut src, &api);
+    let gone = dest.wait_exit(T).expect("the destination gives up");
+    assert!(!gone.success(), "{}", dest.transcript());
+}
+
+#[test]
+fn a_dead_destination_leaves_the_source_running() {
+    let (mut src, api, mut dest, migrate) = slow_migration("lm-kill", &[]);
+    dest.kill();
+    let (code, text) = finished(migrate);
+    assert_ne!(code, Some(0), "{text}");
+    source_runs_on(&mut src, &api);
+}
+
+#[test]
+fn the_time_limit_leaves_the_source_running() {
+    let (mut src, api, mut dest, migrate) = slow_migration("lm-timeout", &["--timeout-s", "1"]);
+    let (code, text) = finished(migrate);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("did not finish within 1 s"), "{text}");
+    source_runs_on(&mut src, &api);
+    let gone = dest.wait_exit(T).expect("the destination gives up");
+    assert!(!gone.success(), "{}", dest.transcript());
+}
