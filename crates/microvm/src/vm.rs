@@ -730,6 +730,11 @@ impl MicroVm {
         self.state
     }
 
+    /// Number of virtio-blk disks attached.
+    pub fn disk_count(&self) -> usize {
+        self.blocks.len()
+    }
+
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> u8 {
         self.vcpu_count
