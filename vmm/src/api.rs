@@ -484,48 +484,28 @@ fn stop_after(c: &VmController) -> Option<AfterReply> {
     }))
 }
 
-/// Handles one request line; returns the reply and what to do once it is sent.
-fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterReply>) {
-    let raw: Value = match serde_json::from_str(text) {
-        Ok(v) => v,
-        Err(e) => {
-            return (
-                error_reply(None, "bad-request", &format!("malformed JSON: {e}")),
-                None,
-            )
-        }
-    };
+/// A reply, and what to do once it is sent (end the VM after a save).
+type Reply = (Value, Option<AfterReply>);
+
+/// Parses one request line; a bad one is answered at once.
+fn parse_request(text: &str) -> Result<Request, Value> {
+    let raw: Value = serde_json::from_str(text)
+        .map_err(|e| error_reply(None, "bad-request", &format!("malformed JSON: {e}")))?;
     let raw_id = raw.get("id").cloned();
-    let req: Request = match serde_json::from_value(raw) {
+    serde_json::from_value(raw)
+        .map_err(|e| error_reply(raw_id, "bad-request", &format!("invalid request: {e}")))
+}
+
+/// Answers one request line: parse, then one handler per verb.
+fn handle(text: &str, state: &ApiState, conn: &Conn) -> Reply {
+    let req = match parse_request(text) {
         Ok(r) => r,
-        Err(e) => {
-            return (
-                error_reply(raw_id, "bad-request", &format!("invalid request: {e}")),
-                None,
-            )
-        }
+        Err(reply) => return (reply, None),
     };
     let id = req.id();
     let c = &state.controller;
     match req {
-        Request::Status { .. } => match c.call(|vm| (vm.state(), vm.machine().clone())) {
-            Ok((run_state, machine)) => (
-                ok_reply(
-                    id,
-                    json!({
-                        "api_version": API_VERSION,
-                        "state": state_name(run_state),
-                        "vcpus": machine.vcpus,
-                        "mem_mib": machine.mem_mib,
-                        "uptime_s": state.started.elapsed().as_secs_f64(),
-                        "name": state.managed.as_ref().map(|m| m.name.clone()),
-                        "busy": state.busy.load(Ordering::Relaxed),
-                    }),
-                ),
-                None,
-            ),
-            Err(e) => (error_reply(id, "failed", &e.to_string()), None),
-        },
+        Request::Status { .. } => (status(state, id), None),
         // A stopped save holds the VM paused: resuming it would let the
         // guest change memory the save is writing.
         Request::Pause { .. } | Request::Resume { .. } if state.save_running().is_some() => (
@@ -536,43 +516,11 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
             ),
             None,
         ),
-        Request::Pause { .. } => match c.pause() {
-            Ok(()) => (ok_reply(id, json!({"state": "paused"})), None),
-            Err(e) => (error_reply(id, "failed", &e.to_string()), None),
-        },
-        Request::Resume { .. } => match c.resume() {
-            Ok(()) => (ok_reply(id, json!({"state": "running"})), None),
-            Err(e) => (error_reply(id, "failed", &e.to_string()), None),
-        },
+        Request::Pause { .. } => (answer(id, c.pause(), "paused"), None),
+        Request::Resume { .. } => (answer(id, c.resume(), "running"), None),
         Request::Quit { .. } => (ok_reply(id, json!({"state": "stopping"})), stop_after(c)),
-        Request::QueryProgress { .. } => {
-            let current = state.current.lock().ok().and_then(|c| c.clone());
-            match current {
-                Some(p) => {
-                    let mut v = serde_json::to_value(p.info()).unwrap_or(Value::Null);
-                    v["active"] = json!(true);
-                    (ok_reply(id, v), None)
-                }
-                None => (ok_reply(id, json!({"active": false})), None),
-            }
-        }
-        Request::Cancel { .. } => {
-            let cancelled = match state.save_running() {
-                Some(control) => {
-                    control.cancel();
-                    true
-                }
-                None => state.cancel.cancel(),
-            };
-            if cancelled {
-                (ok_reply(id, json!({"cancelled": true})), None)
-            } else {
-                (
-                    error_reply(id, "bad-request", "no save or snapshot is running"),
-                    None,
-                )
-            }
-        }
+        Request::QueryProgress { .. } => (query_progress(state, id), None),
+        Request::Cancel { .. } => (cancel(state, id), None),
         Request::Save {
             path,
             format,
@@ -582,84 +530,26 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
             compression,
             progress,
             ..
-        } => {
-            let target = match save::SaveTarget::parse(&path) {
-                Ok(t) => t,
-                Err(e) => return (error_reply(id, "bad-request", &e.to_string()), None),
-            };
-            if let Err(e) = options_fit_target(&target, format, direct_io, compression) {
-                return (error_reply(id, "bad-request", &e), None);
-            }
-            let channels = match channel_options(channels, direct_io) {
-                Ok(c) => c,
-                Err(e) => return (error_reply(id, "bad-request", &e), None),
-            };
-            let run = with_progress(state, conn, &id, "save", progress, |p| {
-                let opts = save::SaveOptions {
-                    format: format.unwrap_or_default(),
-                    keep_running,
-                    channels,
-                    compression,
-                    progress: Some(p),
-                    control: save::SaveControl::default(),
-                };
-                run_save(state, &target, &opts)
-            });
-            match run {
-                Err(busy) => (busy, None),
-                Ok(Ok(stats)) => {
-                    info!("saved to {path}: {stats:?}");
-                    let after = if keep_running { None } else { stop_after(c) };
-                    (
-                        ok_reply(id, serde_json::to_value(&stats).unwrap_or(Value::Null)),
-                        after,
-                    )
-                }
-                Ok(Err(e)) => (error_reply(id, e.kind(), &e.to_string()), None),
-            }
-        }
+        } => save(
+            state,
+            conn,
+            id,
+            SaveRequest {
+                path,
+                format,
+                keep_running,
+                channels,
+                direct_io,
+                compression,
+                progress,
+            },
+        ),
         Request::ManagedSave {
             channels,
             direct_io,
             progress,
             ..
-        } => {
-            let Some(managed) = state.managed.clone() else {
-                return (
-                    error_reply(
-                        id,
-                        "bad-request",
-                        "this VM was not started with --name: it has no managed save image",
-                    ),
-                    None,
-                );
-            };
-            let channels = match channel_options(channels, direct_io) {
-                Ok(c) => c,
-                Err(e) => return (error_reply(id, "bad-request", &e), None),
-            };
-            let run = with_progress(state, conn, &id, "managed-save", progress, |p| {
-                let opts = save::SaveOptions {
-                    format: save::SaveFormat::FixedRam,
-                    keep_running: false,
-                    channels,
-                    compression: None,
-                    progress: Some(p),
-                    control: save::SaveControl::default(),
-                };
-                run_save(state, &save::SaveTarget::File(managed.image.clone()), &opts)
-            });
-            match run {
-                Err(busy) => (busy, None),
-                Ok(Ok(stats)) => {
-                    info!("managed save of {}: {stats:?}", managed.name);
-                    let mut v = serde_json::to_value(&stats).unwrap_or(Value::Null);
-                    v["name"] = json!(managed.name);
-                    (ok_reply(id, v), stop_after(c))
-                }
-                Ok(Err(e)) => (error_reply(id, e.kind(), &e.to_string()), None),
-            }
-        }
+        } => managed_save(state, conn, id, (channels, direct_io, progress)),
         Request::Migrate {
             to,
             channels,
@@ -670,49 +560,14 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
             progress,
             ..
         } => {
-            let endpoint = match save::SaveTarget::parse(&to) {
-                Ok(save::SaveTarget::Peer(e)) => e,
-                Ok(save::SaveTarget::File(_)) => {
-                    return (
-                        error_reply(
-                            id,
-                            "bad-request",
-                            "migrate sends to a peer: tcp:HOST:PORT or unix:PATH",
-                        ),
-                        None,
-                    )
-                }
-                Err(e) => return (error_reply(id, "bad-request", &e.to_string()), None),
-            };
-            let channels = match channel_options(channels, None) {
-                Ok(c) => c.channels,
-                Err(e) => return (error_reply(id, "bad-request", &e), None),
-            };
             let opts = save::precopy::MigrateOptions {
-                channels,
+                channels: 0,
                 compression,
                 max_downtime_ms: max_downtime_ms.unwrap_or(50),
                 max_bandwidth: max_bandwidth.map(|mb| mb.saturating_mul(1_000_000)),
                 timeout: timeout_s.map(Duration::from_secs),
             };
-            let run = with_progress(state, conn, &id, "migrate", progress, |p| {
-                let control = save::SaveControl::default();
-                state.set_save(Some(control.clone()));
-                let r = save::precopy::migrate_vm(c, &endpoint, &opts, &control, Some(&p));
-                state.set_save(None);
-                r
-            });
-            match run {
-                Err(busy) => (busy, None),
-                Ok(Ok(stats)) => {
-                    info!("migrated to {to}: {stats:?}");
-                    (
-                        ok_reply(id, serde_json::to_value(&stats).unwrap_or(Value::Null)),
-                        stop_after(c),
-                    )
-                }
-                Ok(Err(e)) => (error_reply(id, e.kind(), &e.to_string()), None),
-            }
+            migrate(state, conn, id, (to, channels, progress), opts)
         }
         Request::Snapshot {
             path,
@@ -720,30 +575,225 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> (Value, Option<AfterRepl
             direct_io,
             progress,
             ..
-        } => {
-            let channels = match channel_options(channels, direct_io) {
-                Ok(c) => c,
-                Err(e) => return (error_reply(id, "bad-request", &e), None),
-            };
-            let run = with_progress(state, conn, &id, "snapshot", progress, |p| {
-                save::live::snapshot_vm(c, &path, &channels, &state.cancel, Some(&p))
-            });
-            match run {
-                Err(busy) => (busy, None),
-                Ok(Ok(stats)) => {
-                    info!(
-                        "snapshot of the running VM in {}: {stats:?}",
-                        path.display()
-                    );
-                    (
-                        ok_reply(id, serde_json::to_value(&stats).unwrap_or(Value::Null)),
-                        None,
-                    )
-                }
-                Ok(Err(e)) => (error_reply(id, e.kind(), &e.to_string()), None),
-            }
-        }
+        } => snapshot(state, conn, id, (path, channels, direct_io, progress)),
     }
+}
+
+fn status(state: &ApiState, id: Option<Value>) -> Value {
+    match state
+        .controller
+        .call(|vm| (vm.state(), vm.machine().clone()))
+    {
+        Ok((run_state, machine)) => ok_reply(
+            id,
+            json!({
+                "api_version": API_VERSION,
+                "state": state_name(run_state),
+                "vcpus": machine.vcpus,
+                "mem_mib": machine.mem_mib,
+                "uptime_s": state.started.elapsed().as_secs_f64(),
+                "name": state.managed.as_ref().map(|m| m.name.clone()),
+                "busy": state.busy.load(Ordering::Relaxed),
+            }),
+        ),
+        Err(e) => error_reply(id, "failed", &e.to_string()),
+    }
+}
+
+/// The reply to pause or resume: the new state, or why not.
+fn answer(id: Option<Value>, result: Result<(), microvm::Error>, new_state: &str) -> Value {
+    match result {
+        Ok(()) => ok_reply(id, json!({ "state": new_state })),
+        Err(e) => error_reply(id, "failed", &e.to_string()),
+    }
+}
+
+fn query_progress(state: &ApiState, id: Option<Value>) -> Value {
+    match state.current.lock().ok().and_then(|c| c.clone()) {
+        Some(p) => {
+            let mut v = serde_json::to_value(p.info()).unwrap_or(Value::Null);
+            v["active"] = json!(true);
+            ok_reply(id, v)
+        }
+        None => ok_reply(id, json!({"active": false})),
+    }
+}
+
+fn cancel(state: &ApiState, id: Option<Value>) -> Value {
+    let cancelled = match state.save_running() {
+        Some(control) => {
+            control.cancel();
+            true
+        }
+        None => state.cancel.cancel(),
+    };
+    if cancelled {
+        ok_reply(id, json!({"cancelled": true}))
+    } else {
+        error_reply(id, "bad-request", "no save or snapshot is running")
+    }
+}
+
+/// The reply to a long-running verb: `busy` if another one runs, its
+/// error, or its statistics (`on_ok` adds to them and says what follows).
+fn finish<T: serde::Serialize>(
+    id: Option<Value>,
+    run: Result<Result<T, save::SaveError>, Value>,
+    on_ok: impl FnOnce(&T, &mut Value) -> Option<AfterReply>,
+) -> Reply {
+    match run {
+        Err(busy) => (busy, None),
+        Ok(Ok(stats)) => {
+            let mut v = serde_json::to_value(&stats).unwrap_or(Value::Null);
+            let after = on_ok(&stats, &mut v);
+            (ok_reply(id, v), after)
+        }
+        Ok(Err(e)) => (error_reply(id, e.kind(), &e.to_string()), None),
+    }
+}
+
+/// The fields of a `save` request.
+struct SaveRequest {
+    path: String,
+    format: Option<save::SaveFormat>,
+    keep_running: bool,
+    channels: Option<usize>,
+    direct_io: Option<DirectIoArg>,
+    compression: Option<save::migrate::CompressionArg>,
+    progress: bool,
+}
+
+fn save(state: &ApiState, conn: &Conn, id: Option<Value>, r: SaveRequest) -> Reply {
+    let target = match save::SaveTarget::parse(&r.path) {
+        Ok(t) => t,
+        Err(e) => return (error_reply(id, "bad-request", &e.to_string()), None),
+    };
+    if let Err(e) = options_fit_target(&target, r.format, r.direct_io, r.compression) {
+        return (error_reply(id, "bad-request", &e), None);
+    }
+    let channels = match channel_options(r.channels, r.direct_io) {
+        Ok(c) => c,
+        Err(e) => return (error_reply(id, "bad-request", &e), None),
+    };
+    let run = with_progress(state, conn, &id, "save", r.progress, |p| {
+        let opts = save::SaveOptions {
+            format: r.format.unwrap_or_default(),
+            keep_running: r.keep_running,
+            channels,
+            compression: r.compression,
+            progress: Some(p),
+            control: save::SaveControl::default(),
+        };
+        run_save(state, &target, &opts)
+    });
+    finish(id, run, |stats, _| {
+        info!("saved to {}: {stats:?}", r.path);
+        if r.keep_running {
+            None
+        } else {
+            stop_after(&state.controller)
+        }
+    })
+}
+
+fn managed_save(
+    state: &ApiState,
+    conn: &Conn,
+    id: Option<Value>,
+    (channels, direct_io, progress): (Option<usize>, Option<DirectIoArg>, bool),
+) -> Reply {
+    let Some(managed) = state.managed.clone() else {
+        return (
+            error_reply(
+                id,
+                "bad-request",
+                "this VM was not started with --name: it has no managed save image",
+            ),
+            None,
+        );
+    };
+    let channels = match channel_options(channels, direct_io) {
+        Ok(c) => c,
+        Err(e) => return (error_reply(id, "bad-request", &e), None),
+    };
+    let run = with_progress(state, conn, &id, "managed-save", progress, |p| {
+        let opts = save::SaveOptions {
+            format: save::SaveFormat::FixedRam,
+            keep_running: false,
+            channels,
+            compression: None,
+            progress: Some(p),
+            control: save::SaveControl::default(),
+        };
+        run_save(state, &save::SaveTarget::File(managed.image.clone()), &opts)
+    });
+    finish(id, run, |stats, v| {
+        info!("managed save of {}: {stats:?}", managed.name);
+        v["name"] = json!(managed.name);
+        stop_after(&state.controller)
+    })
+}
+
+fn migrate(
+    state: &ApiState,
+    conn: &Conn,
+    id: Option<Value>,
+    (to, channels, progress): (String, Option<usize>, bool),
+    mut opts: save::precopy::MigrateOptions,
+) -> Reply {
+    let endpoint = match save::SaveTarget::parse(&to) {
+        Ok(save::SaveTarget::Peer(e)) => e,
+        Ok(save::SaveTarget::File(_)) => {
+            return (
+                error_reply(
+                    id,
+                    "bad-request",
+                    "migrate sends to a peer: tcp:HOST:PORT or unix:PATH",
+                ),
+                None,
+            )
+        }
+        Err(e) => return (error_reply(id, "bad-request", &e.to_string()), None),
+    };
+    opts.channels = match channel_options(channels, None) {
+        Ok(c) => c.channels,
+        Err(e) => return (error_reply(id, "bad-request", &e), None),
+    };
+    let c = &state.controller;
+    let run = with_progress(state, conn, &id, "migrate", progress, |p| {
+        let control = save::SaveControl::default();
+        state.set_save(Some(control.clone()));
+        let r = save::precopy::migrate_vm(c, &endpoint, &opts, &control, Some(&p));
+        state.set_save(None);
+        r
+    });
+    finish(id, run, |stats, _| {
+        info!("migrated to {to}: {stats:?}");
+        stop_after(c)
+    })
+}
+
+fn snapshot(
+    state: &ApiState,
+    conn: &Conn,
+    id: Option<Value>,
+    (path, channels, direct_io, progress): (PathBuf, Option<usize>, Option<DirectIoArg>, bool),
+) -> Reply {
+    let channels = match channel_options(channels, direct_io) {
+        Ok(c) => c,
+        Err(e) => return (error_reply(id, "bad-request", &e), None),
+    };
+    let c = &state.controller;
+    let run = with_progress(state, conn, &id, "snapshot", progress, |p| {
+        save::live::snapshot_vm(c, &path, &channels, &state.cancel, Some(&p))
+    });
+    finish(id, run, |stats, _| {
+        info!(
+            "snapshot of the running VM in {}: {stats:?}",
+            path.display()
+        );
+        None
+    })
 }
 
 fn state_name(s: RunState) -> &'static str {
