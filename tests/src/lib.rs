@@ -578,10 +578,43 @@ pub fn check_continues(before: &Progress, after: &Progress, vcpus: u32) {
 
 /// A fresh scratch directory for a test.
 pub fn workdir(name: &str) -> PathBuf {
+    remove_dead_runs_files();
     let d = std::env::temp_dir().join(format!("cryo-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).expect("create work dir");
     d
+}
+
+/// Removes, once per test process, the `cryo-<pid>-*` work directories and
+/// sockets that test processes which have ended left in the temp directory
+/// (a full suite leaves gigabytes of images there otherwise).
+pub fn remove_dead_runs_files() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("cryo-"))
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    });
 }
 
 /// Boots the test kernel in fill mode (each of `vcpus` vCPUs fills

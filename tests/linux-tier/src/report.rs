@@ -67,6 +67,27 @@ fn one_line(s: &str) -> String {
 }
 
 impl Report {
+    /// Takes in a later run's report: a scenario keeps an outcome that
+    /// passed; otherwise the later outcome (and its log) replaces it.
+    pub fn merge(&mut self, later: Report) {
+        for (name, outcome) in later.results {
+            let keep = self.results.get(&name).is_some_and(|o| o.passed);
+            if !keep {
+                match later.logs.get(&name) {
+                    Some(log) => {
+                        self.logs.insert(name.clone(), log.clone());
+                    }
+                    None => {
+                        self.logs.remove(&name);
+                    }
+                }
+                self.results.insert(name, outcome);
+            }
+        }
+        self.figures.extend(later.figures);
+        self.done = later.done;
+    }
+
     /// Collects the protocol lines out of a console transcript. Text before
     /// the prefix on the same line (a kernel message that was cut into) is
     /// ignored.
@@ -130,5 +151,23 @@ mod tests {
         assert!(!r.results["save-stream"].passed);
         assert_eq!(r.figures["boot_to_init_ms"], "4100 ms");
         assert_eq!(r.logs["save-stream"], vec!["HB seq=3 mono_ns=1"]);
+    }
+
+    #[test]
+    fn a_pass_in_any_run_stands() {
+        let mut first = Report::parse([
+            "LINUX-TIER RESULT a PASS fine",
+            "LINUX-TIER RESULT b FAIL triple fault",
+            "LINUX-TIER LOG b | boom",
+        ]);
+        let second = Report::parse([
+            "LINUX-TIER RESULT a FAIL stalled",
+            "LINUX-TIER RESULT b PASS fine",
+            "LINUX-TIER DONE failed=1",
+        ]);
+        first.merge(second);
+        assert!(first.results["a"].passed && first.results["b"].passed);
+        assert!(!first.logs.contains_key("b"));
+        assert!(first.done);
     }
 }
