@@ -49,14 +49,25 @@ pub struct DiskConfig {
     pub direct: bool,
 }
 
+/// Why a `--disk` argument does not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DiskOptionError {
+    /// Nothing before the first comma.
+    #[error("empty disk path")]
+    EmptyPath,
+    /// An option other than `ro` and `direct`.
+    #[error("unknown disk option '{0}' (expected ro, direct)")]
+    UnknownOption(String),
+}
+
 impl DiskConfig {
     /// Parses `PATH[,ro][,direct]`.
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub fn parse(s: &str) -> Result<Self, DiskOptionError> {
         let mut parts = s.split(',');
         let path = parts
             .next()
             .filter(|p| !p.is_empty())
-            .ok_or("empty disk path")?;
+            .ok_or(DiskOptionError::EmptyPath)?;
         let mut config = DiskConfig {
             path: PathBuf::from(path),
             read_only: false,
@@ -66,11 +77,7 @@ impl DiskConfig {
             match opt {
                 "ro" => config.read_only = true,
                 "direct" => config.direct = true,
-                other => {
-                    return Err(format!(
-                        "unknown disk option '{other}' (expected ro, direct)"
-                    ))
-                }
+                other => return Err(DiskOptionError::UnknownOption(other.to_string())),
             }
         }
         Ok(config)

@@ -395,7 +395,10 @@ fn disk_options_parse() {
     let c = DiskConfig::parse("/d.raw,ro,direct").unwrap();
     assert!(c.read_only && c.direct);
     assert!(DiskConfig::parse("").is_err());
-    assert!(DiskConfig::parse("/d,rw").is_err());
+    assert_eq!(
+        DiskConfig::parse("/d,rw"),
+        Err(super::block::DiskOptionError::UnknownOption("rw".into()))
+    );
 }
 
 /// A small deterministic generator for the randomized tests.
