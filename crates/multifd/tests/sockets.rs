@@ -393,8 +393,12 @@ fn receiver_closes_before_ack() {
     );
 }
 
-#[test]
-fn stray_connections_are_skipped() {
+/// A 2-channel transfer whose receiver is handed, as its `n`th accepted
+/// connection (from 1), whatever `extra(n)` returns instead of the next real
+/// one; `None` means the real one. The transfer must still succeed.
+fn transfer_with_extra_connections(
+    mut extra: impl FnMut(usize) -> Option<io::Result<UnixStream>> + Send,
+) {
     let src = source(8);
     let regs = regions(&src);
     let (tx, rx) = mpsc::channel::<UnixStream>();
@@ -407,27 +411,10 @@ fn stray_connections_are_skipped() {
             receive(
                 &mut || {
                     n += 1;
-                    if n == 2 || n == 4 {
-                        // A stray: garbage, then a hello of another session.
-                        let (mut a, b) = UnixStream::pair()?;
-                        let h = multifd::Hello {
-                            version: multifd::PROTOCOL_VERSION,
-                            role: multifd::Role::Data,
-                            compression: multifd::Encoding::Raw,
-                            channel: 0,
-                            channels: 2,
-                            session: 12345,
-                            page_size: 4096,
-                        };
-                        if n == 2 {
-                            a.write_all(&[0x55; 40])?;
-                        } else {
-                            a.write_all(&h.encode())?;
-                        }
-                        return Ok(b);
-                    }
-                    rx.recv_timeout(Duration::from_secs(20))
-                        .map_err(|_| io::Error::other("no more"))
+                    extra(n).unwrap_or_else(|| {
+                        rx.recv_timeout(Duration::from_secs(20))
+                            .map_err(|_| io::Error::other("no more"))
+                    })
                 },
                 &mut alloc,
             )
@@ -454,57 +441,41 @@ fn stray_connections_are_skipped() {
     check_same(&src, &keep.lock().unwrap());
 }
 
+/// A connection whose peer wrote `bytes` (nothing: it connected and closed).
+fn connection_sending(bytes: &[u8]) -> io::Result<UnixStream> {
+    let (mut a, b) = UnixStream::pair()?;
+    a.write_all(bytes)?;
+    Ok(b)
+}
+
+#[test]
+fn stray_connections_are_skipped() {
+    let other_session = multifd::Hello {
+        version: multifd::PROTOCOL_VERSION,
+        role: multifd::Role::Data,
+        compression: multifd::Encoding::Raw,
+        channel: 0,
+        channels: 2,
+        session: 12345,
+        page_size: 4096,
+    };
+    // Among the data connections: garbage, then a hello of another session.
+    transfer_with_extra_connections(|n| match n {
+        2 => Some(connection_sending(&[0x55; 40])),
+        4 => Some(connection_sending(&other_session.encode())),
+        _ => None,
+    });
+}
+
 #[test]
 fn probes_before_the_main_connection_are_skipped() {
-    let src = source(8);
-    let regs = regions(&src);
-    let (tx, rx) = mpsc::channel::<UnixStream>();
-    let keep = Arc::new(Mutex::new(Vec::new()));
-    let (sent, received) = std::thread::scope(|s| {
-        let k = keep.clone();
-        let r = s.spawn(move || {
-            let mut n = 0;
-            let mut alloc = allocator(k);
-            receive(
-                &mut || {
-                    n += 1;
-                    match n {
-                        // A readiness probe: connects and closes at once.
-                        1 => Ok(UnixStream::pair()?.1),
-                        // A stray client that sends garbage.
-                        2 => {
-                            let (mut a, b) = UnixStream::pair()?;
-                            a.write_all(&[0x55; 40])?;
-                            Ok(b)
-                        }
-                        _ => rx
-                            .recv_timeout(Duration::from_secs(20))
-                            .map_err(|_| io::Error::other("no more")),
-                    }
-                },
-                &mut alloc,
-            )
-        });
-        let opts = SocketOptions {
-            channels: 2,
-            compression: Compression::None,
-        };
-        let sent = send(
-            &mut || {
-                let (a, b) = UnixStream::pair()?;
-                tx.send(b).map_err(|_| io::Error::other("gone"))?;
-                Ok(a)
-            },
-            &regs,
-            b"x",
-            &opts,
-        );
-        drop(tx);
-        (sent, r.join().unwrap())
+    // A readiness probe that connects and closes at once, then a stray
+    // client that sends garbage, before the sender's main connection.
+    transfer_with_extra_connections(|n| match n {
+        1 => Some(connection_sending(&[])),
+        2 => Some(connection_sending(&[0x55; 40])),
+        _ => None,
     });
-    sent.unwrap();
-    received.unwrap();
-    check_same(&src, &keep.lock().unwrap());
 }
 
 #[test]
