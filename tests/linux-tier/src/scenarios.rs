@@ -381,7 +381,7 @@ fn single_vcpu_guest(setup: &Setup, tally: &mut Tally) {
         tally.not_run(&[names::MANAGED_SAVE], "the shell did not answer");
         return;
     }
-    let result = managed_save_and_back(setup, vm, &by_name, api);
+    let result = managed_save_and_back(setup, vm, &by_name, api, tally);
     match result {
         Ok((detail, shell_after)) => {
             tally.pass(names::MANAGED_SAVE, &detail);
@@ -427,6 +427,7 @@ fn managed_save_and_back(
     mut vm: LinuxVm,
     by_name: &[String],
     api: PathBuf,
+    tally: &mut Tally,
 ) -> Result<(String, Result<(), Failure>), Failure> {
     vm.heartbeats(2, BEAT_TIMEOUT)?;
     cryo_ok(
@@ -440,17 +441,12 @@ fn managed_save_and_back(
     let before = last_heartbeat(&vm.guest.output())
         .ok_or_else(|| Failure::of(&vm, "no heartbeat before the managed save"))?;
     let mut back = LinuxVm::spawn(&run_args(setup, 1, by_name), api);
-    back.last = None;
-    let mut tally = Tally {
-        failed: 0,
-        clocks: Vec::new(),
-    };
     let detail = carries_on(
         &mut back,
-        "managed-save",
+        names::MANAGED_SAVE,
         before,
         before.seq + 1..=before.seq + 2,
-        &mut tally,
+        tally,
     )?;
     let shell_after = back
         .shell("echo AFTER-$((7*8))", "AFTER-56", BEAT_TIMEOUT)
@@ -466,7 +462,7 @@ fn managed_save_and_back(
     Ok((
         format!(
             "`cryo run --name` restored it: {detail}; {}",
-            clock_note(&tally)
+            clock_note(tally)
         ),
         shell_after,
     ))
@@ -475,7 +471,7 @@ fn managed_save_and_back(
 fn clock_note(tally: &Tally) -> String {
     tally
         .clocks
-        .first()
+        .last()
         .map(|c| format!("mono +{} ms over host +{} ms", c.mono_gap_ms, c.host_gap_ms))
         .unwrap_or_default()
 }
