@@ -40,6 +40,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use cryo_tests::host_is_pvm;
 use report::Report;
 
 /// How long the nested machine may run before it is killed.
@@ -86,11 +87,6 @@ pub struct TierRun {
     pub retries: Vec<String>,
     /// Wall time of the run, builds and fetches included.
     pub wall: Duration,
-}
-
-/// Whether this host's KVM is PVM (guest ring 0 emulated).
-pub fn host_is_pvm() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
 }
 
 /// Builds everything, runs the scenarios where KVM is real, and collects
