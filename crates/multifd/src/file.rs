@@ -3,11 +3,12 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::pace::{any_dirty, check_page_set, per_channel, Pace};
 use crate::sys;
-use crate::{CallerError, MemRegion, MultifdError};
+use crate::{CallerError, MemRegion, MultifdError, PageSet};
 use page_runs::{is_zero, push_page, FirstError, PageRun};
 
 /// The most channels a file transfer may use.
@@ -128,7 +129,46 @@ pub fn save_to_file(
     layout: &dyn FileLayout,
     opts: &FileChannelOptions,
 ) -> Result<TransferStats, MultifdError> {
-    transfer(path, regions, layout, opts, Direction::Save)
+    let never = AtomicBool::new(false);
+    let pass = FilePass {
+        pages: PageSet::AllNonZero,
+        max_bytes_per_s: None,
+        stop: &never,
+    };
+    save_pass_to_file(path, regions, layout, opts, &pass)
+}
+
+/// One pass of a live save into a fixed-ram file: which chunks it writes,
+/// how fast, and when it stops.
+#[derive(Clone, Copy, Debug)]
+pub struct FilePass<'a> {
+    /// `AllNonZero`: every chunk (the first pass over a fresh file);
+    /// `Dirty(maps)`: every chunk holding a page whose bit is set, rewritten
+    /// whole (its bitmap and CRC are recorded again through
+    /// [`FileLayout::chunk_saved`], which must clear the pages that became
+    /// zero).
+    pub pages: PageSet<'a>,
+    /// Bandwidth limit of the channels together, bytes per second (None: none).
+    pub max_bytes_per_s: Option<u64>,
+    /// Set from another thread to stop the pass at its next unit of work:
+    /// the pass then ends with [`MultifdError::Aborted`].
+    pub stop: &'a AtomicBool,
+}
+
+/// [`save_to_file`] for one pass of a live save: the memory may change while
+/// the pass reads it (a running guest). A chunk whose memory changes during
+/// the pass may be stored torn (its bytes, bitmap and CRC need not agree);
+/// the caller finds its pages dirty and rewrites it in a later pass, the last
+/// one with the memory no longer changing.
+pub fn save_pass_to_file(
+    path: &Path,
+    regions: &[MemRegion],
+    layout: &dyn FileLayout,
+    opts: &FileChannelOptions,
+    pass: &FilePass<'_>,
+) -> Result<TransferStats, MultifdError> {
+    check_page_set(pass.pages, regions, layout.page_size())?;
+    transfer(path, regions, layout, opts, Direction::Save, pass)
 }
 
 /// Reads the present pages of the file at `path` (per
@@ -146,7 +186,20 @@ pub fn load_from_file(
     opts: &FileChannelOptions,
 ) -> Result<TransferStats, MultifdError> {
     let populate = opts.prefault;
-    transfer(path, regions, layout, opts, Direction::Load { populate })
+    let never = AtomicBool::new(false);
+    let pass = FilePass {
+        pages: PageSet::AllNonZero,
+        max_bytes_per_s: None,
+        stop: &never,
+    };
+    transfer(
+        path,
+        regions,
+        layout,
+        opts,
+        Direction::Load { populate },
+        &pass,
+    )
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -212,6 +265,10 @@ struct Shared<'a> {
     page_size: u64,
     direct: bool,
     dir: Direction,
+    /// Which chunks a save writes, its pace per channel, its stop flag.
+    pages: PageSet<'a>,
+    rate: Option<u64>,
+    stop: &'a AtomicBool,
 }
 
 impl Shared<'_> {
@@ -302,6 +359,7 @@ fn transfer(
     layout: &dyn FileLayout,
     opts: &FileChannelOptions,
     dir: Direction,
+    pass: &FilePass<'_>,
 ) -> Result<TransferStats, MultifdError> {
     let start = Instant::now();
     let page_size = check_args(regions, layout, opts)?;
@@ -331,6 +389,9 @@ fn transfer(
         page_size,
         direct,
         dir,
+        pages: pass.pages,
+        rate: per_channel(pass.max_bytes_per_s, opts.channels),
+        stop: pass.stop,
     };
     let results: Vec<ChannelStats> = std::thread::scope(|s| {
         let handles: Vec<_> = files
@@ -395,12 +456,20 @@ fn channel(sh: &Shared<'_>, c: usize, file: &File) -> ChannelStats {
     match sh.dir {
         // Saving: the first thread scans and checksums the next unit while
         // the second writes the previous one.
-        Direction::Save => pipeline(
-            sh,
-            c,
-            |r, first, n| ch.prep_unit(r, first, n),
-            |p| ch.write_prepped(p, &mut st),
-        ),
+        Direction::Save => {
+            let mut pace = Pace::new(sh.rate);
+            pipeline(
+                sh,
+                c,
+                |r, first, n| ch.prep_unit(r, first, n),
+                |p| {
+                    let before = st.bytes;
+                    ch.write_prepped(p, &mut st)?;
+                    pace.wrote(st.bytes - before, sh.stop);
+                    Ok(())
+                },
+            )
+        }
         // Loading: the first thread finds the present runs and faults their
         // memory in for the next unit while the second reads.
         Direction::Load { populate } => pipeline(
@@ -425,6 +494,10 @@ fn pipeline<T: Send>(
 ) {
     let next_unit = || {
         if sh.stopped() {
+            return None;
+        }
+        if sh.stop.load(Ordering::Acquire) {
+            sh.fail(MultifdError::Aborted(format!("channel {c}: stopped")));
             return None;
         }
         let idx = sh.cursor.fetch_add(1, Ordering::Relaxed);
@@ -586,6 +659,11 @@ impl Chan<'_, '_> {
         };
         for chunk in first..first + n {
             let (p0, np) = self.chunk_pages(r, chunk)?;
+            if let PageSet::Dirty(maps) = self.sh.pages {
+                if !any_dirty(maps[r], p0, np) {
+                    continue;
+                }
+            }
             let mut words = vec![0u64; np.div_ceil(64) as usize];
             let mut crc = 0u32;
             // CRC32C over whole runs of non-zero pages: one call per run
@@ -596,7 +674,9 @@ impl Chan<'_, '_> {
                 let page = p0 + i;
                 let ptr = self.page_ptr(r, page);
                 // SAFETY: the page is inside region r (checked chunk), which
-                // the MemRegion contract keeps readable while we run.
+                // the MemRegion contract keeps readable while we run. In a
+                // live pass the guest may write it meanwhile: the scan then
+                // sees old or new bytes, and the caller rewrites the chunk.
                 let zero = is_zero(unsafe { std::slice::from_raw_parts(ptr, ps as usize) });
                 if zero {
                     if let Some(from) = crc_run.take() {

@@ -9,6 +9,9 @@
 //!   Each channel has its own file descriptor (optionally `O_DIRECT`), takes
 //!   chunks from a shared cursor, skips zero pages and moves runs of present
 //!   pages with one system call each, straight from or into guest memory.
+//!   [`save_pass_to_file`] is one pass of a live save into the same file
+//!   ([`FilePass`]): all chunks, or only those holding dirty pages, rewritten
+//!   in place, with a bandwidth limit and a stop flag.
 //! - [`send`] / [`receive`]: socket channels for a stopped migration between
 //!   two processes: a main connection (control and device state) and N data
 //!   connections carrying page packets. The wire protocol is specified in
@@ -24,6 +27,7 @@ mod endpoint;
 mod error;
 mod file;
 mod live;
+mod pace;
 mod protocol;
 mod region;
 mod socket;
@@ -32,8 +36,8 @@ mod sys;
 pub use endpoint::{parse_endpoint, Endpoint, Listener, Stream};
 pub use error::{CallerError, Channel, MultifdError};
 pub use file::{
-    load_from_file, open_with_direct_io, save_to_file, DirectIo, FileChannelOptions, FileLayout,
-    TransferStats, MAX_FILE_CHANNELS,
+    load_from_file, open_with_direct_io, save_pass_to_file, save_to_file, DirectIo,
+    FileChannelOptions, FileLayout, FilePass, TransferStats, MAX_FILE_CHANNELS,
 };
 pub use live::{LiveSender, PageSet, RoundStats};
 pub use protocol::{

@@ -11,6 +11,7 @@ use std::io::{IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::pace::{any_dirty, Pace};
 use crate::protocol::{
     Encoding, MainMessage, PacketHeader, Run, LIVE_PROTOCOL_VERSION, MAX_PAGES_PER_PACKET,
     PACKET_HEADER_LEN, PAGE_SIZE, RUN_LEN,
@@ -151,7 +152,7 @@ impl<S: Read + Write + Send> LiveSender<S> {
                 "the last round was sent already, or the transfer was aborted".into(),
             ));
         }
-        self.check_page_set(pages)?;
+        crate::pace::check_page_set(pages, &self.regions, u64::from(PAGE_SIZE))?;
         let start = Instant::now();
         let n = self.conns.len() as u64;
         let ctx = RoundCtx {
@@ -161,7 +162,7 @@ impl<S: Read + Write + Send> LiveSender<S> {
             channels: n,
             compression: self.opts.compression,
             last,
-            rate: self.max_bytes_per_s.map(|b| (b / n).max(1)),
+            rate: crate::pace::per_channel(self.max_bytes_per_s, self.conns.len()),
             cancel,
             fail: Fail::new(),
         };
@@ -190,27 +191,6 @@ impl<S: Read + Write + Send> LiveSender<S> {
         self.last_sent = last;
         stats.elapsed = start.elapsed();
         Ok(stats)
-    }
-
-    fn check_page_set(&self, pages: PageSet<'_>) -> Result<(), MultifdError> {
-        let PageSet::Dirty(maps) = pages else {
-            return Ok(());
-        };
-        let ps = u64::from(PAGE_SIZE);
-        let fits = maps.len() == self.regions.len()
-            && maps
-                .iter()
-                .zip(&self.regions)
-                .all(|(m, r)| m.len() as u64 >= (r.len() / ps).div_ceil(64));
-        if fits {
-            Ok(())
-        } else {
-            Err(MultifdError::InvalidArgument(format!(
-                "{} dirty bitmaps for {} regions, or a bitmap shorter than its region",
-                maps.len(),
-                self.regions.len()
-            )))
-        }
     }
 
     /// Ends the transfer after the last round: sends the device state and
@@ -300,12 +280,6 @@ fn run_round<S: Write + Send>(ctx: &RoundCtx<'_>, conns: &mut [S], counts: &mut 
     });
 }
 
-/// Whether a chunk of `n` pages from `first` has a dirty page in `map`.
-fn any_dirty(map: &[u64], first: u64, n: u64) -> bool {
-    let (lo, hi) = ((first / 64) as usize, (first + n).div_ceil(64) as usize);
-    map[lo..hi.min(map.len())].iter().any(|w| *w != 0)
-}
-
 fn is_dirty(map: &[u64], page: u64) -> bool {
     map[(page / 64) as usize] & (1 << (page % 64)) != 0
 }
@@ -337,8 +311,7 @@ fn live_channel<S: Write + ?Sized>(
         head: Vec::with_capacity(PACKET_HEADER_LEN + RUN_LEN * MAX_PAGES_PER_PACKET as usize),
         runs: Vec::with_capacity(MAX_PAGES_PER_PACKET as usize),
     };
-    let start = Instant::now();
-    let mut round_bytes = 0u64;
+    let mut pace = Pace::new(ctx.rate);
     let mut idx = u64::from(ch);
     while idx < ctx.chunks.total() {
         if ctx.fail.stopped() {
@@ -356,13 +329,7 @@ fn live_channel<S: Write + ?Sized>(
             continue;
         }
         let bytes = write_packet(ch, c, r as u32, &mut buf, len, &mut compressor, conn)?;
-        round_bytes += bytes;
-        if let Some(rate) = ctx.rate {
-            let due = Duration::from_secs_f64(round_bytes as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(start.elapsed()) {
-                std::thread::sleep(wait);
-            }
-        }
+        pace.wrote(bytes, ctx.cancel);
     }
     let mut sync = PacketHeader::sync(ch, c.count.packets);
     sync.last = ctx.last;

@@ -278,3 +278,91 @@ fn bad_arguments() {
     let err = save_to_file(&dir.join("missing"), &r, &layout, &opts(1)).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
 }
+
+/// A live save's later pass rewrites only the chunks holding dirty pages,
+/// whole, and records their bitmaps and CRCs anew.
+#[test]
+fn a_dirty_pass_rewrites_only_the_dirty_chunks() {
+    let dir = tmp_dir("dirty-pass");
+    let path = dir.join("img");
+    let mut s = save(&path, &SIZES, 2, DirectIo::Off, 7);
+    let pages0 = (SIZES[0] / PAGE) as usize;
+    let ps = PAGE as usize;
+    // Page 3 (chunk 0) changes; page 300 (chunk 1) becomes zero.
+    s.mems[0].bytes_mut()[3 * ps..4 * ps].fill(0xa5);
+    s.mems[0].bytes_mut()[300 * ps..301 * ps].fill(0);
+    let mut map0 = vec![0u64; pages0.div_ceil(64)];
+    map0[0] |= 1 << 3;
+    map0[300 / 64] |= 1 << (300 % 64);
+    let map1 = vec![0u64; (SIZES[1] / PAGE).div_ceil(64) as usize];
+    let maps: Vec<&[u64]> = vec![&map0, &map1];
+    let regions: Vec<_> = s
+        .mems
+        .iter()
+        .enumerate()
+        .map(|(i, m)| m.region(i as u64 * (1 << 32)))
+        .collect();
+    let again = TestLayout::new(&SIZES);
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let pass = multifd::FilePass {
+        pages: multifd::PageSet::Dirty(&maps),
+        max_bytes_per_s: Some(1 << 30),
+        stop: &never,
+    };
+    let opts = FileChannelOptions {
+        channels: 2,
+        direct_io: DirectIo::Off,
+        prefault: false,
+    };
+    let stats = multifd::save_pass_to_file(&path, &regions, &again, &opts, &pass).unwrap();
+    assert_eq!(*again.saved_calls.lock().unwrap(), 2, "chunks 0 and 1");
+    assert_eq!(stats.present_pages + stats.zero_pages, 2 * CHUNK / PAGE);
+    let crcs = again.crcs.lock().unwrap();
+    let mem = s.mems[0].bytes();
+    for c in 0..2usize {
+        let want = crc32c::crc32c(&mem[c * CHUNK as usize..(c + 1) * CHUNK as usize]);
+        assert_eq!(crcs[0][c], Some(want), "chunk {c}");
+    }
+    assert!(crcs[0][2].is_none() && crcs[1].iter().all(Option::is_none));
+    assert!(again.is_present(0, 3) && !again.is_present(0, 300));
+    let file = std::fs::read(&path).unwrap();
+    let at = again.bases[0] as usize + 3 * ps;
+    assert!(file[at..at + ps].iter().all(|&b| b == 0xa5));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_stopped_pass_ends_with_aborted() {
+    let dir = tmp_dir("stopped-pass");
+    let path = dir.join("img");
+    let s = save(&path, &SIZES, 1, DirectIo::Off, 9);
+    let regions: Vec<_> = s
+        .mems
+        .iter()
+        .enumerate()
+        .map(|(i, m)| m.region(i as u64 * (1 << 32)))
+        .collect();
+    let stop = std::sync::atomic::AtomicBool::new(true);
+    let pass = multifd::FilePass {
+        pages: multifd::PageSet::AllNonZero,
+        max_bytes_per_s: None,
+        stop: &stop,
+    };
+    let opts = FileChannelOptions {
+        channels: 2,
+        direct_io: DirectIo::Off,
+        prefault: false,
+    };
+    let layout = TestLayout::new(&SIZES);
+    let r = multifd::save_pass_to_file(&path, &regions, &layout, &opts, &pass);
+    assert!(matches!(r, Err(MultifdError::Aborted(_))), "{r:?}");
+    // A page set that does not fit the regions is refused up front.
+    let short: Vec<&[u64]> = vec![&[]];
+    let bad = multifd::FilePass {
+        pages: multifd::PageSet::Dirty(&short),
+        ..pass
+    };
+    let r = multifd::save_pass_to_file(&path, &regions, &layout, &opts, &bad);
+    assert!(matches!(r, Err(MultifdError::InvalidArgument(_))), "{r:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
