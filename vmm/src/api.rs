@@ -93,6 +93,19 @@ pub enum Request {
         /// Per-packet compression for peers.
         #[serde(default)]
         compression: Option<save::migrate::CompressionArg>,
+        /// Save while the VM runs (pre-copy into a fixed-ram file): the image
+        /// is the VM at the end of the save.
+        #[serde(default)]
+        live: bool,
+        /// Live save: the longest pause the guest may see, ms (default 50).
+        #[serde(default)]
+        max_downtime_ms: Option<u64>,
+        /// Live save: write bandwidth limit, MB/s (10^6 bytes; default none).
+        #[serde(default)]
+        max_bandwidth: Option<u64>,
+        /// Live save: give up after this many seconds, the VM running on.
+        #[serde(default)]
+        timeout_s: Option<u64>,
         /// Send progress events before the reply.
         #[serde(default)]
         progress: bool,
@@ -528,6 +541,10 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> Reply {
             channels,
             direct_io,
             compression,
+            live,
+            max_downtime_ms,
+            max_bandwidth,
+            timeout_s,
             progress,
             ..
         } => save(
@@ -541,6 +558,12 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> Reply {
                 channels,
                 direct_io,
                 compression,
+                live,
+                limits: LiveLimits {
+                    max_downtime_ms,
+                    max_bandwidth,
+                    timeout_s,
+                },
                 progress,
             },
         ),
@@ -660,7 +683,40 @@ struct SaveRequest {
     channels: Option<usize>,
     direct_io: Option<DirectIoArg>,
     compression: Option<save::migrate::CompressionArg>,
+    /// A live save, with its limits.
+    live: bool,
+    limits: LiveLimits,
     progress: bool,
+}
+
+/// The limits of a live save as the request gives them.
+struct LiveLimits {
+    max_downtime_ms: Option<u64>,
+    max_bandwidth: Option<u64>,
+    timeout_s: Option<u64>,
+}
+
+impl LiveLimits {
+    fn any(&self) -> bool {
+        self.max_downtime_ms.is_some() || self.max_bandwidth.is_some() || self.timeout_s.is_some()
+    }
+}
+
+/// Refuses a live save that cannot be one: to a peer (that is `migrate`),
+/// or in the stream format (pages are rewritten in place).
+fn live_fits_target(
+    target: &save::SaveTarget,
+    format: Option<save::SaveFormat>,
+) -> Result<PathBuf, String> {
+    match target {
+        save::SaveTarget::Peer(_) => {
+            Err("a live save writes a file; to move a running VM to a peer use migrate".into())
+        }
+        save::SaveTarget::File(_) if format == Some(save::SaveFormat::Stream) => {
+            Err("a live save rewrites pages in place: it writes the fixed-ram format only".into())
+        }
+        save::SaveTarget::File(p) => Ok(p.clone()),
+    }
 }
 
 fn save(state: &ApiState, conn: &Conn, id: Option<Value>, r: SaveRequest) -> Reply {
@@ -675,6 +731,16 @@ fn save(state: &ApiState, conn: &Conn, id: Option<Value>, r: SaveRequest) -> Rep
         Ok(c) => c,
         Err(e) => return (error_reply(id, "bad-request", &e), None),
     };
+    if r.live {
+        return match live_fits_target(&target, r.format) {
+            Ok(path) => save_live(state, conn, id, &r, path, channels),
+            Err(e) => (error_reply(id, "bad-request", &e), None),
+        };
+    }
+    if r.limits.any() {
+        let e = "max_downtime_ms, max_bandwidth and timeout_s apply to a live save (live: true)";
+        return (error_reply(id, "bad-request", e), None);
+    }
     let run = with_progress(state, conn, &id, "save", r.progress, |p| {
         let opts = save::SaveOptions {
             format: r.format.unwrap_or_default(),
@@ -692,6 +758,42 @@ fn save(state: &ApiState, conn: &Conn, id: Option<Value>, r: SaveRequest) -> Rep
             None
         } else {
             stop_after(&state.controller)
+        }
+    })
+}
+
+/// `save` with `live`: the pre-copy into a fixed-ram file, with its
+/// control published so that `cancel` stops it.
+fn save_live(
+    state: &ApiState,
+    conn: &Conn,
+    id: Option<Value>,
+    r: &SaveRequest,
+    path: PathBuf,
+    channels: save::fixed::ChannelOptions,
+) -> Reply {
+    let limits = &r.limits;
+    let opts = save::live_save::LiveSaveOptions {
+        channels,
+        max_downtime_ms: limits.max_downtime_ms.unwrap_or(50),
+        max_bandwidth: limits.max_bandwidth.map(|mb| mb.saturating_mul(1_000_000)),
+        timeout: limits.timeout_s.map(Duration::from_secs),
+        keep_running: r.keep_running,
+    };
+    let c = &state.controller;
+    let run = with_progress(state, conn, &id, "save", r.progress, |p| {
+        let control = save::SaveControl::default();
+        state.set_save(Some(control.clone()));
+        let result = save::live_save::save_vm_live(c, &path, &opts, &control, Some(&p));
+        state.set_save(None);
+        result
+    });
+    finish(id, run, |stats, _| {
+        info!("live save to {}: {stats:?}", path.display());
+        if opts.keep_running {
+            None
+        } else {
+            stop_after(c)
         }
     })
 }

@@ -240,6 +240,22 @@ pub struct SaveArgs {
     /// Resume the VM after saving instead of ending it.
     #[arg(long)]
     pub keep_running: bool,
+    /// Save while the VM runs (pre-copy into a fixed-ram file, as `migrate`
+    /// does to a peer): the image is the VM at the end of the save, which
+    /// pauses it only for the last round.
+    #[arg(long)]
+    pub live: bool,
+    /// Live save: the longest pause the guest may see (default 50); the VM
+    /// is paused for the last round only once the dirty pages left fit this
+    /// at the measured write bandwidth.
+    #[arg(long, value_name = "MS", requires = "live")]
+    pub max_downtime_ms: Option<u64>,
+    /// Live save: write bandwidth limit, MB/s (10^6 bytes).
+    #[arg(long, value_name = "MB/S", requires = "live", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_bandwidth: Option<u64>,
+    /// Live save: give up after this many seconds; the VM runs on, no file is left.
+    #[arg(long, value_name = "N", requires = "live", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_s: Option<u64>,
 }
 
 /// `cryo migrate`.

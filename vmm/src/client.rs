@@ -89,6 +89,16 @@ fn human(cmd: &str, r: &Value) -> String {
                 .map(|n| format!(", name {n}"))
                 .unwrap_or_default()
         ),
+        "save" if r.get("rounds").is_some() => format!(
+            "saved live to {} in {:.2} s: {} rounds, {:.2}x RAM written, file {} MiB ({} MiB allocated); VM paused {:.1} ms",
+            s("path"),
+            num(r, "total_ms") / 1000.0,
+            r.get("rounds").and_then(Value::as_u64).unwrap_or(0),
+            (num(r, "pages_sent") * 4096.0) / num(r, "ram_bytes").max(1.0),
+            mib(r, "bytes"),
+            mib(r, "allocated_bytes"),
+            num(r, "paused_ms"),
+        ),
         "save" | "managed-save" => format!(
             "saved to {} ({}): {} MiB of RAM data, file {} MiB ({} MiB allocated), device state {} bytes; VM paused {:.0} ms",
             s("path"),
@@ -154,6 +164,18 @@ pub fn save(args: crate::cli::SaveArgs, out: Output) -> Result<(), CliError> {
     }
     if let Some(c) = args.compress {
         req["compression"] = json!(crate::image::migrate::CompressionArg::from(c));
+    }
+    if args.live {
+        req["live"] = json!(true);
+    }
+    if let Some(ms) = args.max_downtime_ms {
+        req["max_downtime_ms"] = json!(ms);
+    }
+    if let Some(b) = args.max_bandwidth {
+        req["max_bandwidth"] = json!(b);
+    }
+    if let Some(t) = args.timeout_s {
+        req["timeout_s"] = json!(t);
     }
     call(&args.api, req, out)
 }

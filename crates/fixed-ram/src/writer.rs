@@ -222,6 +222,15 @@ impl ImageWriter {
         Ok(())
     }
 
+    /// Pages present (bit set) in the bitmaps so far, all regions.
+    pub fn present_pages(&self) -> u64 {
+        self.bitmaps
+            .iter()
+            .flatten()
+            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+            .sum()
+    }
+
     /// Whether a chunk has been written or recorded.
     pub fn is_chunk_written(&self, region: usize, chunk: u64) -> bool {
         self.layout

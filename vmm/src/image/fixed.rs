@@ -167,6 +167,26 @@ impl multifd::FileLayout for ImageLayout<'_> {
     }
 }
 
+/// One pass of a live save (`live_save.rs`) into the temporary image at
+/// `tmp` that `writer` writes: the chunks `pass` selects, their bitmaps and
+/// CRCs recorded again (pages now zero are punched back to holes). No
+/// progress or cancel check per chunk: the pre-copy does both.
+pub(super) fn save_pass(
+    tmp: &Path,
+    writer: &ImageWriter,
+    regions: &[multifd::MemRegion],
+    channels: &ChannelOptions,
+    pass: &multifd::FilePass<'_>,
+) -> Result<multifd::TransferStats, multifd::MultifdError> {
+    let layout = ImageLayout {
+        layout: writer.layout(),
+        side: Side::Save(writer),
+        progress: None,
+        control: None,
+    };
+    multifd::save_pass_to_file(tmp, regions, &layout, &channels.multifd(), pass)
+}
+
 /// Asks for transparent huge pages on fresh guest memory about to be filled:
 /// faulting it in (MADV_POPULATE_WRITE, one 2 MiB page at a time) is then
 /// several times cheaper than 4 KiB page by page, which is most of the cost

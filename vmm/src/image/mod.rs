@@ -18,6 +18,7 @@
 
 pub mod fixed;
 pub mod live;
+pub mod live_save;
 pub mod migrate;
 pub mod precopy;
 pub mod snapshot;
@@ -205,12 +206,24 @@ pub enum SaveError {
     /// Dirty logging failed (live migration).
     #[error("dirty logging: {0}")]
     DirtyLog(#[from] dirty_log::Error),
-    /// A live migration did not finish within its time limit; the VM runs on.
-    #[error("the live migration did not finish within {limit_s} s; the VM runs on here")]
+    /// A live migration or live save did not finish within its time limit;
+    /// the VM runs on.
+    #[error("the live {what} did not finish within {limit_s} s; the VM runs on here")]
     NotConverged {
+        /// "migration" or "save".
+        what: &'static str,
         /// The limit, seconds.
         limit_s: u64,
     },
+    /// A live migration or live save of a VM with disks: a disk device's
+    /// writes to guest memory are not dirty-tracked, so the copy could miss
+    /// them.
+    #[error(
+        "live {0} of a VM with disks is not supported yet (device writes to guest memory are \
+         not dirty-tracked); a stopped `cryo save` (to a file, or --to unix:PATH|tcp:HOST:PORT \
+         for a peer) takes it"
+    )]
+    LiveWithDisks(&'static str),
 }
 
 impl SaveError {
@@ -250,6 +263,7 @@ impl SaveError {
             // filesystem refuses it).
             SaveError::Invalid { .. }
             | SaveError::BadRequest(_)
+            | SaveError::LiveWithDisks(_)
             | SaveError::BadImage { .. }
             | SaveError::DeviceState { .. } => "bad-request",
             SaveError::Cancelled(_) => "cancelled",
@@ -265,6 +279,7 @@ impl SaveError {
             SaveError::Read { .. }
                 | SaveError::Invalid { .. }
                 | SaveError::BadRequest(_)
+                | SaveError::LiveWithDisks(_)
                 | SaveError::BadImage { .. }
                 | SaveError::DeviceState { .. }
         )

@@ -1,19 +1,24 @@
-//! Live migration (pre-copy): the VM keeps running while its RAM goes to a
-//! `cryo restore --listen` peer, first all of it, then rounds of the pages
-//! the guest dirtied meanwhile (KVM dirty logging, the `dirty-log` crate),
-//! over multifd protocol version 2. Once the dirty pages left fit the
-//! downtime limit at the measured bandwidth, the VM is paused, the last
-//! pages and the device state are sent, and the source ends only after the
-//! destination's ACK. Any failure, `cancel` or the time limit leaves the
-//! source running with dirty logging off.
+//! Pre-copy, the engine of live migration and live save: the VM keeps
+//! running while its RAM goes to a sink, first all of it, then rounds of the
+//! pages the guest dirtied meanwhile (KVM dirty logging, the `dirty-log`
+//! crate). Once the dirty pages left fit the downtime limit at the measured
+//! bandwidth, the VM is paused, the last pages and the device state go to
+//! the sink, and it finishes (the peer's ACK, or the image's commit). Any
+//! failure, `cancel` or the time limit leaves the VM running with dirty
+//! logging off.
+//!
+//! Two sinks: a `cryo restore --listen` peer over multifd protocol version
+//! 2 ([`migrate_vm`], here) and a fixed-ram image file written in place
+//! (`live_save.rs`).
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dirty_log::{DirtyBitmap, DirtyLog, PAGE_SIZE as LOG_PAGE};
 use microvm::{GuestMemory, RunState, VmController};
-use multifd::{LiveSender, PageSet, SocketOptions};
+use multifd::{LiveSender, MemRegion, PageSet, RoundStats, SocketOptions};
 use serde::Serialize;
 
 use super::fixed::mem_regions;
@@ -62,6 +67,75 @@ pub struct MigrateStats {
     pub total_ms: f64,
 }
 
+/// What the pre-copy engine did, whatever the sink.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PrecopyStats {
+    /// Rounds, the first full pass and the last one included.
+    pub rounds: u32,
+    /// Pages moved over all rounds.
+    pub pages_sent: u64,
+    /// Guest RAM in bytes.
+    pub ram_bytes: u64,
+    /// Pages moved in the last round (with the VM paused).
+    pub last_round_pages: u64,
+    /// How long the VM was paused, from the pause to the sink's finish, ms.
+    pub downtime_ms: f64,
+    /// The bandwidth the downtime estimate used, MB/s.
+    pub bandwidth_mb_s: f64,
+    /// The highest auto-converge throttle reached, percent (0: never).
+    pub throttle_percent: u32,
+    /// The whole operation, ms.
+    pub total_ms: f64,
+}
+
+/// Where the rounds of a pre-copy go.
+pub trait Sink {
+    /// What the sink gives back once finished.
+    type Done;
+    /// Moves one round of pages (`last`: the VM is paused). A round that
+    /// `stop` ended is [`RoundError::Stopped`].
+    fn round(
+        &mut self,
+        pages: PageSet<'_>,
+        last: bool,
+        stop: &AtomicBool,
+    ) -> Result<RoundStats, RoundError>;
+    /// The number of the next round (0 = the first pass).
+    fn next_round(&self) -> u32;
+    /// The pre-copy gives up (cancel, time limit): tell the other side why.
+    fn abort(&mut self, why: &str);
+    /// After the last round: the device state, then the sink's commitment
+    /// (the peer's ACK, the image's commit). Only `Ok` is success.
+    fn finish(self, device_state: &[u8]) -> Result<Self::Done, SaveError>;
+    /// The target, for messages.
+    fn target(&self) -> PathBuf;
+}
+
+/// Why a round did not complete.
+#[derive(Debug)]
+pub enum RoundError {
+    /// The stop flag (cancel or time limit) ended it.
+    Stopped,
+    /// It failed.
+    Failed(SaveError),
+}
+
+/// The fixed inputs of one pre-copy.
+pub struct Precopy<'a> {
+    /// The running VM.
+    pub controller: &'a VmController,
+    /// The longest pause the guest may see, in ms.
+    pub max_downtime_ms: u64,
+    /// Give up (and keep the VM running) after this long.
+    pub timeout: Option<Duration>,
+    /// Cancellation.
+    pub control: &'a SaveControl,
+    /// Where progress goes.
+    pub progress: Option<&'a Progress>,
+    /// "migration" or "live save", for messages.
+    pub what: &'static str,
+}
+
 /// The share of the downtime limit the last round's pages may take.
 const DATA_SHARE_OF_DOWNTIME: f64 = 0.5;
 
@@ -78,49 +152,133 @@ pub fn migrate_vm(
     control: &SaveControl,
     progress: Option<&Progress>,
 ) -> Result<MigrateStats, SaveError> {
-    let start = Instant::now();
-    control.check("migration")?;
-    let memory = controller.call(|vm| match vm.state() {
-        // A virtio-blk device writes guest memory (read data, used rings)
-        // without marking it dirty yet, so a page it wrote during a round
-        // could reach the destination stale.
-        _ if vm.disk_count() > 0 => Err(SaveError::BadRequest(
-            "live migration of a VM with disks is not supported yet (device writes to guest \
-             memory are not dirty-tracked); use `cryo save --to unix:PATH|tcp:HOST:PORT`, which \
-             migrates it stopped"
-                .into(),
-        )),
-        RunState::Running => Ok(vm.memory().clone()),
-        s => Err(SaveError::BadRequest(format!(
-            "live migration needs a running VM (it is {s:?}); use save --to for a paused one"
-        ))),
-    })??;
-    let mut log = Some(start_log(controller)?);
-    let mut paused = false;
-    let m = Migration {
+    let p = Precopy {
         controller,
-        endpoint,
-        opts,
+        max_downtime_ms: opts.max_downtime_ms,
+        timeout: opts.timeout,
         control,
         progress,
-        memory: &memory,
+        what: "migration",
     };
-    let result = m.precopy(&mut log, &mut paused);
-    if let Some(log) = log {
-        // Off on every path; a VM that ended has no log to switch off.
-        let _ = controller.call(move |vm| log.stop(vm.vm_fd()));
+    let (stats, wire) = p.run(|regions| {
+        let socket_opts = SocketOptions {
+            channels: opts.channels.clamp(1, 64),
+            compression: opts.compression.unwrap_or(CompressionArg::None).multifd(),
+        };
+        let mut tx = LiveSender::connect(&mut || endpoint.connect(), regions, &socket_opts)
+            .map_err(|e| wire_err(endpoint, e))?;
+        tx.set_max_bandwidth(opts.max_bandwidth);
+        Ok(PeerSink { tx, endpoint })
+    })?;
+    Ok(MigrateStats {
+        to: endpoint.to_string(),
+        rounds: stats.rounds,
+        pages_sent: stats.pages_sent,
+        ram_bytes: stats.ram_bytes,
+        bytes: wire.bytes,
+        last_round_pages: stats.last_round_pages,
+        downtime_ms: stats.downtime_ms,
+        bandwidth_mb_s: stats.bandwidth_mb_s,
+        throttle_percent: stats.throttle_percent,
+        total_ms: stats.total_ms,
+    })
+}
+
+fn wire_err(endpoint: &multifd::Endpoint, e: multifd::MultifdError) -> SaveError {
+    SaveError::Image {
+        path: endpoint.to_string().into(),
+        source: e.into(),
     }
-    match result {
-        Ok(mut stats) => {
-            stats.total_ms = start.elapsed().as_secs_f64() * 1e3;
-            Ok(stats)
-        }
-        Err(e) => {
-            if paused && !control.vm_ending() {
-                let _ = controller.resume();
+}
+
+/// A `cryo restore --listen` peer as a pre-copy sink.
+struct PeerSink<'a> {
+    tx: LiveSender<multifd::Stream>,
+    endpoint: &'a multifd::Endpoint,
+}
+
+impl Sink for PeerSink<'_> {
+    type Done = multifd::TransferStats;
+
+    fn round(
+        &mut self,
+        pages: PageSet<'_>,
+        last: bool,
+        stop: &AtomicBool,
+    ) -> Result<RoundStats, RoundError> {
+        match self.tx.send_round(pages, last, stop) {
+            Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
+                Err(RoundError::Stopped)
             }
-            Err(e)
+            r => r.map_err(|e| RoundError::Failed(wire_err(self.endpoint, e))),
         }
+    }
+
+    fn next_round(&self) -> u32 {
+        self.tx.next_round()
+    }
+
+    fn abort(&mut self, why: &str) {
+        self.tx.abort(why);
+    }
+
+    fn finish(self, device_state: &[u8]) -> Result<multifd::TransferStats, SaveError> {
+        self.tx
+            .finish(device_state)
+            .map_err(|e| wire_err(self.endpoint, e))
+    }
+
+    fn target(&self) -> PathBuf {
+        self.endpoint.to_string().into()
+    }
+}
+
+impl Precopy<'_> {
+    /// Runs the pre-copy into the sink `open` makes for guest RAM. On
+    /// success the VM is paused (the caller resumes or ends it); on failure
+    /// it runs on, dirty logging off.
+    pub fn run<S: Sink>(
+        &self,
+        open: impl FnOnce(&[MemRegion]) -> Result<S, SaveError>,
+    ) -> Result<(PrecopyStats, S::Done), SaveError> {
+        let start = Instant::now();
+        self.control.check(self.what)?;
+        let memory = self.running_memory()?;
+        let mut log = Some(start_log(self.controller)?);
+        let mut paused = false;
+        let result = self.precopy(&memory, open, &mut log, &mut paused);
+        if let Some(log) = log {
+            // Off on every path; a VM that ended has no log to switch off.
+            let _ = self.controller.call(move |vm| log.stop(vm.vm_fd()));
+        }
+        match result {
+            Ok((mut stats, done)) => {
+                stats.total_ms = start.elapsed().as_secs_f64() * 1e3;
+                Ok((stats, done))
+            }
+            Err(e) => {
+                if paused && !self.control.vm_ending() {
+                    let _ = self.controller.resume();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The guest memory of the running VM; a VM with disks is refused.
+    fn running_memory(&self) -> Result<GuestMemory, SaveError> {
+        let what = self.what;
+        self.controller.call(move |vm| match vm.state() {
+            // A virtio-blk device writes guest memory (read data, used rings)
+            // without marking it dirty yet, so a page it wrote during a round
+            // could reach the target stale.
+            _ if vm.disk_count() > 0 => Err(SaveError::LiveWithDisks(what)),
+            RunState::Running => Ok(vm.memory().clone()),
+            s => Err(SaveError::BadRequest(format!(
+                "a live {what} needs a running VM (it is {s:?}); a stopped save (`cryo save`) \
+                 takes a paused one"
+            ))),
+        })?
     }
 }
 
@@ -221,25 +379,17 @@ impl Throttle {
     }
 }
 
-/// One live migration's fixed inputs.
-struct Migration<'a> {
-    controller: &'a VmController,
-    endpoint: &'a multifd::Endpoint,
-    opts: &'a MigrateOptions,
-    control: &'a SaveControl,
-    progress: Option<&'a Progress>,
-    memory: &'a GuestMemory,
-}
-
-impl Migration<'_> {
+impl Precopy<'_> {
     /// The rounds, with a watcher that stops them on cancel or at the time
     /// limit, and the auto-converge throttle.
-    fn precopy(
+    fn precopy<S: Sink>(
         &self,
+        memory: &GuestMemory,
+        open: impl FnOnce(&[MemRegion]) -> Result<S, SaveError>,
         log: &mut Option<DirtyLog>,
         paused: &mut bool,
-    ) -> Result<MigrateStats, SaveError> {
-        let deadline = self.opts.timeout.map(|t| Instant::now() + t);
+    ) -> Result<(PrecopyStats, S::Done), SaveError> {
+        let deadline = self.timeout.map(|t| Instant::now() + t);
         let stop = AtomicBool::new(false);
         let done = AtomicBool::new(false);
         let throttle = Throttle {
@@ -249,90 +399,80 @@ impl Migration<'_> {
         std::thread::scope(|s| {
             s.spawn(|| watch(self.control, deadline, &stop, &done));
             s.spawn(|| throttle.run(self.controller, &done));
-            let r = self.rounds(log, paused, &stop, &throttle);
+            let r = self.rounds(memory, open, log, paused, &stop, &throttle);
             done.store(true, Ordering::Release);
             r
         })
     }
 
-    fn rounds(
+    fn rounds<S: Sink>(
         &self,
+        memory: &GuestMemory,
+        open: impl FnOnce(&[MemRegion]) -> Result<S, SaveError>,
         log: &mut Option<DirtyLog>,
         paused: &mut bool,
         stop: &AtomicBool,
         throttle: &Throttle,
-    ) -> Result<MigrateStats, SaveError> {
-        let mut sending = self.first_pass(stop)?;
-        let maps = self.converge(&mut sending, log, stop, throttle)?;
+    ) -> Result<(PrecopyStats, S::Done), SaveError> {
+        let mut moving = self.first_pass(memory, open, stop)?;
+        let maps = self.converge(&mut moving, log, stop, throttle)?;
         throttle.percent.store(0, Ordering::Release);
         // No throttle slice runs from here on (a poisoned lock: the throttle
         // thread is gone, which is as good).
         let _no_slices = throttle.slice.lock();
-        self.stop_and_copy(sending, maps, log, paused)
+        self.stop_and_copy(moving, maps, log, paused)
     }
 
-    fn wire(&self, e: multifd::MultifdError) -> SaveError {
-        SaveError::Image {
-            path: self.endpoint.to_string().into(),
-            source: e.into(),
-        }
-    }
-
-    /// Sends one round; a round stopped by cancel or the time limit tells
-    /// the destination and becomes the matching error.
-    fn send(
+    /// Moves one round; a round stopped by cancel or the time limit tells
+    /// the other side and becomes the matching error.
+    fn send<S: Sink>(
         &self,
-        tx: &mut LiveSender<multifd::Stream>,
+        sink: &mut S,
         pages: PageSet<'_>,
         stop: &AtomicBool,
-    ) -> Result<multifd::RoundStats, SaveError> {
-        match tx.send_round(pages, false, stop) {
-            Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
-                Err(self.stopped(tx))
-            }
-            r => r.map_err(|e| self.wire(e)),
+    ) -> Result<RoundStats, SaveError> {
+        match sink.round(pages, false, stop) {
+            Ok(r) => Ok(r),
+            Err(RoundError::Stopped) => Err(self.stopped(sink)),
+            Err(RoundError::Failed(e)) => Err(e),
         }
     }
 
-    /// Tells the destination why the source stops (cancel or time limit).
-    fn stopped(&self, tx: &mut LiveSender<multifd::Stream>) -> SaveError {
+    /// Tells the sink why the pre-copy stops (cancel or time limit).
+    fn stopped<S: Sink>(&self, sink: &mut S) -> SaveError {
         if self.control.is_cancelled() {
-            tx.abort("the source cancelled the migration");
-            SaveError::Cancelled("migration")
+            sink.abort(&format!("the source cancelled the {}", self.what));
+            SaveError::Cancelled(self.what)
         } else {
-            tx.abort("the source gave up: time limit reached");
+            sink.abort("the source gave up: time limit reached");
             SaveError::NotConverged {
-                limit_s: self.opts.timeout.map_or(0, |t| t.as_secs()),
+                what: self.what,
+                limit_s: self.timeout.map_or(0, |t| t.as_secs()),
             }
         }
     }
 
-    /// Connects and sends every non-zero page while the guest runs.
-    fn first_pass(&self, stop: &AtomicBool) -> Result<Sending, SaveError> {
-        let regions = mem_regions(self.memory);
+    /// Opens the sink and moves every non-zero page while the guest runs.
+    fn first_pass<S: Sink>(
+        &self,
+        memory: &GuestMemory,
+        open: impl FnOnce(&[MemRegion]) -> Result<S, SaveError>,
+        stop: &AtomicBool,
+    ) -> Result<Moving<S>, SaveError> {
+        let regions = mem_regions(memory);
         let ram_bytes: u64 = regions.iter().map(|r| r.len()).sum();
         if let Some(p) = self.progress {
             p.set_total(ram_bytes);
             p.phase("first pass");
         }
-        let socket_opts = SocketOptions {
-            channels: self.opts.channels.clamp(1, 64),
-            compression: self
-                .opts
-                .compression
-                .unwrap_or(CompressionArg::None)
-                .multifd(),
-        };
-        let mut tx = LiveSender::connect(&mut || self.endpoint.connect(), &regions, &socket_opts)
-            .map_err(|e| self.wire(e))?;
-        tx.set_max_bandwidth(self.opts.max_bandwidth);
-        let first = self.send(&mut tx, PageSet::AllNonZero, stop)?;
+        let mut sink = open(&regions)?;
+        let first = self.send(&mut sink, PageSet::AllNonZero, stop)?;
         if let Some(p) = self.progress {
             p.add(ram_bytes);
             p.phase("dirty rounds");
         }
-        Ok(Sending {
-            tx,
+        Ok(Moving {
+            sink,
             ram_bytes,
             bandwidth: first.bytes_per_s().max(1.0),
             pages_sent: first.pages,
@@ -344,79 +484,79 @@ impl Migration<'_> {
     /// Rounds of dirty pages until what is left fits the downtime, throttling
     /// the vCPUs when a round does not shrink the dirty set; returns the
     /// pages still dirty.
-    fn converge(
+    fn converge<S: Sink>(
         &self,
-        s: &mut Sending,
+        m: &mut Moving<S>,
         log: &mut Option<DirtyLog>,
         stop: &AtomicBool,
         throttle: &Throttle,
     ) -> Result<Vec<DirtyBitmap>, SaveError> {
         // Half the downtime for the pages; the other half covers pausing and
         // capturing the device state, the pages written up to the pause, and
-        // the destination's confirmation.
-        let budget = self.opts.max_downtime_ms as f64 / 1e3 * DATA_SHARE_OF_DOWNTIME;
+        // the sink's finish.
+        let budget = self.max_downtime_ms as f64 / 1e3 * DATA_SHARE_OF_DOWNTIME;
         let mut maps = fetch(self.controller, log)?;
         let mut fetched = Instant::now();
         let mut before: Option<f64> = None;
         loop {
             if stop.load(Ordering::Acquire) {
-                return Err(self.stopped(&mut s.tx));
+                return Err(self.stopped(&mut m.sink));
             }
             let pending = dirty_bytes(&maps) as f64;
-            self.report(s, pending);
-            if pending / s.bandwidth <= budget {
+            self.report(m, pending);
+            if pending / m.bandwidth <= budget {
                 return Ok(maps);
             }
-            // The dirty set did not shrink by a fifth: the guest writes
-            // about as fast as the link drains, or faster.
-            if before.is_some_and(|b| pending >= b * 0.8) {
-                s.throttled = throttle.step_up();
+            if should_throttle(before, pending) {
+                m.throttled = throttle.step_up();
                 log::info!(
-                    "live migration: auto-converge throttles the vCPUs {}%",
-                    s.throttled
+                    "live {}: auto-converge throttles the vCPUs {}%",
+                    self.what,
+                    m.throttled
                 );
             }
             before = Some(pending);
             let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
-            let r = self.send(&mut s.tx, PageSet::Dirty(&words), stop)?;
-            s.pages_sent += r.pages;
+            let r = self.send(&mut m.sink, PageSet::Dirty(&words), stop)?;
+            m.pages_sent += r.pages;
             if r.bytes >= MIN_MEASURED_BYTES {
-                s.bandwidth = r.bytes_per_s().max(1.0);
+                m.bandwidth = r.bytes_per_s().max(1.0);
             }
             log::info!(
-                "live migration round {}: {} pages in {:.1} ms ({:.0} MB/s)",
+                "live {} round {}: {} pages in {:.1} ms ({:.0} MB/s)",
+                self.what,
                 r.round,
                 r.pages,
                 r.elapsed.as_secs_f64() * 1e3,
                 r.bytes_per_s() / 1e6
             );
             maps = fetch(self.controller, log)?;
-            s.round_time = fetched.elapsed();
+            m.round_time = fetched.elapsed();
             fetched = Instant::now();
         }
     }
 
-    fn report(&self, s: &Sending, pending: f64) {
+    fn report<S: Sink>(&self, m: &Moving<S>, pending: f64) {
         if let Some(p) = self.progress {
             p.set_migration(MigrationProgress {
-                round: s.tx.next_round(),
-                dirty_rate_mb_s: pending / s.round_time.as_secs_f64().max(1e-3) / 1e6,
+                round: m.sink.next_round(),
+                dirty_rate_mb_s: pending / m.round_time.as_secs_f64().max(1e-3) / 1e6,
                 remaining_bytes: pending as u64,
-                expected_downtime_ms: pending / s.bandwidth * 1e3,
-                throttle_percent: s.throttled,
+                expected_downtime_ms: pending / m.bandwidth * 1e3,
+                throttle_percent: m.throttled,
             });
         }
     }
 
-    /// Pauses the VM, sends the pages still dirty (`maps` plus those written
-    /// up to the pause) and the device state, and waits for the ACK.
-    fn stop_and_copy(
+    /// Pauses the VM, moves the pages still dirty (`maps` plus those written
+    /// up to the pause) and the device state, and finishes the sink.
+    fn stop_and_copy<S: Sink>(
         &self,
-        mut s: Sending,
+        mut m: Moving<S>,
         mut maps: Vec<DirtyBitmap>,
         log: &mut Option<DirtyLog>,
         paused: &mut bool,
-    ) -> Result<MigrateStats, SaveError> {
+    ) -> Result<(PrecopyStats, S::Done), SaveError> {
         if let Some(p) = self.progress {
             p.phase("stop-and-copy");
         }
@@ -430,42 +570,52 @@ impl Migration<'_> {
         merge(&mut maps, &fetch(self.controller, log)?);
         let device_state =
             snapshot::encode(&snap, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
-                path: self.endpoint.to_string().into(),
+                path: m.sink.target(),
                 source: e.into(),
             })?;
         let captured_ms = pause_start.elapsed().as_secs_f64() * 1e3;
         let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
         let never = AtomicBool::new(false);
-        let last =
-            s.tx.send_round(PageSet::Dirty(&words), true, &never)
-                .map_err(|e| self.wire(e))?;
-        let rounds = s.tx.next_round();
-        let stats = s.tx.finish(&device_state).map_err(|e| self.wire(e))?;
+        let last = match m.sink.round(PageSet::Dirty(&words), true, &never) {
+            Ok(r) => r,
+            Err(RoundError::Failed(e)) => return Err(e),
+            Err(RoundError::Stopped) => return Err(SaveError::Cancelled(self.what)),
+        };
+        let rounds = m.sink.next_round();
+        let target = m.sink.target();
+        let done = m.sink.finish(&device_state)?;
         let downtime_ms = pause_start.elapsed().as_secs_f64() * 1e3;
         log::info!(
-            "live migration to {}: {rounds} rounds, {} pages, paused {downtime_ms:.1} ms (state and log {captured_ms:.1} ms, last round {:.1} ms)",
-            self.endpoint,
-            s.pages_sent + last.pages,
+            "live {} to {}: {rounds} rounds, {} pages, paused {downtime_ms:.1} ms (state and log {captured_ms:.1} ms, last round {:.1} ms)",
+            self.what,
+            target.display(),
+            m.pages_sent + last.pages,
             last.elapsed.as_secs_f64() * 1e3
         );
-        Ok(MigrateStats {
-            to: self.endpoint.to_string(),
+        let stats = PrecopyStats {
             rounds,
-            pages_sent: s.pages_sent + last.pages,
-            ram_bytes: s.ram_bytes,
-            bytes: stats.bytes,
+            pages_sent: m.pages_sent + last.pages,
+            ram_bytes: m.ram_bytes,
             last_round_pages: last.pages,
             downtime_ms,
-            bandwidth_mb_s: s.bandwidth / 1e6,
-            throttle_percent: s.throttled,
+            bandwidth_mb_s: m.bandwidth / 1e6,
+            throttle_percent: m.throttled,
             total_ms: 0.0,
-        })
+        };
+        Ok((stats, done))
     }
 }
 
-/// A migration's sending side between rounds.
-struct Sending {
-    tx: LiveSender<multifd::Stream>,
+/// Whether the throttle steps up: the dirty set did not shrink by a fifth
+/// over the last round (the guest writes about as fast as the sink drains,
+/// or faster).
+fn should_throttle(before: Option<f64>, pending: f64) -> bool {
+    before.is_some_and(|b| pending >= b * 0.8)
+}
+
+/// A pre-copy's sink between rounds, and what it measured.
+struct Moving<S> {
+    sink: S,
     ram_bytes: u64,
     /// Bytes per second, as last measured.
     bandwidth: f64,
@@ -474,4 +624,27 @@ struct Sending {
     round_time: Duration,
     /// The auto-converge throttle reached, percent.
     throttled: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_steps_up_only_when_the_dirty_set_does_not_shrink() {
+        assert!(!should_throttle(None, 100.0));
+        assert!(!should_throttle(Some(100.0), 79.0));
+        assert!(should_throttle(Some(100.0), 80.0));
+        assert!(should_throttle(Some(100.0), 150.0));
+    }
+
+    #[test]
+    fn throttle_steps_climb_and_stay_at_the_top() {
+        let t = Throttle {
+            percent: AtomicU32::new(0),
+            slice: Mutex::new(()),
+        };
+        let steps: Vec<u32> = (0..8).map(|_| t.step_up()).collect();
+        assert_eq!(steps, [20, 40, 60, 80, 95, 99, 99, 99]);
+    }
 }
