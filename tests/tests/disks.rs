@@ -140,7 +140,7 @@ fn bad_disk_options_are_bad_input() {
 }
 
 #[test]
-fn live_migration_of_a_vm_with_disks_is_refused_and_it_runs_on() {
+fn live_migration_and_live_save_of_a_vm_with_disks_are_refused_and_it_runs_on() {
     let dir = workdir("disk-live-migrate");
     let disk = make_disk(&dir, "d.raw", 2);
     let api = socket_path("disk-live-migrate");
@@ -149,6 +149,23 @@ fn live_migration_of_a_vm_with_disks_is_refused_and_it_runs_on() {
     let (status, _, err) = cryo(&["migrate", "--api", api.to_str().unwrap(), "--to", &target]);
     assert_eq!(status, Some(2), "{err}");
     assert!(err.contains("not supported yet"), "{err}");
+    // A live save is refused the same way, and leaves no file.
+    let image = dir.join("live.cryo");
+    let image_arg = image.to_str().unwrap();
+    let (status, _, err) = cryo(&[
+        "save",
+        "--api",
+        api.to_str().unwrap(),
+        "--to",
+        image_arg,
+        "--live",
+    ]);
+    assert_eq!(status, Some(2), "{err}");
+    assert!(
+        err.contains("live save of a VM with disks is not supported yet"),
+        "{err}"
+    );
+    assert!(!image.exists());
     // Refused before anything started: the guest carries on.
     let more = g.follow(1, 2, 1, T);
     assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
