@@ -165,19 +165,18 @@ pub fn save(args: crate::cli::SaveArgs, out: Output) -> Result<(), CliError> {
     if let Some(c) = args.compress {
         req["compression"] = json!(crate::image::migrate::CompressionArg::from(c));
     }
-    if args.live {
-        req["live"] = json!(true);
-    }
-    if let Some(ms) = args.max_downtime_ms {
-        req["max_downtime_ms"] = json!(ms);
-    }
-    if let Some(b) = args.max_bandwidth {
-        req["max_bandwidth"] = json!(b);
-    }
-    if let Some(t) = args.timeout_s {
-        req["timeout_s"] = json!(t);
-    }
+    put(&mut req, "live", args.live.then_some(true));
+    put(&mut req, "max_downtime_ms", args.max_downtime_ms);
+    put(&mut req, "max_bandwidth", args.max_bandwidth);
+    put(&mut req, "timeout_s", args.timeout_s);
     call(&args.api, req, out)
+}
+
+/// Sets `req[key]` when the option was given.
+fn put<T: serde::Serialize>(req: &mut Value, key: &str, value: Option<T>) {
+    if let Some(v) = value {
+        req[key] = json!(v);
+    }
 }
 
 /// `cryo migrate`.
@@ -187,15 +186,9 @@ pub fn migrate(args: crate::cli::MigrateArgs, out: Output) -> Result<(), CliErro
         "to": args.to,
         "max_downtime_ms": args.max_downtime_ms,
     });
-    if let Some(n) = args.channels {
-        req["channels"] = json!(n);
-    }
-    if let Some(b) = args.max_bandwidth {
-        req["max_bandwidth"] = json!(b);
-    }
-    if let Some(t) = args.timeout_s {
-        req["timeout_s"] = json!(t);
-    }
+    put(&mut req, "channels", args.channels);
+    put(&mut req, "max_bandwidth", args.max_bandwidth);
+    put(&mut req, "timeout_s", args.timeout_s);
     if let Some(c) = args.compress {
         req["compression"] = json!(crate::image::migrate::CompressionArg::from(c));
     }

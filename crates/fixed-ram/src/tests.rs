@@ -438,11 +438,17 @@ fn rewritten_chunk_last_wins() {
         mem[0][p * ps..(p + 1) * ps].fill(0);
     }
     mem[0][5 * ps] ^= 1;
+    assert_eq!(writer.present_pages(), 512);
     for c in 0..2 {
         writer
             .write_chunk(0, c, chunk_of(&layout, &mem, 0, c))
             .unwrap();
     }
+    assert_eq!(
+        writer.present_pages(),
+        509,
+        "the bits of the zeroed pages cleared"
+    );
     writer.commit(b"").unwrap();
     let image = Image::open(&path).unwrap();
     for p in [3, 4, 300] {

@@ -279,6 +279,14 @@ fn bad_arguments() {
     assert!(err.to_string().contains("missing"), "{err}");
 }
 
+/// Each region at its own 4 GiB of guest space.
+fn regions_of(mems: &[Anon]) -> Vec<multifd::MemRegion> {
+    mems.iter()
+        .enumerate()
+        .map(|(i, m)| m.region(i as u64 * (1 << 32)))
+        .collect()
+}
+
 /// A live save's later pass rewrites only the chunks holding dirty pages,
 /// whole, and records their bitmaps and CRCs anew.
 #[test]
@@ -296,12 +304,7 @@ fn a_dirty_pass_rewrites_only_the_dirty_chunks() {
     map0[300 / 64] |= 1 << (300 % 64);
     let map1 = vec![0u64; (SIZES[1] / PAGE).div_ceil(64) as usize];
     let maps: Vec<&[u64]> = vec![&map0, &map1];
-    let regions: Vec<_> = s
-        .mems
-        .iter()
-        .enumerate()
-        .map(|(i, m)| m.region(i as u64 * (1 << 32)))
-        .collect();
+    let regions = regions_of(&s.mems);
     let again = TestLayout::new(&SIZES);
     let never = std::sync::atomic::AtomicBool::new(false);
     let pass = multifd::FilePass {
@@ -336,12 +339,7 @@ fn a_stopped_pass_ends_with_aborted() {
     let dir = tmp_dir("stopped-pass");
     let path = dir.join("img");
     let s = save(&path, &SIZES, 1, DirectIo::Off, 9);
-    let regions: Vec<_> = s
-        .mems
-        .iter()
-        .enumerate()
-        .map(|(i, m)| m.region(i as u64 * (1 << 32)))
-        .collect();
+    let regions = regions_of(&s.mems);
     let stop = std::sync::atomic::AtomicBool::new(true);
     let pass = multifd::FilePass {
         pages: multifd::PageSet::AllNonZero,

@@ -20,7 +20,9 @@ use serde::Serialize;
 
 use super::fixed::{image_err, save_pass, ChannelOptions};
 use super::precopy::{Precopy, PrecopyStats, RoundError, Sink};
-use super::{create_temp, file_sizes, publish, SaveControl, SaveError, SaveFormat, Written};
+use super::{
+    create_temp, file_sizes, publish, SaveControl, SaveError, SaveFormat, SaveStats, Written,
+};
 use crate::files::TempFile;
 use crate::progress::Progress;
 
@@ -40,26 +42,14 @@ pub struct LiveSaveOptions {
     pub keep_running: bool,
 }
 
-/// What a live save did.
+/// What a live save did: what a stopped save reports (`paused_ms`: the
+/// last round and the commit), and the rounds.
 #[derive(Clone, Debug, Serialize)]
 pub struct LiveSaveStats {
-    /// Target file.
-    pub path: PathBuf,
-    /// Format written (always fixed-ram).
-    pub format: SaveFormat,
-    /// File size (apparent).
-    pub bytes: u64,
-    /// Bytes allocated on disk.
-    pub allocated_bytes: u64,
-    /// Bytes of device state.
-    pub device_state_bytes: u64,
-    /// Non-zero pages in the image.
-    pub ram_pages: u64,
-    /// Zero pages (holes) in the image.
-    pub zero_pages: u64,
-    /// Time the VM was paused (last round, device state, commit), ms.
-    pub paused_ms: f64,
-    /// The rounds: pages written, throttle, bandwidth, total time.
+    /// The image written.
+    #[serde(flatten)]
+    pub save: SaveStats,
+    /// The rounds: pages written, throttle, bandwidth.
     #[serde(flatten)]
     pub precopy: PrecopyStats,
 }
@@ -90,7 +80,7 @@ pub fn save_vm_live(
     if opts.keep_running {
         controller.resume()?;
     }
-    Ok(LiveSaveStats {
+    let save = SaveStats {
         path: path.to_owned(),
         format: SaveFormat::FixedRam,
         bytes: written.bytes,
@@ -99,8 +89,9 @@ pub fn save_vm_live(
         ram_pages: written.ram_pages,
         zero_pages: written.zero_pages,
         paused_ms: precopy.downtime_ms,
-        precopy,
-    })
+        total_ms: precopy.total_ms,
+    };
+    Ok(LiveSaveStats { save, precopy })
 }
 
 /// A fixed-ram image being written in place, as a pre-copy sink.
@@ -236,6 +227,15 @@ mod tests {
     use microvm::{create_guest_memory, MemoryBacking};
     use std::sync::atomic::Ordering;
 
+    /// A fresh scratch directory and the image path in it.
+    fn scratch(name: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("cryo-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let path = dir.join("img");
+        (dir, path)
+    }
+
     fn page(memory: &microvm::GuestMemory, addr: u64, byte: u8) {
         memory
             .write_slice(&[byte; 4096], GuestAddress(addr))
@@ -247,10 +247,7 @@ mod tests {
     /// image, a changed page holds its new bytes, and the image verifies.
     #[test]
     fn later_rounds_rewrite_pages_in_place_and_zeroed_pages_become_holes() {
-        let dir = std::env::temp_dir().join(format!("cryo-{}-live-save-unit", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        let path = dir.join("img");
+        let (dir, path) = scratch("live-save-unit");
         let memory = create_guest_memory(4, &MemoryBacking::Anonymous).expect("guest memory");
         page(&memory, 0x1000, 0x11);
         page(&memory, 0x20_0000, 0x22);
@@ -301,10 +298,7 @@ mod tests {
     /// leaves no file: neither the target nor its temporary file.
     #[test]
     fn a_sink_dropped_before_the_commit_leaves_no_file() {
-        let dir = std::env::temp_dir().join(format!("cryo-{}-live-save-drop", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        let path = dir.join("img");
+        let (dir, path) = scratch("live-save-drop");
         std::fs::write(&path, b"a previous image").expect("previous");
         let memory = create_guest_memory(4, &MemoryBacking::Anonymous).expect("guest memory");
         page(&memory, 0, 0x44);

@@ -78,13 +78,16 @@ pub struct PrecopyStats {
     pub ram_bytes: u64,
     /// Pages moved in the last round (with the VM paused).
     pub last_round_pages: u64,
-    /// How long the VM was paused, from the pause to the sink's finish, ms.
+    /// How long the VM was paused, from the pause to the sink's finish, ms
+    /// (not serialized: each caller's result names it).
+    #[serde(skip_serializing)]
     pub downtime_ms: f64,
     /// The bandwidth the downtime estimate used, MB/s.
     pub bandwidth_mb_s: f64,
     /// The highest auto-converge throttle reached, percent (0: never).
     pub throttle_percent: u32,
-    /// The whole operation, ms.
+    /// The whole operation, ms (not serialized: each caller's result names it).
+    #[serde(skip_serializing)]
     pub total_ms: f64,
 }
 
