@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::pace::{any_dirty, check_page_set, per_channel, Pace};
@@ -135,7 +136,15 @@ pub fn save_to_file(
         max_bytes_per_s: None,
         stop: &never,
     };
-    save_pass_to_file(path, regions, layout, opts, &pass)
+    check_page_set(pass.pages, regions, layout.page_size())?;
+    transfer(
+        path,
+        regions,
+        layout,
+        opts,
+        Direction::Save { copy: false },
+        &pass,
+    )
 }
 
 /// One pass of a live save into a fixed-ram file: which chunks it writes,
@@ -156,10 +165,11 @@ pub struct FilePass<'a> {
 }
 
 /// [`save_to_file`] for one pass of a live save: the memory may change while
-/// the pass reads it (a running guest). A chunk whose memory changes during
-/// the pass may be stored torn (its bytes, bitmap and CRC need not agree);
-/// the caller finds its pages dirty and rewrites it in a later pass, the last
-/// one with the memory no longer changing.
+/// the pass reads it (a running guest). Each unit is first copied into a
+/// page-aligned buffer, and the zero scan, the CRCs and the writes use the
+/// copy, so a chunk's bytes, bitmap and CRC always agree; a page the guest
+/// wrote after the copy is stale in the file until the caller's next pass
+/// (its dirty log finds it), the last one with the memory no longer changing.
 pub fn save_pass_to_file(
     path: &Path,
     regions: &[MemRegion],
@@ -168,7 +178,14 @@ pub fn save_pass_to_file(
     pass: &FilePass<'_>,
 ) -> Result<TransferStats, MultifdError> {
     check_page_set(pass.pages, regions, layout.page_size())?;
-    transfer(path, regions, layout, opts, Direction::Save, pass)
+    transfer(
+        path,
+        regions,
+        layout,
+        opts,
+        Direction::Save { copy: true },
+        pass,
+    )
 }
 
 /// Reads the present pages of the file at `path` (per
@@ -204,14 +221,19 @@ pub fn load_from_file(
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Direction {
-    Save,
-    Load { populate: bool },
+    /// `copy`: the memory may change (a live pass): work from a copy.
+    Save {
+        copy: bool,
+    },
+    Load {
+        populate: bool,
+    },
 }
 
 impl Direction {
     fn verb(self) -> &'static str {
         match self {
-            Direction::Save => "save",
+            Direction::Save { .. } => "save",
             Direction::Load { .. } => "load",
         }
     }
@@ -363,7 +385,7 @@ fn transfer(
 ) -> Result<TransferStats, MultifdError> {
     let start = Instant::now();
     let page_size = check_args(regions, layout, opts)?;
-    let write = dir == Direction::Save;
+    let write = matches!(dir, Direction::Save { .. });
     let (probe, direct) = open_with_direct_io(path, opts.direct_io, write)?;
     let mut files = vec![probe];
     for c in 1..opts.channels {
@@ -452,16 +474,21 @@ fn transfer(
 /// channel failed.
 fn channel(sh: &Shared<'_>, c: usize, file: &File) -> ChannelStats {
     let mut st = ChannelStats::default();
-    let ch = Chan { sh, c, file };
+    let ch = Chan {
+        sh,
+        c,
+        file,
+        pool: Mutex::new(Vec::new()),
+    };
     match sh.dir {
         // Saving: the first thread scans and checksums the next unit while
         // the second writes the previous one.
-        Direction::Save => {
+        Direction::Save { copy } => {
             let mut pace = Pace::new(sh.rate);
             pipeline(
                 sh,
                 c,
-                |r, first, n| ch.prep_unit(r, first, n),
+                |r, first, n| ch.prep_unit(r, first, n, copy),
                 |p| {
                     let before = st.bytes;
                     ch.write_prepped(p, &mut st)?;
@@ -556,6 +583,39 @@ struct Prepped {
     pending: Vec<Pending>,
     present: u64,
     zero: u64,
+    /// A live pass's copy of the unit, which the runs are written from.
+    copy: Option<UnitCopy>,
+}
+
+/// One page-aligned block of a unit copy (O_DIRECT needs aligned buffers).
+#[derive(Clone, Copy)]
+#[repr(C, align(4096))]
+struct Block([u8; 4096]);
+
+/// A live pass's copy of a unit's selected chunks, made before the scan so
+/// that the scan, the CRCs and the writes see the same bytes and nothing
+/// holds a reference to memory the guest may be writing.
+struct UnitCopy {
+    blocks: Vec<Block>,
+    /// The region page at the start of the copy.
+    first_page: u64,
+}
+
+impl UnitCopy {
+    /// Where page `page` of the region is in the copy.
+    fn ptr(&self, page: u64, page_size: u64) -> *const u8 {
+        let off = ((page - self.first_page) * page_size) as usize;
+        // SAFETY: callers ask only for pages of the copied unit, which lie
+        // inside `blocks` (sized for the whole unit).
+        unsafe { self.blocks.as_ptr().cast::<u8>().add(off) }
+    }
+
+    /// [`UnitCopy::ptr`] for filling the copy.
+    fn ptr_mut(&mut self, page: u64, page_size: u64) -> *mut u8 {
+        let off = ((page - self.first_page) * page_size) as usize;
+        // SAFETY: as for `ptr`.
+        unsafe { self.blocks.as_mut_ptr().cast::<u8>().add(off) }
+    }
 }
 
 /// A chunk whose pages are being written: its bitmap and CRC.
@@ -572,6 +632,8 @@ struct Chan<'a, 'b> {
     sh: &'a Shared<'b>,
     c: usize,
     file: &'a File,
+    /// Unit-copy buffers the writing thread handed back, for reuse.
+    pool: Mutex<Vec<Vec<Block>>>,
 }
 
 impl Chan<'_, '_> {
@@ -627,12 +689,22 @@ impl Chan<'_, '_> {
         unsafe { region.as_ptr().add((page * self.sh.page_size) as usize) }
     }
 
-    fn write_run(&self, r: usize, run: Run, st: &mut ChannelStats) -> Result<(), MultifdError> {
+    fn write_run(
+        &self,
+        r: usize,
+        run: Run,
+        copy: Option<&UnitCopy>,
+        st: &mut ChannelStats,
+    ) -> Result<(), MultifdError> {
         let off = self.run_offset(r, run)?;
         let len = (run.end - run.start) * self.sh.page_size;
-        let ptr = self.page_ptr(r, run.start);
+        let ptr = match copy {
+            Some(c) => c.ptr(run.start, self.sh.page_size),
+            None => self.page_ptr(r, run.start),
+        };
         // SAFETY: the run lies inside region r (its pages come from checked
-        // chunks), which the MemRegion contract keeps readable.
+        // chunks), which the MemRegion contract keeps readable, or inside
+        // the unit's copy.
         unsafe { sys::pwrite_all(self.file, ptr, len as usize, off) }.map_err(|e| {
             MultifdError::io(
                 format!(
@@ -648,7 +720,7 @@ impl Chan<'_, '_> {
 
     /// The CPU half of saving a unit: finds the present pages and computes
     /// each chunk's bitmap and CRC, and the runs of pages to write.
-    fn prep_unit(&self, r: usize, first: u64, n: u64) -> Result<Prepped, MultifdError> {
+    fn prep_unit(&self, r: usize, first: u64, n: u64, copy: bool) -> Result<Prepped, MultifdError> {
         let ps = self.sh.page_size;
         let mut out = Prepped {
             r,
@@ -656,13 +728,19 @@ impl Chan<'_, '_> {
             pending: Vec::with_capacity(n as usize),
             present: 0,
             zero: 0,
+            copy: None,
+        };
+        if copy {
+            out.copy = Some(self.copy_unit(r, first, n)?);
+        }
+        let src = |page: u64| match &out.copy {
+            Some(c) => c.ptr(page, ps),
+            None => self.page_ptr(r, page).cast_const(),
         };
         for chunk in first..first + n {
             let (p0, np) = self.chunk_pages(r, chunk)?;
-            if let PageSet::Dirty(maps) = self.sh.pages {
-                if !any_dirty(maps[r], p0, np) {
-                    continue;
-                }
+            if !self.selected(r, p0, np) {
+                continue;
             }
             let mut words = vec![0u64; np.div_ceil(64) as usize];
             let mut crc = 0u32;
@@ -672,15 +750,13 @@ impl Chan<'_, '_> {
             let mut crc_run: Option<u64> = None;
             for i in 0..np {
                 let page = p0 + i;
-                let ptr = self.page_ptr(r, page);
                 // SAFETY: the page is inside region r (checked chunk), which
-                // the MemRegion contract keeps readable while we run. In a
-                // live pass the guest may write it meanwhile: the scan then
-                // sees old or new bytes, and the caller rewrites the chunk.
-                let zero = is_zero(unsafe { std::slice::from_raw_parts(ptr, ps as usize) });
+                // the MemRegion contract keeps readable and unchanged while a
+                // stopped save runs, or inside the unit's copy (live pass).
+                let zero = is_zero(unsafe { std::slice::from_raw_parts(src(page), ps as usize) });
                 if zero {
                     if let Some(from) = crc_run.take() {
-                        crc = self.crc_pages(r, crc, from, page);
+                        crc = self.crc_pages(src(from), crc, from, page);
                     }
                     crc = sys::crc_zeros(crc, ps);
                     out.zero += 1;
@@ -692,7 +768,7 @@ impl Chan<'_, '_> {
                 }
             }
             if let Some(from) = crc_run.take() {
-                crc = self.crc_pages(r, crc, from, p0 + np);
+                crc = self.crc_pages(src(from), crc, from, p0 + np);
             }
             out.pending.push(Pending { chunk, words, crc });
         }
@@ -703,7 +779,10 @@ impl Chan<'_, '_> {
     fn write_prepped(&self, p: Prepped, st: &mut ChannelStats) -> Result<(), MultifdError> {
         let r = p.r;
         for run in &p.runs {
-            self.write_run(r, *run, st)?;
+            self.write_run(r, *run, p.copy.as_ref(), st)?;
+        }
+        if let (Some(c), Ok(mut pool)) = (p.copy, self.pool.lock()) {
+            pool.push(c.blocks);
         }
         st.present += p.present;
         st.zero += p.zero;
@@ -722,14 +801,61 @@ impl Chan<'_, '_> {
         Ok(())
     }
 
-    /// Extends `crc` over pages `[from, to)` of region `r`, in one call.
-    fn crc_pages(&self, r: usize, crc: u32, from: u64, to: u64) -> u32 {
-        let ptr = self.page_ptr(r, from);
+    /// Extends `crc` over pages `[from, to)`, which start at `ptr`, in one call.
+    fn crc_pages(&self, ptr: *const u8, crc: u32, from: u64, to: u64) -> u32 {
         let len = ((to - from) * self.sh.page_size) as usize;
-        // SAFETY: pages [from, to) lie inside region r (they are pages of the
-        // chunk being saved); the memory is readable and not written meanwhile.
+        // SAFETY: pages [from, to) are pages of the chunk being saved, in
+        // region r (readable, not written meanwhile: a stopped save) or in
+        // the unit's copy (a live pass); both are contiguous.
         let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
         crc32c::crc32c_append(crc, bytes)
+    }
+
+    /// Whether the pass writes the chunk of `np` pages from `p0`.
+    fn selected(&self, r: usize, p0: u64, np: u64) -> bool {
+        match self.sh.pages {
+            PageSet::AllNonZero => true,
+            PageSet::Dirty(maps) => any_dirty(maps[r], p0, np),
+        }
+    }
+
+    /// Copies the selected chunks of a unit of region `r` into a buffer
+    /// (one from the pool when there is one).
+    fn copy_unit(&self, r: usize, first: u64, n: u64) -> Result<UnitCopy, MultifdError> {
+        let ps = self.sh.page_size;
+        let (start, _) = self.chunk_pages(r, first)?;
+        let (p0, np) = self.chunk_pages(r, first + n - 1)?;
+        let bytes = (p0 + np - start) * ps;
+        let mut blocks = self
+            .pool
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_default();
+        blocks.resize(bytes.div_ceil(4096) as usize, Block([0; 4096]));
+        let mut copy = UnitCopy {
+            blocks,
+            first_page: start,
+        };
+        for chunk in first..first + n {
+            let (p0, np) = self.chunk_pages(r, chunk)?;
+            if self.selected(r, p0, np) {
+                // SAFETY: the chunk lies inside region r (checked), which the
+                // MemRegion contract keeps mapped; the guest may write it
+                // meanwhile: a raw copy then mixes old and new bytes (any
+                // byte is a valid u8) and the caller's next pass rewrites
+                // the chunk. The destination lies inside the copy, sized for
+                // the unit, and is not borrowed elsewhere.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.page_ptr(r, p0),
+                        copy.ptr_mut(p0, ps),
+                        (np * ps) as usize,
+                    )
+                };
+            }
+        }
+        Ok(copy)
     }
 
     fn read_run(
