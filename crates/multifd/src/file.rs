@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::pace::{any_dirty, check_page_set, per_channel, Pace};
+use crate::pace::{any_dirty, check_page_set, is_dirty, per_channel, Pace};
 use crate::sys;
 use crate::{CallerError, MemRegion, MultifdError, PageSet};
 use page_runs::{is_zero, push_page, FirstError, PageRun};
@@ -152,10 +152,12 @@ pub fn save_to_file(
 #[derive(Clone, Copy, Debug)]
 pub struct FilePass<'a> {
     /// `AllNonZero`: every chunk (the first pass over a fresh file);
-    /// `Dirty(maps)`: every chunk holding a page whose bit is set, rewritten
-    /// whole (its bitmap and CRC are recorded again through
-    /// [`FileLayout::chunk_saved`], which must clear the pages that became
-    /// zero).
+    /// `Dirty(maps)`: every chunk holding a page whose bit is set: its dirty
+    /// non-zero pages are written, and its bitmap and CRC, computed over the
+    /// whole chunk, are recorded again through [`FileLayout::chunk_saved`]
+    /// (which must clear the pages that became zero). Its other pages are
+    /// not written: the caller guarantees the file holds them as the memory
+    /// does (a live save's dirty log: a page not dirty since its last write).
     pub pages: PageSet<'a>,
     /// Bandwidth limit of the channels together, bytes per second (None: none).
     pub max_bytes_per_s: Option<u64>,
@@ -759,12 +761,16 @@ impl Chan<'_, '_> {
                         crc = self.crc_pages(src(from), crc, from, page);
                     }
                     crc = sys::crc_zeros(crc, ps);
-                    out.zero += 1;
+                    out.zero += u64::from(self.page_selected(r, page));
                 } else {
                     crc_run.get_or_insert(page);
                     words[(i / 64) as usize] |= 1 << (i % 64);
-                    out.present += 1;
-                    push_page(&mut out.runs, page);
+                    // A dirty pass writes only the dirty pages; the chunk's
+                    // other pages are in the file as they are in memory.
+                    if self.page_selected(r, page) {
+                        out.present += 1;
+                        push_page(&mut out.runs, page);
+                    }
                 }
             }
             if let Some(from) = crc_run.take() {
@@ -811,7 +817,15 @@ impl Chan<'_, '_> {
         crc32c::crc32c_append(crc, bytes)
     }
 
-    /// Whether the pass writes the chunk of `np` pages from `p0`.
+    /// Whether the pass writes page `page` of region `r` (when non-zero).
+    fn page_selected(&self, r: usize, page: u64) -> bool {
+        match self.sh.pages {
+            PageSet::AllNonZero => true,
+            PageSet::Dirty(maps) => is_dirty(maps[r], page),
+        }
+    }
+
+    /// Whether the pass records the chunk of `np` pages from `p0`.
     fn selected(&self, r: usize, p0: u64, np: u64) -> bool {
         match self.sh.pages {
             PageSet::AllNonZero => true,

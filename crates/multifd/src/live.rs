@@ -11,7 +11,7 @@ use std::io::{IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::pace::{any_dirty, Pace};
+use crate::pace::{any_dirty, is_dirty, Pace};
 use crate::protocol::{
     Encoding, MainMessage, PacketHeader, Run, LIVE_PROTOCOL_VERSION, MAX_PAGES_PER_PACKET,
     PACKET_HEADER_LEN, PAGE_SIZE, RUN_LEN,
@@ -278,10 +278,6 @@ fn run_round<S: Write + Send>(ctx: &RoundCtx<'_>, conns: &mut [S], counts: &mut 
             }
         }
     });
-}
-
-fn is_dirty(map: &[u64], page: u64) -> bool {
-    map[(page / 64) as usize] & (1 << (page % 64)) != 0
 }
 
 /// Buffers of one channel thread.

@@ -57,6 +57,12 @@ pub(crate) fn any_dirty(map: &[u64], first: u64, n: u64) -> bool {
         .is_some_and(|w| w.iter().any(|w| *w != 0))
 }
 
+/// Whether page `page`'s bit is set in `map` (a page past the map is not).
+pub(crate) fn is_dirty(map: &[u64], page: u64) -> bool {
+    map.get((page / 64) as usize)
+        .is_some_and(|w| w & (1 << (page % 64)) != 0)
+}
+
 /// Err unless `pages` has one bitmap per region, each covering its region.
 pub(crate) fn check_page_set(
     pages: PageSet<'_>,
@@ -95,6 +101,7 @@ mod tests {
         assert!(!any_dirty(&map, 128, 64));
         // Past the end of a short map: nothing dirty, no panic.
         assert!(!any_dirty(&map, 256, 64));
+        assert!(is_dirty(&map, 67) && !is_dirty(&map, 66) && !is_dirty(&map, 1000));
     }
 
     #[test]

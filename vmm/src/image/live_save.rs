@@ -1,8 +1,9 @@
 //! `cryo save --live`: the pre-copy of live migration (`precopy.rs`) into a
 //! fixed-ram image file instead of a peer. A first pass writes every
 //! non-zero page at its fixed offset while the guest runs; each later round
-//! rewrites, in place, the chunks holding pages the guest dirtied (pages
-//! that became zero are punched back to holes); then the VM pauses for the
+//! writes, in place, the pages the guest dirtied and records their chunks'
+//! bitmaps and CRCs again (pages that became zero are punched back to
+//! holes); then the VM pauses for the
 //! last round and its device state, and the image is committed (header
 //! last, fsync, rename, directory fsync). The image is the VM at the end of
 //! the save. Until the commit nothing exists under the target name: a
