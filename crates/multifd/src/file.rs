@@ -130,22 +130,11 @@ pub fn save_to_file(
     layout: &dyn FileLayout,
     opts: &FileChannelOptions,
 ) -> Result<TransferStats, MultifdError> {
-    let never = AtomicBool::new(false);
-    let pass = FilePass {
-        pages: PageSet::AllNonZero,
-        max_bytes_per_s: None,
-        stop: &never,
-    };
-    check_page_set(pass.pages, regions, layout.page_size())?;
-    transfer(
-        path,
-        regions,
-        layout,
-        opts,
-        Direction::Save { copy: false },
-        &pass,
-    )
+    save_with(path, regions, layout, opts, &FilePass::ALL, false)
 }
+
+/// Never set: the stop flag of a transfer nothing stops.
+static NEVER: AtomicBool = AtomicBool::new(false);
 
 /// One pass of a live save into a fixed-ram file: which chunks it writes,
 /// how fast, and when it stops.
@@ -166,12 +155,21 @@ pub struct FilePass<'a> {
     pub stop: &'a AtomicBool,
 }
 
+impl FilePass<'static> {
+    /// Every chunk, no limit, never stopped: a stopped save or a load.
+    const ALL: FilePass<'static> = FilePass {
+        pages: PageSet::AllNonZero,
+        max_bytes_per_s: None,
+        stop: &NEVER,
+    };
+}
+
 /// [`save_to_file`] for one pass of a live save: the memory may change while
 /// the pass reads it (a running guest). Each unit is first copied into a
 /// page-aligned buffer, and the zero scan, the CRCs and the writes use the
-/// copy, so a chunk's bytes, bitmap and CRC always agree; a page the guest
-/// wrote after the copy is stale in the file until the caller's next pass
-/// (its dirty log finds it), the last one with the memory no longer changing.
+/// copy; a page the guest wrote after the copy may disagree with its
+/// chunk's CRC until the caller's next pass rewrites it (its dirty log finds
+/// it), the last one with the memory no longer changing.
 pub fn save_pass_to_file(
     path: &Path,
     regions: &[MemRegion],
@@ -179,15 +177,21 @@ pub fn save_pass_to_file(
     opts: &FileChannelOptions,
     pass: &FilePass<'_>,
 ) -> Result<TransferStats, MultifdError> {
+    save_with(path, regions, layout, opts, pass, true)
+}
+
+/// A save pass; `copy`: the memory may change, work from a copy.
+fn save_with(
+    path: &Path,
+    regions: &[MemRegion],
+    layout: &dyn FileLayout,
+    opts: &FileChannelOptions,
+    pass: &FilePass<'_>,
+    copy: bool,
+) -> Result<TransferStats, MultifdError> {
     check_page_set(pass.pages, regions, layout.page_size())?;
-    transfer(
-        path,
-        regions,
-        layout,
-        opts,
-        Direction::Save { copy: true },
-        pass,
-    )
+    let dir = Direction::Save { copy };
+    transfer(path, regions, layout, opts, dir, pass)
 }
 
 /// Reads the present pages of the file at `path` (per
@@ -205,20 +209,8 @@ pub fn load_from_file(
     opts: &FileChannelOptions,
 ) -> Result<TransferStats, MultifdError> {
     let populate = opts.prefault;
-    let never = AtomicBool::new(false);
-    let pass = FilePass {
-        pages: PageSet::AllNonZero,
-        max_bytes_per_s: None,
-        stop: &never,
-    };
-    transfer(
-        path,
-        regions,
-        layout,
-        opts,
-        Direction::Load { populate },
-        &pass,
-    )
+    let dir = Direction::Load { populate };
+    transfer(path, regions, layout, opts, dir, &FilePass::ALL)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
