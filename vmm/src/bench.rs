@@ -94,6 +94,8 @@ pub enum BenchCommand {
     SaveRestore(SaveRestoreArgs),
     /// A live snapshot of a guest writing hard, against a stopped save of the same VM.
     Snapshot(crate::bench_snapshot::SnapshotArgs),
+    /// Live migration over loopback TCP of a guest writing at several rates, against a stopped one.
+    Migrate(crate::bench_migrate::MigrateArgs),
 }
 
 /// Runs a bench verb.
@@ -101,6 +103,7 @@ pub fn bench(cmd: BenchCommand) -> Result<(), CliError> {
     match cmd {
         BenchCommand::SaveRestore(a) => save_restore(a),
         BenchCommand::Snapshot(a) => crate::bench_snapshot::run(a),
+        BenchCommand::Migrate(a) => crate::bench_migrate::run(a),
     }
 }
 
