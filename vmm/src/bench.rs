@@ -652,15 +652,20 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
         memcpy_mb_s: memcpy,
         results,
     };
-    if a.json {
+    print_report(a.json, &report, print_table);
+    Ok(())
+}
+
+/// Prints a bench's report: pretty JSON with `json`, else as `table` does.
+pub(crate) fn print_report<R: Serialize>(json: bool, report: &R, table: impl FnOnce(&R)) {
+    if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
+            serde_json::to_string_pretty(report).unwrap_or_default()
         );
     } else {
-        print_table(&report);
+        table(report);
     }
-    Ok(())
 }
 
 fn print_table(r: &Report) {

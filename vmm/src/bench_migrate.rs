@@ -124,14 +124,7 @@ pub fn run(a: MigrateArgs) -> Result<(), CliError> {
         loopback_gb_s: loopback / 1e9,
         rates,
     };
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
-    } else {
-        print_table(&report);
-    }
+    crate::bench::print_report(a.json, &report, print_table);
     Ok(())
 }
 
