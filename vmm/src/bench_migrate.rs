@@ -90,6 +90,34 @@ struct RateReport {
     stopped_gb_s_over_loopback: f64,
 }
 
+impl RateReport {
+    /// A report with no figures yet (all zero), failed with `error` unless
+    /// filled in.
+    fn failed(rate: u32, error: String) -> RateReport {
+        RateReport {
+            rate_pages_s_per_vcpu: rate,
+            live_ok: false,
+            live_error: (!error.is_empty()).then_some(error),
+            live_guest_downtime_ms: 0.0,
+            live_largest_gap_ms: 0.0,
+            baseline_largest_gap_ms: 0.0,
+            live_paused_ms: 0.0,
+            live_total_s: 0.0,
+            live_rounds: 0,
+            live_bytes_over_ram: 0.0,
+            live_throttle_percent: 0,
+            live_gb_s_over_loopback: 0.0,
+            write_rate_before_pages_s: 0.0,
+            write_rate_during_pages_s: 0.0,
+            during_over_before: 0.0,
+            stopped_guest_downtime_ms: 0.0,
+            stopped_paused_ms: 0.0,
+            stopped_total_s: 0.0,
+            stopped_gb_s_over_loopback: 0.0,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Report {
     command: String,
@@ -112,7 +140,14 @@ pub fn run(a: MigrateArgs) -> Result<(), CliError> {
     let loopback = loopback_bandwidth(a.channels, 1 << 30)?;
     let mut rates = Vec::new();
     for &r in &a.rates {
-        rates.push(one_rate(&a, kernel.path(), r, loopback)?);
+        // A rate that fails is reported as such; the others still run.
+        let report = one_rate(&a, kernel.path(), r, loopback)
+            .unwrap_or_else(|e| RateReport::failed(r, e.to_string()));
+        eprintln!(
+            "bench: rate {r}: {}",
+            serde_json::to_string(&report).unwrap_or_default()
+        );
+        rates.push(report);
     }
     let report = Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -411,6 +446,26 @@ fn stopped(a: &MigrateArgs, src: &Source) -> Result<(f64, f64, f64, u64), CliErr
     ))
 }
 
+/// Waits until every one of `vcpus` has filled its share: its heartbeats
+/// count rewrites, which start once the fill is over.
+fn wait_filled(src: &Source, vcpus: u8, timeout: Duration) -> Result<(), CliError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let beats = heartbeats(&src.serial);
+        let writing = (0..u64::from(vcpus))
+            .all(|cpu| beats.iter().any(|&(c, _, writes)| c == cpu && writes > 0));
+        if writing {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::failure(
+                "the guest did not finish its fill in time",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Boots a guest writing at `rate`, lets it fill its hot set, then migrates
 /// it stopped (it runs on) and live.
 fn one_rate(
@@ -430,12 +485,7 @@ fn one_rate(
         }
     );
     let src = Source::boot(a, kernel, rate)?;
-    wait_for(
-        &src.serial,
-        "SWEEP",
-        usize::from(a.vcpus),
-        Duration::from_secs(600),
-    )?;
+    wait_filled(&src, a.vcpus, Duration::from_secs(1200))?;
     std::thread::sleep(Duration::from_secs(2));
     let (stopped_gap, stopped_paused, stopped_s, stopped_bytes) = stopped(a, &src)?;
     std::thread::sleep(Duration::from_secs(2));
@@ -477,30 +527,16 @@ fn live(a: &MigrateArgs, src: &Source, rate: u32, loopback: f64) -> Result<RateR
         src.tsc_hz,
     );
     let rate_during = write_rate(&before, t0, t1, src.tsc_hz);
-    let mut r = RateReport {
-        rate_pages_s_per_vcpu: rate,
-        live_ok: result.is_ok(),
-        live_error: result.as_ref().err().map(ToString::to_string),
-        live_guest_downtime_ms: 0.0,
-        live_largest_gap_ms: 0.0,
-        baseline_largest_gap_ms: 0.0,
-        live_paused_ms: 0.0,
-        live_total_s: total_s,
-        live_rounds: 0,
-        live_bytes_over_ram: 0.0,
-        live_throttle_percent: 0,
-        live_gb_s_over_loopback: 0.0,
-        write_rate_before_pages_s: rate_before,
-        write_rate_during_pages_s: rate_during,
-        during_over_before: if rate_before > 0.0 {
-            rate_during / rate_before
-        } else {
-            0.0
-        },
-        stopped_guest_downtime_ms: 0.0,
-        stopped_paused_ms: 0.0,
-        stopped_total_s: 0.0,
-        stopped_gb_s_over_loopback: 0.0,
+    let mut r = RateReport::failed(rate, String::new());
+    r.live_ok = result.is_ok();
+    r.live_error = result.as_ref().err().map(ToString::to_string);
+    r.live_total_s = total_s;
+    r.write_rate_before_pages_s = rate_before;
+    r.write_rate_during_pages_s = rate_during;
+    r.during_over_before = if rate_before > 0.0 {
+        rate_during / rate_before
+    } else {
+        0.0
     };
     if let Ok(stats) = result {
         wait_for(
