@@ -142,6 +142,16 @@ struct UnderWay {
     api: std::path::PathBuf,
     dest: Guest,
     migrate: std::process::Child,
+    _api_file: RemoveOnDrop,
+}
+
+/// Removes a file (a killed source's API socket) on drop.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn under_way(test: &str, extra: &[&str]) -> Option<UnderWay> {
@@ -156,6 +166,7 @@ fn under_way(test: &str, extra: &[&str]) -> Option<UnderWay> {
     Some(UnderWay {
         hosts,
         src,
+        _api_file: RemoveOnDrop(api.clone()),
         api,
         dest,
         migrate,
