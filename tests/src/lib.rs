@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod initramfs;
+pub mod migration;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -502,8 +503,20 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
 /// line words and an API socket, and lets it run until every vCPU beat three
 /// times and swept twice.
 pub fn boot_with_api(vcpus: u32, mem_mib: u64, cmdline: &str, api: &Path) -> (Guest, Progress) {
+    boot_with_api_in(None, vcpus, mem_mib, cmdline, api)
+}
+
+/// [`boot_with_api`] inside network namespace `netns` when given.
+pub fn boot_with_api_in(
+    netns: Option<&str>,
+    vcpus: u32,
+    mem_mib: u64,
+    cmdline: &str,
+    api: &Path,
+) -> (Guest, Progress) {
     let _ = std::fs::remove_file(api);
-    let mut g = Guest::spawn([
+    let mut cmd = migration::cryo_in(netns);
+    cmd.args([
         "run",
         "--kernel",
         test_kernel().to_str().unwrap_or_default(),
@@ -516,6 +529,7 @@ pub fn boot_with_api(vcpus: u32, mem_mib: u64, cmdline: &str, api: &Path) -> (Gu
         "--api",
         api.to_str().unwrap_or_default(),
     ]);
+    let mut g = Guest::from_command(cmd);
     assert!(
         wait_for_socket(api, Duration::from_secs(90)),
         "no API socket\n{}",

@@ -3,32 +3,11 @@
 //! destination its heartbeats continue with no mismatch and no reboot.
 //! Cancel, a dead destination and the time limit leave the source running.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
-use cryo_tests::{boot_with_api, check_continues, cryo, cryo_bin, socket_path, Guest};
-
-const T: Duration = Duration::from_secs(90);
-
-/// A `cryo restore --listen` on a fresh Unix socket (or, for a name that
-/// starts with `tcp`, a loopback port); returns it and the endpoint.
-fn listener(name: &str) -> (Guest, String) {
-    let endpoint = if name.starts_with("tcp") {
-        // A port unlikely to collide: derived from the process id.
-        format!("tcp:127.0.0.1:{}", 40000 + std::process::id() % 20000)
-    } else {
-        let p = socket_path(&format!("{name}-l"));
-        let _ = std::fs::remove_file(&p);
-        format!("unix:{}", p.display())
-    };
-    let dest = Guest::spawn(["restore", "--listen", &endpoint]);
-    assert!(
-        dest.wait_for_stderr(T, |l| l.contains("waiting for a migration")),
-        "{}",
-        dest.transcript()
-    );
-    (dest, endpoint)
-}
+use cryo_tests::migration::{finished, listener, source_runs_on, start_migrate, T};
+use cryo_tests::{boot_with_api, check_continues, cryo, socket_path, Guest};
 
 fn live_migration(name: &str, cmdline: &str, extra: &[&str]) -> serde_json::Value {
     let api = socket_path(name);
@@ -99,37 +78,11 @@ fn slow_migration(name: &str, extra: &[&str]) -> (Guest, std::path::PathBuf, Gue
     let api = socket_path(name);
     let (dest, endpoint) = listener(name);
     let (src, _) = boot_with_api(2, 64, "cryo.mem=8 cryo.hb_ms=200", &api);
-    let migrate = Command::new(cryo_bin())
-        .args(["migrate", "--api", api.to_str().unwrap(), "--to", &endpoint])
-        .args(["--max-bandwidth", "4"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start cryo migrate");
+    let mut args = vec!["--max-bandwidth", "4"];
+    args.extend_from_slice(extra);
+    let migrate = start_migrate(&api, &endpoint, &args);
     std::thread::sleep(Duration::from_millis(800));
     (src, api, dest, migrate)
-}
-
-/// The source still runs: new heartbeats, and the API says running.
-fn source_runs_on(src: &mut Guest, api: &std::path::Path) {
-    src.drain();
-    src.follow(2, 2, 1, T);
-    let (status, out, err) = cryo(&["status", "--api", api.to_str().unwrap()]);
-    assert_eq!(status, Some(0), "{out}\n{err}");
-    assert!(out.contains("\"running\""), "{out}");
-}
-
-fn finished(child: Child) -> (Option<i32>, String) {
-    let out = child.wait_with_output().expect("cryo migrate output");
-    (
-        out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 #[test]
@@ -146,7 +99,7 @@ fn cancel_mid_way_leaves_the_source_running() {
     let (code, text) = finished(migrate);
     assert_ne!(code, Some(0), "{text}");
     assert!(text.contains("cancelled"), "{text}");
-    source_runs_on(&mut src, &api);
+    source_runs_on(&mut src, &api, 2);
     let gone = dest.wait_exit(T).expect("the destination gives up");
     assert!(!gone.success(), "{}", dest.transcript());
 }
@@ -157,7 +110,7 @@ fn a_dead_destination_leaves_the_source_running() {
     dest.kill();
     let (code, text) = finished(migrate);
     assert_ne!(code, Some(0), "{text}");
-    source_runs_on(&mut src, &api);
+    source_runs_on(&mut src, &api, 2);
 }
 
 #[test]
@@ -166,7 +119,7 @@ fn the_time_limit_leaves_the_source_running() {
     let (code, text) = finished(migrate);
     assert_ne!(code, Some(0), "{text}");
     assert!(text.contains("did not finish within 1 s"), "{text}");
-    source_runs_on(&mut src, &api);
+    source_runs_on(&mut src, &api, 2);
     let gone = dest.wait_exit(T).expect("the destination gives up");
     assert!(!gone.success(), "{}", dest.transcript());
 }

@@ -94,6 +94,8 @@ pub enum BenchCommand {
     SaveRestore(SaveRestoreArgs),
     /// A live snapshot of a guest writing hard, against a stopped save of the same VM.
     Snapshot(crate::bench_snapshot::SnapshotArgs),
+    /// Live migration over loopback TCP of a guest writing at several rates, against a stopped one.
+    Migrate(crate::bench_migrate::MigrateArgs),
 }
 
 /// Runs a bench verb.
@@ -101,6 +103,7 @@ pub fn bench(cmd: BenchCommand) -> Result<(), CliError> {
     match cmd {
         BenchCommand::SaveRestore(a) => save_restore(a),
         BenchCommand::Snapshot(a) => crate::bench_snapshot::run(a),
+        BenchCommand::Migrate(a) => crate::bench_migrate::run(a),
     }
 }
 
@@ -649,15 +652,20 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
         memcpy_mb_s: memcpy,
         results,
     };
-    if a.json {
+    print_report(a.json, &report, print_table);
+    Ok(())
+}
+
+/// Prints a bench's report: pretty JSON with `json`, else as `table` does.
+pub(crate) fn print_report<R: Serialize>(json: bool, report: &R, table: impl FnOnce(&R)) {
+    if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
+            serde_json::to_string_pretty(report).unwrap_or_default()
         );
     } else {
-        print_table(&report);
+        table(report);
     }
-    Ok(())
 }
 
 fn print_table(r: &Report) {

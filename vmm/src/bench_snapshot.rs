@@ -71,13 +71,13 @@ struct Report {
     wp_unpopulated: bool,
 }
 
-fn rdtsc() -> u64 {
+pub(crate) fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no preconditions on x86_64.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 /// (cpu, tsc, writes) of every whole heartbeat line.
-fn heartbeats(serial: &Path) -> Vec<(u64, u64, u64)> {
+pub(crate) fn heartbeats(serial: &Path) -> Vec<(u64, u64, u64)> {
     let text = std::fs::read_to_string(serial).unwrap_or_default();
     let field = |l: &str, k: &str| -> Option<u64> {
         l.split_whitespace()
@@ -91,7 +91,7 @@ fn heartbeats(serial: &Path) -> Vec<(u64, u64, u64)> {
 }
 
 /// Pages written per second by all vCPUs between TSC `from` and `to`.
-fn rate(beats: &[(u64, u64, u64)], from: u64, to: u64, tsc_hz: f64) -> f64 {
+pub(crate) fn rate(beats: &[(u64, u64, u64)], from: u64, to: u64, tsc_hz: f64) -> f64 {
     let mut total = 0.0;
     for cpu in 0..64 {
         let b: Vec<&(u64, u64, u64)> = beats
@@ -107,7 +107,12 @@ fn rate(beats: &[(u64, u64, u64)], from: u64, to: u64, tsc_hz: f64) -> f64 {
     total
 }
 
-fn wait_for(serial: &Path, what: &str, count: usize, timeout: Duration) -> Result<(), CliError> {
+pub(crate) fn wait_for(
+    serial: &Path,
+    what: &str,
+    count: usize,
+    timeout: Duration,
+) -> Result<(), CliError> {
     let deadline = Instant::now() + timeout;
     loop {
         let text = std::fs::read_to_string(serial).unwrap_or_default();

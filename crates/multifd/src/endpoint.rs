@@ -55,12 +55,13 @@ impl std::fmt::Display for Endpoint {
 }
 
 impl Endpoint {
-    /// Connects to the endpoint (TCP with `TCP_NODELAY`).
+    /// Connects to the endpoint (TCP with `TCP_NODELAY` and dead-peer
+    /// detection, see [`DEAD_PEER_TIMEOUT`]).
     pub fn connect(&self) -> io::Result<Stream> {
         match self {
             Endpoint::Tcp(a) => {
                 let s = TcpStream::connect(a.as_str())?;
-                s.set_nodelay(true)?;
+                tcp_options(&s)?;
                 Ok(Stream::Tcp(s))
             }
             Endpoint::Unix(p) => Ok(Stream::Unix(UnixStream::connect(p)?)),
@@ -79,6 +80,48 @@ impl Endpoint {
             )),
         }
     }
+}
+
+/// How long a TCP peer may stay silent (sent data unacknowledged, or
+/// keepalive probes unanswered) before the connection fails with
+/// `TimedOut`. A link that breaks mid-transfer otherwise leaves a blocked
+/// `write` (sender) or `read` (receiver) waiting for the kernel's
+/// retransmission limit, about a quarter of an hour. A slow but live peer
+/// is not affected: its kernel acknowledges data and answers probes.
+pub const DEAD_PEER_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Idle time before the first keepalive probe, and the time between probes.
+const KEEPALIVE_IDLE_S: libc::c_int = 5;
+const KEEPALIVE_INTERVAL_S: libc::c_int = 3;
+const KEEPALIVE_PROBES: libc::c_int = 5;
+
+/// `TCP_NODELAY`, keepalive probes and `TCP_USER_TIMEOUT` on a connection.
+fn tcp_options(s: &TcpStream) -> io::Result<()> {
+    s.set_nodelay(true)?;
+    let user_timeout = libc::c_int::try_from(DEAD_PEER_TIMEOUT.as_millis()).unwrap_or(20_000);
+    for (level, name, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_S),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, user_timeout),
+    ] {
+        // SAFETY: an int option on the stream's open socket fd; the kernel
+        // reads `size_of::<c_int>()` bytes from `value`, which lives here.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                level,
+                name,
+                std::ptr::from_ref(&value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// A connection: TCP or Unix.
@@ -156,7 +199,7 @@ impl Listener {
         match self {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
-                s.set_nodelay(true)?;
+                tcp_options(&s)?;
                 Ok(Stream::Tcp(s))
             }
             Listener::Unix(l, _) => Ok(Stream::Unix(l.accept()?.0)),
@@ -224,6 +267,35 @@ impl Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_connections_detect_dead_peers() {
+        let l = parse_endpoint("tcp:127.0.0.1:0").unwrap().listen().unwrap();
+        let c = l.local_endpoint().unwrap().connect().unwrap();
+        let a = l.accept().unwrap();
+        for s in [&c, &a] {
+            let Stream::Tcp(s) = s else { panic!("not TCP") };
+            let get = |level, name| {
+                let mut v: libc::c_int = 0;
+                let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                // SAFETY: an int option read into `v` of `len` bytes.
+                let r = unsafe {
+                    libc::getsockopt(
+                        s.as_raw_fd(),
+                        level,
+                        name,
+                        std::ptr::from_mut(&mut v).cast(),
+                        &mut len,
+                    )
+                };
+                assert_eq!(r, 0);
+                v
+            };
+            assert_eq!(get(libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+            assert_eq!(get(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT), 20_000);
+            assert!(s.nodelay().unwrap());
+        }
+    }
 
     #[test]
     fn endpoints() {

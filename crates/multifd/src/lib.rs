@@ -33,7 +33,7 @@ mod region;
 mod socket;
 mod sys;
 
-pub use endpoint::{parse_endpoint, Endpoint, Listener, Stream};
+pub use endpoint::{parse_endpoint, Endpoint, Listener, Stream, DEAD_PEER_TIMEOUT};
 pub use error::{CallerError, Channel, MultifdError};
 pub use file::{
     load_from_file, open_with_direct_io, save_pass_to_file, save_to_file, DirectIo,

@@ -121,7 +121,7 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
             memory = Some(mem);
             Ok(regions)
         })
-        .map_err(|e| SaveError::Image {
+        .map_err(|e| SaveError::Receive {
             path: path.clone(),
             source: e.into(),
         })?;

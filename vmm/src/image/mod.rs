@@ -154,6 +154,16 @@ pub enum SaveError {
         #[source]
         source: ImageError,
     },
+    /// A migration stream broke while it was being received (the source or
+    /// the link died, or the source gave up).
+    #[error("receiving from {path}: {source}")]
+    Receive {
+        /// The endpoint listened on.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ImageError,
+    },
     /// The file could not be read.
     #[error("cannot read {path}: {source}")]
     Read {

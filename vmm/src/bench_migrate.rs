@@ -1,0 +1,637 @@
+//! `cryo bench migrate`: live migration over loopback TCP of a guest that
+//! writes at several rates, beside a stopped migration (`save --to tcp:`) of
+//! the same guest over the same link, against the loopback bandwidth
+//! measured in the same run.
+//!
+//! The guest is the test kernel: each vCPU fills its share of `--hot-mib`
+//! with incompressible data, then rewrites random pages of it at the given
+//! rate, printing a heartbeat (its TSC and running write count) every
+//! `--hb-ms`. The destination is a `cryo restore --listen` child process
+//! whose console goes to a file. On these hosts the guest TSC is the host
+//! TSC (no offset), so the source's and the destination's heartbeats lie on
+//! one time line: the gap between the last heartbeat on the source and the
+//! first on the destination, less one interval, is the downtime the guest
+//! saw.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use microvm::{BootSource, MemoryBacking, MicroVm, SerialOutput, VmConfig, VmController};
+use serde::Serialize;
+
+use crate::bench_snapshot::{heartbeats, rate as write_rate, rdtsc, wait_for};
+use crate::error::CliError;
+use crate::image::{self, precopy};
+
+/// Arguments of `cryo bench migrate`.
+#[derive(clap::Args, Debug)]
+pub struct MigrateArgs {
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub mem_mib: u64,
+    /// MiB of guest RAM the guest fills and keeps rewriting (split over the vCPUs).
+    #[arg(long, default_value_t = 3072)]
+    pub hot_mib: u64,
+    /// Write rates to measure, page rewrites per second per vCPU, comma
+    /// separated; 0 = as fast as the guest can.
+    #[arg(long, value_delimiter = ',', default_value = "1,5000,0")]
+    pub rates: Vec<u32>,
+    /// Data channels of both migrations.
+    #[arg(long, default_value_t = 2)]
+    pub channels: usize,
+    /// Downtime limit of the live migration, ms.
+    #[arg(long, default_value_t = 50)]
+    pub max_downtime_ms: u64,
+    /// Give a live migration up after this many seconds.
+    #[arg(long, default_value_t = 180)]
+    pub timeout_s: u64,
+    /// The guest's heartbeat interval, ms (short, so that a gap shows).
+    #[arg(long, default_value_t = 10)]
+    pub hb_ms: u64,
+    /// vCPUs of the guest.
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: u8,
+    /// Directory for the console files.
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Kernel to boot (default: the cryo test kernel built into this binary).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+}
+
+/// One write rate's figures.
+#[derive(Serialize)]
+struct RateReport {
+    rate_pages_s_per_vcpu: u32,
+    live_ok: bool,
+    live_error: Option<String>,
+    live_guest_downtime_ms: f64,
+    live_largest_gap_ms: f64,
+    baseline_largest_gap_ms: f64,
+    live_paused_ms: f64,
+    live_total_s: f64,
+    live_rounds: u32,
+    live_bytes_over_ram: f64,
+    live_throttle_percent: u32,
+    live_gb_s_over_loopback: f64,
+    write_rate_before_pages_s: f64,
+    write_rate_during_pages_s: f64,
+    during_over_before: f64,
+    stopped_guest_downtime_ms: f64,
+    stopped_paused_ms: f64,
+    stopped_total_s: f64,
+    stopped_gb_s_over_loopback: f64,
+}
+
+impl RateReport {
+    /// A report with no figures yet (all zero), failed with `error` unless
+    /// filled in.
+    fn failed(rate: u32, error: String) -> RateReport {
+        RateReport {
+            rate_pages_s_per_vcpu: rate,
+            live_ok: false,
+            live_error: (!error.is_empty()).then_some(error),
+            live_guest_downtime_ms: 0.0,
+            live_largest_gap_ms: 0.0,
+            baseline_largest_gap_ms: 0.0,
+            live_paused_ms: 0.0,
+            live_total_s: 0.0,
+            live_rounds: 0,
+            live_bytes_over_ram: 0.0,
+            live_throttle_percent: 0,
+            live_gb_s_over_loopback: 0.0,
+            write_rate_before_pages_s: 0.0,
+            write_rate_during_pages_s: 0.0,
+            during_over_before: 0.0,
+            stopped_guest_downtime_ms: 0.0,
+            stopped_paused_ms: 0.0,
+            stopped_total_s: 0.0,
+            stopped_gb_s_over_loopback: 0.0,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Report {
+    command: String,
+    mem_mib: u64,
+    hot_mib: u64,
+    channels: usize,
+    max_downtime_ms: u64,
+    hb_ms: u64,
+    loopback_gb_s: f64,
+    rates: Vec<RateReport>,
+}
+
+/// Runs the migration benchmark.
+pub fn run(a: MigrateArgs) -> Result<(), CliError> {
+    check_args(&a)?;
+    std::fs::create_dir_all(&a.dir)
+        .map_err(|e| CliError::bad_input(format!("cannot use {}: {e}", a.dir.display())))?;
+    let kernel = crate::bench::BenchKernel::resolve(a.kernel.as_deref(), &a.dir)?;
+    eprintln!("bench: loopback TCP bandwidth, {} streams", a.channels);
+    let loopback = loopback_bandwidth(a.channels, 1 << 30)?;
+    let mut rates = Vec::new();
+    for &r in &a.rates {
+        // A rate that fails is reported as such; the others still run.
+        let report = one_rate(&a, kernel.path(), r, loopback)
+            .unwrap_or_else(|e| RateReport::failed(r, e.to_string()));
+        eprintln!(
+            "bench: rate {r}: {}",
+            serde_json::to_string(&report).unwrap_or_default()
+        );
+        rates.push(report);
+    }
+    let report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        mem_mib: a.mem_mib,
+        hot_mib: a.hot_mib,
+        channels: a.channels,
+        max_downtime_ms: a.max_downtime_ms,
+        hb_ms: a.hb_ms,
+        loopback_gb_s: loopback / 1e9,
+        rates,
+    };
+    crate::bench::print_report(a.json, &report, print_table);
+    Ok(())
+}
+
+fn check_args(a: &MigrateArgs) -> Result<(), CliError> {
+    if a.vcpus == 0 || a.vcpus > 64 {
+        return Err(CliError::bad_input("--vcpus takes 1 to 64"));
+    }
+    if a.channels == 0 || a.channels > 64 {
+        return Err(CliError::bad_input("--channels takes 1 to 64"));
+    }
+    if a.hot_mib + 64 > a.mem_mib {
+        return Err(CliError::bad_input(
+            "--hot-mib must leave 64 MiB of --mem-mib free",
+        ));
+    }
+    if a.hb_ms == 0 || a.rates.is_empty() {
+        return Err(CliError::bad_input(
+            "--hb-ms and --rates must not be empty or 0",
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes per second that `streams` loopback TCP connections carry together,
+/// each sending `bytes_each` in 4 MiB writes.
+fn loopback_bandwidth(streams: usize, bytes_each: u64) -> Result<f64, CliError> {
+    let io = |what: &'static str| {
+        move |e: std::io::Error| CliError::failure(format!("measuring loopback TCP: {what}: {e}"))
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("listen"))?;
+    let addr = listener.local_addr().map_err(io("address"))?;
+    let senders = (0..streams)
+        .map(|_| TcpStream::connect(addr))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io("connect"))?;
+    let receivers = (0..streams)
+        .map(|_| listener.accept().map(|(c, _)| c))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(io("accept"))?;
+    let start = Instant::now();
+    let received: u64 = std::thread::scope(|s| {
+        let rx: Vec<_> = receivers
+            .into_iter()
+            .map(|c| s.spawn(|| drain(c)))
+            .collect();
+        for c in senders {
+            s.spawn(move || send(c, bytes_each));
+        }
+        rx.into_iter().map(|h| h.join().unwrap_or(0)).sum()
+    });
+    let secs = start.elapsed().as_secs_f64();
+    if received < streams as u64 * bytes_each {
+        return Err(CliError::failure(
+            "measuring loopback TCP: a stream broke off",
+        ));
+    }
+    Ok(received as f64 / secs.max(1e-9))
+}
+
+/// Sends `bytes` over `conn` (then closes it).
+fn send(mut conn: TcpStream, bytes: u64) {
+    let buf: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    let mut left = bytes;
+    while left > 0 {
+        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if conn.write_all(&buf[..n]).is_err() {
+            return;
+        }
+        left -= n as u64;
+    }
+}
+
+/// Reads `conn` to its end; the bytes read.
+fn drain(mut conn: TcpStream) -> u64 {
+    let mut buf = vec![0u8; 4 << 20];
+    let mut n = 0;
+    while let Ok(k) = conn.read(&mut buf) {
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+    }
+    n
+}
+
+/// The source VM, running in this process, its console in a file.
+struct Source {
+    controller: VmController,
+    stop: microvm::StopHandle,
+    runner: Option<std::thread::JoinHandle<Result<microvm::VmExitReason, microvm::Error>>>,
+    serial: PathBuf,
+    tsc_hz: f64,
+}
+
+impl Source {
+    fn boot(a: &MigrateArgs, kernel: &Path, rate: u32) -> Result<Source, CliError> {
+        let serial = a
+            .dir
+            .join(format!(".cryo-bench-mig-src-{}", std::process::id()));
+        let file = File::create(&serial).map_err(|e| {
+            CliError::bad_input(format!("cannot write in {}: {e}", a.dir.display()))
+        })?;
+        let per_cpu = a.hot_mib / u64::from(a.vcpus);
+        let mut vm = MicroVm::new(VmConfig {
+            vcpus: a.vcpus,
+            mem_mib: a.mem_mib,
+            backing: MemoryBacking::Anonymous,
+            boot: BootSource {
+                kernel: kernel.to_path_buf(),
+                cmdline: format!(
+                    "console=ttyS0 cryo.mem={per_cpu} cryo.rate={rate} cryo.hb_ms={}",
+                    a.hb_ms
+                ),
+                ..Default::default()
+            },
+            serial: SerialOutput::File(file),
+            serial_input: false,
+            disks: Vec::new(),
+        })?;
+        let controller = vm.controller()?;
+        let stop = vm.stop_handle();
+        let runner = Some(std::thread::spawn(move || vm.run(Vec::new())));
+        let tsc_khz = controller.call(|vm| vm.machine().tsc_khz)?;
+        Ok(Source {
+            controller,
+            stop,
+            runner,
+            serial,
+            tsc_hz: f64::from(tsc_khz.max(1)) * 1000.0,
+        })
+    }
+
+    fn ms(&self, ticks: u64) -> f64 {
+        ticks as f64 / self.tsc_hz * 1e3
+    }
+
+    fn ticks(&self, d: Duration) -> u64 {
+        (d.as_secs_f64() * self.tsc_hz) as u64
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.stop.stop(microvm::VmExitReason::Stopped);
+        if let Some(r) = self.runner.take() {
+            let _ = r.join();
+        }
+        let _ = std::fs::remove_file(&self.serial);
+    }
+}
+
+/// A `cryo restore --listen tcp:127.0.0.1:PORT` child process, its console
+/// in a file; killed on drop.
+struct Destination {
+    child: Child,
+    endpoint: multifd::Endpoint,
+    serial: PathBuf,
+    log: PathBuf,
+}
+
+impl Destination {
+    fn spawn(dir: &Path, tag: &str) -> Result<Destination, CliError> {
+        let fail = |what: &str, e: std::io::Error| CliError::failure(format!("{what}: {e}"));
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| fail("finding a free port", e))?
+            .port();
+        let base = dir.join(format!(".cryo-bench-mig-{tag}-{}", std::process::id()));
+        let (serial, log) = (base.with_extension("console"), base.with_extension("log"));
+        let out = File::create(&serial).map_err(|e| fail("console file", e))?;
+        let err = File::create(&log).map_err(|e| fail("log file", e))?;
+        let exe = std::env::current_exe().map_err(|e| fail("finding the cryo binary", e))?;
+        let listen = format!("tcp:127.0.0.1:{port}");
+        let child = Command::new(exe)
+            .args(["restore", "--listen", &listen])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| fail("starting cryo restore --listen", e))?;
+        let endpoint =
+            multifd::parse_endpoint(&listen).map_err(|e| CliError::failure(e.to_string()))?;
+        let d = Destination {
+            child,
+            endpoint,
+            serial,
+            log,
+        };
+        wait_for(
+            &d.log,
+            "waiting for a migration",
+            1,
+            Duration::from_secs(60),
+        )?;
+        Ok(d)
+    }
+}
+
+impl Drop for Destination {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.serial);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Per vCPU, the heartbeats (tsc) in `[from, to]`, sorted.
+fn beats_by_cpu(beats: &[(u64, u64, u64)], from: u64, to: u64) -> Vec<Vec<u64>> {
+    let mut by: Vec<Vec<u64>> = Vec::new();
+    for &(cpu, tsc, _) in beats.iter().filter(|b| b.1 >= from && b.1 <= to) {
+        let i = usize::try_from(cpu).unwrap_or(0).min(63);
+        if by.len() <= i {
+            by.resize(i + 1, Vec::new());
+        }
+        by[i].push(tsc);
+    }
+    for b in &mut by {
+        b.sort_unstable();
+    }
+    by
+}
+
+/// The largest gap between consecutive heartbeats of one vCPU, in ticks.
+fn largest_gap(beats: &[(u64, u64, u64)], from: u64, to: u64) -> u64 {
+    beats_by_cpu(beats, from, to)
+        .iter()
+        .flat_map(|b| b.windows(2).map(|w| w[1] - w[0]))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The largest gap of one vCPU between its last heartbeat on the source and
+/// its first on the destination, in ticks.
+fn switch_gap(src: &[(u64, u64, u64)], dest: &[(u64, u64, u64)]) -> u64 {
+    let last = beats_by_cpu(src, 0, u64::MAX);
+    let first = beats_by_cpu(dest, 0, u64::MAX);
+    last.iter()
+        .zip(&first)
+        .filter_map(|(s, d)| {
+            let l = *s.last()?;
+            Some(d.iter().find(|t| **t > l)? - l)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Figures of a stopped migration: (guest-visible downtime ms, cryo's
+/// pause ms, total s, bytes sent).
+fn stopped(a: &MigrateArgs, src: &Source) -> Result<(f64, f64, f64, u64), CliError> {
+    let dest = Destination::spawn(&a.dir, "stopped")?;
+    eprintln!("bench: stopped migration (save --to {})", dest.endpoint);
+    let t0 = rdtsc();
+    let opts = image::SaveOptions {
+        format: image::SaveFormat::FixedRam,
+        keep_running: true,
+        channels: image::fixed::ChannelOptions {
+            channels: a.channels,
+            ..Default::default()
+        },
+        compression: None,
+        progress: None,
+        control: image::SaveControl::for_vm(&src.controller),
+    };
+    let target = image::SaveTarget::Peer(dest.endpoint.clone());
+    let stats = image::save_vm(&src.controller, &target, &opts)?;
+    let t1 = rdtsc();
+    std::thread::sleep(Duration::from_secs(1));
+    drop(dest);
+    // From a second before the pause: the last heartbeat before it counts.
+    let second = src.ticks(Duration::from_secs(1));
+    let gap = largest_gap(
+        &heartbeats(&src.serial),
+        t0.saturating_sub(second),
+        t1 + second,
+    );
+    Ok((
+        src.ms(gap) - a.hb_ms as f64,
+        stats.paused_ms,
+        stats.total_ms / 1e3,
+        stats.bytes,
+    ))
+}
+
+/// Waits until every one of `vcpus` has filled its share: its heartbeats
+/// count rewrites, which start once the fill is over.
+fn wait_filled(src: &Source, vcpus: u8, timeout: Duration) -> Result<(), CliError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let beats = heartbeats(&src.serial);
+        let writing = (0..u64::from(vcpus))
+            .all(|cpu| beats.iter().any(|&(c, _, writes)| c == cpu && writes > 0));
+        if writing {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::failure(
+                "the guest did not finish its fill in time",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Boots a guest writing at `rate`, lets it fill its hot set, then migrates
+/// it stopped (it runs on) and live.
+fn one_rate(
+    a: &MigrateArgs,
+    kernel: &Path,
+    rate: u32,
+    loopback: f64,
+) -> Result<RateReport, CliError> {
+    eprintln!(
+        "bench: booting a {} MiB guest that fills {} MiB and rewrites {} pages/s per vCPU",
+        a.mem_mib,
+        a.hot_mib,
+        if rate == 0 {
+            "as many".to_string()
+        } else {
+            rate.to_string()
+        }
+    );
+    let src = Source::boot(a, kernel, rate)?;
+    wait_filled(&src, a.vcpus, Duration::from_secs(1200))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (stopped_gap, stopped_paused, stopped_s, stopped_bytes) = stopped(a, &src)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let mut r = live(a, &src, rate, loopback)?;
+    r.stopped_guest_downtime_ms = stopped_gap;
+    r.stopped_paused_ms = stopped_paused;
+    r.stopped_total_s = stopped_s;
+    r.stopped_gb_s_over_loopback = stopped_bytes as f64 / stopped_s.max(1e-9) / loopback;
+    Ok(r)
+}
+
+/// The live migration of `src` and what the guest saw of it.
+fn live(a: &MigrateArgs, src: &Source, rate: u32, loopback: f64) -> Result<RateReport, CliError> {
+    let dest = Destination::spawn(&a.dir, "live")?;
+    eprintln!("bench: live migration to {}", dest.endpoint);
+    let opts = precopy::MigrateOptions {
+        channels: a.channels,
+        compression: None,
+        max_downtime_ms: a.max_downtime_ms,
+        max_bandwidth: None,
+        timeout: Some(Duration::from_secs(a.timeout_s)),
+    };
+    let t0 = rdtsc();
+    let start = Instant::now();
+    let result = precopy::migrate_vm(
+        &src.controller,
+        &dest.endpoint,
+        &opts,
+        &image::SaveControl::default(),
+        None,
+    );
+    let total_s = start.elapsed().as_secs_f64();
+    let t1 = rdtsc();
+    let before = heartbeats(&src.serial);
+    let rate_before = write_rate(
+        &before,
+        t0.saturating_sub(src.ticks(Duration::from_secs(2))),
+        t0,
+        src.tsc_hz,
+    );
+    let rate_during = write_rate(&before, t0, t1, src.tsc_hz);
+    let mut r = RateReport::failed(rate, String::new());
+    r.live_ok = result.is_ok();
+    r.live_error = result.as_ref().err().map(ToString::to_string);
+    r.live_total_s = total_s;
+    r.write_rate_before_pages_s = rate_before;
+    r.write_rate_during_pages_s = rate_during;
+    r.during_over_before = if rate_before > 0.0 {
+        rate_during / rate_before
+    } else {
+        0.0
+    };
+    if let Ok(stats) = result {
+        wait_for(
+            &dest.serial,
+            "HB ",
+            3 * usize::from(a.vcpus),
+            Duration::from_secs(60),
+        )?;
+        let after = heartbeats(&dest.serial);
+        r.live_guest_downtime_ms = src.ms(switch_gap(&before, &after)) - a.hb_ms as f64;
+        let from = t0.saturating_sub(src.ticks(Duration::from_secs(1)));
+        let noise_from = t0.saturating_sub(src.ticks(Duration::from_secs(2)));
+        r.baseline_largest_gap_ms = src.ms(largest_gap(&before, noise_from, t0)) - a.hb_ms as f64;
+        r.live_largest_gap_ms = src.ms(largest_gap(&before, from, t1)) - a.hb_ms as f64;
+        r.live_paused_ms = stats.downtime_ms;
+        r.live_rounds = stats.rounds;
+        r.live_bytes_over_ram = stats.bytes as f64 / stats.ram_bytes.max(1) as f64;
+        r.live_throttle_percent = stats.throttle_percent;
+        r.live_gb_s_over_loopback = stats.bytes as f64 / total_s.max(1e-9) / loopback;
+    }
+    Ok(r)
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "cryo bench migrate: {} MiB guest, {} MiB hot, loopback TCP, {} channels, --max-downtime-ms {}, heartbeat every {} ms",
+        r.mem_mib, r.hot_mib, r.channels, r.max_downtime_ms, r.hb_ms
+    );
+    println!(
+        "  loopback TCP, {} streams (measured in this run): {:.2} GB/s",
+        r.channels, r.loopback_gb_s
+    );
+    for x in &r.rates {
+        let rate = match x.rate_pages_s_per_vcpu {
+            0 => "flat out".to_string(),
+            n => format!("{n} pages/s/vCPU"),
+        };
+        println!("  guest writing {rate}:");
+        match &x.live_error {
+            Some(e) => println!("    live:    failed: {e} (after {:.1} s)", x.live_total_s),
+            None => println!(
+                "    live:    guest-visible downtime {:.1} ms (cryo's pause {:.1} ms), total {:.2} s, {} rounds, sent {:.2}x RAM, throttle {}%, {:.2}x loopback; largest heartbeat gap while migrating {:.1} ms",
+                x.live_guest_downtime_ms, x.live_paused_ms, x.live_total_s, x.live_rounds,
+                x.live_bytes_over_ram, x.live_throttle_percent, x.live_gb_s_over_loopback,
+                x.live_largest_gap_ms
+            ),
+        }
+        println!(
+            "    heartbeat noise floor: largest gap in the 2 s before the live migration {:.1} ms",
+            x.baseline_largest_gap_ms
+        );
+        println!(
+            "    guest writes during the migration: {:.0} pages/s, {:.2} of before ({:.0})",
+            x.write_rate_during_pages_s, x.during_over_before, x.write_rate_before_pages_s
+        );
+        println!(
+            "    stopped: guest-visible downtime {:.1} ms (cryo's pause {:.1} ms), total {:.2} s, {:.2}x loopback",
+            x.stopped_guest_downtime_ms, x.stopped_paused_ms, x.stopped_total_s, x.stopped_gb_s_over_loopback
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_are_per_vcpu_and_within_the_window() {
+        // (cpu, tsc, writes): cpu 0 beats every 10, cpu 1 has one gap of 50.
+        let beats = [
+            (0, 10, 0),
+            (1, 12, 0),
+            (0, 20, 0),
+            (1, 62, 0),
+            (0, 30, 0),
+            (1, 72, 0),
+        ];
+        assert_eq!(largest_gap(&beats, 0, u64::MAX), 50);
+        assert_eq!(largest_gap(&beats, 15, u64::MAX), 10);
+        assert_eq!(largest_gap(&[], 0, 100), 0);
+    }
+
+    #[test]
+    fn the_switch_gap_runs_from_the_last_source_beat_to_the_next_destination_beat() {
+        let src = [(0, 100, 0), (0, 110, 0), (1, 105, 0)];
+        // The destination repeats a beat the source already printed (cut
+        // line or not) only after the source's last one.
+        let dest = [(0, 140, 0), (0, 150, 0), (1, 125, 0)];
+        assert_eq!(switch_gap(&src, &dest), 30);
+        assert_eq!(switch_gap(&src, &[]), 0);
+    }
+
+    #[test]
+    fn loopback_bandwidth_is_measured() {
+        let bw = loopback_bandwidth(2, 8 << 20).unwrap();
+        assert!(bw > 0.0);
+    }
+}
