@@ -41,7 +41,7 @@ pub const PAGE_SIZE: usize = 4096;
 /// Section names in a saved image's device state (each state's
 /// [`StateSection::NAME`](microvm::persist::StateSection::NAME)).
 pub mod sections {
-    use microvm::devices::virtio::state::BlockDeviceState;
+    use microvm::devices::virtio::state::{BlockDeviceState, NetDeviceState};
     use microvm::persist::{
         CmosState, I8042State, MachineState, SerialState, StateSection, VcpuState, VmState,
     };
@@ -59,6 +59,8 @@ pub mod sections {
     pub const CMOS: &str = CmosState::NAME;
     /// [`microvm::devices::virtio::state::BlockDeviceState`], instance = MMIO slot.
     pub const VIRTIO_BLK: &str = BlockDeviceState::NAME;
+    /// [`microvm::devices::virtio::state::NetDeviceState`], instance = MMIO slot.
+    pub const VIRTIO_NET: &str = NetDeviceState::NAME;
 }
 
 /// The image formats `save` writes.

@@ -81,13 +81,13 @@ pub fn migrate_vm(
     let start = Instant::now();
     control.check("migration")?;
     let memory = controller.call(|vm| match vm.state() {
-        // A virtio-blk device writes guest memory (read data, used rings)
-        // without marking it dirty yet, so a page it wrote during a round
-        // could reach the destination stale.
-        _ if vm.disk_count() > 0 => Err(SaveError::BadRequest(
-            "live migration of a VM with disks is not supported yet (device writes to guest \
-             memory are not dirty-tracked); use `cryo save --to unix:PATH|tcp:HOST:PORT`, which \
-             migrates it stopped"
+        // A virtio device writes guest memory (read data, received
+        // frames, used rings) without marking it dirty yet, so a page it
+        // wrote during a round could reach the destination stale.
+        _ if vm.virtio_device_count() > 0 => Err(SaveError::BadRequest(
+            "live migration of a VM with disks or network devices is not supported yet (device \
+             writes to guest memory are not dirty-tracked); use `cryo save --to \
+             unix:PATH|tcp:HOST:PORT`, which migrates it stopped"
                 .into(),
         )),
         RunState::Running => Ok(vm.memory().clone()),

@@ -208,7 +208,25 @@ impl MmioTransport {
         if v & !needed != 0 && v & needed != needed {
             return;
         }
+        let starting =
+            v & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
         self.status = v;
+        if starting {
+            if let Err(e) = self.device.activate(self.acked_features) {
+                self.fail(&e);
+            }
+        }
+    }
+
+    /// Puts the device into DEVICE_NEEDS_RESET after `e` and tells the
+    /// driver through a configuration-change interrupt.
+    fn fail(&mut self, e: &VirtioError) {
+        warn!(
+            "virtio device {}: {e}; the device needs a reset",
+            self.device.device_type()
+        );
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
     }
 
     fn reset(&mut self) {
@@ -248,14 +266,7 @@ impl MmioTransport {
         match self.device.process_queue(index, queue, mem) {
             Ok(true) => self.raise(VIRTIO_MMIO_INT_VRING),
             Ok(false) => {}
-            Err(e) => {
-                warn!(
-                    "virtio device {}: {e}; the device needs a reset",
-                    self.device.device_type()
-                );
-                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-                self.raise(VIRTIO_MMIO_INT_CONFIG);
-            }
+            Err(e) => self.fail(&e),
         }
     }
 
@@ -337,6 +348,9 @@ impl MmioTransport {
         self.status = state.status;
         self.interrupt_status = state.interrupt_status;
         self.config_generation = state.config_generation;
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.device.activate(self.acked_features)?;
+        }
         Ok(())
     }
 }
