@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use microvm::devices::virtio::state::{BlockDeviceState, NetDeviceState};
 use microvm::persist::{
     CmosState, I8042State, MachineState, SectionError, SerialState, StateSection, VcpuState,
     VmState,
@@ -21,13 +22,15 @@ fn run(data: &[u8]) -> Option<Result<(), SectionError>> {
     let (&which, rest) = data.split_first()?;
     let (version, bytes) = rest.split_first_chunk::<4>()?;
     let version = u32::from_le_bytes(*version);
-    Some(match which % 6 {
+    Some(match which % 8 {
         0 => check::<MachineState>(version, bytes),
         1 => check::<VmState>(version, bytes),
         2 => check::<VcpuState>(version, bytes),
         3 => check::<SerialState>(version, bytes),
         4 => check::<I8042State>(version, bytes),
-        _ => check::<CmosState>(version, bytes),
+        5 => check::<CmosState>(version, bytes),
+        6 => check::<BlockDeviceState>(version, bytes),
+        _ => check::<NetDeviceState>(version, bytes),
     })
 }
 
@@ -53,7 +56,7 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 fn corpus_and_artifacts_do_not_panic() {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let corpus = files(&fuzz.join("corpus/state_sections"));
-    assert!(corpus.len() >= 7, "the seed corpus is missing");
+    assert!(corpus.len() >= 8, "the seed corpus is missing");
     for (name, data) in &corpus {
         if name.starts_with("seed-") {
             match run(data) {
