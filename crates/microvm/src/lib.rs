@@ -169,6 +169,9 @@ impl Error {
                 | Error::TscMismatch { .. }
                 | Error::TooManyDevices(_)
                 | Error::Disk(_)
+                | Error::Tap(_)
+                | Error::NetCountMismatch { .. }
+                | Error::NetMacMismatch { .. }
         )
     }
 }
