@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{boot_with, refused, restores_and_continues, save_and_end, T};
+use common::{boot_with, live_migration_refused, refused, restores_and_continues, save_and_end};
 use cryo_tests::{cryo, socket_path, test_kernel, workdir, Guest, Progress};
 
 fn boot_with_disks(api: &Path, disks: &[String]) -> (Guest, Progress) {
@@ -97,12 +97,6 @@ fn live_migration_of_a_vm_with_disks_is_refused_and_it_runs_on() {
     let disk = make_disk(&dir, "d.raw", 2);
     let api = socket_path("disk-live-migrate");
     let (mut g, _) = boot_with_disks(&api, &[disk.display().to_string()]);
-    let target = format!("unix:{}", dir.join("nobody.sock").display());
-    let (status, _, err) = cryo(&["migrate", "--api", api.to_str().unwrap(), "--to", &target]);
-    assert_eq!(status, Some(2), "{err}");
-    assert!(err.contains("not supported yet"), "{err}");
-    // Refused before anything started: the guest carries on.
-    let more = g.follow(1, 2, 1, T);
-    assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
+    live_migration_refused(&mut g, &api, &dir, "not supported yet");
     g.kill();
 }

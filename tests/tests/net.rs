@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{boot_with, refused, restores_and_continues, save_and_end, T};
+use common::{boot_with, live_migration_refused, refused, restores_and_continues, save_and_end};
 use cryo_tests::{cryo, socket_path, test_kernel, workdir};
 use microvm::devices::virtio::tap::Tap;
 
@@ -129,11 +129,6 @@ fn live_migration_of_a_vm_with_a_net_device_is_refused_and_it_runs_on() {
     let a = TestTap::new("m");
     let api = socket_path("net-live-migrate");
     let (mut g, _) = boot_with(&api, &["--net".into(), a.arg()]);
-    let target = format!("unix:{}", dir.join("nobody.sock").display());
-    let (status, _, err) = cryo(&["migrate", "--api", api.to_str().unwrap(), "--to", &target]);
-    assert_eq!(status, Some(2), "{err}");
-    assert!(err.contains("network devices"), "{err}");
-    let more = g.follow(1, 2, 1, T);
-    assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
+    live_migration_refused(&mut g, &api, &dir, "network devices");
     g.kill();
 }

@@ -1,6 +1,10 @@
-//! Replays the state-section fuzz corpus and any fuzz crash artifacts
-//! through the versioned decoders on stable Rust: none may panic, and every
-//! seed decodes.
+//! Replays the fuzz corpora and any fuzz crash artifacts on stable Rust:
+//! the state sections through the versioned decoders (none may panic, and
+//! every seed decodes), and the `virtio_net` inputs through the fuzz
+//! target's own body (`fuzz/harness`) on a real tap.
+
+#[path = "../fuzz/harness/mod.rs"]
+mod harness;
 
 use std::path::Path;
 
@@ -69,5 +73,24 @@ fn corpus_and_artifacts_do_not_panic() {
     }
     for (_, data) in files(&fuzz.join("artifacts/state_sections")) {
         let _ = run(&data);
+    }
+}
+
+#[test]
+fn virtio_net_corpus_does_not_panic() {
+    let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let corpus = files(&fuzz.join("corpus/virtio_net"));
+    assert!(corpus.len() >= 4, "the seed corpus is missing");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        eprintln!(
+            "SKIP virtio_net_corpus_does_not_panic: each input needs a tap (root and /dev/net/tun)"
+        );
+        return;
+    }
+    let artifacts = files(&fuzz.join("artifacts/virtio_net"));
+    for (name, data) in corpus.iter().chain(&artifacts) {
+        let ran = harness::run(data, harness::net_device);
+        assert!(ran, "{name}: no tap for the input");
     }
 }

@@ -15,7 +15,7 @@ use cryo_tests::run_cryo;
 
 use crate::guest::{Failure, LinuxVm};
 use crate::report;
-use crate::scenarios::{cryo_ok, names, path_str, run_args, strings, Setup, Tally};
+use crate::scenarios::{cryo_ok, names, path_str, run_args, strings, take_snapshot, Setup, Tally};
 use crate::scenarios::{BEAT_TIMEOUT, BOOT_TIMEOUT, EXIT_TIMEOUT};
 
 /// The host's tap, made persistent so that it outlives each cryo process.
@@ -273,16 +273,7 @@ fn ping_live_snapshot(setup: &Setup, vm: &mut LinuxVm) -> Result<String, Failure
     })
     .map_err(at(vm, "ping before the snapshot"))?;
     let snap = setup.work.join("net-snap.img");
-    cryo_ok(
-        &strings(&[
-            "snapshot",
-            "--api",
-            &path_str(&vm.api),
-            "--to",
-            &path_str(&snap),
-        ]),
-        "cryo snapshot",
-    )?;
+    take_snapshot(&vm.api, &snap)?;
     let _ = std::fs::remove_file(&snap);
     let mut last = 0;
     let mut after = 0;

@@ -296,6 +296,20 @@ pub(crate) fn cryo_ok(args: &[String], what: &str) -> Result<String, Failure> {
     }
 }
 
+/// `cryo snapshot --api API --to IMAGE`: a live snapshot of a running VM.
+pub(crate) fn take_snapshot(api: &Path, image: &Path) -> Result<String, Failure> {
+    cryo_ok(
+        &strings(&[
+            "snapshot",
+            "--api",
+            &path_str(api),
+            "--to",
+            &path_str(image),
+        ]),
+        "cryo snapshot",
+    )
+}
+
 /// Waits for a restored guest's first heartbeat, checks that it carries on
 /// from `before` (sequence within `seq_range`, clocks sane), then for more
 /// heartbeats (timers keep firing).
@@ -768,16 +782,7 @@ fn live_snapshot(setup: &Setup, mut vm: LinuxVm, tally: &mut Tally) -> Result<St
     let start = vm
         .last
         .ok_or_else(|| Failure::of(&vm, "no heartbeat before the snapshot"))?;
-    cryo_ok(
-        &strings(&[
-            "snapshot",
-            "--api",
-            &path_str(&vm.api),
-            "--to",
-            &path_str(&image),
-        ]),
-        "cryo snapshot",
-    )?;
+    take_snapshot(&vm.api, &image)?;
     // The source keeps running through and after the snapshot.
     let after = vm.heartbeats(BEATS, BEAT_TIMEOUT)?;
     let went_on_to = after[after.len() - 1].seq;

@@ -65,3 +65,15 @@ pub fn restores_and_continues(file: &Path, extra: &[&str], before: &Progress, ta
     check_continues(before, &after, 1);
     r.kill();
 }
+
+/// Asks the running VM behind `api` to migrate live and expects a
+/// bad-request refusal mentioning `needle`; the guest carries on.
+pub fn live_migration_refused(g: &mut Guest, api: &Path, dir: &Path, needle: &str) {
+    let target = format!("unix:{}", dir.join("nobody.sock").display());
+    let (status, _, err) = cryo(&["migrate", "--api", api.to_str().unwrap(), "--to", &target]);
+    assert_eq!(status, Some(2), "{err}");
+    assert!(err.contains(needle), "{err}");
+    // Refused before anything started: the guest carries on.
+    let more = g.follow(1, 2, 1, T);
+    assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
+}

@@ -363,11 +363,9 @@ impl VirtioDevice for Block {
         &self.queue_sizes
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        super::read_config_bytes(&self.config_bytes(), offset, data);
+    fn config_space(&self) -> Vec<u8> {
+        self.config_bytes().to_vec()
     }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn process_queue(
         &mut self,

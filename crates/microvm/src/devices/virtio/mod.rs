@@ -100,19 +100,6 @@ pub enum VirtioError {
     State(String),
 }
 
-/// Serves a guest read of `data.len()` bytes at `offset` of a device's
-/// config space `config` (bytes past its end read as 0).
-pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b = usize::try_from(offset)
-            .ok()
-            .and_then(|o| o.checked_add(i))
-            .and_then(|o| config.get(o))
-            .copied()
-            .unwrap_or(0);
-    }
-}
-
 /// A virtio device behind a transport: its identity, features, config
 /// space and request handling.
 pub trait VirtioDevice: Send {
@@ -122,10 +109,22 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Largest size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
-    /// Reads device config space at `offset` (out-of-range bytes read as 0).
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes device config space (ignored where read-only).
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The device's config space, as the driver reads it.
+    fn config_space(&self) -> Vec<u8>;
+    /// Reads device config space at `offset` (bytes past its end read as 0).
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config_space();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+    /// Writes device config space (by default read-only: ignored).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Serves every available request of queue `index`. Returns whether
     /// any buffer was returned to the driver (an interrupt is due).
     fn process_queue(

@@ -115,30 +115,35 @@ impl Tap {
     /// frames read from the tap may then carry partial checksums or be
     /// larger than the MTU (GSO), as described by their virtio-net header.
     pub fn set_offload(&self, flags: libc::c_uint) -> Result<(), TapError> {
-        // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        let ret = unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                libc::TUNSETOFFLOAD,
-                libc::c_ulong::from(flags),
-            )
-        };
-        self.check("TUNSETOFFLOAD", ret)
+        self.ioctl_value(
+            "TUNSETOFFLOAD",
+            libc::TUNSETOFFLOAD,
+            libc::c_ulong::from(flags),
+        )
     }
 
     /// Keeps the interface after its last fd closes (or not). The tap a
     /// restore reattaches to must outlive the saving cryo: make it
     /// persistent (or create it with `ip tuntap add`).
     pub fn set_persistent(&self, persistent: bool) -> Result<(), TapError> {
-        // SAFETY: TUNSETPERSIST takes its argument by value.
-        let ret = unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                libc::TUNSETPERSIST,
-                libc::c_ulong::from(persistent),
-            )
-        };
-        self.check("TUNSETPERSIST", ret)
+        self.ioctl_value(
+            "TUNSETPERSIST",
+            libc::TUNSETPERSIST,
+            libc::c_ulong::from(persistent),
+        )
+    }
+
+    /// A tun ioctl that takes its argument by value.
+    fn ioctl_value(
+        &self,
+        op: &'static str,
+        code: libc::Ioctl,
+        value: libc::c_ulong,
+    ) -> Result<(), TapError> {
+        // SAFETY: `code` is a tun ioctl that reads no memory: its argument
+        // is the value itself.
+        let ret = unsafe { libc::ioctl(self.file.as_raw_fd(), code, value) };
+        self.check(op, ret)
     }
 
     /// The interface name.

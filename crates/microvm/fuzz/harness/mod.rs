@@ -1,20 +1,21 @@
-//! The body of the `virtio_net` fuzz target, shared with the stable test
-//! that replays its corpus (`crates/microvm/tests/virtio_net_corpus.rs`).
+//! The body shared by the virtio fuzz targets (`virtio_blk`, `virtio_net`)
+//! and by the stable test that replays their corpora
+//! (`crates/microvm/tests/fuzz_corpus.rs`).
 //!
-//! A hostile guest and a hostile image against virtio-net on the MMIO
-//! transport, on a real tap (created for each input, so it needs root):
-//! the input is a saved transport state (restored if it decodes), guest
-//! memory holding the rings and buffers of both queues, and register
+//! A hostile guest and a hostile image against a virtio device on the MMIO
+//! transport: the input is a saved transport state (through postcard and
+//! restore), guest memory holding the rings and buffers, and register
 //! writes. Whatever the bytes, the VMM must not panic.
 //!
 //! Input layout: a little-endian u16 `n`, `n` bytes of postcard-encoded
-//! transport state, then up to 60 KiB copied into guest memory at 0x1000,
-//! whose first bytes are also read as register writes (one offset byte
-//! times 4, then a u32) before and after the queues are served.
+//! transport state (used if it decodes), then up to 60 KiB copied into guest
+//! memory at 0x1000, whose first bytes are also read as register writes
+//! (one offset byte times 4, then a u32) before and after the queues are
+//! served.
 
 use microvm::devices::virtio::net::{Net, NetConfig};
 use microvm::devices::virtio::state::MmioTransportState;
-use microvm::devices::virtio::MmioTransport;
+use microvm::devices::virtio::{MmioTransport, VirtioDevice};
 use microvm::vm_memory::{Bytes, GuestAddress};
 use microvm::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
@@ -28,8 +29,9 @@ fn registers(t: &mut MmioTransport, ops: &[u8]) {
     }
 }
 
-/// Runs one input. False when the host could not set up (no tap).
-pub fn run(data: &[u8]) -> bool {
+/// Runs one input against the device `make` builds. False when the host
+/// could not set up (no memory, no device).
+pub fn run(data: &[u8], make: impl FnOnce() -> Option<Box<dyn VirtioDevice>>) -> bool {
     let Some((len, rest)) = data.split_first_chunk::<2>() else {
         return true;
     };
@@ -42,14 +44,10 @@ pub fn run(data: &[u8]) -> bool {
     if mem.write_slice(memory, GuestAddress(0x1000)).is_err() {
         return false;
     }
-    let config = NetConfig {
-        tap: format!("cryofz{}", std::process::id() % 100_000),
-        mac: None,
-    };
-    let (Ok(net), Ok(irq)) = (Net::open(&config, 0), EventFd::new(libc::EFD_NONBLOCK)) else {
+    let (Some(device), Ok(irq)) = (make(), EventFd::new(libc::EFD_NONBLOCK)) else {
         return false;
     };
-    let Ok(mut t) = MmioTransport::new(Box::new(net), irq) else {
+    let Ok(mut t) = MmioTransport::new(device, irq) else {
         return false;
     };
     if let Ok(s) = postcard::from_bytes::<MmioTransportState>(state) {
@@ -61,4 +59,14 @@ pub fn run(data: &[u8]) -> bool {
     t.process_all(&mem);
     let _ = t.state();
     true
+}
+
+/// A virtio-net device on a fresh tap of this process (needs root).
+#[allow(dead_code)] // not every target includes a net device
+pub fn net_device() -> Option<Box<dyn VirtioDevice>> {
+    let config = NetConfig {
+        tap: format!("cryofz{}", std::process::id() % 100_000),
+        mac: None,
+    };
+    Some(Box::new(Net::open(&config, 0).ok()?))
 }
