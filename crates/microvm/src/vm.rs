@@ -792,6 +792,7 @@ impl MicroVm {
             for v in &self.vcpus {
                 v.wait_for(VcpuResponse::Paused)?;
             }
+            self.hold_devices(true)?;
         }
         self.state = if paused {
             RunState::Paused
@@ -814,7 +815,25 @@ impl MicroVm {
         for v in &self.vcpus {
             v.wait_for(VcpuResponse::Paused)?;
         }
+        self.hold_devices(true)?;
         self.state = RunState::Paused;
+        Ok(())
+    }
+
+    /// Holds every virtio device while the VM is paused, or lets them go
+    /// and serves what waited (see [`virtio::MmioTransport::hold`]). Runs
+    /// on the event-loop thread (pause and resume do), so no queue is
+    /// being served meanwhile.
+    fn hold_devices(&self, held: bool) -> Result<(), Error> {
+        for t in self.transports() {
+            let mut t = t
+                .lock()
+                .map_err(|_| Error::Internal("device lock poisoned".into()))?;
+            t.hold(held);
+            if !held {
+                t.process_all(&self.memory);
+            }
+        }
         Ok(())
     }
 
@@ -825,6 +844,7 @@ impl MicroVm {
             RunState::Paused => {}
             s => return Err(Error::State(format!("cannot resume a VM that is {s:?}"))),
         }
+        self.hold_devices(false)?;
         for v in &self.vcpus {
             v.send(VcpuRequest::Resume)?;
         }

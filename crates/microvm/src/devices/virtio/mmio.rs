@@ -35,6 +35,9 @@ pub struct MmioTransport {
     status: u32,
     interrupt_status: u32,
     config_generation: u32,
+    /// While the VM is paused the device serves nothing: no guest memory
+    /// or device state changes under a save (see [`MmioTransport::hold`]).
+    held: bool,
 }
 
 impl MmioTransport {
@@ -59,6 +62,7 @@ impl MmioTransport {
             status: 0,
             interrupt_status: 0,
             config_generation: 0,
+            held: false,
         })
     }
 
@@ -254,7 +258,7 @@ impl MmioTransport {
     /// A guest protocol error puts the device into DEVICE_NEEDS_RESET and
     /// tells the driver through a configuration-change interrupt.
     pub fn process_queue(&mut self, index: usize, mem: &GuestMemory) {
-        if !self.is_running() {
+        if !self.is_running() || self.held {
             return;
         }
         let Some(queue) = self.queues.get_mut(index) else {
@@ -270,8 +274,18 @@ impl MmioTransport {
         }
     }
 
-    /// Serves every queue (after a restore, in case a notification was
-    /// pending when the VM was saved).
+    /// Holds the device (the VM is pausing) or lets it go (resuming).
+    /// A held device serves no notification and no backend event: a
+    /// device driven from the host side (a tap's incoming frames) would
+    /// otherwise write guest memory and move its rings while a paused VM
+    /// is saved. What arrives meanwhile waits (in the eventfds and the
+    /// tap); [`MmioTransport::process_all`] after letting go serves it.
+    pub fn hold(&mut self, held: bool) {
+        self.held = held;
+    }
+
+    /// Serves every queue (after a restore or a pause, in case a
+    /// notification came while the device could not serve it).
     pub fn process_all(&mut self, mem: &GuestMemory) {
         for i in 0..self.queues.len() {
             self.process_queue(i, mem);

@@ -396,3 +396,28 @@ fn net_state_survives_save_and_restore_on_the_same_tap() {
     let last = Tap::open(&name).unwrap();
     last.set_persistent(false).unwrap();
 }
+
+#[test]
+fn a_held_device_leaves_guest_memory_alone_until_let_go() {
+    if !can_use_taps("a_held_device_leaves_guest_memory_alone_until_let_go") {
+        return;
+    }
+    let (mut d, host, counters) = net_driver(true);
+    post_rx(&mut d, 0, 2048);
+    // The VM pauses for a save: frames arriving now must not reach it.
+    d.t.hold(true);
+    let before = d.t.state();
+    host.send(&frame(
+        [0x02, b'c', b'r', b'y', b'o', 3],
+        b"during the save",
+    ));
+    d.t.process_queue(RX_QUEUE, &d.mem);
+    post_rx(&mut d, 1, 2048);
+    assert_eq!(d.used_on(RX_QUEUE, 0).0, 0);
+    assert_eq!(d.t.state().queues, before.queues, "rings untouched");
+    // Resuming serves what waited, in the buffers posted meanwhile too.
+    d.t.hold(false);
+    d.t.process_all(&d.mem);
+    assert_eq!(d.used_on(RX_QUEUE, 0).0, 1);
+    assert_eq!(counters.get().rx_frames, 1);
+}
