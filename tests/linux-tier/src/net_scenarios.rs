@@ -262,14 +262,18 @@ fn count_mismatch(image: &Path) -> Result<String, Failure> {
 /// replies go on, then pings the guest from the host.
 fn ping_live_snapshot(setup: &Setup, vm: &mut LinuxVm) -> Result<String, Failure> {
     vm.type_line(&format!("ping -i 0.5 {HOST_IP} &"))?;
-    let seq = |l: &str| -> Option<u64> {
+    // The sequence number of a reply from the host ("64 bytes from HOST: seq=N ...").
+    let reply = |l: &str| -> Option<u64> {
+        if !l.contains(HOST_IP) {
+            return None;
+        }
         let rest = &l[l.find("seq=")? + 4..];
         rest.split_whitespace().next()?.parse().ok()
     };
-    let mut first = None;
+    let mut before = 0;
     vm.wait_line(BOOT_TIMEOUT, |l| {
-        first = first.or(seq(l).filter(|_| l.contains(HOST_IP)));
-        first.is_some_and(|s| s >= 3)
+        before = reply(l).unwrap_or(before);
+        before >= 3
     })
     .map_err(at(vm, "ping before the snapshot"))?;
     let snap = setup.work.join("net-snap.img");
@@ -278,7 +282,7 @@ fn ping_live_snapshot(setup: &Setup, vm: &mut LinuxVm) -> Result<String, Failure
     let mut last = 0;
     let mut after = 0;
     vm.wait_line(BEAT_TIMEOUT, |l| {
-        if let Some(s) = seq(l).filter(|_| l.contains(HOST_IP)) {
+        if let Some(s) = reply(l) {
             last = s;
             after += 1;
         }
@@ -295,6 +299,6 @@ fn ping_live_snapshot(setup: &Setup, vm: &mut LinuxVm) -> Result<String, Failure
         .to_string();
     let _ = vm.type_line("kill %1 %2 2>/dev/null");
     Ok(format!(
-        "guest -> host replies up to seq {last}, {PINGS_AFTER} after the live snapshot; host -> guest: {received}"
+        "guest -> host replies {before}..{last}, {PINGS_AFTER} of them after the live snapshot; host -> guest: {received}"
     ))
 }
