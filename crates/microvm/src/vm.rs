@@ -821,9 +821,8 @@ impl MicroVm {
     }
 
     /// Holds every virtio device while the VM is paused, or lets them go
-    /// and serves what waited (see [`virtio::MmioTransport::hold`]). Runs
-    /// on the event-loop thread (pause and resume do), so no queue is
-    /// being served meanwhile.
+    /// and has the event loop serve what waited (see
+    /// [`virtio::MmioTransport::hold`] and [`virtio::MmioTransport::kick`]).
     fn hold_devices(&self, held: bool) -> Result<(), Error> {
         for t in self.transports() {
             let mut t = t
@@ -831,7 +830,7 @@ impl MicroVm {
                 .map_err(|_| Error::Internal("device lock poisoned".into()))?;
             t.hold(held);
             if !held {
-                t.process_all(&self.memory);
+                t.kick().map_err(Error::Io)?;
             }
         }
         Ok(())

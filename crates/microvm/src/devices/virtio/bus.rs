@@ -166,12 +166,11 @@ impl QueueWorker {
             let guard = t
                 .lock()
                 .map_err(|_| VirtioError::State("device lock poisoned".into()))?;
+            if kick {
+                guard.kick()?;
+            }
             for (i, evt) in guard.queue_events().iter().enumerate() {
-                let evt = evt.try_clone()?;
-                if kick {
-                    evt.write(1)?;
-                }
-                queues.push((Source::Notify(evt), Arc::clone(t), i));
+                queues.push((Source::Notify(evt.try_clone()?), Arc::clone(t), i));
             }
             if let Some((fd, i)) = guard.device().backend() {
                 queues.push((Source::Backend(fd.try_clone_to_owned()?), Arc::clone(t), i));

@@ -278,10 +278,23 @@ impl MmioTransport {
     /// A held device serves no notification and no backend event: a
     /// device driven from the host side (a tap's incoming frames) would
     /// otherwise write guest memory and move its rings while a paused VM
-    /// is saved. What arrives meanwhile waits (in the eventfds and the
-    /// tap); [`MmioTransport::process_all`] after letting go serves it.
+    /// is saved. What arrives meanwhile waits (in the tap); [`MmioTransport::kick`]
+    /// after letting go has it served.
     pub fn hold(&mut self, held: bool) {
         self.held = held;
+    }
+
+    /// Signals every queue's notification eventfd, so that the event loop
+    /// serves each queue once when it next runs (after a restore or a
+    /// pause, for what came while the device could not serve it). Nothing
+    /// is served here: the caller may hold up the loop (a live snapshot
+    /// arms write protection before the thread that resolves its faults
+    /// runs, and must not see guest memory written meanwhile).
+    pub fn kick(&self) -> std::io::Result<()> {
+        for evt in &self.queue_evts {
+            evt.write(1)?;
+        }
+        Ok(())
     }
 
     /// Serves every queue (after a restore or a pause, in case a
