@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{boot_with, live_migration_refused, refused, restores_and_continues, save_and_end};
+use common::{boot_with, live_migration_refused, refused, restores_and_continues, save_and_end, T};
 use cryo_tests::{cryo, socket_path, test_kernel, workdir};
 use microvm::devices::virtio::tap::Tap;
 
@@ -131,4 +131,28 @@ fn live_migration_of_a_vm_with_a_net_device_is_refused_and_it_runs_on() {
     let (mut g, _) = boot_with(&api, &["--net".into(), a.arg()]);
     live_migration_refused(&mut g, &api, &dir, "network devices");
     g.kill();
+}
+
+#[test]
+fn a_vm_with_a_net_device_takes_a_live_snapshot_and_runs_on() {
+    if !can_use_taps("a_vm_with_a_net_device_takes_a_live_snapshot_and_runs_on") {
+        return;
+    }
+    let dir = workdir("net-snapshot");
+    let a = TestTap::new("l");
+    let api = socket_path("net-snapshot");
+    let file = dir.join("snap.cryo");
+    let (mut g, _) = boot_with(&api, &["--net".into(), a.arg()]);
+    let (status, _, err) = cryo(&[
+        "snapshot",
+        "--api",
+        api.to_str().unwrap(),
+        "--to",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(status, Some(0), "{err}");
+    let more = g.follow(1, 2, 1, T);
+    assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
+    g.kill();
+    assert_eq!(sections(&file, "virtio-net"), 1);
 }
