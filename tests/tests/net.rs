@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use common::{boot_with, live_migration_refused, refused, restores_and_continues, save_and_end, T};
-use cryo_tests::{cryo, socket_path, test_kernel, workdir};
+use cryo_tests::{cryo, snapshot_vm, socket_path, test_kernel, workdir};
 use microvm::devices::virtio::tap::Tap;
 
 /// A persistent tap for one test, removed when dropped.
@@ -143,14 +143,7 @@ fn a_vm_with_a_net_device_takes_a_live_snapshot_and_runs_on() {
     let api = socket_path("net-snapshot");
     let file = dir.join("snap.cryo");
     let (mut g, _) = boot_with(&api, &["--net".into(), a.arg()]);
-    let (status, _, err) = cryo(&[
-        "snapshot",
-        "--api",
-        api.to_str().unwrap(),
-        "--to",
-        file.to_str().unwrap(),
-    ]);
-    assert_eq!(status, Some(0), "{err}");
+    snapshot_vm(&api, &file);
     let more = g.follow(1, 2, 1, T);
     assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
     g.kill();
