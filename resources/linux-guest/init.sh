@@ -15,7 +15,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o mode=1777 tmpfs /tmp
-# Drivers the kernel builds as modules (virtio-mmio and virtio-blk on
+# Drivers the kernel builds as modules (virtio-mmio, virtio-blk and
+# virtio-net with failover and net_failover on
 # Debian's cloud kernel), in the order their names give.
 for m in /lib/modules/*.ko; do
     [ -e "$m" ] && insmod "$m"

@@ -542,8 +542,19 @@ pub fn boot_with_api_in(
 /// `cryo save --api API --to FILE [extra...]`; panics unless it succeeds.
 /// Returns the save's JSON result.
 pub fn save_vm(api: &Path, to: &Path, extra: &[&str]) -> serde_json::Value {
+    verb_to("save", api, to, extra)
+}
+
+/// Takes a live snapshot of the running VM behind `api` into `to` (asserting
+/// success) and returns its JSON statistics.
+pub fn snapshot_vm(api: &Path, to: &Path) -> serde_json::Value {
+    verb_to("snapshot", api, to, &[])
+}
+
+/// `cryo VERB --api API --to TO [extra...]`, asserting success; its JSON reply.
+fn verb_to(verb: &str, api: &Path, to: &Path, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
-        "save",
+        verb,
         "--api",
         api.to_str().unwrap_or_default(),
         "--to",
@@ -551,8 +562,8 @@ pub fn save_vm(api: &Path, to: &Path, extra: &[&str]) -> serde_json::Value {
     ];
     args.extend_from_slice(extra);
     let (status, out, err) = cryo(&args);
-    assert_eq!(status, Some(0), "save failed: {out}\n{err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("save printed {out:?}: {e}"))
+    assert_eq!(status, Some(0), "{verb} failed: {out}\n{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{verb} printed {out:?}: {e}"))
 }
 
 /// `cryo restore --from FILE [--api API] [extra...]` as a running guest.

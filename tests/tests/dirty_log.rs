@@ -72,6 +72,7 @@ fn bitmap_matches_the_pages_the_guest_wrote() {
         serial: SerialOutput::File(std::fs::File::create(&serial).expect("serial log")),
         serial_input: false,
         disks: Vec::new(),
+        nets: Vec::new(),
     })
     .expect("build the VM");
     let slots = vm.memory_slots().expect("slots");

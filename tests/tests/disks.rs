@@ -4,40 +4,19 @@
 //! A save records each disk's identity; a restore refuses a disk that is
 //! missing or changed, unless `--disk-changed-ok`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use cryo_tests::{
-    check_continues, cryo, restore_vm, save_vm, socket_path, test_kernel, wait_for_socket, workdir,
-    Guest, Progress,
-};
-
-const T: Duration = Duration::from_secs(90);
+use common::{boot_with, live_migration_refused, refused, restores_and_continues, save_and_end};
+use cryo_tests::{cryo, socket_path, test_kernel, workdir, Guest, Progress};
 
 fn boot_with_disks(api: &Path, disks: &[String]) -> (Guest, Progress) {
-    let _ = std::fs::remove_file(api);
-    let mut args: Vec<String> = [
-        "run",
-        "--kernel",
-        test_kernel().to_str().unwrap_or_default(),
-        "--mem-mib",
-        "64",
-        "--cmdline",
-        "console=ttyS0 cryo.mem=8 cryo.hb_ms=200",
-        "--api",
-        api.to_str().unwrap_or_default(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for d in disks {
-        args.push("--disk".into());
-        args.push(d.clone());
-    }
-    let mut g = Guest::spawn(args);
-    assert!(wait_for_socket(api, T), "no API socket\n{}", g.transcript());
-    let p = g.follow(1, 3, 2, T);
-    (g, p)
+    let args: Vec<String> = disks
+        .iter()
+        .flat_map(|d| ["--disk".to_string(), d.clone()])
+        .collect();
+    boot_with(api, &args)
 }
 
 fn make_disk(dir: &Path, name: &str, mib: usize) -> PathBuf {
@@ -45,33 +24,6 @@ fn make_disk(dir: &Path, name: &str, mib: usize) -> PathBuf {
     let bytes: Vec<u8> = (0..mib << 20).map(|i| (i % 251) as u8).collect();
     std::fs::write(&p, bytes).unwrap();
     p
-}
-
-/// Saves the VM (which then ends with status 0); returns its progress.
-fn save_and_end(g: &mut Guest, api: &Path, file: &Path, extra: &[&str]) -> Progress {
-    save_vm(api, file, extra);
-    let status = g.wait_exit(T).and_then(|s| s.code());
-    assert_eq!(status, Some(0), "{}", g.transcript());
-    g.follow_output(1)
-}
-
-/// Restores `file` and expects a bad-input refusal mentioning `needle`.
-fn refused(file: &Path, extra: &[&str], needle: &str) {
-    let (status, _, err) = cryo(
-        &[&["restore", "--from", file.to_str().unwrap()], extra]
-            .concat()
-            .to_vec(),
-    );
-    assert_eq!(status, Some(2), "restore should refuse: {err}");
-    assert!(err.contains(needle), "expected '{needle}' in: {err}");
-}
-
-fn restores_and_continues(file: &Path, extra: &[&str], before: &Progress, tag: &str) {
-    let api = socket_path(tag);
-    let mut r = restore_vm(file, Some(&api), extra);
-    let after = r.follow(1, 2, 1, T);
-    check_continues(before, &after, 1);
-    r.kill();
 }
 
 #[test]
@@ -145,10 +97,7 @@ fn live_migration_and_live_save_of_a_vm_with_disks_are_refused_and_it_runs_on() 
     let disk = make_disk(&dir, "d.raw", 2);
     let api = socket_path("disk-live-migrate");
     let (mut g, _) = boot_with_disks(&api, &[disk.display().to_string()]);
-    let target = format!("unix:{}", dir.join("nobody.sock").display());
-    let (status, _, err) = cryo(&["migrate", "--api", api.to_str().unwrap(), "--to", &target]);
-    assert_eq!(status, Some(2), "{err}");
-    assert!(err.contains("not supported yet"), "{err}");
+    live_migration_refused(&mut g, &api, &dir, "not supported yet");
     // A live save is refused the same way, and leaves no file.
     let image = dir.join("live.cryo");
     let image_arg = image.to_str().unwrap();
@@ -162,7 +111,7 @@ fn live_migration_and_live_save_of_a_vm_with_disks_are_refused_and_it_runs_on() 
     ]);
     assert_eq!(status, Some(2), "{err}");
     assert!(
-        err.contains("live save of a VM with disks is not supported yet"),
+        err.contains("live save of a VM with disks or network devices is not supported yet"),
         "{err}"
     );
     assert!(!image.exists());

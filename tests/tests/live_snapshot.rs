@@ -6,24 +6,13 @@
 use std::time::Duration;
 
 use cryo_tests::{
-    boot_with_api, cryo, restore_vm, socket_path, wait_for_socket, workdir, Progress,
+    boot_with_api, cryo, restore_vm, snapshot_vm as snapshot, socket_path, wait_for_socket,
+    workdir, Progress,
 };
 
 const T: Duration = Duration::from_secs(120);
 /// Every vCPU rewrites pages as fast as it can; heartbeats every 100 ms.
 const HARD: &str = "cryo.mem=96 cryo.rate=0 cryo.hb_ms=100";
-
-fn snapshot(api: &std::path::Path, to: &std::path::Path) -> serde_json::Value {
-    let (status, out, err) = cryo(&[
-        "snapshot",
-        "--api",
-        api.to_str().unwrap(),
-        "--to",
-        to.to_str().unwrap(),
-    ]);
-    assert_eq!(status, Some(0), "snapshot failed: {out}\n{err}");
-    serde_json::from_str(&out).unwrap()
-}
 
 /// The restored guest starts from the heartbeats of the pause moment: after
 /// the last one printed before the snapshot was asked for, and before the

@@ -456,6 +456,7 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
         serial: SerialOutput::File(serial),
         serial_input: false,
         disks: Vec::new(),
+        nets: Vec::new(),
     })?;
     vm.start()?;
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -168,6 +168,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
         serial: SerialOutput::File(serial),
         serial_input: false,
         disks: Vec::new(),
+        nets: Vec::new(),
     })?;
     let controller = vm.controller()?;
     let stop = vm.stop_handle();

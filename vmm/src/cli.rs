@@ -173,6 +173,13 @@ pub struct RunArgs {
     /// driver); the disk must stay in place, unchanged, for restores.
     #[arg(long = "disk", value_name = "PATH[,ro][,direct]", value_parser = microvm::devices::virtio::block::DiskConfig::parse)]
     pub disks: Vec<microvm::devices::virtio::block::DiskConfig>,
+    /// A virtio-net device on host tap NAME (repeatable: eth0, eth1, ...
+    /// in order, in the MMIO slots after the disks), opened with
+    /// IFF_VNET_HDR (checksum and TSO offloads pass through); created if
+    /// missing (needs root or CAP_NET_ADMIN), and then removed when cryo
+    /// exits unless made persistent. `mac` defaults to 02:63:72:79:6f:SLOT.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=XX:XX:XX:XX:XX:XX]", value_parser = microvm::devices::virtio::net::NetConfig::parse)]
+    pub nets: Vec<microvm::devices::virtio::net::NetConfig>,
 }
 
 /// `cryo managed-save`.
@@ -337,6 +344,11 @@ pub struct RestoreArgs {
     /// A missing disk is refused even so.
     #[arg(long)]
     pub disk_changed_ok: bool,
+    /// Reattach the saved network devices to these taps, one per device in
+    /// order (default: the taps recorded in the save). The guest keeps its
+    /// MAC; a `mac=` here must match it.
+    #[arg(long = "net", value_name = "tap=NAME[,mac=XX:XX:XX:XX:XX:XX]", value_parser = microvm::devices::virtio::net::NetConfig::parse)]
+    pub nets: Vec<microvm::devices::virtio::net::NetConfig>,
     /// Map the image as guest memory and resume at once; pages load on first
     /// touch (fixed-ram images only; the image must stay in place while the VM runs).
     #[arg(long)]

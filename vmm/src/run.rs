@@ -180,6 +180,7 @@ pub fn run(args: RunArgs) -> Result<(), CliError> {
         serial: serial_output(args.serial_out.as_deref())?,
         serial_input: true,
         disks: args.disks,
+        nets: args.nets,
     };
     let vm = MicroVm::new(config)?;
     if let Some(m) = &managed {
@@ -223,7 +224,10 @@ fn run_managed_restore(
         loaded.memory,
         serial,
         true,
-        RestoreOptions::default(),
+        RestoreOptions {
+            nets: args.nets.clone(),
+            ..RestoreOptions::default()
+        },
     )?;
     vm.start()?;
     eprintln!(
@@ -297,6 +301,7 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
         RestoreOptions {
             allow_tsc_mismatch: args.allow_tsc_mismatch,
             disk_changed_ok: args.disk_changed_ok,
+            nets: args.nets,
         },
     )?;
     if args.paused {

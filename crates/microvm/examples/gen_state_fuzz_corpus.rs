@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 
+use microvm::devices::virtio::state::{MmioTransportState, NetDeviceState, QueueState};
 use microvm::persist::{
     CmosState, I8042State, MachineState, MachineStateV1, SectionError, SerialState, StateSection,
     VcpuState, VmState,
@@ -64,7 +65,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         pit: Default::default(),
         clock: Default::default(),
     };
+    let queue = QueueState {
+        max_size: 256,
+        size: 256,
+        ready: true,
+        desc_table: 0x10_0000,
+        avail_ring: 0x10_1000,
+        used_ring: 0x10_2000,
+        next_avail: 7,
+        next_used: 7,
+        event_idx: false,
+    };
+    let net = NetDeviceState {
+        slot: 1,
+        transport: MmioTransportState {
+            device_type: 1,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: microvm::devices::virtio::net::NET_FEATURES,
+            queue_sel: 1,
+            status: 0xf,
+            interrupt_status: 0,
+            config_generation: 0,
+            queues: vec![queue.clone(), queue],
+        },
+        mac: microvm::devices::virtio::net::default_mac(1),
+        tap: "tap0".into(),
+        features: microvm::devices::virtio::net::NET_FEATURES,
+    };
     let seeds = [
+        ("seed-virtio-net", current(7, &net)?),
         ("seed-machine-v1", seed(0, 1, postcard::to_stdvec(&v1)?)),
         ("seed-machine", current(0, &machine)?),
         ("seed-kvm-vm", current(1, &vm)?),

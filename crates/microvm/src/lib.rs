@@ -31,6 +31,7 @@
 //!     serial: SerialOutput::Stdout,
 //!     serial_input: false,
 //!     disks: Vec::new(),
+//!     nets: Vec::new(),
 //! };
 //! let mut vm = MicroVm::new(config)?;
 //! let reason = vm.run(Vec::new())?;
@@ -126,6 +127,27 @@ pub enum Error {
     /// A disk cannot be used (missing, unreadable, or changed since a save).
     #[error(transparent)]
     Disk(#[from] devices::virtio::block::DiskError),
+    /// A tap cannot be opened or set up.
+    #[error(transparent)]
+    Tap(#[from] devices::virtio::tap::TapError),
+    /// A restore names another number of taps than the save has net devices.
+    #[error("the saved VM has {saved} network devices but {given} --net were given (give one per device, in order, or none to reattach to the taps recorded in the save)")]
+    NetCountMismatch {
+        /// Net devices in the save.
+        saved: usize,
+        /// Taps given.
+        given: usize,
+    },
+    /// A restore gives a net device another MAC than the guest has.
+    #[error("network device {device} has MAC {} in the save, not {} (the guest keeps its MAC across a restore)", devices::virtio::net::format_mac(saved), devices::virtio::net::format_mac(given))]
+    NetMacMismatch {
+        /// Device index.
+        device: usize,
+        /// The saved MAC.
+        saved: devices::virtio::net::Mac,
+        /// The MAC given.
+        given: devices::virtio::net::Mac,
+    },
     /// A bug or an unexpected condition inside microvm.
     #[error("internal error: {0}")]
     Internal(String),
@@ -147,6 +169,9 @@ impl Error {
                 | Error::TscMismatch { .. }
                 | Error::TooManyDevices(_)
                 | Error::Disk(_)
+                | Error::Tap(_)
+                | Error::NetCountMismatch { .. }
+                | Error::NetMacMismatch { .. }
         )
     }
 }

@@ -363,6 +363,9 @@ pub struct VmSnapshot {
     pub cmos: CmosState,
     /// virtio-blk devices, in MMIO slot order (one `virtio-blk` section each).
     pub blocks: Vec<crate::devices::virtio::state::BlockDeviceState>,
+    /// virtio-net devices, in MMIO slot order after the disks (one
+    /// `virtio-net` section each).
+    pub nets: Vec<crate::devices::virtio::state::NetDeviceState>,
 }
 
 #[cfg(test)]

@@ -24,8 +24,9 @@ use crate::arch::{acpi, cpuid, lapic, mptable, msr};
 use crate::devices::console::{ConsoleInput, TerminalMode};
 use crate::devices::virtio;
 use crate::devices::virtio::block::{check_identity, Block, DiskConfig};
-use crate::devices::virtio::bus::{self as virtio_bus, BlockSlot, MmioBus, QueueWorker};
-use crate::devices::virtio::state::BlockDeviceState;
+use crate::devices::virtio::bus::{self as virtio_bus, BlockSlot, MmioBus, NetSlot, QueueWorker};
+use crate::devices::virtio::net::{Net, NetConfig};
+use crate::devices::virtio::state::{BlockDeviceState, NetDeviceState};
 use crate::devices::{
     new_serial, restore_serial, AcpiPm, Cmos, EventFdTrigger, PioDevices, SerialOutput, COM1_IRQ,
 };
@@ -53,6 +54,8 @@ pub struct VmConfig {
     /// virtio-blk disks, in MMIO slot order (announced to the guest on its
     /// command line).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices on host taps, in the MMIO slots after the disks.
+    pub nets: Vec<NetConfig>,
 }
 
 /// Whether the VM runs or is paused.
@@ -87,6 +90,7 @@ pub struct MicroVm {
     control_rx: Receiver<ControlCall>,
     control_evt: EventFd,
     blocks: Vec<BlockSlot>,
+    nets: Vec<NetSlot>,
     /// Serve every virtio queue once when the loop starts (after a restore).
     kick_queues: bool,
 }
@@ -164,7 +168,7 @@ impl VmController {
 }
 
 /// Options for [`MicroVm::restore`].
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
     /// Restore even if this host's TSC frequency differs from the saved one
     /// and KVM cannot scale it (the guest's sense of time will be off).
@@ -172,6 +176,9 @@ pub struct RestoreOptions {
     /// Restore even if a disk's size or fingerprint differs from the one
     /// recorded in the save (a missing disk is still refused).
     pub disk_changed_ok: bool,
+    /// The taps the saved net devices attach to, in device order (empty:
+    /// the taps recorded in the save). Otherwise one per saved device.
+    pub nets: Vec<NetConfig>,
 }
 
 /// TSC frequencies closer than this (in parts per million) count as equal:
@@ -304,11 +311,16 @@ fn build_devices(
     Ok((devices, platform))
 }
 
+/// Refuses more virtio devices than there are MMIO slots.
+fn check_device_count(count: usize) -> Result<(), Error> {
+    if count > virtio::MAX_DEVICES {
+        return Err(Error::TooManyDevices(count));
+    }
+    Ok(())
+}
+
 /// Opens the disks and attaches each as a virtio-blk device in its MMIO slot.
 fn attach_disks(vm_fd: &VmFd, disks: &[DiskConfig]) -> Result<Vec<BlockSlot>, Error> {
-    if disks.len() > virtio::MAX_DEVICES {
-        return Err(Error::TooManyDevices(disks.len()));
-    }
     let mut slots = Vec::with_capacity(disks.len());
     for (slot, disk) in disks.iter().enumerate() {
         slots.push(virtio_bus::attach(vm_fd, slot, Block::open(disk.clone())?)?);
@@ -377,6 +389,105 @@ fn save_disks(blocks: &[BlockSlot]) -> Result<Vec<BlockDeviceState>, Error> {
     Ok(states)
 }
 
+/// Opens the taps and attaches each as a virtio-net device in the MMIO
+/// slots from `first_slot` on.
+fn attach_nets(vm_fd: &VmFd, first_slot: usize, nets: &[NetConfig]) -> Result<Vec<NetSlot>, Error> {
+    let mut slots = Vec::with_capacity(nets.len());
+    for (i, net) in nets.iter().enumerate() {
+        let slot = first_slot + i;
+        slots.push(virtio_bus::attach_net(vm_fd, slot, Net::open(net, slot)?)?);
+    }
+    Ok(slots)
+}
+
+/// The tap each saved net device reattaches to: the one `given` for it,
+/// or, with none given, the one recorded in the save.
+fn net_targets(saved: &[NetDeviceState], given: &[NetConfig]) -> Result<Vec<NetConfig>, Error> {
+    if given.is_empty() {
+        return Ok(saved
+            .iter()
+            .map(|s| NetConfig {
+                tap: s.tap.clone(),
+                mac: Some(s.mac),
+            })
+            .collect());
+    }
+    if given.len() != saved.len() {
+        return Err(Error::NetCountMismatch {
+            saved: saved.len(),
+            given: given.len(),
+        });
+    }
+    let mut out = Vec::with_capacity(saved.len());
+    for (i, (s, g)) in saved.iter().zip(given).enumerate() {
+        if let Some(mac) = g.mac.filter(|m| *m != s.mac) {
+            return Err(Error::NetMacMismatch {
+                device: i,
+                saved: s.mac,
+                given: mac,
+            });
+        }
+        out.push(NetConfig {
+            tap: g.tap.clone(),
+            mac: Some(s.mac),
+        });
+    }
+    Ok(out)
+}
+
+/// Rebuilds the saved virtio-net devices on their taps (see
+/// [`net_targets`]) in the slots after the disks, with their transport state.
+fn restore_nets(
+    vm_fd: &VmFd,
+    first_slot: usize,
+    saved: &[NetDeviceState],
+    given: &[NetConfig],
+) -> Result<Vec<NetSlot>, Error> {
+    let targets = net_targets(saved, given)?;
+    let mut slots = Vec::with_capacity(saved.len());
+    for (i, (state, target)) in saved.iter().zip(&targets).enumerate() {
+        let slot = first_slot + i;
+        if state.slot as usize != slot || state.features != virtio::net::NET_FEATURES {
+            return Err(Error::Snapshot(format!(
+                "virtio-net device {i} is saved in slot {} with features {:#x}; this cryo puts it in slot {slot} with {:#x}",
+                state.slot,
+                state.features,
+                virtio::net::NET_FEATURES
+            )));
+        }
+        let net = virtio_bus::attach_net(vm_fd, slot, Net::open(target, slot)?)?;
+        net.transport
+            .lock()
+            .map_err(|_| Error::Internal("device lock poisoned".into()))?
+            .restore(&state.transport)
+            .map_err(|e| Error::Snapshot(format!("virtio-net device {i}: {e}")))?;
+        slots.push(net);
+    }
+    Ok(slots)
+}
+
+/// Reads each virtio-net device's state. Nothing is in flight between two
+/// queue services (each runs to completion on the event loop), so there is
+/// nothing to drain.
+fn save_nets(nets: &[NetSlot], first_slot: usize) -> Result<Vec<NetDeviceState>, Error> {
+    let mut states = Vec::with_capacity(nets.len());
+    for (i, n) in nets.iter().enumerate() {
+        let mut t = n
+            .transport
+            .lock()
+            .map_err(|_| Error::Internal("device lock poisoned".into()))?;
+        t.device_mut().quiesce()?;
+        states.push(NetDeviceState {
+            slot: (first_slot + i) as u32,
+            transport: t.state(),
+            mac: n.mac,
+            tap: n.tap.clone(),
+            features: t.device().features(),
+        });
+    }
+    Ok(states)
+}
+
 /// Largest vCPU count this host and this VMM allow.
 pub fn max_vcpus(kvm: &Kvm) -> u8 {
     kvm.get_max_vcpus().min(usize::from(MAX_VCPUS)) as u8
@@ -434,12 +545,14 @@ impl MicroVm {
         })?;
         let memory = create_guest_memory(config.mem_mib, &config.backing)?;
         let vm_fd = create_vm_fd(&kvm, &memory)?;
+        check_device_count(config.disks.len() + config.nets.len())?;
         let blocks = attach_disks(&vm_fd, &config.disks)?;
+        let nets = attach_nets(&vm_fd, blocks.len(), &config.nets)?;
         let boot = &config.boot;
 
         // Firmware tables, then the kernel (which gets the RSDP address).
         mptable::setup_mptable(&memory, config.vcpus)?;
-        let rsdp = acpi::setup_acpi(&memory, config.vcpus, blocks.len())?;
+        let rsdp = acpi::setup_acpi(&memory, config.vcpus, blocks.len() + nets.len())?;
         let loaded = loader::load(&memory, boot, Some(rsdp))?;
         info!(
             "loaded {:?} kernel, entry {:x?}, kernel end {:#x}, initrd {:x?}",
@@ -510,6 +623,7 @@ impl MicroVm {
             config.serial_input,
         )?;
         vm.blocks = blocks;
+        vm.nets = nets;
         Ok(vm)
     }
 
@@ -545,7 +659,9 @@ impl MicroVm {
         vstate::restore_vm(&vm_fd, &snapshot.vm)?;
         let (devices, platform) =
             build_devices(&vm_fd, serial, Some((&snapshot.serial, &snapshot.cmos)))?;
+        check_device_count(snapshot.blocks.len() + snapshot.nets.len())?;
         let blocks = restore_disks(&vm_fd, &snapshot.blocks, options.disk_changed_ok)?;
+        let nets = restore_nets(&vm_fd, blocks.len(), &snapshot.nets, &options.nets)?;
         let ctx = vstate::VcpuStateContext::new(&kvm, &vm_fd)?;
         let mut vcpu_fds = Vec::with_capacity(snapshot.vcpus.len());
         for (index, state) in snapshot.vcpus.iter().enumerate() {
@@ -568,6 +684,7 @@ impl MicroVm {
             serial_input,
         )?;
         vm.blocks = blocks;
+        vm.nets = nets;
         vm.kick_queues = true;
         Ok(vm)
     }
@@ -588,12 +705,14 @@ impl MicroVm {
             vcpus.push(v.with(move |fd| vstate::save_vcpu(fd, &ctx))??);
         }
         let blocks = save_disks(&self.blocks)?;
+        let nets = save_nets(&self.nets, self.blocks.len())?;
         let devices = self
             .devices
             .lock()
             .map_err(|_| Error::Internal("device lock poisoned".into()))?;
         Ok(VmSnapshot {
             blocks,
+            nets,
             machine: self.machine.clone(),
             vm,
             vcpus,
@@ -634,6 +753,7 @@ impl MicroVm {
             control_rx,
             control_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::Io)?,
             blocks: Vec::new(),
+            nets: Vec::new(),
             kick_queues: false,
         })
     }
@@ -672,6 +792,7 @@ impl MicroVm {
             for v in &self.vcpus {
                 v.wait_for(VcpuResponse::Paused)?;
             }
+            self.hold_devices(true)?;
         }
         self.state = if paused {
             RunState::Paused
@@ -694,7 +815,24 @@ impl MicroVm {
         for v in &self.vcpus {
             v.wait_for(VcpuResponse::Paused)?;
         }
+        self.hold_devices(true)?;
         self.state = RunState::Paused;
+        Ok(())
+    }
+
+    /// Holds every virtio device while the VM is paused, or lets them go
+    /// and has the event loop serve what waited (see
+    /// [`virtio::MmioTransport::hold`] and [`virtio::MmioTransport::kick`]).
+    fn hold_devices(&self, held: bool) -> Result<(), Error> {
+        for t in self.transports() {
+            let mut t = t
+                .lock()
+                .map_err(|_| Error::Internal("device lock poisoned".into()))?;
+            t.hold(held);
+            if !held {
+                t.kick().map_err(Error::Io)?;
+            }
+        }
         Ok(())
     }
 
@@ -705,6 +843,7 @@ impl MicroVm {
             RunState::Paused => {}
             s => return Err(Error::State(format!("cannot resume a VM that is {s:?}"))),
         }
+        self.hold_devices(false)?;
         for v in &self.vcpus {
             v.send(VcpuRequest::Resume)?;
         }
@@ -733,6 +872,11 @@ impl MicroVm {
     /// Number of virtio-blk disks attached.
     pub fn disk_count(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// Number of virtio devices (disks and network devices) attached.
+    pub fn virtio_device_count(&self) -> usize {
+        self.blocks.len() + self.nets.len()
     }
 
     /// Number of vCPUs.
@@ -772,11 +916,16 @@ impl MicroVm {
         &self.blocks
     }
 
+    /// The virtio-net devices, in MMIO slot order (after the disks).
+    pub fn nets(&self) -> &[NetSlot] {
+        &self.nets
+    }
+
+    /// Every virtio transport, in MMIO slot order.
     fn transports(&self) -> Vec<Arc<Mutex<virtio::MmioTransport>>> {
-        self.blocks
-            .iter()
-            .map(|b| Arc::clone(&b.transport))
-            .collect()
+        let blocks = self.blocks.iter().map(|b| &b.transport);
+        let nets = self.nets.iter().map(|n| &n.transport);
+        blocks.chain(nets).map(Arc::clone).collect()
     }
 
     /// What was loaded and how the VM boots (None for a restored VM).
@@ -864,7 +1013,7 @@ impl MicroVm {
         for s in extra {
             manager.add_subscriber(s);
         }
-        if !self.blocks.is_empty() {
+        if self.virtio_device_count() > 0 {
             let worker =
                 QueueWorker::new(self.memory.clone(), &self.transports(), self.kick_queues)?;
             self.kick_queues = false;

@@ -15,12 +15,15 @@ use crate::TierError;
 /// The target the static binaries are built for (given explicitly so that
 /// the static-CRT flag reaches only them, not build scripts or proc macros).
 const TARGET: &str = "x86_64-unknown-linux-gnu";
-/// The kernel modules that give the nested machine `/dev/kvm`, in load order.
-pub const KVM_MODULES: &[&str] = &[
+/// The kernel modules the nested machine loads, in load order: those that
+/// give it `/dev/kvm`, and tun (`/dev/net/tun`, for the network scenarios'
+/// taps).
+pub const NESTED_MODULES: &[&str] = &[
     "virt/lib/irqbypass.ko",
     "drivers/crypto/ccp/ccp.ko",
     "arch/x86/kvm/kvm.ko",
     "arch/x86/kvm/kvm-amd.ko",
+    "drivers/net/tun.ko",
 ];
 /// The Debian metapackage of the generic kernel the nested machine runs.
 const GENERIC_KERNEL_META: &str = "linux-image-amd64";
@@ -155,21 +158,21 @@ pub fn qemu() -> Result<PathBuf, TierError> {
     })
 }
 
-/// The nested machine's kernel: Debian's generic kernel and its KVM modules.
+/// The nested machine's kernel: Debian's generic kernel and the modules it loads.
 pub struct HostKernel {
     /// The bzImage.
     pub vmlinuz: PathBuf,
-    /// [`KVM_MODULES`], in order, as files in the cache.
+    /// [`NESTED_MODULES`], in order, as files in the cache.
     pub modules: Vec<PathBuf>,
 }
 
 /// Fetches (once, then cached beside the cloud kernel) Debian's generic
-/// kernel package and takes its bzImage and KVM modules.
+/// kernel package and takes its bzImage and [`NESTED_MODULES`].
 pub fn nested_host_kernel() -> Result<HostKernel, TierError> {
     let cache = debian_kernel_cache_dir().join("nested-host");
     let kernel = HostKernel {
         vmlinuz: cache.join("vmlinuz"),
-        modules: KVM_MODULES
+        modules: NESTED_MODULES
             .iter()
             .map(|m| cache.join(Path::new(m).file_name().unwrap_or_default()))
             .collect(),
@@ -189,7 +192,7 @@ pub fn nested_host_kernel() -> Result<HostKernel, TierError> {
             .map(|_| ())
             .map_err(|e| TierError::Io(from, e))
     };
-    for (module, dest) in KVM_MODULES.iter().zip(&kernel.modules) {
+    for (module, dest) in NESTED_MODULES.iter().zip(&kernel.modules) {
         copy(
             root.join("lib/modules")
                 .join(&version)
@@ -236,14 +239,19 @@ fn download_package(package: &str) -> Result<(PathBuf, PathBuf), TierError> {
     Ok((tmp, root))
 }
 
-/// The kernel modules the guest loads for its virtio disk, in load order
-/// (paths under the package's `lib/modules/<abi>/kernel/`). The Debian
-/// cloud kernel builds virtio, virtio-mmio and virtio-blk as modules.
+/// The kernel modules the guest loads for its virtio disk and network
+/// device, in load order (paths under the package's
+/// `lib/modules/<abi>/kernel/`). The Debian cloud kernel builds virtio,
+/// virtio-mmio, virtio-blk and virtio-net (which needs failover and
+/// net_failover) as modules.
 pub const GUEST_MODULES: &[&str] = &[
     "drivers/virtio/virtio_ring.ko",
     "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_mmio.ko",
     "drivers/block/virtio_blk.ko",
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
 ];
 /// The Debian metapackage of the guest's kernel.
 const CLOUD_KERNEL_META: &str = "linux-image-cloud-amd64";

@@ -14,7 +14,8 @@
 //!    after the source has gone on running and been stopped.
 //!
 //! A third guest, with an ext4 filesystem on a virtio-blk disk, carries the
-//! disk scenarios (`crate::disk_scenarios`).
+//! disk scenarios (`crate::disk_scenarios`), and a fourth, with virtio-net
+//! on a host tap, the network scenarios (`crate::net_scenarios`).
 //!
 //! After every restore the workload must carry on: the next heartbeat
 //! number, no `MISMATCH`, no new `INIT` (no reboot), timers that keep
@@ -66,6 +67,11 @@ pub mod names {
     pub const DISK_FSYNC_SAVE: &str = "disk-fsync-save";
     /// A changed or missing disk refused at restore.
     pub const DISK_CHANGED_REFUSED: &str = "disk-changed-refused";
+    /// A TCP stream over virtio-net and a tap, intact across a stopped
+    /// save and a restore reattached to the same tap.
+    pub const NET_TCP_SAVE_RESTORE: &str = "net-tcp-save-restore";
+    /// Ping both ways across a live snapshot.
+    pub const NET_PING_LIVE_SNAPSHOT: &str = "net-ping-live-snapshot";
 }
 
 /// Every scenario, in the order the driver reports them.
@@ -86,7 +92,23 @@ pub const ALL: &[&str] = &[
     names::TIMEKEEPING,
     names::DISK_FSYNC_SAVE,
     names::DISK_CHANGED_REFUSED,
+    names::NET_TCP_SAVE_RESTORE,
+    names::NET_PING_LIVE_SNAPSHOT,
 ];
+
+/// The disk scenarios (`CRYO_LINUX_TIER_ONLY=disk`).
+const DISK: &[&str] = &[names::DISK_FSYNC_SAVE, names::DISK_CHANGED_REFUSED];
+/// The network scenarios (`CRYO_LINUX_TIER_ONLY=net`).
+const NET: &[&str] = &[names::NET_TCP_SAVE_RESTORE, names::NET_PING_LIVE_SNAPSHOT];
+
+/// The scenarios this run carries: those [`ONLY_VAR`] names, or all.
+pub fn selected() -> &'static [&'static str] {
+    match std::env::var(ONLY_VAR).as_deref() {
+        Ok("disk") => DISK,
+        Ok("net") => NET,
+        _ => ALL,
+    }
+}
 
 /// A boot takes 3-20 s of wall time nested; one that takes longer has
 /// stalled (see the nested-run notes in `lib.rs`).
@@ -164,9 +186,9 @@ impl Tally {
     }
 }
 
-/// With this environment variable set to `disk`, the driver runs the disk
-/// scenarios only (a shortcut while working on them; the other scenarios
-/// then report nothing and their tests fail).
+/// With this environment variable set to `disk` or `net`, the driver runs
+/// the disk or the network scenarios only (a shortcut while working on
+/// them; the other scenarios then report nothing and their tests fail).
 pub const ONLY_VAR: &str = "CRYO_LINUX_TIER_ONLY";
 
 /// Runs every scenario; returns how many failed.
@@ -175,8 +197,12 @@ pub fn run_all(setup: &Setup) -> usize {
         failed: 0,
         clocks: Vec::new(),
     };
-    if std::env::var(ONLY_VAR).is_ok_and(|v| v == "disk") {
+    if selected() == DISK {
         crate::disk_scenarios::disk_guest(setup, &mut tally);
+        return tally.failed;
+    }
+    if selected() == NET {
+        crate::net_scenarios::net_guest(setup, &mut tally);
         return tally.failed;
     }
     single_vcpu_guest(setup, &mut tally);
@@ -184,6 +210,7 @@ pub fn run_all(setup: &Setup) -> usize {
     let bzimage = bzimage_boot(setup);
     tally.outcome(names::BOOT_BZIMAGE, bzimage);
     crate::disk_scenarios::disk_guest(setup, &mut tally);
+    crate::net_scenarios::net_guest(setup, &mut tally);
     report_clocks(&mut tally);
     tally.failed
 }
@@ -267,6 +294,20 @@ pub(crate) fn cryo_ok(args: &[String], what: &str) -> Result<String, Failure> {
             log: out.lines().chain(err.lines()).map(str::to_string).collect(),
         })
     }
+}
+
+/// `cryo snapshot --api API --to IMAGE`: a live snapshot of a running VM.
+pub(crate) fn take_snapshot(api: &Path, image: &Path) -> Result<String, Failure> {
+    cryo_ok(
+        &strings(&[
+            "snapshot",
+            "--api",
+            &path_str(api),
+            "--to",
+            &path_str(image),
+        ]),
+        "cryo snapshot",
+    )
 }
 
 /// Waits for a restored guest's first heartbeat, checks that it carries on
@@ -741,16 +782,7 @@ fn live_snapshot(setup: &Setup, mut vm: LinuxVm, tally: &mut Tally) -> Result<St
     let start = vm
         .last
         .ok_or_else(|| Failure::of(&vm, "no heartbeat before the snapshot"))?;
-    cryo_ok(
-        &strings(&[
-            "snapshot",
-            "--api",
-            &path_str(&vm.api),
-            "--to",
-            &path_str(&image),
-        ]),
-        "cryo snapshot",
-    )?;
+    take_snapshot(&vm.api, &image)?;
     // The source keeps running through and after the snapshot.
     let after = vm.heartbeats(BEATS, BEAT_TIMEOUT)?;
     let went_on_to = after[after.len() - 1].seq;

@@ -72,6 +72,16 @@ fn linux_disk_changed_or_missing_is_refused_at_restore() {
 }
 
 #[test]
+fn linux_tcp_stream_survives_save_and_restore_on_a_tap() {
+    check(names::NET_TCP_SAVE_RESTORE);
+}
+
+#[test]
+fn linux_ping_answers_across_a_live_snapshot() {
+    check(names::NET_PING_LIVE_SNAPSHOT);
+}
+
+#[test]
 fn linux_boots_to_user_space_with_one_vcpu() {
     check(names::BOOT_1VCPU);
 }

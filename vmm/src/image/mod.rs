@@ -42,7 +42,7 @@ pub const PAGE_SIZE: usize = 4096;
 /// Section names in a saved image's device state (each state's
 /// [`StateSection::NAME`](microvm::persist::StateSection::NAME)).
 pub mod sections {
-    use microvm::devices::virtio::state::BlockDeviceState;
+    use microvm::devices::virtio::state::{BlockDeviceState, NetDeviceState};
     use microvm::persist::{
         CmosState, I8042State, MachineState, SerialState, StateSection, VcpuState, VmState,
     };
@@ -60,6 +60,8 @@ pub mod sections {
     pub const CMOS: &str = CmosState::NAME;
     /// [`microvm::devices::virtio::state::BlockDeviceState`], instance = MMIO slot.
     pub const VIRTIO_BLK: &str = BlockDeviceState::NAME;
+    /// [`microvm::devices::virtio::state::NetDeviceState`], instance = MMIO slot.
+    pub const VIRTIO_NET: &str = NetDeviceState::NAME;
 }
 
 /// The image formats `save` writes.
@@ -225,11 +227,11 @@ pub enum SaveError {
         /// The limit, seconds.
         limit_s: u64,
     },
-    /// A live migration or live save of a VM with disks: a disk device's
-    /// writes to guest memory are not dirty-tracked, so the copy could miss
-    /// them.
+    /// A live migration or live save of a VM with virtio devices (disks,
+    /// network): a device's writes to guest memory are not dirty-tracked,
+    /// so the copy could miss them.
     #[error(
-        "live {0} of a VM with disks is not supported yet (device writes to guest memory are \
+        "live {0} of a VM with disks or network devices is not supported yet (device writes to guest memory are \
          not dirty-tracked); a stopped `cryo save` (to a file, or --to unix:PATH|tcp:HOST:PORT \
          for a peer) takes it"
     )]

@@ -275,7 +275,7 @@ impl Precopy<'_> {
             // A virtio-blk device writes guest memory (read data, used rings)
             // without marking it dirty yet, so a page it wrote during a round
             // could reach the target stale.
-            _ if vm.disk_count() > 0 => Err(SaveError::LiveWithDisks(what)),
+            _ if vm.virtio_device_count() > 0 => Err(SaveError::LiveWithDisks(what)),
             RunState::Running => Ok(vm.memory().clone()),
             s => Err(SaveError::BadRequest(format!(
                 "a live {what} needs a running VM (it is {s:?}); a stopped save (`cryo save`) \

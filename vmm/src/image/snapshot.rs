@@ -4,7 +4,7 @@
 //! through its own layout: see [`StateSection`] and docs/versions.md), and
 //! present.
 
-use microvm::devices::virtio::state::BlockDeviceState;
+use microvm::devices::virtio::state::{BlockDeviceState, NetDeviceState};
 use microvm::persist::{
     CmosState, I8042State, MachineState, SectionError, SerialState, StateSection, VcpuState,
     VmSnapshot, VmState,
@@ -82,11 +82,15 @@ pub enum DeviceStateError {
     /// Device state that holds RAM records.
     #[error("device state holds RAM records")]
     HoldsRam,
-    /// A virtio-blk section out of slot order, or whose slot is not its instance.
-    #[error(
-        "virtio-blk section instance {instance} (slot {slot}) out of order: expected {expected}"
-    )]
-    BlockOutOfOrder {
+    /// A virtio-blk section after a virtio-net one (disks take the first slots).
+    #[error("virtio-blk section instance {0} comes after a virtio-net section")]
+    DiskAfterNet(u32),
+    /// A virtio section out of slot order, or whose slot is not its
+    /// instance (disks take slots 0, 1, ..., network devices the next ones).
+    #[error("{name} section instance {instance} (slot {slot}) out of order: expected {expected}")]
+    DeviceOutOfOrder {
+        /// The section.
+        name: &'static str,
         /// Instance of the section.
         instance: u32,
         /// Slot recorded inside it.
@@ -126,6 +130,9 @@ pub fn write_sections<W: std::io::Write>(
     for b in &snapshot.blocks {
         write_one(w, b.slot, b)?;
     }
+    for n in &snapshot.nets {
+        write_one(w, n.slot, n)?;
+    }
     Ok(())
 }
 
@@ -138,6 +145,26 @@ fn read<T: StateSection>(s: &Section) -> Result<T, DeviceStateError> {
     })
 }
 
+/// Checks that virtio section `s`, recording `slot`, is the device
+/// expected next: sections come in slot order, each slot once, and the
+/// instance is the slot.
+fn in_slot_order(s: &Section, slot: u32, expected: usize) -> Result<(), DeviceStateError> {
+    if slot != s.instance || s.instance as usize != expected {
+        let name = if s.name == sections::VIRTIO_NET {
+            sections::VIRTIO_NET
+        } else {
+            sections::VIRTIO_BLK
+        };
+        return Err(DeviceStateError::DeviceOutOfOrder {
+            name,
+            instance: s.instance,
+            slot,
+            expected,
+        });
+    }
+    Ok(())
+}
+
 /// Collects sections into a [`VmSnapshot`].
 #[derive(Default)]
 pub struct SnapshotBuilder {
@@ -148,6 +175,7 @@ pub struct SnapshotBuilder {
     i8042: Option<I8042State>,
     cmos: Option<CmosState>,
     blocks: Vec<BlockDeviceState>,
+    nets: Vec<NetDeviceState>,
 }
 
 impl SnapshotBuilder {
@@ -196,15 +224,16 @@ impl SnapshotBuilder {
             sections::CMOS => self.cmos = Some(read(s)?),
             sections::VIRTIO_BLK => {
                 let b: BlockDeviceState = read(s)?;
-                // Sections come in slot order, each slot once, matching its instance.
-                if b.slot != s.instance || s.instance as usize != self.blocks.len() {
-                    return Err(DeviceStateError::BlockOutOfOrder {
-                        instance: s.instance,
-                        slot: b.slot,
-                        expected: self.blocks.len(),
-                    });
+                if !self.nets.is_empty() {
+                    return Err(DeviceStateError::DiskAfterNet(s.instance));
                 }
+                in_slot_order(s, b.slot, self.blocks.len())?;
                 self.blocks.push(b);
+            }
+            sections::VIRTIO_NET => {
+                let n: NetDeviceState = read(s)?;
+                in_slot_order(s, n.slot, self.blocks.len() + self.nets.len())?;
+                self.nets.push(n);
             }
             other => {
                 return Err(DeviceStateError::Unknown {
@@ -235,6 +264,7 @@ impl SnapshotBuilder {
             i8042: self.i8042.ok_or_else(|| missing(sections::I8042))?,
             cmos: self.cmos.ok_or_else(|| missing(sections::CMOS))?,
             blocks: self.blocks,
+            nets: self.nets,
         })
     }
 }

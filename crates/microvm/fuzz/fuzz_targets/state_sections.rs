@@ -2,12 +2,14 @@
 //! must never panic, at any version (docs/versions.md).
 //!
 //! Input: a section selector (1 byte: 0 machine, 1 kvm-vm, 2 vcpu,
-//! 3 serial, 4 i8042, 5 cmos; taken modulo 6), the section version (u32,
+//! 3 serial, 4 i8042, 5 cmos, 6 virtio-blk, 7 virtio-net; taken modulo 8),
+//! the section version (u32,
 //! little-endian), then the section's bytes. A section that decodes is
 //! re-encoded in the current layout, which must decode again.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use microvm::devices::virtio::state::{BlockDeviceState, NetDeviceState};
 use microvm::persist::{
     CmosState, I8042State, MachineState, SerialState, StateSection, VcpuState, VmState,
 };
@@ -27,12 +29,14 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let version = u32::from_le_bytes(*version);
-    match which % 6 {
+    match which % 8 {
         0 => check::<MachineState>(version, bytes),
         1 => check::<VmState>(version, bytes),
         2 => check::<VcpuState>(version, bytes),
         3 => check::<SerialState>(version, bytes),
         4 => check::<I8042State>(version, bytes),
-        _ => check::<CmosState>(version, bytes),
+        5 => check::<CmosState>(version, bytes),
+        6 => check::<BlockDeviceState>(version, bytes),
+        _ => check::<NetDeviceState>(version, bytes),
     }
 });

@@ -363,19 +363,9 @@ impl VirtioDevice for Block {
         &self.queue_sizes
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+    fn config_space(&self) -> Vec<u8> {
+        self.config_bytes().to_vec()
     }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn process_queue(
         &mut self,

@@ -35,6 +35,9 @@ pub struct MmioTransport {
     status: u32,
     interrupt_status: u32,
     config_generation: u32,
+    /// While the VM is paused the device serves nothing: no guest memory
+    /// or device state changes under a save (see [`MmioTransport::hold`]).
+    held: bool,
 }
 
 impl MmioTransport {
@@ -59,6 +62,7 @@ impl MmioTransport {
             status: 0,
             interrupt_status: 0,
             config_generation: 0,
+            held: false,
         })
     }
 
@@ -208,7 +212,25 @@ impl MmioTransport {
         if v & !needed != 0 && v & needed != needed {
             return;
         }
+        let starting =
+            v & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
         self.status = v;
+        if starting {
+            if let Err(e) = self.device.activate(self.acked_features) {
+                self.fail(&e);
+            }
+        }
+    }
+
+    /// Puts the device into DEVICE_NEEDS_RESET after `e` and tells the
+    /// driver through a configuration-change interrupt.
+    fn fail(&mut self, e: &VirtioError) {
+        warn!(
+            "virtio device {}: {e}; the device needs a reset",
+            self.device.device_type()
+        );
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.raise(VIRTIO_MMIO_INT_CONFIG);
     }
 
     fn reset(&mut self) {
@@ -236,7 +258,7 @@ impl MmioTransport {
     /// A guest protocol error puts the device into DEVICE_NEEDS_RESET and
     /// tells the driver through a configuration-change interrupt.
     pub fn process_queue(&mut self, index: usize, mem: &GuestMemory) {
-        if !self.is_running() {
+        if !self.is_running() || self.held {
             return;
         }
         let Some(queue) = self.queues.get_mut(index) else {
@@ -248,19 +270,35 @@ impl MmioTransport {
         match self.device.process_queue(index, queue, mem) {
             Ok(true) => self.raise(VIRTIO_MMIO_INT_VRING),
             Ok(false) => {}
-            Err(e) => {
-                warn!(
-                    "virtio device {}: {e}; the device needs a reset",
-                    self.device.device_type()
-                );
-                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
-                self.raise(VIRTIO_MMIO_INT_CONFIG);
-            }
+            Err(e) => self.fail(&e),
         }
     }
 
-    /// Serves every queue (after a restore, in case a notification was
-    /// pending when the VM was saved).
+    /// Holds the device (the VM is pausing) or lets it go (resuming).
+    /// A held device serves no notification and no backend event: a
+    /// device driven from the host side (a tap's incoming frames) would
+    /// otherwise write guest memory and move its rings while a paused VM
+    /// is saved. What arrives meanwhile waits (in the tap); [`MmioTransport::kick`]
+    /// after letting go has it served.
+    pub fn hold(&mut self, held: bool) {
+        self.held = held;
+    }
+
+    /// Signals every queue's notification eventfd, so that the event loop
+    /// serves each queue once when it next runs (after a restore or a
+    /// pause, for what came while the device could not serve it). Nothing
+    /// is served here: the caller may hold up the loop (a live snapshot
+    /// arms write protection before the thread that resolves its faults
+    /// runs, and must not see guest memory written meanwhile).
+    pub fn kick(&self) -> std::io::Result<()> {
+        for evt in &self.queue_evts {
+            evt.write(1)?;
+        }
+        Ok(())
+    }
+
+    /// Serves every queue (after a restore or a pause, in case a
+    /// notification came while the device could not serve it).
     pub fn process_all(&mut self, mem: &GuestMemory) {
         for i in 0..self.queues.len() {
             self.process_queue(i, mem);
@@ -337,6 +375,9 @@ impl MmioTransport {
         self.status = state.status;
         self.interrupt_status = state.interrupt_status;
         self.config_generation = state.config_generation;
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.device.activate(self.acked_features)?;
+        }
         Ok(())
     }
 }

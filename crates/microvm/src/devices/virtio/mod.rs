@@ -2,7 +2,8 @@
 //!
 //! [`MmioTransport`] implements the virtio-mmio register block (version 2,
 //! "modern") over any [`VirtioDevice`]; [`block::Block`] is a virtio-blk
-//! device backed by a raw file. Each transport sits in a 4 KiB window of the
+//! device backed by a raw file, [`net::Net`] a virtio-net device on a host
+//! tap ([`tap::Tap`]). Each transport sits in a 4 KiB window of the
 //! 32-bit MMIO gap ([`mmio_base`]) and raises its interrupt through an irqfd
 //! on an IOAPIC pin ([`mmio_irq`]); the guest finds it in the ACPI DSDT
 //! (`LNRO0005` devices, see [`crate::arch::acpi`]), or, for kernels booted
@@ -18,9 +19,13 @@
 pub mod block;
 pub mod bus;
 mod mmio;
+pub mod net;
 pub mod state;
+pub mod tap;
 
 pub use mmio::MmioTransport;
+
+use std::os::fd::BorrowedFd;
 
 use virtio_queue::Queue;
 
@@ -87,6 +92,9 @@ pub enum VirtioError {
     /// A host-side failure (eventfd, backing file).
     #[error("host I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The tap of a net device failed.
+    #[error(transparent)]
+    Tap(#[from] tap::TapError),
     /// Saved state that does not fit the device it is restored into.
     #[error("device state: {0}")]
     State(String),
@@ -101,10 +109,22 @@ pub trait VirtioDevice: Send {
     fn features(&self) -> u64;
     /// Largest size of each queue; the length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
-    /// Reads device config space at `offset` (out-of-range bytes read as 0).
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Writes device config space (ignored where read-only).
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The device's config space, as the driver reads it.
+    fn config_space(&self) -> Vec<u8>;
+    /// Reads device config space at `offset` (bytes past its end read as 0).
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.config_space();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+    /// Writes device config space (by default read-only: ignored).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Serves every available request of queue `index`. Returns whether
     /// any buffer was returned to the driver (an interrupt is due).
     fn process_queue(
@@ -116,6 +136,18 @@ pub trait VirtioDevice: Send {
     /// Completes outstanding work (e.g. flushes the disk) before a save.
     fn quiesce(&mut self) -> Result<(), VirtioError> {
         Ok(())
+    }
+    /// The driver started the device with features `acked` (DRIVER_OK,
+    /// or a restore of a started device): apply what depends on them.
+    fn activate(&mut self, _acked: u64) -> Result<(), VirtioError> {
+        Ok(())
+    }
+    /// A host fd whose readability means work for a queue (a tap's
+    /// incoming frames for the receive queue), and that queue's index.
+    /// The event loop watches it edge-triggered: the device reads it until
+    /// it would block or the queue has no more buffers.
+    fn backend(&self) -> Option<(BorrowedFd<'_>, usize)> {
+        None
     }
 }
 

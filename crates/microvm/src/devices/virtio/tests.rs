@@ -35,12 +35,19 @@ impl Drop for TempDisk {
     }
 }
 
+/// A guest driver over a transport: queue `q` has its descriptor table,
+/// available and used rings at `DESC`, `AVAIL`, `USED` + `q * QUEUE_STRIDE`.
 struct Driver {
     t: MmioTransport,
     mem: GuestMemory,
     irq: EventFd,
-    next_avail: u16,
+    queues: usize,
+    /// The next available-ring index of each queue.
+    next_avail: Vec<u16>,
 }
+
+/// Distance between the ring areas of consecutive queues.
+const QUEUE_STRIDE: u64 = 0x3000;
 
 fn w32(t: &mut MmioTransport, off: u64, v: u32) {
     t.write(off, &v.to_le_bytes());
@@ -60,14 +67,21 @@ impl Driver {
             direct: false,
         })
         .unwrap();
+        Driver::with_device(Box::new(dev))
+    }
+
+    /// A driver that has brought `dev` up, all its queues ready.
+    fn with_device(dev: Box<dyn super::VirtioDevice>) -> Self {
+        let queues = dev.queue_max_sizes().len();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let t = MmioTransport::new(Box::new(dev), irq.try_clone().unwrap()).unwrap();
+        let t = MmioTransport::new(dev, irq.try_clone().unwrap()).unwrap();
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut d = Driver {
             t,
             mem,
             irq,
-            next_avail: 0,
+            queues,
+            next_avail: vec![0; queues],
         };
         d.bring_up();
         d
@@ -77,7 +91,6 @@ impl Driver {
         let t = &mut self.t;
         assert_eq!(r32(t, 0), 0x7472_6976);
         assert_eq!(r32(t, 4), 2);
-        assert_eq!(r32(t, 8), 2);
         w32(t, 0x70, 1);
         w32(t, 0x70, 3);
         w32(t, 0x14, 1);
@@ -90,16 +103,19 @@ impl Driver {
         w32(t, 0x20, low);
         w32(t, 0x70, 0xb);
         assert_eq!(r32(t, 0x70), 0xb, "FEATURES_OK must stick");
-        w32(t, 0x30, 0);
-        assert_eq!(r32(t, 0x34), 256);
-        w32(t, 0x38, u32::from(QSIZE));
-        w32(t, 0x80, DESC as u32);
-        w32(t, 0x84, 0);
-        w32(t, 0x90, AVAIL as u32);
-        w32(t, 0x94, 0);
-        w32(t, 0xa0, USED as u32);
-        w32(t, 0xa4, 0);
-        w32(t, 0x44, 1);
+        for q in 0..self.queues {
+            let shift = q as u64 * QUEUE_STRIDE;
+            w32(t, 0x30, q as u32);
+            assert_eq!(r32(t, 0x34), 256);
+            w32(t, 0x38, u32::from(QSIZE));
+            w32(t, 0x80, (DESC + shift) as u32);
+            w32(t, 0x84, 0);
+            w32(t, 0x90, (AVAIL + shift) as u32);
+            w32(t, 0x94, 0);
+            w32(t, 0xa0, (USED + shift) as u32);
+            w32(t, 0xa4, 0);
+            w32(t, 0x44, 1);
+        }
         w32(t, 0x70, 0xf);
         assert!(t.is_running());
     }
@@ -107,6 +123,12 @@ impl Driver {
     /// Writes descriptors `descs` (addr, len, flags; chained in order from
     /// index `first`), publishes the head and serves the queue.
     fn submit_at(&mut self, first: u16, descs: &[(u64, u32, u16)]) {
+        self.submit_on(0, first, descs);
+    }
+
+    /// [`Driver::submit_at`] on queue `q`.
+    fn submit_on(&mut self, q: usize, first: u16, descs: &[(u64, u32, u16)]) {
+        let shift = q as u64 * QUEUE_STRIDE;
         for (i, &(addr, len, flags)) in descs.iter().enumerate() {
             let idx = first + i as u16;
             let next = if i + 1 < descs.len() { idx + 1 } else { 0 };
@@ -115,25 +137,43 @@ impl Driver {
             } else {
                 flags
             };
-            let base = GuestAddress(DESC + u64::from(idx) * 16);
+            let base = GuestAddress(DESC + shift + u64::from(idx) * 16);
             self.mem.write_obj(addr, base).unwrap();
             self.mem.write_obj(len, base.unchecked_add(8)).unwrap();
             self.mem.write_obj(flags, base.unchecked_add(12)).unwrap();
             self.mem.write_obj(next, base.unchecked_add(14)).unwrap();
         }
-        let slot = u64::from(self.next_avail % QSIZE);
+        let slot = u64::from(self.next_avail[q] % QSIZE);
         self.mem
-            .write_obj(first, GuestAddress(AVAIL + 4 + slot * 2))
+            .write_obj(first, GuestAddress(AVAIL + shift + 4 + slot * 2))
             .unwrap();
-        self.next_avail = self.next_avail.wrapping_add(1);
-        self.publish(self.next_avail);
+        self.next_avail[q] = self.next_avail[q].wrapping_add(1);
+        self.publish_on(q, self.next_avail[q]);
     }
 
     fn publish(&mut self, avail_idx: u16) {
+        self.publish_on(0, avail_idx);
+    }
+
+    /// Sets queue `q`'s available index and serves the queue.
+    fn publish_on(&mut self, q: usize, avail_idx: u16) {
+        let shift = q as u64 * QUEUE_STRIDE;
         self.mem
-            .write_obj(avail_idx, GuestAddress(AVAIL + 2))
+            .write_obj(avail_idx, GuestAddress(AVAIL + shift + 2))
             .unwrap();
-        self.t.process_queue(0, &self.mem);
+        self.t.process_queue(q, &self.mem);
+    }
+
+    /// Queue `q`'s used index and the length of used entry `n`.
+    fn used_on(&self, q: usize, n: u16) -> (u16, u32) {
+        let base = USED + q as u64 * QUEUE_STRIDE;
+        let idx = self.mem.read_obj(GuestAddress(base + 2)).unwrap();
+        let slot = u64::from(n % QSIZE);
+        let len = self
+            .mem
+            .read_obj(GuestAddress(base + 4 + slot * 8 + 4))
+            .unwrap();
+        (idx, len)
     }
 
     fn used_idx(&self) -> u16 {
@@ -169,10 +209,13 @@ fn disk_bytes() -> Vec<u8> {
         .collect()
 }
 
+mod net;
+
 #[test]
 fn blk_write_read_flush_and_id() {
     let disk = TempDisk::new("rw", &disk_bytes());
     let mut d = Driver::new(&disk, false);
+    assert_eq!(r32(&mut d.t, 8), 2, "block device");
     // Capacity in config space.
     let mut cap = [0u8; 8];
     d.t.read(0x100, &mut cap);
@@ -252,7 +295,7 @@ fn hostile_descriptor_outside_guest_memory_needs_reset() {
     assert_eq!(d.used_idx(), 0);
     // Reset and bring-up make it work again.
     w32(&mut d.t, 0x70, 0);
-    d.next_avail = 0;
+    d.next_avail[0] = 0;
     d.mem.write_obj(0u16, GuestAddress(AVAIL + 2)).unwrap();
     d.mem.write_obj(0u16, GuestAddress(USED + 2)).unwrap();
     d.bring_up();

@@ -1,0 +1,79 @@
+//! Helpers shared by the device tests (`disks.rs`, `net.rs`): boot the
+//! test kernel with devices, save it, restore it or see the restore refused.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use cryo_tests::{
+    check_continues, cryo, restore_vm, save_vm, socket_path, test_kernel, wait_for_socket, Guest,
+    Progress,
+};
+
+/// How long a test guest may take for each step.
+pub const T: Duration = Duration::from_secs(90);
+
+/// Boots the test kernel with an API socket and the device options `extra`
+/// (`--disk ...`, `--net ...`); returns it once its workload runs.
+pub fn boot_with(api: &Path, extra: &[String]) -> (Guest, Progress) {
+    let _ = std::fs::remove_file(api);
+    let mut args: Vec<String> = [
+        "run",
+        "--kernel",
+        test_kernel().to_str().unwrap_or_default(),
+        "--mem-mib",
+        "64",
+        "--cmdline",
+        "console=ttyS0 cryo.mem=8 cryo.hb_ms=200",
+        "--api",
+        api.to_str().unwrap_or_default(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().cloned());
+    let mut g = Guest::spawn(args);
+    assert!(wait_for_socket(api, T), "no API socket\n{}", g.transcript());
+    let p = g.follow(1, 3, 2, T);
+    (g, p)
+}
+
+/// Saves the VM (which then ends with status 0); returns its progress.
+pub fn save_and_end(g: &mut Guest, api: &Path, file: &Path, extra: &[&str]) -> Progress {
+    save_vm(api, file, extra);
+    let status = g.wait_exit(T).and_then(|s| s.code());
+    assert_eq!(status, Some(0), "{}", g.transcript());
+    g.follow_output(1)
+}
+
+/// Restores `file` and expects a bad-input refusal mentioning `needle`.
+pub fn refused(file: &Path, extra: &[&str], needle: &str) {
+    let (status, _, err) = cryo(
+        &[&["restore", "--from", file.to_str().unwrap()], extra]
+            .concat()
+            .to_vec(),
+    );
+    assert_eq!(status, Some(2), "restore should refuse: {err}");
+    assert!(err.contains(needle), "expected '{needle}' in: {err}");
+}
+
+/// Restores `file` and checks the workload carries on from `before`.
+pub fn restores_and_continues(file: &Path, extra: &[&str], before: &Progress, tag: &str) {
+    let api = socket_path(tag);
+    let mut r = restore_vm(file, Some(&api), extra);
+    let after = r.follow(1, 2, 1, T);
+    check_continues(before, &after, 1);
+    r.kill();
+}
+
+/// Asks the running VM behind `api` to migrate live and expects a
+/// bad-request refusal mentioning `needle`; the guest carries on.
+pub fn live_migration_refused(g: &mut Guest, api: &Path, dir: &Path, needle: &str) {
+    let target = format!("unix:{}", dir.join("nobody.sock").display());
+    let (status, _, err) = cryo(&["migrate", "--api", api.to_str().unwrap(), "--to", &target]);
+    assert_eq!(status, Some(2), "{err}");
+    assert!(err.contains(needle), "{err}");
+    // Refused before anything started: the guest carries on.
+    let more = g.follow(1, 2, 1, T);
+    assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
+}
