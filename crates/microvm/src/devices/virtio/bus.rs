@@ -12,6 +12,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::block::{Block, DiskConfig};
+use super::disk_copy::CopySource;
 use super::{mmio_base, mmio_irq, MmioTransport, VirtioError, MMIO_WINDOW};
 use crate::memory::GuestMemory;
 
@@ -24,6 +25,8 @@ pub struct BlockSlot {
     pub transport: Arc<Mutex<MmioTransport>>,
     /// How the disk was opened.
     pub disk: DiskConfig,
+    /// For point-in-time copies of the disk (`disk_copy`).
+    pub copy_source: CopySource,
 }
 
 /// Creates the transport for `block` in MMIO slot `slot` and wires its
@@ -33,6 +36,7 @@ pub fn attach(vm_fd: &VmFd, slot: usize, block: Block) -> Result<BlockSlot, Virt
     let gsi = mmio_irq(slot)
         .ok_or_else(|| VirtioError::State(format!("no interrupt line for device slot {slot}")))?;
     let disk = block.config().clone();
+    let copy_source = block.copy_source();
     let irq = EventFd::new(libc::EFD_NONBLOCK)?;
     vm_fd
         .register_irqfd(&irq, gsi)
@@ -47,6 +51,7 @@ pub fn attach(vm_fd: &VmFd, slot: usize, block: Block) -> Result<BlockSlot, Virt
     Ok(BlockSlot {
         transport: Arc::new(Mutex::new(transport)),
         disk,
+        copy_source,
     })
 }
 

@@ -17,6 +17,7 @@
 
 pub mod block;
 pub mod bus;
+pub mod disk_copy;
 mod mmio;
 pub mod state;
 

@@ -60,6 +60,10 @@ impl Driver {
             direct: false,
         })
         .unwrap();
+        Self::with_block(dev)
+    }
+
+    fn with_block(dev: Block) -> Self {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let t = MmioTransport::new(Box::new(dev), irq.try_clone().unwrap()).unwrap();
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -208,6 +212,43 @@ fn blk_write_read_flush_and_id() {
     assert_eq!(d.request(99, 0, 0), 2, "unsupported");
     assert_eq!(d.request(0, 0, 0), 0, "a read of nothing");
     assert!(!d.needs_reset());
+}
+
+#[test]
+fn blk_writes_during_a_disk_copy_leave_the_copy_at_its_start() {
+    let mib = super::disk_copy::COPY_CHUNK as usize;
+    let before: Vec<u8> = (0..3 * mib).map(|i| (i / 4096) as u8).collect();
+    let disk = TempDisk::new("copy-disk", &before);
+    let copy_file = TempDisk::new("copy-target", &[]);
+    let dev = Block::open(DiskConfig {
+        path: disk.0.clone(),
+        read_only: false,
+        direct: false,
+    })
+    .unwrap();
+    let source = dev.copy_source();
+    let mut d = Driver::with_block(dev);
+    let target = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&copy_file.0)
+        .unwrap();
+    let copy = source.start(target).unwrap();
+    // Guest writes while the copy runs, into each chunk.
+    d.mem
+        .write_slice(&[0x5a; 4096], GuestAddress(0x10000))
+        .unwrap();
+    for sector in [8u64, 2048 + 16, 4096 + 24] {
+        assert_eq!(d.request(1, sector, 4096), 0);
+    }
+    copy.finish().unwrap();
+    assert_eq!(std::fs::read(&copy_file.0).unwrap(), before);
+    let after = std::fs::read(&disk.0).unwrap();
+    assert!(after[(4096 + 24) * 512..][..4096]
+        .iter()
+        .all(|b| *b == 0x5a));
+    // Copy mode ended: later writes go to the disk alone.
+    assert_eq!(d.request(1, 0, 4096), 0);
+    assert_eq!(std::fs::read(&copy_file.0).unwrap(), before);
 }
 
 #[test]
