@@ -61,6 +61,7 @@ pub fn disk_guest(setup: &Setup, tally: &mut Tally) {
             tally.not_run(&[names::DISK_CHANGED_REFUSED], "the disk save failed");
         }
     }
+    tally.outcome(names::DISK_SNAPSHOT_LIVE, live_disk_snapshot(setup));
 }
 
 /// `ACK i md5` / `HAVE i md5` lines of `lines`, by i.
@@ -78,16 +79,15 @@ fn checksums(lines: &[String], tag: &str) -> BTreeMap<u64, String> {
         .collect()
 }
 
-/// Boots with a blank disk, makes ext4 on it, measures O_DIRECT dd, starts
-/// the writer, saves, restores, and checks every acknowledged write and
-/// the filesystem. Returns the detail, the image and the disk.
-fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
-    let disk = setup.work.join("disk.raw");
+/// Boots a one-vCPU guest with a blank disk `<tag>.raw`, makes ext4 on it
+/// and mounts it on /mnt. Returns the VM, its API socket and the disk.
+fn ext4_guest(setup: &Setup, tag: &str) -> Result<(LinuxVm, PathBuf, PathBuf), Failure> {
+    let disk = setup.work.join(format!("{tag}.raw"));
     let file = std::fs::File::create(&disk)
         .and_then(|f| f.set_len(DISK_BYTES).map(|()| f))
         .map_err(|e| Failure::plain(format!("cannot create {}: {e}", disk.display())))?;
     drop(file);
-    let api = setup.work.join("disk-vm.sock");
+    let api = setup.work.join(format!("{tag}-vm.sock"));
     let extra = strings(&["--api", &path_str(&api), "--disk", &path_str(&disk)]);
     let mut vm = LinuxVm::spawn(&run_args(setup, 1, &extra), api.clone());
     vm.wait_init(BOOT_TIMEOUT)?;
@@ -102,36 +102,30 @@ fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
     if line.contains("DISK-FAILED-2") {
         return Err(Failure::of(&vm, format!("no ext4 on the disk: {line}")));
     }
-    throughput(&mut vm).map_err(at(&vm, "dd"))?;
+    Ok((vm, api, disk))
+}
+
+/// Starts the fsync writer and waits for [`ACKS_BEFORE_SAVE`] acknowledgements.
+fn start_writer(vm: &mut LinuxVm) -> Result<(), Failure> {
     vm.type_line(WRITER)?;
     let mut acks = 0;
     vm.wait_line(BOOT_TIMEOUT, |l| {
         acks += usize::from(l.contains("ACK "));
         acks >= ACKS_BEFORE_SAVE
     })
-    .map_err(at(&vm, "fsync writes before the save"))?;
+    .map_err(at(vm, "fsync writes before the save"))?;
+    Ok(())
+}
 
-    let image = setup.work.join("disk-vm.img");
-    let started = Instant::now();
-    cryo_ok(
-        &strings(&["save", "--api", &path_str(&api), "--to", &path_str(&image)]),
-        "cryo save",
-    )?;
-    report::figure("disk_save_ms", started.elapsed().as_millis(), "ms");
-    let code = vm.wait_exit(EXIT_TIMEOUT)?;
-    if code != 0 {
-        return Err(Failure::of(&vm, format!("the saved VM exited {code}")));
-    }
-    let acked = checksums(&vm.guest.output(), "ACK");
+/// In a restored guest: the writer carries on; then it is stopped, every
+/// write in `acked` has its checksum, and `e2fsck -fn` finds the
+/// filesystem clean.
+fn check_restored(restored: &mut LinuxVm, acked: &BTreeMap<u64, String>) -> Result<(), Failure> {
     let last = *acked.keys().last().unwrap_or(&0);
-
-    let api2 = setup.work.join("disk-vm2.sock");
-    let mut restored = spawn_restore(&image, api2.clone());
     restored.heartbeats(2, BEAT_TIMEOUT)?;
-    // The writer carries on after the restore: its next acknowledgement.
     restored
         .wait_line(BEAT_TIMEOUT, |l| l.contains("ACK "))
-        .map_err(at(&restored, "fsync writes after the restore"))?;
+        .map_err(at(restored, "fsync writes after the restore"))?;
     restored.shell(
         "kill $!; sleep 1; cd /; echo STOPPED-$((3+4))",
         "STOPPED-7",
@@ -152,7 +146,7 @@ fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
         .collect();
     if !lost.is_empty() {
         return Err(Failure::of(
-            &restored,
+            restored,
             format!("acknowledged writes lost or changed after the restore: {lost:?}"),
         ));
     }
@@ -161,15 +155,42 @@ fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
     )?;
     let fsck = restored
         .wait_line(BOOT_TIMEOUT, |l| l.contains("FSCK-42-RC-"))
-        .map_err(at(&restored, "e2fsck"))?;
+        .map_err(at(restored, "e2fsck"))?;
     if !fsck.contains("FSCK-42-RC-0") {
         let _ = restored.type_line("cat /tmp/fsck.log");
         std::thread::sleep(Duration::from_secs(2));
         return Err(Failure::of(
-            &restored,
+            restored,
             format!("e2fsck found the filesystem unclean: {fsck}"),
         ));
     }
+    Ok(())
+}
+
+/// Boots with a blank disk, makes ext4 on it, measures O_DIRECT dd, starts
+/// the writer, saves, restores, and checks every acknowledged write and
+/// the filesystem. Returns the detail, the image and the disk.
+fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
+    let (mut vm, api, disk) = ext4_guest(setup, "disk")?;
+    throughput(&mut vm).map_err(at(&vm, "dd"))?;
+    start_writer(&mut vm)?;
+
+    let image = setup.work.join("disk-vm.img");
+    let started = Instant::now();
+    cryo_ok(
+        &strings(&["save", "--api", &path_str(&api), "--to", &path_str(&image)]),
+        "cryo save",
+    )?;
+    report::figure("disk_save_ms", started.elapsed().as_millis(), "ms");
+    let code = vm.wait_exit(EXIT_TIMEOUT)?;
+    if code != 0 {
+        return Err(Failure::of(&vm, format!("the saved VM exited {code}")));
+    }
+    let acked = checksums(&vm.guest.output(), "ACK");
+
+    let api2 = setup.work.join("disk-vm2.sock");
+    let mut restored = spawn_restore(&image, api2.clone());
+    check_restored(&mut restored, &acked)?;
     cryo_ok(&strings(&["quit", "--api", &path_str(&api2)]), "cryo quit")?;
     restored.wait_exit(EXIT_TIMEOUT)?;
     Ok((
@@ -179,6 +200,79 @@ fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
         ),
         image,
         disk,
+    ))
+}
+
+/// A live snapshot with `--disk-snapshot` while the writer runs: the
+/// original goes on and writes a marker file after the snapshot; the
+/// snapshot restores onto the disk copy (no --disk-changed-ok), with every
+/// write acknowledged before the snapshot, without the marker, and a clean
+/// filesystem.
+fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
+    let (mut vm, api, _disk) = ext4_guest(setup, "snapdisk")?;
+    start_writer(&mut vm)?;
+    let acked = checksums(&vm.guest.output(), "ACK");
+    let image = setup.work.join("snapdisk-vm.img");
+    let copy = setup.work.join("snapdisk-copy.raw");
+    let out = cryo_ok(
+        &strings(&[
+            "snapshot",
+            "--api",
+            &path_str(&api),
+            "--to",
+            &path_str(&image),
+            "--disk-snapshot",
+            &path_str(&copy),
+        ]),
+        "cryo snapshot --disk-snapshot",
+    )?;
+    let stats: serde_json::Value = serde_json::from_str(&out)
+        .map_err(|e| Failure::plain(format!("snapshot output is not JSON ({e}): {out}")))?;
+    let disk = &stats["disks"][0];
+    let before_write = disk["chunks_before_write"].as_u64().unwrap_or(0);
+    report::figure(
+        "disk_snapshot_chunks_before_write_nested",
+        before_write,
+        "chunks",
+    );
+    report::figure(
+        "disk_snapshot_paused_ms_nested",
+        stats["paused_ms"].as_f64().unwrap_or(0.0),
+        "ms",
+    );
+    // Written after the snapshot: in the original, never in the snapshot.
+    vm.shell(
+        "echo late > /mnt/after-snapshot && sync && echo LATE-$((2*4))",
+        "LATE-8",
+        BEAT_TIMEOUT,
+    )?;
+    cryo_ok(&strings(&["quit", "--api", &path_str(&api)]), "cryo quit")?;
+    vm.wait_exit(EXIT_TIMEOUT)?;
+
+    let api2 = setup.work.join("snapdisk-vm2.sock");
+    let mut restored = spawn_restore(&image, api2.clone());
+    restored.heartbeats(2, BEAT_TIMEOUT)?;
+    restored
+        .type_line("test -e /mnt/after-snapshot && echo MARKER-$((1+2)) || echo MARKER-$((2+2))")?;
+    let marker = restored
+        .wait_line(BEAT_TIMEOUT, |l| {
+            l.contains("MARKER-3") || l.contains("MARKER-4")
+        })
+        .map_err(at(&restored, "the file written after the snapshot"))?;
+    if marker.contains("MARKER-3") {
+        return Err(Failure::of(
+            &restored,
+            "a file written after the snapshot is in the snapshot's disk",
+        ));
+    }
+    check_restored(&mut restored, &acked)?;
+    cryo_ok(&strings(&["quit", "--api", &path_str(&api2)]), "cryo quit")?;
+    restored.wait_exit(EXIT_TIMEOUT)?;
+    Ok(format!(
+        "{} writes acknowledged before the snapshot all in the restored copy, the file written after it absent, e2fsck -fn clean; copy: {} ({} chunks copied before guest writes)",
+        acked.len(),
+        disk["method"].as_str().unwrap_or("?"),
+        before_write
     ))
 }
 

@@ -66,6 +66,9 @@ pub mod names {
     pub const DISK_FSYNC_SAVE: &str = "disk-fsync-save";
     /// A changed or missing disk refused at restore.
     pub const DISK_CHANGED_REFUSED: &str = "disk-changed-refused";
+    /// A live snapshot with `--disk-snapshot` while ext4 is written: the
+    /// restore uses the copy, as it was at the snapshot.
+    pub const DISK_SNAPSHOT_LIVE: &str = "disk-snapshot-live";
 }
 
 /// Every scenario, in the order the driver reports them.
@@ -86,6 +89,7 @@ pub const ALL: &[&str] = &[
     names::TIMEKEEPING,
     names::DISK_FSYNC_SAVE,
     names::DISK_CHANGED_REFUSED,
+    names::DISK_SNAPSHOT_LIVE,
 ];
 
 /// A boot takes 3-20 s of wall time nested; one that takes longer has
