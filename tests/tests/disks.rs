@@ -47,6 +47,16 @@ fn make_disk(dir: &Path, name: &str, mib: usize) -> PathBuf {
     p
 }
 
+/// A fresh work directory `tag` with a disk of `mib` MiB, and a VM booted
+/// on it with the API socket named after `tag`.
+fn one_disk_vm(tag: &str, mib: usize) -> (PathBuf, PathBuf, PathBuf, Guest) {
+    let dir = workdir(tag);
+    let disk = make_disk(&dir, "disk.raw", mib);
+    let api = socket_path(tag);
+    let (g, _) = boot_with_disks(&api, &[disk.display().to_string()]);
+    (dir, disk, api, g)
+}
+
 /// Saves the VM (which then ends with status 0); returns its progress.
 fn save_and_end(g: &mut Guest, api: &Path, file: &Path, extra: &[&str]) -> Progress {
     save_vm(api, file, extra);
@@ -141,10 +151,7 @@ fn bad_disk_options_are_bad_input() {
 
 #[test]
 fn live_migration_of_a_vm_with_disks_is_refused_and_it_runs_on() {
-    let dir = workdir("disk-live-migrate");
-    let disk = make_disk(&dir, "d.raw", 2);
-    let api = socket_path("disk-live-migrate");
-    let (mut g, _) = boot_with_disks(&api, &[disk.display().to_string()]);
+    let (dir, _, api, mut g) = one_disk_vm("disk-live-migrate", 2);
     let target = format!("unix:{}", dir.join("nobody.sock").display());
     let (status, _, err) = cryo(&["migrate", "--api", api.to_str().unwrap(), "--to", &target]);
     assert_eq!(status, Some(2), "{err}");
@@ -263,10 +270,7 @@ fn disk_snapshot_copies_each_disk_and_the_image_restores_from_the_copies() {
 
 #[test]
 fn disk_snapshot_bad_requests_are_refused_and_the_vm_runs_on() {
-    let dir = workdir("disk-snap-bad");
-    let disk = make_disk(&dir, "disk.raw", 1);
-    let api = socket_path("disk-snap-bad");
-    let (mut g, _) = boot_with_disks(&api, &[disk.display().to_string()]);
+    let (dir, disk, api, mut g) = one_disk_vm("disk-snap-bad", 1);
     let image = dir.join("snap.cryo");
     let cases: [(&[&Path], &str); 4] = [
         (

@@ -241,3 +241,81 @@ impl Finished {
         Ok(self.stats)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("cryo-unit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn disk(dir: &Path, name: &str) -> (PathBuf, CopySource) {
+        let p = dir.join(name);
+        std::fs::write(&p, [1u8; 4096]).unwrap();
+        let source = CopySource {
+            disk: Arc::new(File::open(&p).unwrap()),
+            hook: Arc::default(),
+        };
+        (p, source)
+    }
+
+    fn refusal(r: Result<Pending, SaveError>) -> String {
+        match r {
+            Err(SaveError::BadRequest(m)) => m,
+            Err(e) => panic!("not a bad request: {e}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn targets_are_checked_against_disks_image_and_each_other() {
+        let dir = scratch("disk-targets");
+        let d0 = disk(&dir, "d0.raw");
+        let d1 = disk(&dir, "d1.raw");
+        let image = dir.join("snap.img");
+        let (a, b) = (dir.join("a.raw"), dir.join("b.raw"));
+        let two = || vec![d0.clone(), d1.clone()];
+        assert!(matches!(
+            prepare(std::slice::from_ref(&a), two(), &image),
+            Err(SaveError::DiskSnapshotCount {
+                disks: 2,
+                targets: 1
+            })
+        ));
+        let m = refusal(prepare(&[a.clone(), d1.0.clone()], two(), &image));
+        assert!(m.contains("its own disk"), "{m}");
+        let m = refusal(prepare(&[a.clone(), a.clone()], two(), &image));
+        assert!(m.contains("named twice"), "{m}");
+        let m = refusal(prepare(&[image.clone(), a.clone()], two(), &image));
+        assert!(m.contains("named twice"), "{m}");
+        // A hard link to a disk is that disk.
+        let link = dir.join("link.raw");
+        std::fs::hard_link(&d0.0, &link).unwrap();
+        let m = refusal(prepare(&[link, b.clone()], two(), &image));
+        assert!(m.contains("its own disk"), "{m}");
+        // Accepted: a private temporary file beside each target, removed
+        // when the snapshot is dropped before completing.
+        let pending = prepare(&[a, b], two(), &image).unwrap();
+        let temps = || {
+            std::fs::read_dir(&dir)
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+                .map(|e| e.metadata().unwrap())
+                .collect::<Vec<_>>()
+        };
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(temps().len(), 2);
+        assert!(temps()
+            .iter()
+            .all(|m| m.permissions().mode() & 0o777 == 0o600));
+        drop(pending);
+        assert!(temps().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
