@@ -210,12 +210,21 @@ fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
 /// filesystem.
 fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
     let (mut vm, api, _disk) = ext4_guest(setup, "snapdisk")?;
+    // A 16 MiB file further into the disk, rewritten in a loop: the copy
+    // reaches it late, so some of its writes come before their chunk is
+    // copied (copy-before-write).
+    vm.shell(
+        "dd if=/dev/urandom of=/mnt/far bs=64k count=256 conv=fsync 2>/dev/null; (while true; do dd if=/dev/urandom of=/mnt/far bs=4k count=1 seek=4000 conv=notrunc,fsync 2>/dev/null; done) & T=$!; echo FAR-$((3*3))",
+        "FAR-9",
+        DD_TIMEOUT,
+    )?;
     start_writer(&mut vm)?;
     let acked = checksums(&vm.guest.output(), "ACK");
     let image = setup.work.join("snapdisk-vm.img");
     let copy = setup.work.join("snapdisk-copy.raw");
     let out = cryo_ok(
         &strings(&[
+            "--json",
             "snapshot",
             "--api",
             &path_str(&api),
@@ -252,6 +261,11 @@ fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
     let api2 = setup.work.join("snapdisk-vm2.sock");
     let mut restored = spawn_restore(&image, api2.clone());
     restored.heartbeats(2, BEAT_TIMEOUT)?;
+    restored.shell(
+        "kill $T; echo UNTOUCHED-$((5*5))",
+        "UNTOUCHED-25",
+        BEAT_TIMEOUT,
+    )?;
     restored
         .type_line("test -e /mnt/after-snapshot && echo MARKER-$((1+2)) || echo MARKER-$((2+2))")?;
     let marker = restored
