@@ -60,12 +60,17 @@ pub struct Targets(Vec<(PathBuf, TempFile)>);
 
 /// Checks `targets` (one per disk, in slot order) against the VM's `disks`
 /// (path as opened, copy source) and the snapshot `image`, and creates a
-/// temporary file beside each target.
+/// temporary file beside each target. No targets: no copies.
 pub fn prepare(
     targets: &[PathBuf],
     disks: Vec<(PathBuf, CopySource)>,
     image: &Path,
 ) -> Result<Pending, SaveError> {
+    let disks = if targets.is_empty() {
+        Vec::new()
+    } else {
+        disks
+    };
     if targets.len() != disks.len() {
         return Err(SaveError::DiskSnapshotCount {
             disks: disks.len(),
@@ -174,6 +179,11 @@ pub struct Running {
 }
 
 impl Running {
+    /// Whether there are copies at all.
+    pub fn is_empty(&self) -> bool {
+        self.copies.is_empty()
+    }
+
     /// Handles that cancel the copies.
     pub fn cancel_handles(&self) -> Vec<CopyCancel> {
         self.copies.iter().map(DiskCopy::cancel_handle).collect()
@@ -232,6 +242,13 @@ pub struct Finished {
 }
 
 impl Finished {
+    /// Puts the identity of each copy in place of its disk's in `snapshot`.
+    pub fn record(&self, snapshot: &mut microvm::persist::VmSnapshot) {
+        for (b, id) in snapshot.blocks.iter_mut().zip(&self.identities) {
+            b.disk = id.clone();
+        }
+    }
+
     /// Renames every copy over its target (call just before the image's
     /// own rename).
     pub fn publish(self) -> Result<Vec<DiskCopyStats>, SaveError> {

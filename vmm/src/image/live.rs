@@ -196,10 +196,7 @@ pub fn snapshot_vm(
         b.map(|b| (b.disk.path.clone(), b.copy_source.clone()))
             .collect::<Vec<_>>()
     })?;
-    let disks = match disk_targets.is_empty() {
-        true => None,
-        false => Some(disk_snapshot::prepare(disk_targets, disks, path)?),
-    };
+    let disks = disk_snapshot::prepare(disk_targets, disks, path)?;
     if let Some(p) = progress {
         p.phase("pausing");
     }
@@ -218,26 +215,13 @@ pub fn snapshot_vm(
         })
         .collect();
     let prepared = bg_snapshot::prepare(&ranges, BLOCK_SIZE).map_err(&serr)?;
-    let (disks, starts) = match disks {
-        Some(d) => {
-            let (pending, starts) = d.split();
-            (Some(pending), starts)
-        }
-        None => (None, Starts::none()),
-    };
+    let (disks, starts) = disks.split();
     let (mut snapshot, armed, copies, paused) =
         controller.call(move |vm| pause_and_capture(vm, prepared, starts))??;
     // Disk copy errors first: RAM was not armed when one failed.
-    let disks = match disks {
-        Some(d) => Some(d.started(copies)?),
-        None => None,
-    };
+    let disks = disks.started(copies)?;
     let armed = armed.map_err(&serr)?;
-    let disk_cancels = disks
-        .as_ref()
-        .map(|d| d.cancel_handles())
-        .unwrap_or_default();
-    cancel.set(Some((armed.cancel_handle(), disk_cancels)));
+    cancel.set(Some((armed.cancel_handle(), disks.cancel_handles())));
     let arm_time = armed.arm_time();
 
     let result = (|| {
@@ -286,20 +270,12 @@ pub fn snapshot_vm(
                 other => serr(other),
             })?;
         drop(sink);
-        let disks = match disks {
-            Some(d) => {
-                if let Some(p) = progress {
-                    p.phase("copying disks");
-                }
-                let done = d.finish()?;
-                // The image names the copies, as they were at the pause.
-                for (b, id) in snapshot.blocks.iter_mut().zip(&done.identities) {
-                    b.disk = id.clone();
-                }
-                Some(done)
-            }
-            None => None,
-        };
+        if let (Some(p), false) = (progress, disks.is_empty()) {
+            p.phase("copying disks");
+        }
+        let disks = disks.finish()?;
+        // The image names the copies, as they were at the pause.
+        disks.record(&mut snapshot);
         if let Some(p) = progress {
             p.phase("committing");
         }
@@ -311,10 +287,7 @@ pub fn snapshot_vm(
         let file = writer.commit(&device_state).map_err(&ierr)?;
         let (bytes, allocated) = file_sizes(&file, path)?;
         drop(file);
-        let disks = match disks {
-            Some(d) => d.publish()?,
-            None => Vec::new(),
-        };
+        let disks = disks.publish()?;
         // A live snapshot is consistent while the VM runs: only a cancel stops it.
         publish(tmp, path, &SaveControl::default())?;
         let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
