@@ -226,14 +226,20 @@ impl Tracker {
         self.changed.notify_all();
     }
 
-    /// Copies chunk `range` from the disk to the target through `buf`.
+    /// Copies chunk `range` from the disk to the target: in the kernel
+    /// (`copy_file_range`) where it can, else through `buf`.
     fn copy(&self, range: Range<u64>, buf: &mut Vec<u8>) -> Result<(), DiskCopyError> {
-        let len = usize::try_from(range.end - range.start).unwrap_or(0);
-        buf.resize(len, 0);
         let err = |source| DiskCopyError::Copy {
             offset: range.start,
             source,
         };
+        match copy_in_kernel(&self.source, &self.target, range.clone()) {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => return Err(err(e)),
+        }
+        let len = usize::try_from(range.end - range.start).unwrap_or(0);
+        buf.resize(len, 0);
         self.source
             .read_exact_at(&mut buf[..len], range.start)
             .map_err(err)?;
@@ -313,6 +319,50 @@ impl Tracker {
             map = self.changed.wait(map).unwrap_or_else(|p| p.into_inner());
         }
     }
+}
+
+/// Copies `range` of `source` to the same offsets of `target` with
+/// `copy_file_range`. Ok(false): the kernel cannot here (other filesystems,
+/// old kernels), copy through memory instead; nothing was written then.
+fn copy_in_kernel(source: &File, target: &File, range: Range<u64>) -> std::io::Result<bool> {
+    let mut at = range.start;
+    while at < range.end {
+        let (Ok(mut off_in), Ok(len)) =
+            (libc::loff_t::try_from(at), usize::try_from(range.end - at))
+        else {
+            return Ok(false);
+        };
+        let mut off_out = off_in;
+        // SAFETY: both fds are open; the offsets are ours and the kernel
+        // copies between the files without touching our memory.
+        let n = unsafe {
+            libc::copy_file_range(
+                source.as_raw_fd(),
+                &mut off_in,
+                target.as_raw_fd(),
+                &mut off_out,
+                len,
+                0,
+            )
+        };
+        match n {
+            // The source ended early (it shrank): a short copy is an error.
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => at += n as u64,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                let unsupported = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                );
+                return match (unsupported, at == range.start) {
+                    (true, true) => Ok(false),
+                    _ => Err(e),
+                };
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Finds holes with `SEEK_DATA`, remembering where the next data starts.
