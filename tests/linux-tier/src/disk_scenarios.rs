@@ -79,9 +79,14 @@ fn checksums(lines: &[String], tag: &str) -> BTreeMap<u64, String> {
         .collect()
 }
 
-/// Boots a one-vCPU guest with a blank disk `<tag>.raw`, makes ext4 on it
-/// and mounts it on /mnt. Returns the VM, its API socket and the disk.
-fn ext4_guest(setup: &Setup, tag: &str) -> Result<(LinuxVm, PathBuf, PathBuf), Failure> {
+/// Boots a one-vCPU guest with a blank disk `<tag>.raw`, makes ext4 of
+/// `fs_size` (mke2fs's size argument; empty: the whole disk) on it and
+/// mounts it on /mnt. Returns the VM, its API socket and the disk.
+fn ext4_guest(
+    setup: &Setup,
+    tag: &str,
+    fs_size: &str,
+) -> Result<(LinuxVm, PathBuf, PathBuf), Failure> {
     let disk = setup.work.join(format!("{tag}.raw"));
     let file = std::fs::File::create(&disk)
         .and_then(|f| f.set_len(DISK_BYTES).map(|()| f))
@@ -91,9 +96,9 @@ fn ext4_guest(setup: &Setup, tag: &str) -> Result<(LinuxVm, PathBuf, PathBuf), F
     let extra = strings(&["--api", &path_str(&api), "--disk", &path_str(&disk)]);
     let mut vm = LinuxVm::spawn(&run_args(setup, 1, &extra), api.clone());
     vm.wait_init(BOOT_TIMEOUT)?;
-    vm.type_line(
-        "/opt/e2fsprogs/mke2fs -q -F -t ext4 /dev/vda && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo DISK-$((40+2)) || echo DISK-FAILED-$((1+1)) $(ls /dev/vd* 2>&1) $(/opt/e2fsprogs/mke2fs -V 2>&1 | head -2) $(dmesg | grep -iE 'virtio|vda|LNRO' | tail -6)",
-    )?;
+    vm.type_line(&format!(
+        "/opt/e2fsprogs/mke2fs -q -F -t ext4 /dev/vda {fs_size} && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo DISK-$((40+2)) || echo DISK-FAILED-$((1+1)) $(ls /dev/vd* 2>&1) $(/opt/e2fsprogs/mke2fs -V 2>&1 | head -2) $(dmesg | grep -iE 'virtio|vda|LNRO' | tail -6)",
+    ))?;
     let line = vm
         .wait_line(BOOT_TIMEOUT, |l| {
             l.contains("DISK-42") || l.contains("DISK-FAILED-2")
@@ -171,7 +176,7 @@ fn check_restored(restored: &mut LinuxVm, acked: &BTreeMap<u64, String>) -> Resu
 /// the writer, saves, restores, and checks every acknowledged write and
 /// the filesystem. Returns the detail, the image and the disk.
 fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
-    let (mut vm, api, disk) = ext4_guest(setup, "disk")?;
+    let (mut vm, api, disk) = ext4_guest(setup, "disk", "")?;
     throughput(&mut vm).map_err(at(&vm, "dd"))?;
     start_writer(&mut vm)?;
 
@@ -203,21 +208,50 @@ fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
     ))
 }
 
-/// A live snapshot with `--disk-snapshot` while the writer runs: the
-/// original goes on and writes a marker file after the snapshot; the
-/// snapshot restores onto the disk copy (no --disk-changed-ok), with every
-/// write acknowledged before the snapshot, without the marker, and a clean
+/// The filesystem of `disk-snapshot-live` leaves the disk's last 32 MiB
+/// alone; the guest rewrites this 4 KiB block there (its last MiB, which
+/// the background copy reaches last) all through the snapshot.
+const TAIL_BLOCK: u64 = (DISK_BYTES - (512 << 10)) / 4096;
+
+/// Rewrites [`TAIL_BLOCK`] with `SEQ n` (n = 1, 2, ...), each write direct
+/// and flushed, then prints `TAILSEQ n`; its pid goes in `$T`.
+fn tail_writer() -> String {
+    format!(
+        "(n=0; while true; do n=$((n+1)); printf 'SEQ %08d' $n | dd of=/dev/vda bs=4k seek={TAIL_BLOCK} conv=sync,notrunc,fsync oflag=direct 2>/dev/null && echo TAILSEQ $n; done) & T=$!"
+    )
+}
+
+/// The number of the first `TAILSEQ n` line from `from` on.
+fn tail_seq(line: &str) -> Option<u64> {
+    let rest = &line[line.find("TAILSEQ ")? + 8..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// The `SEQ n` in the tail block of `copy`.
+fn copied_seq(copy: &Path) -> Result<u64, Failure> {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 12];
+    std::fs::File::open(copy)
+        .and_then(|f| f.read_exact_at(&mut b, TAIL_BLOCK * 4096))
+        .map_err(|e| Failure::plain(format!("reading the copy's tail block: {e}")))?;
+    let text = String::from_utf8_lossy(&b);
+    text.strip_prefix("SEQ ")
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| Failure::plain(format!("the copy's tail block holds {text:?}")))
+}
+
+/// A live snapshot with `--disk-snapshot` while the writer runs and the
+/// guest rewrites a block the copy reaches last: the copy holds that
+/// block as it was at the snapshot (copy-before-write), and the original
+/// then writes a marker file; the snapshot restores onto the copy (no
+/// --disk-changed-ok) with the block's writes following on from the copy's,
+/// every write acknowledged before the snapshot, no marker, and a clean
 /// filesystem.
 fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
-    let (mut vm, api, _disk) = ext4_guest(setup, "snapdisk")?;
-    // A 16 MiB file further into the disk, rewritten in a loop: the copy
-    // reaches it late, so some of its writes come before their chunk is
-    // copied (copy-before-write).
-    vm.shell(
-        "dd if=/dev/urandom of=/mnt/far bs=64k count=256 conv=fsync 2>/dev/null; (while true; do dd if=/dev/urandom of=/mnt/far bs=4k count=1 seek=4000 conv=notrunc,fsync 2>/dev/null; done) & T=$!; echo FAR-$((3*3))",
-        "FAR-9",
-        DD_TIMEOUT,
-    )?;
+    let (mut vm, api, _disk) = ext4_guest(setup, "snapdisk", "64M")?;
+    vm.type_line(&tail_writer())?;
+    vm.wait_line(BEAT_TIMEOUT, |l| tail_seq(l) == Some(2))
+        .map_err(at(&vm, "rewriting the tail block"))?;
     start_writer(&mut vm)?;
     let acked = checksums(&vm.guest.output(), "ACK");
     let image = setup.work.join("snapdisk-vm.img");
@@ -244,11 +278,12 @@ fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
         before_write,
         "chunks",
     );
-    report::figure(
-        "disk_snapshot_paused_ms_nested",
-        stats["paused_ms"].as_f64().unwrap_or(0.0),
-        "ms",
-    );
+    let paused = stats["paused_ms"].as_f64().unwrap_or(0.0);
+    report::figure("disk_snapshot_paused_ms_nested", paused, "ms");
+    let copy_ms = disk["copy_ms"].as_f64().unwrap_or(0.0);
+    report::figure("disk_snapshot_copy_ms_nested", copy_ms, "ms");
+    let written_by_then = vm.guest.output().iter().filter_map(|l| tail_seq(l)).max();
+    let in_copy = copied_seq(&copy)?;
     // Written after the snapshot: in the original, never in the snapshot.
     vm.shell(
         "echo late > /mnt/after-snapshot && sync && echo LATE-$((2*4))",
@@ -260,6 +295,17 @@ fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
 
     let api2 = setup.work.join("snapdisk-vm2.sock");
     let mut restored = spawn_restore(&image, api2.clone());
+    // The restored guest's next tail write follows the one in the copy.
+    let next = restored
+        .wait_line(BEAT_TIMEOUT, |l| tail_seq(l).is_some())
+        .map_err(at(&restored, "tail writes after the restore"))?;
+    let next = tail_seq(&next).unwrap_or(0);
+    if in_copy + 2 < next || in_copy > next {
+        return Err(Failure::of(
+            &restored,
+            format!("the copy's tail block is write {in_copy}, but the restored guest goes on with write {next} (the original had reached {written_by_then:?} when the snapshot ended)"),
+        ));
+    }
     restored.heartbeats(2, BEAT_TIMEOUT)?;
     restored.shell(
         "kill $T; echo UNTOUCHED-$((5*5))",
@@ -282,11 +328,17 @@ fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
     check_restored(&mut restored, &acked)?;
     cryo_ok(&strings(&["quit", "--api", &path_str(&api2)]), "cryo quit")?;
     restored.wait_exit(EXIT_TIMEOUT)?;
+    if before_write == 0 {
+        return Err(Failure::plain(format!(
+            "no chunk was copied before a guest write (the tail block reached write {written_by_then:?} during the copy): copy-before-write untested"
+        )));
+    }
     Ok(format!(
-        "{} writes acknowledged before the snapshot all in the restored copy, the file written after it absent, e2fsck -fn clean; copy: {} ({} chunks copied before guest writes)",
+        "{} writes acknowledged before the snapshot all in the restored copy, the file written after it absent, e2fsck -fn clean; tail block: write {in_copy} in the copy, the restored guest goes on with {next}, the original reached {written_by_then:?} by the snapshot's end; {} chunks copied before guest writes, copy {:.0} ms ({})",
         acked.len(),
+        before_write,
+        copy_ms,
         disk["method"].as_str().unwrap_or("?"),
-        before_write
     ))
 }
 
