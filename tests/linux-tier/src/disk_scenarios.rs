@@ -96,6 +96,7 @@ fn ext4_guest(
     let extra = strings(&["--api", &path_str(&api), "--disk", &path_str(&disk)]);
     let mut vm = LinuxVm::spawn(&run_args(setup, 1, &extra), api.clone());
     vm.wait_init(BOOT_TIMEOUT)?;
+    vm.wait_shell(6, Duration::from_secs(10))?;
     vm.type_line(&format!(
         "/opt/e2fsprogs/mke2fs -q -F -t ext4 /dev/vda {fs_size} && mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo DISK-$((40+2)) || echo DISK-FAILED-$((1+1)) $(ls /dev/vd* 2>&1) $(/opt/e2fsprogs/mke2fs -V 2>&1 | head -2) $(dmesg | grep -iE 'virtio|vda|LNRO' | tail -6)",
     ))?;
