@@ -79,19 +79,22 @@ fn checksums(lines: &[String], tag: &str) -> BTreeMap<u64, String> {
         .collect()
 }
 
-/// Boots a one-vCPU guest with a blank disk `<tag>.raw`, makes ext4 of
-/// `fs_size` (mke2fs's size argument; empty: the whole disk) on it and
-/// mounts it on /mnt. Returns the VM, its API socket and the disk.
+/// Boots a one-vCPU guest with a disk `<tag>.raw` (sparse, or with
+/// `filled` all data), makes ext4 of `fs_size` (mke2fs's size argument;
+/// empty: the whole disk) on it and mounts it on /mnt. Returns the VM, its
+/// API socket and the disk.
 fn ext4_guest(
     setup: &Setup,
     tag: &str,
     fs_size: &str,
+    filled: bool,
 ) -> Result<(LinuxVm, PathBuf, PathBuf), Failure> {
     let disk = setup.work.join(format!("{tag}.raw"));
-    let file = std::fs::File::create(&disk)
-        .and_then(|f| f.set_len(DISK_BYTES).map(|()| f))
-        .map_err(|e| Failure::plain(format!("cannot create {}: {e}", disk.display())))?;
-    drop(file);
+    let made = match filled {
+        true => std::fs::write(&disk, vec![0x5a; DISK_BYTES as usize]),
+        false => std::fs::File::create(&disk).and_then(|f| f.set_len(DISK_BYTES)),
+    };
+    made.map_err(|e| Failure::plain(format!("cannot create {}: {e}", disk.display())))?;
     let api = setup.work.join(format!("{tag}-vm.sock"));
     let extra = strings(&["--api", &path_str(&api), "--disk", &path_str(&disk)]);
     let mut vm = LinuxVm::spawn(&run_args(setup, 1, &extra), api.clone());
@@ -181,7 +184,7 @@ fn check_restored(restored: &mut LinuxVm, acked: &BTreeMap<u64, String>) -> Resu
 /// the writer, saves, restores, and checks every acknowledged write and
 /// the filesystem. Returns the detail, the image and the disk.
 fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
-    let (mut vm, api, disk) = ext4_guest(setup, "disk", "")?;
+    let (mut vm, api, disk) = ext4_guest(setup, "disk", "", false)?;
     throughput(&mut vm).map_err(at(&vm, "dd"))?;
     start_writer(&mut vm)?;
 
@@ -215,7 +218,8 @@ fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
 
 /// The filesystem of `disk-snapshot-live` leaves the disk's last 32 MiB
 /// alone; the guest rewrites this 4 KiB block there (its last MiB, which
-/// the background copy reaches last) all through the snapshot.
+/// the background copy reaches last: the disk is all data, no holes to
+/// skip) all through the snapshot.
 const TAIL_BLOCK: u64 = (DISK_BYTES - (512 << 10)) / 4096;
 
 /// Rewrites [`TAIL_BLOCK`] with `SEQ n` (n = 1, 2, ...), each write direct
@@ -253,7 +257,7 @@ fn copied_seq(copy: &Path) -> Result<u64, Failure> {
 /// every write acknowledged before the snapshot, no marker, and a clean
 /// filesystem.
 fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
-    let (mut vm, api, _disk) = ext4_guest(setup, "snapdisk", "64M")?;
+    let (mut vm, api, _disk) = ext4_guest(setup, "snapdisk", "64M", true)?;
     vm.type_line(&tail_writer())?;
     vm.wait_line(BEAT_TIMEOUT, |l| tail_seq(l) == Some(2))
         .map_err(at(&vm, "rewriting the tail block"))?;
