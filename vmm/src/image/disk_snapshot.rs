@@ -262,14 +262,8 @@ impl Finished {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files::scratch;
     use std::sync::Arc;
-
-    fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("cryo-unit-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    }
 
     fn disk(dir: &Path, name: &str) -> (PathBuf, CopySource) {
         let p = dir.join(name);
