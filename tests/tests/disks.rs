@@ -8,8 +8,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{boot_with, live_migration_refused, refused, restores_and_continues, save_and_end};
-use cryo_tests::{cryo, socket_path, test_kernel, workdir, Guest, Progress};
+use common::{boot_with, live_migration_refused, refused, restores_and_continues, save_and_end, T};
+use cryo_tests::{cryo, restore_vm, socket_path, test_kernel, workdir, Guest, Progress};
 
 fn boot_with_disks(api: &Path, disks: &[String]) -> (Guest, Progress) {
     let args: Vec<String> = disks
@@ -24,6 +24,16 @@ fn make_disk(dir: &Path, name: &str, mib: usize) -> PathBuf {
     let bytes: Vec<u8> = (0..mib << 20).map(|i| (i % 251) as u8).collect();
     std::fs::write(&p, bytes).unwrap();
     p
+}
+
+/// A fresh work directory `tag` with a disk of `mib` MiB, and a VM booted
+/// on it with the API socket named after `tag`.
+fn one_disk_vm(tag: &str, mib: usize) -> (PathBuf, PathBuf, PathBuf, Guest) {
+    let dir = workdir(tag);
+    let disk = make_disk(&dir, "disk.raw", mib);
+    let api = socket_path(tag);
+    let (g, _) = boot_with_disks(&api, &[disk.display().to_string()]);
+    (dir, disk, api, g)
 }
 
 #[test]
@@ -119,4 +129,245 @@ fn live_migration_and_live_save_of_a_vm_with_disks_are_refused_and_it_runs_on() 
     let more = g.follow(1, 2, 1, T);
     assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
     g.kill();
+}
+
+/// `cryo snapshot --disk-snapshot ...`: status, stdout (JSON), stderr.
+fn snapshot_with_disks(
+    api: &Path,
+    image: &Path,
+    copies: &[&Path],
+) -> (Option<i32>, String, String) {
+    let mut args = vec![
+        "snapshot".to_string(),
+        "--api".into(),
+        api.display().to_string(),
+        "--to".into(),
+        image.display().to_string(),
+    ];
+    for c in copies {
+        args.push("--disk-snapshot".into());
+        args.push(c.display().to_string());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    cryo(&args)
+}
+
+/// The disk copies of a snapshot hold each disk as it was at the pause,
+/// the image names the copies (restored without --disk-changed-ok, even
+/// after the original disk changed), and the copies are private files.
+#[test]
+fn disk_snapshot_copies_each_disk_and_the_image_restores_from_the_copies() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = workdir("disk-snap");
+    let disk = make_disk(&dir, "disk.raw", 5);
+    // A sparse disk: data at both ends, a hole between.
+    let sparse = dir.join("sparse.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&sparse).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[7u8; 4096], 0).unwrap();
+        f.write_all_at(&[9u8; 4096], (64 << 20) - 4096).unwrap();
+    }
+    let api = socket_path("disk-snap");
+    let (mut g, _) = boot_with_disks(
+        &api,
+        &[
+            disk.display().to_string(),
+            format!("{},ro", sparse.display()),
+        ],
+    );
+    let image = dir.join("snap.cryo");
+    let (c0, c1) = (dir.join("copy0.raw"), dir.join("copy1.raw"));
+    let before = g.follow(1, 1, 0, T);
+    let (status, out, err) = snapshot_with_disks(&api, &image, &[&c0, &c1]);
+    assert_eq!(status, Some(0), "snapshot failed: {out}\n{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let disks = stats["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2, "{out}");
+    eprintln!("disk copies: {out}");
+    assert_eq!(std::fs::read(&c0).unwrap(), std::fs::read(&disk).unwrap());
+    assert_eq!(std::fs::read(&c1).unwrap(), std::fs::read(&sparse).unwrap());
+    for c in [&c0, &c1] {
+        let mode = std::fs::metadata(c).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", c.display());
+    }
+    // The sparse disk's hole stays a hole in its copy (on this filesystem,
+    // unless FICLONE shared the extents, which keeps the holes anyway).
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&c1).unwrap().blocks() * 512;
+    assert!(
+        allocated < 8 << 20,
+        "copy of a sparse disk allocates {allocated} bytes"
+    );
+    // No temporary files left beside the copies.
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains(".tmp-")), "{names:?}");
+    // The original runs on; the image names the copies.
+    let more = g.follow(1, 2, 0, T);
+    assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
+    g.kill();
+    // The image's device state names the copies (postcard keeps strings as
+    // they are), not the original disks.
+    let bytes_of_image = std::fs::read(&image).unwrap();
+    let names = |n: &str| bytes_of_image.windows(n.len()).any(|w| w == n.as_bytes());
+    assert!(names("copy0.raw") && names("copy1.raw"));
+    assert!(!names("disk.raw") && !names("sparse.raw"));
+    // The original disks change and go: the snapshot does not need them.
+    let mut bytes = std::fs::read(&disk).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::remove_file(&sparse).unwrap();
+    let r_api = socket_path("disk-snap-r");
+    let mut r = restore_vm(&image, Some(&r_api), &[]);
+    let after = r.follow(1, 2, 1, T);
+    assert!(!after.booted, "the restored guest booted again");
+    assert!(
+        after.first_beat[&0].0 > before.last_beat[&0].0,
+        "{}",
+        r.transcript()
+    );
+    r.kill();
+    // A copy that changed after the snapshot is refused like any disk.
+    std::fs::write(&c0, &bytes).unwrap();
+    refused(&image, &[], "copy0.raw");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn disk_snapshot_bad_requests_are_refused_and_the_vm_runs_on() {
+    let (dir, disk, api, mut g) = one_disk_vm("disk-snap-bad", 1);
+    let image = dir.join("snap.cryo");
+    let cases: [(&[&Path], &str); 4] = [
+        (
+            &[&dir.join("a.raw"), &dir.join("b.raw")],
+            "given 2 times, but the VM has 1 disks",
+        ),
+        (&[&disk], "a copy cannot replace its own disk"),
+        (&[&image], "named twice"),
+        (&[&dir.join("missing-dir/a.raw")], "missing-dir"),
+    ];
+    for (copies, needle) in cases {
+        let (status, out, err) = snapshot_with_disks(&api, &image, copies);
+        assert_eq!(status, Some(2), "{needle}: {out}\n{err}");
+        assert!(err.contains(needle), "expected '{needle}' in: {err}");
+    }
+    assert!(!image.exists());
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        std::fs::read(make_disk(&dir, "ref.raw", 1)).unwrap()
+    );
+    let more = g.follow(1, 2, 1, T);
+    assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
+    g.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A disk copy that runs out of space fails the snapshot with a clear
+/// error; nothing is left behind, the VM runs on, and a later snapshot works.
+#[test]
+fn disk_snapshot_on_a_full_filesystem_fails_cleanly_and_the_vm_runs_on() {
+    let Some(fs) = cryo_tests::Mount::new("disk-snap-full", "tmpfs", Some("size=4m")) else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let dir = workdir("disk-snap-full-src");
+    let disk = make_disk(&dir, "disk.raw", 16);
+    let api = socket_path("disk-snap-full");
+    let (mut g, _) = boot_with_disks(&api, &[disk.display().to_string()]);
+    let image = dir.join("snap.cryo");
+    let copy = fs.0.join("copy.raw");
+    let (status, out, err) = snapshot_with_disks(&api, &image, &[&copy]);
+    assert_eq!(status, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains("disk snapshot") && err.contains("copy.raw"),
+        "{err}"
+    );
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(!image.exists() && !copy.exists());
+    let left: Vec<_> = std::fs::read_dir(&fs.0).unwrap().collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+    let more = g.follow(1, 2, 1, T);
+    assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
+    // Copy mode ended: a new snapshot to a place with room works.
+    let (status, out, err) = snapshot_with_disks(&api, &image, &[&dir.join("copy.raw")]);
+    assert_eq!(status, Some(0), "{out}\n{err}");
+    g.kill();
+    drop(fs);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A loop-mounted XFS with reflink, unmounted and removed on drop.
+struct XfsReflink {
+    dir: PathBuf,
+    image: PathBuf,
+}
+
+impl XfsReflink {
+    fn new(name: &str) -> Result<Self, String> {
+        let dir = workdir(name);
+        let image = dir.with_extension("xfs");
+        let run = |cmd: &mut std::process::Command| match cmd.output() {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(300 << 20))
+            .map_err(|e| e.to_string())?;
+        let mounted = run(std::process::Command::new("mkfs.xfs")
+            .args(["-q", "-m", "reflink=1"])
+            .arg(&image))
+        .and_then(|()| {
+            run(std::process::Command::new("mount")
+                .arg("-o")
+                .arg("loop")
+                .arg(&image)
+                .arg(&dir))
+        });
+        let fs = XfsReflink { dir, image };
+        mounted.map(|()| fs)
+    }
+}
+
+impl Drop for XfsReflink {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.dir).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+/// On a filesystem with reflinks the copy is a FICLONE inside the pause.
+#[test]
+fn disk_snapshot_uses_ficlone_where_the_filesystem_shares_extents() {
+    let fs = match XfsReflink::new("disk-snap-xfs") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!(
+                "skipped: disk_snapshot_uses_ficlone_where_the_filesystem_shares_extents: \
+                 no XFS with reflink here (needs root, loop devices and mkfs.xfs): {why}"
+            );
+            return;
+        }
+    };
+    let disk = make_disk(&fs.dir, "disk.raw", 8);
+    let api = socket_path("disk-snap-xfs");
+    let (mut g, _) = boot_with_disks(&api, &[disk.display().to_string()]);
+    let image = fs.dir.join("snap.cryo");
+    let copy = fs.dir.join("copy.raw");
+    let (status, out, err) = snapshot_with_disks(&api, &image, &[&copy]);
+    assert_eq!(status, Some(0), "{out}\n{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["disks"][0]["method"], "reflink", "{out}");
+    assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&disk).unwrap());
+    g.kill();
+    let r_api = socket_path("disk-snap-xfs-r");
+    let mut r = restore_vm(&image, Some(&r_api), &[]);
+    let after = r.follow(1, 2, 1, T);
+    assert!(!after.booted, "{}", r.transcript());
+    r.kill();
 }

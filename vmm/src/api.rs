@@ -138,6 +138,9 @@ pub enum Request {
         /// O_DIRECT.
         #[serde(default)]
         direct_io: Option<DirectIoArg>,
+        /// A copy of each disk at the snapshot's instant, in slot order.
+        #[serde(default)]
+        disk_snapshots: Vec<PathBuf>,
         /// Send progress events before the reply.
         #[serde(default)]
         progress: bool,
@@ -596,9 +599,16 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> Reply {
             path,
             channels,
             direct_io,
+            disk_snapshots,
             progress,
             ..
-        } => snapshot(state, conn, id, (path, channels, direct_io, progress)),
+        } => snapshot(
+            state,
+            conn,
+            id,
+            (path, channels, direct_io, progress),
+            &disk_snapshots,
+        ),
     }
 }
 
@@ -880,6 +890,7 @@ fn snapshot(
     conn: &Conn,
     id: Option<Value>,
     (path, channels, direct_io, progress): (PathBuf, Option<usize>, Option<DirectIoArg>, bool),
+    disks: &[PathBuf],
 ) -> Reply {
     let channels = match channel_options(channels, direct_io) {
         Ok(c) => c,
@@ -887,7 +898,7 @@ fn snapshot(
     };
     let c = &state.controller;
     let run = with_progress(state, conn, &id, "snapshot", progress, |p| {
-        save::live::snapshot_vm(c, &path, &channels, &state.cancel, Some(&p))
+        save::live::snapshot_vm(c, &path, &channels, disks, &state.cancel, Some(&p))
     });
     finish(id, run, |stats, _| {
         info!(

@@ -280,6 +280,7 @@ impl Source {
             serial: SerialOutput::File(file),
             serial_input: false,
             disks: Vec::new(),
+            nets: Vec::new(),
         })?;
         let controller = vm.controller()?;
         let stop = vm.stop_handle();

@@ -195,7 +195,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
         let t0 = rdtsc();
         let start = Instant::now();
         let cancel = live::CancelSlot::default();
-        let stats = live::snapshot_vm(&controller, &img, &channels, &cancel, None)
+        let stats = live::snapshot_vm(&controller, &img, &channels, &[], &cancel, None)
             .map_err(|e| CliError::failure(e.to_string()))?;
         let snapshot_s = start.elapsed().as_secs_f64();
         let t1 = rdtsc();

@@ -301,6 +301,10 @@ pub struct SnapshotArgs {
     /// Target file (a fixed-ram image, committed only when complete).
     #[arg(long, value_name = "FILE")]
     pub to: PathBuf,
+    /// Copy each disk at the snapshot's instant to this file (repeat once
+    /// per disk, in slot order); the image then names the copies.
+    #[arg(long, value_name = "FILE")]
+    pub disk_snapshot: Vec<PathBuf>,
     /// Walker threads copying pages (default: one per host CPU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: Option<u16>,

@@ -74,6 +74,28 @@ fn num(v: &Value, k: &str) -> f64 {
     v.get(k).and_then(Value::as_f64).unwrap_or(0.0)
 }
 
+/// The disk copies of a snapshot, for [`human`].
+fn disk_copies(r: &Value) -> String {
+    let disks = r.get("disks").and_then(Value::as_array);
+    disks
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+            format!(
+                "; disk copy {} ({} MiB, {}, {} chunks copied before guest writes, {:.0} ms)",
+                s("path"),
+                mib(d, "bytes"),
+                s("method"),
+                d.get("chunks_before_write")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
+                num(d, "copy_ms"),
+            )
+        })
+        .collect()
+}
+
 /// A one-line summary of a result for people.
 fn human(cmd: &str, r: &Value) -> String {
     let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_string();
@@ -117,7 +139,7 @@ fn human(cmd: &str, r: &Value) -> String {
             r.get("blocks_by_walkers").and_then(Value::as_u64).unwrap_or(0),
             r.get("blocks_by_faults").and_then(Value::as_u64).unwrap_or(0),
             num(r, "fault_latency_median_us"),
-        ),
+        ) + &disk_copies(r),
         "migrate" => format!(
             "migrated to {} in {:.2} s: {} rounds, {:.2}x RAM sent, VM paused {:.1} ms",
             s("to"),
@@ -198,6 +220,14 @@ pub fn migrate(args: crate::cli::MigrateArgs, out: Output) -> Result<(), CliErro
 /// `cryo snapshot`.
 pub fn snapshot(args: crate::cli::SnapshotArgs, out: Output) -> Result<(), CliError> {
     let mut req = json!({"cmd": "snapshot", "path": absolute(&args.to)?});
+    if !args.disk_snapshot.is_empty() {
+        let disks = args
+            .disk_snapshot
+            .iter()
+            .map(|d| absolute(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        req["disk_snapshots"] = json!(disks);
+    }
     if let Some(n) = args.channels {
         req["channels"] = json!(n);
     }

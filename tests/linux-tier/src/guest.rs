@@ -260,6 +260,19 @@ impl LinuxVm {
         }
     }
 
+    /// Waits until the shell answers: input typed while it is still
+    /// starting can be lost (it flushes the terminal's input), so a probe
+    /// is typed up to `tries` times, `each` apart.
+    pub fn wait_shell(&mut self, tries: u32, each: Duration) -> Result<(), Failure> {
+        let probe = "echo SHELL-UP-$((3+4))";
+        for _ in 1..tries {
+            if self.shell(probe, "SHELL-UP-7", each).is_ok() {
+                return Ok(());
+            }
+        }
+        self.shell(probe, "SHELL-UP-7", each)
+    }
+
     /// Waits for the process to end; returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<i32, Failure> {
         match self.guest.wait_exit(timeout) {

@@ -72,6 +72,9 @@ pub mod names {
     pub const NET_TCP_SAVE_RESTORE: &str = "net-tcp-save-restore";
     /// Ping both ways across a live snapshot.
     pub const NET_PING_LIVE_SNAPSHOT: &str = "net-ping-live-snapshot";
+    /// A live snapshot with `--disk-snapshot` while ext4 is written: the
+    /// restore uses the copy, as it was at the snapshot.
+    pub const DISK_SNAPSHOT_LIVE: &str = "disk-snapshot-live";
 }
 
 /// Every scenario, in the order the driver reports them.
@@ -94,10 +97,15 @@ pub const ALL: &[&str] = &[
     names::DISK_CHANGED_REFUSED,
     names::NET_TCP_SAVE_RESTORE,
     names::NET_PING_LIVE_SNAPSHOT,
+    names::DISK_SNAPSHOT_LIVE,
 ];
 
 /// The disk scenarios (`CRYO_LINUX_TIER_ONLY=disk`).
-const DISK: &[&str] = &[names::DISK_FSYNC_SAVE, names::DISK_CHANGED_REFUSED];
+const DISK: &[&str] = &[
+    names::DISK_FSYNC_SAVE,
+    names::DISK_CHANGED_REFUSED,
+    names::DISK_SNAPSHOT_LIVE,
+];
 /// The network scenarios (`CRYO_LINUX_TIER_ONLY=net`).
 const NET: &[&str] = &[names::NET_TCP_SAVE_RESTORE, names::NET_PING_LIVE_SNAPSHOT];
 

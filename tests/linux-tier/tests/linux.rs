@@ -82,6 +82,11 @@ fn linux_ping_answers_across_a_live_snapshot() {
 }
 
 #[test]
+fn linux_disk_snapshot_restores_the_disk_as_it_was_at_the_snapshot() {
+    check(names::DISK_SNAPSHOT_LIVE);
+}
+
+#[test]
 fn linux_boots_to_user_space_with_one_vcpu() {
     check(names::BOOT_1VCPU);
 }

@@ -9,16 +9,19 @@
 //! pause, so it is the VM at that instant.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bg_snapshot::{BlockSink, CancelHandle, MemRange, SnapshotError};
+use bg_snapshot::{Armed, BlockSink, CancelHandle, MemRange, Prepared, SnapshotError};
 use fixed_ram::{ImageWriter, Layout};
+use microvm::devices::virtio::disk_copy::{CopyCancel, DiskCopy, DiskCopyError};
+use microvm::persist::VmSnapshot;
 use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use microvm::{RunState, VmController};
+use microvm::{MicroVm, RunState, VmController};
 use serde::Serialize;
 
+use super::disk_snapshot::{self, DiskCopyStats, Starts};
 use super::fixed::ChannelOptions;
 use super::{
     create_temp, file_sizes, publish, region_specs, snapshot, SaveControl, SaveError, PAGE_SIZE,
@@ -61,29 +64,65 @@ pub struct SnapshotStats {
     pub fault_latency_max_us: f64,
     /// Whether never-touched memory was protected by WP_UNPOPULATED (else pre-touched).
     pub wp_unpopulated: bool,
+    /// The disk copies (`--disk-snapshot`), in slot order.
+    pub disks: Vec<DiskCopyStats>,
 }
 
 /// Shared with the API so that `cancel` can reach a running snapshot.
 #[derive(Default)]
-pub struct CancelSlot(Mutex<Option<CancelHandle>>);
+pub struct CancelSlot(Mutex<Option<(CancelHandle, Vec<CopyCancel>)>>);
 
 impl CancelSlot {
-    /// Cancels the running snapshot; false if none runs.
+    /// Cancels the running snapshot (memory and disk copies); false if none runs.
     pub fn cancel(&self) -> bool {
         match self.0.lock().ok().and_then(|s| s.clone()) {
-            Some(h) => {
+            Some((h, disks)) => {
                 h.cancel();
+                disks.iter().for_each(CopyCancel::cancel);
                 true
             }
             None => false,
         }
     }
 
-    fn set(&self, h: Option<CancelHandle>) {
+    fn set(&self, h: Option<(CancelHandle, Vec<CopyCancel>)>) {
         if let Ok(mut s) = self.0.lock() {
             *s = h;
         }
     }
+}
+
+/// What the pause captured.
+type Captured = (
+    VmSnapshot,
+    Result<Armed, SnapshotError>,
+    Result<Vec<DiskCopy>, (usize, DiskCopyError)>,
+    Duration,
+);
+
+/// Pause, capture the device state (which quiesces the disks), start the
+/// disk copies at this instant, arm the protection of RAM, resume: the only
+/// time the vCPUs stop. RAM is not armed if a disk copy did not start.
+fn pause_and_capture(
+    vm: &mut MicroVm,
+    prepared: Prepared,
+    disks: Starts,
+) -> Result<Captured, microvm::Error> {
+    let was_running = vm.state() == RunState::Running;
+    let pause_start = Instant::now();
+    vm.pause()?;
+    let result = vm.save_state().map(|snap| {
+        let copies = disks.start();
+        let armed = match &copies {
+            Ok(_) => prepared.arm(),
+            Err(_) => Err(SnapshotError::Cancelled),
+        };
+        (snap, armed, copies)
+    });
+    if was_running {
+        let _ = vm.resume();
+    }
+    result.map(|(s, a, c)| (s, a, c, pause_start.elapsed()))
 }
 
 /// The fixed-ram writer as bg-snapshot's block sink.
@@ -147,10 +186,17 @@ pub fn snapshot_vm(
     controller: &VmController,
     path: &Path,
     channels: &ChannelOptions,
+    disk_targets: &[PathBuf],
     cancel: &CancelSlot,
     progress: Option<&Progress>,
 ) -> Result<SnapshotStats, SaveError> {
     crate::files::check_save_target(path).map_err(|e| SaveError::BadRequest(e.0))?;
+    let disks = controller.call(|vm| {
+        let b = vm.blocks().iter();
+        b.map(|b| (b.disk.path.clone(), b.copy_source.clone()))
+            .collect::<Vec<_>>()
+    })?;
+    let disks = disk_snapshot::prepare(disk_targets, disks, path)?;
     if let Some(p) = progress {
         p.phase("pausing");
     }
@@ -169,19 +215,13 @@ pub fn snapshot_vm(
         })
         .collect();
     let prepared = bg_snapshot::prepare(&ranges, BLOCK_SIZE).map_err(&serr)?;
-    // Pause, capture, arm, resume: the only time the vCPUs stop.
-    let (snapshot, armed, paused) = controller.call(move |vm| {
-        let was_running = vm.state() == RunState::Running;
-        let pause_start = Instant::now();
-        vm.pause()?;
-        let result = vm.save_state().map(|snap| (snap, prepared.arm()));
-        if was_running {
-            let _ = vm.resume();
-        }
-        result.map(|(s, a)| (s, a, pause_start.elapsed()))
-    })??;
+    let (disks, starts) = disks.split();
+    let (mut snapshot, armed, copies, paused) =
+        controller.call(move |vm| pause_and_capture(vm, prepared, starts))??;
+    // Disk copy errors first: RAM was not armed when one failed.
+    let disks = disks.started(copies)?;
     let armed = armed.map_err(&serr)?;
-    cancel.set(Some(armed.cancel_handle()));
+    cancel.set(Some((armed.cancel_handle(), disks.cancel_handles())));
     let arm_time = armed.arm_time();
 
     let result = (|| {
@@ -196,11 +236,6 @@ pub fn snapshot_vm(
             &specs,
         )
         .map_err(&ierr)?;
-        let device_state =
-            snapshot::encode(&snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
-                path: path.to_owned(),
-                source: e.into(),
-            })?;
         let (tmp, file) = create_temp(path)?;
         let writer = ImageWriter::from_file(file, layout).map_err(&ierr)?;
         let direct = match multifd::open_with_direct_io(tmp.path(), channels.direct_io, true) {
@@ -235,12 +270,24 @@ pub fn snapshot_vm(
                 other => serr(other),
             })?;
         drop(sink);
+        if let (Some(p), false) = (progress, disks.is_empty()) {
+            p.phase("copying disks");
+        }
+        let disks = disks.finish()?;
+        // The image names the copies, as they were at the pause.
+        disks.record(&mut snapshot);
         if let Some(p) = progress {
             p.phase("committing");
         }
+        let device_state =
+            snapshot::encode(&snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
+                path: path.to_owned(),
+                source: e.into(),
+            })?;
         let file = writer.commit(&device_state).map_err(&ierr)?;
         let (bytes, allocated) = file_sizes(&file, path)?;
         drop(file);
+        let disks = disks.publish()?;
         // A live snapshot is consistent while the VM runs: only a cancel stops it.
         publish(tmp, path, &SaveControl::default())?;
         let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
@@ -259,6 +306,7 @@ pub fn snapshot_vm(
             fault_latency_p99_us: us(report.fault_latency.p99),
             fault_latency_max_us: us(report.fault_latency.max),
             wp_unpopulated: report.wp_unpopulated,
+            disks,
         })
     })();
     cancel.set(None);

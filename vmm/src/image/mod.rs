@@ -16,6 +16,7 @@
 //! leaves the VM as it was (running, or paused). Temporary files of saves
 //! whose process died are removed by the next save to the same target.
 
+pub mod disk_snapshot;
 pub mod fixed;
 pub mod live;
 pub mod live_save;
@@ -215,6 +216,33 @@ pub enum SaveError {
     /// The save or snapshot was cancelled (by `cancel`, `quit` or a signal).
     #[error("the {0} was cancelled; no file was written")]
     Cancelled(&'static str),
+    /// `--disk-snapshot` was given a number of times other than the VM's
+    /// number of disks.
+    #[error("--disk-snapshot given {targets} times, but the VM has {disks} disks (one copy per disk, in slot order)")]
+    DiskSnapshotCount {
+        /// Disks of the VM.
+        disks: usize,
+        /// Targets given.
+        targets: usize,
+    },
+    /// A disk copy failed (the VM runs on, nothing was written).
+    #[error("disk snapshot {path}: {source}")]
+    DiskCopy {
+        /// The copy's target.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: microvm::devices::virtio::disk_copy::DiskCopyError,
+    },
+    /// A finished disk copy could not be identified.
+    #[error("disk snapshot {path}: {source}")]
+    DiskIdentity {
+        /// The copy's target.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: microvm::devices::virtio::block::DiskError,
+    },
     /// Dirty logging failed (live migration).
     #[error("dirty logging: {0}")]
     DirtyLog(#[from] dirty_log::Error),
@@ -276,6 +304,7 @@ impl SaveError {
             SaveError::Invalid { .. }
             | SaveError::BadRequest(_)
             | SaveError::LiveWithDisks(_)
+            | SaveError::DiskSnapshotCount { .. }
             | SaveError::BadImage { .. }
             | SaveError::DeviceState { .. } => "bad-request",
             SaveError::Cancelled(_) => "cancelled",

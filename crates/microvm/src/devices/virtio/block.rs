@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
@@ -17,6 +18,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 
+use super::disk_copy::{CopyHook, CopySource};
 use super::state::DiskIdentity;
 use super::{VirtioDevice, VirtioError};
 use crate::memory::GuestMemory;
@@ -170,7 +172,8 @@ pub fn check_identity(saved: &DiskIdentity, changed_ok: bool) -> Result<(), Disk
 
 /// A virtio-blk device.
 pub struct Block {
-    file: File,
+    file: Arc<File>,
+    copy_hook: Arc<CopyHook>,
     config: DiskConfig,
     capacity: u64,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
@@ -197,7 +200,8 @@ impl Block {
         let n = serial.len().min(id.len());
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         Ok(Block {
-            file,
+            file: Arc::new(file),
+            copy_hook: Arc::default(),
             capacity: meta.len() / SECTOR_SIZE,
             config,
             id,
@@ -209,6 +213,14 @@ impl Block {
     /// How the disk was opened.
     pub fn config(&self) -> &DiskConfig {
         &self.config
+    }
+
+    /// What a point-in-time copy of this disk needs (see [`super::disk_copy`]).
+    pub fn copy_source(&self) -> CopySource {
+        CopySource {
+            disk: Arc::clone(&self.file),
+            hook: Arc::clone(&self.copy_hook),
+        }
     }
 
     /// Size in sectors.
@@ -324,6 +336,10 @@ impl Block {
             return VIRTIO_BLK_S_IOERR;
         }
         let total = reader.available_bytes();
+        if let Some(offset) = self.offset(sector, total) {
+            // A copy in progress keeps the old contents first.
+            self.copy_hook.before_write(offset, total as u64);
+        }
         self.chunked(sector, total, |file, buf, offset| {
             reader.read_exact(buf)?;
             file.write_all_at(buf, offset)

@@ -12,6 +12,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::block::{Block, DiskConfig};
+use super::disk_copy::CopySource;
 use super::net::{Mac, Net, NetCounters};
 use super::{mmio_base, mmio_irq, MmioTransport, VirtioDevice, VirtioError, MMIO_WINDOW};
 use crate::memory::GuestMemory;
@@ -25,6 +26,8 @@ pub struct BlockSlot {
     pub transport: Arc<Mutex<MmioTransport>>,
     /// How the disk was opened.
     pub disk: DiskConfig,
+    /// For point-in-time copies of the disk (`disk_copy`).
+    pub copy_source: CopySource,
 }
 
 /// One virtio-net device of the VM.
@@ -66,9 +69,11 @@ fn attach_device(
 /// Attaches `block` in MMIO slot `slot`.
 pub fn attach(vm_fd: &VmFd, slot: usize, block: Block) -> Result<BlockSlot, VirtioError> {
     let disk = block.config().clone();
+    let copy_source = block.copy_source();
     Ok(BlockSlot {
         transport: attach_device(vm_fd, slot, Box::new(block))?,
         disk,
+        copy_source,
     })
 }
 

@@ -18,6 +18,7 @@
 
 pub mod block;
 pub mod bus;
+pub mod disk_copy;
 mod mmio;
 pub mod net;
 pub mod state;

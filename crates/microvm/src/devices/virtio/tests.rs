@@ -254,6 +254,45 @@ fn blk_write_read_flush_and_id() {
 }
 
 #[test]
+fn blk_writes_during_a_disk_copy_leave_the_copy_at_its_start() {
+    let mib = super::disk_copy::COPY_CHUNK as usize;
+    // 32 MiB: the background copy, in order from the start, is still far
+    // from the last chunks when the guest writes there.
+    let before: Vec<u8> = (0..32 * mib).map(|i| (i / 4096) as u8).collect();
+    let disk = TempDisk::new("copy-disk", &before);
+    let copy_file = TempDisk::new("copy-target", &[]);
+    let dev = Block::open(DiskConfig {
+        path: disk.0.clone(),
+        read_only: false,
+        direct: false,
+    })
+    .unwrap();
+    let source = dev.copy_source();
+    let mut d = Driver::with_device(Box::new(dev));
+    let target = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&copy_file.0)
+        .unwrap();
+    let copy = source.start(target).unwrap();
+    // Guest writes while the copy runs, into each chunk.
+    d.mem
+        .write_slice(&[0x5a; 4096], GuestAddress(0x10000))
+        .unwrap();
+    for sector in [8u64, 2048 + 16, 4096 + 24] {
+        assert_eq!(d.request(1, sector, 4096), 0);
+    }
+    copy.finish().unwrap();
+    assert_eq!(std::fs::read(&copy_file.0).unwrap(), before);
+    let after = std::fs::read(&disk.0).unwrap();
+    assert!(after[(4096 + 24) * 512..][..4096]
+        .iter()
+        .all(|b| *b == 0x5a));
+    // Copy mode ended: later writes go to the disk alone.
+    assert_eq!(d.request(1, 0, 4096), 0);
+    assert_eq!(std::fs::read(&copy_file.0).unwrap(), before);
+}
+
+#[test]
 fn blk_read_only_refuses_writes() {
     let disk = TempDisk::new("ro", &disk_bytes());
     let mut d = Driver::new(&disk, true);
