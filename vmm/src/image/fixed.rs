@@ -17,7 +17,7 @@ use crate::progress::Progress;
 
 use super::{
     create_temp, file_sizes, publish, region_specs, snapshot, ImageError, Loaded, RestoreMode,
-    SaveControl, SaveError, Written, PAGE_SIZE,
+    SaveControl, SaveError, SavePhases, Written, PAGE_SIZE,
 };
 
 /// How page data moves between guest memory and the image.
@@ -243,7 +243,7 @@ pub(super) fn image_err(path: &Path) -> impl Fn(fixed_ram::FixedRamError) -> Sav
 
 /// Writes a fixed-ram image of the paused VM to `path` (temp file, data,
 /// fsync, header, fsync, rename, directory fsync). On failure or cancel the
-/// temporary file is removed.
+/// temporary file is removed. The result carries the time of each phase.
 pub fn write_fixed_file(
     path: &Path,
     snapshot: &VmSnapshot,
@@ -262,12 +262,59 @@ pub fn write_fixed_file(
             path: path.to_owned(),
             source: e.into(),
         })?;
+    let data_start = Instant::now();
     let (tmp, file) = create_temp(path)?;
     let writer = ImageWriter::from_file(file, layout).map_err(&ierr)?;
-    let stats = multifd::save_to_file(
+    let stats = write_pages(
+        path,
         tmp.path(),
+        &writer,
+        memory,
+        channels,
+        progress,
+        control,
+    )?;
+    let data = data_start.elapsed();
+    if let Some(p) = progress {
+        p.phase("committing");
+    }
+    let (file, times) = writer.commit_timed(&device_state).map_err(&ierr)?;
+    let (bytes, allocated) = file_sizes(&file, path)?;
+    drop(file);
+    let publish_start = Instant::now();
+    publish(tmp, path, control)?;
+    let phases = SavePhases {
+        data,
+        metadata: times.metadata,
+        sync: times.data_sync + times.header_sync,
+        publish: publish_start.elapsed(),
+    };
+    log::info!("{}: save phases {phases:?}", path.display());
+    Ok(Written {
+        bytes,
+        allocated_bytes: allocated,
+        device_state_bytes: device_state.len() as u64,
+        ram_pages: stats.present_pages,
+        zero_pages: stats.zero_pages,
+        phases,
+    })
+}
+
+/// The data phase of a save: the channels write every present page of
+/// `memory` into the temporary file `tmp` of the image at `path`.
+fn write_pages(
+    path: &Path,
+    tmp: &Path,
+    writer: &ImageWriter,
+    memory: &GuestMemory,
+    channels: &ChannelOptions,
+    progress: Option<&Progress>,
+    control: &SaveControl,
+) -> Result<multifd::TransferStats, SaveError> {
+    let stats = multifd::save_to_file(
+        tmp,
         &mem_regions(memory),
-        &ImageLayout::save(&writer, progress, control),
+        &ImageLayout::save(writer, progress, control),
         &channels.multifd(),
     )
     .map_err(|e| match e {
@@ -294,20 +341,7 @@ pub fn write_fixed_file(
         stats.elapsed,
         stats.mb_per_s()
     );
-    if let Some(p) = progress {
-        p.phase("committing");
-    }
-    let file = writer.commit(&device_state).map_err(&ierr)?;
-    let (bytes, allocated) = file_sizes(&file, path)?;
-    drop(file);
-    publish(tmp, path, control)?;
-    Ok(Written {
-        bytes,
-        allocated_bytes: allocated,
-        device_state_bytes: device_state.len() as u64,
-        ram_pages: stats.present_pages,
-        zero_pages: stats.zero_pages,
-    })
+    Ok(stats)
 }
 
 fn open_image(path: &Path) -> Result<Image, SaveError> {
