@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::sys;
@@ -17,6 +18,16 @@ pub const MAX_FILE_CHANNELS: usize = 256;
 /// (whole chunks of one region; runs of non-zero pages are written with one
 /// system call across the chunks of a unit).
 const UNIT_BYTES: u64 = 4 << 20;
+
+/// Writes each saving channel keeps in flight. One: a second write in
+/// flight per channel did not raise the write bandwidth of the disks
+/// measured (docs/benchmarks.md); more channels do.
+pub const SAVE_QUEUE_DEPTH: usize = 1;
+
+/// Reads each loading channel keeps in flight: two, so that one channel
+/// reads while it checks the previous unit's checksums, and the disk sees a
+/// queue (a second read in flight raised one stream's read bandwidth).
+pub const LOAD_QUEUE_DEPTH: usize = 2;
 
 /// Alignment checked before an `O_DIRECT` transfer (the smallest logical
 /// block size of any block device).
@@ -231,6 +242,14 @@ struct ChannelStats {
     zero: u64,
 }
 
+impl ChannelStats {
+    fn add(&mut self, other: &ChannelStats) {
+        self.bytes += other.bytes;
+        self.present += other.present;
+        self.zero += other.zero;
+    }
+}
+
 fn check_args(
     regions: &[MemRegion],
     layout: &dyn FileLayout,
@@ -390,39 +409,42 @@ fn transfer(
 /// One channel: takes units from the cursor until none is left or another
 /// channel failed.
 fn channel(sh: &Shared<'_>, c: usize, file: &File) -> ChannelStats {
-    let mut st = ChannelStats::default();
     let ch = Chan { sh, c, file };
     match sh.dir {
-        // Saving: the first thread scans and checksums the next unit while
-        // the second writes the previous one.
+        // Saving: one thread scans and checksums the next unit while
+        // another writes the previous one.
         Direction::Save => pipeline(
             sh,
             c,
+            SAVE_QUEUE_DEPTH,
             |r, first, n| ch.prep_unit(r, first, n),
-            |p| ch.write_prepped(p, &mut st),
+            |p, st| ch.write_prepped(p, st),
         ),
-        // Loading: the first thread finds the present runs and faults their
-        // memory in for the next unit while the second reads.
+        // Loading: one thread finds the present runs and faults their
+        // memory in for the next units while the others read and check.
         Direction::Load { populate } => pipeline(
             sh,
             c,
+            LOAD_QUEUE_DEPTH,
             |r, first, n| ch.prep_load(r, first, n, populate),
-            |p| ch.read_prepped(p, &mut st),
+            |p, st| ch.read_prepped(p, st),
         ),
     }
-    st
 }
 
-/// Runs one channel as two threads, so that the disk is never idle while
-/// the channel computes: `prep` takes units from the shared cursor and
-/// hands its result (at most one ahead) to `io`, which runs on the calling
-/// thread. The first error from either side stops every channel.
+/// Runs one channel as a pipeline, so that the disk is never idle while
+/// the channel computes: a `prep` thread takes units from the shared cursor
+/// and hands its results (at most `depth` ahead) to `depth` I/O threads
+/// (the calling thread and `depth - 1` more), each running `io` on one unit
+/// at a time, so that `depth` transfers of the channel are in flight. The
+/// first error from any side stops every channel.
 fn pipeline<T: Send>(
     sh: &Shared<'_>,
     c: usize,
+    depth: usize,
     prep: impl Fn(usize, u64, u64) -> Result<T, MultifdError> + Sync,
-    mut io: impl FnMut(T) -> Result<(), MultifdError>,
-) {
+    io: impl Fn(T, &mut ChannelStats) -> Result<(), MultifdError> + Sync,
+) -> ChannelStats {
     let next_unit = || {
         if sh.stopped() {
             return None;
@@ -430,7 +452,23 @@ fn pipeline<T: Send>(
         let idx = sh.cursor.fetch_add(1, Ordering::Relaxed);
         (idx < sh.work.total()).then(|| sh.work.unit(sh.layout, idx))
     };
-    let (tx, rx) = std::sync::mpsc::sync_channel::<T>(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<T>(depth);
+    let rx = Mutex::new(rx);
+    // One I/O thread: the next prepared unit, until there is none or a
+    // channel failed. The lock is held only while waiting for a unit.
+    let io_thread = || {
+        let mut st = ChannelStats::default();
+        while let Some(p) = rx.lock().ok().and_then(|r| r.recv().ok()) {
+            if sh.stopped() {
+                break;
+            }
+            if let Err(e) = io(p, &mut st) {
+                sh.fail(e);
+                break;
+            }
+        }
+        st
+    };
     std::thread::scope(|s| {
         let prep_thread = std::thread::Builder::new()
             .name(format!("multifd-prep-{c}"))
@@ -452,18 +490,27 @@ fn pipeline<T: Send>(
             });
         if let Err(e) = prep_thread {
             sh.fail(MultifdError::io("starting a channel thread", e));
-            return;
+            return ChannelStats::default();
         }
-        for p in rx {
-            if sh.stopped() {
-                break;
-            }
-            if let Err(e) = io(p) {
-                sh.fail(e);
-                break;
+        let mut others = Vec::new();
+        for i in 1..depth {
+            match std::thread::Builder::new()
+                .name(format!("multifd-io-{c}-{i}"))
+                .spawn_scoped(s, io_thread)
+            {
+                Ok(h) => others.push(h),
+                Err(e) => sh.fail(MultifdError::io("starting a channel thread", e)),
             }
         }
-    });
+        let mut total = io_thread();
+        for h in others {
+            match h.join() {
+                Ok(st) => total.add(&st),
+                Err(_) => sh.fail(MultifdError::Aborted("a channel thread panicked".into())),
+            }
+        }
+        total
+    })
 }
 
 /// A unit whose present runs are known (and their memory faulted in), ready to be read.

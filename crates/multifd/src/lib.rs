@@ -33,7 +33,7 @@ pub use endpoint::{parse_endpoint, Endpoint, Listener, Stream};
 pub use error::{CallerError, Channel, MultifdError};
 pub use file::{
     load_from_file, open_with_direct_io, save_to_file, DirectIo, FileChannelOptions, FileLayout,
-    TransferStats, MAX_FILE_CHANNELS,
+    TransferStats, LOAD_QUEUE_DEPTH, MAX_FILE_CHANNELS, SAVE_QUEUE_DEPTH,
 };
 pub use live::{LiveSender, PageSet, RoundStats};
 pub use protocol::{
