@@ -210,24 +210,31 @@ fn all_chunks(layout: &Layout) -> Vec<(usize, u64)> {
         .collect()
 }
 
-/// Runs `work` on every chunk from `threads` threads taking chunks from a
-/// shared cursor; stops at the first error.
-fn for_each_chunk<E: Send>(
-    chunks: &[(usize, u64)],
+/// Runs `work(state, i)` for every `i` below `count` on `threads` threads
+/// (at most one per `i`), each taking the next `i` from a shared cursor with
+/// its own `state` from `init`; the first error stops them all and is
+/// returned.
+pub fn for_each_index<S, E: Send>(
     threads: usize,
-    work: impl Fn(usize, u64) -> Result<(), E> + Sync,
+    count: usize,
+    init: impl Fn() -> Result<S, E> + Sync,
+    work: impl Fn(&mut S, usize) -> Result<(), E> + Sync,
 ) -> Result<(), E> {
     let next = AtomicUsize::new(0);
     let first_error = page_runs::FirstError::new();
     std::thread::scope(|s| {
-        for _ in 0..threads.min(chunks.len()).max(1) {
+        for _ in 0..threads.min(count).max(1) {
             s.spawn(|| {
+                let mut state = match init() {
+                    Ok(st) => st,
+                    Err(e) => return first_error.fail(e),
+                };
                 while !first_error.stopped() {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(region, chunk)) = chunks.get(i) else {
+                    if i >= count {
                         return;
-                    };
-                    if let Err(e) = work(region, chunk) {
+                    }
+                    if let Err(e) = work(&mut state, i) {
                         first_error.fail(e);
                     }
                 }
@@ -494,7 +501,9 @@ impl Prefetch {
                 let regions: Vec<&microvm::GuestRegion> = self.memory.iter().collect();
                 let chunks = all_chunks(&layout);
                 let pages = AtomicU64::new(0);
-                let _ = for_each_chunk(&chunks, io_threads(), |region, chunk| {
+                let init = || Ok::<(), ()>(());
+                let _ = for_each_index(io_threads(), chunks.len(), init, |_, i| {
+                    let (region, chunk) = chunks[i];
                     let (offset, len) = layout.chunk_range(region, chunk);
                     let base = regions[region].as_ptr();
                     let first = offset / PAGE_SIZE as u64;
