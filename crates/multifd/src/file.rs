@@ -24,10 +24,12 @@ const UNIT_BYTES: u64 = 4 << 20;
 /// measured (docs/benchmarks.md); more channels do.
 pub const SAVE_QUEUE_DEPTH: usize = 1;
 
-/// Reads each loading channel keeps in flight: two, so that one channel
-/// reads while it checks the previous unit's checksums, and the disk sees a
-/// queue (a second read in flight raised one stream's read bandwidth).
-pub const LOAD_QUEUE_DEPTH: usize = 2;
+/// Reads each loading channel keeps in flight (reader threads behind its
+/// prep thread). One: two readers per channel, so that one reads while the
+/// other checks CRCs, were faster restoring 1 GiB and slower restoring
+/// 3 GiB in interleaved runs on a loaded machine (docs/benchmarks.md), so
+/// the gain is not shown; raise this to try again.
+pub const LOAD_QUEUE_DEPTH: usize = 1;
 
 /// Alignment checked before an `O_DIRECT` transfer (the smallest logical
 /// block size of any block device).
