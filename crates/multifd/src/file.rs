@@ -455,12 +455,14 @@ fn pipeline<T: Send>(
         (idx < sh.work.total()).then(|| sh.work.unit(sh.layout, idx))
     };
     let (tx, rx) = std::sync::mpsc::sync_channel::<T>(depth);
-    let rx = Mutex::new(rx);
+    // Dropped (taken) when the I/O threads are done, so that a prep thread
+    // blocked on a full queue after a failure wakes up and stops.
+    let rx = Mutex::new(Some(rx));
     // One I/O thread: the next prepared unit, until there is none or a
     // channel failed. The lock is held only while waiting for a unit.
     let io_thread = || {
         let mut st = ChannelStats::default();
-        while let Some(p) = rx.lock().ok().and_then(|r| r.recv().ok()) {
+        while let Some(p) = rx.lock().ok().and_then(|r| r.as_ref()?.recv().ok()) {
             if sh.stopped() {
                 break;
             }
@@ -511,6 +513,7 @@ fn pipeline<T: Send>(
                 Err(_) => sh.fail(MultifdError::Aborted("a channel thread panicked".into())),
             }
         }
+        drop(rx.lock().unwrap_or_else(|e| e.into_inner()).take());
         total
     })
 }

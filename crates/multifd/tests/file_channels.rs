@@ -202,6 +202,31 @@ fn checksum_mismatch_names_the_chunk() {
 }
 
 #[test]
+fn an_early_bad_chunk_stops_a_long_load() {
+    // The first chunk is bad and many units follow it: the channel's prep
+    // thread, blocked on a full queue, must stop too, and the load return.
+    let dir = tmp_dir("early-bad");
+    let path = dir.join("img");
+    let s = save(&path, &[48 * CHUNK], 1, DirectIo::Off, 5);
+    let page = (0..CHUNK / PAGE).find(|&p| s.layout.is_present(0, p)).unwrap();
+    let off = s.layout.bases[0] + page * PAGE + 7;
+    let mut data = std::fs::read(&path).unwrap();
+    data[off as usize] ^= 0x01;
+    std::fs::write(&path, &data).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let err = load(&path, &s, 1, DirectIo::Off).err();
+        let _ = tx.send(err.map(|e| e.to_string()));
+    });
+    let msg = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the load hung after a rejected chunk")
+        .expect("corruption detected");
+    assert!(msg.contains("region 0 chunk 0"), "{msg}");
+    worker.join().unwrap();
+}
+
+#[test]
 fn short_file_is_an_error() {
     let dir = tmp_dir("short");
     let path = dir.join("img");
