@@ -208,7 +208,9 @@ fn an_early_bad_chunk_stops_a_long_load() {
     let dir = tmp_dir("early-bad");
     let path = dir.join("img");
     let s = save(&path, &[48 * CHUNK], 1, DirectIo::Off, 5);
-    let page = (0..CHUNK / PAGE).find(|&p| s.layout.is_present(0, p)).unwrap();
+    let page = (0..CHUNK / PAGE)
+        .find(|&p| s.layout.is_present(0, p))
+        .unwrap();
     let off = s.layout.bases[0] + page * PAGE + 7;
     let mut data = std::fs::read(&path).unwrap();
     data[off as usize] ^= 0x01;
