@@ -443,25 +443,6 @@ fn timed_commit_writes_the_same_image_and_reports_its_steps() {
 }
 
 #[test]
-fn timed_commit_refuses_a_missing_chunk() {
-    let dir = TempDir::new();
-    let specs = [RegionSpec {
-        guest_addr: 0,
-        size: 2 * MIB,
-    }];
-    let layout = Layout::new(PS, &specs).unwrap();
-    let writer = ImageWriter::create(&dir.path("vm.img"), layout).unwrap();
-    let err = writer.commit_timed(b"").unwrap_err();
-    assert!(matches!(
-        err,
-        FixedRamError::MissingChunk {
-            region: 0,
-            chunk: 0
-        }
-    ));
-}
-
-#[test]
 fn rewritten_chunk_last_wins() {
     let dir = TempDir::new();
     let path = dir.path("vm.img");
