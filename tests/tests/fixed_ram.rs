@@ -354,3 +354,54 @@ fn sigkill_during_a_save_keeps_the_previous_image() {
         assert_eq!(status, Some(2), "{err}");
     }
 }
+
+/// `cryo bench save-restore` end to end on a small guest: every step runs
+/// under KVM against the raw reference, and the report carries the save's
+/// phases and both ratios. (Speed itself is the bench's business, not this
+/// test's: only that the figures exist and add up is checked.)
+#[test]
+fn bench_save_restore_reports_phases_and_ratios() {
+    let dir = workdir("fr-bench");
+    let (status, out, err) = cryo_tests::run_cryo(
+        &[
+            "bench",
+            "save-restore",
+            "--mem-mib",
+            "256",
+            "--fill-mib",
+            "128",
+            "--channels",
+            "1,2",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--json",
+        ],
+        Duration::from_secs(300),
+    );
+    assert_eq!(status, Some(0), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("a JSON report");
+    let results = report["results"].as_array().expect("results");
+    assert_eq!(results.len(), 2, "{out}");
+    for r in results {
+        let raw = &r["raw"];
+        assert!(raw["write_s"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(raw["read_mb_s"].as_f64().unwrap() > 0.0, "{r}");
+        let save = &r["save_direct"];
+        let phases: f64 = ["data_s", "metadata_s", "sync_s", "publish_s"]
+            .iter()
+            .map(|k| save[k].as_f64().unwrap())
+            .sum();
+        let whole = save["whole_s"].as_f64().unwrap();
+        assert!(phases > 0.0 && phases <= whole, "{r}");
+        assert!(save["data_ratio"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(save["whole_ratio"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(
+            r["eager_restore"]["mb_per_s"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+    }
+    // The bench leaves nothing behind: no image, raw file or kernel copy.
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -9,9 +9,8 @@
 //! the raw bandwidth; page-cache growth and the VMM's memory beyond guest RAM
 //! are sampled during each step.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,6 +20,7 @@ use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use microvm::{BootSource, MemoryBacking, MicroVm, RestoreOptions, SerialOutput, VmConfig};
 use serde::Serialize;
 
+use crate::bench_disk::{self, raw_pass, RawPlan, Threads};
 use crate::error::CliError;
 use crate::image::{self, fixed, RestoreMode};
 
@@ -112,16 +112,15 @@ fn progress(msg: &str) {
 }
 
 const MIB: u64 = 1 << 20;
-const RAW_BLOCK: usize = 4 << 20;
 
 /// A page-aligned buffer (for O_DIRECT).
-struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     ptr: *mut u8,
     len: usize,
 }
 
 impl AlignedBuf {
-    fn new(len: usize) -> Result<Self, CliError> {
+    pub(crate) fn new(len: usize) -> Result<Self, CliError> {
         // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
         let ptr = unsafe {
             libc::mmap(
@@ -141,11 +140,11 @@ impl AlignedBuf {
             len,
         })
     }
-    fn as_mut(&mut self) -> &mut [u8] {
+    pub(crate) fn as_mut(&mut self) -> &mut [u8] {
         // SAFETY: the mapping is `len` bytes, owned by self, exclusively borrowed.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
-    fn as_ref(&self) -> &[u8] {
+    pub(crate) fn as_ref(&self) -> &[u8] {
         // SAFETY: the mapping is `len` bytes and owned by self.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
@@ -170,84 +169,6 @@ fn fill_random(buf: &mut [u8], mut seed: u64) {
         seed ^= seed << 17;
         chunk.copy_from_slice(&seed.to_le_bytes());
     }
-}
-
-/// Raw O_DIRECT sequential bandwidth with `streams` writers (then readers),
-/// each on its own contiguous part of one file as large as `source`. The
-/// writers write `source` itself (the guest's filled RAM: the same bytes a
-/// save writes, so that a storage layer that compresses or deduplicates
-/// cannot flatter one side), 4 MiB at a time, straight from memory.
-fn raw_bandwidth(dir: &Path, source: &[&[u8]], streams: usize) -> Result<(f64, f64), CliError> {
-    let bytes: u64 = source.iter().map(|s| s.len() as u64).sum();
-    let path = dir.join(format!(".cryo-bench-raw-{}", std::process::id()));
-    let fail =
-        |e: std::io::Error| CliError::failure(format!("raw disk test on {}: {e}", path.display()));
-    let file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&path)
-        .map_err(|e| {
-            CliError::bad_input(format!(
-                "{} does not support O_DIRECT ({e}): the raw bandwidth cannot be measured there",
-                dir.display()
-            ))
-        })?;
-    let per_stream = (bytes / streams as u64) / RAW_BLOCK as u64 * RAW_BLOCK as u64;
-    // Block k of the file comes from the k-th 4 MiB of the source.
-    let blocks: Vec<&[u8]> = source
-        .iter()
-        .flat_map(|s| s.chunks_exact(RAW_BLOCK))
-        .collect();
-    let blocks = &blocks;
-    let run = |write: bool| -> Result<f64, CliError> {
-        let start = Instant::now();
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..streams)
-                .map(|i| {
-                    let file = &file;
-                    s.spawn(move || -> std::io::Result<()> {
-                        let mut local = AlignedBuf::new(RAW_BLOCK)
-                            .map_err(|_| std::io::Error::other("mmap"))?;
-                        let mut off = i as u64 * per_stream;
-                        let end = off + per_stream;
-                        while off < end {
-                            if write {
-                                let block = blocks
-                                    .get((off / RAW_BLOCK as u64) as usize)
-                                    .ok_or_else(|| std::io::Error::other("source too small"))?;
-                                file.write_all_at(block, off)?;
-                            } else {
-                                file.read_exact_at(local.as_mut(), off)?;
-                            }
-                            off += RAW_BLOCK as u64;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            for h in handles {
-                h.join()
-                    .map_err(|_| std::io::Error::other("raw I/O thread panicked"))??;
-            }
-            Ok::<(), std::io::Error>(())
-        })
-        .map_err(fail)?;
-        if write {
-            file.sync_all().map_err(fail)?;
-        }
-        Ok((per_stream * streams as u64) as f64 / start.elapsed().as_secs_f64() / 1e6)
-    };
-    // The disk is shared and noisy: the limit is the better of two runs.
-    let result = (|| {
-        let w = run(true)?.max(run(true)?);
-        let r = run(false)?.max(run(false)?);
-        Ok((w, r))
-    })();
-    let _ = std::fs::remove_file(&path);
-    result
 }
 
 /// memcpy bandwidth in MB/s (one thread, 256 MiB copied four times).
@@ -376,7 +297,8 @@ fn ranges_of(mem: &microvm::GuestMemory) -> Vec<(usize, usize)> {
         .collect()
 }
 
-fn drop_file_cache(path: &Path) {
+/// Drops `path`'s clean pages from the page cache.
+pub(crate) fn drop_file_cache(path: &Path) {
     if let Ok(f) = File::open(path) {
         use std::os::fd::AsRawFd;
         // SAFETY: fadvise on a file descriptor we own; it only drops clean cached pages.
@@ -393,13 +315,47 @@ struct StepResult {
     vmm_peak_mib_beyond_guest: f64,
 }
 
+/// The raw reference of one channel count (see `bench_disk`).
+#[derive(Serialize, Default, Clone)]
+struct RawResult {
+    /// Writing the data, not durable.
+    write_s: f64,
+    /// fdatasync of the file and fsync of the directory after it.
+    sync_s: f64,
+    /// Reading the data back.
+    read_s: f64,
+    write_mb_s: f64,
+    durable_mb_s: f64,
+    read_mb_s: f64,
+    /// The write with twice the writes in flight (twice the threads):
+    /// whether the save's queue depth is the limit.
+    write_double_queue_mb_s: f64,
+    /// The read with twice the reads in flight.
+    read_double_queue_mb_s: f64,
+}
+
+/// A save, phase by phase as the save timed them, and end to end.
+#[derive(Serialize, Default, Clone)]
+struct SaveResult {
+    data_s: f64,
+    metadata_s: f64,
+    sync_s: f64,
+    publish_s: f64,
+    whole_s: f64,
+    /// Data phase against the raw non-durable write.
+    data_ratio: f64,
+    /// Whole command against the raw write plus its syncs.
+    whole_ratio: f64,
+    page_cache_growth_mib: f64,
+    vmm_peak_mib_beyond_guest: f64,
+}
+
 #[derive(Serialize, Default, Clone)]
 struct ChannelResult {
     channels: usize,
-    raw_write_mb_s: f64,
-    raw_read_mb_s: f64,
-    save_direct: Option<StepResult>,
-    save_buffered: StepResult,
+    raw: RawResult,
+    save_direct: Option<SaveResult>,
+    save_buffered: SaveResult,
     eager_restore: StepResult,
     lazy_resume_ms: f64,
 }
@@ -414,6 +370,16 @@ struct Report {
     data_mb: f64,
     memcpy_mb_s: f64,
     results: Vec<ChannelResult>,
+}
+
+/// What every step of one run shares.
+struct Bench<'a> {
+    dir: &'a Path,
+    memory: &'a microvm::GuestMemory,
+    snapshot: &'a microvm::persist::VmSnapshot,
+    plan: RawPlan<'a>,
+    data_mb: f64,
+    guest_ranges: Arc<Mutex<Vec<(usize, usize)>>>,
 }
 
 fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
@@ -512,134 +478,17 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
         .map(|(i, skip, take)| &image::region_bytes(regions[*i])[*skip..*skip + *take])
         .collect();
     let snapshot = vm.save_state()?;
-    let data_mb = (a.fill_mib * MIB) as f64 / 1e6;
-
+    let bench = Bench {
+        dir: &a.dir,
+        memory: &memory,
+        snapshot: &snapshot,
+        plan: raw_plan(&memory, &spans, &filled)?,
+        data_mb: (a.fill_mib * MIB) as f64 / 1e6,
+        guest_ranges: Arc::clone(&guest_ranges),
+    };
     let mut results = Vec::new();
     for &n in &a.channels {
-        let mut r = ChannelResult {
-            channels: n,
-            ..Default::default()
-        };
-        progress(&format!(
-            "raw O_DIRECT write/read of {} MiB with {n} streams",
-            a.fill_mib
-        ));
-        let (w, rd) = raw_bandwidth(&a.dir, &filled, n)?;
-        r.raw_write_mb_s = w;
-        r.raw_read_mb_s = rd;
-        let img = a
-            .dir
-            .join(format!("cryo-bench-{}-{n}.img", std::process::id()));
-        for direct in [true, false] {
-            let _ = std::fs::remove_file(&img);
-            let mode = if direct { "O_DIRECT" } else { "buffered" };
-            progress(&format!("save, {n} channels, {mode}"));
-            let opts = fixed::ChannelOptions {
-                channels: n,
-                direct_io: if direct {
-                    multifd::DirectIo::On
-                } else {
-                    multifd::DirectIo::Off
-                },
-            };
-            let sampler = Sampler::start(Arc::clone(&guest_ranges));
-            let start = Instant::now();
-            let res = fixed::write_fixed_file(
-                &img,
-                &snapshot,
-                &memory,
-                &opts,
-                None,
-                &crate::image::SaveControl::default(),
-            );
-            let secs = start.elapsed().as_secs_f64();
-            let (cache, rss) = sampler.finish();
-            match res {
-                Ok(_) => {
-                    let step = StepResult {
-                        seconds: secs,
-                        mb_per_s: data_mb / secs,
-                        ratio_to_raw: data_mb / secs / w,
-                        page_cache_growth_mib: cache,
-                        vmm_peak_mib_beyond_guest: rss,
-                    };
-                    if direct {
-                        r.save_direct = Some(step);
-                    } else {
-                        r.save_buffered = step;
-                    }
-                }
-                Err(e) if direct => progress(&format!("O_DIRECT save not possible here: {e}")),
-                Err(e) => return Err(CliError::failure(e.to_string())),
-            }
-        }
-        // Restores read what was just written: drop it from the page cache first.
-        drop_file_cache(&img);
-        progress(&format!("eager restore, {n} channels"));
-        let opts = fixed::ChannelOptions {
-            channels: n,
-            direct_io: multifd::DirectIo::Auto,
-        };
-        let sampler = Sampler::start(Arc::clone(&guest_ranges));
-        let start = Instant::now();
-        let register = |m: &microvm::GuestMemory| {
-            if let Ok(mut g) = guest_ranges.lock() {
-                g.extend(ranges_of(m));
-            }
-        };
-        let loaded =
-            fixed::load_fixed_with(&img, RestoreMode::Eager, false, &opts, &register, None)
-                .map_err(|e| CliError::failure(e.to_string()))?;
-        let mut restored = MicroVm::restore(
-            &loaded.snapshot,
-            loaded.memory.clone(),
-            SerialOutput::Sink,
-            false,
-            RestoreOptions::default(),
-        )?;
-        restored.start()?;
-        let secs = start.elapsed().as_secs_f64();
-        let (cache, rss) = sampler.finish();
-        r.eager_restore = StepResult {
-            seconds: secs,
-            mb_per_s: data_mb / secs,
-            ratio_to_raw: data_mb / secs / rd.max(1.0),
-            page_cache_growth_mib: cache,
-            vmm_peak_mib_beyond_guest: rss,
-        };
-        restored.shutdown();
-        drop(restored);
-        if let Ok(mut g) = guest_ranges.lock() {
-            let gone = ranges_of(&loaded.memory);
-            g.retain(|x| !gone.contains(x));
-        }
-        drop(loaded);
-
-        drop_file_cache(&img);
-        progress(&format!("lazy restore, {n} channels"));
-        let start = Instant::now();
-        let loaded = image::load(
-            &img,
-            RestoreMode::Lazy { prefetch: false },
-            false,
-            &opts,
-            None,
-        )
-        .map_err(|e| CliError::failure(e.to_string()))?;
-        let mut restored = MicroVm::restore(
-            &loaded.snapshot,
-            loaded.memory.clone(),
-            SerialOutput::Sink,
-            false,
-            RestoreOptions::default(),
-        )?;
-        restored.start()?;
-        r.lazy_resume_ms = start.elapsed().as_secs_f64() * 1000.0;
-        restored.shutdown();
-        drop(restored);
-        drop(loaded);
-        let _ = std::fs::remove_file(&img);
-        results.push(r);
+        results.push(bench.channels(n)?);
     }
     vm.shutdown();
 
@@ -649,7 +498,7 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
         mem_mib: a.mem_mib,
         fill_mib: a.fill_mib,
         fill: "host-side: xorshift64 pseudo-random data (incompressible) written into guest RAM above 64 MiB while the guest is halted".into(),
-        data_mb,
+        data_mb: bench.data_mb,
         memcpy_mb_s: memcpy,
         results,
     };
@@ -669,62 +518,276 @@ pub(crate) fn print_report<R: Serialize>(json: bool, report: &R, table: impl FnO
     }
 }
 
+/// Where the save puts the filled bytes: each 4 MiB block of them at its
+/// page's offset in the fixed-ram layout of `memory`.
+fn raw_plan<'a>(
+    memory: &microvm::GuestMemory,
+    spans: &[(usize, usize, usize)],
+    filled: &[&'a [u8]],
+) -> Result<RawPlan<'a>, CliError> {
+    let layout = fixed_ram::Layout::new(image::PAGE_SIZE as u32, &image::region_specs(memory))
+        .map_err(|e| CliError::failure(format!("the image layout: {e}")))?;
+    let mut blocks = Vec::new();
+    for ((region, skip, _), bytes) in spans.iter().zip(filled) {
+        let base = layout.regions()[*region].pages_offset + *skip as u64;
+        for (k, block) in bytes.chunks(bench_disk::BLOCK).enumerate() {
+            blocks.push((base + (k * bench_disk::BLOCK) as u64, block));
+        }
+    }
+    Ok(RawPlan {
+        blocks,
+        file_len: layout.device_state_offset(),
+    })
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+impl Bench<'_> {
+    /// Every step for `n` channels.
+    fn channels(&self, n: usize) -> Result<ChannelResult, CliError> {
+        let raw = self.raw(n)?;
+        let img = self
+            .dir
+            .join(format!("cryo-bench-{}-{n}.img", std::process::id()));
+        let mut r = ChannelResult {
+            channels: n,
+            save_direct: self.save(&img, n, true, &raw)?,
+            save_buffered: self.save(&img, n, false, &raw)?.unwrap_or_default(),
+            raw,
+            ..Default::default()
+        };
+        // Restores read what was just written: drop it from the page cache first.
+        r.eager_restore = self.eager(&img, n, r.raw.read_mb_s)?;
+        r.lazy_resume_ms = self.lazy(&img, n)?;
+        let _ = std::fs::remove_file(&img);
+        Ok(r)
+    }
+
+    /// The raw reference: the better of two passes, then one with twice
+    /// the writes in flight.
+    fn raw(&self, n: usize) -> Result<RawResult, CliError> {
+        let threads = Threads::of_channels(n);
+        progress(&format!(
+            "raw O_DIRECT write, sync and read of {:.0} MB, {threads:?} (twice), then twice the threads",
+            self.data_mb
+        ));
+        let t =
+            raw_pass(self.dir, &self.plan, threads)?.best(raw_pass(self.dir, &self.plan, threads)?);
+        let double = raw_pass(self.dir, &self.plan, threads.doubled())?;
+        let mb_s = |d: Duration| self.data_mb / secs(d);
+        Ok(RawResult {
+            write_s: secs(t.write),
+            sync_s: secs(t.sync),
+            read_s: secs(t.read),
+            write_mb_s: mb_s(t.write),
+            durable_mb_s: mb_s(t.write + t.sync),
+            read_mb_s: mb_s(t.read),
+            write_double_queue_mb_s: mb_s(double.write),
+            read_double_queue_mb_s: mb_s(double.read),
+        })
+    }
+
+    /// A fixed-ram save with or without O_DIRECT; `None` when O_DIRECT is
+    /// not possible in the directory.
+    fn save(
+        &self,
+        img: &Path,
+        n: usize,
+        direct: bool,
+        raw: &RawResult,
+    ) -> Result<Option<SaveResult>, CliError> {
+        let _ = std::fs::remove_file(img);
+        let mode = if direct { "O_DIRECT" } else { "buffered" };
+        progress(&format!("save, {n} channels, {mode}"));
+        let opts = fixed::ChannelOptions {
+            channels: n,
+            direct_io: if direct {
+                multifd::DirectIo::On
+            } else {
+                multifd::DirectIo::Off
+            },
+        };
+        let sampler = Sampler::start(Arc::clone(&self.guest_ranges));
+        let start = Instant::now();
+        let res = fixed::write_fixed_file(
+            img,
+            self.snapshot,
+            self.memory,
+            &opts,
+            None,
+            &crate::image::SaveControl::default(),
+        );
+        let whole = secs(start.elapsed());
+        let (cache, rss) = sampler.finish();
+        let phases = match res {
+            Ok(w) => w.phases,
+            Err(e) if direct => {
+                progress(&format!("O_DIRECT save not possible here: {e}"));
+                return Ok(None);
+            }
+            Err(e) => return Err(CliError::failure(e.to_string())),
+        };
+        Ok(Some(SaveResult {
+            data_s: secs(phases.data),
+            metadata_s: secs(phases.metadata),
+            sync_s: secs(phases.sync),
+            publish_s: secs(phases.publish),
+            whole_s: whole,
+            data_ratio: raw.write_s / secs(phases.data),
+            whole_ratio: (raw.write_s + raw.sync_s) / whole,
+            page_cache_growth_mib: cache,
+            vmm_peak_mib_beyond_guest: rss,
+        }))
+    }
+
+    fn register(&self, m: &microvm::GuestMemory) {
+        if let Ok(mut g) = self.guest_ranges.lock() {
+            g.extend(ranges_of(m));
+        }
+    }
+
+    fn unregister(&self, m: &microvm::GuestMemory) {
+        if let Ok(mut g) = self.guest_ranges.lock() {
+            let gone = ranges_of(m);
+            g.retain(|x| !gone.contains(x));
+        }
+    }
+
+    /// An eager restore, to the restored VM running, from a cold page cache.
+    fn eager(&self, img: &Path, n: usize, raw_read_mb_s: f64) -> Result<StepResult, CliError> {
+        drop_file_cache(img);
+        progress(&format!("eager restore, {n} channels"));
+        let opts = fixed::ChannelOptions {
+            channels: n,
+            direct_io: multifd::DirectIo::Auto,
+        };
+        let sampler = Sampler::start(Arc::clone(&self.guest_ranges));
+        let start = Instant::now();
+        let register = |m: &microvm::GuestMemory| self.register(m);
+        let loaded = fixed::load_fixed_with(img, RestoreMode::Eager, false, &opts, &register, None)
+            .map_err(|e| CliError::failure(e.to_string()))?;
+        let mut restored = MicroVm::restore(
+            &loaded.snapshot,
+            loaded.memory.clone(),
+            SerialOutput::Sink,
+            false,
+            RestoreOptions::default(),
+        )?;
+        restored.start()?;
+        let seconds = secs(start.elapsed());
+        let (cache, rss) = sampler.finish();
+        restored.shutdown();
+        drop(restored);
+        self.unregister(&loaded.memory);
+        Ok(StepResult {
+            seconds,
+            mb_per_s: self.data_mb / seconds,
+            ratio_to_raw: self.data_mb / seconds / raw_read_mb_s.max(1.0),
+            page_cache_growth_mib: cache,
+            vmm_peak_mib_beyond_guest: rss,
+        })
+    }
+
+    /// A lazy restore's time to a running VM, in milliseconds.
+    fn lazy(&self, img: &Path, n: usize) -> Result<f64, CliError> {
+        drop_file_cache(img);
+        progress(&format!("lazy restore, {n} channels"));
+        let opts = fixed::ChannelOptions {
+            channels: n,
+            direct_io: multifd::DirectIo::Auto,
+        };
+        let start = Instant::now();
+        let loaded = image::load(
+            img,
+            RestoreMode::Lazy { prefetch: false },
+            false,
+            &opts,
+            None,
+        )
+        .map_err(|e| CliError::failure(e.to_string()))?;
+        let mut restored = MicroVm::restore(
+            &loaded.snapshot,
+            loaded.memory.clone(),
+            SerialOutput::Sink,
+            false,
+            RestoreOptions::default(),
+        )?;
+        restored.start()?;
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
+        restored.shutdown();
+        Ok(ms)
+    }
+}
+
 fn print_table(r: &Report) {
     println!(
         "cryo bench save-restore: {} MiB guest, {} MiB filled ({})",
         r.mem_mib, r.fill_mib, r.fill
     );
     println!(
-        "directory {}; memcpy {:.0} MB/s",
+        "directory {}; {:.0} MB of data; memcpy {:.0} MB/s; times in seconds",
         r.dir.display(),
+        r.data_mb,
         r.memcpy_mb_s
     );
     println!(
-        "{:>3} | {:>9} {:>9} | {:>22} | {:>22} | {:>22} | {:>8} | {:>9} {:>9}",
+        "{:>2} | {:>21} | {:>25} | {:>18} | {:>16} | {:>14} | {:>7} | {:>5} {:>5}",
         "ch",
-        "raw W MB/s",
-        "raw R MB/s",
-        "save O_DIRECT MB/s (x)",
-        "save buffered MB/s (x)",
-        "eager restore MB/s (x)",
+        "raw write+sync (2xQD)",
+        "save data+meta+sync+pub",
+        "data x, whole x",
+        "buffered whole x",
+        "eager MB/s (x)",
         "lazy ms",
-        "cache MiB",
-        "VMM MiB"
+        "cache",
+        "VMM"
     );
     for c in &r.results {
-        let d = c
-            .save_direct
-            .as_ref()
-            .map(|s| format!("{:.0} ({:.2}x)", s.mb_per_s, s.ratio_to_raw))
-            .unwrap_or_else(|| "n/a".into());
-        let peak_vmm = c
-            .save_direct
-            .as_ref()
+        let raw = &c.raw;
+        let saves = [c.save_direct.as_ref(), Some(&c.save_buffered)];
+        let peak_vmm = saves
+            .iter()
+            .flatten()
             .map(|s| s.vmm_peak_mib_beyond_guest)
-            .unwrap_or(0.0)
-            .max(c.save_buffered.vmm_peak_mib_beyond_guest)
-            .max(c.eager_restore.vmm_peak_mib_beyond_guest);
+            .fold(c.eager_restore.vmm_peak_mib_beyond_guest, f64::max);
+        let (phases, ratios, cache) = match &c.save_direct {
+            Some(s) => (
+                format!(
+                    "{:.2}+{:.2}+{:.2}+{:.2}={:.2}",
+                    s.data_s, s.metadata_s, s.sync_s, s.publish_s, s.whole_s
+                ),
+                format!("{:.2}x, {:.2}x", s.data_ratio, s.whole_ratio),
+                s.page_cache_growth_mib,
+            ),
+            None => ("n/a".into(), "n/a".into(), f64::NAN),
+        };
         println!(
-            "{:>3} | {:>10.0} {:>10.0} | {:>22} | {:>22} | {:>22} | {:>8.1} | {:>9.1} {:>9.1}",
+            "{:>2} | {:>21} | {:>25} | {:>18} | {:>16} | {:>14} | {:>7.1} | {:>5.1} {:>5.1}",
             c.channels,
-            c.raw_write_mb_s,
-            c.raw_read_mb_s,
-            d,
             format!(
-                "{:.0} ({:.2}x)",
-                c.save_buffered.mb_per_s, c.save_buffered.ratio_to_raw
+                "{:.2}+{:.2} ({:.0})",
+                raw.write_s, raw.sync_s, raw.write_double_queue_mb_s
+            ),
+            phases,
+            ratios,
+            format!(
+                "{:.2} ({:.2}x)",
+                c.save_buffered.whole_s, c.save_buffered.whole_ratio
             ),
             format!(
                 "{:.0} ({:.2}x)",
                 c.eager_restore.mb_per_s, c.eager_restore.ratio_to_raw
             ),
             c.lazy_resume_ms,
-            c.save_direct
-                .as_ref()
-                .map(|s| s.page_cache_growth_mib)
-                .unwrap_or(f64::NAN),
+            cache,
             peak_vmm,
         );
+        println!(
+            "   | raw MB/s: write {:.0}, durable {:.0}, read {:.0} (2xQD {:.0})",
+            raw.write_mb_s, raw.durable_mb_s, raw.read_mb_s, raw.read_double_queue_mb_s
+        );
     }
-    println!("(x) = ratio to the raw O_DIRECT bandwidth of the same parallelism; cache = page-cache growth during the O_DIRECT save; VMM = peak resident memory outside guest RAM");
+    println!("raw = the save's writes and the restore's reads without cryo (same bytes, offsets, block size, writes and reads in flight; 2xQD: MB/s with twice as many in flight); data x = raw write / save data phase; whole x = raw write+sync / whole save; eager x = eager restore MB/s / raw read MB/s; cache = page-cache growth MiB during the O_DIRECT save; VMM = peak MiB resident outside guest RAM");
 }

@@ -63,7 +63,7 @@ pub use layout::{
     HEADER_FIXED_LEN, MAGIC, MAX_ALIGNMENT, MAX_PAGE_SIZE, MAX_REGIONS, MIN_PAGE_SIZE,
     REGION_ENTRY_LEN,
 };
-pub use writer::{ChunkStats, ImageWriter};
+pub use writer::{ChunkStats, CommitTimes, ImageWriter};
 
 #[cfg(test)]
 mod tests;

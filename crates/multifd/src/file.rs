@@ -20,6 +20,19 @@ pub const MAX_FILE_CHANNELS: usize = 256;
 /// system call across the chunks of a unit).
 const UNIT_BYTES: u64 = 4 << 20;
 
+/// Writes each saving channel keeps in flight: its pipeline has one thread
+/// preparing the next unit and one writing. A second write in flight per
+/// channel (tried with a second writer thread) did not raise the write
+/// bandwidth of the disks measured (docs/benchmarks.md); more channels do.
+/// Benchmarks use it to drive the raw reference at the same depth.
+pub const SAVE_QUEUE_DEPTH: usize = 1;
+
+/// Reads each loading channel keeps in flight: one thread faults memory in
+/// for the next unit while one reads and checks. Two readers per channel
+/// were faster restoring 1 GiB and slower restoring 3 GiB in interleaved
+/// runs on a loaded machine (docs/benchmarks.md), so they were not kept.
+pub const LOAD_QUEUE_DEPTH: usize = 1;
+
 /// Alignment checked before an `O_DIRECT` transfer (the smallest logical
 /// block size of any block device).
 const DIRECT_ALIGN: u64 = 512;

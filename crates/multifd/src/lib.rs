@@ -37,7 +37,8 @@ pub use endpoint::{parse_endpoint, Endpoint, Listener, Stream, DEAD_PEER_TIMEOUT
 pub use error::{CallerError, Channel, MultifdError};
 pub use file::{
     load_from_file, open_with_direct_io, save_pass_to_file, save_to_file, DirectIo,
-    FileChannelOptions, FileLayout, FilePass, TransferStats, MAX_FILE_CHANNELS,
+    FileChannelOptions, FileLayout, FilePass, TransferStats, LOAD_QUEUE_DEPTH, MAX_FILE_CHANNELS,
+    SAVE_QUEUE_DEPTH,
 };
 pub use live::{LiveSender, PageSet, RoundStats};
 pub use protocol::{

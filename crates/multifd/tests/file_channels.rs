@@ -178,19 +178,23 @@ fn odd_region_sizes() {
     }
 }
 
+/// Flips a bit of the first present page of `region`'s chunk `chunk` in the file.
+fn corrupt_chunk(path: &Path, s: &Saved, region: usize, chunk: u64) {
+    let page = (chunk * CHUNK / PAGE..(chunk + 1) * CHUNK / PAGE)
+        .find(|&p| s.layout.is_present(region, p))
+        .unwrap();
+    let off = s.layout.bases[region] + page * PAGE + 100;
+    let mut data = std::fs::read(path).unwrap();
+    data[off as usize] ^= 0x10;
+    std::fs::write(path, &data).unwrap();
+}
+
 #[test]
 fn checksum_mismatch_names_the_chunk() {
     let dir = tmp_dir("corrupt");
     let path = dir.join("img");
     let s = save(&path, &SIZES, 2, DirectIo::Off, 99);
-    // Corrupt a byte of a present page in region 1, chunk 2.
-    let page = (2 * CHUNK / PAGE..3 * CHUNK / PAGE)
-        .find(|&p| s.layout.is_present(1, p))
-        .unwrap();
-    let off = s.layout.bases[1] + page * PAGE + 100;
-    let mut data = std::fs::read(&path).unwrap();
-    data[off as usize] ^= 0x10;
-    std::fs::write(&path, &data).unwrap();
+    corrupt_chunk(&path, &s, 1, 2);
     for ch in [1, 4] {
         let err = load(&path, &s, ch, DirectIo::Off)
             .err()
@@ -199,6 +203,27 @@ fn checksum_mismatch_names_the_chunk() {
         assert!(matches!(err, MultifdError::ChunkRejected { .. }), "{msg}");
         assert!(msg.contains("region 1 chunk 2"), "{msg}");
     }
+}
+
+#[test]
+fn an_early_bad_chunk_stops_a_long_load() {
+    // The first chunk is bad and many units follow it: the channel's prep
+    // thread, blocked on a full queue, must stop too, and the load return.
+    let dir = tmp_dir("early-bad");
+    let path = dir.join("img");
+    let s = save(&path, &[48 * CHUNK], 1, DirectIo::Off, 5);
+    corrupt_chunk(&path, &s, 0, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let err = load(&path, &s, 1, DirectIo::Off).err();
+        let _ = tx.send(err.map(|e| e.to_string()));
+    });
+    let msg = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the load hung after a rejected chunk")
+        .expect("corruption detected");
+    assert!(msg.contains("region 0 chunk 0"), "{msg}");
+    worker.join().unwrap();
 }
 
 #[test]

@@ -17,7 +17,7 @@ use crate::progress::Progress;
 
 use super::{
     create_temp, file_sizes, publish, region_specs, snapshot, ImageError, Loaded, RestoreMode,
-    SaveControl, SaveError, Written, PAGE_SIZE,
+    SaveControl, SaveError, SavePhases, Written, PAGE_SIZE,
 };
 
 /// How page data moves between guest memory and the image.
@@ -230,24 +230,31 @@ fn all_chunks(layout: &Layout) -> Vec<(usize, u64)> {
         .collect()
 }
 
-/// Runs `work` on every chunk from `threads` threads taking chunks from a
-/// shared cursor; stops at the first error.
-fn for_each_chunk<E: Send>(
-    chunks: &[(usize, u64)],
+/// Runs `work(state, i)` for every `i` below `count` on `threads` threads
+/// (at most one per `i`), each taking the next `i` from a shared cursor with
+/// its own `state` from `init`; the first error stops them all and is
+/// returned.
+pub fn for_each_index<S, E: Send>(
     threads: usize,
-    work: impl Fn(usize, u64) -> Result<(), E> + Sync,
+    count: usize,
+    init: impl Fn() -> Result<S, E> + Sync,
+    work: impl Fn(&mut S, usize) -> Result<(), E> + Sync,
 ) -> Result<(), E> {
     let next = AtomicUsize::new(0);
     let first_error = page_runs::FirstError::new();
     std::thread::scope(|s| {
-        for _ in 0..threads.min(chunks.len()).max(1) {
+        for _ in 0..threads.min(count).max(1) {
             s.spawn(|| {
+                let mut state = match init() {
+                    Ok(st) => st,
+                    Err(e) => return first_error.fail(e),
+                };
                 while !first_error.stopped() {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&(region, chunk)) = chunks.get(i) else {
+                    if i >= count {
                         return;
-                    };
-                    if let Err(e) = work(region, chunk) {
+                    }
+                    if let Err(e) = work(&mut state, i) {
                         first_error.fail(e);
                     }
                 }
@@ -263,7 +270,7 @@ pub(super) fn image_err(path: &Path) -> impl Fn(fixed_ram::FixedRamError) -> Sav
 
 /// Writes a fixed-ram image of the paused VM to `path` (temp file, data,
 /// fsync, header, fsync, rename, directory fsync). On failure or cancel the
-/// temporary file is removed.
+/// temporary file is removed. The result carries the time of each phase.
 pub fn write_fixed_file(
     path: &Path,
     snapshot: &VmSnapshot,
@@ -282,12 +289,59 @@ pub fn write_fixed_file(
             path: path.to_owned(),
             source: e.into(),
         })?;
+    let data_start = Instant::now();
     let (tmp, file) = create_temp(path)?;
     let writer = ImageWriter::from_file(file, layout).map_err(&ierr)?;
-    let stats = multifd::save_to_file(
+    let stats = write_pages(
+        path,
         tmp.path(),
+        &writer,
+        memory,
+        channels,
+        progress,
+        control,
+    )?;
+    let data = data_start.elapsed();
+    if let Some(p) = progress {
+        p.phase("committing");
+    }
+    let (file, times) = writer.commit_timed(&device_state).map_err(&ierr)?;
+    let (bytes, allocated) = file_sizes(&file, path)?;
+    drop(file);
+    let publish_start = Instant::now();
+    publish(tmp, path, control)?;
+    let phases = SavePhases {
+        data,
+        metadata: times.metadata,
+        sync: times.data_sync + times.header_sync,
+        publish: publish_start.elapsed(),
+    };
+    log::info!("{}: save phases {phases:?}", path.display());
+    Ok(Written {
+        bytes,
+        allocated_bytes: allocated,
+        device_state_bytes: device_state.len() as u64,
+        ram_pages: stats.present_pages,
+        zero_pages: stats.zero_pages,
+        phases,
+    })
+}
+
+/// The data phase of a save: the channels write every present page of
+/// `memory` into the temporary file `tmp` of the image at `path`.
+fn write_pages(
+    path: &Path,
+    tmp: &Path,
+    writer: &ImageWriter,
+    memory: &GuestMemory,
+    channels: &ChannelOptions,
+    progress: Option<&Progress>,
+    control: &SaveControl,
+) -> Result<multifd::TransferStats, SaveError> {
+    let stats = multifd::save_to_file(
+        tmp,
         &mem_regions(memory),
-        &ImageLayout::save(&writer, progress, control),
+        &ImageLayout::save(writer, progress, control),
         &channels.multifd(),
     )
     .map_err(|e| match e {
@@ -314,20 +368,7 @@ pub fn write_fixed_file(
         stats.elapsed,
         stats.mb_per_s()
     );
-    if let Some(p) = progress {
-        p.phase("committing");
-    }
-    let file = writer.commit(&device_state).map_err(&ierr)?;
-    let (bytes, allocated) = file_sizes(&file, path)?;
-    drop(file);
-    publish(tmp, path, control)?;
-    Ok(Written {
-        bytes,
-        allocated_bytes: allocated,
-        device_state_bytes: device_state.len() as u64,
-        ram_pages: stats.present_pages,
-        zero_pages: stats.zero_pages,
-    })
+    Ok(stats)
 }
 
 fn open_image(path: &Path) -> Result<Image, SaveError> {
@@ -480,7 +521,9 @@ impl Prefetch {
                 let regions: Vec<&microvm::GuestRegion> = self.memory.iter().collect();
                 let chunks = all_chunks(&layout);
                 let pages = AtomicU64::new(0);
-                let _ = for_each_chunk(&chunks, io_threads(), |region, chunk| {
+                let init = || Ok::<(), ()>(());
+                let _ = for_each_index(io_threads(), chunks.len(), init, |_, i| {
+                    let (region, chunk) = chunks[i];
                     let (offset, len) = layout.chunk_range(region, chunk);
                     let base = regions[region].as_ptr();
                     let first = offset / PAGE_SIZE as u64;

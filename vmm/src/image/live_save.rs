@@ -199,12 +199,13 @@ impl Sink for FileSink<'_> {
         let total: u64 =
             self.regions.iter().map(|r| r.len()).sum::<u64>() / super::PAGE_SIZE as u64;
         let ram_pages = self.writer.present_pages();
-        let file = self
+        let (file, times) = self
             .writer
-            .commit(device_state)
+            .commit_timed(device_state)
             .map_err(image_err(self.path))?;
         let (bytes, allocated_bytes) = file_sizes(&file, self.path)?;
         drop(file);
+        let publish_start = std::time::Instant::now();
         publish(self.tmp, self.path, self.control)?;
         Ok(Written {
             bytes,
@@ -212,6 +213,13 @@ impl Sink for FileSink<'_> {
             device_state_bytes: device_state.len() as u64,
             ram_pages,
             zero_pages: total - ram_pages,
+            // The data went out in the pre-copy rounds, timed by them.
+            phases: super::SavePhases {
+                data: std::time::Duration::ZERO,
+                metadata: times.metadata,
+                sync: times.data_sync + times.header_sync,
+                publish: publish_start.elapsed(),
+            },
         })
     }
 

@@ -79,6 +79,7 @@ pub fn send_vm(
         device_state_bytes: device_state.len() as u64,
         ram_pages: stats.present_pages,
         zero_pages: stats.zero_pages,
+        phases: Default::default(),
     })
 }
 

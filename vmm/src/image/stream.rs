@@ -107,6 +107,7 @@ fn write_stream(
             device_state_bytes: device_bytes,
             ram_pages,
             zero_pages,
+            phases: Default::default(),
         },
     ))
 }
