@@ -7,7 +7,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::report::{LatencyStats, SnapshotReport};
+use crate::blocks::Blocks;
+use crate::report::{LatencyStats, PreArmStats, SnapshotReport};
 use crate::sys::{self, Uffd, UffdMsg};
 use crate::{BlockSink, MemRange, SnapshotError};
 
@@ -83,15 +84,16 @@ impl CancelHandle {
 
 /// Owns the userfaultfd and the registered ranges; removing protection is its job.
 #[derive(Debug)]
-struct Protection {
-    uffd: Option<Uffd>,
+pub(crate) struct Protection {
+    /// Shared with the pre-arm fault thread while it runs.
+    uffd: Option<Arc<Uffd>>,
     registered: Vec<(usize, usize)>,
 }
 
 impl Protection {
     /// Un-protects every registered range (waking all waiters), unregisters it and
     /// closes the uffd (which on its own would also drop all protection).
-    fn release(&mut self) -> Result<(), SnapshotError> {
+    pub(crate) fn release(&mut self) -> Result<(), SnapshotError> {
         let Some(uffd) = self.uffd.take() else {
             return Ok(());
         };
@@ -109,9 +111,16 @@ impl Protection {
         first_err.map_or(Ok(()), Err)
     }
 
-    fn uffd(&self) -> Result<&Uffd, SnapshotError> {
+    pub(crate) fn uffd(&self) -> Result<&Uffd, SnapshotError> {
         self.uffd
-            .as_ref()
+            .as_deref()
+            .ok_or_else(|| SnapshotError::InvalidArgument("snapshot already released".into()))
+    }
+
+    /// The uffd, for a thread that serves faults.
+    pub(crate) fn shared_uffd(&self) -> Result<Arc<Uffd>, SnapshotError> {
+        self.uffd
+            .clone()
             .ok_or_else(|| SnapshotError::InvalidArgument("snapshot already released".into()))
     }
 
@@ -135,13 +144,15 @@ impl Drop for Protection {
 /// Write-protected ranges, ready to [`run`](Armed::run). Dropping it removes all protection.
 #[derive(Debug)]
 pub struct Armed {
-    prot: Protection,
-    ranges: Vec<MemRange>,
-    block_size: usize,
-    arm_time: Duration,
-    wp_unpopulated: bool,
-    features: u64,
-    cancel: Arc<AtomicBool>,
+    pub(crate) prot: Protection,
+    pub(crate) ranges: Vec<MemRange>,
+    pub(crate) block_size: usize,
+    pub(crate) arm_time: Duration,
+    pub(crate) wp_unpopulated: bool,
+    pub(crate) features: u64,
+    pub(crate) cancel: Arc<AtomicBool>,
+    /// What protecting ahead of the pause did ([`Prepared::pre_arm`]).
+    pub(crate) pre_arm: Option<PreArmStats>,
 }
 
 /// Arms a snapshot of `ranges` with default options. Call it while the writers
@@ -232,11 +243,11 @@ pub fn arm_with(
 /// writers' pause: prepare while they run, then [`Prepared::arm`] while they
 /// are paused.
 pub struct Prepared {
-    prot: Protection,
-    ranges: Vec<MemRange>,
-    block_size: usize,
-    wp_unpopulated: bool,
-    features: u64,
+    pub(crate) prot: Protection,
+    pub(crate) ranges: Vec<MemRange>,
+    pub(crate) block_size: usize,
+    pub(crate) wp_unpopulated: bool,
+    pub(crate) features: u64,
 }
 
 /// [`prepare_with`] with the default options.
@@ -267,7 +278,7 @@ pub fn prepare_with(
         .api(features)
         .map_err(|e| SnapshotError::io(format!("UFFDIO_API with features {features:#x}"), e))?;
     let mut prot = Protection {
-        uffd: Some(uffd),
+        uffd: Some(Arc::new(uffd)),
         registered: Vec::new(),
     };
     if !wp_unpopulated {
@@ -333,53 +344,8 @@ impl Prepared {
     /// protected in pieces by one thread per CPU, so that the pause stays short.
     pub fn arm(self) -> Result<Armed, SnapshotError> {
         let start = Instant::now();
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .clamp(1, 16);
-        let total: usize = self.ranges.iter().map(|r| r.len()).sum();
-        // Pieces of about total/threads bytes, block aligned, never across ranges.
-        let piece = (total / threads).div_ceil(self.block_size).max(1) * self.block_size;
-        let mut pieces = Vec::new();
-        for r in &self.ranges {
-            let mut off = 0;
-            while off < r.len() {
-                let len = piece.min(r.len() - off);
-                pieces.push((r.addr() + off, len));
-                off += len;
-            }
-        }
-        let uffd = self.prot.uffd()?;
-        let result = std::thread::scope(|s| {
-            let handles: Vec<_> = pieces
-                .chunks(pieces.len().div_ceil(threads).max(1))
-                .map(|group| {
-                    s.spawn(move || -> Result<(), SnapshotError> {
-                        for &(addr, len) in group {
-                            uffd.writeprotect(addr, len, true).map_err(|e| {
-                                SnapshotError::io("UFFDIO_WRITEPROTECT (protect)", e)
-                            })?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            let mut first = Ok(());
-            for h in handles {
-                let r = h.join().unwrap_or_else(|_| {
-                    Err(SnapshotError::io(
-                        "UFFDIO_WRITEPROTECT (protect)",
-                        std::io::Error::other("protecting thread panicked"),
-                    ))
-                });
-                if first.is_ok() {
-                    first = r;
-                }
-            }
-            first
-        });
-        // On error `self` drops here, removing every protection applied.
-        result?;
+        // On error `self` drops, removing every protection applied.
+        protect_all(self.prot.uffd()?, &self.ranges, self.block_size)?;
         Ok(Armed {
             prot: self.prot,
             ranges: self.ranges,
@@ -388,8 +354,61 @@ impl Prepared {
             wp_unpopulated: self.wp_unpopulated,
             features: self.features,
             cancel: Arc::new(AtomicBool::new(false)),
+            pre_arm: None,
         })
     }
+}
+
+/// Write-protects every range, in pieces, from one thread per CPU (at most 16).
+pub(crate) fn protect_all(
+    uffd: &Uffd,
+    ranges: &[MemRange],
+    block_size: usize,
+) -> Result<(), SnapshotError> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 16);
+    let total: usize = ranges.iter().map(|r| r.len()).sum();
+    // Pieces of about total/threads bytes, block aligned, never across ranges.
+    let piece = (total / threads).div_ceil(block_size).max(1) * block_size;
+    let mut pieces = Vec::new();
+    for r in ranges {
+        let mut off = 0;
+        while off < r.len() {
+            let len = piece.min(r.len() - off);
+            pieces.push((r.addr() + off, len));
+            off += len;
+        }
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = pieces
+            .chunks(pieces.len().div_ceil(threads).max(1))
+            .map(|group| s.spawn(move || protect(uffd, group)))
+            .collect();
+        let mut first = Ok(());
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| {
+                Err(SnapshotError::io(
+                    "UFFDIO_WRITEPROTECT (protect)",
+                    std::io::Error::other("protecting thread panicked"),
+                ))
+            });
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    })
+}
+
+/// Write-protects each `(address, length)` span.
+pub(crate) fn protect(uffd: &Uffd, spans: &[(usize, usize)]) -> Result<(), SnapshotError> {
+    for &(addr, len) in spans {
+        uffd.writeprotect(addr, len, true)
+            .map_err(|e| SnapshotError::io("UFFDIO_WRITEPROTECT (protect)", e))?;
+    }
+    Ok(())
 }
 
 /// A fault copy waiting for a walker to hand it to the sink.
@@ -401,12 +420,8 @@ struct Queued {
 /// State shared by the walkers and the fault thread during `run`.
 struct Shared<'a> {
     uffd: &'a Uffd,
-    ranges: &'a [MemRange],
-    /// Global index of each range's first block.
-    first_block: Vec<u64>,
-    block_size: usize,
+    blocks: Blocks,
     states: Vec<AtomicU8>,
-    total: u64,
     done: AtomicU64,
     cursor: AtomicU64,
     /// Cancel requested by the owner.
@@ -455,30 +470,12 @@ impl Shared<'_> {
     }
 
     fn all_done(&self) -> bool {
-        self.done.load(Ordering::Acquire) == self.total
+        self.done.load(Ordering::Acquire) == self.blocks.total()
     }
 
     fn fail(&self, err: SnapshotError) {
         self.abort.fail(err);
         self.cv.notify_all();
-    }
-
-    /// (range index, block index in range, address, length) of global block `g`.
-    fn locate(&self, g: u64) -> (usize, u64, usize, usize) {
-        let r = self.first_block.partition_point(|&f| f <= g) - 1;
-        let b = g - self.first_block[r];
-        let range = &self.ranges[r];
-        let off = b as usize * self.block_size;
-        let len = self.block_size.min(range.len() - off);
-        (r, b, range.addr() + off, len)
-    }
-
-    /// The global block holding `addr`, if `addr` is in one of the ranges.
-    fn block_of(&self, addr: usize) -> Option<u64> {
-        self.ranges.iter().enumerate().find_map(|(i, r)| {
-            (addr >= r.addr() && addr - r.addr() < r.len())
-                .then(|| self.first_block[i] + ((addr - r.addr()) / self.block_size) as u64)
-        })
     }
 
     fn claim(&self, g: u64) -> bool {
@@ -489,7 +486,7 @@ impl Shared<'_> {
 
     fn mark_done(&self, g: u64) {
         self.states[g as usize].store(DONE, Ordering::Release);
-        if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.total {
+        if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.blocks.total() {
             self.cv.notify_all();
         }
     }
@@ -501,7 +498,7 @@ impl Shared<'_> {
     }
 
     fn write(&self, sink: &dyn BlockSink, g: u64, data: &[u8]) -> Result<(), SnapshotError> {
-        let (r, b, _, _) = self.locate(g);
+        let (r, b, _, _) = self.blocks.locate(g);
         sink.write_block(r, b, data)
             .map_err(|source| SnapshotError::Sink {
                 range: r,
@@ -542,16 +539,16 @@ impl Shared<'_> {
                     return;
                 }
             }
-            let g = if self.cursor.load(Ordering::Relaxed) < self.total {
+            let g = if self.cursor.load(Ordering::Relaxed) < self.blocks.total() {
                 self.cursor.fetch_add(1, Ordering::Relaxed)
             } else {
-                self.total
+                self.blocks.total()
             };
-            if g < self.total {
+            if g < self.blocks.total() {
                 if !self.claim(g) {
                     continue; // a fault got there first
                 }
-                let (_, _, addr, len) = self.locate(g);
+                let (_, _, addr, len) = self.blocks.locate(g);
                 // SAFETY: the block lies inside a MemRange (mapped and readable for the
                 // whole snapshot). It is still write-protected and claimed by this thread,
                 // so no writer can change it until the un-protect below.
@@ -633,7 +630,7 @@ impl Shared<'_> {
         }
         stats.faults += 1;
         let addr = usize::try_from(m.address).unwrap_or(usize::MAX);
-        let Some(g) = self.block_of(addr) else {
+        let Some(g) = self.blocks.block_of(addr) else {
             return Err(SnapshotError::UnexpectedEvent(format!(
                 "write-protect fault at {addr:#x}, outside every range"
             )));
@@ -652,7 +649,7 @@ impl Shared<'_> {
             }
             return Ok(());
         }
-        let (_, _, start, len) = self.locate(g);
+        let (_, _, start, len) = self.blocks.locate(g);
         if self.stopping() {
             // Cancelled or failed: no copy is wanted, just let the writer go.
             self.unprotect(start, len)?;
@@ -697,9 +694,16 @@ impl Armed {
         CancelHandle(self.cancel.clone())
     }
 
-    /// How long `arm` took (protecting, and pre-touching if WP_UNPOPULATED was not used).
+    /// How long `arm` took: protecting everything, or, after
+    /// [`Prepared::pre_arm`], stopping its fault thread and re-protecting the
+    /// blocks written since (the part the writers' pause must cover).
     pub fn arm_time(&self) -> Duration {
         self.arm_time
+    }
+
+    /// What protecting ahead of the pause did, if [`Prepared::pre_arm`] was used.
+    pub fn pre_arm_stats(&self) -> Option<PreArmStats> {
+        self.pre_arm
     }
 
     /// Whether never-touched memory was protected with `UFFD_FEATURE_WP_UNPOPULATED`
@@ -742,12 +746,8 @@ impl Armed {
                 "at least one walker is needed".into(),
             ));
         }
-        let mut first_block = Vec::with_capacity(self.ranges.len());
-        let mut total = 0u64;
-        for r in &self.ranges {
-            first_block.push(total);
-            total += r.len().div_ceil(self.block_size) as u64;
-        }
+        let blocks = Blocks::new(&self.ranges, self.block_size);
+        let total = blocks.total();
         let queue_cap = (2 * walkers).max(8).max(QUEUE_BYTES / self.block_size);
         let prealloc = (PREALLOCATED_BYTES / self.block_size).clamp(4, queue_cap);
         let mut free = Vec::with_capacity(prealloc);
@@ -758,11 +758,8 @@ impl Armed {
         let uffd = self.prot.uffd()?;
         let shared = Shared {
             uffd,
-            ranges: &self.ranges,
-            first_block,
-            block_size: self.block_size,
+            blocks,
             states: (0..total).map(|_| AtomicU8::new(PENDING)).collect(),
-            total,
             done: AtomicU64::new(0),
             cursor: AtomicU64::new(0),
             cancel: &self.cancel,
@@ -838,6 +835,7 @@ impl Armed {
             run_time: Duration::ZERO,
             arm_time: self.arm_time,
             wp_unpopulated: self.wp_unpopulated,
+            pre_arm: self.pre_arm,
         };
         drop(shared);
         let released = self.prot.release();

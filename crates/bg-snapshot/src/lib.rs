@@ -14,6 +14,11 @@
 //!    drop of an [`Armed`] returns, also on error and on cancel
 //!    ([`CancelHandle`]).
 //!
+//! To keep the writers' pause short whatever the memory size, protect ahead
+//! of it: [`prepare`] and [`Prepared::pre_arm`] while the writers run (their
+//! writes are let through and remembered), then [`PreArmed::arm`] in the
+//! pause re-protects only the blocks written since (module `prearm`).
+//!
 //! [`check_support`] says what the kernel offers. Never-touched anonymous
 //! memory is protected with `UFFD_FEATURE_WP_UNPOPULATED` (Linux 6.4) or,
 //! without it, by pre-touching (read-faulting) every page at arm time.
@@ -48,14 +53,17 @@
 //! ```
 #![deny(missing_docs)]
 
+mod blocks;
 mod engine;
 mod error;
+mod prearm;
 mod report;
 mod sys;
 
 pub use engine::{arm, arm_with, prepare, prepare_with, ArmOptions, Armed, CancelHandle, Prepared};
 pub use error::{SinkError, SnapshotError};
-pub use report::{LatencyStats, SnapshotReport};
+pub use prearm::PreArmed;
+pub use report::{LatencyStats, PreArmStats, SnapshotReport};
 pub use sys::UffdSource;
 
 /// A range of host memory to snapshot: a page-aligned pointer and length.

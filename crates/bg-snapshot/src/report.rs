@@ -37,6 +37,28 @@ impl LatencyStats {
     }
 }
 
+/// What protecting ahead of the writers' pause did
+/// ([`Prepared::pre_arm`](crate::Prepared::pre_arm), then
+/// [`PreArmed::arm`](crate::PreArmed::arm) in the pause).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PreArmStats {
+    /// Write-protecting every range while the writers ran.
+    pub protect_time: Duration,
+    /// Write-protect faults served before the pause (each un-protected one
+    /// block and marked it written).
+    pub faults: u64,
+    /// Rounds that re-protected written blocks while the writers still ran.
+    pub rounds: u32,
+    /// Blocks re-protected in those rounds.
+    pub blocks_reprotected_running: u64,
+    /// Blocks re-protected in the pause (written since the last round).
+    pub blocks_reprotected_paused: u64,
+    /// In the pause: stopping the pre-arm fault thread.
+    pub stop_time: Duration,
+    /// In the pause: re-protecting the written blocks.
+    pub reprotect_time: Duration,
+}
+
 /// What [`Armed::run`](crate::Armed::run) did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SnapshotReport {
@@ -66,6 +88,8 @@ pub struct SnapshotReport {
     /// Whether `UFFD_FEATURE_WP_UNPOPULATED` protected never-touched memory
     /// (false: every page was pre-touched at arm time instead).
     pub wp_unpopulated: bool,
+    /// What protecting ahead of the pause did, when it was used.
+    pub pre_arm: Option<PreArmStats>,
 }
 
 #[cfg(test)]
