@@ -1,22 +1,27 @@
 //! Live snapshots: a fixed-ram image of the VM exactly as it was at one
 //! instant, written while the vCPUs keep running.
 //!
-//! The vCPUs are paused only to capture the device state and arm
-//! userfaultfd write protection over guest RAM (bg-snapshot); then they run
-//! on while walker threads copy every block once into the image; a guest
-//! write to a block not yet copied is held until the fault thread has
-//! copied that block. The image is committed with the device state of the
+//! Userfaultfd write protection is applied over guest RAM while the vCPUs
+//! run (bg-snapshot's pre-arm: a guest write meanwhile is let through and
+//! its block remembered). The vCPUs are paused only to capture the device
+//! state and re-protect the blocks written since, so the pause does not grow
+//! with RAM; then they run on while walker threads copy every block once
+//! into the image; a guest write to a block not yet copied is held until
+//! the fault thread has copied that block. The image is committed with the device state of the
 //! pause, so it is the VM at that instant.
 
 use std::fs::File;
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bg_snapshot::{BlockSink, CancelHandle, MemRange, SnapshotError};
+use bg_snapshot::{
+    Armed, BlockSink, CancelHandle, MemRange, PreArmed, SnapshotError, SnapshotReport,
+};
 use fixed_ram::{ImageWriter, Layout};
+use microvm::persist::VmSnapshot;
 use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use microvm::{RunState, VmController};
+use microvm::{GuestMemory, RunState, VmController};
 use serde::Serialize;
 
 use super::fixed::ChannelOptions;
@@ -41,10 +46,28 @@ pub struct SnapshotStats {
     pub allocated_bytes: u64,
     /// Device-state bytes.
     pub device_state_bytes: u64,
-    /// How long the vCPUs were paused (capture state + arm protection).
+    /// How long the vCPUs were paused, from the pause request to resumed:
+    /// the sum of the four `pause_*` parts.
     pub paused_ms: f64,
-    /// Time to arm the protection (inside the pause).
+    /// In the pause: stopping the vCPUs.
+    pub pause_stop_ms: f64,
+    /// In the pause: capturing the device state.
+    pub pause_state_ms: f64,
+    /// In the pause: completing the protection (stopping the pre-arm fault
+    /// thread and re-protecting the blocks written since the pre-arm).
     pub arm_ms: f64,
+    /// In the pause: resuming the vCPUs.
+    pub pause_resume_ms: f64,
+    /// Blocks re-protected in the pause.
+    pub blocks_reprotected_paused: u64,
+    /// Write-protecting all of RAM while the vCPUs ran (before the pause).
+    pub pre_arm_ms: f64,
+    /// Guest writes let through (block un-protected) before the pause.
+    pub pre_arm_faults: u64,
+    /// Blocks re-protected while the vCPUs ran, and in how many rounds.
+    pub blocks_reprotected_running: u64,
+    /// Re-protect rounds while the vCPUs ran.
+    pub pre_arm_rounds: u32,
     /// Total time until the image was committed.
     pub total_ms: f64,
     /// Blocks copied by the walkers.
@@ -142,6 +165,104 @@ fn snap_err(path: &Path) -> impl Fn(SnapshotError) -> SaveError + '_ {
     }
 }
 
+/// Guest RAM as bg-snapshot's ranges.
+pub(crate) fn guest_ranges(memory: &GuestMemory) -> Vec<MemRange> {
+    memory
+        .iter()
+        .map(|r| {
+            // SAFETY: guest RAM stays mapped while the VM exists, which
+            // outlives the snapshot (the caller holds `memory` throughout);
+            // vCPUs write it only with ordinary stores.
+            unsafe { MemRange::new(r.as_ptr(), r.len() as usize) }
+        })
+        .collect()
+}
+
+/// How the vCPUs' pause was spent.
+struct PauseSplit {
+    stop: Duration,
+    state: Duration,
+    arm: Duration,
+    resume: Duration,
+}
+
+/// Pauses the vCPUs, captures the device state, completes the protection
+/// (the snapshot's instant) and resumes them: the only time they stop.
+fn pause_and_arm(
+    controller: &VmController,
+    pre: PreArmed,
+) -> Result<(VmSnapshot, Result<Armed, SnapshotError>, PauseSplit), SaveError> {
+    let r = controller.call(move |vm| {
+        let was_running = vm.state() == RunState::Running;
+        let t = Instant::now();
+        vm.pause()?;
+        let stop = t.elapsed();
+        // If the state fails, `pre` drops here: all protection goes.
+        let result = vm.save_state().map(|snap| (snap, t.elapsed(), pre.arm()));
+        let armed_at = t.elapsed();
+        if was_running {
+            let _ = vm.resume();
+        }
+        result.map(|(snap, state, armed)| {
+            let split = PauseSplit {
+                stop,
+                state: state - stop,
+                arm: armed_at - state,
+                resume: t.elapsed() - armed_at,
+            };
+            (snap, armed, split)
+        })
+    })??;
+    Ok(r)
+}
+
+/// The image file, created (as a temporary) before the pause.
+struct OpenImage {
+    tmp: crate::files::TempFile,
+    writer: ImageWriter,
+    direct: Option<File>,
+}
+
+fn open_image(
+    path: &Path,
+    memory: &GuestMemory,
+    channels: &ChannelOptions,
+) -> Result<OpenImage, SaveError> {
+    // The same error kinds as a stopped save (a missing directory is the
+    // request's fault either way).
+    let ierr = super::fixed::image_err(path);
+    let layout = Layout::with_params(
+        PAGE_SIZE as u32,
+        fixed_ram::DEFAULT_ALIGNMENT,
+        BLOCK_SIZE as u64,
+        &region_specs(memory),
+    )
+    .map_err(&ierr)?;
+    let (tmp, file) = create_temp(path)?;
+    let writer = ImageWriter::from_file(file, layout).map_err(&ierr)?;
+    let direct = match multifd::open_with_direct_io(tmp.path(), channels.direct_io, true) {
+        Ok((f, true)) => Some(f),
+        Ok((_, false)) => None,
+        Err(e @ multifd::MultifdError::DirectIoUnsupported { .. }) => {
+            return Err(SaveError::BadImage {
+                path: path.to_owned(),
+                source: e.into(),
+            })
+        }
+        Err(e) => {
+            return Err(SaveError::Image {
+                path: path.to_owned(),
+                source: e.into(),
+            })
+        }
+    };
+    Ok(OpenImage {
+        tmp,
+        writer,
+        direct,
+    })
+}
+
 /// Takes a live snapshot of the VM into `path`.
 pub fn snapshot_vm(
     controller: &VmController,
@@ -156,112 +277,93 @@ pub fn snapshot_vm(
     }
     let start = Instant::now();
     let serr = snap_err(path);
-    // Register the userfaultfd while the vCPUs run; only the protection
-    // itself needs the pause.
     let memory = controller.call(|vm| vm.memory().clone())?;
-    let ranges: Vec<MemRange> = memory
-        .iter()
-        .map(|r| {
-            // SAFETY: guest RAM stays mapped while the VM exists, which
-            // outlives the snapshot (`memory` holds it below); vCPUs write
-            // it only with ordinary stores.
-            unsafe { MemRange::new(r.as_ptr(), r.len() as usize) }
-        })
-        .collect();
-    let prepared = bg_snapshot::prepare(&ranges, BLOCK_SIZE).map_err(&serr)?;
-    // Pause, capture, arm, resume: the only time the vCPUs stop.
-    let (snapshot, armed, paused) = controller.call(move |vm| {
-        let was_running = vm.state() == RunState::Running;
-        let pause_start = Instant::now();
-        vm.pause()?;
-        let result = vm.save_state().map(|snap| (snap, prepared.arm()));
-        if was_running {
-            let _ = vm.resume();
-        }
-        result.map(|(s, a)| (s, a, pause_start.elapsed()))
-    })??;
+    let image = open_image(path, &memory, channels)?;
+    // Register and protect while the vCPUs run; the pause only re-protects
+    // what they wrote meanwhile.
+    let pre = bg_snapshot::prepare(&guest_ranges(&memory), BLOCK_SIZE)
+        .and_then(|p| p.pre_arm())
+        .map_err(&serr)?;
+    let pre_stats = pre.stats();
+    let (snapshot, armed, split) = pause_and_arm(controller, pre)?;
     let armed = armed.map_err(&serr)?;
     cancel.set(Some(armed.cancel_handle()));
-    let arm_time = armed.arm_time();
-
-    let result = (|| {
-        let specs = region_specs(&memory);
-        // The same error kinds as a stopped save (a missing directory is
-        // the request's fault either way).
-        let ierr = super::fixed::image_err(path);
-        let layout = Layout::with_params(
-            PAGE_SIZE as u32,
-            fixed_ram::DEFAULT_ALIGNMENT,
-            BLOCK_SIZE as u64,
-            &specs,
-        )
-        .map_err(&ierr)?;
-        let device_state =
-            snapshot::encode(&snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
+    let result = copy_and_commit(path, &memory, image, armed, &snapshot, channels, progress).map(
+        |(report, bytes, allocated, state_bytes)| {
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            let pa = report.pre_arm.unwrap_or(pre_stats);
+            SnapshotStats {
                 path: path.to_owned(),
-                source: e.into(),
-            })?;
-        let (tmp, file) = create_temp(path)?;
-        let writer = ImageWriter::from_file(file, layout).map_err(&ierr)?;
-        let direct = match multifd::open_with_direct_io(tmp.path(), channels.direct_io, true) {
-            Ok((f, true)) => Some(f),
-            Ok((_, false)) => None,
-            Err(e @ multifd::MultifdError::DirectIoUnsupported { .. }) => {
-                return Err(SaveError::BadImage {
-                    path: path.to_owned(),
-                    source: e.into(),
-                })
+                bytes,
+                allocated_bytes: allocated,
+                device_state_bytes: state_bytes,
+                paused_ms: ms(split.stop + split.state + split.arm + split.resume),
+                pause_stop_ms: ms(split.stop),
+                pause_state_ms: ms(split.state),
+                arm_ms: ms(split.arm),
+                pause_resume_ms: ms(split.resume),
+                blocks_reprotected_paused: pa.blocks_reprotected_paused,
+                pre_arm_ms: ms(pa.protect_time),
+                pre_arm_faults: pa.faults,
+                blocks_reprotected_running: pa.blocks_reprotected_running,
+                pre_arm_rounds: pa.rounds,
+                total_ms: ms(start.elapsed()),
+                blocks_by_walkers: report.blocks_by_walkers,
+                blocks_by_faults: report.blocks_by_faults,
+                faults: report.faults,
+                fault_latency_median_us: ms(report.fault_latency.median) * 1000.0,
+                fault_latency_p99_us: ms(report.fault_latency.p99) * 1000.0,
+                fault_latency_max_us: ms(report.fault_latency.max) * 1000.0,
+                wp_unpopulated: report.wp_unpopulated,
             }
-            Err(e) => {
-                return Err(SaveError::Image {
-                    path: path.to_owned(),
-                    source: e.into(),
-                })
-            }
-        };
-        if let Some(p) = progress {
-            p.set_total(memory.iter().map(|r| r.len()).sum());
-            p.phase("copying");
-        }
-        let sink = ImageSink {
-            writer: &writer,
-            direct,
-            progress,
-        };
-        let report = armed
-            .run(&sink, channels.channels.max(1))
-            .map_err(|e| match e {
-                SnapshotError::Cancelled => SaveError::Cancelled("snapshot"),
-                other => serr(other),
-            })?;
-        drop(sink);
-        if let Some(p) = progress {
-            p.phase("committing");
-        }
-        let file = writer.commit(&device_state).map_err(&ierr)?;
-        let (bytes, allocated) = file_sizes(&file, path)?;
-        drop(file);
-        // A live snapshot is consistent while the VM runs: only a cancel stops it.
-        publish(tmp, path, &SaveControl::default())?;
-        let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
-        Ok(SnapshotStats {
-            path: path.to_owned(),
-            bytes,
-            allocated_bytes: allocated,
-            device_state_bytes: device_state.len() as u64,
-            paused_ms: paused.as_secs_f64() * 1000.0,
-            arm_ms: arm_time.as_secs_f64() * 1000.0,
-            total_ms: start.elapsed().as_secs_f64() * 1000.0,
-            blocks_by_walkers: report.blocks_by_walkers,
-            blocks_by_faults: report.blocks_by_faults,
-            faults: report.faults,
-            fault_latency_median_us: us(report.fault_latency.median),
-            fault_latency_p99_us: us(report.fault_latency.p99),
-            fault_latency_max_us: us(report.fault_latency.max),
-            wp_unpopulated: report.wp_unpopulated,
-        })
-    })();
+        },
+    );
     cancel.set(None);
     drop(memory);
     result
+}
+
+/// Runs the armed snapshot into the image and commits it with the device
+/// state: (report, file size, allocated bytes, device-state bytes).
+fn copy_and_commit(
+    path: &Path,
+    memory: &GuestMemory,
+    image: OpenImage,
+    armed: Armed,
+    snapshot: &VmSnapshot,
+    channels: &ChannelOptions,
+    progress: Option<&Progress>,
+) -> Result<(SnapshotReport, u64, u64, u64), SaveError> {
+    let serr = snap_err(path);
+    let ierr = super::fixed::image_err(path);
+    let device_state =
+        snapshot::encode(snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
+    if let Some(p) = progress {
+        p.set_total(memory.iter().map(|r| r.len()).sum());
+        p.phase("copying");
+    }
+    let sink = ImageSink {
+        writer: &image.writer,
+        direct: image.direct,
+        progress,
+    };
+    let report = armed
+        .run(&sink, channels.channels.max(1))
+        .map_err(|e| match e {
+            SnapshotError::Cancelled => SaveError::Cancelled("snapshot"),
+            other => serr(other),
+        })?;
+    drop(sink);
+    if let Some(p) = progress {
+        p.phase("committing");
+    }
+    let file = image.writer.commit(&device_state).map_err(&ierr)?;
+    let (bytes, allocated) = file_sizes(&file, path)?;
+    drop(file);
+    // A live snapshot is consistent while the VM runs: only a cancel stops it.
+    publish(image.tmp, path, &SaveControl::default())?;
+    Ok((report, bytes, allocated, device_state.len() as u64))
 }
