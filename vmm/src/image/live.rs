@@ -30,9 +30,10 @@ use super::{
 };
 use crate::progress::Progress;
 
-/// Block size of a live snapshot: the unit of copy, of write protection and
-/// of the image's checksums. Smaller blocks hold a faulting vCPU for less
-/// time (one block copy); 256 KiB keeps the fault latency near 0.1 ms here.
+/// Default block size of a live snapshot: the unit of copy, of write
+/// protection and of the image's checksums. Smaller blocks hold a faulting
+/// vCPU for less time (one block copy); 256 KiB keeps the fault latency near
+/// 0.1 ms here.
 pub const BLOCK_SIZE: usize = 256 << 10;
 
 /// What a live snapshot did.
@@ -112,13 +113,14 @@ impl CancelSlot {
 /// The fixed-ram writer as bg-snapshot's block sink.
 struct ImageSink<'a> {
     writer: &'a ImageWriter,
+    block_size: usize,
     direct: Option<File>,
     progress: Option<&'a Progress>,
 }
 
 impl BlockSink for ImageSink<'_> {
     fn block_size(&self) -> usize {
-        BLOCK_SIZE
+        self.block_size
     }
 
     fn write_block(
@@ -219,6 +221,7 @@ fn pause_and_arm(
 /// The image file, created (as a temporary) before the pause.
 struct OpenImage {
     tmp: crate::files::TempFile,
+    block_size: usize,
     writer: ImageWriter,
     direct: Option<File>,
 }
@@ -227,6 +230,7 @@ fn open_image(
     path: &Path,
     memory: &GuestMemory,
     channels: &ChannelOptions,
+    block_size: usize,
 ) -> Result<OpenImage, SaveError> {
     // The same error kinds as a stopped save (a missing directory is the
     // request's fault either way).
@@ -234,7 +238,7 @@ fn open_image(
     let layout = Layout::with_params(
         PAGE_SIZE as u32,
         fixed_ram::DEFAULT_ALIGNMENT,
-        BLOCK_SIZE as u64,
+        block_size as u64,
         &region_specs(memory),
     )
     .map_err(&ierr)?;
@@ -258,16 +262,19 @@ fn open_image(
     };
     Ok(OpenImage {
         tmp,
+        block_size,
         writer,
         direct,
     })
 }
 
-/// Takes a live snapshot of the VM into `path`.
+/// Takes a live snapshot of the VM into `path`, in blocks of `block_size`
+/// bytes (a power of two from 4 KiB; [`BLOCK_SIZE`] unless tuning).
 pub fn snapshot_vm(
     controller: &VmController,
     path: &Path,
     channels: &ChannelOptions,
+    block_size: usize,
     cancel: &CancelSlot,
     progress: Option<&Progress>,
 ) -> Result<SnapshotStats, SaveError> {
@@ -278,10 +285,10 @@ pub fn snapshot_vm(
     let start = Instant::now();
     let serr = snap_err(path);
     let memory = controller.call(|vm| vm.memory().clone())?;
-    let image = open_image(path, &memory, channels)?;
+    let image = open_image(path, &memory, channels, block_size)?;
     // Register and protect while the vCPUs run; the pause only re-protects
     // what they wrote meanwhile.
-    let pre = bg_snapshot::prepare(&guest_ranges(&memory), BLOCK_SIZE)
+    let pre = bg_snapshot::prepare(&guest_ranges(&memory), block_size)
         .and_then(|p| p.pre_arm())
         .map_err(&serr)?;
     let pre_stats = pre.stats();
@@ -347,6 +354,7 @@ fn copy_and_commit(
     }
     let sink = ImageSink {
         writer: &image.writer,
+        block_size: image.block_size,
         direct: image.direct,
         progress,
     };
