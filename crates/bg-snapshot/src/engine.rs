@@ -14,6 +14,8 @@ use crate::{BlockSink, MemRange, SnapshotError};
 
 const PENDING: u8 = 0;
 const CLAIMED: u8 = 1;
+/// Claimed by a walker, and a writer waits on it: the walker un-protects it.
+const WAITED: u8 = 3;
 const DONE: u8 = 2;
 
 /// How long the fault thread and idle walkers wait before re-checking for stop.
@@ -484,6 +486,27 @@ impl Shared<'_> {
             .is_ok()
     }
 
+    /// Marks a walked block Done; true when a writer waits on it (the
+    /// caller must un-protect it).
+    fn finish_walked(&self, g: u64) -> bool {
+        let waited = self.states[g as usize]
+            .compare_exchange(CLAIMED, DONE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err();
+        self.mark_done(g);
+        waited
+    }
+
+    /// A fault on a block it could not claim: marks it WAITED if a walker
+    /// still copies it (the walker un-protects it); true if it is Done
+    /// already, still protected, so the caller must un-protect it.
+    fn fault_on_taken(&self, g: u64) -> bool {
+        let state = &self.states[g as usize];
+        match state.compare_exchange(CLAIMED, WAITED, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => false,
+            Err(now) => now == DONE,
+        }
+    }
+
     fn mark_done(&self, g: u64) {
         self.states[g as usize].store(DONE, Ordering::Release);
         if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.blocks.total() {
@@ -554,18 +577,20 @@ impl Shared<'_> {
                 // so no writer can change it until the un-protect below.
                 let data = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
                 let written = self.write(sink, g, data);
-                // Un-protect even when the sink failed: a writer may be waiting on it.
-                let unprotected = self.unprotect(addr, len);
-                match written.and(unprotected) {
-                    Ok(()) => {
-                        self.blocks_by_walkers.fetch_add(1, Ordering::Relaxed);
-                        self.mark_done(g);
-                    }
-                    Err(e) => {
-                        self.fail(e);
-                        return;
-                    }
+                // The block stays protected (un-protecting invalidates the
+                // guest's mappings of it, and most blocks are not written
+                // during the snapshot) unless a writer waits on it; a later
+                // write faults and the fault thread un-protects it then.
+                // Un-protect even when the sink failed: a writer may be waiting.
+                let unprotected = match self.finish_walked(g) {
+                    true => self.unprotect(addr, len),
+                    false => Ok(()),
+                };
+                if let Err(e) = written.and(unprotected) {
+                    self.fail(e);
+                    return;
                 }
+                self.blocks_by_walkers.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             if had_queued {
@@ -587,7 +612,9 @@ impl Shared<'_> {
         let mut msgs = [UffdMsg::default(); 64];
         let mut inline_buf: Vec<u8> = Vec::new();
         loop {
-            if self.fault_stop.load(Ordering::SeqCst) || self.all_done() {
+            // Runs until told: blocks left protected by the walkers may
+            // still fault until `run` has un-protected everything.
+            if self.fault_stop.load(Ordering::SeqCst) {
                 return;
             }
             match self.uffd.poll(POLL_MS) {
@@ -635,21 +662,19 @@ impl Shared<'_> {
                 "write-protect fault at {addr:#x}, outside every range"
             )));
         };
+        let (_, _, start, len) = self.blocks.locate(g);
         if !self.claim(g) {
-            if self.states[g as usize].load(Ordering::Acquire) == DONE {
-                // Raced with the un-protect: make sure the writer is not left waiting.
+            if self.fault_on_taken(g) {
+                // Copied already (walkers leave blocks protected), or a race
+                // with an un-protect: un-protecting wakes the writer either way.
                 stats.on_done += 1;
-                let page = sys::page_size();
-                self.uffd
-                    .wake(addr & !(page - 1), page)
-                    .map_err(|e| SnapshotError::io("UFFDIO_WAKE", e))?;
+                self.unprotect(start, len)?;
             } else {
                 // The claimer's un-protect wakes the writer.
                 stats.on_claimed += 1;
             }
             return Ok(());
         }
-        let (_, _, start, len) = self.blocks.locate(g);
         if self.stopping() {
             // Cancelled or failed: no copy is wanted, just let the writer go.
             self.unprotect(start, len)?;
@@ -807,12 +832,13 @@ impl Armed {
                     panic_payload.get_or_insert(p);
                 }
             }
-            // Walkers are gone. Unless everything is done, let every writer go now.
+            // Walkers are gone: un-protect everything (walked blocks stay
+            // protected until now) while the fault thread still serves.
             if !sh.all_done() {
                 sh.abort.stop();
-                if let Err(e) = self.prot.unprotect_all() {
-                    unprotect_err = Some(e);
-                }
+            }
+            if let Err(e) = self.prot.unprotect_all() {
+                unprotect_err = Some(e);
             }
             sh.fault_stop.store(true, Ordering::SeqCst);
             if let Some(h) = fault {

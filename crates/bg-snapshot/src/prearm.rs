@@ -164,10 +164,16 @@ impl Server {
     ) -> Result<Server, SnapshotError> {
         let waker = Arc::new(Waker::new().map_err(|e| SnapshotError::io("eventfd", e))?);
         let stop = Arc::new(AtomicBool::new(false));
-        let (w, s) = (waker.clone(), stop.clone());
+        let serving = Serving {
+            uffd,
+            blocks,
+            written,
+            stop: stop.clone(),
+            waker: waker.clone(),
+        };
         let thread = thread::Builder::new()
             .name("bg-snap-prearm".into())
-            .spawn(move || serve(&uffd, &blocks, &written, &s, &w))
+            .spawn(move || serving.serve())
             .map_err(|e| SnapshotError::io("spawning the pre-arm fault thread", e))?;
         Ok(Server {
             stop,
@@ -214,66 +220,72 @@ impl Drop for Server {
     }
 }
 
-/// Serves write faults until `stop`: un-protects the faulting block, then
-/// marks it written. Returns the number of faults served. On error it
-/// un-protects everything before returning, so no writer is left waiting.
-fn serve(
-    uffd: &Uffd,
-    blocks: &Blocks,
-    written: &BlockSet,
-    stop: &AtomicBool,
-    waker: &Waker,
-) -> Result<u64, SnapshotError> {
-    let result = serve_loop(uffd, blocks, written, stop, waker);
-    if result.is_err() {
-        for r in blocks.ranges() {
-            let _ = uffd.writeprotect(r.addr(), r.len(), false);
-        }
-    }
-    result
+/// What the pre-arm fault thread works with.
+struct Serving {
+    uffd: Arc<Uffd>,
+    blocks: Arc<Blocks>,
+    written: Arc<BlockSet>,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
 }
 
-fn serve_loop(
-    uffd: &Uffd,
-    blocks: &Blocks,
-    written: &BlockSet,
-    stop: &AtomicBool,
-    waker: &Waker,
-) -> Result<u64, SnapshotError> {
-    let mut msgs = [UffdMsg::default(); 64];
-    let mut faults = 0;
-    let page = sys::page_size();
-    while !stop.load(Ordering::SeqCst) {
-        let ready = uffd
-            .poll_or(Some(waker), POLL_MS)
-            .map_err(|e| SnapshotError::io("poll on the userfaultfd", e))?;
-        if !ready {
-            continue;
+impl Serving {
+    /// Serves write faults until `stop`: un-protects the faulting block, then
+    /// marks it written. Returns the number of faults served. On error it
+    /// un-protects everything before returning, so no writer is left waiting.
+    fn serve(&self) -> Result<u64, SnapshotError> {
+        let result = self.serve_loop();
+        if result.is_err() {
+            for r in self.blocks.ranges() {
+                let _ = self.uffd.writeprotect(r.addr(), r.len(), false);
+            }
         }
-        let n = uffd
-            .read_msgs(&mut msgs)
-            .map_err(|e| SnapshotError::io("reading the userfaultfd", e))?;
-        for m in &msgs[..n] {
-            let addr = usize::try_from(m.address).unwrap_or(usize::MAX);
-            let block = if m.event == sys::EVENT_PAGEFAULT {
-                blocks.block_of(addr)
-            } else {
-                None
-            };
-            let Some(g) = block else {
-                // Not a fault on our ranges (a WP-only registration gives no
-                // other): make sure nobody is left waiting on it.
-                uffd.wake(addr & !(page - 1), page)
-                    .map_err(|e| SnapshotError::io("UFFDIO_WAKE", e))?;
-                continue;
-            };
-            let (_, _, start, len) = blocks.locate(g);
-            // Un-protect, then mark: whoever takes the mark re-protects after.
-            uffd.writeprotect(start, len, false)
-                .map_err(|e| SnapshotError::io("UFFDIO_WRITEPROTECT (un-protect block)", e))?;
-            written.mark(g);
-            faults += 1;
-        }
+        result
     }
-    Ok(faults)
+
+    fn serve_loop(&self) -> Result<u64, SnapshotError> {
+        let Serving {
+            uffd,
+            blocks,
+            written,
+            stop,
+            waker,
+        } = self;
+        let mut msgs = [UffdMsg::default(); 64];
+        let mut faults = 0;
+        let page = sys::page_size();
+        while !stop.load(Ordering::SeqCst) {
+            let ready = uffd
+                .poll_or(Some(waker), POLL_MS)
+                .map_err(|e| SnapshotError::io("poll on the userfaultfd", e))?;
+            if !ready {
+                continue;
+            }
+            let n = uffd
+                .read_msgs(&mut msgs)
+                .map_err(|e| SnapshotError::io("reading the userfaultfd", e))?;
+            for m in &msgs[..n] {
+                let addr = usize::try_from(m.address).unwrap_or(usize::MAX);
+                let block = if m.event == sys::EVENT_PAGEFAULT {
+                    blocks.block_of(addr)
+                } else {
+                    None
+                };
+                let Some(g) = block else {
+                    // Not a fault on our ranges (a WP-only registration gives no
+                    // other): make sure nobody is left waiting on it.
+                    uffd.wake(addr & !(page - 1), page)
+                        .map_err(|e| SnapshotError::io("UFFDIO_WAKE", e))?;
+                    continue;
+                };
+                let (_, _, start, len) = blocks.locate(g);
+                // Un-protect, then mark: whoever takes the mark re-protects after.
+                uffd.writeprotect(start, len, false)
+                    .map_err(|e| SnapshotError::io("UFFDIO_WRITEPROTECT (un-protect block)", e))?;
+                written.mark(g);
+                faults += 1;
+            }
+        }
+        Ok(faults)
+    }
 }

@@ -74,7 +74,9 @@ pub struct SnapshotReport {
     /// Faults on a block a walker (or an earlier fault) had already claimed:
     /// the writer is woken by that claimer's un-protect.
     pub faults_on_claimed: u64,
-    /// Faults on a block already done (a race): answered with UFFDIO_WAKE.
+    /// Faults on a block already copied: walkers leave the blocks they
+    /// copy protected, so this is a writer's first write to such a block
+    /// (or a race with an un-protect); answered by un-protecting the block.
     pub faults_on_done: u64,
     /// Fault copies the fault thread wrote to the sink itself because the
     /// queue to the walkers was full.
