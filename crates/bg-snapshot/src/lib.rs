@@ -7,9 +7,10 @@
 //!    write-protects all of it. Then the owner resumes its writers.
 //! 2. [`Armed::run`] copies every block exactly once to a [`BlockSink`]:
 //!    walker threads copy blocks straight from the still-protected memory and
-//!    then un-protect them; a fault thread serves writers that hit a protected
-//!    block (copy the block to a buffer, un-protect it so the writer goes on,
-//!    queue the copy for the sink). The sink sees exactly the memory at T0.
+//!    leave them protected; a fault thread serves writers that hit a protected
+//!    block (not yet copied: copy it to a buffer, un-protect it so the writer
+//!    goes on, queue the copy for the sink; copied already: un-protect it).
+//!    The sink sees exactly the memory at T0.
 //! 3. Protection is always removed before `run`, [`Armed::disarm`] or the
 //!    drop of an [`Armed`] returns, also on error and on cancel
 //!    ([`CancelHandle`]).

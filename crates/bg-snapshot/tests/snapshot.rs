@@ -332,20 +332,17 @@ fn cancel_mid_run_releases_writers() {
     let cancel = armed.cancel_handle();
     let n = 3000;
     let writers = start_writers(&[&m], 2, n);
-    let sink = VecSink::new(bs, &[len], Duration::from_millis(2)); // ~256 ms to walk
+    let sink = VecSink::new(bs, &[len], Duration::from_millis(5)); // ~640 ms to walk
     let canceller = thread::spawn(move || {
         thread::sleep(Duration::from_millis(40));
         cancel.cancel();
     });
-    let t = Instant::now();
     let res = armed.run(&sink, 1);
     canceller.join().unwrap();
     assert!(matches!(res, Err(SnapshotError::Cancelled)), "{res:?}");
-    assert!(
-        t.elapsed() < Duration::from_millis(200),
-        "cancel took {:?}",
-        t.elapsed()
-    );
+    // The walk stopped early (a count, not a time: speed is for benchmarks).
+    let copied: u32 = sink.counts[0].iter().map(|c| c.load(Ordering::SeqCst)).sum();
+    assert!((copied as usize) < len / bs, "{copied} blocks copied: no early stop");
     writers.wait(n);
     assert_unprotected(&[&m]);
 }
