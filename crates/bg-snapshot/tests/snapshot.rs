@@ -341,8 +341,14 @@ fn cancel_mid_run_releases_writers() {
     canceller.join().unwrap();
     assert!(matches!(res, Err(SnapshotError::Cancelled)), "{res:?}");
     // The walk stopped early (a count, not a time: speed is for benchmarks).
-    let copied: u32 = sink.counts[0].iter().map(|c| c.load(Ordering::SeqCst)).sum();
-    assert!((copied as usize) < len / bs, "{copied} blocks copied: no early stop");
+    let copied: u32 = sink.counts[0]
+        .iter()
+        .map(|c| c.load(Ordering::SeqCst))
+        .sum();
+    assert!(
+        (copied as usize) < len / bs,
+        "{copied} blocks copied: no early stop"
+    );
     writers.wait(n);
     assert_unprotected(&[&m]);
 }
