@@ -417,6 +417,29 @@ pub(crate) fn protect(uffd: &Uffd, spans: &[(usize, usize)]) -> Result<(), Snaps
 struct Queued {
     global: u64,
     buf: Vec<u8>,
+    /// Where the copy starts in `buf` (page aligned, see [`copy_aligned`]).
+    off: usize,
+}
+
+/// Copies `len` bytes from `src` into `buf` at a page-aligned offset, which
+/// it returns, so that a sink can write the copy with O_DIRECT.
+///
+/// # Safety
+/// `src` must be valid for reads of `len` bytes and nobody may write them
+/// meanwhile; they must not overlap `buf`.
+unsafe fn copy_aligned(src: *const u8, len: usize, buf: &mut Vec<u8>) -> usize {
+    let page = sys::page_size();
+    buf.clear();
+    buf.reserve(len + page);
+    let off = buf.as_ptr().align_offset(page).min(page);
+    buf.resize(off, 0); // within the capacity: the allocation does not move
+                        // SAFETY: `buf` has capacity for `off + len` bytes (reserved above, and
+                        // `off <= page`); the caller vouches for `src`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr().add(off), len);
+        buf.set_len(off + len);
+    }
+    off
 }
 
 /// State shared by the walkers and the fault thread during `run`.
@@ -539,7 +562,7 @@ impl Shared<'_> {
     }
 
     fn write_queued(&self, sink: &dyn BlockSink, q: Queued) {
-        match self.write(sink, q.global, &q.buf) {
+        match self.write(sink, q.global, &q.buf[q.off..]) {
             Ok(()) => self.mark_done(q.global),
             Err(e) => self.fail(e),
         }
@@ -686,27 +709,26 @@ impl Shared<'_> {
         } else {
             self.take_buffer()
         };
-        buf.clear();
-        buf.reserve(len);
         // SAFETY: the block lies inside a MemRange (mapped, readable); it is still
         // write-protected and claimed by this thread, so nobody writes it during the
-        // copy; `buf` has capacity for `len` bytes and does not overlap guest memory.
-        unsafe {
-            std::ptr::copy_nonoverlapping(start as *const u8, buf.as_mut_ptr(), len);
-            buf.set_len(len);
-        }
+        // copy; `buf` is ours and does not overlap guest memory.
+        let off = unsafe { copy_aligned(start as *const u8, len, &mut buf) };
         // Un-protect (and wake the writer) before the sink sees the copy.
         self.unprotect(start, len)?;
         stats.latencies.push(t_read.elapsed());
         self.blocks_by_faults.fetch_add(1, Ordering::Relaxed);
         if queue_full {
             self.inline_writes.fetch_add(1, Ordering::Relaxed);
-            let res = self.write(sink, g, &buf);
+            let res = self.write(sink, g, &buf[off..]);
             *inline_buf = buf;
             res?;
             self.mark_done(g);
         } else {
-            lock(&self.queue).push_back(Queued { global: g, buf });
+            lock(&self.queue).push_back(Queued {
+                global: g,
+                buf,
+                off,
+            });
             self.cv.notify_one();
         }
         Ok(())
@@ -778,7 +800,8 @@ impl Armed {
         let mut free = Vec::with_capacity(prealloc);
         for _ in 0..prealloc {
             // Filled with non-zero bytes so the pages are really allocated now.
-            free.push(vec![0xa5u8; self.block_size]);
+            // One page more than a block: room for a page-aligned copy.
+            free.push(vec![0xa5u8; self.block_size + sys::page_size()]);
         }
         let uffd = self.prot.uffd()?;
         let shared = Shared {
@@ -893,5 +916,22 @@ impl Armed {
     /// (waking any waiting writer), unregisters and closes the uffd.
     pub fn disarm(mut self) -> Result<(), SnapshotError> {
         self.prot.release()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_copies_are_page_aligned_for_o_direct() {
+        let page = sys::page_size();
+        let src: Vec<u8> = (0..2 * page).map(|i| (i % 251) as u8).collect();
+        for mut buf in [Vec::new(), vec![1u8; 3], vec![0xa5u8; 3 * page]] {
+            // SAFETY: `src` is ours, readable for its length, and not written.
+            let off = unsafe { copy_aligned(src.as_ptr(), src.len(), &mut buf) };
+            assert_eq!(buf[off..].as_ptr() as usize % page, 0);
+            assert_eq!(&buf[off..], &src[..]);
+        }
     }
 }
