@@ -57,6 +57,49 @@ fn snapshot_of_a_busy_vm_is_the_pause_moment() {
     }
 }
 
+/// Protection is applied while the vCPUs write hard (1 GiB takes a while to
+/// protect), so many writes land between the start of arming and the pause:
+/// the image must still be the pause moment. The restored guest checks every
+/// page against its own record of what it wrote (MISMATCH otherwise).
+#[test]
+fn writes_while_protection_is_applied_end_at_the_pause() {
+    let dir = workdir("live-prearm");
+    let api = socket_path("live-prearm");
+    let (mut g, _) = boot_with_api(2, 1024, "cryo.mem=384 cryo.rate=0 cryo.hb_ms=100", &api);
+    // The guest's speed varies with the host's load: take snapshots until
+    // one had guest writes land between arming and the pause.
+    let mut tries = 0;
+    let (before, stats, file) = loop {
+        g.drain();
+        let before = g.follow(2, 1, 0, T);
+        let file = dir.join(format!("snap{tries}.img"));
+        let stats = snapshot(&api, &file);
+        let n = |k: &str| {
+            stats[k]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no {k} in {stats}"))
+        };
+        if n("pre_arm_faults") > 0 {
+            break (before, stats, file);
+        }
+        tries += 1;
+        assert!(
+            tries < 5,
+            "in 5 snapshots no guest write hit the window between arming and the pause: {stats}"
+        );
+    };
+    let n = |k: &str| stats[k].as_u64().unwrap_or(0);
+    assert!(
+        n("blocks_reprotected_running") + n("blocks_reprotected_paused") > 0,
+        "{stats}"
+    );
+    let during = g.follow(2, 3, 1, T);
+    let mut r = restore_vm(&file, None, &[]);
+    // Two sweeps: every page of each vCPU's pool checked against its record.
+    let restored = r.follow(2, 3, 2, T);
+    check_point_in_time(&before, &during, &restored);
+}
+
 #[test]
 fn repeated_snapshots_of_one_running_vm() {
     let dir = workdir("live-repeat");

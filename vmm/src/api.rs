@@ -898,7 +898,15 @@ fn snapshot(
     };
     let c = &state.controller;
     let run = with_progress(state, conn, &id, "snapshot", progress, |p| {
-        save::live::snapshot_vm(c, &path, &channels, disks, &state.cancel, Some(&p))
+        save::live::snapshot_vm(
+            c,
+            &path,
+            &channels,
+            disks,
+            save::live::BLOCK_SIZE,
+            &state.cancel,
+            Some(&p),
+        )
     });
     finish(id, run, |stats, _| {
         info!(

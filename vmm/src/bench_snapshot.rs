@@ -7,12 +7,18 @@
 //! 100 ms. The guest's write rate is computed from consecutive heartbeats,
 //! sorted into before / during / after the snapshot by their TSC, which on
 //! these hosts is the host's TSC (the guest's TSC has no offset).
+//!
+//! The floor, in the same run: all of RAM write-protected and each block
+//! un-protected on its first fault, nothing copied (bg-snapshot's pre-arm
+//! alone), for as long as the snapshot took. That is what KVM's re-faulting
+//! alone costs the guest on this host; the snapshot's rate is reported
+//! against it.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use microvm::{BootSource, MemoryBacking, MicroVm, SerialOutput, VmConfig};
+use microvm::{BootSource, MemoryBacking, MicroVm, SerialOutput, VmConfig, VmController};
 use serde::Serialize;
 
 use crate::error::CliError;
@@ -30,6 +36,9 @@ pub struct SnapshotArgs {
     /// Walker / channel threads.
     #[arg(long)]
     pub channels: Option<usize>,
+    /// Block size in KiB (unit of copy and write protection): a power of two from 4.
+    #[arg(long, default_value_t = (live::BLOCK_SIZE >> 10) as u64)]
+    pub block_kib: u64,
     /// Directory for the image files.
     #[arg(long, default_value = ".")]
     pub dir: PathBuf,
@@ -53,7 +62,17 @@ struct Report {
     mem_mib: u64,
     fill_mib: u64,
     pause_ms: f64,
-    arm_ms: f64,
+    pause_stop_ms: f64,
+    pause_state_ms: f64,
+    pause_reprotect_ms: f64,
+    pause_resume_ms: f64,
+    blocks_reprotected_paused: u64,
+    pre_arm_ms: f64,
+    pre_arm_faults: u64,
+    pre_arm_rounds: u32,
+    blocks_reprotected_running: u64,
+    block_kib: u64,
+    walkers: usize,
     snapshot_s: f64,
     stopped_save_s: f64,
     snapshot_over_stopped_save: f64,
@@ -62,6 +81,11 @@ struct Report {
     rate_during_pages_s: f64,
     rate_after_pages_s: f64,
     during_over_before: f64,
+    rate_pre_arm_pages_s: f64,
+    rate_floor_pages_s: f64,
+    rate_before_floor_pages_s: f64,
+    floor_faults: u64,
+    during_over_floor: f64,
     blocks_by_walkers: u64,
     blocks_by_faults: u64,
     faults: u64,
@@ -131,10 +155,60 @@ pub(crate) fn wait_for(
     }
 }
 
+/// The floor: all of RAM write-protected, each block un-protected on its
+/// first fault, nothing copied, for `dur`. Returns the TSC at its start and
+/// end and the faults it served.
+fn floor(
+    controller: &VmController,
+    dur: Duration,
+    block_size: usize,
+) -> Result<(u64, u64, u64), CliError> {
+    let fail = |e: bg_snapshot::SnapshotError| CliError::failure(e.to_string());
+    let memory = controller.call(|vm| vm.memory().clone())?;
+    let start = Instant::now();
+    let t0 = rdtsc();
+    let pre = bg_snapshot::prepare(&live::guest_ranges(&memory), block_size)
+        .and_then(|p| p.pre_arm())
+        .map_err(fail)?;
+    std::thread::sleep(dur.saturating_sub(start.elapsed()));
+    let stats = pre.disarm().map_err(fail)?;
+    Ok((t0, rdtsc(), stats.faults))
+}
+
+/// Waits (at most 60 s) until the guest's write rate over the last second is
+/// back to 0.8x `rate_before`.
+fn wait_recovered(serial: &Path, rate_before: f64, tsc_hz: f64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = rdtsc();
+        let last = rate(
+            &heartbeats(serial),
+            now.saturating_sub(tsc_hz as u64),
+            now,
+            tsc_hz,
+        );
+        if last >= 0.8 * rate_before {
+            return;
+        }
+    }
+    eprintln!("bench: the guest's rate did not recover within 60 s");
+}
+
 /// Runs the snapshot benchmark.
 pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
     if a.vcpus == 0 || a.vcpus > 64 {
         return Err(CliError::bad_input("--vcpus takes 1 to 64"));
+    }
+    let block_size = a
+        .block_kib
+        .checked_mul(1024)
+        .and_then(|b| usize::try_from(b).ok())
+        .unwrap_or(0);
+    if !block_size.is_power_of_two() || block_size < 4096 || a.block_kib > (1 << 20) {
+        return Err(CliError::bad_input(
+            "--block-kib takes a power of two from 4 to 1048576",
+        ));
     }
     if a.fill_mib + 64 > a.mem_mib {
         return Err(CliError::bad_input(
@@ -195,13 +269,22 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
         let t0 = rdtsc();
         let start = Instant::now();
         let cancel = live::CancelSlot::default();
-        let stats = live::snapshot_vm(&controller, &img, &channels, &[], &cancel, None)
+        let stats = live::snapshot_vm(&controller, &img, &channels, &[], block_size, &cancel, None)
             .map_err(|e| CliError::failure(e.to_string()))?;
         let snapshot_s = start.elapsed().as_secs_f64();
         let t1 = rdtsc();
         std::thread::sleep(Duration::from_secs(2));
         let t2 = rdtsc();
         let _ = std::fs::remove_file(&img);
+        // Each protection change leaves the guest re-faulting for a while:
+        // let it get back to its rate before the floor.
+        let before_tsc = t0.saturating_sub((2.0 * tsc_hz) as u64);
+        let before_rate = rate(&heartbeats(&serial_path), before_tsc, t0, tsc_hz);
+        wait_recovered(&serial_path, before_rate, tsc_hz);
+        eprintln!("bench: floor (protect all, un-protect on first fault, no copy)");
+        let (f0, f1, floor_faults) =
+            floor(&controller, Duration::from_secs_f64(snapshot_s), block_size)?;
+        std::thread::sleep(Duration::from_secs(3));
         eprintln!("bench: stopped save of the same VM");
         let start = Instant::now();
         let target = image::SaveTarget::File(img.clone());
@@ -222,12 +305,27 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
         let before = rate(&beats, before_from, t0, tsc_hz);
         let during = rate(&beats, t0, t1, tsc_hz);
         let after = rate(&beats, t1, t2, tsc_hz);
+        let floor_rate = rate(&beats, f0, f1, tsc_hz);
+        // From the snapshot's start to the pause (heartbeats are 100 ms apart).
+        let to_pause = (stats.pre_arm_ms / 1000.0 * tsc_hz) as u64;
+        let pre_arm_rate = rate(&beats, t0, t0 + to_pause, tsc_hz);
+        let before_floor = rate(&beats, f0.saturating_sub((2.0 * tsc_hz) as u64), f0, tsc_hz);
         Ok(Report {
             command: std::env::args().collect::<Vec<_>>().join(" "),
             mem_mib: a.mem_mib,
             fill_mib: a.fill_mib,
             pause_ms: stats.paused_ms,
-            arm_ms: stats.arm_ms,
+            pause_stop_ms: stats.pause_stop_ms,
+            pause_state_ms: stats.pause_state_ms,
+            pause_reprotect_ms: stats.arm_ms,
+            pause_resume_ms: stats.pause_resume_ms,
+            blocks_reprotected_paused: stats.blocks_reprotected_paused,
+            pre_arm_ms: stats.pre_arm_ms,
+            pre_arm_faults: stats.pre_arm_faults,
+            pre_arm_rounds: stats.pre_arm_rounds,
+            blocks_reprotected_running: stats.blocks_reprotected_running,
+            block_kib: a.block_kib,
+            walkers: channels.channels,
             snapshot_s,
             stopped_save_s: save_s,
             snapshot_over_stopped_save: snapshot_s / save_s,
@@ -236,6 +334,15 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
             rate_during_pages_s: during,
             rate_after_pages_s: after,
             during_over_before: if before > 0.0 { during / before } else { 0.0 },
+            rate_pre_arm_pages_s: pre_arm_rate,
+            rate_floor_pages_s: floor_rate,
+            rate_before_floor_pages_s: before_floor,
+            floor_faults,
+            during_over_floor: if floor_rate > 0.0 {
+                during / floor_rate
+            } else {
+                0.0
+            },
             blocks_by_walkers: stats.blocks_by_walkers,
             blocks_by_faults: stats.blocks_by_faults,
             faults: stats.faults,
@@ -257,8 +364,12 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
             r.mem_mib, a.vcpus, r.fill_mib
         );
         println!(
-            "  vCPU pause:        {:.1} ms (arming write protection {:.1} ms)",
-            r.pause_ms, r.arm_ms
+            "  vCPU pause:        {:.1} ms = stop vCPUs {:.1} + device state {:.1} + re-protect {:.1} ({} blocks) + resume {:.1}",
+            r.pause_ms, r.pause_stop_ms, r.pause_state_ms, r.pause_reprotect_ms, r.blocks_reprotected_paused, r.pause_resume_ms
+        );
+        println!(
+            "  before the pause:  protect all {:.1} ms, {} guest writes let through, {} blocks re-protected in {} rounds; guest rate meanwhile {:.0} pages/s",
+            r.pre_arm_ms, r.pre_arm_faults, r.blocks_reprotected_running, r.pre_arm_rounds, r.rate_pre_arm_pages_s
         );
         println!(
             "  live snapshot:     {:.2} s; stopped save of the same VM: {:.2} s (ratio {:.2})",
@@ -267,6 +378,14 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
         println!(
             "  guest write rate:  before {:.0} pages/s, during {:.0} ({:.2} of before), after {:.0}",
             r.rate_before_pages_s, r.rate_during_pages_s, r.during_over_before, r.rate_after_pages_s
+        );
+        println!(
+            "  floor (no copy):   {:.0} pages/s over the same time ({} faults; before it {:.0}); snapshot / floor {:.2}",
+            r.rate_floor_pages_s, r.floor_faults, r.rate_before_floor_pages_s, r.during_over_floor
+        );
+        println!(
+            "  blocks:            {} KiB, {} walkers",
+            r.block_kib, r.walkers
         );
         println!(
             "  blocks copied:     {} by walkers, {} by faults ({} faults; latency median {:.0} us, p99 {:.0} us, max {:.0} us)",

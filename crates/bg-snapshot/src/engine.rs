@@ -7,12 +7,15 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::report::{LatencyStats, SnapshotReport};
+use crate::blocks::Blocks;
+use crate::report::{LatencyStats, PreArmStats, SnapshotReport};
 use crate::sys::{self, Uffd, UffdMsg};
 use crate::{BlockSink, MemRange, SnapshotError};
 
 const PENDING: u8 = 0;
 const CLAIMED: u8 = 1;
+/// Claimed by a walker, and a writer waits on it: the walker un-protects it.
+const WAITED: u8 = 3;
 const DONE: u8 = 2;
 
 /// How long the fault thread and idle walkers wait before re-checking for stop.
@@ -83,15 +86,16 @@ impl CancelHandle {
 
 /// Owns the userfaultfd and the registered ranges; removing protection is its job.
 #[derive(Debug)]
-struct Protection {
-    uffd: Option<Uffd>,
+pub(crate) struct Protection {
+    /// Shared with the pre-arm fault thread while it runs.
+    uffd: Option<Arc<Uffd>>,
     registered: Vec<(usize, usize)>,
 }
 
 impl Protection {
     /// Un-protects every registered range (waking all waiters), unregisters it and
     /// closes the uffd (which on its own would also drop all protection).
-    fn release(&mut self) -> Result<(), SnapshotError> {
+    pub(crate) fn release(&mut self) -> Result<(), SnapshotError> {
         let Some(uffd) = self.uffd.take() else {
             return Ok(());
         };
@@ -109,9 +113,16 @@ impl Protection {
         first_err.map_or(Ok(()), Err)
     }
 
-    fn uffd(&self) -> Result<&Uffd, SnapshotError> {
+    pub(crate) fn uffd(&self) -> Result<&Uffd, SnapshotError> {
         self.uffd
-            .as_ref()
+            .as_deref()
+            .ok_or_else(|| SnapshotError::InvalidArgument("snapshot already released".into()))
+    }
+
+    /// The uffd, for a thread that serves faults.
+    pub(crate) fn shared_uffd(&self) -> Result<Arc<Uffd>, SnapshotError> {
+        self.uffd
+            .clone()
             .ok_or_else(|| SnapshotError::InvalidArgument("snapshot already released".into()))
     }
 
@@ -135,13 +146,15 @@ impl Drop for Protection {
 /// Write-protected ranges, ready to [`run`](Armed::run). Dropping it removes all protection.
 #[derive(Debug)]
 pub struct Armed {
-    prot: Protection,
-    ranges: Vec<MemRange>,
-    block_size: usize,
-    arm_time: Duration,
-    wp_unpopulated: bool,
-    features: u64,
-    cancel: Arc<AtomicBool>,
+    pub(crate) prot: Protection,
+    pub(crate) ranges: Vec<MemRange>,
+    pub(crate) block_size: usize,
+    pub(crate) arm_time: Duration,
+    pub(crate) wp_unpopulated: bool,
+    pub(crate) features: u64,
+    pub(crate) cancel: Arc<AtomicBool>,
+    /// What protecting ahead of the pause did ([`Prepared::pre_arm`]).
+    pub(crate) pre_arm: Option<PreArmStats>,
 }
 
 /// Arms a snapshot of `ranges` with default options. Call it while the writers
@@ -232,11 +245,11 @@ pub fn arm_with(
 /// writers' pause: prepare while they run, then [`Prepared::arm`] while they
 /// are paused.
 pub struct Prepared {
-    prot: Protection,
-    ranges: Vec<MemRange>,
-    block_size: usize,
-    wp_unpopulated: bool,
-    features: u64,
+    pub(crate) prot: Protection,
+    pub(crate) ranges: Vec<MemRange>,
+    pub(crate) block_size: usize,
+    pub(crate) wp_unpopulated: bool,
+    pub(crate) features: u64,
 }
 
 /// [`prepare_with`] with the default options.
@@ -267,7 +280,7 @@ pub fn prepare_with(
         .api(features)
         .map_err(|e| SnapshotError::io(format!("UFFDIO_API with features {features:#x}"), e))?;
     let mut prot = Protection {
-        uffd: Some(uffd),
+        uffd: Some(Arc::new(uffd)),
         registered: Vec::new(),
     };
     if !wp_unpopulated {
@@ -333,53 +346,8 @@ impl Prepared {
     /// protected in pieces by one thread per CPU, so that the pause stays short.
     pub fn arm(self) -> Result<Armed, SnapshotError> {
         let start = Instant::now();
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .clamp(1, 16);
-        let total: usize = self.ranges.iter().map(|r| r.len()).sum();
-        // Pieces of about total/threads bytes, block aligned, never across ranges.
-        let piece = (total / threads).div_ceil(self.block_size).max(1) * self.block_size;
-        let mut pieces = Vec::new();
-        for r in &self.ranges {
-            let mut off = 0;
-            while off < r.len() {
-                let len = piece.min(r.len() - off);
-                pieces.push((r.addr() + off, len));
-                off += len;
-            }
-        }
-        let uffd = self.prot.uffd()?;
-        let result = std::thread::scope(|s| {
-            let handles: Vec<_> = pieces
-                .chunks(pieces.len().div_ceil(threads).max(1))
-                .map(|group| {
-                    s.spawn(move || -> Result<(), SnapshotError> {
-                        for &(addr, len) in group {
-                            uffd.writeprotect(addr, len, true).map_err(|e| {
-                                SnapshotError::io("UFFDIO_WRITEPROTECT (protect)", e)
-                            })?;
-                        }
-                        Ok(())
-                    })
-                })
-                .collect();
-            let mut first = Ok(());
-            for h in handles {
-                let r = h.join().unwrap_or_else(|_| {
-                    Err(SnapshotError::io(
-                        "UFFDIO_WRITEPROTECT (protect)",
-                        std::io::Error::other("protecting thread panicked"),
-                    ))
-                });
-                if first.is_ok() {
-                    first = r;
-                }
-            }
-            first
-        });
-        // On error `self` drops here, removing every protection applied.
-        result?;
+        // On error `self` drops, removing every protection applied.
+        protect_all(self.prot.uffd()?, &self.ranges, self.block_size)?;
         Ok(Armed {
             prot: self.prot,
             ranges: self.ranges,
@@ -388,25 +356,97 @@ impl Prepared {
             wp_unpopulated: self.wp_unpopulated,
             features: self.features,
             cancel: Arc::new(AtomicBool::new(false)),
+            pre_arm: None,
         })
     }
+}
+
+/// Write-protects every range, in pieces, from one thread per CPU (at most 16).
+pub(crate) fn protect_all(
+    uffd: &Uffd,
+    ranges: &[MemRange],
+    block_size: usize,
+) -> Result<(), SnapshotError> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 16);
+    let total: usize = ranges.iter().map(|r| r.len()).sum();
+    // Pieces of about total/threads bytes, block aligned, never across ranges.
+    let piece = (total / threads).div_ceil(block_size).max(1) * block_size;
+    let mut pieces = Vec::new();
+    for r in ranges {
+        let mut off = 0;
+        while off < r.len() {
+            let len = piece.min(r.len() - off);
+            pieces.push((r.addr() + off, len));
+            off += len;
+        }
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = pieces
+            .chunks(pieces.len().div_ceil(threads).max(1))
+            .map(|group| s.spawn(move || protect(uffd, group)))
+            .collect();
+        let mut first = Ok(());
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| {
+                Err(SnapshotError::io(
+                    "UFFDIO_WRITEPROTECT (protect)",
+                    std::io::Error::other("protecting thread panicked"),
+                ))
+            });
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    })
+}
+
+/// Write-protects each `(address, length)` span.
+pub(crate) fn protect(uffd: &Uffd, spans: &[(usize, usize)]) -> Result<(), SnapshotError> {
+    for &(addr, len) in spans {
+        uffd.writeprotect(addr, len, true)
+            .map_err(|e| SnapshotError::io("UFFDIO_WRITEPROTECT (protect)", e))?;
+    }
+    Ok(())
 }
 
 /// A fault copy waiting for a walker to hand it to the sink.
 struct Queued {
     global: u64,
     buf: Vec<u8>,
+    /// Where the copy starts in `buf` (page aligned, see [`copy_aligned`]).
+    off: usize,
+}
+
+/// Copies `len` bytes from `src` into `buf` at a page-aligned offset, which
+/// it returns, so that a sink can write the copy with O_DIRECT.
+///
+/// # Safety
+/// `src` must be valid for reads of `len` bytes and nobody may write them
+/// meanwhile; they must not overlap `buf`.
+unsafe fn copy_aligned(src: *const u8, len: usize, buf: &mut Vec<u8>) -> usize {
+    let page = sys::page_size();
+    buf.clear();
+    buf.reserve(len + page);
+    let off = buf.as_ptr().align_offset(page).min(page);
+    buf.resize(off, 0); // within the capacity: the allocation does not move
+                        // SAFETY: `buf` has capacity for `off + len` bytes (reserved above, and
+                        // `off <= page`); the caller vouches for `src`.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr().add(off), len);
+        buf.set_len(off + len);
+    }
+    off
 }
 
 /// State shared by the walkers and the fault thread during `run`.
 struct Shared<'a> {
     uffd: &'a Uffd,
-    ranges: &'a [MemRange],
-    /// Global index of each range's first block.
-    first_block: Vec<u64>,
-    block_size: usize,
+    blocks: Blocks,
     states: Vec<AtomicU8>,
-    total: u64,
     done: AtomicU64,
     cursor: AtomicU64,
     /// Cancel requested by the owner.
@@ -455,30 +495,12 @@ impl Shared<'_> {
     }
 
     fn all_done(&self) -> bool {
-        self.done.load(Ordering::Acquire) == self.total
+        self.done.load(Ordering::Acquire) == self.blocks.total()
     }
 
     fn fail(&self, err: SnapshotError) {
         self.abort.fail(err);
         self.cv.notify_all();
-    }
-
-    /// (range index, block index in range, address, length) of global block `g`.
-    fn locate(&self, g: u64) -> (usize, u64, usize, usize) {
-        let r = self.first_block.partition_point(|&f| f <= g) - 1;
-        let b = g - self.first_block[r];
-        let range = &self.ranges[r];
-        let off = b as usize * self.block_size;
-        let len = self.block_size.min(range.len() - off);
-        (r, b, range.addr() + off, len)
-    }
-
-    /// The global block holding `addr`, if `addr` is in one of the ranges.
-    fn block_of(&self, addr: usize) -> Option<u64> {
-        self.ranges.iter().enumerate().find_map(|(i, r)| {
-            (addr >= r.addr() && addr - r.addr() < r.len())
-                .then(|| self.first_block[i] + ((addr - r.addr()) / self.block_size) as u64)
-        })
     }
 
     fn claim(&self, g: u64) -> bool {
@@ -487,9 +509,30 @@ impl Shared<'_> {
             .is_ok()
     }
 
+    /// Marks a walked block Done; true when a writer waits on it (the
+    /// caller must un-protect it).
+    fn finish_walked(&self, g: u64) -> bool {
+        let waited = self.states[g as usize]
+            .compare_exchange(CLAIMED, DONE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err();
+        self.mark_done(g);
+        waited
+    }
+
+    /// A fault on a block it could not claim: marks it WAITED if a walker
+    /// still copies it (the walker un-protects it); true if it is Done
+    /// already, still protected, so the caller must un-protect it.
+    fn fault_on_taken(&self, g: u64) -> bool {
+        let state = &self.states[g as usize];
+        match state.compare_exchange(CLAIMED, WAITED, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => false,
+            Err(now) => now == DONE,
+        }
+    }
+
     fn mark_done(&self, g: u64) {
         self.states[g as usize].store(DONE, Ordering::Release);
-        if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.total {
+        if self.done.fetch_add(1, Ordering::AcqRel) + 1 == self.blocks.total() {
             self.cv.notify_all();
         }
     }
@@ -501,7 +544,7 @@ impl Shared<'_> {
     }
 
     fn write(&self, sink: &dyn BlockSink, g: u64, data: &[u8]) -> Result<(), SnapshotError> {
-        let (r, b, _, _) = self.locate(g);
+        let (r, b, _, _) = self.blocks.locate(g);
         sink.write_block(r, b, data)
             .map_err(|source| SnapshotError::Sink {
                 range: r,
@@ -519,7 +562,7 @@ impl Shared<'_> {
     }
 
     fn write_queued(&self, sink: &dyn BlockSink, q: Queued) {
-        match self.write(sink, q.global, &q.buf) {
+        match self.write(sink, q.global, &q.buf[q.off..]) {
             Ok(()) => self.mark_done(q.global),
             Err(e) => self.fail(e),
         }
@@ -542,33 +585,35 @@ impl Shared<'_> {
                     return;
                 }
             }
-            let g = if self.cursor.load(Ordering::Relaxed) < self.total {
+            let g = if self.cursor.load(Ordering::Relaxed) < self.blocks.total() {
                 self.cursor.fetch_add(1, Ordering::Relaxed)
             } else {
-                self.total
+                self.blocks.total()
             };
-            if g < self.total {
+            if g < self.blocks.total() {
                 if !self.claim(g) {
                     continue; // a fault got there first
                 }
-                let (_, _, addr, len) = self.locate(g);
+                let (_, _, addr, len) = self.blocks.locate(g);
                 // SAFETY: the block lies inside a MemRange (mapped and readable for the
                 // whole snapshot). It is still write-protected and claimed by this thread,
                 // so no writer can change it until the un-protect below.
                 let data = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
                 let written = self.write(sink, g, data);
-                // Un-protect even when the sink failed: a writer may be waiting on it.
-                let unprotected = self.unprotect(addr, len);
-                match written.and(unprotected) {
-                    Ok(()) => {
-                        self.blocks_by_walkers.fetch_add(1, Ordering::Relaxed);
-                        self.mark_done(g);
-                    }
-                    Err(e) => {
-                        self.fail(e);
-                        return;
-                    }
+                // The block stays protected (un-protecting invalidates the
+                // guest's mappings of it, and most blocks are not written
+                // during the snapshot) unless a writer waits on it; a later
+                // write faults and the fault thread un-protects it then.
+                // Un-protect even when the sink failed: a writer may be waiting.
+                let unprotected = match self.finish_walked(g) {
+                    true => self.unprotect(addr, len),
+                    false => Ok(()),
+                };
+                if let Err(e) = written.and(unprotected) {
+                    self.fail(e);
+                    return;
                 }
+                self.blocks_by_walkers.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             if had_queued {
@@ -590,7 +635,9 @@ impl Shared<'_> {
         let mut msgs = [UffdMsg::default(); 64];
         let mut inline_buf: Vec<u8> = Vec::new();
         loop {
-            if self.fault_stop.load(Ordering::SeqCst) || self.all_done() {
+            // Runs until told: blocks left protected by the walkers may
+            // still fault until `run` has un-protected everything.
+            if self.fault_stop.load(Ordering::SeqCst) {
                 return;
             }
             match self.uffd.poll(POLL_MS) {
@@ -633,26 +680,24 @@ impl Shared<'_> {
         }
         stats.faults += 1;
         let addr = usize::try_from(m.address).unwrap_or(usize::MAX);
-        let Some(g) = self.block_of(addr) else {
+        let Some(g) = self.blocks.block_of(addr) else {
             return Err(SnapshotError::UnexpectedEvent(format!(
                 "write-protect fault at {addr:#x}, outside every range"
             )));
         };
+        let (_, _, start, len) = self.blocks.locate(g);
         if !self.claim(g) {
-            if self.states[g as usize].load(Ordering::Acquire) == DONE {
-                // Raced with the un-protect: make sure the writer is not left waiting.
+            if self.fault_on_taken(g) {
+                // Copied already (walkers leave blocks protected), or a race
+                // with an un-protect: un-protecting wakes the writer either way.
                 stats.on_done += 1;
-                let page = sys::page_size();
-                self.uffd
-                    .wake(addr & !(page - 1), page)
-                    .map_err(|e| SnapshotError::io("UFFDIO_WAKE", e))?;
+                self.unprotect(start, len)?;
             } else {
                 // The claimer's un-protect wakes the writer.
                 stats.on_claimed += 1;
             }
             return Ok(());
         }
-        let (_, _, start, len) = self.locate(g);
         if self.stopping() {
             // Cancelled or failed: no copy is wanted, just let the writer go.
             self.unprotect(start, len)?;
@@ -664,27 +709,26 @@ impl Shared<'_> {
         } else {
             self.take_buffer()
         };
-        buf.clear();
-        buf.reserve(len);
         // SAFETY: the block lies inside a MemRange (mapped, readable); it is still
         // write-protected and claimed by this thread, so nobody writes it during the
-        // copy; `buf` has capacity for `len` bytes and does not overlap guest memory.
-        unsafe {
-            std::ptr::copy_nonoverlapping(start as *const u8, buf.as_mut_ptr(), len);
-            buf.set_len(len);
-        }
+        // copy; `buf` is ours and does not overlap guest memory.
+        let off = unsafe { copy_aligned(start as *const u8, len, &mut buf) };
         // Un-protect (and wake the writer) before the sink sees the copy.
         self.unprotect(start, len)?;
         stats.latencies.push(t_read.elapsed());
         self.blocks_by_faults.fetch_add(1, Ordering::Relaxed);
         if queue_full {
             self.inline_writes.fetch_add(1, Ordering::Relaxed);
-            let res = self.write(sink, g, &buf);
+            let res = self.write(sink, g, &buf[off..]);
             *inline_buf = buf;
             res?;
             self.mark_done(g);
         } else {
-            lock(&self.queue).push_back(Queued { global: g, buf });
+            lock(&self.queue).push_back(Queued {
+                global: g,
+                buf,
+                off,
+            });
             self.cv.notify_one();
         }
         Ok(())
@@ -697,9 +741,16 @@ impl Armed {
         CancelHandle(self.cancel.clone())
     }
 
-    /// How long `arm` took (protecting, and pre-touching if WP_UNPOPULATED was not used).
+    /// How long `arm` took: protecting everything, or, after
+    /// [`Prepared::pre_arm`], stopping its fault thread and re-protecting the
+    /// blocks written since (the part the writers' pause must cover).
     pub fn arm_time(&self) -> Duration {
         self.arm_time
+    }
+
+    /// What protecting ahead of the pause did, if [`Prepared::pre_arm`] was used.
+    pub fn pre_arm_stats(&self) -> Option<PreArmStats> {
+        self.pre_arm
     }
 
     /// Whether never-touched memory was protected with `UFFD_FEATURE_WP_UNPOPULATED`
@@ -742,27 +793,21 @@ impl Armed {
                 "at least one walker is needed".into(),
             ));
         }
-        let mut first_block = Vec::with_capacity(self.ranges.len());
-        let mut total = 0u64;
-        for r in &self.ranges {
-            first_block.push(total);
-            total += r.len().div_ceil(self.block_size) as u64;
-        }
+        let blocks = Blocks::new(&self.ranges, self.block_size);
+        let total = blocks.total();
         let queue_cap = (2 * walkers).max(8).max(QUEUE_BYTES / self.block_size);
         let prealloc = (PREALLOCATED_BYTES / self.block_size).clamp(4, queue_cap);
         let mut free = Vec::with_capacity(prealloc);
         for _ in 0..prealloc {
             // Filled with non-zero bytes so the pages are really allocated now.
-            free.push(vec![0xa5u8; self.block_size]);
+            // One page more than a block: room for a page-aligned copy.
+            free.push(vec![0xa5u8; self.block_size + sys::page_size()]);
         }
         let uffd = self.prot.uffd()?;
         let shared = Shared {
             uffd,
-            ranges: &self.ranges,
-            first_block,
-            block_size: self.block_size,
+            blocks,
             states: (0..total).map(|_| AtomicU8::new(PENDING)).collect(),
-            total,
             done: AtomicU64::new(0),
             cursor: AtomicU64::new(0),
             cancel: &self.cancel,
@@ -810,12 +855,13 @@ impl Armed {
                     panic_payload.get_or_insert(p);
                 }
             }
-            // Walkers are gone. Unless everything is done, let every writer go now.
+            // Walkers are gone: un-protect everything (walked blocks stay
+            // protected until now) while the fault thread still serves.
             if !sh.all_done() {
                 sh.abort.stop();
-                if let Err(e) = self.prot.unprotect_all() {
-                    unprotect_err = Some(e);
-                }
+            }
+            if let Err(e) = self.prot.unprotect_all() {
+                unprotect_err = Some(e);
             }
             sh.fault_stop.store(true, Ordering::SeqCst);
             if let Some(h) = fault {
@@ -838,6 +884,7 @@ impl Armed {
             run_time: Duration::ZERO,
             arm_time: self.arm_time,
             wp_unpopulated: self.wp_unpopulated,
+            pre_arm: self.pre_arm,
         };
         drop(shared);
         let released = self.prot.release();
@@ -869,5 +916,22 @@ impl Armed {
     /// (waking any waiting writer), unregisters and closes the uffd.
     pub fn disarm(mut self) -> Result<(), SnapshotError> {
         self.prot.release()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fault_copies_are_page_aligned_for_o_direct() {
+        let page = sys::page_size();
+        let src: Vec<u8> = (0..2 * page).map(|i| (i % 251) as u8).collect();
+        for mut buf in [Vec::new(), vec![1u8; 3], vec![0xa5u8; 3 * page]] {
+            // SAFETY: `src` is ours, readable for its length, and not written.
+            let off = unsafe { copy_aligned(src.as_ptr(), src.len(), &mut buf) };
+            assert_eq!(buf[off..].as_ptr() as usize % page, 0);
+            assert_eq!(&buf[off..], &src[..]);
+        }
     }
 }

@@ -7,12 +7,18 @@
 //!    write-protects all of it. Then the owner resumes its writers.
 //! 2. [`Armed::run`] copies every block exactly once to a [`BlockSink`]:
 //!    walker threads copy blocks straight from the still-protected memory and
-//!    then un-protect them; a fault thread serves writers that hit a protected
-//!    block (copy the block to a buffer, un-protect it so the writer goes on,
-//!    queue the copy for the sink). The sink sees exactly the memory at T0.
+//!    leave them protected; a fault thread serves writers that hit a protected
+//!    block (not yet copied: copy it to a buffer, un-protect it so the writer
+//!    goes on, queue the copy for the sink; copied already: un-protect it).
+//!    The sink sees exactly the memory at T0.
 //! 3. Protection is always removed before `run`, [`Armed::disarm`] or the
 //!    drop of an [`Armed`] returns, also on error and on cancel
 //!    ([`CancelHandle`]).
+//!
+//! To keep the writers' pause short whatever the memory size, protect ahead
+//! of it: [`prepare`] and [`Prepared::pre_arm`] while the writers run (their
+//! writes are let through and remembered), then [`PreArmed::arm`] in the
+//! pause re-protects only the blocks written since (module `prearm`).
 //!
 //! [`check_support`] says what the kernel offers. Never-touched anonymous
 //! memory is protected with `UFFD_FEATURE_WP_UNPOPULATED` (Linux 6.4) or,
@@ -48,14 +54,17 @@
 //! ```
 #![deny(missing_docs)]
 
+mod blocks;
 mod engine;
 mod error;
+mod prearm;
 mod report;
 mod sys;
 
 pub use engine::{arm, arm_with, prepare, prepare_with, ArmOptions, Armed, CancelHandle, Prepared};
 pub use error::{SinkError, SnapshotError};
-pub use report::{LatencyStats, SnapshotReport};
+pub use prearm::PreArmed;
+pub use report::{LatencyStats, PreArmStats, SnapshotReport};
 pub use sys::UffdSource;
 
 /// A range of host memory to snapshot: a page-aligned pointer and length.

@@ -37,6 +37,28 @@ impl LatencyStats {
     }
 }
 
+/// What protecting ahead of the writers' pause did
+/// ([`Prepared::pre_arm`](crate::Prepared::pre_arm), then
+/// [`PreArmed::arm`](crate::PreArmed::arm) in the pause).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PreArmStats {
+    /// Write-protecting every range while the writers ran.
+    pub protect_time: Duration,
+    /// Write-protect faults served before the pause (each un-protected one
+    /// block and marked it written).
+    pub faults: u64,
+    /// Rounds that re-protected written blocks while the writers still ran.
+    pub rounds: u32,
+    /// Blocks re-protected in those rounds.
+    pub blocks_reprotected_running: u64,
+    /// Blocks re-protected in the pause (written since the last round).
+    pub blocks_reprotected_paused: u64,
+    /// In the pause: stopping the pre-arm fault thread.
+    pub stop_time: Duration,
+    /// In the pause: re-protecting the written blocks.
+    pub reprotect_time: Duration,
+}
+
 /// What [`Armed::run`](crate::Armed::run) did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SnapshotReport {
@@ -52,7 +74,9 @@ pub struct SnapshotReport {
     /// Faults on a block a walker (or an earlier fault) had already claimed:
     /// the writer is woken by that claimer's un-protect.
     pub faults_on_claimed: u64,
-    /// Faults on a block already done (a race): answered with UFFDIO_WAKE.
+    /// Faults on a block already copied: walkers leave the blocks they
+    /// copy protected, so this is a writer's first write to such a block
+    /// (or a race with an un-protect); answered by un-protecting the block.
     pub faults_on_done: u64,
     /// Fault copies the fault thread wrote to the sink itself because the
     /// queue to the walkers was full.
@@ -66,6 +90,8 @@ pub struct SnapshotReport {
     /// Whether `UFFD_FEATURE_WP_UNPOPULATED` protected never-touched memory
     /// (false: every page was pre-touched at arm time instead).
     pub wp_unpopulated: bool,
+    /// What protecting ahead of the pause did, when it was used.
+    pub pre_arm: Option<PreArmStats>,
 }
 
 #[cfg(test)]

@@ -256,13 +256,21 @@ impl Uffd {
 
     /// Waits up to `timeout_ms` for events. Ok(true) when readable.
     pub fn poll(&self, timeout_ms: libc::c_int) -> io::Result<bool> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
+        self.poll_or(None, timeout_ms)
+    }
+
+    /// Like [`poll`](Self::poll), also returning (with Ok(false)) as soon as
+    /// `waker` is woken.
+    pub fn poll_or(&self, waker: Option<&Waker>, timeout_ms: libc::c_int) -> io::Result<bool> {
+        let pfd = |fd: &OwnedFd| libc::pollfd {
+            fd: fd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: `pfd` is one valid pollfd, and we pass a count of 1.
-        let ret = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        let mut pfds = [pfd(&self.fd), pfd(waker.map_or(&self.fd, |w| &w.0))];
+        let n: libc::nfds_t = if waker.is_some() { 2 } else { 1 };
+        // SAFETY: `pfds` holds at least `n` valid pollfds.
+        let ret = unsafe { libc::poll(pfds.as_mut_ptr(), n, timeout_ms) };
         if ret < 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EINTR) {
@@ -270,13 +278,13 @@ impl Uffd {
             }
             return Err(err);
         }
-        if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+        let revents = pfds[0].revents;
+        if revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
             return Err(io::Error::other(format!(
-                "poll on the userfaultfd returned revents {:#x}",
-                pfd.revents
+                "poll on the userfaultfd returned revents {revents:#x}"
             )));
         }
-        Ok(ret > 0 && pfd.revents & libc::POLLIN != 0)
+        Ok(ret > 0 && revents & libc::POLLIN != 0)
     }
 
     /// Reads as many messages as are queued (up to `buf.len()`); 0 when none.
@@ -298,6 +306,31 @@ impl Uffd {
             )));
         }
         Ok(n / size_of::<UffdMsg>())
+    }
+}
+
+/// An eventfd that interrupts [`Uffd::poll_or`] from another thread.
+#[derive(Debug)]
+pub struct Waker(OwnedFd);
+
+impl Waker {
+    /// A new, unwoken eventfd (non-blocking, close-on-exec).
+    pub fn new() -> io::Result<Waker> {
+        // SAFETY: eventfd(2) takes an initial count and flags; returns a new fd or -1.
+        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+        // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+        Ok(Waker(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Makes every later `poll_or` on this waker return at once.
+    pub fn wake(&self) -> io::Result<()> {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a valid 8-byte buffer to our eventfd.
+        let ret = unsafe { libc::write(self.0.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 

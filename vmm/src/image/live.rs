@@ -1,11 +1,13 @@
 //! Live snapshots: a fixed-ram image of the VM exactly as it was at one
 //! instant, written while the vCPUs keep running.
 //!
-//! The vCPUs are paused only to capture the device state and arm
-//! userfaultfd write protection over guest RAM (bg-snapshot); then they run
-//! on while walker threads copy every block once into the image; a guest
-//! write to a block not yet copied is held until the fault thread has
-//! copied that block. The image is committed with the device state of the
+//! Userfaultfd write protection is applied over guest RAM while the vCPUs
+//! run (bg-snapshot's pre-arm: a guest write meanwhile is let through and
+//! its block remembered). The vCPUs are paused only to capture the device
+//! state and re-protect the blocks written since, so the pause does not grow
+//! with RAM; then they run on while walker threads copy every block once
+//! into the image; a guest write to a block not yet copied is held until
+//! the fault thread has copied that block. The image is committed with the device state of the
 //! pause, so it is the VM at that instant.
 
 use std::fs::File;
@@ -13,24 +15,27 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bg_snapshot::{Armed, BlockSink, CancelHandle, MemRange, Prepared, SnapshotError};
+use bg_snapshot::{
+    Armed, BlockSink, CancelHandle, MemRange, PreArmed, SnapshotError, SnapshotReport,
+};
 use fixed_ram::{ImageWriter, Layout};
 use microvm::devices::virtio::disk_copy::{CopyCancel, DiskCopy, DiskCopyError};
 use microvm::persist::VmSnapshot;
 use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use microvm::{MicroVm, RunState, VmController};
+use microvm::{GuestMemory, RunState, VmController};
 use serde::Serialize;
 
-use super::disk_snapshot::{self, DiskCopyStats, Starts};
+use super::disk_snapshot::{self, DiskCopyStats, Running, Starts};
 use super::fixed::ChannelOptions;
 use super::{
     create_temp, file_sizes, publish, region_specs, snapshot, SaveControl, SaveError, PAGE_SIZE,
 };
 use crate::progress::Progress;
 
-/// Block size of a live snapshot: the unit of copy, of write protection and
-/// of the image's checksums. Smaller blocks hold a faulting vCPU for less
-/// time (one block copy); 256 KiB keeps the fault latency near 0.1 ms here.
+/// Default block size of a live snapshot: the unit of copy, of write
+/// protection and of the image's checksums. Smaller blocks hold a faulting
+/// vCPU for less time (one block copy); 256 KiB keeps the fault latency near
+/// 0.1 ms here.
 pub const BLOCK_SIZE: usize = 256 << 10;
 
 /// What a live snapshot did.
@@ -44,10 +49,28 @@ pub struct SnapshotStats {
     pub allocated_bytes: u64,
     /// Device-state bytes.
     pub device_state_bytes: u64,
-    /// How long the vCPUs were paused (capture state + arm protection).
+    /// How long the vCPUs were paused, from the pause request to resumed:
+    /// the sum of the four `pause_*` parts.
     pub paused_ms: f64,
-    /// Time to arm the protection (inside the pause).
+    /// In the pause: stopping the vCPUs.
+    pub pause_stop_ms: f64,
+    /// In the pause: capturing the device state.
+    pub pause_state_ms: f64,
+    /// In the pause: completing the protection (stopping the pre-arm fault
+    /// thread and re-protecting the blocks written since the pre-arm).
     pub arm_ms: f64,
+    /// In the pause: resuming the vCPUs.
+    pub pause_resume_ms: f64,
+    /// Blocks re-protected in the pause.
+    pub blocks_reprotected_paused: u64,
+    /// Write-protecting all of RAM while the vCPUs ran (before the pause).
+    pub pre_arm_ms: f64,
+    /// Guest writes let through (block un-protected) before the pause.
+    pub pre_arm_faults: u64,
+    /// Blocks re-protected while the vCPUs ran, and in how many rounds.
+    pub blocks_reprotected_running: u64,
+    /// Re-protect rounds while the vCPUs ran.
+    pub pre_arm_rounds: u32,
     /// Total time until the image was committed.
     pub total_ms: f64,
     /// Blocks copied by the walkers.
@@ -92,49 +115,17 @@ impl CancelSlot {
     }
 }
 
-/// What the pause captured.
-type Captured = (
-    VmSnapshot,
-    Result<Armed, SnapshotError>,
-    Result<Vec<DiskCopy>, (usize, DiskCopyError)>,
-    Duration,
-);
-
-/// Pause, capture the device state (which quiesces the disks), start the
-/// disk copies at this instant, arm the protection of RAM, resume: the only
-/// time the vCPUs stop. RAM is not armed if a disk copy did not start.
-fn pause_and_capture(
-    vm: &mut MicroVm,
-    prepared: Prepared,
-    disks: Starts,
-) -> Result<Captured, microvm::Error> {
-    let was_running = vm.state() == RunState::Running;
-    let pause_start = Instant::now();
-    vm.pause()?;
-    let result = vm.save_state().map(|snap| {
-        let copies = disks.start();
-        let armed = match &copies {
-            Ok(_) => prepared.arm(),
-            Err(_) => Err(SnapshotError::Cancelled),
-        };
-        (snap, armed, copies)
-    });
-    if was_running {
-        let _ = vm.resume();
-    }
-    result.map(|(s, a, c)| (s, a, c, pause_start.elapsed()))
-}
-
 /// The fixed-ram writer as bg-snapshot's block sink.
 struct ImageSink<'a> {
     writer: &'a ImageWriter,
+    block_size: usize,
     direct: Option<File>,
     progress: Option<&'a Progress>,
 }
 
 impl BlockSink for ImageSink<'_> {
     fn block_size(&self) -> usize {
-        BLOCK_SIZE
+        self.block_size
     }
 
     fn write_block(
@@ -181,12 +172,138 @@ fn snap_err(path: &Path) -> impl Fn(SnapshotError) -> SaveError + '_ {
     }
 }
 
-/// Takes a live snapshot of the VM into `path`.
+/// Guest RAM as bg-snapshot's ranges.
+pub(crate) fn guest_ranges(memory: &GuestMemory) -> Vec<MemRange> {
+    memory
+        .iter()
+        .map(|r| {
+            // SAFETY: guest RAM stays mapped while the VM exists, which
+            // outlives the snapshot (the caller holds `memory` throughout);
+            // vCPUs write it only with ordinary stores.
+            unsafe { MemRange::new(r.as_ptr(), r.len() as usize) }
+        })
+        .collect()
+}
+
+/// How the vCPUs' pause was spent.
+struct PauseSplit {
+    stop: Duration,
+    state: Duration,
+    arm: Duration,
+    resume: Duration,
+}
+
+/// What the pause captured: the device state, the protection, the disk
+/// copies started at that instant, and how the pause was spent.
+struct Captured {
+    snapshot: VmSnapshot,
+    armed: Result<Armed, SnapshotError>,
+    copies: Result<Vec<DiskCopy>, (usize, DiskCopyError)>,
+    split: PauseSplit,
+}
+
+/// Pauses the vCPUs, captures the device state (which quiesces the disks),
+/// starts the disk copies, completes the protection (the snapshot's
+/// instant) and resumes them: the only time they stop. RAM is not armed if
+/// a disk copy did not start.
+fn pause_and_arm(
+    controller: &VmController,
+    pre: PreArmed,
+    disks: Starts,
+) -> Result<Captured, SaveError> {
+    let r = controller.call(move |vm| {
+        let was_running = vm.state() == RunState::Running;
+        let t = Instant::now();
+        vm.pause()?;
+        let stop = t.elapsed();
+        // If the state fails, `pre` drops here: all protection goes.
+        let result = vm.save_state().map(|snap| {
+            let state = t.elapsed();
+            let copies = disks.start();
+            let armed = match &copies {
+                Ok(_) => pre.arm(),
+                Err(_) => Err(SnapshotError::Cancelled),
+            };
+            (snap, state, armed, copies)
+        });
+        let armed_at = t.elapsed();
+        if was_running {
+            let _ = vm.resume();
+        }
+        result.map(|(snapshot, state, armed, copies)| Captured {
+            snapshot,
+            armed,
+            copies,
+            split: PauseSplit {
+                stop,
+                state: state - stop,
+                arm: armed_at - state,
+                resume: t.elapsed() - armed_at,
+            },
+        })
+    })??;
+    Ok(r)
+}
+
+/// The image file, created (as a temporary) before the pause.
+struct OpenImage {
+    tmp: crate::files::TempFile,
+    block_size: usize,
+    writer: ImageWriter,
+    direct: Option<File>,
+}
+
+fn open_image(
+    path: &Path,
+    memory: &GuestMemory,
+    channels: &ChannelOptions,
+    block_size: usize,
+) -> Result<OpenImage, SaveError> {
+    // The same error kinds as a stopped save (a missing directory is the
+    // request's fault either way).
+    let ierr = super::fixed::image_err(path);
+    let layout = Layout::with_params(
+        PAGE_SIZE as u32,
+        fixed_ram::DEFAULT_ALIGNMENT,
+        block_size as u64,
+        &region_specs(memory),
+    )
+    .map_err(&ierr)?;
+    let (tmp, file) = create_temp(path)?;
+    let writer = ImageWriter::from_file(file, layout).map_err(&ierr)?;
+    let direct = match multifd::open_with_direct_io(tmp.path(), channels.direct_io, true) {
+        Ok((f, true)) => Some(f),
+        Ok((_, false)) => None,
+        Err(e @ multifd::MultifdError::DirectIoUnsupported { .. }) => {
+            return Err(SaveError::BadImage {
+                path: path.to_owned(),
+                source: e.into(),
+            })
+        }
+        Err(e) => {
+            return Err(SaveError::Image {
+                path: path.to_owned(),
+                source: e.into(),
+            })
+        }
+    };
+    Ok(OpenImage {
+        tmp,
+        block_size,
+        writer,
+        direct,
+    })
+}
+
+/// Takes a live snapshot of the VM into `path`, in blocks of `block_size`
+/// bytes (a power of two from 4 KiB; [`BLOCK_SIZE`] unless tuning), and
+/// copies each disk to its `disk_targets` entry at the same instant.
 pub fn snapshot_vm(
     controller: &VmController,
     path: &Path,
     channels: &ChannelOptions,
     disk_targets: &[PathBuf],
+    block_size: usize,
     cancel: &CancelSlot,
     progress: Option<&Progress>,
 ) -> Result<SnapshotStats, SaveError> {
@@ -202,65 +319,95 @@ pub fn snapshot_vm(
     }
     let start = Instant::now();
     let serr = snap_err(path);
-    // Register the userfaultfd while the vCPUs run; only the protection
-    // itself needs the pause.
     let memory = controller.call(|vm| vm.memory().clone())?;
-    let ranges: Vec<MemRange> = memory
-        .iter()
-        .map(|r| {
-            // SAFETY: guest RAM stays mapped while the VM exists, which
-            // outlives the snapshot (`memory` holds it below); vCPUs write
-            // it only with ordinary stores.
-            unsafe { MemRange::new(r.as_ptr(), r.len() as usize) }
-        })
-        .collect();
-    let prepared = bg_snapshot::prepare(&ranges, BLOCK_SIZE).map_err(&serr)?;
+    let image = open_image(path, &memory, channels, block_size)?;
+    // Register and protect while the vCPUs run; the pause only re-protects
+    // what they wrote meanwhile.
+    let pre = bg_snapshot::prepare(&guest_ranges(&memory), block_size)
+        .and_then(|p| p.pre_arm())
+        .map_err(&serr)?;
+    let pre_stats = pre.stats();
     let (disks, starts) = disks.split();
-    let (mut snapshot, armed, copies, paused) =
-        controller.call(move |vm| pause_and_capture(vm, prepared, starts))??;
+    let captured = pause_and_arm(controller, pre, starts)?;
     // Disk copy errors first: RAM was not armed when one failed.
-    let disks = disks.started(copies)?;
-    let armed = armed.map_err(&serr)?;
+    let disks = disks.started(captured.copies)?;
+    let armed = captured.armed.map_err(&serr)?;
+    let (mut snapshot, split) = (captured.snapshot, captured.split);
     cancel.set(Some((armed.cancel_handle(), disks.cancel_handles())));
-    let arm_time = armed.arm_time();
+    let run = Run {
+        memory: &memory,
+        channels,
+        progress,
+    };
+    let result = run
+        .copy_and_commit(path, image, armed, disks, &mut snapshot)
+        .map(|(report, bytes, allocated, state_bytes, disks)| {
+            let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+            let pa = report.pre_arm.unwrap_or(pre_stats);
+            SnapshotStats {
+                path: path.to_owned(),
+                bytes,
+                allocated_bytes: allocated,
+                device_state_bytes: state_bytes,
+                paused_ms: ms(split.stop + split.state + split.arm + split.resume),
+                pause_stop_ms: ms(split.stop),
+                pause_state_ms: ms(split.state),
+                arm_ms: ms(split.arm),
+                pause_resume_ms: ms(split.resume),
+                blocks_reprotected_paused: pa.blocks_reprotected_paused,
+                pre_arm_ms: ms(pa.protect_time),
+                pre_arm_faults: pa.faults,
+                blocks_reprotected_running: pa.blocks_reprotected_running,
+                pre_arm_rounds: pa.rounds,
+                total_ms: ms(start.elapsed()),
+                blocks_by_walkers: report.blocks_by_walkers,
+                blocks_by_faults: report.blocks_by_faults,
+                faults: report.faults,
+                fault_latency_median_us: ms(report.fault_latency.median) * 1000.0,
+                fault_latency_p99_us: ms(report.fault_latency.p99) * 1000.0,
+                fault_latency_max_us: ms(report.fault_latency.max) * 1000.0,
+                wp_unpopulated: report.wp_unpopulated,
+                disks,
+            }
+        });
+    cancel.set(None);
+    drop(memory);
+    result
+}
 
-    let result = (|| {
-        let specs = region_specs(&memory);
-        // The same error kinds as a stopped save (a missing directory is
-        // the request's fault either way).
+/// What the copy after the pause works with.
+struct Run<'a> {
+    memory: &'a GuestMemory,
+    channels: &'a ChannelOptions,
+    progress: Option<&'a Progress>,
+}
+
+/// What a committed snapshot reports: the copy's report, file size,
+/// allocated bytes, device-state bytes and the disk copies.
+type Committed = (SnapshotReport, u64, u64, u64, Vec<DiskCopyStats>);
+
+impl Run<'_> {
+    /// Runs the armed snapshot into the image, waits for the disk copies, and
+    /// commits the image with the device state (naming the copies).
+    fn copy_and_commit(
+        &self,
+        path: &Path,
+        image: OpenImage,
+        armed: Armed,
+        disks: Running,
+        snapshot: &mut VmSnapshot,
+    ) -> Result<Committed, SaveError> {
+        let (memory, channels, progress) = (self.memory, self.channels, self.progress);
+        let serr = snap_err(path);
         let ierr = super::fixed::image_err(path);
-        let layout = Layout::with_params(
-            PAGE_SIZE as u32,
-            fixed_ram::DEFAULT_ALIGNMENT,
-            BLOCK_SIZE as u64,
-            &specs,
-        )
-        .map_err(&ierr)?;
-        let (tmp, file) = create_temp(path)?;
-        let writer = ImageWriter::from_file(file, layout).map_err(&ierr)?;
-        let direct = match multifd::open_with_direct_io(tmp.path(), channels.direct_io, true) {
-            Ok((f, true)) => Some(f),
-            Ok((_, false)) => None,
-            Err(e @ multifd::MultifdError::DirectIoUnsupported { .. }) => {
-                return Err(SaveError::BadImage {
-                    path: path.to_owned(),
-                    source: e.into(),
-                })
-            }
-            Err(e) => {
-                return Err(SaveError::Image {
-                    path: path.to_owned(),
-                    source: e.into(),
-                })
-            }
-        };
         if let Some(p) = progress {
             p.set_total(memory.iter().map(|r| r.len()).sum());
             p.phase("copying");
         }
         let sink = ImageSink {
-            writer: &writer,
-            direct,
+            writer: &image.writer,
+            block_size: image.block_size,
+            direct: image.direct,
             progress,
         };
         let report = armed
@@ -275,41 +422,21 @@ pub fn snapshot_vm(
         }
         let disks = disks.finish()?;
         // The image names the copies, as they were at the pause.
-        disks.record(&mut snapshot);
+        disks.record(snapshot);
         if let Some(p) = progress {
             p.phase("committing");
         }
         let device_state =
-            snapshot::encode(&snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
+            snapshot::encode(snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
                 path: path.to_owned(),
                 source: e.into(),
             })?;
-        let file = writer.commit(&device_state).map_err(&ierr)?;
+        let file = image.writer.commit(&device_state).map_err(&ierr)?;
         let (bytes, allocated) = file_sizes(&file, path)?;
         drop(file);
         let disks = disks.publish()?;
         // A live snapshot is consistent while the VM runs: only a cancel stops it.
-        publish(tmp, path, &SaveControl::default())?;
-        let us = |d: std::time::Duration| d.as_secs_f64() * 1e6;
-        Ok(SnapshotStats {
-            path: path.to_owned(),
-            bytes,
-            allocated_bytes: allocated,
-            device_state_bytes: device_state.len() as u64,
-            paused_ms: paused.as_secs_f64() * 1000.0,
-            arm_ms: arm_time.as_secs_f64() * 1000.0,
-            total_ms: start.elapsed().as_secs_f64() * 1000.0,
-            blocks_by_walkers: report.blocks_by_walkers,
-            blocks_by_faults: report.blocks_by_faults,
-            faults: report.faults,
-            fault_latency_median_us: us(report.fault_latency.median),
-            fault_latency_p99_us: us(report.fault_latency.p99),
-            fault_latency_max_us: us(report.fault_latency.max),
-            wp_unpopulated: report.wp_unpopulated,
-            disks,
-        })
-    })();
-    cancel.set(None);
-    drop(memory);
-    result
+        publish(image.tmp, path, &SaveControl::default())?;
+        Ok((report, bytes, allocated, device_state.len() as u64, disks))
+    }
 }
