@@ -248,6 +248,8 @@ fn pause_and_arm(
 /// The image file, created (as a temporary) before the pause.
 struct OpenImage {
     tmp: crate::files::TempFile,
+    /// Guest RAM bytes the snapshot copies (the progress total).
+    ram_bytes: u64,
     block_size: usize,
     writer: ImageWriter,
     direct: Option<File>,
@@ -289,6 +291,7 @@ fn open_image(
     };
     Ok(OpenImage {
         tmp,
+        ram_bytes: memory.iter().map(|r| r.len()).sum(),
         block_size,
         writer,
         direct,
@@ -334,14 +337,8 @@ pub fn snapshot_vm(
     let armed = captured.armed.map_err(&serr)?;
     let (mut snapshot, split) = (captured.snapshot, captured.split);
     cancel.set(Some((armed.cancel_handle(), disks.cancel_handles())));
-    let run = Run {
-        memory: &memory,
-        channels,
-        progress,
-    };
-    let result = run
-        .copy_and_commit(path, image, armed, disks, &mut snapshot)
-        .map(|(report, bytes, allocated, state_bytes, disks)| {
+    let result = copy_and_commit(path, image, armed, disks, &mut snapshot, channels, progress).map(
+        |(report, bytes, allocated, state_bytes, disks)| {
             let ms = |d: Duration| d.as_secs_f64() * 1000.0;
             let pa = report.pre_arm.unwrap_or(pre_stats);
             SnapshotStats {
@@ -369,74 +366,66 @@ pub fn snapshot_vm(
                 wp_unpopulated: report.wp_unpopulated,
                 disks,
             }
-        });
+        },
+    );
     cancel.set(None);
     drop(memory);
     result
-}
-
-/// What the copy after the pause works with.
-struct Run<'a> {
-    memory: &'a GuestMemory,
-    channels: &'a ChannelOptions,
-    progress: Option<&'a Progress>,
 }
 
 /// What a committed snapshot reports: the copy's report, file size,
 /// allocated bytes, device-state bytes and the disk copies.
 type Committed = (SnapshotReport, u64, u64, u64, Vec<DiskCopyStats>);
 
-impl Run<'_> {
-    /// Runs the armed snapshot into the image, waits for the disk copies, and
-    /// commits the image with the device state (naming the copies).
-    fn copy_and_commit(
-        &self,
-        path: &Path,
-        image: OpenImage,
-        armed: Armed,
-        disks: Running,
-        snapshot: &mut VmSnapshot,
-    ) -> Result<Committed, SaveError> {
-        let (memory, channels, progress) = (self.memory, self.channels, self.progress);
-        let serr = snap_err(path);
-        let ierr = super::fixed::image_err(path);
-        if let Some(p) = progress {
-            p.set_total(memory.iter().map(|r| r.len()).sum());
-            p.phase("copying");
-        }
-        let sink = ImageSink {
-            writer: &image.writer,
-            block_size: image.block_size,
-            direct: image.direct,
-            progress,
-        };
-        let report = armed
-            .run(&sink, channels.channels.max(1))
-            .map_err(|e| match e {
-                SnapshotError::Cancelled => SaveError::Cancelled("snapshot"),
-                other => serr(other),
-            })?;
-        drop(sink);
-        if let (Some(p), false) = (progress, disks.is_empty()) {
-            p.phase("copying disks");
-        }
-        let disks = disks.finish()?;
-        // The image names the copies, as they were at the pause.
-        disks.record(snapshot);
-        if let Some(p) = progress {
-            p.phase("committing");
-        }
-        let device_state =
-            snapshot::encode(snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
-                path: path.to_owned(),
-                source: e.into(),
-            })?;
-        let file = image.writer.commit(&device_state).map_err(&ierr)?;
-        let (bytes, allocated) = file_sizes(&file, path)?;
-        drop(file);
-        let disks = disks.publish()?;
-        // A live snapshot is consistent while the VM runs: only a cancel stops it.
-        publish(image.tmp, path, &SaveControl::default())?;
-        Ok((report, bytes, allocated, device_state.len() as u64, disks))
+/// Runs the armed snapshot into the image, waits for the disk copies, and
+/// commits the image with the device state (naming the copies).
+fn copy_and_commit(
+    path: &Path,
+    image: OpenImage,
+    armed: Armed,
+    disks: Running,
+    snapshot: &mut VmSnapshot,
+    channels: &ChannelOptions,
+    progress: Option<&Progress>,
+) -> Result<Committed, SaveError> {
+    let serr = snap_err(path);
+    let ierr = super::fixed::image_err(path);
+    if let Some(p) = progress {
+        p.set_total(image.ram_bytes);
+        p.phase("copying");
     }
+    let sink = ImageSink {
+        writer: &image.writer,
+        block_size: image.block_size,
+        direct: image.direct,
+        progress,
+    };
+    let report = armed
+        .run(&sink, channels.channels.max(1))
+        .map_err(|e| match e {
+            SnapshotError::Cancelled => SaveError::Cancelled("snapshot"),
+            other => serr(other),
+        })?;
+    drop(sink);
+    if let (Some(p), false) = (progress, disks.is_empty()) {
+        p.phase("copying disks");
+    }
+    let disks = disks.finish()?;
+    // The image names the copies, as they were at the pause.
+    disks.record(snapshot);
+    if let Some(p) = progress {
+        p.phase("committing");
+    }
+    let device_state =
+        snapshot::encode(snapshot, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
+    let file = image.writer.commit(&device_state).map_err(&ierr)?;
+    let (bytes, allocated) = file_sizes(&file, path)?;
+    drop(file);
+    let disks = disks.publish()?;
+    // A live snapshot is consistent while the VM runs: only a cancel stops it.
+    publish(image.tmp, path, &SaveControl::default())?;
+    Ok((report, bytes, allocated, device_state.len() as u64, disks))
 }
