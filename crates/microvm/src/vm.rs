@@ -455,7 +455,8 @@ fn restore_nets(
                 virtio::net::NET_FEATURES
             )));
         }
-        let net = virtio_bus::attach_net(vm_fd, slot, Net::open(target, slot)?)?;
+        // The source of a migration on this host may still hold the tap.
+        let net = virtio_bus::attach_net(vm_fd, slot, Net::reopen(target, slot)?)?;
         net.transport
             .lock()
             .map_err(|_| Error::Internal("device lock poisoned".into()))?

@@ -29,6 +29,9 @@ use super::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::{VirtioDevice, VirtioError};
 use crate::memory::GuestMemory;
 
+/// How long a restore waits for its tap while another process (the source
+/// of a migration on this host, exiting) still holds it.
+pub const TAP_BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Size of each of the two queues.
 pub const QUEUE_SIZE: u16 = 256;
 /// The receive queue.
@@ -180,13 +183,25 @@ pub struct Net {
 impl Net {
     /// Opens the tap `config.tap` for the device in MMIO slot `slot`.
     pub fn open(config: &NetConfig, slot: usize) -> Result<Self, TapError> {
-        Ok(Net {
-            tap: Tap::open(&config.tap)?,
+        Ok(Net::on_tap(Tap::open(&config.tap)?, config, slot))
+    }
+
+    /// [`Net::open`] for a restored device: a tap still held by another
+    /// process is waited for, up to [`TAP_BUSY_WAIT`] (see
+    /// [`Tap::open_when_free`]).
+    pub fn reopen(config: &NetConfig, slot: usize) -> Result<Self, TapError> {
+        let tap = Tap::open_when_free(&config.tap, TAP_BUSY_WAIT)?;
+        Ok(Net::on_tap(tap, config, slot))
+    }
+
+    fn on_tap(tap: Tap, config: &NetConfig, slot: usize) -> Self {
+        Net {
+            tap,
             mac: config.mac.unwrap_or_else(|| default_mac(slot)),
             buf: vec![0u8; MAX_BUFFER].into_boxed_slice(),
             stats: Arc::default(),
             queue_sizes: [QUEUE_SIZE; 2],
-        })
+        }
     }
 
     /// The guest's MAC.

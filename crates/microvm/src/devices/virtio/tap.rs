@@ -7,6 +7,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::time::{Duration, Instant};
 
 /// Longest interface name (IFNAMSIZ, with its NUL).
 const IFNAMSIZ: usize = 16;
@@ -30,6 +31,10 @@ pub enum TapError {
     /// `/dev/net/tun` cannot be opened.
     #[error("cannot open /dev/net/tun (is the tun module loaded, and are we root or CAP_NET_ADMIN?): {0}")]
     OpenTun(std::io::Error),
+    /// Another file (another process) has the tap attached: a tap serves
+    /// one device at a time.
+    #[error("tap {0} is in use by another process (a tap serves one device at a time)")]
+    Busy(String),
     /// A tun ioctl failed.
     #[error("tap {name}: {op} failed: {source}")]
     Ioctl {
@@ -87,9 +92,13 @@ impl Tap {
         };
         // SAFETY: TUNSETIFF reads and writes a `struct ifreq`, which `req`
         // is (same size and layout), alive for the call.
-        tap.check("TUNSETIFF", unsafe {
-            libc::ioctl(tap.file.as_raw_fd(), libc::TUNSETIFF, &mut req)
-        })?;
+        let set = unsafe { libc::ioctl(tap.file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+        match tap.check("TUNSETIFF", set) {
+            Err(TapError::Ioctl { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(TapError::Busy(tap.name));
+            }
+            other => other?,
+        }
         let hdr_len = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
         tap.check("TUNSETVNETHDRSZ", unsafe {
@@ -97,6 +106,22 @@ impl Tap {
         })?;
         tap.set_offload(0)?;
         Ok(tap)
+    }
+
+    /// [`Tap::open`], trying again every 20 ms for up to `wait` while the
+    /// tap is [`TapError::Busy`]: a restore on the host of its source (a
+    /// migration over a local socket) gets the VM before the source process
+    /// has exited and let go of the tap.
+    pub fn open_when_free(name: &str, wait: Duration) -> Result<Self, TapError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match Tap::open(name) {
+                Err(TapError::Busy(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Turns an ioctl's return value into a typed error naming it.

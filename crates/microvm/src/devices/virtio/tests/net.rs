@@ -14,7 +14,7 @@ use crate::devices::virtio::net::{
     Net, NetConfig, NetCounters, MAX_BUFFER, NET_FEATURES, RX_QUEUE, TX_QUEUE,
 };
 use crate::devices::virtio::state::MmioTransportState;
-use crate::devices::virtio::tap::{Tap, VNET_HDR_LEN};
+use crate::devices::virtio::tap::{Tap, TapError, VNET_HDR_LEN};
 use crate::devices::virtio::MmioTransport;
 
 /// An ethertype for local experiments (IEEE 802 "local experimental 1").
@@ -389,12 +389,40 @@ fn net_state_survives_save_and_restore_on_the_same_tap() {
     assert_eq!(&got, b"after");
 
     assert!(
-        Tap::open(&name).is_err(),
+        matches!(Tap::open(&name), Err(TapError::Busy(_))),
         "a tap serves one device at a time"
     );
     drop(d);
     let last = Tap::open(&name).unwrap();
     last.set_persistent(false).unwrap();
+}
+
+#[test]
+fn a_restored_device_waits_for_a_tap_another_process_still_holds() {
+    if !can_use_taps("a_restored_device_waits_for_a_tap_another_process_still_holds") {
+        return;
+    }
+    let name = tap_name();
+    let holder = Tap::open(&name).unwrap();
+    // Held throughout: the wait ends in the typed error.
+    let held = Tap::open_when_free(&name, Duration::from_millis(100));
+    assert!(matches!(held, Err(TapError::Busy(ref n)) if *n == name));
+    // Let go of (as the source of a local migration does when it exits)
+    // while the restore waits.
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        holder.set_persistent(true).unwrap();
+        drop(holder);
+    });
+    let config = NetConfig {
+        tap: name.clone(),
+        mac: None,
+    };
+    let net = Net::reopen(&config, 0).expect("the tap, once let go of");
+    release.join().unwrap();
+    assert_eq!(net.tap_name(), name);
+    drop(net);
+    Tap::open(&name).unwrap().set_persistent(false).unwrap();
 }
 
 #[test]
