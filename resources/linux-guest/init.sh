@@ -1,5 +1,6 @@
 #!/bin/busybox sh
-# /init of cryo's Linux test guest (run by busybox sh as PID 1).
+# /init of cryo's Linux test guest (run by busybox sh as PID 1), and
+# /sbin/init of its root-on-disk variant.
 #
 # Mounts the pseudo file systems, says what the kernel found, starts the
 # workload in the background and hands the console to an interactive shell.
@@ -17,7 +18,9 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 # Drivers the kernel builds as modules (virtio-mmio, virtio-blk and
 # virtio-net with failover and net_failover on
-# Debian's cloud kernel), in the order their names give.
+# Debian's cloud kernel), in the order their names give. As the root
+# filesystem's /sbin/init (the root-on-disk guest, booted through
+# root-boot.sh), only virtio-net's are here: the others are loaded.
 for m in /lib/modules/*.ko; do
     [ -e "$m" ] && insmod "$m"
 done

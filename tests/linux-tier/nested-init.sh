@@ -18,7 +18,8 @@ if [ -c /dev/kvm ]; then
     echo "LINUX-TIER NESTED kvm ready uptime=$(cut -d' ' -f1 /proc/uptime)"
     /bin/cryo-linux-driver --nested --cryo /bin/cryo --kernel /guest/vmlinux \
         --bzimage /guest/bzImage \
-        --initrd /guest/initramfs.cpio --work /tmp/tier
+        --initrd /guest/initramfs.cpio --root-initrd /guest/root-initramfs.cpio \
+        --rootfs /guest/rootfs.ext4 --work /tmp/tier
     echo "LINUX-TIER NESTED driver exited $?"
 else
     echo "LINUX-TIER NESTED no /dev/kvm after loading the modules"

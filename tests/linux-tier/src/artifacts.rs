@@ -311,12 +311,13 @@ pub fn guest_modules() -> Result<Vec<PathBuf>, TierError> {
 /// where busybox's applets of the same names are).
 pub const GUEST_TOOLS_DIR: &str = "opt/e2fsprogs";
 
-/// Host programs the guest runs on its disk (`mke2fs`, `e2fsck`), with the
-/// shared libraries and loader they need, as (path in the guest, host
-/// file). From the host's e2fsprogs.
+/// Host programs run on the guests' disks (`mke2fs`, `e2fsck`, `debugfs`),
+/// by the guest and, nested, by the driver, with the shared libraries and
+/// loader they need, as (path in the guest, host file). From the host's
+/// e2fsprogs.
 pub fn guest_disk_tools() -> Result<Vec<(String, PathBuf)>, TierError> {
     let mut files = Vec::new();
-    for tool in ["/usr/sbin/mke2fs", "/usr/sbin/e2fsck"] {
+    for tool in ["/usr/sbin/mke2fs", "/usr/sbin/e2fsck", "/usr/sbin/debugfs"] {
         let path = PathBuf::from(tool);
         if !path.is_file() {
             return Err(TierError::Missing(format!("{tool}: install e2fsprogs")));

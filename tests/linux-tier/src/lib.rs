@@ -33,6 +33,7 @@ pub mod guest;
 pub mod guest_image;
 mod net_scenarios;
 pub mod report;
+mod rootfs_scenarios;
 pub mod scenarios;
 
 use std::io::{BufRead, BufReader};
@@ -112,20 +113,21 @@ pub fn run_tier() -> Result<TierRun, TierError> {
     let guest_tools = artifacts::guest_disk_tools()?;
     let guest_initrd =
         guest_image::guest_initramfs(&work, &busybox, &bins, &guest_modules, &guest_tools)?;
+    let root = guest_image::root_disk(&work, &busybox, &bins, &guest_modules)?;
     let mut retries = Vec::new();
     let mut merged = None;
     let transcript = match qemu {
-        None => run_direct(&bins, &guest_kernel, &guest_initrd, &work)?,
+        None => run_direct(&bins, &guest_kernel, &guest_initrd, &root, &work)?,
         Some(qemu) => {
             let host_kernel = artifacts::nested_host_kernel()?;
-            let initrd = guest_image::nested_initramfs(
-                &work,
-                &busybox,
-                &bins,
-                &host_kernel,
-                &guest_kernel,
-                &guest_initrd,
-            )?;
+            let guests = guest_image::NestedGuests {
+                kernel: &guest_kernel,
+                initrd: &guest_initrd,
+                root: &root,
+                tools: &guest_tools,
+            };
+            let initrd =
+                guest_image::nested_initramfs(&work, &busybox, &bins, &host_kernel, &guests)?;
             let (transcript, report, notes) =
                 run_nested_until_pass(&qemu, &host_kernel.vmlinuz, &initrd)?;
             retries = notes;
@@ -212,6 +214,7 @@ fn run_direct(
     bins: &artifacts::StaticBinaries,
     kernel: &artifacts::GuestKernel,
     initrd: &Path,
+    root: &guest_image::RootDisk,
     work: &Path,
 ) -> Result<Vec<String>, TierError> {
     let mut cmd = Command::new(&bins.driver);
@@ -223,6 +226,10 @@ fn run_direct(
         .arg(&kernel.bzimage)
         .arg("--initrd")
         .arg(initrd)
+        .arg("--root-initrd")
+        .arg(&root.initrd)
+        .arg("--rootfs")
+        .arg(&root.image)
         .arg("--work")
         .arg(work.join("driver"));
     collect_lines(cmd, NESTED_TIMEOUT)

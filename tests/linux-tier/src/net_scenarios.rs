@@ -19,11 +19,11 @@ use crate::scenarios::{cryo_ok, names, path_str, run_args, strings, take_snapsho
 use crate::scenarios::{BEAT_TIMEOUT, BOOT_TIMEOUT, EXIT_TIMEOUT};
 
 /// The host's tap, made persistent so that it outlives each cryo process.
-const TAP: &str = "cryotap0";
+pub(crate) const TAP: &str = "cryotap0";
 /// The host's address on the tap.
-const HOST_IP: &str = "10.77.0.1";
+pub(crate) const HOST_IP: &str = "10.77.0.1";
 /// The guest's address.
-const GUEST_IP: &str = "10.77.0.2";
+pub(crate) const GUEST_IP: &str = "10.77.0.2";
 /// The port the driver listens on.
 const PORT: u16 = 7777;
 /// Numbers to see before the save, and after the restore.
@@ -32,12 +32,12 @@ const LINES_AFTER: u64 = 10;
 /// How long TCP may take to recover after a restore: both ends back off
 /// their retransmissions while the guest is saved, and the nested machine
 /// is slow.
-const RECOVERY_TIMEOUT: Duration = Duration::from_secs(180);
+pub(crate) const RECOVERY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Ping replies to see after the live snapshot.
 const PINGS_AFTER: u64 = 6;
 
 /// Runs `busybox` with `args` on the host side; fails with its output.
-fn host(args: &[&str]) -> Result<String, Failure> {
+pub(crate) fn host(args: &[&str]) -> Result<String, Failure> {
     let out = Command::new("/bin/busybox")
         .args(args)
         .output()
@@ -59,7 +59,7 @@ fn host(args: &[&str]) -> Result<String, Failure> {
 }
 
 /// Creates the persistent tap with the host's address, up.
-fn make_tap() -> Result<(), Failure> {
+pub(crate) fn make_tap() -> Result<(), Failure> {
     let _ = host(&["tunctl", "-d", TAP]);
     host(&["tunctl", "-t", TAP])?;
     host(&["ip", "addr", "add", &format!("{HOST_IP}/24"), "dev", TAP])?;
@@ -69,7 +69,7 @@ fn make_tap() -> Result<(), Failure> {
 
 /// Accepts one connection on `listener` and sends each line read from it,
 /// until it ends or nobody listens.
-fn serve_lines(listener: TcpListener) -> Receiver<String> {
+pub(crate) fn serve_lines(listener: TcpListener) -> Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let Ok((stream, _)) = listener.accept() else {
@@ -86,14 +86,14 @@ fn serve_lines(listener: TcpListener) -> Receiver<String> {
 }
 
 /// The numbers of `SEQ n` lines received so far.
-struct Stream {
-    rx: Receiver<String>,
-    seen: Vec<u64>,
+pub(crate) struct Stream {
+    pub(crate) rx: Receiver<String>,
+    pub(crate) seen: Vec<u64>,
 }
 
 impl Stream {
     /// Waits until `count` numbers have arrived in all.
-    fn wait_for(&mut self, count: u64, timeout: Duration) -> Result<(), Failure> {
+    pub(crate) fn wait_for(&mut self, count: u64, timeout: Duration) -> Result<(), Failure> {
         let deadline = Instant::now() + timeout;
         while (self.seen.len() as u64) < count {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -104,18 +104,30 @@ impl Stream {
                     self.seen.last()
                 ))
             })?;
-            if let Some(n) = line
-                .strip_prefix("SEQ ")
-                .and_then(|n| n.trim().parse().ok())
-            {
-                self.seen.push(n);
-            }
+            self.take(&line);
         }
         Ok(())
     }
 
+    /// Takes every line that has arrived so far, without waiting: numbers
+    /// that arrive after this were sent after it.
+    pub(crate) fn drain(&mut self) {
+        while let Ok(line) = self.rx.try_recv() {
+            self.take(&line);
+        }
+    }
+
+    fn take(&mut self, line: &str) {
+        if let Some(n) = line
+            .strip_prefix("SEQ ")
+            .and_then(|n| n.trim().parse().ok())
+        {
+            self.seen.push(n);
+        }
+    }
+
     /// Every number from 1 on, once each, in order.
-    fn check(&self) -> Result<(), Failure> {
+    pub(crate) fn check(&self) -> Result<(), Failure> {
         match self.seen.iter().zip(1u64..).find(|(n, i)| **n != *i) {
             None => Ok(()),
             Some((n, i)) => Err(Failure::plain(format!(
@@ -151,7 +163,7 @@ pub fn net_guest(setup: &Setup, tally: &mut Tally) {
 
 /// Labels a failure with the step, attaching `vm`'s console (as it is
 /// when the failure is handled) if the failure has none.
-fn at(vm: &LinuxVm, step: &'static str) -> impl FnOnce(Failure) -> Failure {
+pub(crate) fn at(vm: &LinuxVm, step: &'static str) -> impl FnOnce(Failure) -> Failure {
     let console = Failure::of(vm, "").log;
     move |f| Failure {
         reason: format!("{step}: {}", f.reason),

@@ -14,8 +14,10 @@
 //!    after the source has gone on running and been stopped.
 //!
 //! A third guest, with an ext4 filesystem on a virtio-blk disk, carries the
-//! disk scenarios (`crate::disk_scenarios`), and a fourth, with virtio-net
-//! on a host tap, the network scenarios (`crate::net_scenarios`).
+//! disk scenarios (`crate::disk_scenarios`), a fourth, with virtio-net
+//! on a host tap, the network scenarios (`crate::net_scenarios`), and a
+//! fifth, whose root filesystem is on virtio-blk and whose network is on a
+//! tap, goes through every save mode (`crate::rootfs_scenarios`).
 //!
 //! After every restore the workload must carry on: the next heartbeat
 //! number, no `MISMATCH`, no new `INIT` (no reboot), timers that keep
@@ -75,6 +77,12 @@ pub mod names {
     /// A live snapshot with `--disk-snapshot` while ext4 is written: the
     /// restore uses the copy, as it was at the snapshot.
     pub const DISK_SNAPSHOT_LIVE: &str = "disk-snapshot-live";
+    /// A guest whose root filesystem is ext4 on virtio-blk boots, with its
+    /// network on a tap.
+    pub const ROOTFS_BOOT: &str = "rootfs-boot";
+    /// That guest through every save mode in turn, its disk and network
+    /// checked after each restore, and its root filesystem clean at the end.
+    pub const ROOTFS_EVERY_SAVE: &str = "rootfs-every-save";
 }
 
 /// Every scenario, in the order the driver reports them.
@@ -98,6 +106,8 @@ pub const ALL: &[&str] = &[
     names::NET_TCP_SAVE_RESTORE,
     names::NET_PING_LIVE_SNAPSHOT,
     names::DISK_SNAPSHOT_LIVE,
+    names::ROOTFS_BOOT,
+    names::ROOTFS_EVERY_SAVE,
 ];
 
 /// The disk scenarios (`CRYO_LINUX_TIER_ONLY=disk`).
@@ -108,12 +118,15 @@ const DISK: &[&str] = &[
 ];
 /// The network scenarios (`CRYO_LINUX_TIER_ONLY=net`).
 const NET: &[&str] = &[names::NET_TCP_SAVE_RESTORE, names::NET_PING_LIVE_SNAPSHOT];
+/// The root-on-disk scenarios (`CRYO_LINUX_TIER_ONLY=rootfs`).
+const ROOTFS: &[&str] = &[names::ROOTFS_BOOT, names::ROOTFS_EVERY_SAVE];
 
 /// The scenarios this run carries: those [`ONLY_VAR`] names, or all.
 pub fn selected() -> &'static [&'static str] {
     match std::env::var(ONLY_VAR).as_deref() {
         Ok("disk") => DISK,
         Ok("net") => NET,
+        Ok("rootfs") => ROOTFS,
         _ => ALL,
     }
 }
@@ -141,6 +154,10 @@ pub struct Setup {
     pub bzimage: PathBuf,
     /// cryo's Linux guest initramfs.
     pub initrd: PathBuf,
+    /// The root-on-disk guest's boot initramfs.
+    pub root_initrd: PathBuf,
+    /// The root-on-disk guest's root filesystem (ext4); copied before use.
+    pub rootfs: PathBuf,
     /// Where images, sockets and state directories go.
     pub work: PathBuf,
     /// Whether the driver runs nested under QEMU's TCG emulator (some boot
@@ -194,8 +211,8 @@ impl Tally {
     }
 }
 
-/// With this environment variable set to `disk` or `net`, the driver runs
-/// the disk or the network scenarios only (a shortcut while working on
+/// With this environment variable set to `disk`, `net` or `rootfs`, the
+/// driver runs the disk, the network or the root-on-disk scenarios only (a shortcut while working on
 /// them; the other scenarios then report nothing and their tests fail).
 pub const ONLY_VAR: &str = "CRYO_LINUX_TIER_ONLY";
 
@@ -213,12 +230,17 @@ pub fn run_all(setup: &Setup) -> usize {
         crate::net_scenarios::net_guest(setup, &mut tally);
         return tally.failed;
     }
+    if selected() == ROOTFS {
+        crate::rootfs_scenarios::rootfs_guest(setup, &mut tally);
+        return tally.failed;
+    }
     single_vcpu_guest(setup, &mut tally);
     two_vcpu_chain(setup, &mut tally);
     let bzimage = bzimage_boot(setup);
     tally.outcome(names::BOOT_BZIMAGE, bzimage);
     crate::disk_scenarios::disk_guest(setup, &mut tally);
     crate::net_scenarios::net_guest(setup, &mut tally);
+    crate::rootfs_scenarios::rootfs_guest(setup, &mut tally);
     report_clocks(&mut tally);
     tally.failed
 }
@@ -232,14 +254,21 @@ pub(crate) fn path_str(p: &Path) -> String {
 }
 
 pub(crate) fn run_args(setup: &Setup, vcpus: u32, extra: &[String]) -> Vec<String> {
-    run_kernel_args(&setup.kernel, setup, vcpus, extra)
+    run_kernel_args(&setup.kernel, &setup.initrd, setup, vcpus, extra)
 }
 
-fn run_kernel_args(kernel: &Path, setup: &Setup, vcpus: u32, extra: &[String]) -> Vec<String> {
+/// `cryo run` of `kernel` with `initrd` and the tier's command line.
+pub(crate) fn run_kernel_args(
+    kernel: &Path,
+    initrd: &Path,
+    setup: &Setup,
+    vcpus: u32,
+    extra: &[String],
+) -> Vec<String> {
     let mut args = strings(&["run", "--kernel"]);
     args.push(path_str(kernel));
     args.extend(strings(&["--initrd"]));
-    args.push(path_str(&setup.initrd));
+    args.push(path_str(initrd));
     args.extend(strings(&["--mem-mib", &MEM_MIB.to_string()]));
     let cmdline = if setup.nested {
         format!("{CMDLINE} {NESTED_CMDLINE_EXTRA}")
@@ -321,7 +350,7 @@ pub(crate) fn take_snapshot(api: &Path, image: &Path) -> Result<String, Failure>
 /// Waits for a restored guest's first heartbeat, checks that it carries on
 /// from `before` (sequence within `seq_range`, clocks sane), then for more
 /// heartbeats (timers keep firing).
-fn carries_on(
+pub(crate) fn carries_on(
     vm: &mut LinuxVm,
     step: &'static str,
     before: Heartbeat,
@@ -454,6 +483,7 @@ fn bzimage_boot(setup: &Setup) -> Result<String, Failure> {
     let api = setup.work.join("bzimage.sock");
     let args = run_kernel_args(
         &setup.bzimage,
+        &setup.initrd,
         setup,
         1,
         &strings(&["--api", &path_str(&api)]),
@@ -526,12 +556,15 @@ fn clock_note(tally: &Tally) -> String {
 }
 
 /// One stopped save (file or socket) and its restore.
-struct SaveStep {
-    scenario: &'static str,
-    save: &'static [&'static str],
-    restore: &'static [&'static str],
+pub(crate) struct SaveStep {
+    /// The scenario (or step) it belongs to: names its figures.
+    pub(crate) scenario: &'static str,
+    /// `cryo save` options.
+    pub(crate) save: &'static [&'static str],
+    /// `cryo restore` options.
+    pub(crate) restore: &'static [&'static str],
     /// Saves to a unix socket that the restoring process listens on.
-    over_socket: bool,
+    pub(crate) over_socket: bool,
 }
 
 const SAVE_STEPS: &[SaveStep] = &[
@@ -703,7 +736,7 @@ fn pause_resume(vm: &mut LinuxVm) -> Result<String, Failure> {
 
 /// Saves `vm` as `step` says, restores it in a new process and checks it
 /// carries on. Returns the restored VM.
-fn stopped_save(
+pub(crate) fn stopped_save(
     setup: &Setup,
     mut vm: LinuxVm,
     step: &SaveStep,

@@ -87,6 +87,16 @@ fn linux_disk_snapshot_restores_the_disk_as_it_was_at_the_snapshot() {
 }
 
 #[test]
+fn linux_boots_with_its_root_filesystem_on_virtio_blk_and_a_tap() {
+    check(names::ROOTFS_BOOT);
+}
+
+#[test]
+fn linux_root_on_virtio_blk_survives_every_save_mode() {
+    check(names::ROOTFS_EVERY_SAVE);
+}
+
+#[test]
 fn linux_boots_to_user_space_with_one_vcpu() {
     check(names::BOOT_1VCPU);
 }

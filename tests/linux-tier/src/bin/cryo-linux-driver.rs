@@ -5,8 +5,10 @@
 //! the program of the nested machine's `/init`. It is statically linked, so
 //! that the nested machine needs nothing but busybox.
 //!
-//! Usage: `cryo-linux-driver [--nested] --cryo PATH --kernel VMLINUX --bzimage BZIMAGE --initrd CPIO --work DIR`
-//! (`--nested`: running inside the tier's QEMU TCG machine).
+//! Usage: `cryo-linux-driver [--nested] --cryo PATH --kernel VMLINUX --bzimage BZIMAGE --initrd CPIO --root-initrd CPIO --rootfs EXT4 --work DIR`
+//! (`--nested`: running inside the tier's QEMU TCG machine; `--root-initrd`
+//! and `--rootfs`: the root-on-disk guest's boot initramfs and root
+//! filesystem, which the driver copies before use).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,6 +21,8 @@ fn main() -> ExitCode {
     let mut kernel = None;
     let mut bzimage = None;
     let mut initrd = None;
+    let mut root_initrd = None;
+    let mut rootfs = None;
     let mut work = None;
     let mut nested = false;
     let mut args = std::env::args().skip(1);
@@ -33,18 +37,27 @@ fn main() -> ExitCode {
             ("--kernel", Some(v)) => kernel = Some(v),
             ("--bzimage", Some(v)) => bzimage = Some(v),
             ("--initrd", Some(v)) => initrd = Some(v),
+            ("--root-initrd", Some(v)) => root_initrd = Some(v),
+            ("--rootfs", Some(v)) => rootfs = Some(v),
             ("--work", Some(v)) => work = Some(v),
             (other, _) => {
-                eprintln!("cryo-linux-driver: bad argument {other} (usage: --cryo PATH --kernel VMLINUX --bzimage BZIMAGE --initrd CPIO --work DIR)");
+                eprintln!("cryo-linux-driver: bad argument {other} (usage: --cryo PATH --kernel VMLINUX --bzimage BZIMAGE --initrd CPIO --root-initrd CPIO --rootfs EXT4 --work DIR)");
                 return ExitCode::from(2);
             }
         }
     }
-    let (Some(cryo), Some(kernel), Some(bzimage), Some(initrd), Some(work)) =
-        (cryo, kernel, bzimage, initrd, work)
+    let (
+        Some(cryo),
+        Some(kernel),
+        Some(bzimage),
+        Some(initrd),
+        Some(root_initrd),
+        Some(rootfs),
+        Some(work),
+    ) = (cryo, kernel, bzimage, initrd, root_initrd, rootfs, work)
     else {
         eprintln!(
-            "cryo-linux-driver: --cryo, --kernel, --bzimage, --initrd and --work are all needed"
+            "cryo-linux-driver: --cryo, --kernel, --bzimage, --initrd, --root-initrd, --rootfs and --work are all needed"
         );
         return ExitCode::from(2);
     };
@@ -58,6 +71,8 @@ fn main() -> ExitCode {
         kernel,
         bzimage,
         initrd,
+        root_initrd,
+        rootfs,
         work,
         nested,
     });
