@@ -297,3 +297,34 @@ pub fn nested_initramfs(
     fs::write(&path, a.finish().map_err(io(&path))?).map_err(io(&path))?;
     Ok(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_filesystem_is_made_from_its_staging_directory() {
+        let dir = std::env::temp_dir().join(format!("cryo-rootfs-test-{}", std::process::id()));
+        let staging = dir.join("staging");
+        let note = dir.join("note");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(&note, b"root on a disk\n").unwrap();
+        stage(&staging, &[("sbin/init".into(), note.clone(), 0o755)]).unwrap();
+        let image = dir.join("root.ext4");
+        mke2fs(&staging, &image).unwrap();
+        assert_eq!(fs::metadata(&image).unwrap().len(), ROOTFS_BYTES);
+        let cat = Command::new("debugfs")
+            .args(["-R", "cat /sbin/init"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&image)
+            .status()
+            .unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(cat.stdout, b"root on a disk\n");
+        assert!(fsck.success(), "e2fsck -fn of a fresh root image");
+    }
+}

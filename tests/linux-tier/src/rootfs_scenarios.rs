@@ -455,3 +455,20 @@ fn host_checks(vm: &LinuxVm, image: &Path) -> Result<(String, u64), Failure> {
     }
     Ok((summary, records.len() as u64))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledged_records_are_read_from_rack_lines() {
+        let lines: Vec<String> = ["RACK 3", "HB seq=4 RACK 5", "echo RACK $i", "RACK 4"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(rack("RACK 12"), Some(12));
+        assert_eq!(rack("... echo RACK $i; sleep"), None);
+        assert_eq!(acked(&lines), 5);
+        assert_eq!(acked(&[]), 0);
+    }
+}
