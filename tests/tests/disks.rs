@@ -237,6 +237,54 @@ fn disk_snapshot_copies_each_disk_and_the_image_restores_from_the_copies() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `cryo save --keep-running --disk-snapshot COPY`: the copy is the disk at
+/// the save (made in the pause), the VM runs on, and the image restores
+/// from the copy without --disk-changed-ok after the original is gone.
+/// Without --keep-running (a stopped save: the disk stays as saved) or to
+/// a peer, the option is refused and the VM runs on.
+#[test]
+fn save_keep_running_with_disk_snapshot_restores_from_the_copy() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, disk, api, mut g) = one_disk_vm("disk-save-copy", 3);
+    let (image, copy) = (dir.join("vm.cryo"), dir.join("copy.raw"));
+    let a = api.display().to_string();
+    let (i, c) = (image.display().to_string(), copy.display().to_string());
+    let refusals: [(&[&str], &str); 2] = [
+        (&["--to", &i, "--disk-snapshot", &c], "--keep-running"),
+        (
+            &[
+                "--to",
+                "unix:/nonexistent/peer",
+                "--keep-running",
+                "--disk-snapshot",
+                &c,
+            ],
+            "not to a peer",
+        ),
+    ];
+    for (args, needle) in refusals {
+        let (status, out, err) = cryo(&[&["save", "--api", &a][..], args].concat());
+        assert_eq!(status, Some(2), "{needle}: {out}\n{err}");
+        assert!(err.contains(needle), "expected '{needle}' in: {err}");
+    }
+    assert!(!image.exists() && !copy.exists());
+    let before = g.follow(1, 1, 0, T);
+    let save = ["save", "--api", &a, "--to", &i, "--keep-running"];
+    let (status, out, err) = cryo(&[&save[..], &["--disk-snapshot", &c]].concat());
+    assert_eq!(status, Some(0), "save failed: {out}\n{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["disks"].as_array().map(Vec::len), Some(1), "{out}");
+    assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&disk).unwrap());
+    let mode = std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let more = g.follow(1, 2, 0, T);
+    assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
+    g.kill();
+    std::fs::remove_file(&disk).unwrap();
+    restores_and_continues(&image, &[], &before, "disk-save-copy-r");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn disk_snapshot_bad_requests_are_refused_and_the_vm_runs_on() {
     let (dir, disk, api, mut g) = one_disk_vm("disk-snap-bad", 1);

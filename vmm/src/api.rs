@@ -106,6 +106,11 @@ pub enum Request {
         /// Live save: give up after this many seconds, the VM running on.
         #[serde(default)]
         timeout_s: Option<u64>,
+        /// With `keep_running`, to a file: a copy of each disk at the
+        /// save's instant (one per disk, in slot order), which the image
+        /// names.
+        #[serde(default)]
+        disk_snapshots: Vec<PathBuf>,
         /// Send progress events before the reply.
         #[serde(default)]
         progress: bool,
@@ -548,6 +553,7 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> Reply {
             max_downtime_ms,
             max_bandwidth,
             timeout_s,
+            disk_snapshots,
             progress,
             ..
         } => save(
@@ -567,6 +573,7 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> Reply {
                     max_bandwidth,
                     timeout_s,
                 },
+                disk_snapshots,
                 progress,
             },
         ),
@@ -696,6 +703,8 @@ struct SaveRequest {
     /// A live save, with its limits.
     live: bool,
     limits: LiveLimits,
+    /// Disk copies made inside the pause (with `keep_running`).
+    disk_snapshots: Vec<PathBuf>,
     progress: bool,
 }
 
@@ -741,6 +750,10 @@ fn save(state: &ApiState, conn: &Conn, id: Option<Value>, r: SaveRequest) -> Rep
         Ok(c) => c,
         Err(e) => return (error_reply(id, "bad-request", &e), None),
     };
+    if r.live && !r.disk_snapshots.is_empty() {
+        let e = "disk_snapshots apply to a stopped save with keep_running (a live save of a VM with disks is refused)";
+        return (error_reply(id, "bad-request", e), None);
+    }
     if r.live {
         return match live_fits_target(&target, r.format) {
             Ok(path) => save_live(state, conn, id, &r, path, channels),
@@ -759,6 +772,7 @@ fn save(state: &ApiState, conn: &Conn, id: Option<Value>, r: SaveRequest) -> Rep
             compression: r.compression,
             progress: Some(p),
             control: save::SaveControl::default(),
+            disk_targets: r.disk_snapshots.clone(),
         };
         run_save(state, &target, &opts)
     });
@@ -836,6 +850,7 @@ fn managed_save(
             compression: None,
             progress: Some(p),
             control: save::SaveControl::default(),
+            disk_targets: Vec::new(),
         };
         run_save(state, &save::SaveTarget::File(managed.image.clone()), &opts)
     });

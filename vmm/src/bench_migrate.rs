@@ -426,6 +426,7 @@ fn stopped(a: &MigrateArgs, src: &Source) -> Result<(f64, f64, f64, u64), CliErr
         compression: None,
         progress: None,
         control: image::SaveControl::for_vm(&src.controller),
+        disk_targets: Vec::new(),
     };
     let target = image::SaveTarget::Peer(dest.endpoint.clone());
     let stats = image::save_vm(&src.controller, &target, &opts)?;

@@ -295,6 +295,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
             compression: None,
             progress: None,
             control: image::SaveControl::for_vm(&controller),
+            disk_targets: Vec::new(),
         };
         let saved = image::save_vm(&controller, &target, &opts)
             .map_err(|e| CliError::failure(e.to_string()))?;

@@ -247,6 +247,18 @@ pub struct SaveArgs {
     /// Resume the VM after saving instead of ending it.
     #[arg(long)]
     pub keep_running: bool,
+    /// With --keep-running: copy each disk, at the save's instant, to this
+    /// file (repeat once per disk, in slot order); the image then names the
+    /// copies, so it restores while the VM goes on writing its disks. The
+    /// copies are made inside the pause (a reflink where the filesystem
+    /// shares extents, else a full copy).
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "keep_running",
+        conflicts_with = "live"
+    )]
+    pub disk_snapshot: Vec<PathBuf>,
     /// Save while the VM runs (pre-copy into a fixed-ram file, as `migrate`
     /// does to a peer): the image is the VM at the end of the save, which
     /// pauses it only for the last round.

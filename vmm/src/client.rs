@@ -1,6 +1,6 @@
 //! CLI verbs that talk to a running VM over its API socket.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
@@ -130,7 +130,7 @@ fn human(cmd: &str, r: &Value) -> String {
             mib(r, "allocated_bytes"),
             r.get("device_state_bytes").and_then(Value::as_u64).unwrap_or(0),
             num(r, "paused_ms"),
-        ),
+        ) + &disk_copies(r),
         "snapshot" => format!(
             "snapshot in {}: vCPUs paused {:.1} ms, written in {:.2} s while running; {} blocks by walkers, {} by guest writes (fault latency median {:.0} us)",
             s("path"),
@@ -154,6 +154,10 @@ fn human(cmd: &str, r: &Value) -> String {
     }
 }
 
+fn absolutes(paths: &[PathBuf]) -> Result<Vec<String>, CliError> {
+    paths.iter().map(|p| absolute(p)).collect()
+}
+
 fn absolute(p: &Path) -> Result<String, CliError> {
     if p.is_absolute() {
         return Ok(p.display().to_string());
@@ -175,6 +179,9 @@ pub fn save(args: crate::cli::SaveArgs, out: Output) -> Result<(), CliError> {
         crate::image::SaveTarget::File(p) => absolute(&p)?,
     };
     let mut req = json!({"cmd": "save", "path": to, "keep_running": args.keep_running});
+    if !args.disk_snapshot.is_empty() {
+        req["disk_snapshots"] = json!(absolutes(&args.disk_snapshot)?);
+    }
     if let Some(f) = args.format {
         req["format"] = json!(crate::image::SaveFormat::from(f));
     }
@@ -221,12 +228,7 @@ pub fn migrate(args: crate::cli::MigrateArgs, out: Output) -> Result<(), CliErro
 pub fn snapshot(args: crate::cli::SnapshotArgs, out: Output) -> Result<(), CliError> {
     let mut req = json!({"cmd": "snapshot", "path": absolute(&args.to)?});
     if !args.disk_snapshot.is_empty() {
-        let disks = args
-            .disk_snapshot
-            .iter()
-            .map(|d| absolute(d))
-            .collect::<Result<Vec<_>, _>>()?;
-        req["disk_snapshots"] = json!(disks);
+        req["disk_snapshots"] = json!(absolutes(&args.disk_snapshot)?);
     }
     if let Some(n) = args.channels {
         req["channels"] = json!(n);

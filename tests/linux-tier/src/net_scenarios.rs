@@ -210,6 +210,10 @@ fn tcp_save_restore(setup: &Setup) -> Result<(String, LinuxVm), Failure> {
     if code != 0 {
         return Err(Failure::of(&vm, format!("the saved VM exited {code}")));
     }
+    // Every number the saved guest sent has arrived by now (it has exited,
+    // the restore has not started): counted, so that the numbers awaited
+    // below are the restored guest's.
+    stream.drain();
     let before = stream.seen.len() as u64;
     let mismatch = count_mismatch(&image)?;
 

@@ -91,6 +91,7 @@ pub fn save_vm_live(
         zero_pages: written.zero_pages,
         paused_ms: precopy.downtime_ms,
         total_ms: precopy.total_ms,
+        disks: Vec::new(),
     };
     Ok(LiveSaveStats { save, precopy })
 }

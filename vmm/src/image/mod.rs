@@ -97,6 +97,9 @@ pub struct SaveStats {
     pub paused_ms: f64,
     /// Total time, in milliseconds.
     pub total_ms: f64,
+    /// The disk copies (`--disk-snapshot`), in slot order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<disk_snapshot::DiskCopyStats>,
 }
 
 /// Sizes of a written image.
@@ -471,6 +474,54 @@ pub struct SaveOptions {
     pub progress: Option<std::sync::Arc<crate::progress::Progress>>,
     /// Cancellation, and the check that the VM stayed paused.
     pub control: SaveControl,
+    /// `--disk-snapshot`: a copy of each disk (in slot order) made inside
+    /// the pause, which the image then names. Only for a file save that
+    /// keeps the VM running (a stopped save ends the VM, so its disks do
+    /// not change after it).
+    pub disk_targets: Vec<PathBuf>,
+}
+
+/// Checks `opts.disk_targets` against `target` and the VM's disks, and
+/// creates the copies' temporary files (before the pause).
+fn prepare_disk_copies(
+    controller: &VmController,
+    target: &SaveTarget,
+    opts: &SaveOptions,
+) -> Result<disk_snapshot::Pending, SaveError> {
+    let bad = |e: &str| Err(SaveError::BadRequest(format!("--disk-snapshot {e}")));
+    let path = match target {
+        _ if opts.disk_targets.is_empty() => {
+            return disk_snapshot::prepare(&[], Vec::new(), Path::new(""))
+        }
+        SaveTarget::Peer(_) => return bad("applies to a file save, not to a peer"),
+        SaveTarget::File(_) if !opts.keep_running => {
+            return bad(
+                "needs --keep-running: a stopped save ends the VM, so its disks stay as saved",
+            )
+        }
+        SaveTarget::File(path) => path.as_path(),
+    };
+    let disks = controller.call(|vm| {
+        let b = vm.blocks().iter();
+        b.map(|b| (b.disk.path.clone(), b.copy_source.clone()))
+            .collect::<Vec<_>>()
+    })?;
+    disk_snapshot::prepare(&opts.disk_targets, disks, path)
+}
+
+/// Waits for the disk copies started in the pause (the VM still paused, so
+/// nothing writes the disks meanwhile) and names them in `snapshot`.
+fn finish_disk_copies(
+    targets: disk_snapshot::Targets,
+    copies: Result<
+        Vec<microvm::devices::virtio::disk_copy::DiskCopy>,
+        (usize, microvm::devices::virtio::disk_copy::DiskCopyError),
+    >,
+    snapshot: &mut VmSnapshot,
+) -> Result<disk_snapshot::Finished, SaveError> {
+    let finished = targets.started(copies)?.finish()?;
+    finished.record(snapshot);
+    Ok(finished)
 }
 
 /// Pauses the VM, writes it to `target`, and resumes it when `keep_running`
@@ -487,17 +538,19 @@ pub fn save_vm(
     if let SaveTarget::File(path) = target {
         crate::files::check_save_target(path).map_err(|e| SaveError::BadRequest(e.0))?;
     }
+    let (targets, starts) = prepare_disk_copies(controller, target, opts)?.split();
     let control = opts.control.watching(controller);
     control.check("save")?;
     if let Some(p) = progress {
         p.phase("pausing");
     }
     let start = Instant::now();
-    let (snapshot, memory, was_running) = controller.call(|vm| {
+    let (mut snapshot, memory, was_running, copies) = controller.call(|vm| {
         let was_running = vm.state() == RunState::Running;
         vm.pause()?;
         match vm.save_state() {
-            Ok(s) => Ok((s, vm.memory().clone(), was_running)),
+            // The disks were quiesced by save_state: the copies start here.
+            Ok(s) => Ok((s, vm.memory().clone(), was_running, starts.start())),
             Err(e) => {
                 if was_running {
                     let _ = vm.resume();
@@ -506,6 +559,15 @@ pub fn save_vm(
             }
         }
     })??;
+    let copies = match finish_disk_copies(targets, copies, &mut snapshot) {
+        Ok(c) => c,
+        Err(e) => {
+            if was_running {
+                let _ = controller.resume();
+            }
+            return Err(e);
+        }
+    };
     if let Some(p) = progress {
         p.set_total(memory.iter().map(|r| r.len()).sum());
     }
@@ -535,6 +597,9 @@ pub fn save_vm(
                 .and_then(|()| migrate::send_vm(endpoint, &snapshot, &memory, opts))
         }),
     };
+    // The copies go in place once the image is (a crash between leaves an
+    // image that names copies not there: refused at restore, never wrong).
+    let written = written.and_then(|w| copies.publish().map(|d| (w, d)));
     let paused_ms = start.elapsed().as_secs_f64() * 1000.0;
     if was_running {
         if written.is_err() {
@@ -546,7 +611,7 @@ pub fn save_vm(
             controller.resume()?;
         }
     }
-    let w = written?;
+    let (w, disks) = written?;
     Ok(SaveStats {
         path,
         format,
@@ -557,6 +622,7 @@ pub fn save_vm(
         zero_pages: w.zero_pages,
         paused_ms,
         total_ms: start.elapsed().as_secs_f64() * 1000.0,
+        disks,
     })
 }
 
