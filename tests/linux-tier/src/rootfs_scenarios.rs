@@ -2,8 +2,9 @@
 //! a virtio-blk disk (booted through a small initramfs that mounts it and
 //! `switch_root`s, as distributions boot) and whose network is virtio-net
 //! on a host tap, taken through every save mode in turn: managed save,
-//! stream, fixed-ram, multifd, a migration over a unix socket, and a live
-//! snapshot with `--disk-snapshot`.
+//! stream, fixed-ram, multifd, a migration over a unix socket, a live
+//! snapshot with `--disk-snapshot`, and (on the guest restored from it) a
+//! `save --keep-running` with `--disk-snapshot`.
 //!
 //! All the while a writer appends numbered records to `/var/rec.log` on
 //! the root filesystem, each with fsync, and says `RACK n` once record n is
@@ -11,9 +12,11 @@
 //! After every restore: the heartbeats carry on, every acknowledged record
 //! is read back from the disk (the guest's page cache dropped first), the
 //! TCP stream goes on with nothing lost or repeated, and the guest pings
-//! the host. At the end the guest (and the source of the live snapshot)
-//! remounts its root read-only and powers off, and the host's `e2fsck -fn`
-//! finds each root image clean.
+//! the host. Each image of a running VM restores onto its disk copy after
+//! its source ran on and shut down. Every guest that ends (those sources,
+//! and the last restored guest) remounts its root read-only and powers off;
+//! the host's `e2fsck -fn` finds its root image clean, and the host's
+//! `debugfs` reads every record it acknowledged from it.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -28,11 +31,10 @@ use crate::scenarios::{carries_on, cryo_ok, names, path_str, run_kernel_args, sp
 use crate::scenarios::{stopped_save, strings, SaveStep, Setup, Tally};
 use crate::scenarios::{BEAT_TIMEOUT, BOOT_TIMEOUT, EXIT_TIMEOUT};
 
-/// The driver's port for the guest's TCP stream, and for the new stream
-/// the guest opens after the live snapshot's restore (the network
-/// scenarios use 7777).
+/// The driver's port for the guest's TCP stream (the network scenarios
+/// use 7777; the restores of images of a running VM open new streams, on
+/// the ports their [`Fork`] names).
 const PORT: u16 = 7778;
-const PORT_AFTER_SNAPSHOT: u16 = 7779;
 /// Numbers the TCP stream must carry on with after each restore.
 const LINES_AFTER: u64 = 4;
 /// The name the guest runs under (for the managed save).
@@ -264,7 +266,7 @@ fn every_save(
         done.push(format!("{}: {detail}; {checks}", step.scenario));
         vm = next;
     }
-    done.push(live_snapshot(setup, vm, guest, tally).map_err(label("live snapshot"))?);
+    done.push(forks(setup, vm, guest, tally).map_err(label("images of a running VM"))?);
     Ok(done.join(" | "))
 }
 
@@ -314,68 +316,118 @@ fn paused_ms(json: &str) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-/// A live snapshot with `--disk-snapshot` while the writer and the stream
-/// run: the source goes on (stream intact), then shuts down cleanly; the
-/// snapshot restores onto the disk copy with every record acknowledged
-/// before it, opens a new TCP stream (the old connection's peer has moved
-/// past the snapshot), pings, and shuts down. Both root images then check
-/// clean on the host.
-fn live_snapshot(
+/// An image taken while the VM runs on, with a copy of its disk of the
+/// same instant: `cryo snapshot` or `cryo save --keep-running`.
+struct Fork {
+    /// Its scenario step (names figures and clock records).
+    step: &'static str,
+    /// The cryo verb and options, before `--api`, `--to`, `--disk-snapshot`.
+    verb: &'static [&'static str],
+    /// Files in the work directory: the image and the disk copy.
+    image: &'static str,
+    copy: &'static str,
+    /// Where the restored guest opens its new TCP stream.
+    port: u16,
+}
+
+const LIVE_SNAPSHOT: Fork = Fork {
+    step: "rootfs-live-snapshot",
+    verb: &["snapshot"],
+    image: "snap.img",
+    copy: "root-snap.ext4",
+    port: 7779,
+};
+const KEEP_RUNNING_SAVE: Fork = Fork {
+    step: "rootfs-save-keep-running",
+    verb: &["save", "--keep-running", "--format", "fixed-ram"],
+    image: "kept.img",
+    copy: "root-kept.ext4",
+    port: 7780,
+};
+
+/// The live snapshot, then (on the guest restored from it) a save with
+/// `--keep-running`, each with `--disk-snapshot`; the last restored guest
+/// shuts down and its disk copy checks clean on the host.
+fn forks(
     setup: &Setup,
-    mut vm: LinuxVm,
-    mut guest: RootGuest,
+    vm: LinuxVm,
+    guest: RootGuest,
     tally: &mut Tally,
 ) -> Result<String, Failure> {
+    let (vm, stream, first) = fork(setup, vm, guest.stream, &guest.disk, &LIVE_SNAPSHOT, tally)?;
+    let copy = setup.work.join("rootfs").join(LIVE_SNAPSHOT.copy);
+    let (mut vm, _, second) = fork(setup, vm, stream, &copy, &KEEP_RUNNING_SAVE, tally)?;
+    shut_down(&mut vm, "the last restored guest")?;
+    let copy = setup.work.join("rootfs").join(KEEP_RUNNING_SAVE.copy);
+    let (fsck, records) = host_checks(&vm, &copy)?;
+    Ok(format!(
+        "{first} | {second}; shut down, e2fsck -fn on its copy clean ({fsck}), {records} records read from it, every acknowledged one"
+    ))
+}
+
+/// Takes `fork`'s image of `vm` (on `disk`) with `--disk-snapshot` while
+/// the writer and the stream run: the source goes on (stream intact), then
+/// shuts down cleanly, and its disk checks clean on the host with every
+/// acknowledged record; the image restores onto the copy with every
+/// record acknowledged before it and opens a new TCP stream (the old
+/// connection's peer has seen data from after the image). Returns the
+/// restored guest, its stream and the detail.
+fn fork(
+    setup: &Setup,
+    mut vm: LinuxVm,
+    mut stream: Stream,
+    disk: &Path,
+    fork: &Fork,
+    tally: &mut Tally,
+) -> Result<(LinuxVm, Stream, String), Failure> {
     let dir = setup.work.join("rootfs");
-    let (image, copy) = (dir.join("snap.img"), dir.join("root-snap.ext4"));
+    let (image, copy) = (dir.join(fork.image), dir.join(fork.copy));
     vm.heartbeats(2, BEAT_TIMEOUT)?;
     let start = vm.last.ok_or_else(|| Failure::of(&vm, "no heartbeat"))?;
     let acked_before = acked(&vm.guest.output());
-    let out = cryo_ok(
-        &strings(&[
-            "--json",
-            "snapshot",
-            "--api",
-            &path_str(&vm.api),
-            "--to",
-            &path_str(&image),
-            "--disk-snapshot",
-            &path_str(&copy),
-        ]),
-        "cryo snapshot --disk-snapshot",
-    )?;
+    let mut args = strings(&["--json"]);
+    args.extend(strings(fork.verb));
+    args.extend(strings(&[
+        "--api",
+        &path_str(&vm.api),
+        "--to",
+        &path_str(&image),
+    ]));
+    args.extend(strings(&["--disk-snapshot", &path_str(&copy)]));
+    let out = cryo_ok(&args, &format!("cryo {}", fork.verb.join(" ")))?;
     let paused = paused_ms(&out);
-    report::figure("rootfs_live_snapshot_paused_ms", paused, "ms");
-    // The source runs on through the snapshot, its stream intact.
-    stream_goes_on(&mut guest.stream)
-        .map_err(at(&vm, "the source's TCP stream after the snapshot"))?;
-    let went_on_to = vm.heartbeats(2, BEAT_TIMEOUT)?[1].seq;
+    report::figure(&format!("{}_paused_ms", fork.step), paused, "ms");
+    // The source runs on through it, its stream intact.
+    stream_goes_on(&mut stream).map_err(at(&vm, "the source's TCP stream after the image"))?;
+    vm.heartbeats(2, BEAT_TIMEOUT)?;
     shut_down(&mut vm, "the source")?;
-    let (source_fsck, source_records) = host_checks(&vm, &guest.disk)?;
+    // The image is of an instant before the source's last heartbeat (it
+    // ran on for two more after the command): the restored guest goes on
+    // from between `start` and there. (The console is read lazily: `start`
+    // may be a little older than the command, never newer.)
+    let went_on_to = last_heartbeat(&vm.guest.output()).map_or(start.seq, |h| h.seq);
+    let (source_fsck, source_records) = host_checks(&vm, disk)?;
 
-    let mut restored = spawn_restore(&image, dir.join("snap-vm.sock"));
+    let mut restored = spawn_restore(&image, dir.join(format!("{}.sock", fork.step)));
     let range = start.seq + 1..=went_on_to;
-    let beats = carries_on(&mut restored, "rootfs-live-snapshot", start, range, tally)?;
+    let beats = carries_on(&mut restored, fork.step, start, range, tally)?;
     restored
         .wait_line(BEAT_TIMEOUT, |l| rack(l).is_some_and(|n| n > acked_before))
-        .map_err(at(&restored, "records after the snapshot's restore"))?;
+        .map_err(at(&restored, "records after the restore"))?;
     let lines = disk_check(&mut restored, acked_before)?;
-    let mut fresh = listen(PORT_AFTER_SNAPSHOT)?;
+    let mut fresh = listen(fork.port)?;
     restored.type_line("kill $N")?;
-    start_stream(&mut restored, PORT_AFTER_SNAPSHOT)?;
+    start_stream(&mut restored, fork.port)?;
     fresh
         .wait_for(LINES_AFTER, RECOVERY_TIMEOUT)
         .and_then(|()| fresh.check())
-        .map_err(at(
-            &restored,
-            "a new TCP stream after the snapshot's restore",
-        ))?;
-    shut_down(&mut restored, "the restored snapshot")?;
-    let (copy_fsck, copy_records) = host_checks(&restored, &copy)?;
+        .map_err(at(&restored, "a new TCP stream after the restore"))?;
     let _ = std::fs::remove_file(&image);
-    Ok(format!(
-        "live snapshot with --disk-snapshot (paused {paused:.0} ms): the source ran on to heartbeat {went_on_to} with its stream intact, shut down, e2fsck -fn clean ({source_fsck}), {source_records} records read from the image, every acknowledged one; restored onto the copy: {beats}; {lines} records on disk (>= {acked_before} acknowledged before the snapshot), a new TCP stream, ping ok; shut down, e2fsck -fn on the copy clean ({copy_fsck}), {copy_records} records read from it, every acknowledged one"
-    ))
+    let detail = format!(
+        "{} with --disk-snapshot (paused {paused:.0} ms): the source ran on to heartbeat {went_on_to} with its stream intact, shut down, e2fsck -fn clean ({source_fsck}), {source_records} records read from its disk, every acknowledged one; restored onto the copy: {beats}; {lines} records on disk (>= {acked_before} acknowledged before the image), a new TCP stream, ping ok",
+        fork.verb.join(" ")
+    );
+    Ok((restored, fresh, detail))
 }
 
 /// Stops the writer, remounts `/` read-only (the journal checkpointed,
