@@ -8,7 +8,10 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{boot_with, live_migration_refused, refused, restores_and_continues, save_and_end, T};
+use common::{
+    boot_with, live_migration_refused, refused, restores_after, restores_and_continues,
+    save_and_end, T,
+};
 use cryo_tests::{cryo, restore_vm, socket_path, test_kernel, workdir, Guest, Progress};
 
 fn boot_with_disks(api: &Path, disks: &[String]) -> (Guest, Progress) {
@@ -221,16 +224,7 @@ fn disk_snapshot_copies_each_disk_and_the_image_restores_from_the_copies() {
     bytes[0] ^= 0xff;
     std::fs::remove_file(&disk).unwrap();
     std::fs::remove_file(&sparse).unwrap();
-    let r_api = socket_path("disk-snap-r");
-    let mut r = restore_vm(&image, Some(&r_api), &[]);
-    let after = r.follow(1, 2, 1, T);
-    assert!(!after.booted, "the restored guest booted again");
-    assert!(
-        after.first_beat[&0].0 > before.last_beat[&0].0,
-        "{}",
-        r.transcript()
-    );
-    r.kill();
+    restores_after(&image, &before, "disk-snap-r");
     // A copy that changed after the snapshot is refused like any disk.
     std::fs::write(&c0, &bytes).unwrap();
     refused(&image, &[], "copy0.raw");
@@ -281,7 +275,7 @@ fn save_keep_running_with_disk_snapshot_restores_from_the_copy() {
     assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
     g.kill();
     std::fs::remove_file(&disk).unwrap();
-    restores_and_continues(&image, &[], &before, "disk-save-copy-r");
+    restores_after(&image, &before, "disk-save-copy-r");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

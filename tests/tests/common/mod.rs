@@ -66,6 +66,23 @@ pub fn restores_and_continues(file: &Path, extra: &[&str], before: &Progress, ta
     r.kill();
 }
 
+/// Restores `file`, an image taken while the VM ran on after `before`
+/// (a live snapshot, a save with `--keep-running`): the guest does not
+/// boot again and goes on past `before` (how far depends on the instant
+/// the image was taken).
+pub fn restores_after(file: &Path, before: &Progress, tag: &str) {
+    let api = socket_path(tag);
+    let mut r = restore_vm(file, Some(&api), &[]);
+    let after = r.follow(1, 2, 1, T);
+    assert!(!after.booted, "the restored guest booted again");
+    assert!(
+        after.first_beat[&0].0 > before.last_beat[&0].0,
+        "{}",
+        r.transcript()
+    );
+    r.kill();
+}
+
 /// Asks the running VM behind `api` to migrate live and expects a
 /// bad-request refusal mentioning `needle`; the guest carries on.
 pub fn live_migration_refused(g: &mut Guest, api: &Path, dir: &Path, needle: &str) {
