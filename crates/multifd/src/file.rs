@@ -21,17 +21,21 @@ pub const MAX_FILE_CHANNELS: usize = 256;
 const UNIT_BYTES: u64 = 4 << 20;
 
 /// Writes each saving channel keeps in flight: its pipeline has one thread
-/// preparing the next unit and one writing. A second write in flight per
-/// channel (tried with a second writer thread) did not raise the write
-/// bandwidth of the disks measured (docs/benchmarks.md); more channels do.
-/// Benchmarks use it to drive the raw reference at the same depth.
-pub const SAVE_QUEUE_DEPTH: usize = 1;
+/// preparing the next unit (zero scan, CRC32C) and this many writing, each
+/// with one `pwrite` in flight, so that the disk is not idle while a writer
+/// hands its chunks back or waits for a CPU. Measured with one channel on a
+/// loaded 2-CPU machine, two writers shortened the data phase against one
+/// (docs/benchmarks.md). A live pass keeps one: each write in flight there
+/// holds a copy of its unit. Benchmarks use it to drive the raw reference
+/// at the same depth.
+pub const SAVE_QUEUE_DEPTH: usize = 2;
 
 /// Reads each loading channel keeps in flight: one thread faults memory in
-/// for the next unit while one reads and checks. Two readers per channel
-/// were faster restoring 1 GiB and slower restoring 3 GiB in interleaved
-/// runs on a loaded machine (docs/benchmarks.md), so they were not kept.
-pub const LOAD_QUEUE_DEPTH: usize = 1;
+/// for the next units while this many read and check the units before
+/// them, one `pread` in flight each, so that one reads while another checks
+/// its CRCs. With one channel, two readers restored 2-5x faster than one on
+/// a loaded machine, and four were no faster than two (docs/benchmarks.md).
+pub const LOAD_QUEUE_DEPTH: usize = 2;
 
 /// Alignment checked before an `O_DIRECT` transfer (the smallest logical
 /// block size of any block device).
@@ -480,97 +484,170 @@ fn transfer(
 /// One channel: takes units from the cursor until none is left or another
 /// channel failed.
 fn channel(sh: &Shared<'_>, c: usize, file: &File) -> ChannelStats {
-    let mut st = ChannelStats::default();
     let ch = Chan {
         sh,
         c,
         file,
         pool: Mutex::new(Vec::new()),
     };
-    match sh.dir {
-        // Saving: the first thread scans and checksums the next unit while
-        // the second writes the previous one.
+    let per_thread = match sh.dir {
+        // Saving: the prep thread scans and checksums the next unit while
+        // the writers write the units before it. A live pass keeps one
+        // write in flight: each more would hold another copy of a unit.
         Direction::Save { copy } => {
-            let mut pace = Pace::new(sh.rate);
+            let depth = if copy { 1 } else { SAVE_QUEUE_DEPTH };
+            let rate = per_channel(sh.rate, depth);
             pipeline(
                 sh,
                 c,
+                depth,
                 |r, first, n| ch.prep_unit(r, first, n, copy),
-                |p| {
+                || (ChannelStats::default(), Pace::new(rate)),
+                |(st, pace), p| {
                     let before = st.bytes;
-                    ch.write_prepped(p, &mut st)?;
+                    ch.write_prepped(p, st)?;
                     pace.wrote(st.bytes - before, sh.stop);
                     Ok(())
                 },
             )
+            .into_iter()
+            .map(|(st, _)| st)
+            .collect()
         }
-        // Loading: the first thread finds the present runs and faults their
-        // memory in for the next unit while the second reads.
+        // Loading: the prep thread finds the present runs and faults their
+        // memory in for the next unit while the readers read and check the
+        // units before it.
         Direction::Load { populate } => pipeline(
             sh,
             c,
+            LOAD_QUEUE_DEPTH,
             |r, first, n| ch.prep_load(r, first, n, populate),
-            |p| ch.read_prepped(p, &mut st),
+            ChannelStats::default,
+            |st, p| ch.read_prepped(p, st),
         ),
-    }
-    st
+    };
+    per_thread
+        .into_iter()
+        .fold(ChannelStats::default(), |a, b| ChannelStats {
+            bytes: a.bytes + b.bytes,
+            present: a.present + b.present,
+            zero: a.zero + b.zero,
+        })
 }
 
-/// Runs one channel as two threads, so that the disk is never idle while
-/// the channel computes: `prep` takes units from the shared cursor and
-/// hands its result (at most one ahead) to `io`, which runs on the calling
-/// thread. The first error from either side stops every channel.
-fn pipeline<T: Send>(
+/// Runs one channel as a prep thread and `depth` I/O threads, so that the
+/// disk has up to `depth` transfers of the channel in flight while the
+/// channel computes: `prep` takes units from the shared cursor and queues
+/// its results (at most `depth` ahead); each I/O thread, with its own state
+/// from `init`, takes the next result and runs `io` on it (one of them is
+/// the calling thread). Returns each I/O thread's state. The first error
+/// from any side stops every channel.
+fn pipeline<T: Send, S: Send>(
     sh: &Shared<'_>,
     c: usize,
+    depth: usize,
     prep: impl Fn(usize, u64, u64) -> Result<T, MultifdError> + Sync,
-    mut io: impl FnMut(T) -> Result<(), MultifdError>,
-) {
-    let next_unit = || {
-        if sh.stopped() {
-            return None;
-        }
-        if sh.stop.load(Ordering::Acquire) {
-            sh.fail(MultifdError::Aborted(format!("channel {c}: stopped")));
-            return None;
-        }
-        let idx = sh.cursor.fetch_add(1, Ordering::Relaxed);
-        (idx < sh.work.total()).then(|| sh.work.unit(sh.layout, idx))
-    };
-    let (tx, rx) = std::sync::mpsc::sync_channel::<T>(1);
-    std::thread::scope(|s| {
-        let prep_thread = std::thread::Builder::new()
-            .name(format!("multifd-prep-{c}"))
-            .spawn_scoped(s, || {
-                let tx = tx;
-                while let Some((r, first, n)) = next_unit() {
-                    match prep(r, first, n) {
-                        Ok(p) => {
-                            if tx.send(p).is_err() {
-                                break;
-                            }
-                        }
-                        Err(e) => {
-                            sh.fail(e);
-                            break;
-                        }
-                    }
-                }
-            });
-        if let Err(e) = prep_thread {
-            sh.fail(MultifdError::io("starting a channel thread", e));
-            return;
-        }
-        for p in rx {
+    init: impl Fn() -> S + Sync,
+    io: impl Fn(&mut S, T) -> Result<(), MultifdError> + Sync,
+) -> Vec<S> {
+    let depth = depth.max(1);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<T>(depth);
+    let rx = Mutex::new(Some(rx));
+    // Takes the next prepped unit; None once the prep thread is done.
+    let take = || rx.lock().ok()?.as_ref()?.recv().ok();
+    let io_loop = || {
+        let mut state = init();
+        while let Some(p) = take() {
             if sh.stopped() {
                 break;
             }
-            if let Err(e) = io(p) {
+            if let Err(e) = io(&mut state, p) {
                 sh.fail(e);
                 break;
             }
         }
-    });
+        state
+    };
+    std::thread::scope(|s| {
+        let prep_thread = std::thread::Builder::new()
+            .name(format!("multifd-prep-{c}"))
+            .spawn_scoped(s, || prep_loop(sh, c, &prep, tx));
+        if let Err(e) = prep_thread {
+            sh.fail(MultifdError::io("starting a channel thread", e));
+            return Vec::new();
+        }
+        let states = io_threads(s, sh, c, depth, &io_loop);
+        // The I/O threads are gone: a prep thread waiting to queue a unit
+        // (after an error) must not wait for them.
+        if let Ok(mut rx) = rx.lock() {
+            rx.take();
+        }
+        states
+    })
+}
+
+/// The prep side of [`pipeline`]: prepares units from the shared cursor
+/// and queues them until none is left, the I/O side is gone, or a channel
+/// failed.
+fn prep_loop<T>(
+    sh: &Shared<'_>,
+    c: usize,
+    prep: &impl Fn(usize, u64, u64) -> Result<T, MultifdError>,
+    tx: std::sync::mpsc::SyncSender<T>,
+) {
+    while let Some((r, first, n)) = next_unit(sh, c) {
+        match prep(r, first, n) {
+            Ok(p) => {
+                if tx.send(p).is_err() {
+                    return;
+                }
+            }
+            Err(e) => return sh.fail(e),
+        }
+    }
+}
+
+/// The next unit from the shared cursor as (region, first chunk, chunk
+/// count); None when all are taken, a channel failed, or the pass is stopped.
+fn next_unit(sh: &Shared<'_>, c: usize) -> Option<(usize, u64, u64)> {
+    if sh.stopped() {
+        return None;
+    }
+    if sh.stop.load(Ordering::Acquire) {
+        sh.fail(MultifdError::Aborted(format!("channel {c}: stopped")));
+        return None;
+    }
+    let idx = sh.cursor.fetch_add(1, Ordering::Relaxed);
+    (idx < sh.work.total()).then(|| sh.work.unit(sh.layout, idx))
+}
+
+/// Runs `io_loop` on `depth` threads, the calling one and `depth - 1` new
+/// ones in `scope`, and returns what each returned.
+fn io_threads<'scope, S: Send + 'scope, F: Fn() -> S + Sync>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    sh: &Shared<'_>,
+    c: usize,
+    depth: usize,
+    io_loop: &'scope F,
+) -> Vec<S> {
+    let mut helpers = Vec::new();
+    for k in 1..depth {
+        let spawned = std::thread::Builder::new()
+            .name(format!("multifd-io-{c}-{k}"))
+            .spawn_scoped(scope, io_loop);
+        match spawned {
+            Ok(h) => helpers.push(h),
+            Err(e) => sh.fail(MultifdError::io("starting a channel thread", e)),
+        }
+    }
+    let mut states = vec![io_loop()];
+    for h in helpers {
+        match h.join() {
+            Ok(st) => states.push(st),
+            Err(_) => sh.fail(MultifdError::Aborted("a channel thread panicked".into())),
+        }
+    }
+    states
 }
 
 /// A unit whose present runs are known (and their memory faulted in), ready to be read.
