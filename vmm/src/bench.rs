@@ -200,38 +200,66 @@ fn meminfo_kib(key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Resident KiB of this process outside the given guest-memory ranges.
+/// Resident KiB of this process outside the given guest-memory ranges:
+/// the resident pages (`mincore`) of every other mapping in
+/// `/proc/self/maps`. A file mapping counts its pages in the page cache,
+/// mapped or not, so the figure errs high, never low. (Reading
+/// `/proc/self/smaps` instead walks the page tables of guest memory too,
+/// with per-page accounting; sampled during a step, it slowed a 1-channel
+/// eager restore threefold.)
 fn rss_outside_kib(guest: &[(usize, usize)]) -> u64 {
     let mut s = String::new();
-    if File::open("/proc/self/smaps")
+    if File::open("/proc/self/maps")
         .and_then(|mut f| f.read_to_string(&mut s))
         .is_err()
     {
         return 0;
     }
-    let mut total = 0;
-    let mut skip = false;
-    for line in s.lines() {
-        if let Some((range, _)) = line.split_once(' ') {
-            if let Some((a, b)) = range.split_once('-') {
-                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
-                {
-                    skip = guest.iter().any(|(s, e)| a < *e && b > *s);
-                    continue;
-                }
+    let others: Vec<(usize, usize)> = s
+        .lines()
+        .filter(|l| !l.ends_with("[vsyscall]"))
+        .filter_map(|l| {
+            let (a, b) = l.split_once(' ')?.0.split_once('-')?;
+            Some((
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .filter(|(a, b)| !guest.iter().any(|(s, e)| a < e && b > s))
+        .collect();
+    resident_kib(&others)
+}
+
+/// The host page size in KiB.
+fn page_kib() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    (unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).max(4096) as u64 / 1024
+}
+
+/// Resident KiB of the given (page-aligned) ranges, by `mincore`; a range
+/// no longer mapped counts as nothing.
+fn resident_kib(ranges: &[(usize, usize)]) -> u64 {
+    let page = (page_kib() * 1024) as usize;
+    let mut vec = vec![0u8; 1 << 16];
+    let mut pages = 0u64;
+    for &(start, end) in ranges {
+        let mut at = start;
+        while at < end {
+            let len = (end - at).min(vec.len() * page);
+            // SAFETY: mincore only writes one byte per page of the range
+            // into `vec`, which has room for len / page bytes; it reads no
+            // memory, and an unmapped range is an error, not a fault.
+            let rc = unsafe { libc::mincore(at as *mut libc::c_void, len, vec.as_mut_ptr()) };
+            if rc == 0 {
+                pages += vec[..len.div_ceil(page)]
+                    .iter()
+                    .filter(|b| *b & 1 != 0)
+                    .count() as u64;
             }
-        }
-        if !skip {
-            if let Some(v) = line.strip_prefix("Rss:") {
-                total += v
-                    .split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
+            at += len;
         }
     }
-    total
+    pages * page_kib()
 }
 
 /// Samples page-cache growth and VMM memory beyond guest RAM while a step runs.
@@ -259,9 +287,8 @@ impl Sampler {
                 c.fetch_max(meminfo_kib("Cached:"), Ordering::Relaxed);
                 let ranges = guest.lock().map(|g| g.clone()).unwrap_or_default();
                 r.fetch_max(rss_outside_kib(&ranges), Ordering::Relaxed);
-                // Reading smaps walks the page tables of all guest memory
-                // under the mmap lock, which O_DIRECT I/O also takes: sample
-                // sparingly so that the measurement does not slow the save.
+                // mincore walks the guest's page tables under the mmap
+                // lock: sample sparingly so that it does not slow the step.
                 std::thread::sleep(Duration::from_millis(250));
             }
         });
@@ -311,6 +338,8 @@ struct StepResult {
     seconds: f64,
     mb_per_s: f64,
     ratio_to_raw: f64,
+    /// Against the raw read with one read in flight per channel.
+    ratio_to_raw_one_per_channel: f64,
     page_cache_growth_mib: f64,
     vmm_peak_mib_beyond_guest: f64,
 }
@@ -332,6 +361,12 @@ struct RawResult {
     write_double_queue_mb_s: f64,
     /// The read with twice the reads in flight.
     read_double_queue_mb_s: f64,
+    /// The write with one write in flight per channel (what a channel
+    /// without a queue would face; equal to `write_mb_s` when cryo's queue
+    /// depth is 1).
+    write_one_per_channel_mb_s: f64,
+    /// The read with one read in flight per channel.
+    read_one_per_channel_mb_s: f64,
 }
 
 /// A save, phase by phase as the save timed them, and end to end.
@@ -342,8 +377,10 @@ struct SaveResult {
     sync_s: f64,
     publish_s: f64,
     whole_s: f64,
-    /// Data phase against the raw non-durable write.
+    /// Data phase against the raw non-durable write at cryo's queue depth.
     data_ratio: f64,
+    /// Data phase against the raw write with one write in flight per channel.
+    data_ratio_one_per_channel: f64,
     /// Whole command against the raw write plus its syncs.
     whole_ratio: f64,
     page_cache_growth_mib: f64,
@@ -559,23 +596,30 @@ impl Bench<'_> {
             ..Default::default()
         };
         // Restores read what was just written: drop it from the page cache first.
-        r.eager_restore = self.eager(&img, n, r.raw.read_mb_s)?;
+        r.eager_restore = self.eager(&img, n, &r.raw)?;
         r.lazy_resume_ms = self.lazy(&img, n)?;
         let _ = std::fs::remove_file(&img);
         Ok(r)
     }
 
-    /// The raw reference: the better of two passes, then one with twice
-    /// the writes in flight.
+    /// The raw reference: the better of two passes at cryo's queue depth,
+    /// then one with twice the transfers in flight and (when cryo keeps
+    /// more than one in flight per channel) one with one per channel.
     fn raw(&self, n: usize) -> Result<RawResult, CliError> {
         let threads = Threads::of_channels(n);
+        let one = Threads::one_per_channel(n);
         progress(&format!(
-            "raw O_DIRECT write, sync and read of {:.0} MB, {threads:?} (twice), then twice the threads",
+            "raw O_DIRECT write, sync and read of {:.0} MB, {threads:?} (twice), then twice the threads, then {one:?}",
             self.data_mb
         ));
         let t =
             raw_pass(self.dir, &self.plan, threads)?.best(raw_pass(self.dir, &self.plan, threads)?);
         let double = raw_pass(self.dir, &self.plan, threads.doubled())?;
+        let single = if one == threads {
+            t
+        } else {
+            raw_pass(self.dir, &self.plan, one)?
+        };
         let mb_s = |d: Duration| self.data_mb / secs(d);
         Ok(RawResult {
             write_s: secs(t.write),
@@ -586,6 +630,8 @@ impl Bench<'_> {
             read_mb_s: mb_s(t.read),
             write_double_queue_mb_s: mb_s(double.write),
             read_double_queue_mb_s: mb_s(double.read),
+            write_one_per_channel_mb_s: mb_s(single.write),
+            read_one_per_channel_mb_s: mb_s(single.read),
         })
     }
 
@@ -636,6 +682,9 @@ impl Bench<'_> {
             publish_s: secs(phases.publish),
             whole_s: whole,
             data_ratio: raw.write_s / secs(phases.data),
+            data_ratio_one_per_channel: self.data_mb
+                / secs(phases.data)
+                / raw.write_one_per_channel_mb_s.max(1.0),
             whole_ratio: (raw.write_s + raw.sync_s) / whole,
             page_cache_growth_mib: cache,
             vmm_peak_mib_beyond_guest: rss,
@@ -656,7 +705,7 @@ impl Bench<'_> {
     }
 
     /// An eager restore, to the restored VM running, from a cold page cache.
-    fn eager(&self, img: &Path, n: usize, raw_read_mb_s: f64) -> Result<StepResult, CliError> {
+    fn eager(&self, img: &Path, n: usize, raw: &RawResult) -> Result<StepResult, CliError> {
         drop_file_cache(img);
         progress(&format!("eager restore, {n} channels"));
         let opts = fixed::ChannelOptions {
@@ -684,7 +733,10 @@ impl Bench<'_> {
         Ok(StepResult {
             seconds,
             mb_per_s: self.data_mb / seconds,
-            ratio_to_raw: self.data_mb / seconds / raw_read_mb_s.max(1.0),
+            ratio_to_raw: self.data_mb / seconds / raw.read_mb_s.max(1.0),
+            ratio_to_raw_one_per_channel: self.data_mb
+                / seconds
+                / raw.read_one_per_channel_mb_s.max(1.0),
             page_cache_growth_mib: cache,
             vmm_peak_mib_beyond_guest: rss,
         })
@@ -785,9 +837,25 @@ fn print_table(r: &Report) {
             peak_vmm,
         );
         println!(
-            "   | raw MB/s: write {:.0}, durable {:.0}, read {:.0} (2xQD {:.0})",
-            raw.write_mb_s, raw.durable_mb_s, raw.read_mb_s, raw.read_double_queue_mb_s
+            "   | raw MB/s: write {:.0}, durable {:.0}, read {:.0} (2xQD {:.0}); one per channel: write {:.0}, read {:.0}",
+            raw.write_mb_s,
+            raw.durable_mb_s,
+            raw.read_mb_s,
+            raw.read_double_queue_mb_s,
+            raw.write_one_per_channel_mb_s,
+            raw.read_one_per_channel_mb_s
+        );
+        let (data_one, eager_one) = (
+            c.save_direct
+                .as_ref()
+                .map_or(f64::NAN, |s| s.data_ratio_one_per_channel),
+            c.eager_restore.ratio_to_raw_one_per_channel,
+        );
+        println!(
+            "   | against one per channel: data {data_one:.2}x, eager {eager_one:.2}x (cryo: {} writes, {} reads in flight per channel)",
+            multifd::SAVE_QUEUE_DEPTH,
+            multifd::LOAD_QUEUE_DEPTH
         );
     }
-    println!("raw = the save's writes and the restore's reads without cryo (same bytes, offsets, block size, writes and reads in flight; 2xQD: MB/s with twice as many in flight); data x = raw write / save data phase; whole x = raw write+sync / whole save; eager x = eager restore MB/s / raw read MB/s; cache = page-cache growth MiB during the O_DIRECT save; VMM = peak MiB resident outside guest RAM");
+    println!("raw = the save's writes and the restore's reads without cryo (same bytes, offsets, block size, writes and reads in flight as cryo; 2xQD: MB/s with twice as many in flight); data x = raw write / save data phase; whole x = raw write+sync / whole save; eager x = eager restore MB/s / raw read MB/s; cache = page-cache growth MiB during the O_DIRECT save; VMM = peak MiB resident outside guest RAM");
 }

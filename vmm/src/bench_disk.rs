@@ -7,7 +7,8 @@
 //! `O_DIRECT`, in the same blocks (one 4 MiB unit per system call), by as
 //! many threads as the save has writes in flight (channels times
 //! `multifd::SAVE_QUEUE_DEPTH`), each taking the next block from a shared
-//! cursor with one write in flight.
+//! cursor with one write in flight. The bench also runs it with one thread
+//! per channel, the depth a channel without a queue would have.
 //! The write is timed as it is (not durable), then the file is made durable
 //! the way the save makes its image durable (`fdatasync` of the file, then
 //! `fsync` of its directory) and that is timed separately. Reads go the same
@@ -60,7 +61,7 @@ impl RawTimes {
 }
 
 /// How many threads write and read (each with one call in flight).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Threads {
     /// Writers: the save's channels times its writes in flight per channel.
     pub write: usize,
@@ -74,6 +75,14 @@ impl Threads {
         Threads {
             write: channels * multifd::SAVE_QUEUE_DEPTH,
             read: channels * multifd::LOAD_QUEUE_DEPTH,
+        }
+    }
+
+    /// One write and one read in flight per channel.
+    pub fn one_per_channel(channels: usize) -> Threads {
+        Threads {
+            write: channels,
+            read: channels,
         }
     }
 
