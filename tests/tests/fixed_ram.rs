@@ -399,6 +399,25 @@ fn bench_save_restore_reports_phases_and_ratios() {
             r["eager_restore"]["mb_per_s"].as_f64().unwrap() > 0.0,
             "{r}"
         );
+        // Ratios also against one transfer in flight per channel, and the
+        // VMM's own memory (mincore over its other mappings) is seen.
+        assert!(
+            raw["read_one_per_channel_mb_s"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+        assert!(
+            save["data_ratio_one_per_channel"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+        let eager = &r["eager_restore"];
+        assert!(
+            eager["ratio_to_raw_one_per_channel"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
+        assert!(
+            eager["vmm_peak_mib_beyond_guest"].as_f64().unwrap() > 0.0,
+            "{r}"
+        );
     }
     // The bench leaves nothing behind: no image, raw file or kernel copy.
     let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
