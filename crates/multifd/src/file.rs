@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::pace::{any_dirty, check_page_set, is_dirty, per_channel, Pace};
 use crate::sys;
 use crate::{CallerError, MemRegion, MultifdError, PageSet};
-use page_runs::{is_zero, push_page, FirstError, PageRun};
+use page_runs::{is_zero, push_page, push_page_joining, FirstError, PageRun};
 
 /// The most channels a file transfer may use.
 pub const MAX_FILE_CHANNELS: usize = 256;
@@ -19,6 +19,11 @@ pub const MAX_FILE_CHANNELS: usize = 256;
 /// (whole chunks of one region; runs of non-zero pages are written with one
 /// system call across the chunks of a unit).
 const UNIT_BYTES: u64 = 4 << 20;
+/// A live dirty pass joins dirty pages of one chunk up to this many pages
+/// apart into one write: an extra 64 KiB costs about what one more write
+/// costs on the disks we measured (a few tens of µs), and scattered 4 KiB
+/// writes are what bound a dirty round otherwise.
+const JOIN_GAP_PAGES: u64 = 16;
 
 /// Writes each saving channel keeps in flight: its pipeline has one thread
 /// preparing the next unit (zero scan, CRC32C) and this many writing, each
@@ -186,7 +191,9 @@ impl FilePass<'static> {
 /// page-aligned buffer, and the zero scan, the CRCs and the writes use the
 /// copy; a page the guest wrote after the copy may disagree with its
 /// chunk's CRC until the caller's next pass rewrites it (its dirty log finds
-/// it), the last one with the memory no longer changing.
+/// it), the last one with the memory no longer changing. A dirty pass
+/// writes dirty pages close together in a chunk (at most 16 pages apart)
+/// with one write that covers the pages between them too, from the copy.
 pub fn save_pass_to_file(
     path: &Path,
     regions: &[MemRegion],
@@ -849,9 +856,17 @@ impl Chan<'_, '_> {
                     words[(i / 64) as usize] |= 1 << (i % 64);
                     // A dirty pass writes only the dirty pages; the chunk's
                     // other pages are in the file as they are in memory.
+                    // From a copy, it also writes the pages between dirty
+                    // ones close together in the chunk (the copy holds the
+                    // bytes the CRC covers): one write instead of many.
                     if self.page_selected(r, page) {
                         out.present += 1;
-                        push_page(&mut out.runs, page);
+                        match (&out.copy, self.sh.pages) {
+                            (Some(_), PageSet::Dirty(_)) => {
+                                push_page_joining(&mut out.runs, page, JOIN_GAP_PAGES, p0)
+                            }
+                            _ => push_page(&mut out.runs, page),
+                        }
                     }
                 }
             }

@@ -374,6 +374,56 @@ fn a_dirty_pass_writes_the_dirty_pages_and_records_their_chunks() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Dirty pages close together in a chunk go out as one write that covers
+/// the pages between them, from the pass's copy (so the file holds the
+/// bytes the chunk's CRC covers); pages farther apart are written apart.
+#[test]
+fn a_dirty_pass_joins_close_dirty_pages_into_one_write() {
+    let dir = tmp_dir("dirty-join");
+    let path = dir.join("img");
+    let mut s = save(&path, &SIZES, 1, DirectIo::Off, 9);
+    let ps = PAGE as usize;
+    // Pages 20 and 30 are dirty (9 clean pages apart), page 25 changed
+    // without being marked; page 100 is dirty, far from the others.
+    for (p, b) in [(20, 0x20u8), (25, 0x25), (30, 0x30), (100, 0x64)] {
+        s.mems[0].bytes_mut()[p * ps..(p + 1) * ps].fill(b);
+    }
+    let mut map0 = vec![0u64; (SIZES[0] / PAGE).div_ceil(64) as usize];
+    for p in [20, 30, 100] {
+        map0[p / 64] |= 1 << (p % 64);
+    }
+    let map1 = vec![0u64; (SIZES[1] / PAGE).div_ceil(64) as usize];
+    let maps: Vec<&[u64]> = vec![&map0, &map1];
+    let regions = regions_of(&s.mems);
+    let again = TestLayout::new(&SIZES);
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let pass = multifd::FilePass {
+        pages: multifd::PageSet::Dirty(&maps),
+        max_bytes_per_s: None,
+        stop: &never,
+    };
+    let opts = FileChannelOptions {
+        channels: 1,
+        direct_io: DirectIo::Off,
+        prefault: false,
+    };
+    let stats = multifd::save_pass_to_file(&path, &regions, &again, &opts, &pass).unwrap();
+    assert_eq!(stats.present_pages, 3);
+    assert_eq!(
+        stats.bytes,
+        12 * PAGE,
+        "pages 20..=30 as one write, then 100"
+    );
+    let file = std::fs::read(&path).unwrap();
+    let mem = s.mems[0].bytes();
+    let base = again.bases[0] as usize;
+    assert!(file[base + 20 * ps..base + 31 * ps] == mem[20 * ps..31 * ps]);
+    assert!(file[base + 100 * ps..base + 101 * ps] == mem[100 * ps..101 * ps]);
+    let crcs = again.crcs.lock().unwrap();
+    assert_eq!(crcs[0][0], Some(crc32c::crc32c(&mem[..CHUNK as usize])));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_stopped_pass_ends_with_aborted() {
     let dir = tmp_dir("stopped-pass");

@@ -1,6 +1,6 @@
 //! The page vocabulary cryo's image and transfer crates share, in one place:
 //! the zero-page scan ([`is_zero`]), pages grouped into runs ([`PageRun`],
-//! [`push_page`], [`spans`]), "the first error wins and stops the others"
+//! [`push_page`], [`push_page_joining`], [`spans`]), "the first error wins and stops the others"
 //! ([`FirstError`]) and the allocated size of a sparse file
 //! ([`allocated_bytes`]). See the README for an example.
 #![deny(missing_docs)]
@@ -59,6 +59,21 @@ pub fn push_page(runs: &mut Vec<PageRun>, page: u64) {
             start: page,
             end: page + 1,
         }),
+    }
+}
+
+/// Adds `page` to `runs` like [`push_page`], but also extends the last run
+/// over a gap of up to `max_gap` pages, as long as that run starts at or
+/// after `floor`: one larger write instead of many small ones, where the
+/// pages in the gap may be written too (e.g. a chunk rewritten from a copy
+/// of it, so the gap holds the chunk's current bytes). Pages must come in
+/// increasing order.
+pub fn push_page_joining(runs: &mut Vec<PageRun>, page: u64, max_gap: u64, floor: u64) {
+    match runs.last_mut() {
+        Some(run) if run.start >= floor && run.end <= page && page - run.end <= max_gap => {
+            run.end = page + 1
+        }
+        _ => push_page(runs, page),
     }
 }
 
@@ -176,6 +191,27 @@ pub fn allocated_bytes(file: &File) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn joining_bridges_small_gaps_but_not_the_floor() {
+        let mut runs = Vec::new();
+        for p in [3, 4, 6, 10, 11, 30] {
+            super::push_page_joining(&mut runs, p, 4, 0);
+        }
+        // 4 -> 6 and 6 -> 10 bridge (gaps of 1 and 3), 11 -> 30 does not.
+        let want = [
+            PageRun { start: 3, end: 12 },
+            PageRun { start: 30, end: 31 },
+        ];
+        assert_eq!(runs, want);
+        // A run that starts before the floor (another chunk) stays as it is.
+        super::push_page_joining(&mut runs, 33, 4, 32);
+        super::push_page_joining(&mut runs, 35, 4, 32);
+        assert_eq!(runs[2..], [PageRun { start: 33, end: 36 }]);
+        // Adjacent pages join whatever the floor.
+        super::push_page_joining(&mut runs, 36, 0, 1000);
+        assert_eq!(runs[2], PageRun { start: 33, end: 37 });
+    }
+
     use super::*;
 
     #[test]

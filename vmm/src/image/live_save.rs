@@ -182,7 +182,10 @@ impl Sink for FileSink<'_> {
         Ok(RoundStats {
             round,
             pages: stats.present_pages,
-            bytes: stats.bytes,
+            // The pages' bytes, not the file bytes written (a dirty round
+            // also writes clean pages between close dirty ones): the
+            // downtime estimate divides dirty bytes by this rate.
+            bytes: stats.present_pages * super::PAGE_SIZE as u64,
             elapsed: start.elapsed(),
         })
     }
