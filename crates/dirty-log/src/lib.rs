@@ -7,7 +7,9 @@
 //! - [`DirtyLog::start`] re-registers each memory slot with
 //!   `KVM_MEM_LOG_DIRTY_PAGES`, and enables manual protection
 //!   (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`) where KVM offers it, so fetching the
-//!   log does not write-protect every page of a slot at once;
+//!   log does not write-protect every page of a slot at once; with
+//!   `KVM_DIRTY_LOG_INITIALLY_SET` where offered, so that switching logging
+//!   on does not either (the pages are protected 64 MiB at a time);
 //! - [`DirtyLog::fetch_and_clear`] returns one [`DirtyBitmap`] per slot
 //!   (`KVM_GET_DIRTY_LOG`, then `KVM_CLEAR_DIRTY_LOG` for the pages found,
 //!   when manual protection is on), with the pages the VMM itself wrote added;
@@ -84,24 +86,61 @@ fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
 }
 
-/// Whether KVM offers manual dirty-log protection on this VM.
-pub fn manual_protect_available(vm: &VmFd) -> bool {
+/// The manual-protection flags KVM offers on this VM (0: none).
+fn offered_flags(vm: &VmFd) -> u32 {
     let flags = vm.check_extension_raw(u64::from(sys::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) as _);
-    flags > 0 && (flags as u32) & sys::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE != 0
+    u32::try_from(flags).unwrap_or(0)
 }
 
-fn set_manual_protect(vm: &VmFd, on: bool) -> Result<(), Error> {
+/// Whether KVM offers manual dirty-log protection on this VM.
+pub fn manual_protect_available(vm: &VmFd) -> bool {
+    offered_flags(vm) & sys::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE != 0
+}
+
+/// Sets the manual-protection flags (`KVM_DIRTY_LOG_*`; 0 switches it off).
+fn set_manual_protect(vm: &VmFd, flags: u32) -> Result<(), Error> {
     let mut cap = kvm_enable_cap {
         cap: sys::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
         ..Default::default()
     };
-    cap.args[0] = if on {
-        u64::from(sys::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
-    } else {
-        0
-    };
+    cap.args[0] = u64::from(flags);
     vm.enable_cap(&cap)
         .map_err(kvm("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))
+}
+
+/// The manual-protection flags [`DirtyLog::start`] asks for, out of those
+/// `offered`: manual protection, and "initially set" with it when offered.
+fn wanted_flags(offered: u32) -> u32 {
+    let manual = sys::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
+    if offered & manual == 0 {
+        return 0;
+    }
+    manual | (offered & sys::KVM_DIRTY_LOG_INITIALLY_SET)
+}
+
+/// Pages one `KVM_CLEAR_DIRTY_LOG` of [`protect_in_steps`] covers (64 MiB):
+/// KVM holds its MMU lock for one call, so a vCPU that faults meanwhile
+/// waits for one step at most, not for a pass over the whole slot.
+const PROTECT_STEP_PAGES: u64 = 16384;
+
+/// Clears the whole log of `slot` (all its bits set, as
+/// `KVM_DIRTY_LOG_INITIALLY_SET` leaves it), `step` pages (a multiple of
+/// 64) per `KVM_CLEAR_DIRTY_LOG`: every page is write-protected and clean.
+fn protect_in_steps(vm: &VmFd, slot: &kvm_userspace_memory_region, step: u64) -> Result<(), Error> {
+    let pages = slot.memory_size / PAGE_SIZE;
+    let mut first = 0;
+    while first < pages {
+        let n = (pages - first).min(step);
+        let mut ones = vec![u64::MAX; bitmap::words_for(n)];
+        if let (Some(last), tail @ 1..) = (ones.last_mut(), n % 64) {
+            *last = (1u64 << tail) - 1;
+        }
+        // `check_slot` keeps the page count within u32.
+        sys::clear_dirty_log_range(vm, slot.slot, first, n as u32, &mut ones)
+            .map_err(kvm("KVM_CLEAR_DIRTY_LOG"))?;
+        first += n;
+    }
+    Ok(())
 }
 
 /// Re-registers `slot` with `flags`.
@@ -142,22 +181,16 @@ impl DirtyLog {
     /// mappings must stay valid for as long as the slots exist.
     pub unsafe fn start(vm: &VmFd, slots: &[kvm_userspace_memory_region]) -> Result<Self, Error> {
         slots.iter().try_for_each(check_slot)?;
-        let manual_protect = manual_protect_available(vm);
-        if manual_protect {
-            set_manual_protect(vm, true)?;
+        let flags = wanted_flags(offered_flags(vm));
+        if flags != 0 {
+            set_manual_protect(vm, flags)?;
         }
-        for (done, slot) in slots.iter().enumerate() {
-            // SAFETY: the caller's contract.
-            if let Err(e) = unsafe { set_flags(vm, slot, slot.flags | KVM_MEM_LOG_DIRTY_PAGES) } {
-                for s in &slots[..done] {
-                    // SAFETY: the caller's contract; best effort on the way out.
-                    let _ = unsafe { set_flags(vm, s, s.flags) };
-                }
-                if manual_protect {
-                    let _ = set_manual_protect(vm, false);
-                }
-                return Err(e);
+        // SAFETY: the caller's contract.
+        if let Err(e) = unsafe { Self::log_slots(vm, slots, flags) } {
+            if flags != 0 {
+                let _ = set_manual_protect(vm, 0);
             }
+            return Err(e);
         }
         let ranges: Vec<(u64, u64)> = slots
             .iter()
@@ -165,9 +198,46 @@ impl DirtyLog {
             .collect();
         Ok(DirtyLog {
             slots: slots.to_vec(),
-            manual_protect,
+            manual_protect: flags != 0,
             vmm: VmmDirty::new(&ranges),
         })
+    }
+
+    /// Switches logging on for each slot. With `KVM_DIRTY_LOG_INITIALLY_SET`
+    /// in `flags`, that write-protects nothing and reports every page
+    /// dirty; the log is then cleared in steps ([`protect_in_steps`]), which
+    /// write-protects the pages a step at a time. Without it, KVM
+    /// write-protects the whole slot in the one call that switches logging
+    /// on. Either way the log starts empty, every page protected. On
+    /// failure every slot gets its flags back.
+    ///
+    /// # Safety
+    /// [`DirtyLog::start`]'s contract.
+    unsafe fn log_slots(
+        vm: &VmFd,
+        slots: &[kvm_userspace_memory_region],
+        flags: u32,
+    ) -> Result<(), Error> {
+        let initially_set = flags & sys::KVM_DIRTY_LOG_INITIALLY_SET != 0;
+        for (done, slot) in slots.iter().enumerate() {
+            // SAFETY: the caller's contract.
+            let r = unsafe { set_flags(vm, slot, slot.flags | KVM_MEM_LOG_DIRTY_PAGES) };
+            let r = r.and_then(|()| {
+                if initially_set {
+                    protect_in_steps(vm, slot, PROTECT_STEP_PAGES)
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = r {
+                for s in &slots[..=done] {
+                    // SAFETY: the caller's contract; best effort on the way out.
+                    let _ = unsafe { set_flags(vm, s, s.flags) };
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Whether KVM's manual protection is in use (else each fetch
@@ -214,7 +284,7 @@ impl DirtyLog {
             }
         }
         if self.manual_protect {
-            if let Err(e) = set_manual_protect(vm, false) {
+            if let Err(e) = set_manual_protect(vm, 0) {
                 first_error.get_or_insert(e);
             }
         }
