@@ -10,7 +10,7 @@
 //! whose console goes to a file. On these hosts the guest TSC is the host
 //! TSC (no offset), so the source's and the destination's heartbeats lie on
 //! one time line: the gap between the last heartbeat on the source and the
-//! first on the destination, less one interval, is the downtime the guest
+//! first on the destination, less one interval (the one the guest kept before: a starved guest beats less often than asked), is the downtime the guest
 //! saw.
 
 use std::fs::File;
@@ -46,6 +46,12 @@ pub struct MigrateArgs {
     /// Downtime limit of the live migration, ms.
     #[arg(long, default_value_t = 50)]
     pub max_downtime_ms: u64,
+    /// Link limit of the flat-out rate's live migration, MB/s; 0: half the
+    /// rate the guest writes at just before it, so that the guest out-writes
+    /// the link and auto-converge has to engage (a guest on a busy host may
+    /// write slower than loopback carries).
+    #[arg(long, default_value_t = 0)]
+    pub flat_out_link_mb_s: u64,
     /// Give a live migration up after this many seconds.
     #[arg(long, default_value_t = 180)]
     pub timeout_s: u64,
@@ -61,6 +67,10 @@ pub struct MigrateArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Keep the guests' consoles and the destinations' logs in --dir (for
+    /// tracing a gap), instead of removing them.
+    #[arg(long)]
+    pub keep_files: bool,
     /// Kernel to boot (default: the cryo test kernel built into this binary).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -74,12 +84,20 @@ struct RateReport {
     live_error: Option<String>,
     live_guest_downtime_ms: f64,
     live_largest_gap_ms: f64,
+    /// When the largest gap opened, seconds after the migration started
+    /// (negative: before it).
+    live_largest_gap_at_s: f64,
+    /// The heartbeat interval the guest kept before the live migration
+    /// (median), which the gaps above are given less of.
+    beat_interval_ms: f64,
     baseline_largest_gap_ms: f64,
     live_paused_ms: f64,
     live_total_s: f64,
     live_rounds: u32,
     live_bytes_over_ram: f64,
     live_throttle_percent: u32,
+    /// The link limit of the live migration, MB/s (0: none).
+    live_max_bandwidth_mb_s: f64,
     live_gb_s_over_loopback: f64,
     write_rate_before_pages_s: f64,
     write_rate_during_pages_s: f64,
@@ -100,12 +118,15 @@ impl RateReport {
             live_error: (!error.is_empty()).then_some(error),
             live_guest_downtime_ms: 0.0,
             live_largest_gap_ms: 0.0,
+            live_largest_gap_at_s: 0.0,
+            beat_interval_ms: 0.0,
             baseline_largest_gap_ms: 0.0,
             live_paused_ms: 0.0,
             live_total_s: 0.0,
             live_rounds: 0,
             live_bytes_over_ram: 0.0,
             live_throttle_percent: 0,
+            live_max_bandwidth_mb_s: 0.0,
             live_gb_s_over_loopback: 0.0,
             write_rate_before_pages_s: 0.0,
             write_rate_during_pages_s: 0.0,
@@ -254,13 +275,15 @@ struct Source {
     runner: Option<std::thread::JoinHandle<Result<microvm::VmExitReason, microvm::Error>>>,
     serial: PathBuf,
     tsc_hz: f64,
+    keep: bool,
+    rate: u32,
 }
 
 impl Source {
     fn boot(a: &MigrateArgs, kernel: &Path, rate: u32) -> Result<Source, CliError> {
         let serial = a
             .dir
-            .join(format!(".cryo-bench-mig-src-{}", std::process::id()));
+            .join(format!(".cryo-bench-mig-src-{rate}-{}", std::process::id()));
         let file = File::create(&serial).map_err(|e| {
             CliError::bad_input(format!("cannot write in {}: {e}", a.dir.display()))
         })?;
@@ -291,6 +314,8 @@ impl Source {
             stop,
             runner,
             serial,
+            keep: a.keep_files,
+            rate,
             tsc_hz: f64::from(tsc_khz.max(1)) * 1000.0,
         })
     }
@@ -302,6 +327,15 @@ impl Source {
     fn ticks(&self, d: Duration) -> u64 {
         (d.as_secs_f64() * self.tsc_hz) as u64
     }
+
+    /// The heartbeat interval the guest kept in the 2 s before `t0`, ms:
+    /// the one asked for, or longer when the guest is starved of CPU. A gap
+    /// less this interval is time the guest lost.
+    fn beat_interval_ms(&self, a: &MigrateArgs, beats: &[(u64, u64, u64)], t0: u64) -> f64 {
+        let from = t0.saturating_sub(self.ticks(Duration::from_secs(2)));
+        self.ms(median_interval(beats, from, t0))
+            .max(a.hb_ms as f64)
+    }
 }
 
 impl Drop for Source {
@@ -310,7 +344,9 @@ impl Drop for Source {
         if let Some(r) = self.runner.take() {
             let _ = r.join();
         }
-        let _ = std::fs::remove_file(&self.serial);
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.serial);
+        }
     }
 }
 
@@ -321,10 +357,12 @@ struct Destination {
     endpoint: multifd::Endpoint,
     serial: PathBuf,
     log: PathBuf,
+    keep: bool,
 }
 
 impl Destination {
-    fn spawn(dir: &Path, tag: &str) -> Result<Destination, CliError> {
+    fn spawn(a: &MigrateArgs, tag: &str) -> Result<Destination, CliError> {
+        let dir = &a.dir;
         let fail = |what: &str, e: std::io::Error| CliError::failure(format!("{what}: {e}"));
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -350,6 +388,7 @@ impl Destination {
             endpoint,
             serial,
             log,
+            keep: a.keep_files,
         };
         wait_for(
             &d.log,
@@ -365,8 +404,10 @@ impl Drop for Destination {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.serial);
-        let _ = std::fs::remove_file(&self.log);
+        if !self.keep {
+            let _ = std::fs::remove_file(&self.serial);
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
 }
 
@@ -388,11 +429,28 @@ fn beats_by_cpu(beats: &[(u64, u64, u64)], from: u64, to: u64) -> Vec<Vec<u64>> 
 
 /// The largest gap between consecutive heartbeats of one vCPU, in ticks.
 fn largest_gap(beats: &[(u64, u64, u64)], from: u64, to: u64) -> u64 {
+    largest_gap_at(beats, from, to).0
+}
+
+/// [`largest_gap`] and the tsc of the heartbeat that opened it (0: none).
+fn largest_gap_at(beats: &[(u64, u64, u64)], from: u64, to: u64) -> (u64, u64) {
     beats_by_cpu(beats, from, to)
         .iter()
-        .flat_map(|b| b.windows(2).map(|w| w[1] - w[0]))
+        .flat_map(|b| b.windows(2).map(|w| (w[1] - w[0], w[0])))
         .max()
-        .unwrap_or(0)
+        .unwrap_or((0, 0))
+}
+
+/// The median interval between consecutive heartbeats of one vCPU in
+/// `[from, to]`, in ticks (0: fewer than two beats). A guest starved of CPU
+/// beats less often than it asks to; this is the interval it really kept.
+fn median_interval(beats: &[(u64, u64, u64)], from: u64, to: u64) -> u64 {
+    let mut all: Vec<u64> = beats_by_cpu(beats, from, to)
+        .iter()
+        .flat_map(|b| b.windows(2).map(|w| w[1] - w[0]))
+        .collect();
+    all.sort_unstable();
+    all.get(all.len() / 2).copied().unwrap_or(0)
 }
 
 /// The largest gap of one vCPU between its last heartbeat on the source and
@@ -413,7 +471,7 @@ fn switch_gap(src: &[(u64, u64, u64)], dest: &[(u64, u64, u64)]) -> u64 {
 /// Figures of a stopped migration: (guest-visible downtime ms, cryo's
 /// pause ms, total s, bytes sent).
 fn stopped(a: &MigrateArgs, src: &Source) -> Result<(f64, f64, f64, u64), CliError> {
-    let dest = Destination::spawn(&a.dir, "stopped")?;
+    let dest = Destination::spawn(a, &format!("stopped-{}", src.rate))?;
     eprintln!("bench: stopped migration (save --to {})", dest.endpoint);
     let t0 = rdtsc();
     let opts = image::SaveOptions {
@@ -435,13 +493,11 @@ fn stopped(a: &MigrateArgs, src: &Source) -> Result<(f64, f64, f64, u64), CliErr
     drop(dest);
     // From a second before the pause: the last heartbeat before it counts.
     let second = src.ticks(Duration::from_secs(1));
-    let gap = largest_gap(
-        &heartbeats(&src.serial),
-        t0.saturating_sub(second),
-        t1 + second,
-    );
+    let beats = heartbeats(&src.serial);
+    let gap = largest_gap(&beats, t0.saturating_sub(second), t1 + second);
+    let interval = src.beat_interval_ms(a, &beats, t0);
     Ok((
-        src.ms(gap) - a.hb_ms as f64,
+        src.ms(gap) - interval,
         stats.paused_ms,
         stats.total_ms / 1e3,
         stats.bytes,
@@ -499,15 +555,35 @@ fn one_rate(
     Ok(r)
 }
 
+/// The flat-out rate's link limit, bytes/s: `--flat-out-link-mb-s`, or half
+/// what the guest wrote over the last 2 s (at least 1 MB/s).
+fn flat_out_link(a: &MigrateArgs, src: &Source) -> u64 {
+    if a.flat_out_link_mb_s > 0 {
+        return a.flat_out_link_mb_s * 1_000_000;
+    }
+    let now = rdtsc();
+    let from = now.saturating_sub(src.ticks(Duration::from_secs(2)));
+    let pages_s = write_rate(&heartbeats(&src.serial), from, now, src.tsc_hz);
+    ((pages_s * 4096.0 / 2.0) as u64).max(1_000_000)
+}
+
 /// The live migration of `src` and what the guest saw of it.
 fn live(a: &MigrateArgs, src: &Source, rate: u32, loopback: f64) -> Result<RateReport, CliError> {
-    let dest = Destination::spawn(&a.dir, "live")?;
-    eprintln!("bench: live migration to {}", dest.endpoint);
+    let dest = Destination::spawn(a, &format!("live-{rate}"))?;
+    let max_bandwidth = (rate == 0).then(|| flat_out_link(a, src));
+    eprintln!(
+        "bench: live migration to {}{}",
+        dest.endpoint,
+        max_bandwidth.map_or(String::new(), |b| format!(
+            ", link held to {:.1} MB/s",
+            b as f64 / 1e6
+        ))
+    );
     let opts = precopy::MigrateOptions {
         channels: a.channels,
         compression: None,
         max_downtime_ms: a.max_downtime_ms,
-        max_bandwidth: None,
+        max_bandwidth,
         timeout: Some(Duration::from_secs(a.timeout_s)),
     };
     let t0 = rdtsc();
@@ -530,6 +606,7 @@ fn live(a: &MigrateArgs, src: &Source, rate: u32, loopback: f64) -> Result<RateR
     );
     let rate_during = write_rate(&before, t0, t1, src.tsc_hz);
     let mut r = RateReport::failed(rate, String::new());
+    r.live_max_bandwidth_mb_s = max_bandwidth.map_or(0.0, |b| b as f64 / 1e6);
     r.live_ok = result.is_ok();
     r.live_error = result.as_ref().err().map(ToString::to_string);
     r.live_total_s = total_s;
@@ -548,11 +625,15 @@ fn live(a: &MigrateArgs, src: &Source, rate: u32, loopback: f64) -> Result<RateR
             Duration::from_secs(60),
         )?;
         let after = heartbeats(&dest.serial);
-        r.live_guest_downtime_ms = src.ms(switch_gap(&before, &after)) - a.hb_ms as f64;
+        let interval = src.beat_interval_ms(a, &before, t0);
+        r.beat_interval_ms = interval;
+        r.live_guest_downtime_ms = src.ms(switch_gap(&before, &after)) - interval;
         let from = t0.saturating_sub(src.ticks(Duration::from_secs(1)));
         let noise_from = t0.saturating_sub(src.ticks(Duration::from_secs(2)));
-        r.baseline_largest_gap_ms = src.ms(largest_gap(&before, noise_from, t0)) - a.hb_ms as f64;
-        r.live_largest_gap_ms = src.ms(largest_gap(&before, from, t1)) - a.hb_ms as f64;
+        r.baseline_largest_gap_ms = src.ms(largest_gap(&before, noise_from, t0)) - interval;
+        let (gap, at) = largest_gap_at(&before, from, t1);
+        r.live_largest_gap_ms = src.ms(gap) - interval;
+        r.live_largest_gap_at_s = (src.ms(at) - src.ms(t0)) / 1e3;
         r.live_paused_ms = stats.downtime_ms;
         r.live_rounds = stats.rounds;
         r.live_bytes_over_ram = stats.bytes as f64 / stats.ram_bytes.max(1) as f64;
@@ -577,18 +658,24 @@ fn print_table(r: &Report) {
             n => format!("{n} pages/s/vCPU"),
         };
         println!("  guest writing {rate}:");
+        if x.live_max_bandwidth_mb_s > 0.0 {
+            println!(
+                "    link held to {:.1} MB/s for the live migration (the stopped one is not held)",
+                x.live_max_bandwidth_mb_s
+            );
+        }
         match &x.live_error {
             Some(e) => println!("    live:    failed: {e} (after {:.1} s)", x.live_total_s),
             None => println!(
-                "    live:    guest-visible downtime {:.1} ms (cryo's pause {:.1} ms), total {:.2} s, {} rounds, sent {:.2}x RAM, throttle {}%, {:.2}x loopback; largest heartbeat gap while migrating {:.1} ms",
+                "    live:    guest-visible downtime {:.1} ms (cryo's pause {:.1} ms), total {:.2} s, {} rounds, sent {:.2}x RAM, throttle {}%, {:.2}x loopback; largest heartbeat gap while migrating {:.1} ms (at {:+.2} s)",
                 x.live_guest_downtime_ms, x.live_paused_ms, x.live_total_s, x.live_rounds,
                 x.live_bytes_over_ram, x.live_throttle_percent, x.live_gb_s_over_loopback,
-                x.live_largest_gap_ms
+                x.live_largest_gap_ms, x.live_largest_gap_at_s
             ),
         }
         println!(
-            "    heartbeat noise floor: largest gap in the 2 s before the live migration {:.1} ms",
-            x.baseline_largest_gap_ms
+            "    heartbeat noise floor: largest gap in the 2 s before the live migration {:.1} ms; gaps are given less the interval the guest kept then, {:.1} ms",
+            x.baseline_largest_gap_ms, x.beat_interval_ms
         );
         println!(
             "    guest writes during the migration: {:.0} pages/s, {:.2} of before ({:.0})",
@@ -619,6 +706,15 @@ mod tests {
         assert_eq!(largest_gap(&beats, 0, u64::MAX), 50);
         assert_eq!(largest_gap(&beats, 15, u64::MAX), 10);
         assert_eq!(largest_gap(&[], 0, 100), 0);
+    }
+
+    #[test]
+    fn the_median_interval_is_per_vcpu() {
+        let beats = [(0, 10, 0), (0, 20, 0), (0, 50, 0), (1, 5, 0), (1, 15, 0)];
+        // Intervals 10, 30 (cpu 0) and 10 (cpu 1).
+        assert_eq!(median_interval(&beats, 0, u64::MAX), 10);
+        assert_eq!(median_interval(&beats, 20, u64::MAX), 30);
+        assert_eq!(median_interval(&beats[..1], 0, u64::MAX), 0);
     }
 
     #[test]
