@@ -312,6 +312,29 @@ fn regions_of(mems: &[Anon]) -> Vec<multifd::MemRegion> {
         .collect()
 }
 
+/// One live dirty pass of `maps` over `mems` into `path` (no O_DIRECT).
+fn dirty_pass(
+    path: &std::path::Path,
+    mems: &[Anon],
+    layout: &TestLayout,
+    maps: &[&[u64]],
+    channels: usize,
+    max_bytes_per_s: Option<u64>,
+) -> multifd::TransferStats {
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let pass = multifd::FilePass {
+        pages: multifd::PageSet::Dirty(maps),
+        max_bytes_per_s,
+        stop: &never,
+    };
+    let opts = FileChannelOptions {
+        channels,
+        direct_io: DirectIo::Off,
+        prefault: false,
+    };
+    multifd::save_pass_to_file(path, &regions_of(mems), layout, &opts, &pass).unwrap()
+}
+
 /// A live save's later pass writes only the dirty pages, and records the
 /// bitmaps and CRCs of the chunks holding them anew, computed over the
 /// whole chunk.
@@ -334,20 +357,8 @@ fn a_dirty_pass_writes_the_dirty_pages_and_records_their_chunks() {
     map0[300 / 64] |= 1 << (300 % 64);
     let map1 = vec![0u64; (SIZES[1] / PAGE).div_ceil(64) as usize];
     let maps: Vec<&[u64]> = vec![&map0, &map1];
-    let regions = regions_of(&s.mems);
     let again = TestLayout::new(&SIZES);
-    let never = std::sync::atomic::AtomicBool::new(false);
-    let pass = multifd::FilePass {
-        pages: multifd::PageSet::Dirty(&maps),
-        max_bytes_per_s: Some(1 << 30),
-        stop: &never,
-    };
-    let opts = FileChannelOptions {
-        channels: 2,
-        direct_io: DirectIo::Off,
-        prefault: false,
-    };
-    let stats = multifd::save_pass_to_file(&path, &regions, &again, &opts, &pass).unwrap();
+    let stats = dirty_pass(&path, &s.mems, &again, &maps, 2, Some(1 << 30));
     assert_eq!(*again.saved_calls.lock().unwrap(), 2, "chunks 0 and 1");
     assert_eq!(
         (stats.present_pages, stats.zero_pages),
@@ -394,20 +405,8 @@ fn a_dirty_pass_joins_close_dirty_pages_into_one_write() {
     }
     let map1 = vec![0u64; (SIZES[1] / PAGE).div_ceil(64) as usize];
     let maps: Vec<&[u64]> = vec![&map0, &map1];
-    let regions = regions_of(&s.mems);
     let again = TestLayout::new(&SIZES);
-    let never = std::sync::atomic::AtomicBool::new(false);
-    let pass = multifd::FilePass {
-        pages: multifd::PageSet::Dirty(&maps),
-        max_bytes_per_s: None,
-        stop: &never,
-    };
-    let opts = FileChannelOptions {
-        channels: 1,
-        direct_io: DirectIo::Off,
-        prefault: false,
-    };
-    let stats = multifd::save_pass_to_file(&path, &regions, &again, &opts, &pass).unwrap();
+    let stats = dirty_pass(&path, &s.mems, &again, &maps, 1, None);
     assert_eq!(stats.present_pages, 3);
     assert_eq!(
         stats.bytes,
