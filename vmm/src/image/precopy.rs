@@ -231,6 +231,11 @@ impl Sink for PeerSink<'_> {
         last: bool,
         stop: &AtomicBool,
     ) -> Result<RoundStats, RoundError> {
+        if last {
+            // The VM is paused: the last round goes as fast as the link
+            // allows, as a live save's does.
+            self.tx.set_max_bandwidth(None);
+        }
         match self.tx.send_round(pages, last, stop) {
             Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
                 Err(RoundError::Stopped)
