@@ -265,8 +265,9 @@ pub struct SaveArgs {
     #[arg(long)]
     pub live: bool,
     /// Live save: the longest pause the guest may see (default 50); the VM
-    /// is paused for the last round only once the dirty pages left fit this
-    /// at the measured write bandwidth.
+    /// is paused for the last round only once the expected pause (the dirty
+    /// pages left at the measured write bandwidth, the last log fetch and
+    /// the state) fits 80% of this.
     #[arg(long, value_name = "MS", requires = "live")]
     pub max_downtime_ms: Option<u64>,
     /// Live save: write bandwidth limit, MB/s (10^6 bytes).
@@ -290,10 +291,13 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: Option<u16>,
     /// The longest pause the guest may see: the VM is stopped for the last
-    /// round only once the dirty pages left fit this at the measured bandwidth.
+    /// round only once the expected pause (the dirty pages left at the
+    /// measured bandwidth, the last log fetch, the state, the destination's
+    /// resume) fits 80% of this.
     #[arg(long, value_name = "MS", default_value_t = 50)]
     pub max_downtime_ms: u64,
-    /// Bandwidth limit of the transfer, MB/s (10^6 bytes).
+    /// Bandwidth limit of the transfer, MB/s (10^6 bytes); the last round,
+    /// with the VM paused, is not held to it.
     #[arg(long, value_name = "MB/S", value_parser = clap::value_parser!(u64).range(1..))]
     pub max_bandwidth: Option<u64>,
     /// Give up after this many seconds; the VM runs on here.
