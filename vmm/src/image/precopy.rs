@@ -546,9 +546,12 @@ impl Precopy<'_> {
             let pending = dirty_bytes(&maps) as f64;
             self.report(m, pending);
             m.expected_s = expected_downtime(pending, m.bandwidth, m.fetch_time);
-            // Nothing dirty: another round cannot shorten the pause, even
-            // under a limit below the fixed costs.
-            if m.expected_s <= budget || pending == 0.0 {
+            // At least one dirty round first: the first pass's rate, one
+            // long sequential stream, overstates how fast scattered dirty
+            // pages go (a file takes them at its IOPS limit). Nothing
+            // dirty: another round cannot shorten the pause, even under a
+            // limit below the fixed costs.
+            if (before.is_some() && m.expected_s <= budget) || pending == 0.0 {
                 return Ok(maps);
             }
             if should_throttle(before, pending) {
