@@ -52,7 +52,10 @@ pub mod vstate;
 pub use devices::SerialOutput;
 pub use event_manager;
 pub use loader::{BootProtocol, BootSource, KernelFormat, LoadError};
-pub use memory::{create_guest_memory, GuestMemory, GuestRegion, MemoryBacking, MemoryError};
+pub use memory::{
+    create_guest_memory, observe_writes, GuestMemory, GuestRegion, MemoryBacking, MemoryError,
+    WriteObserver,
+};
 pub use vcpu::{VcpuError, VmExitReason};
 pub use vm::{
     kvm_device_path, max_vcpus, open_kvm, region_list, set_kvm_device_path, MicroVm,

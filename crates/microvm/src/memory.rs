@@ -3,20 +3,27 @@
 //! RAM is one region from address 0 up to the 32-bit MMIO gap and, for guests
 //! larger than that, a second region from 4 GiB. The backing is anonymous
 //! private memory by default, or a host file mapped shared, so that the host
-//! sees (and keeps) what the guest writes.
+//! sees (and keeps) what the guest writes. Each region tracks the VMM's own
+//! writes into it for whoever observes them ([`writes`]: live migration).
+
+mod writes;
+
+pub use writes::{observe_writes, WriteObserver, WriteTracker};
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
-/// Guest memory as this crate uses it: vm-memory's mmap backend, no dirty bitmap.
-pub type GuestMemory = GuestMemoryMmap<()>;
+/// Guest memory as this crate uses it: vm-memory's mmap backend, each
+/// region with a [`WriteTracker`] for the VMM's own writes.
+pub type GuestMemory = GuestMemoryMmap<WriteTracker>;
 /// One region of [`GuestMemory`].
-pub type GuestRegion = vm_memory::GuestRegionMmap<()>;
+pub type GuestRegion = GuestRegionMmap<WriteTracker>;
 
 /// Smallest guest we build: the boot structures live in the first MiB and a
 /// kernel needs room above it.
@@ -118,29 +125,58 @@ pub fn create_guest_memory(
         .ok_or(MemoryError::InvalidSize(size_mib))?;
     let ranges = ram_ranges(size);
     match backing {
-        MemoryBacking::Anonymous => {
-            let regions: Vec<(GuestAddress, usize)> = ranges
-                .iter()
-                .map(|r| (GuestAddress(r.start), r.len as usize))
-                .collect();
-            Ok(GuestMemoryMmap::from_ranges(&regions)?)
-        }
+        MemoryBacking::Anonymous => anonymous_memory(&ranges),
         MemoryBacking::SharedFile(path) => {
-            let file = open_backing_file(path, size)?;
-            let file = Arc::new(file);
+            let file = Arc::new(open_backing_file(path, size)?);
             let mut offset = 0u64;
             let mut regions = Vec::with_capacity(ranges.len());
             for r in &ranges {
-                regions.push((
-                    GuestAddress(r.start),
-                    r.len as usize,
-                    Some(FileOffset::from_arc(Arc::clone(&file), offset)),
-                ));
+                let at = FileOffset::from_arc(Arc::clone(&file), offset);
+                regions.push(map_region(r.start, r.len, Some(at), SHARED)?);
                 offset += r.len;
             }
-            Ok(GuestMemoryMmap::from_ranges_with_files(regions)?)
+            collect(regions)
         }
     }
+}
+
+/// mmap flags of anonymous guest RAM (as vm-memory's `from_ranges`).
+const ANONYMOUS: i32 = libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE;
+/// mmap flags of guest RAM shared with its backing file.
+const SHARED: i32 = libc::MAP_NORESERVE | libc::MAP_SHARED;
+/// mmap flags of guest RAM read copy-on-write from a file.
+const PRIVATE_FILE: i32 = libc::MAP_NORESERVE | libc::MAP_PRIVATE;
+
+/// Maps one region of `len` bytes at guest address `start`, read-write,
+/// with its [`WriteTracker`].
+fn map_region(
+    start: u64,
+    len: u64,
+    file: Option<FileOffset>,
+    flags: i32,
+) -> Result<GuestRegion, MemoryError> {
+    let size = usize::try_from(len).map_err(|_| MemoryError::InvalidSize(len >> 20))?;
+    let mut builder = MmapRegionBuilder::new_with_bitmap(size, WriteTracker::new(start))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(flags);
+    if let Some(file) = file {
+        builder = builder.with_file_offset(file);
+    }
+    let mapping = builder.build().map_err(|e| MemoryError::Map(e.into()))?;
+    GuestRegionMmap::new(mapping, GuestAddress(start)).ok_or(MemoryError::InvalidSize(len >> 20))
+}
+
+fn collect(regions: Vec<GuestRegion>) -> Result<GuestMemory, MemoryError> {
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.into()))
+}
+
+/// Maps zero-filled anonymous guest RAM over `ranges` (sorted, disjoint).
+pub fn anonymous_memory(ranges: &[RamRange]) -> Result<GuestMemory, MemoryError> {
+    let regions = ranges
+        .iter()
+        .map(|r| map_region(r.start, r.len, None, ANONYMOUS))
+        .collect::<Result<Vec<_>, _>>()?;
+    collect(regions)
 }
 
 fn open_backing_file(path: &Path, size: u64) -> Result<std::fs::File, MemoryError> {
@@ -196,20 +232,14 @@ pub struct FileRange {
 /// from the file on first touch (holes read as zeros), writes stay private
 /// to this process. The file must outlive the VM (it does: the mapping holds it).
 pub fn map_file_private(ranges: &[FileRange]) -> Result<GuestMemory, MemoryError> {
-    let mut regions = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        let size = usize::try_from(r.size).map_err(|_| MemoryError::InvalidSize(r.size >> 20))?;
-        let mapping = vm_memory::mmap::MmapRegionBuilder::new(size)
-            .with_file_offset(FileOffset::from_arc(Arc::clone(&r.file), r.offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| MemoryError::Map(e.into()))?;
-        let region = vm_memory::GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
-            .ok_or(MemoryError::InvalidSize(r.size >> 20))?;
-        regions.push(region);
-    }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.into()))
+    let regions = ranges
+        .iter()
+        .map(|r| {
+            let at = FileOffset::from_arc(Arc::clone(&r.file), r.offset);
+            map_region(r.guest_addr, r.size, Some(at), PRIVATE_FILE)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    collect(regions)
 }
 
 #[cfg(test)]

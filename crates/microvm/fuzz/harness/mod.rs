@@ -16,8 +16,8 @@
 use microvm::devices::virtio::net::{Net, NetConfig};
 use microvm::devices::virtio::state::MmioTransportState;
 use microvm::devices::virtio::{MmioTransport, VirtioDevice};
+use microvm::memory::{anonymous_memory, RamRange};
 use microvm::vm_memory::{Bytes, GuestAddress};
-use microvm::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
 
 fn registers(t: &mut MmioTransport, ops: &[u8]) {
@@ -37,7 +37,10 @@ pub fn run(data: &[u8], make: impl FnOnce() -> Option<Box<dyn VirtioDevice>>) ->
     };
     let n = usize::from(u16::from_le_bytes(*len)).min(rest.len());
     let (state, memory) = rest.split_at(n);
-    let Ok(mem) = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]) else {
+    let Ok(mem) = anonymous_memory(&[RamRange {
+        start: 0,
+        len: 1 << 20,
+    }]) else {
         return false;
     };
     let memory = &memory[..memory.len().min(60 << 10)];

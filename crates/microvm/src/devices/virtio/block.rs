@@ -20,7 +20,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 
 use super::disk_copy::{CopyHook, CopySource};
 use super::state::DiskIdentity;
-use super::{VirtioDevice, VirtioError};
+use super::{ChainReader, ChainWriter, VirtioDevice, VirtioError};
 use crate::memory::GuestMemory;
 
 /// Sector size of the virtio-blk protocol.
@@ -323,7 +323,7 @@ impl Block {
         VIRTIO_BLK_S_OK
     }
 
-    fn read(&mut self, sector: u64, writer: &mut Writer<'_>) -> u32 {
+    fn read(&mut self, sector: u64, writer: &mut ChainWriter<'_>) -> u32 {
         let total = writer.available_bytes();
         self.chunked(sector, total, |file, buf, offset| {
             file.read_exact_at(buf, offset)?;
@@ -331,7 +331,7 @@ impl Block {
         })
     }
 
-    fn write(&mut self, sector: u64, reader: &mut Reader<'_>) -> u32 {
+    fn write(&mut self, sector: u64, reader: &mut ChainReader<'_>) -> u32 {
         if self.config.read_only {
             return VIRTIO_BLK_S_IOERR;
         }

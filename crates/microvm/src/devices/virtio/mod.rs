@@ -31,7 +31,13 @@ use std::os::fd::BorrowedFd;
 use virtio_queue::Queue;
 
 use crate::arch::layout::MMIO_GAP_START;
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, WriteTracker};
+
+/// virtio-queue's reader of a chain's device-readable buffers in [`GuestMemory`].
+type ChainReader<'a> = virtio_queue::Reader<'a, vm_memory::bitmap::RefSlice<'a, WriteTracker>>;
+/// virtio-queue's writer into a chain's device-writable buffers in
+/// [`GuestMemory`]: its writes reach the regions' [`WriteTracker`]s.
+type ChainWriter<'a> = virtio_queue::Writer<'a, vm_memory::bitmap::RefSlice<'a, WriteTracker>>;
 
 /// Size of each device's MMIO window.
 pub const MMIO_WINDOW: u64 = 0x1000;

@@ -9,7 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::block::{check_identity, Block, DiskConfig, DiskError, SECTOR_SIZE};
 use super::state::MmioTransportState;
 use super::MmioTransport;
-use crate::memory::GuestMemory;
+use crate::memory::{anonymous_memory, GuestMemory, RamRange};
 
 const DESC: u64 = 0x1000;
 const AVAIL: u64 = 0x2000;
@@ -75,7 +75,11 @@ impl Driver {
         let queues = dev.queue_max_sizes().len();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let t = MmioTransport::new(dev, irq.try_clone().unwrap()).unwrap();
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = anonymous_memory(&[RamRange {
+            start: 0,
+            len: 1 << 20,
+        }])
+        .unwrap();
         let mut d = Driver {
             t,
             mem,
@@ -547,4 +551,46 @@ fn random_state_bytes_never_panic_the_decoder() {
             d.t.process_queue(0, &d.mem);
         }
     }
+}
+
+/// Pages the VMM wrote while observed.
+#[derive(Default)]
+struct WrittenPages(std::sync::Mutex<std::collections::BTreeSet<u64>>);
+
+impl crate::memory::WriteObserver for WrittenPages {
+    fn wrote(&self, addr: u64, len: u64) {
+        let mut pages = self.0.lock().unwrap();
+        pages.extend((addr >> 12)..=((addr + len - 1) >> 12));
+    }
+}
+
+/// What dirty tracking of device writes relies on: a read request's data,
+/// its status byte and the used ring, all written by the device, reach the
+/// memory's write observer; a held device (a paused VM) writes nothing.
+#[test]
+fn blk_device_writes_reach_the_write_observer_and_a_held_device_writes_none() {
+    let disk = TempDisk::new("observed", &disk_bytes());
+    let mut d = Driver::new(&disk, false);
+    let seen = std::sync::Arc::new(WrittenPages::default());
+    crate::memory::observe_writes(&d.mem, Some(seen.clone()));
+    // 3 KiB from sector 1 into page 0x10.
+    assert_eq!(d.request(0, 1, 6 * 512), 0);
+    let pages = seen.0.lock().unwrap().clone();
+    for page in [0x10, 0x9, USED >> 12] {
+        assert!(pages.contains(&page), "page {page:#x} not seen: {pages:x?}");
+    }
+    assert!(!pages.contains(&0x11), "{pages:x?}");
+
+    // Held: a notification serves nothing and writes nothing.
+    d.t.hold(true);
+    seen.0.lock().unwrap().clear();
+    d.mem.write_obj(0u8, GuestAddress(0x9000)).unwrap();
+    d.request(0, 0, 512);
+    let pages = seen.0.lock().unwrap().clone();
+    assert!(
+        !pages.contains(&(USED >> 12)) && !pages.contains(&0x10),
+        "{pages:x?}"
+    );
+    assert_eq!(d.used_idx(), 1, "nothing served while held");
+    crate::memory::observe_writes(&d.mem, None);
 }
