@@ -275,15 +275,6 @@ pub enum SaveError {
         /// The limit, seconds.
         limit_s: u64,
     },
-    /// A live migration or live save of a VM with virtio devices (disks,
-    /// network): a device's writes to guest memory are not dirty-tracked,
-    /// so the copy could miss them.
-    #[error(
-        "live {0} of a VM with disks or network devices is not supported yet (device writes to guest memory are \
-         not dirty-tracked); a stopped `cryo save` (to a file, or --to unix:PATH|tcp:HOST:PORT \
-         for a peer) takes it"
-    )]
-    LiveWithDisks(&'static str),
 }
 
 impl SaveError {
@@ -323,7 +314,6 @@ impl SaveError {
             // filesystem refuses it).
             SaveError::Invalid { .. }
             | SaveError::BadRequest(_)
-            | SaveError::LiveWithDisks(_)
             | SaveError::DiskSnapshotCount { .. }
             | SaveError::BadImage { .. }
             | SaveError::DeviceState { .. } => "bad-request",
@@ -340,7 +330,6 @@ impl SaveError {
             SaveError::Read { .. }
                 | SaveError::Invalid { .. }
                 | SaveError::BadRequest(_)
-                | SaveError::LiveWithDisks(_)
                 | SaveError::BadImage { .. }
                 | SaveError::DeviceState { .. }
         )

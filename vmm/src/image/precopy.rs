@@ -1,6 +1,7 @@
 //! Pre-copy, the engine of live migration and live save: the VM keeps
 //! running while its RAM goes to a sink, first all of it, then rounds of the
-//! pages the guest dirtied meanwhile (KVM dirty logging, the `dirty-log`
+//! pages dirtied meanwhile (KVM dirty logging of the guest's writes plus
+//! the devices' own writes into guest memory, merged by the `dirty-log`
 //! crate). Once the dirty pages left fit the downtime limit at the measured
 //! bandwidth, the VM is paused, the last pages and the device state go to
 //! the sink, and it finishes (the peer's ACK, or the image's commit). Any
@@ -13,11 +14,11 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dirty_log::{DirtyBitmap, DirtyLog, PAGE_SIZE as LOG_PAGE};
-use microvm::{GuestMemory, RunState, VmController};
+use dirty_log::{DirtyBitmap, DirtyLog, VmmDirty, PAGE_SIZE as LOG_PAGE};
+use microvm::{observe_writes, GuestMemory, MicroVm, RunState, VmController, WriteObserver};
 use multifd::{LiveSender, MemRegion, PageSet, RoundStats, SocketOptions};
 use serde::Serialize;
 
@@ -280,7 +281,7 @@ impl Precopy<'_> {
         let result = self.precopy(&memory, open, &mut log, &mut paused);
         if let Some(log) = log {
             // Off on every path; a VM that ended has no log to switch off.
-            let _ = self.controller.call(move |vm| log.stop(vm.vm_fd()));
+            let _ = self.controller.call(move |vm| stop_log(vm, log));
         }
         match result {
             Ok((mut stats, done)) => {
@@ -296,14 +297,10 @@ impl Precopy<'_> {
         }
     }
 
-    /// The guest memory of the running VM; a VM with disks is refused.
+    /// The guest memory of the running VM.
     fn running_memory(&self) -> Result<GuestMemory, SaveError> {
         let what = self.what;
         self.controller.call(move |vm| match vm.state() {
-            // A virtio-blk device writes guest memory (read data, used rings)
-            // without marking it dirty yet, so a page it wrote during a round
-            // could reach the target stale.
-            _ if vm.virtio_device_count() > 0 => Err(SaveError::LiveWithDisks(what)),
             RunState::Running => Ok(vm.memory().clone()),
             s => Err(SaveError::BadRequest(format!(
                 "a live {what} needs a running VM (it is {s:?}); a stopped save (`cryo save`) \
@@ -313,19 +310,42 @@ impl Precopy<'_> {
     }
 }
 
+/// Device emulation's writes into guest memory (virtio-blk read data,
+/// virtio-net receive buffers, used rings), marked in the dirty log's VMM
+/// bitmap, which each fetch merges with KVM's.
+struct DeviceWrites(VmmDirty);
+
+impl WriteObserver for DeviceWrites {
+    fn wrote(&self, addr: u64, len: u64) {
+        self.0.mark(addr, len);
+    }
+}
+
+/// Switches dirty logging on: KVM's for the vCPUs, and the VM's own device
+/// writes. Runs on the event loop, the thread that serves the devices, so
+/// no device write is under way while the observer is attached.
 fn start_log(controller: &VmController) -> Result<DirtyLog, SaveError> {
     let t = Instant::now();
     let log = controller.call(|vm| {
         let slots = vm.memory_slots()?;
         // SAFETY: the VM's own memory slots as registered; the VM owns
         // their mappings for as long as its fd (and so the slots) exists.
-        unsafe { DirtyLog::start(vm.vm_fd(), &slots) }.map_err(SaveError::from)
-    })?;
+        let log = unsafe { DirtyLog::start(vm.vm_fd(), &slots) }?;
+        let devices = Arc::new(DeviceWrites(log.vmm_writes()));
+        observe_writes(vm.memory(), Some(devices));
+        Ok::<_, SaveError>(log)
+    })??;
     log::info!(
         "dirty logging on in {:.1} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
-    log
+    Ok(log)
+}
+
+/// Switches both halves of dirty logging off again.
+fn stop_log(vm: &mut MicroVm, log: DirtyLog) -> Result<(), dirty_log::Error> {
+    observe_writes(vm.memory(), None);
+    log.stop(vm.vm_fd())
 }
 
 /// The pages dirtied since the last fetch, one bitmap per memory region,
@@ -614,6 +634,9 @@ impl Precopy<'_> {
         })?;
         *paused = true;
         let snap = snap?;
+        // The pause held every virtio device (`MicroVm::pause`): none serves
+        // a request or a tap frame until resumed, so nothing writes guest
+        // memory after this last fetch.
         let (last_maps, fetch_time) = fetch(self.controller, log)?;
         merge(&mut maps, &last_maps);
         let device_state =
