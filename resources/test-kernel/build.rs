@@ -39,7 +39,7 @@ const CFLAGS: &[&str] = &[
     "-fno-common",
 ];
 
-const SOURCES: &[&str] = &["boot.S", "main.c", "lib.c", "user.c"];
+const SOURCES: &[&str] = &["boot.S", "main.c", "lib.c", "user.c", "blk.c"];
 const OTHER_INPUTS: &[&str] = &["kernel.h", "kernel.ld"];
 
 fn run(cmd: &mut Command, what: &str) {

@@ -6,6 +6,7 @@
 //! caches (CI fetches it first; locally the tests fetch it on demand).
 #![deny(missing_docs)]
 
+pub mod blk_reader;
 pub mod initramfs;
 pub mod migration;
 

@@ -1,15 +1,23 @@
 //! Dirty logging under real KVM, with the test kernel as the oracle: in fill
 //! mode each vCPU writes every data page of its share once, prints `FILLED`
 //! with the page count, and halts. The bitmap must show exactly those pages
-//! in the pool, and nothing once the guest is quiet.
+//! in the pool, and nothing once the guest is quiet. With its disk reader
+//! (`cryo.blk`) the device writes guest memory all the time: those pages
+//! show only through the VMM's own bitmap, never in KVM's.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cryo_tests::{num, test_kernel, workdir};
-use dirty_log::{DirtyBitmap, DirtyLog, PAGE_SIZE};
-use microvm::{BootSource, MemoryBacking, MicroVm, SerialOutput, VmConfig};
+use cryo_tests::blk_reader::{write_reader_disk, BlkReport};
+use cryo_tests::{field, num, test_kernel, workdir};
+use dirty_log::{DirtyBitmap, DirtyLog, VmmDirty, PAGE_SIZE};
+use microvm::devices::virtio::block::DiskConfig;
+use microvm::{
+    observe_writes, BootSource, MemoryBacking, MicroVm, SerialOutput, VmConfig, VmController,
+    WriteObserver,
+};
 
 const MIB: u64 = 1 << 20;
 const MEM_MIB: u64 = 64;
@@ -118,4 +126,152 @@ fn bitmap_matches_the_pages_the_guest_wrote() {
         .get_dirty_log(slots[0].slot, slots[0].memory_size as usize)
         .is_err());
     vm.shutdown();
+}
+
+/// Device writes marked in the log's VMM bitmap (as `cryo` does).
+struct DeviceWrites(VmmDirty);
+
+impl WriteObserver for DeviceWrites {
+    fn wrote(&self, addr: u64, len: u64) {
+        self.0.mark(addr, len);
+    }
+}
+
+/// The reader's area base (from `BLK ready`) and its latest read count.
+fn reader_state(log: &Path) -> (Option<u64>, u64) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("MISMATCH") || l.starts_with("ERROR")),
+        "{text}"
+    );
+    let base = text
+        .lines()
+        .find(|l| l.starts_with("BLK ready"))
+        .and_then(|l| field(l, "base"))
+        .and_then(|b| u64::from_str_radix(b.trim_start_matches("0x"), 16).ok());
+    let reads = text
+        .lines()
+        .filter_map(BlkReport::parse)
+        .last()
+        .map_or(0, |r| r.reads);
+    (base, reads)
+}
+
+/// Waits until the reader has read `reads` blocks; returns its area base.
+fn wait_reads(log: &Path, reads: u64) -> u64 {
+    let start = Instant::now();
+    loop {
+        if let (Some(base), n) = reader_state(log) {
+            if n >= reads {
+                return base;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "reader stalled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Fetches (merging) until `enough` holds of the merged maps or the
+/// reader has read `reads` more blocks; returns the merged maps.
+fn watch_log(
+    c: &VmController,
+    log: &mut Option<DirtyLog>,
+    serial: &Path,
+    reads: u64,
+    enough: impl Fn(&[DirtyBitmap]) -> bool,
+) -> Vec<DirtyBitmap> {
+    let fetch = |log: &mut Option<DirtyLog>| {
+        let mut l = log.take().expect("log");
+        let (l, maps) = c
+            .call(move |vm| {
+                let m = l.fetch_and_clear(vm.vm_fd());
+                (l, m)
+            })
+            .expect("call");
+        *log = Some(l);
+        maps.expect("fetch")
+    };
+    let _ = fetch(log);
+    let target = reader_state(serial).1 + reads;
+    let mut all = fetch(log);
+    while !enough(&all) && reader_state(serial).1 < target {
+        std::thread::sleep(Duration::from_millis(20));
+        for (a, b) in all.iter_mut().zip(fetch(log)) {
+            a.merge(&b);
+        }
+    }
+    all
+}
+
+#[test]
+fn device_writes_show_only_through_the_vmm_bitmap() {
+    const SLOTS: u64 = 64;
+    let dir = workdir("dirty-log-dev");
+    let disk = dir.join("reader.raw");
+    write_reader_disk(&disk, 256);
+    let serial = dir.join("serial.log");
+    let mut vm = MicroVm::new(VmConfig {
+        vcpus: 1,
+        mem_mib: 64,
+        backing: MemoryBacking::Anonymous,
+        boot: BootSource {
+            kernel: test_kernel().to_path_buf(),
+            cmdline: format!("cryo.mem=4 cryo.hb_ms=100 cryo.blk={SLOTS}"),
+            ..Default::default()
+        },
+        serial: SerialOutput::File(std::fs::File::create(&serial).expect("serial log")),
+        serial_input: false,
+        disks: vec![DiskConfig {
+            path: disk,
+            read_only: true,
+            direct: false,
+        }],
+        nets: Vec::new(),
+    })
+    .expect("build the VM");
+    let c = vm.controller().expect("controller");
+    let runner = std::thread::spawn(move || vm.run(Vec::new()));
+    let base = wait_reads(&serial, SLOTS);
+    let (state, slots) = (base + 2 * PAGE_SIZE, base + 3 * PAGE_SIZE);
+    let slots_end = slots + SLOTS * PAGE_SIZE;
+    let mut log = Some(
+        c.call(|vm| {
+            let slots = vm.memory_slots().expect("slots");
+            // SAFETY: the VM's own slots as registered; the VM owns their
+            // mappings and outlives the log (stopped below).
+            unsafe { DirtyLog::start(vm.vm_fd(), &slots) }.expect("start")
+        })
+        .expect("call"),
+    );
+
+    // KVM's log alone: the vCPU's slot table, never a page the device wrote,
+    // over two whole passes of the reader.
+    let kvm_only = watch_log(&c, &mut log, &serial, 2 * SLOTS, |_| false);
+    assert_eq!(dirty_in(&kvm_only, state, state + PAGE_SIZE), 1);
+    assert_eq!(
+        dirty_in(&kvm_only, slots, slots_end),
+        0,
+        "KVM saw a device write"
+    );
+
+    // With the device writes observed: every slot the reader filled.
+    let writes = log.as_ref().expect("log").vmm_writes();
+    c.call(move |vm| observe_writes(vm.memory(), Some(Arc::new(DeviceWrites(writes)))))
+        .expect("call");
+    let all = |m: &[DirtyBitmap]| dirty_in(m, slots, slots_end) == SLOTS;
+    let observed = watch_log(&c, &mut log, &serial, 2 * SLOTS, all);
+    assert_eq!(dirty_in(&observed, slots, slots_end), SLOTS);
+
+    let log = log.take().expect("log");
+    c.call(move |vm| {
+        observe_writes(vm.memory(), None);
+        log.stop(vm.vm_fd())
+    })
+    .expect("call")
+    .expect("stop dirty logging");
+    c.stop().expect("stop the VM");
+    let _ = runner.join();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,8 +8,8 @@ mod common;
 
 use std::path::Path;
 
-use common::{boot_with, live_migration_refused, refused, restores_and_continues, save_and_end, T};
-use cryo_tests::{cryo, snapshot_vm, socket_path, test_kernel, workdir};
+use common::{boot_with, migrate_live, refused, restores_and_continues, save_and_end, T};
+use cryo_tests::{check_continues, cryo, snapshot_vm, socket_path, test_kernel, workdir};
 use microvm::devices::virtio::tap::Tap;
 
 /// A persistent tap for one test, removed when dropped.
@@ -121,16 +121,17 @@ fn bad_net_options_are_bad_input() {
 }
 
 #[test]
-fn live_migration_of_a_vm_with_a_net_device_is_refused_and_it_runs_on() {
-    if !can_use_taps("live_migration_of_a_vm_with_a_net_device_is_refused_and_it_runs_on") {
+fn live_migration_of_a_vm_with_a_net_device_runs_on_at_the_destination() {
+    if !can_use_taps("live_migration_of_a_vm_with_a_net_device_runs_on_at_the_destination") {
         return;
     }
-    let dir = workdir("net-live-migrate");
     let a = TestTap::new("m");
     let api = socket_path("net-live-migrate");
     let (mut g, _) = boot_with(&api, &["--net".into(), a.arg()]);
-    live_migration_refused(&mut g, &api, &dir, "network devices");
-    g.kill();
+    let (mut dest, before) = migrate_live(&mut g, &api, "net-live-migrate", &[]);
+    let after = dest.follow(1, 2, 1, T);
+    check_continues(&before, &after, 1);
+    dest.kill();
 }
 
 #[test]

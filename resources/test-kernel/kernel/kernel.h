@@ -38,6 +38,8 @@ struct config {
 	u64 tsc_khz;
 	u64 pool_bytes; /* bytes mapped at POOL_VA */
 	u64 share_bytes;/* bytes per vCPU */
+	u64 blk_slots; /* cryo.blk: 4 KiB slots the disk reader cycles (0 = off) */
+	u64 blk_base;  /* physical (= virtual) address of the reader's area */
 	u32 ncpus;
 	u8 apic_ids[MAX_CPUS];
 };
@@ -62,6 +64,16 @@ static inline u64 rdtsc(void)
 static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
 {
 	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
+/* MurmurHash3's 64-bit finalizer (the page and disk block patterns). */
+static inline u64 fmix64(u64 k)
+{
+	k ^= k >> 33;
+	k *= 0xff51afd7ed558ccdULL;
+	k ^= k >> 33;
+	k *= 0xc4ceb9fe1a85ec53ULL;
+	k ^= k >> 33;
+	return k;
 }
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 static inline u32 xchg32(volatile u32 *p, u32 v)
@@ -92,8 +104,14 @@ void *kmemset(void *d, int c, u64 n);
 void *kmemcpy(void *d, const void *s, u64 n);
 int kmemcmp(const void *a, const void *b, u64 n);
 
-/* ---- ring 3 (user.c) ---- */
+/* ---- ring 3 (user.c, blk.c) ---- */
 void user_main(u64 cpu) __attribute__((noreturn));
+/* Pages of the disk reader's area for `slots` slots (rings, request, state). */
+#define BLK_META_PAGES 3
+#define BLK_MAX_SLOTS 960
+int blk_init(void);
+void blk_step(void);
+void blk_report(void);
 
 /* ---- assembly (boot.S) ---- */
 void enter_user(u64 cpu, u64 entry, u64 ustack_top) __attribute__((noreturn));

@@ -284,6 +284,8 @@ static void parse_options(void)
 			cfg.hb_ms = parse_u64(s + 11);
 		else if (starts_with(s, "cryo.salt="))
 			cfg.salt = parse_u64(s + 10);
+		else if (starts_with(s, "cryo.blk="))
+			cfg.blk_slots = parse_u64(s + 9);
 		else if (starts_with(s, "cryo.mode=fill"))
 			cfg.mode = MODE_FILL;
 		else if (starts_with(s, "cryo.mode=verify"))
@@ -293,6 +295,8 @@ static void parse_options(void)
 	}
 	if (cfg.hb_ms == 0)
 		cfg.hb_ms = 1000;
+	if (cfg.blk_slots > BLK_MAX_SLOTS)
+		cfg.blk_slots = BLK_MAX_SLOTS;
 }
 
 /* ------------------------------------------------------------------ */
@@ -531,6 +535,11 @@ static void build_pool(void)
 	pool_pd_base = (u64 *)align_up((u64)_end, PAGE_SIZE);
 	pool_pd_max = max_pds;
 	u64 lo = align_up((u64)pool_pd_base + max_pds * PAGE_SIZE, HUGE_2M);
+	if (cfg.blk_slots) {
+		/* The disk reader's area: identity-mapped RAM below the pool. */
+		cfg.blk_base = lo;
+		lo = align_up(lo + (BLK_META_PAGES + cfg.blk_slots) * PAGE_SIZE, HUGE_2M);
+	}
 	pool_idx = 0;
 	for (u32 i = 0; i < nmem; i++) {
 		if (memmap[i].type != 1)

@@ -33,16 +33,6 @@ struct cpu_state {
 	u32 gen[];	/* generation of each data page */
 };
 
-static inline u64 fmix64(u64 k)
-{
-	k ^= k >> 33;
-	k *= 0xff51afd7ed558ccdULL;
-	k ^= k >> 33;
-	k *= 0xc4ceb9fe1a85ec53ULL;
-	k ^= k >> 33;
-	return k;
-}
-
 static inline u64 page_seed(u64 page, u64 gen)
 {
 	return fmix64(cfg.salt ^ fmix64((page << 20) ^ gen ^ 0x9e3779b97f4a7c15ULL));
@@ -153,6 +143,8 @@ static void heartbeat(struct cpu_state *st, u64 cpu, u64 now)
 	print_kv(&l, " sweeps=", st->sweeps);
 	print_kv(&l, " errors=", st->errors);
 	line_send(&l);
+	if (cpu == 0 && cfg.blk_slots)
+		blk_report();
 }
 
 void user_main(u64 cpu)
@@ -229,10 +221,14 @@ void user_main(u64 cpu)
 			__asm__ volatile("int $0x80");
 	}
 
+	if (cpu == 0 && cfg.blk_slots)
+		blk_init();
 	now = tsc_now(st, cpu, hb_ticks);
 	st->next_write_tsc = now;
 
 	for (;;) {
+		if (cpu == 0 && cfg.blk_slots)
+			blk_step();
 		for (u32 k = 0; k < VERIFY_BATCH; k++) {
 			u64 c = st->cursor;
 			if (c >= st->data_pages)

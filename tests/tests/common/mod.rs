@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use cryo_tests::migration::listener;
 use cryo_tests::{
     check_continues, cryo, restore_vm, save_vm, socket_path, test_kernel, wait_for_socket, Guest,
     Progress,
@@ -16,6 +17,11 @@ pub const T: Duration = Duration::from_secs(90);
 /// Boots the test kernel with an API socket and the device options `extra`
 /// (`--disk ...`, `--net ...`); returns it once its workload runs.
 pub fn boot_with(api: &Path, extra: &[String]) -> (Guest, Progress) {
+    boot_with_cmdline(api, "", extra)
+}
+
+/// [`boot_with`], with `cmdline` added to the test kernel's command line.
+pub fn boot_with_cmdline(api: &Path, cmdline: &str, extra: &[String]) -> (Guest, Progress) {
     let _ = std::fs::remove_file(api);
     let mut args: Vec<String> = [
         "run",
@@ -24,7 +30,7 @@ pub fn boot_with(api: &Path, extra: &[String]) -> (Guest, Progress) {
         "--mem-mib",
         "64",
         "--cmdline",
-        "console=ttyS0 cryo.mem=8 cryo.hb_ms=200",
+        &format!("console=ttyS0 cryo.mem=8 cryo.hb_ms=200 {cmdline}"),
         "--api",
         api.to_str().unwrap_or_default(),
     ]
@@ -83,14 +89,15 @@ pub fn restores_after(file: &Path, before: &Progress, tag: &str) {
     r.kill();
 }
 
-/// Asks the running VM behind `api` to migrate live and expects a
-/// bad-request refusal mentioning `needle`; the guest carries on.
-pub fn live_migration_refused(g: &mut Guest, api: &Path, dir: &Path, needle: &str) {
-    let target = format!("unix:{}", dir.join("nobody.sock").display());
-    let (status, _, err) = cryo(&["migrate", "--api", api.to_str().unwrap(), "--to", &target]);
-    assert_eq!(status, Some(2), "{err}");
-    assert!(err.contains(needle), "{err}");
-    // Refused before anything started: the guest carries on.
-    let more = g.follow(1, 2, 1, T);
-    assert!(more.beats.values().all(|b| *b > 0), "{}", g.transcript());
+/// Migrates the running VM behind `api` live to a fresh `cryo restore
+/// --listen` with `extra` options; returns the destination, running, and
+/// the source's progress up to its end.
+pub fn migrate_live(g: &mut Guest, api: &Path, tag: &str, extra: &[&str]) -> (Guest, Progress) {
+    let (dest, endpoint) = listener(tag);
+    let mut args = vec!["migrate", "--api", api.to_str().unwrap(), "--to", &endpoint];
+    args.extend_from_slice(extra);
+    let (status, out, err) = cryo(&args);
+    assert_eq!(status, Some(0), "{out}\n{err}\n{}", dest.transcript());
+    assert_eq!(g.wait_exit(T).and_then(|s| s.code()), Some(0));
+    (dest, g.follow_output(1))
 }
