@@ -454,3 +454,23 @@ fn a_held_device_leaves_guest_memory_alone_until_let_go() {
     assert_eq!(d.used_on(RX_QUEUE, 0).0, 1);
     assert_eq!(counters.get().rx_frames, 1);
 }
+
+/// A received frame's buffer and the receive used ring are device writes
+/// that reach the memory's write observer (dirty tracking for live copies).
+#[test]
+fn a_received_frame_reaches_the_write_observer() {
+    if !can_use_taps("a_received_frame_reaches_the_write_observer") {
+        return;
+    }
+    let (mut d, host, _) = net_driver(true);
+    let seen = Arc::new(super::WrittenPages::default());
+    crate::memory::observe_writes(&d.mem, Some(seen.clone()));
+    host.send(&frame([0x02, b'c', b'r', b'y', b'o', 3], b"tracked"));
+    post_rx(&mut d, 0, 2048);
+    assert_eq!(d.used_on(RX_QUEUE, 0).0, 1);
+    let pages = seen.0.lock().unwrap().clone();
+    for page in [RX_BUF >> 12, super::USED >> 12] {
+        assert!(pages.contains(&page), "page {page:#x} not seen: {pages:x?}");
+    }
+    crate::memory::observe_writes(&d.mem, None);
+}
