@@ -10,27 +10,10 @@ use std::time::{Duration, Instant};
 
 use crate::{num, Guest};
 
-/// Bytes of one disk block (and of one slot).
-pub const BLOCK: usize = 4096;
-
-fn fmix(mut k: u64) -> u64 {
-    k ^= k >> 33;
-    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    k ^= k >> 33;
-    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    k ^ (k >> 33)
-}
-
-/// Writes the disk the reader checks: `blocks` blocks, word `j` of block
-/// `b` being `fmix64(((b << 9) | j) ^ 0xb10c5eed)` (as `kernel/blk.c`).
+/// Writes the disk the reader checks: `blocks` blocks of
+/// [`cryo_test_kernel::reader_block`].
 pub fn write_reader_disk(path: &Path, blocks: u64) {
-    let mut bytes = Vec::with_capacity(blocks as usize * BLOCK);
-    for b in 0..blocks {
-        for j in 0..(BLOCK / 8) as u64 {
-            bytes.extend_from_slice(&fmix(((b << 9) | j) ^ 0xb10c_5eed).to_le_bytes());
-        }
-    }
-    std::fs::write(path, bytes).expect("write the reader's disk");
+    cryo_test_kernel::write_reader_disk(path, blocks).expect("write the reader's disk");
 }
 
 /// One `BLK reads=.. pass=.. verified=.. errors=..` line.

@@ -96,6 +96,9 @@ pub enum BenchCommand {
     Snapshot(crate::bench_snapshot::SnapshotArgs),
     /// Live migration over loopback TCP of a guest writing at several rates, against a stopped one.
     Migrate(crate::bench_migrate::MigrateArgs),
+    /// What tracking the devices' writes into guest memory costs: host-side
+    /// writes and a guest reading its disk, dirty logging off and on.
+    DeviceWrites(crate::bench_devwrites::DeviceWritesArgs),
 }
 
 /// Runs a bench verb.
@@ -104,6 +107,7 @@ pub fn bench(cmd: BenchCommand) -> Result<(), CliError> {
         BenchCommand::SaveRestore(a) => save_restore(a),
         BenchCommand::Snapshot(a) => crate::bench_snapshot::run(a),
         BenchCommand::Migrate(a) => crate::bench_migrate::run(a),
+        BenchCommand::DeviceWrites(a) => crate::bench_devwrites::run(a),
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod api;
 mod bench;
+mod bench_devwrites;
 mod bench_disk;
 mod bench_migrate;
 mod bench_snapshot;

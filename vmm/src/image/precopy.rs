@@ -313,7 +313,7 @@ impl Precopy<'_> {
 /// Device emulation's writes into guest memory (virtio-blk read data,
 /// virtio-net receive buffers, used rings), marked in the dirty log's VMM
 /// bitmap, which each fetch merges with KVM's.
-struct DeviceWrites(VmmDirty);
+pub(crate) struct DeviceWrites(pub(crate) VmmDirty);
 
 impl WriteObserver for DeviceWrites {
     fn wrote(&self, addr: u64, len: u64) {
@@ -324,7 +324,7 @@ impl WriteObserver for DeviceWrites {
 /// Switches dirty logging on: KVM's for the vCPUs, and the VM's own device
 /// writes. Runs on the event loop, the thread that serves the devices, so
 /// no device write is under way while the observer is attached.
-fn start_log(controller: &VmController) -> Result<DirtyLog, SaveError> {
+pub(crate) fn start_log(controller: &VmController) -> Result<DirtyLog, SaveError> {
     let t = Instant::now();
     let log = controller.call(|vm| {
         let slots = vm.memory_slots()?;
@@ -343,14 +343,14 @@ fn start_log(controller: &VmController) -> Result<DirtyLog, SaveError> {
 }
 
 /// Switches both halves of dirty logging off again.
-fn stop_log(vm: &mut MicroVm, log: DirtyLog) -> Result<(), dirty_log::Error> {
+pub(crate) fn stop_log(vm: &mut MicroVm, log: DirtyLog) -> Result<(), dirty_log::Error> {
     observe_writes(vm.memory(), None);
     log.stop(vm.vm_fd())
 }
 
 /// The pages dirtied since the last fetch, one bitmap per memory region,
 /// and how long the fetch took.
-fn fetch(
+pub(crate) fn fetch(
     controller: &VmController,
     log: &mut Option<DirtyLog>,
 ) -> Result<(Vec<DirtyBitmap>, Duration), SaveError> {
