@@ -153,8 +153,8 @@ fn reader_state(log: &Path) -> (Option<u64>, u64) {
         .and_then(|b| u64::from_str_radix(b.trim_start_matches("0x"), 16).ok());
     let reads = text
         .lines()
-        .filter_map(BlkReport::parse)
-        .last()
+        .rev()
+        .find_map(BlkReport::parse)
         .map_or(0, |r| r.reads);
     (base, reads)
 }
