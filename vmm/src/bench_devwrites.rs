@@ -355,42 +355,25 @@ fn report(a: &DeviceWritesArgs, f: &Figures) -> Result<(), CliError> {
         return Ok(());
     }
     let r = |x: f64, y: f64| if y > 0.0 { x / y } else { 0.0 };
-    println!("4 KiB writes into guest memory (host side, GB/s; ratio to memcpy):");
-    println!("  memcpy                 {:8.2}", f.memcpy_4k_gb_s);
-    println!(
-        "  vm-memory, no bitmap   {:8.2}  {:.2}",
-        f.no_bitmap_4k_gb_s,
-        r(f.no_bitmap_4k_gb_s, f.memcpy_4k_gb_s)
-    );
-    println!(
-        "  vm-memory, untracked   {:8.2}  {:.2}",
-        f.untracked_4k_gb_s,
-        r(f.untracked_4k_gb_s, f.memcpy_4k_gb_s)
-    );
-    println!(
-        "  vm-memory, tracked     {:8.2}  {:.2}",
-        f.tracked_4k_gb_s,
-        r(f.tracked_4k_gb_s, f.memcpy_4k_gb_s)
-    );
-    println!("guest disk reader (4 KiB virtio-blk reads/s; ratio to host pread):");
-    println!("  host pread, 1 thread   {:8.0}", f.pread_4k_per_s);
-    println!(
-        "  logging off            {:8.0}  {:.3}",
-        f.reader_off_per_s,
-        r(f.reader_off_per_s, f.pread_4k_per_s)
-    );
-    println!(
-        "  KVM log only           {:8.0}  {:.3}  (/off {:.2})",
-        f.reader_kvm_log_per_s,
-        r(f.reader_kvm_log_per_s, f.pread_4k_per_s),
-        r(f.reader_kvm_log_per_s, f.reader_off_per_s)
-    );
-    println!(
-        "  KVM log + devices      {:8.0}  {:.3}  (/off {:.2}, /KVM log only {:.2})",
-        f.reader_on_per_s,
-        r(f.reader_on_per_s, f.pread_4k_per_s),
-        r(f.reader_on_per_s, f.reader_off_per_s),
-        r(f.reader_on_per_s, f.reader_kvm_log_per_s)
-    );
+    println!("4 KiB writes into guest memory (host side, GB/s; ratio to memcpy, to no bitmap):");
+    for (name, v) in [
+        ("memcpy", f.memcpy_4k_gb_s),
+        ("vm-memory, no bitmap", f.no_bitmap_4k_gb_s),
+        ("vm-memory, untracked", f.untracked_4k_gb_s),
+        ("vm-memory, tracked", f.tracked_4k_gb_s),
+    ] {
+        let (to_copy, to_bare) = (r(v, f.memcpy_4k_gb_s), r(v, f.no_bitmap_4k_gb_s));
+        println!("  {name:<22} {v:8.2}  {to_copy:.2}  {to_bare:.2}");
+    }
+    println!("guest disk reader (4 KiB virtio-blk reads/s; ratio to host pread, to off):");
+    for (name, v) in [
+        ("host pread, 1 thread", f.pread_4k_per_s),
+        ("logging off", f.reader_off_per_s),
+        ("KVM log only", f.reader_kvm_log_per_s),
+        ("KVM log + devices", f.reader_on_per_s),
+    ] {
+        let (to_raw, to_off) = (r(v, f.pread_4k_per_s), r(v, f.reader_off_per_s));
+        println!("  {name:<22} {v:8.0}  {to_raw:.4}  {to_off:.2}");
+    }
     Ok(())
 }
