@@ -24,12 +24,19 @@ const MEM_MIB: u64 = 64;
 const VCPUS: u8 = 2;
 const SHARE_MIB: u64 = 8;
 
+/// The serial log's whole lines (the guest may be writing the last one).
+fn whole_lines(log: &Path) -> String {
+    let mut text = std::fs::read_to_string(log).unwrap_or_default();
+    text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
+    text
+}
+
 /// Reads the serial log until every vCPU printed FILLED; returns the pool
 /// size in MiB and each vCPU's data page count.
 fn wait_filled(log: &Path, timeout: Duration) -> (u64, Vec<u64>) {
     let start = Instant::now();
     loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let text = whole_lines(log);
         let mut pool = None;
         let mut pages = vec![None; usize::from(VCPUS)];
         for line in BufReader::new(text.as_bytes())
@@ -139,7 +146,7 @@ impl WriteObserver for DeviceWrites {
 
 /// The reader's area base (from `BLK ready`) and its latest read count.
 fn reader_state(log: &Path) -> (Option<u64>, u64) {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let text = whole_lines(log);
     assert!(
         !text
             .lines()
