@@ -147,13 +147,7 @@ fn reader_continues(src: &Guest, before: &Progress, copy: &mut Guest) {
 #[test]
 fn live_migration_of_a_vm_reading_its_disk_carries_every_page_the_device_wrote() {
     let (dir, api, mut src) = reader_vm("disk-lm");
-    let (mut dest, before) = migrate_live(
-        &mut src,
-        &api,
-        "disk-lm",
-        &["--max-downtime-ms", "500"],
-        &[],
-    );
+    let (mut dest, before) = migrate_live(&mut src, &api, "disk-lm", &["--max-downtime-ms", "500"]);
     reader_continues(&src, &before, &mut dest);
     dest.kill();
     let _ = std::fs::remove_dir_all(&dir);

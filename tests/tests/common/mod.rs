@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use cryo_tests::migration::listen_at;
+use cryo_tests::migration::listener;
 use cryo_tests::{
     check_continues, cryo, restore_vm, save_vm, socket_path, test_kernel, wait_for_socket, Guest,
     Progress,
@@ -90,20 +90,10 @@ pub fn restores_after(file: &Path, before: &Progress, tag: &str) {
 }
 
 /// Migrates the running VM behind `api` live (`cryo migrate` options
-/// `extra`) to a fresh `cryo restore --listen` (options `dest_extra`);
-/// returns the destination, running, and the source's progress up to its
-/// end.
-pub fn migrate_live(
-    g: &mut Guest,
-    api: &Path,
-    tag: &str,
-    extra: &[&str],
-    dest_extra: &[&str],
-) -> (Guest, Progress) {
-    let socket = socket_path(&format!("{tag}-l"));
-    let _ = std::fs::remove_file(&socket);
-    let endpoint = format!("unix:{}", socket.display());
-    let dest = listen_at(None, &endpoint, dest_extra);
+/// `extra`) to a fresh `cryo restore --listen` on this host; returns the
+/// destination, running, and the source's progress up to its end.
+pub fn migrate_live(g: &mut Guest, api: &Path, tag: &str, extra: &[&str]) -> (Guest, Progress) {
+    let (dest, endpoint) = listener(tag);
     let mut args = vec!["migrate", "--api", api.to_str().unwrap(), "--to", &endpoint];
     args.extend_from_slice(extra);
     let (status, out, err) = cryo(&args);
