@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use page_runs::{is_zero, spans};
@@ -51,6 +52,8 @@ pub struct ImageWriter {
     crcs: Vec<AtomicU32>,
     /// Whether each chunk has been written or recorded.
     written: Vec<AtomicBool>,
+    /// CRC32C of a whole chunk of zeros, computed on first use.
+    zero_crc: OnceLock<u32>,
 }
 
 impl ImageWriter {
@@ -108,6 +111,7 @@ impl ImageWriter {
             bitmaps,
             crcs,
             written,
+            zero_crc: OnceLock::new(),
         })
     }
 
@@ -232,6 +236,18 @@ impl ImageWriter {
         self.crcs[g].store(crc, Ordering::Relaxed);
         self.written[g].store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Records a chunk that is all zeros without any data: every page
+    /// absent (punched back to a hole if it was present), the CRC32C of
+    /// zeros. The same as writing a chunk of zeros, without scanning them.
+    pub fn record_zero_chunk(&self, region: usize, chunk: u64) -> Result<(), FixedRamError> {
+        let (_, len) = self.layout.chunk_range(region, chunk);
+        let crc = match len == self.layout.chunk_size() {
+            true => *self.zero_crc.get_or_init(|| zeros_crc32c(len)),
+            false => zeros_crc32c(len),
+        };
+        self.record_chunk(region, chunk, &|_| false, crc)
     }
 
     /// Pages present (bit set) in the bitmaps so far, all regions.
@@ -391,4 +407,17 @@ impl ImageWriter {
         }
         Ok(())
     }
+}
+
+/// CRC32C of `len` zero bytes.
+fn zeros_crc32c(len: u64) -> u32 {
+    const ZEROS: [u8; 4096] = [0; 4096];
+    let mut crc = 0;
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(ZEROS.len() as u64);
+        crc = crc32c::crc32c_append(crc, &ZEROS[..n as usize]);
+        left -= n;
+    }
+    crc
 }
