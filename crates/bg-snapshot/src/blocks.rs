@@ -37,6 +37,11 @@ impl Blocks {
         &self.ranges
     }
 
+    /// The block size.
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+
     /// Number of blocks in all ranges.
     pub(crate) fn total(&self) -> u64 {
         self.total

@@ -8,6 +8,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::blocks::Blocks;
+use crate::populated::{self, Pagemap};
 use crate::report::{LatencyStats, PreArmStats, SnapshotReport};
 use crate::sys::{self, Uffd, UffdMsg};
 use crate::{BlockSink, MemRange, SnapshotError};
@@ -27,6 +28,8 @@ const QUEUE_BYTES: usize = 32 << 20;
 /// Fault copy buffers allocated and touched before the run starts (at least 4
 /// blocks), so that a fault does not pay for first-touch page faults in its buffer.
 const PREALLOCATED_BYTES: usize = 16 << 20;
+/// Blocks whose pagemap entries a walker reads at once (finding never-populated ones).
+const WINDOW_BLOCKS: usize = 64;
 
 /// Creates the userfaultfd, mapping failures to the right error.
 pub(crate) fn create_uffd() -> Result<Uffd, SnapshotError> {
@@ -57,12 +60,17 @@ pub struct ArmOptions {
     /// When false or not offered, every page is pre-touched (read-faulted) before
     /// protecting, so that never-touched memory is protected too (slower arm).
     pub use_wp_unpopulated: bool,
+    /// Record never-populated blocks of private anonymous memory as zeros
+    /// without reading them (default true; needs WP_UNPOPULATED, and
+    /// `CAP_SYS_ADMIN` to read the markers in `/proc/self/pagemap`).
+    pub skip_unpopulated: bool,
 }
 
 impl Default for ArmOptions {
     fn default() -> Self {
         ArmOptions {
             use_wp_unpopulated: true,
+            skip_unpopulated: true,
         }
     }
 }
@@ -152,6 +160,8 @@ pub struct Armed {
     pub(crate) arm_time: Duration,
     pub(crate) wp_unpopulated: bool,
     pub(crate) features: u64,
+    /// Per range: whether never-populated blocks may be skipped.
+    pub(crate) skip: Vec<bool>,
     pub(crate) cancel: Arc<AtomicBool>,
     /// What protecting ahead of the pause did ([`Prepared::pre_arm`]).
     pub(crate) pre_arm: Option<PreArmStats>,
@@ -250,6 +260,8 @@ pub struct Prepared {
     pub(crate) block_size: usize,
     pub(crate) wp_unpopulated: bool,
     pub(crate) features: u64,
+    /// Per range: whether never-populated blocks may be skipped.
+    pub(crate) skip: Vec<bool>,
 }
 
 /// [`prepare_with`] with the default options.
@@ -331,13 +343,28 @@ pub fn prepare_with(
             }
         }
     }
+    let skip = skippable(ranges, opts.skip_unpopulated && wp_unpopulated);
     Ok(Prepared {
         prot,
         ranges: ranges.to_vec(),
         block_size,
         wp_unpopulated,
         features: api.features,
+        skip,
     })
+}
+
+/// Per range: whether its never-populated blocks may be recorded as zeros
+/// without reading them (only private anonymous memory, see `populated`).
+fn skippable(ranges: &[MemRange], wanted: bool) -> Vec<bool> {
+    let maps = match wanted {
+        true => std::fs::read_to_string("/proc/self/maps").unwrap_or_default(),
+        false => String::new(),
+    };
+    ranges
+        .iter()
+        .map(|r| wanted && populated::private_anonymous(&maps, r))
+        .collect()
 }
 
 impl Prepared {
@@ -355,6 +382,7 @@ impl Prepared {
             arm_time: start.elapsed(),
             wp_unpopulated: self.wp_unpopulated,
             features: self.features,
+            skip: self.skip,
             cancel: Arc::new(AtomicBool::new(false)),
             pre_arm: None,
         })
@@ -463,6 +491,18 @@ struct Shared<'a> {
     blocks_by_walkers: AtomicU64,
     blocks_by_faults: AtomicU64,
     inline_writes: AtomicU64,
+    /// Where never-populated blocks are found (`None`: nothing is skipped).
+    pagemap: Option<Pagemap>,
+    /// Per range: whether its never-populated blocks may be skipped.
+    skip: &'a [bool],
+    blocks_unpopulated: AtomicU64,
+}
+
+/// A walker's view of which blocks of a window were never populated.
+#[derive(Default)]
+struct Window {
+    first: u64,
+    unpopulated: Vec<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -543,6 +583,45 @@ impl Shared<'_> {
             .map_err(|e| SnapshotError::io("UFFDIO_WRITEPROTECT (un-protect block)", e))
     }
 
+    /// Whether block `g`, claimed by the caller, was never populated (so
+    /// it is all zeros at T0). It was Pending until the claim, so protected
+    /// and unchanged since T0, and the window was read after T0: a block
+    /// unpopulated then was unpopulated at T0. The window is re-read when
+    /// `g` lies outside it, for up to [`WINDOW_BLOCKS`] blocks from `g`.
+    ///
+    /// Only walkers ask: by the time a write fault reaches the fault thread,
+    /// the kernel has already given the faulting page a fresh zeroed page
+    /// (still protected), so the block no longer looks unpopulated.
+    fn unpopulated(&self, g: u64, win: &mut Window) -> bool {
+        let Some(pagemap) = &self.pagemap else {
+            return false;
+        };
+        let (r, _, addr, _) = self.blocks.locate(g);
+        if !self.skip[r] {
+            return false;
+        }
+        if g < win.first || g - win.first >= win.unpopulated.len() as u64 {
+            let range = &self.blocks.ranges()[r];
+            let size = self.blocks.size();
+            let len = (WINDOW_BLOCKS * size).min(range.addr() + range.len() - addr);
+            pagemap.unpopulated_blocks(addr, len, size, &mut win.unpopulated);
+            win.first = g;
+        }
+        win.unpopulated[(g - win.first) as usize]
+    }
+
+    /// Records claimed block `g` as zeros without reading it.
+    fn write_zero(&self, sink: &dyn BlockSink, g: u64) -> Result<(), SnapshotError> {
+        let (r, b, _, len) = self.blocks.locate(g);
+        self.blocks_unpopulated.fetch_add(1, Ordering::Relaxed);
+        sink.write_zero_block(r, b, len)
+            .map_err(|source| SnapshotError::Sink {
+                range: r,
+                block: b,
+                source,
+            })
+    }
+
     fn write(&self, sink: &dyn BlockSink, g: u64, data: &[u8]) -> Result<(), SnapshotError> {
         let (r, b, _, _) = self.blocks.locate(g);
         sink.write_block(r, b, data)
@@ -571,6 +650,7 @@ impl Shared<'_> {
 
     fn walker(&self, sink: &dyn BlockSink) {
         let _guard = AbortOnPanic(&self.abort);
+        let mut window = Window::default();
         loop {
             if self.stopping() {
                 return;
@@ -595,11 +675,15 @@ impl Shared<'_> {
                     continue; // a fault got there first
                 }
                 let (_, _, addr, len) = self.blocks.locate(g);
-                // SAFETY: the block lies inside a MemRange (mapped and readable for the
-                // whole snapshot). It is still write-protected and claimed by this thread,
-                // so no writer can change it until the un-protect below.
-                let data = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
-                let written = self.write(sink, g, data);
+                let written = if self.unpopulated(g, &mut window) {
+                    self.write_zero(sink, g)
+                } else {
+                    // SAFETY: the block lies inside a MemRange (mapped and readable for
+                    // the whole snapshot). It is still write-protected and claimed by this
+                    // thread, so no writer can change it until the un-protect below.
+                    let data = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                    self.write(sink, g, data)
+                };
                 // The block stays protected (un-protecting invalidates the
                 // guest's mappings of it, and most blocks are not written
                 // during the snapshot) unless a writer waits on it; a later
@@ -820,6 +904,9 @@ impl Armed {
             blocks_by_walkers: AtomicU64::new(0),
             blocks_by_faults: AtomicU64::new(0),
             inline_writes: AtomicU64::new(0),
+            pagemap: self.skip.contains(&true).then(Pagemap::open).flatten(),
+            skip: &self.skip,
+            blocks_unpopulated: AtomicU64::new(0),
         };
         let mut stats = FaultStats::default();
         let mut panic_payload = None;
@@ -880,6 +967,7 @@ impl Armed {
             faults_on_claimed: stats.on_claimed,
             faults_on_done: stats.on_done,
             fault_blocks_written_inline: shared.inline_writes.load(Ordering::Relaxed),
+            blocks_unpopulated: shared.blocks_unpopulated.load(Ordering::Relaxed),
             fault_latency: LatencyStats::from_samples(&mut stats.latencies),
             run_time: Duration::ZERO,
             arm_time: self.arm_time,

@@ -57,6 +57,7 @@
 mod blocks;
 mod engine;
 mod error;
+mod populated;
 mod prearm;
 mod report;
 mod sys;
@@ -128,6 +129,15 @@ pub trait BlockSink: Sync {
     /// snapshot (protection is removed) and `run` returns
     /// [`SnapshotError::Sink`].
     fn write_block(&self, range: usize, block: u64, data: &[u8]) -> Result<(), SinkError>;
+
+    /// Block `block` of range `range` (`len` bytes) was never populated, so
+    /// its T0 content is all zeros; called instead of `write_block` for such
+    /// blocks, which are not read. The default hands `len` zero bytes to
+    /// `write_block`; a sink that stores zeros as holes can record them
+    /// without writing.
+    fn write_zero_block(&self, range: usize, block: u64, len: usize) -> Result<(), SinkError> {
+        self.write_block(range, block, &vec![0u8; len])
+    }
 }
 
 /// What the kernel's userfaultfd offers (from [`check_support`]).

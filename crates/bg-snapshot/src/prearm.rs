@@ -49,6 +49,7 @@ pub struct PreArmed {
     block_size: usize,
     wp_unpopulated: bool,
     features: u64,
+    skip: Vec<bool>,
     blocks: Arc<Blocks>,
     written: Arc<BlockSet>,
     stats: PreArmStats,
@@ -71,6 +72,7 @@ impl Prepared {
             block_size: self.block_size,
             wp_unpopulated: self.wp_unpopulated,
             features: self.features,
+            skip: self.skip,
             blocks,
             written,
             stats: PreArmStats::default(),
@@ -125,6 +127,7 @@ impl PreArmed {
             arm_time,
             wp_unpopulated: self.wp_unpopulated,
             features: self.features,
+            skip: self.skip,
             cancel: Arc::new(AtomicBool::new(false)),
             pre_arm: Some(self.stats),
         })

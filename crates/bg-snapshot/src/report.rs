@@ -81,6 +81,11 @@ pub struct SnapshotReport {
     /// Fault copies the fault thread wrote to the sink itself because the
     /// queue to the walkers was full.
     pub fault_blocks_written_inline: u64,
+    /// Blocks recorded as zeros without being read because they were never
+    /// populated (private anonymous memory whose pages the writers had
+    /// never touched at T0), found by the walkers and counted in
+    /// `blocks_by_walkers` too.
+    pub blocks_unpopulated: u64,
     /// Latency of the faults that copied a block.
     pub fault_latency: LatencyStats,
     /// Time `run` took, from its start to all protection removed.

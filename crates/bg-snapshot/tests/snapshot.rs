@@ -112,6 +112,8 @@ struct VecSink {
     counts: Vec<Vec<AtomicU32>>,
     delay: Duration,
     fail_at: Option<(usize, u64)>,
+    /// Blocks handed over as never populated (`write_zero_block`).
+    zeros: Mutex<Vec<(usize, u64)>>,
 }
 
 impl VecSink {
@@ -125,6 +127,7 @@ impl VecSink {
                 .collect(),
             delay,
             fail_at: None,
+            zeros: Mutex::new(Vec::new()),
         }
     }
 
@@ -153,6 +156,11 @@ impl BlockSink for VecSink {
             thread::sleep(self.delay);
         }
         Ok(())
+    }
+
+    fn write_zero_block(&self, range: usize, block: u64, len: usize) -> Result<(), SinkError> {
+        self.zeros.lock().unwrap().push((range, block));
+        self.write_block(range, block, &vec![0u8; len])
     }
 }
 
@@ -295,6 +303,7 @@ fn exact_with_pre_touch_instead_of_wp_unpopulated() {
         2,
         ArmOptions {
             use_wp_unpopulated: false,
+            ..ArmOptions::default()
         },
     );
 }
@@ -545,8 +554,13 @@ struct PausableWriters {
 
 impl PausableWriters {
     fn start(m: &Mapping, count: usize) -> PausableWriters {
+        Self::start_with(m, count, false)
+    }
+
+    /// Writers that start paused (`paused`) or writing.
+    fn start_with(m: &Mapping, count: usize, paused: bool) -> PausableWriters {
         let (pause, paused, stop) = (
-            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(paused)),
             Arc::new(AtomicU32::new(0)),
             Arc::new(AtomicBool::new(false)),
         );
@@ -684,5 +698,106 @@ fn pre_armed_disarm_and_drop_release_writers() {
     thread::sleep(Duration::from_millis(20));
     drop(pre);
     w.finish();
+    assert_unprotected(&[&m]);
+}
+
+/// Whether this process sees uffd-wp markers in `/proc/self/pagemap` (the
+/// swap type and offset are shown only with CAP_SYS_ADMIN).
+fn sees_markers() -> bool {
+    let m = Mapping::anon(16 * PAGE);
+    let armed = arm(&[m.range()], 16 * PAGE).unwrap();
+    let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
+    f.seek(SeekFrom::Start(m.ptr as u64 / PAGE as u64 * 8))
+        .unwrap();
+    let mut e = [0u8; 8];
+    f.read_exact(&mut e).unwrap();
+    armed.disarm().unwrap();
+    u64::from_le_bytes(e) & ((1 << 55) - 1) != 0
+}
+
+/// A mostly never-touched memory (blocks fully written, blocks with one
+/// written page, blocks only read, blocks never touched), written by
+/// writers during the snapshot, including pages of never-touched blocks:
+/// the image is the memory at the pause, the never-touched blocks (and only
+/// they) reach the sink as zero blocks, unread, and the writers' first writes
+/// to them did not leak in.
+#[test]
+fn never_populated_blocks_are_zeros_and_first_writes_stay_out() {
+    if !sees_markers() {
+        eprintln!(
+            "SKIPPED never_populated_blocks_are_zeros_and_first_writes_stay_out: \
+             /proc/self/pagemap hides swap types here (needs CAP_SYS_ADMIN)"
+        );
+        return;
+    }
+    let (bs, len) = (256 * 1024, 64 * MIB);
+    let m = Mapping::anon(len);
+    let blocks = len / bs;
+    let mut untouched = Vec::new();
+    let mut at_pause = vec![0u8; len];
+    let mut put = |p: usize| {
+        let page = &mut at_pause[p * PAGE..][..PAGE];
+        pattern_page(0, p, page);
+        // SAFETY: inside the mapping; no other thread runs yet.
+        unsafe { std::ptr::copy_nonoverlapping(page.as_ptr(), m.ptr.add(p * PAGE), PAGE) };
+    };
+    for b in 0..blocks {
+        let base = b * bs;
+        match b % 8 {
+            0 => (0..bs / PAGE).for_each(|p| put(base / PAGE + p)),
+            1 => put(base / PAGE + 3),
+            // SAFETY: as above; a read maps the shared zero page.
+            2 => assert_eq!(unsafe { m.ptr.add(base + 5 * PAGE).read_volatile() }, 0),
+            _ => untouched.push((0, b as u64)),
+        }
+    }
+    // The writers start only after the pause: reading the memory to
+    // compare would populate it, so the content at the pause is known.
+    let w = PausableWriters::start_with(&m, 2, true);
+    w.pause();
+    let pre = prepare(&[m.range()], bs).unwrap().pre_arm().unwrap();
+    let armed = pre.arm().unwrap();
+    w.resume();
+    // A slow sink: the writers reach many blocks before the walkers do.
+    let sink = VecSink::new(bs, &[len], Duration::from_micros(100));
+    let report = armed.run(&sink, 2).unwrap();
+    let written = w.finish();
+    eprintln!("{report:#?}; pages written {written:?}");
+    sink.assert_each_block_once();
+    let image = sink.images[0].lock().unwrap();
+    if let Some(p) =
+        (0..len / PAGE).find(|&p| image[p * PAGE..][..PAGE] != at_pause[p * PAGE..][..PAGE])
+    {
+        panic!("page {p} differs from the pause instant");
+    }
+    let mut zeros = sink.zeros.lock().unwrap().clone();
+    zeros.sort_unstable();
+    assert_eq!(report.blocks_unpopulated, zeros.len() as u64);
+    assert!(zeros.len() >= 8, "{} zero blocks", zeros.len());
+    // Only never-touched blocks are zero blocks. A never-touched block that
+    // is not one was written during the snapshot before a walker took it
+    // (a write fault gives the page a fresh zeroed page before the fault
+    // thread sees it, so it was copied, as zeros).
+    let now = m.bytes();
+    let written_now = |b: u64| now[b as usize * bs..][..bs].iter().any(|&x| x != 0);
+    for z in &zeros {
+        assert!(
+            untouched.contains(z),
+            "block {z:?} was populated at the pause"
+        );
+    }
+    for &(r, b) in untouched.iter().filter(|u| !zeros.contains(u)) {
+        assert!(
+            written_now(b),
+            "block {b} of range {r}: never touched, not a zero block"
+        );
+    }
+    // The writers' first writes into zero blocks stayed out of the image.
+    let first_writes = zeros.iter().filter(|&&(_, b)| written_now(b)).count();
+    assert!(first_writes > 0, "no writer wrote a never-touched block");
+    assert!(
+        report.blocks_by_faults > 0,
+        "no block was copied by a fault"
+    );
     assert_unprotected(&[&m]);
 }
