@@ -918,7 +918,7 @@ fn snapshot(
             &path,
             &channels,
             disks,
-            save::live::BLOCK_SIZE,
+            save::live::Walk::default(),
             &state.cancel,
             Some(&p),
         )

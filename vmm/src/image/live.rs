@@ -38,6 +38,24 @@ use crate::progress::Progress;
 /// 0.1 ms here.
 pub const BLOCK_SIZE: usize = 256 << 10;
 
+/// How a live snapshot walks guest RAM (the defaults unless tuning).
+#[derive(Clone, Copy, Debug)]
+pub struct Walk {
+    /// Block size: a power of two from 4 KiB ([`BLOCK_SIZE`]).
+    pub block_size: usize,
+    /// Record never-populated blocks as holes without reading them (true).
+    pub skip_unpopulated: bool,
+}
+
+impl Default for Walk {
+    fn default() -> Self {
+        Walk {
+            block_size: BLOCK_SIZE,
+            skip_unpopulated: true,
+        }
+    }
+}
+
 /// What a live snapshot did.
 #[derive(Clone, Debug, Serialize)]
 pub struct SnapshotStats {
@@ -77,6 +95,9 @@ pub struct SnapshotStats {
     pub blocks_by_walkers: u64,
     /// Blocks copied because a vCPU wrote them first.
     pub blocks_by_faults: u64,
+    /// Blocks never populated, recorded as holes without reading them
+    /// (counted in the two above too).
+    pub blocks_unpopulated: u64,
     /// Write faults taken.
     pub faults: u64,
     /// Median fault latency (µs).
@@ -145,6 +166,21 @@ impl BlockSink for ImageSink<'_> {
             _ => self.writer.write_chunk(range, block, data),
         };
         r.map(|_| ()).map_err(Into::into)
+    }
+
+    fn write_zero_block(
+        &self,
+        range: usize,
+        block: u64,
+        len: usize,
+    ) -> Result<(), bg_snapshot::SinkError> {
+        // Never populated: every page a hole, nothing to read or write.
+        if let Some(p) = self.progress {
+            p.add(len as u64);
+        }
+        self.writer
+            .record_zero_chunk(range, block)
+            .map_err(Into::into)
     }
 }
 
@@ -298,15 +334,15 @@ fn open_image(
     })
 }
 
-/// Takes a live snapshot of the VM into `path`, in blocks of `block_size`
-/// bytes (a power of two from 4 KiB; [`BLOCK_SIZE`] unless tuning), and
-/// copies each disk to its `disk_targets` entry at the same instant.
+/// Takes a live snapshot of the VM into `path`, walking RAM as `walk`
+/// says, and copies each disk to its `disk_targets` entry at the same
+/// instant.
 pub fn snapshot_vm(
     controller: &VmController,
     path: &Path,
     channels: &ChannelOptions,
     disk_targets: &[PathBuf],
-    block_size: usize,
+    walk: Walk,
     cancel: &CancelSlot,
     progress: Option<&Progress>,
 ) -> Result<SnapshotStats, SaveError> {
@@ -323,10 +359,14 @@ pub fn snapshot_vm(
     let start = Instant::now();
     let serr = snap_err(path);
     let memory = controller.call(|vm| vm.memory().clone())?;
-    let image = open_image(path, &memory, channels, block_size)?;
+    let image = open_image(path, &memory, channels, walk.block_size)?;
     // Register and protect while the vCPUs run; the pause only re-protects
     // what they wrote meanwhile.
-    let pre = bg_snapshot::prepare(&guest_ranges(&memory), block_size)
+    let opts = bg_snapshot::ArmOptions {
+        skip_unpopulated: walk.skip_unpopulated,
+        ..Default::default()
+    };
+    let pre = bg_snapshot::prepare_with(&guest_ranges(&memory), walk.block_size, opts)
         .and_then(|p| p.pre_arm())
         .map_err(&serr)?;
     let pre_stats = pre.stats();
@@ -359,6 +399,7 @@ pub fn snapshot_vm(
                 total_ms: ms(start.elapsed()),
                 blocks_by_walkers: report.blocks_by_walkers,
                 blocks_by_faults: report.blocks_by_faults,
+                blocks_unpopulated: report.blocks_unpopulated,
                 faults: report.faults,
                 fault_latency_median_us: ms(report.fault_latency.median) * 1000.0,
                 fault_latency_p99_us: ms(report.fault_latency.p99) * 1000.0,
