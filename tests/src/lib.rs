@@ -515,6 +515,19 @@ pub fn boot_with_api_in(
     cmdline: &str,
     api: &Path,
 ) -> (Guest, Progress) {
+    boot_with_api_until(netns, vcpus, mem_mib, cmdline, api, (3, 2))
+}
+
+/// Boots behind `api` and waits until every vCPU printed `beats`
+/// heartbeats and `sweeps` verification sweeps.
+fn boot_with_api_until(
+    netns: Option<&str>,
+    vcpus: u32,
+    mem_mib: u64,
+    cmdline: &str,
+    api: &Path,
+    (beats, sweeps): (u64, u64),
+) -> (Guest, Progress) {
     let _ = std::fs::remove_file(api);
     let mut cmd = migration::cryo_in(netns);
     cmd.args([
@@ -536,8 +549,20 @@ pub fn boot_with_api_in(
         "no API socket\n{}",
         g.transcript()
     );
-    let p = g.follow(vcpus, 3, 2, Duration::from_secs(90));
+    let p = g.follow(vcpus, beats, sweeps, Duration::from_secs(90));
     (g, p)
+}
+
+/// Boots the test kernel behind an API socket like [`boot_with_api`], but
+/// returns as soon as every vCPU printed its first heartbeat: the guest is
+/// then still filling its memory for the first time.
+pub fn boot_with_api_filling(
+    vcpus: u32,
+    mem_mib: u64,
+    cmdline: &str,
+    api: &Path,
+) -> (Guest, Progress) {
+    boot_with_api_until(None, vcpus, mem_mib, cmdline, api, (1, 0))
 }
 
 /// `cryo save --api API --to FILE [extra...]`; panics unless it succeeds.

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use cryo_tests::{
-    boot_with_api, cryo, restore_vm, snapshot_vm as snapshot, socket_path, wait_for_socket,
-    workdir, Progress,
+    boot_with_api, boot_with_api_filling, cryo, restore_vm, snapshot_vm as snapshot, socket_path,
+    wait_for_socket, workdir, Progress,
 };
 
 const T: Duration = Duration::from_secs(120);
@@ -98,6 +98,94 @@ fn writes_while_protection_is_applied_end_at_the_pause() {
     // Two sweeps: every page of each vCPU's pool checked against its record.
     let restored = r.follow(2, 3, 2, T);
     check_point_in_time(&before, &during, &restored);
+}
+
+const MIB: u64 = 1 << 20;
+
+/// Bytes of guest RAM present (not holes) in the fixed-ram image at `file`,
+/// which must verify (every chunk's CRC, holes read as zeros).
+fn present_bytes(file: &std::path::Path) -> u64 {
+    let img = fixed_ram::Image::open(file).unwrap();
+    img.verify().unwrap();
+    let regions = img.layout().regions().len();
+    (0..regions).map(|r| img.present_pages(r)).sum::<u64>() * 4096
+}
+
+/// A 2 GiB guest whose vCPUs write only 96 MiB: the walkers record the
+/// never-touched blocks as holes without reading them; the image holds what
+/// the guest touched (the rest reads as zeros), and restores, eagerly and
+/// lazily, to the pause moment with every page the guest wrote intact (it
+/// checks each against its own record).
+#[test]
+fn mostly_untouched_memory_is_skipped_and_restores() {
+    let dir = workdir("live-sparse");
+    let api = socket_path("live-sparse");
+    let file = dir.join("snap.img");
+    let (mut g, _) = boot_with_api(2, 2048, "cryo.mem=48 cryo.rate=0 cryo.hb_ms=100", &api);
+    g.drain();
+    let before = g.follow(2, 1, 0, T);
+    let stats = snapshot(&api, &file);
+    let n = |k: &str| {
+        stats[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k} in {stats}"))
+    };
+    let blocks = 2048 * MIB / (256 << 10);
+    assert!(n("blocks_unpopulated") >= blocks * 3 / 4, "{stats}");
+    assert!(n("blocks_unpopulated") <= n("blocks_by_walkers"), "{stats}");
+    assert!(
+        n("blocks_by_faults") > 0,
+        "no vCPU write hit the protection: {stats}"
+    );
+    let during = g.follow(2, 3, 1, T);
+    let present = present_bytes(&file);
+    assert!(
+        (96 * MIB..192 * MIB).contains(&present),
+        "{present} bytes present in the image: {stats}"
+    );
+    for extra in [&[][..], &["--lazy"][..]] {
+        let mut r = restore_vm(&file, None, extra);
+        let restored = r.follow(2, 3, 2, T);
+        check_point_in_time(&before, &during, &restored);
+    }
+}
+
+/// A snapshot taken while the guest fills its memory for the first time:
+/// the pages it first writes during the snapshot were never populated at
+/// the pause, so the image must hold them as zeros (their content then) and
+/// not what the guest wrote into them afterwards. The restored guest goes
+/// on filling from the pause and then checks every page against its record.
+#[test]
+fn pages_first_written_during_the_snapshot_keep_their_pause_content() {
+    let dir = workdir("live-filling");
+    let api = socket_path("live-filling");
+    let file = dir.join("snap.img");
+    let (mut g, _) =
+        boot_with_api_filling(2, 2048, "cryo.mem=768 cryo.rate=0 cryo.hb_ms=100", &api);
+    g.drain();
+    let before = g.follow(2, 1, 0, T);
+    let stats = snapshot(&api, &file);
+    let n = |k: &str| {
+        stats[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {k} in {stats}"))
+    };
+    assert!(n("blocks_unpopulated") > 0, "{stats}");
+    assert!(
+        n("blocks_by_faults") > 0,
+        "no first write hit the protection: {stats}"
+    );
+    // The original finishes its fill (1.5 GiB) and verifies it.
+    let during = g.follow(2, 3, 1, T);
+    let present = present_bytes(&file);
+    assert!(
+        present < 1536 * MIB,
+        "the image holds {present} bytes: pages filled after the pause leaked in ({stats})"
+    );
+    let mut r = restore_vm(&file, None, &[]);
+    let restored = r.follow(2, 3, 2, T);
+    check_point_in_time(&before, &during, &restored);
+    eprintln!("{present} bytes present at the pause; {stats}");
 }
 
 #[test]
