@@ -3,6 +3,7 @@
 //! repeated and cancelled, and memory that cannot be write-protected is
 //! refused clearly.
 
+use std::path::Path;
 use std::time::Duration;
 
 use cryo_tests::{
@@ -29,6 +30,24 @@ fn check_point_in_time(before: &Progress, during_last: &Progress, restored: &Pro
     }
 }
 
+/// Restores `file` once per entry of `how` (extra `restore` arguments) and
+/// checks each restored guest: it starts from the pause moment and verifies
+/// every page twice against its own record.
+fn check_restores(file: &Path, how: &[&[&str]], before: &Progress, during: &Progress) {
+    for extra in how {
+        let mut r = restore_vm(file, None, extra);
+        let restored = r.follow(2, 3, 2, T);
+        check_point_in_time(before, during, &restored);
+    }
+}
+
+/// Field `k` of a snapshot's statistics, a number.
+fn stat(stats: &serde_json::Value, k: &str) -> u64 {
+    stats[k]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {k} in {stats}"))
+}
+
 #[test]
 fn snapshot_of_a_busy_vm_is_the_pause_moment() {
     let dir = workdir("live-basic");
@@ -40,7 +59,7 @@ fn snapshot_of_a_busy_vm_is_the_pause_moment() {
     let stats = snapshot(&api, &file);
     assert!(stats["paused_ms"].as_f64().unwrap() < 1000.0, "{stats}");
     assert!(
-        stats["blocks_by_faults"].as_u64().unwrap() > 0,
+        stat(&stats, "blocks_by_faults") > 0,
         "no vCPU write hit the protection: {stats}"
     );
     // The original runs on without mismatch.
@@ -49,12 +68,7 @@ fn snapshot_of_a_busy_vm_is_the_pause_moment() {
         during.last_beat[&0].0 > before.last_beat[&0].0 + 3,
         "{during:?}"
     );
-
-    for extra in [&[][..], &["--lazy"][..]] {
-        let mut r = restore_vm(&file, None, extra);
-        let restored = r.follow(2, 3, 2, T);
-        check_point_in_time(&before, &during, &restored);
-    }
+    check_restores(&file, &[&[], &["--lazy"]], &before, &during);
 }
 
 /// Protection is applied while the vCPUs write hard (1 GiB takes a while to
@@ -74,12 +88,7 @@ fn writes_while_protection_is_applied_end_at_the_pause() {
         let before = g.follow(2, 1, 0, T);
         let file = dir.join(format!("snap{tries}.img"));
         let stats = snapshot(&api, &file);
-        let n = |k: &str| {
-            stats[k]
-                .as_u64()
-                .unwrap_or_else(|| panic!("no {k} in {stats}"))
-        };
-        if n("pre_arm_faults") > 0 {
+        if stat(&stats, "pre_arm_faults") > 0 {
             break (before, stats, file);
         }
         tries += 1;
@@ -94,17 +103,14 @@ fn writes_while_protection_is_applied_end_at_the_pause() {
         "{stats}"
     );
     let during = g.follow(2, 3, 1, T);
-    let mut r = restore_vm(&file, None, &[]);
-    // Two sweeps: every page of each vCPU's pool checked against its record.
-    let restored = r.follow(2, 3, 2, T);
-    check_point_in_time(&before, &during, &restored);
+    check_restores(&file, &[&[]], &before, &during);
 }
 
 const MIB: u64 = 1 << 20;
 
 /// Bytes of guest RAM present (not holes) in the fixed-ram image at `file`,
 /// which must verify (every chunk's CRC, holes read as zeros).
-fn present_bytes(file: &std::path::Path) -> u64 {
+fn present_bytes(file: &Path) -> u64 {
     let img = fixed_ram::Image::open(file).unwrap();
     img.verify().unwrap();
     let regions = img.layout().regions().len();
@@ -125,11 +131,7 @@ fn mostly_untouched_memory_is_skipped_and_restores() {
     g.drain();
     let before = g.follow(2, 1, 0, T);
     let stats = snapshot(&api, &file);
-    let n = |k: &str| {
-        stats[k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no {k} in {stats}"))
-    };
+    let n = |k: &str| stat(&stats, k);
     let blocks = 2048 * MIB / (256 << 10);
     assert!(n("blocks_unpopulated") >= blocks * 3 / 4, "{stats}");
     assert!(n("blocks_unpopulated") <= n("blocks_by_walkers"), "{stats}");
@@ -143,11 +145,7 @@ fn mostly_untouched_memory_is_skipped_and_restores() {
         (96 * MIB..192 * MIB).contains(&present),
         "{present} bytes present in the image: {stats}"
     );
-    for extra in [&[][..], &["--lazy"][..]] {
-        let mut r = restore_vm(&file, None, extra);
-        let restored = r.follow(2, 3, 2, T);
-        check_point_in_time(&before, &during, &restored);
-    }
+    check_restores(&file, &[&[], &["--lazy"]], &before, &during);
 }
 
 /// A snapshot taken while the guest fills its memory for the first time:
@@ -165,11 +163,7 @@ fn pages_first_written_during_the_snapshot_keep_their_pause_content() {
     g.drain();
     let before = g.follow(2, 1, 0, T);
     let stats = snapshot(&api, &file);
-    let n = |k: &str| {
-        stats[k]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no {k} in {stats}"))
-    };
+    let n = |k: &str| stat(&stats, k);
     assert!(n("blocks_unpopulated") > 0, "{stats}");
     assert!(
         n("blocks_by_faults") > 0,
@@ -182,10 +176,8 @@ fn pages_first_written_during_the_snapshot_keep_their_pause_content() {
         present < 1536 * MIB,
         "the image holds {present} bytes: pages filled after the pause leaked in ({stats})"
     );
-    let mut r = restore_vm(&file, None, &[]);
-    let restored = r.follow(2, 3, 2, T);
-    check_point_in_time(&before, &during, &restored);
     eprintln!("{present} bytes present at the pause; {stats}");
+    check_restores(&file, &[&[]], &before, &during);
 }
 
 #[test]
