@@ -19,12 +19,24 @@ const HARD: &str = "cryo.mem=96 cryo.rate=0 cryo.hb_ms=100";
 /// the last one printed before the snapshot was asked for, and before the
 /// ones the original printed while the snapshot was being written.
 fn check_point_in_time(before: &Progress, during_last: &Progress, restored: &Progress) {
+    check_point_in_time_within(before, during_last, restored, 3);
+}
+
+/// [`check_point_in_time`] allowing `slack` heartbeats between the last one
+/// seen before the snapshot was asked for and the pause (protecting a large
+/// guest's RAM before the pause takes longer).
+fn check_point_in_time_within(
+    before: &Progress,
+    during_last: &Progress,
+    restored: &Progress,
+    slack: u64,
+) {
     assert!(!restored.booted);
     for (cpu, (seq_before, _)) in &before.last_beat {
         let (first, _) = restored.first_beat[cpu];
         let (later, _) = during_last.last_beat[cpu];
         assert!(
-            first > *seq_before && first <= seq_before + 3,
+            first > *seq_before && first <= seq_before + slack,
             "cpu {cpu}: heartbeat {seq_before} before the snapshot, restored guest starts at {first} (the original reached {later} meanwhile)"
         );
     }
@@ -32,12 +44,18 @@ fn check_point_in_time(before: &Progress, during_last: &Progress, restored: &Pro
 
 /// Restores `file` once per entry of `how` (extra `restore` arguments) and
 /// checks each restored guest: it starts from the pause moment and verifies
-/// every page twice against its own record.
-fn check_restores(file: &Path, how: &[&[&str]], before: &Progress, during: &Progress) {
+/// every page twice against its own record;
+/// `slack` as in [`check_point_in_time_within`].
+fn check_restores(
+    file: &Path,
+    how: &[&[&str]],
+    (before, during): (&Progress, &Progress),
+    slack: u64,
+) {
     for extra in how {
         let mut r = restore_vm(file, None, extra);
         let restored = r.follow(2, 3, 2, T);
-        check_point_in_time(before, during, &restored);
+        check_point_in_time_within(before, during, &restored, slack);
     }
 }
 
@@ -68,7 +86,7 @@ fn snapshot_of_a_busy_vm_is_the_pause_moment() {
         during.last_beat[&0].0 > before.last_beat[&0].0 + 3,
         "{during:?}"
     );
-    check_restores(&file, &[&[], &["--lazy"]], &before, &during);
+    check_restores(&file, &[&[], &["--lazy"]], (&before, &during), 3);
 }
 
 /// Protection is applied while the vCPUs write hard (1 GiB takes a while to
@@ -103,7 +121,7 @@ fn writes_while_protection_is_applied_end_at_the_pause() {
         "{stats}"
     );
     let during = g.follow(2, 3, 1, T);
-    check_restores(&file, &[&[]], &before, &during);
+    check_restores(&file, &[&[]], (&before, &during), 3);
 }
 
 const MIB: u64 = 1 << 20;
@@ -145,7 +163,8 @@ fn mostly_untouched_memory_is_skipped_and_restores() {
         (96 * MIB..192 * MIB).contains(&present),
         "{present} bytes present in the image: {stats}"
     );
-    check_restores(&file, &[&[], &["--lazy"]], &before, &during);
+    // Protecting 2 GiB before the pause takes a few heartbeats.
+    check_restores(&file, &[&[], &["--lazy"]], (&before, &during), 10);
 }
 
 /// A snapshot taken while the guest fills its memory for the first time:
@@ -159,7 +178,7 @@ fn pages_first_written_during_the_snapshot_keep_their_pause_content() {
     let api = socket_path("live-filling");
     let file = dir.join("snap.img");
     let (mut g, _) =
-        boot_with_api_filling(2, 2048, "cryo.mem=768 cryo.rate=0 cryo.hb_ms=100", &api);
+        boot_with_api_filling(2, 2048, "cryo.mem=512 cryo.rate=0 cryo.hb_ms=100", &api);
     g.drain();
     let before = g.follow(2, 1, 0, T);
     let stats = snapshot(&api, &file);
@@ -169,15 +188,15 @@ fn pages_first_written_during_the_snapshot_keep_their_pause_content() {
         n("blocks_by_faults") > 0,
         "no first write hit the protection: {stats}"
     );
-    // The original finishes its fill (1.5 GiB) and verifies it.
+    // The original finishes its fill (1 GiB) and verifies it.
     let during = g.follow(2, 3, 1, T);
     let present = present_bytes(&file);
     assert!(
-        present < 1536 * MIB,
+        present < 1024 * MIB,
         "the image holds {present} bytes: pages filled after the pause leaked in ({stats})"
     );
     eprintln!("{present} bytes present at the pause; {stats}");
-    check_restores(&file, &[&[]], &before, &during);
+    check_restores(&file, &[&[]], (&before, &during), 10);
 }
 
 #[test]
