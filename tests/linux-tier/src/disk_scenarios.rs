@@ -33,22 +33,6 @@ const WRITER: &str = "(i=0; while [ $i -lt 100000 ]; do i=$((i+1)); \
 dd if=/dev/urandom of=/mnt/w$i bs=4k count=4 conv=fsync 2>/dev/null && \
 echo ACK $i $(md5sum /mnt/w$i | cut -c1-32); done) &";
 
-/// Labels a failure with the step that failed and attaches `vm`'s console
-/// without the workload's heartbeat and sweep lines.
-fn at(vm: &LinuxVm, step: &'static str) -> impl FnOnce(Failure) -> Failure {
-    let log: Vec<String> = vm
-        .guest
-        .output()
-        .into_iter()
-        .filter(|l| !l.contains("HB seq=") && !l.contains("SWEEP "))
-        .collect();
-    let log = log[log.len().saturating_sub(80)..].to_vec();
-    move |f| Failure {
-        reason: format!("{step}: {}", f.reason),
-        log,
-    }
-}
-
 /// Runs the disk scenarios.
 pub fn disk_guest(setup: &Setup, tally: &mut Tally) {
     match fsync_save(setup) {
@@ -108,13 +92,13 @@ fn ext4_guest(
         "MKFS-8",
         BOOT_TIMEOUT,
     )
-    .map_err(at(&vm, "mke2fs"))?;
+    .map_err(Failure::at(&vm, "mke2fs"))?;
     vm.shell(
         "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo MNT-$((4+5))",
         "MNT-9",
         BOOT_TIMEOUT,
     )
-    .map_err(at(&vm, "mount"))?;
+    .map_err(Failure::at(&vm, "mount"))?;
     Ok((vm, api, disk))
 }
 
@@ -126,7 +110,7 @@ fn start_writer(vm: &mut LinuxVm) -> Result<(), Failure> {
         acks += usize::from(l.contains("ACK "));
         acks >= ACKS_BEFORE_SAVE
     })
-    .map_err(at(vm, "fsync writes before the save"))?;
+    .map_err(Failure::at(vm, "fsync writes before the save"))?;
     Ok(())
 }
 
@@ -138,7 +122,7 @@ fn check_restored(restored: &mut LinuxVm, acked: &BTreeMap<u64, String>) -> Resu
     restored.heartbeats(2, BEAT_TIMEOUT)?;
     restored
         .wait_line(BEAT_TIMEOUT, |l| l.contains("ACK "))
-        .map_err(at(restored, "fsync writes after the restore"))?;
+        .map_err(Failure::at(restored, "fsync writes after the restore"))?;
     restored.shell(
         "kill $!; sleep 1; cd /; echo STOPPED-$((3+4))",
         "STOPPED-7",
@@ -168,7 +152,7 @@ fn check_restored(restored: &mut LinuxVm, acked: &BTreeMap<u64, String>) -> Resu
     )?;
     let fsck = restored
         .wait_line(BOOT_TIMEOUT, |l| l.contains("FSCK-42-RC-"))
-        .map_err(at(restored, "e2fsck"))?;
+        .map_err(Failure::at(restored, "e2fsck"))?;
     if !fsck.contains("FSCK-42-RC-0") {
         let _ = restored.type_line("cat /tmp/fsck.log");
         std::thread::sleep(Duration::from_secs(2));
@@ -185,7 +169,7 @@ fn check_restored(restored: &mut LinuxVm, acked: &BTreeMap<u64, String>) -> Resu
 /// the filesystem. Returns the detail, the image and the disk.
 fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
     let (mut vm, api, disk) = ext4_guest(setup, "disk", "", false)?;
-    throughput(&mut vm).map_err(at(&vm, "dd"))?;
+    throughput(&mut vm).map_err(Failure::at(&vm, "dd"))?;
     start_writer(&mut vm)?;
 
     let image = setup.work.join("disk-vm.img");
@@ -260,7 +244,7 @@ fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
     let (mut vm, api, _disk) = ext4_guest(setup, "snapdisk", "64M", true)?;
     vm.type_line(&tail_writer())?;
     vm.wait_line(BEAT_TIMEOUT, |l| tail_seq(l) == Some(2))
-        .map_err(at(&vm, "rewriting the tail block"))?;
+        .map_err(Failure::at(&vm, "rewriting the tail block"))?;
     start_writer(&mut vm)?;
     let acked = checksums(&vm.guest.output(), "ACK");
     let image = setup.work.join("snapdisk-vm.img");
@@ -307,7 +291,7 @@ fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
     // The restored guest's next tail write follows the one in the copy.
     let next = restored
         .wait_line(BEAT_TIMEOUT, |l| tail_seq(l).is_some())
-        .map_err(at(&restored, "tail writes after the restore"))?;
+        .map_err(Failure::at(&restored, "tail writes after the restore"))?;
     let next = tail_seq(&next).unwrap_or(0);
     if in_copy + 2 < next || in_copy > next {
         return Err(Failure::of(
@@ -327,7 +311,10 @@ fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
         .wait_line(BEAT_TIMEOUT, |l| {
             l.contains("MARKER-3") || l.contains("MARKER-4")
         })
-        .map_err(at(&restored, "the file written after the snapshot"))?;
+        .map_err(Failure::at(
+            &restored,
+            "the file written after the snapshot",
+        ))?;
     if marker.contains("MARKER-3") {
         return Err(Failure::of(
             &restored,
