@@ -206,7 +206,7 @@ fn collect_lines(mut cmd: Command, timeout: Duration) -> Result<Vec<String>, Tie
                 let _ = child.wait();
                 return Err(TierError::Run(format!(
                     "still running after {timeout:?}; last lines:\n{}",
-                    lines[lines.len().saturating_sub(40)..].join("\n")
+                    guest::tail(&lines, 40).join("\n")
                 )));
             }
         }
@@ -281,7 +281,7 @@ impl NestedRuns {
             note.push_str(&why);
         }
         if !report.done && !missing.is_empty() {
-            let tail = &self.transcript[self.transcript.len().saturating_sub(CONSOLE_TAIL)..];
+            let tail = guest::tail(&self.transcript, CONSOLE_TAIL);
             note.push_str(&format!(
                 "\nthe driver did not finish; the nested console's last {} lines:\n{}",
                 tail.len(),

@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::sync::OnceLock;
 
+use cryo_linux_tier::guest::tail;
 use cryo_linux_tier::scenarios::names;
 use cryo_linux_tier::{run_tier, Mode, TierRun};
 
@@ -49,7 +50,7 @@ fn check(scenario: &str) {
         .map(|runs| format!("\nfailed in: {}", runs.join("; ")))
         .unwrap_or_default();
     let Some(outcome) = run.report.results.get(scenario) else {
-        let tail = &run.transcript[run.transcript.len().saturating_sub(TRANSCRIPT_TAIL)..];
+        let tail = tail(&run.transcript, TRANSCRIPT_TAIL);
         panic!(
             "the Linux tier reported nothing for {scenario} (driver finished: {}){earlier}\nlast lines:\n{}",
             run.report.done,
