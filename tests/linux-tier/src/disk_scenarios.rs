@@ -222,19 +222,31 @@ const TAIL_POLL: Duration = Duration::from_millis(5);
 /// 2, ...), each write direct and flushed, then prints `TAILSEQ n`. Before
 /// each write it reads the block back (direct) and prints `TAILBAD n=N
 /// found=...` unless it holds `SEQ N`, its own last write. Its pid goes in
-/// `$T`.
-fn tail_writer() -> String {
-    let write = |n: &str| {
-        format!("printf 'SEQ %08d' {n} | dd of=/dev/vda bs=4k seek={TAIL_BLOCK} conv=sync,notrunc,fsync oflag=direct 2>/dev/null")
-    };
-    let read = format!(
-        "dd if=/dev/vda bs=4k skip={TAIL_BLOCK} count=1 iflag=direct 2>/dev/null | head -c 12"
-    );
-    format!(
-        "(n=0; {}; while true; do r=$({read}); [ \"$r\" = \"$(printf 'SEQ %08d' $n)\" ] || echo TAILBAD n=$n found=$r; n=$((n+1)); {} && echo TAILSEQ $n; done) & T=$!",
-        write("0"),
-        write("$n")
-    )
+/// `$T`. Typed as three lines (two shell functions, then the loop), each
+/// well under 256 bytes: a 425-byte line was seen to stop reaching the
+/// guest's shell after its 256th byte.
+fn tail_writer() -> [String; 3] {
+    [
+        format!("tw() {{ printf 'SEQ %08d' $1 | dd of=/dev/vda bs=4k seek={TAIL_BLOCK} conv=sync,notrunc,fsync oflag=direct 2>/dev/null; }}"),
+        format!("tb() {{ dd if=/dev/vda bs=4k skip={TAIL_BLOCK} count=1 iflag=direct 2>/dev/null | head -c 12; }}"),
+        "(n=0; tw 0; while true; do [ \"$(tb)\" = \"$(printf 'SEQ %08d' $n)\" ] || echo TAILBAD n=$n found=$(tb); n=$((n+1)); tw $n && echo TAILSEQ $n; done) & T=$!".to_string(),
+    ]
+}
+
+/// Types the [`tail_writer`] lines, each once the shell has taken the one
+/// before.
+fn start_tail_writer(vm: &mut LinuxVm) -> Result<(), Failure> {
+    let [write, read, run] = tail_writer();
+    for (i, line) in [write, read].iter().enumerate() {
+        let answer = format!("TDEF-{}", i + 2);
+        vm.shell(
+            &format!("{line}; echo TDEF-$((1+{}))", i + 1),
+            &answer,
+            BEAT_TIMEOUT,
+        )
+        .map_err(Failure::at(vm, "defining the tail writer"))?;
+    }
+    vm.type_line(&run)
 }
 
 /// The number of a `TAILSEQ n` line.
@@ -363,7 +375,7 @@ fn snapshot_with_disk(
 /// marker, and a clean filesystem.
 fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
     let (mut vm, api, _disk) = ext4_guest(setup, "snapdisk", "64M", true)?;
-    vm.type_line(&tail_writer())?;
+    start_tail_writer(&mut vm)?;
     vm.wait_line(BEAT_TIMEOUT, |l| tail_seq(l) == Some(2))
         .map_err(Failure::at(&vm, "rewriting the tail block"))?;
     start_writer(&mut vm)?;
@@ -512,8 +524,10 @@ mod tests {
 
     #[test]
     fn tail_lines_are_told_from_the_typed_command() {
-        let typed = tail_writer();
-        assert!(!tail_bad(&typed) && tail_seq(&typed).is_none());
+        for typed in tail_writer() {
+            assert!(typed.len() < 200, "{} bytes: {typed}", typed.len());
+            assert!(!tail_bad(&typed) && tail_seq(&typed).is_none());
+        }
         assert_eq!(tail_seq("TAILSEQ 17"), Some(17));
         assert!(tail_bad("TAILBAD n=4 found=SEQ 00000005"));
         assert!(!tail_bad("TAILSEQ 4"));
