@@ -28,26 +28,16 @@ const DD_TIMEOUT: Duration = Duration::from_secs(150);
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The background writer: each file is written with fsync, then announced
-/// with its checksum (`ACK i md5`): an acknowledged write.
-const WRITER: &str = "(i=0; while [ $i -lt 100000 ]; do i=$((i+1)); \
+/// with its checksum (`ACK i md5`): an acknowledged write. Once
+/// `/tmp/writer-stop` exists it ends after the write under way
+/// ([`WRITER_STOP`]).
+const WRITER: &str = "(i=0; while [ $i -lt 100000 ] && [ ! -e /tmp/writer-stop ]; do i=$((i+1)); \
 dd if=/dev/urandom of=/mnt/w$i bs=4k count=4 conv=fsync 2>/dev/null && \
 echo ACK $i $(md5sum /mnt/w$i | cut -c1-32); done) &";
-
-/// Labels a failure with the step that failed and attaches `vm`'s console
-/// without the workload's heartbeat and sweep lines.
-fn at(vm: &LinuxVm, step: &'static str) -> impl FnOnce(Failure) -> Failure {
-    let log: Vec<String> = vm
-        .guest
-        .output()
-        .into_iter()
-        .filter(|l| !l.contains("HB seq=") && !l.contains("SWEEP "))
-        .collect();
-    let log = log[log.len().saturating_sub(80)..].to_vec();
-    move |f| Failure {
-        reason: format!("{step}: {}", f.reason),
-        log,
-    }
-}
+/// Stops [`WRITER`] and waits until it has ended, so that no file of the
+/// filesystem is still open when it is unmounted (a killed writer's last
+/// `dd` or `md5sum` runs on, and a slow one keeps `umount` from working).
+const WRITER_STOP: &str = "touch /tmp/writer-stop; wait $!; cd /; echo STOPPED-$((3+4))";
 
 /// Runs the disk scenarios.
 pub fn disk_guest(setup: &Setup, tally: &mut Tally) {
@@ -108,13 +98,13 @@ fn ext4_guest(
         "MKFS-8",
         BOOT_TIMEOUT,
     )
-    .map_err(at(&vm, "mke2fs"))?;
+    .map_err(Failure::at(&vm, "mke2fs"))?;
     vm.shell(
         "mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && echo MNT-$((4+5))",
         "MNT-9",
         BOOT_TIMEOUT,
     )
-    .map_err(at(&vm, "mount"))?;
+    .map_err(Failure::at(&vm, "mount"))?;
     Ok((vm, api, disk))
 }
 
@@ -126,7 +116,7 @@ fn start_writer(vm: &mut LinuxVm) -> Result<(), Failure> {
         acks += usize::from(l.contains("ACK "));
         acks >= ACKS_BEFORE_SAVE
     })
-    .map_err(at(vm, "fsync writes before the save"))?;
+    .map_err(Failure::at(vm, "fsync writes before the save"))?;
     Ok(())
 }
 
@@ -138,12 +128,8 @@ fn check_restored(restored: &mut LinuxVm, acked: &BTreeMap<u64, String>) -> Resu
     restored.heartbeats(2, BEAT_TIMEOUT)?;
     restored
         .wait_line(BEAT_TIMEOUT, |l| l.contains("ACK "))
-        .map_err(at(restored, "fsync writes after the restore"))?;
-    restored.shell(
-        "kill $!; sleep 1; cd /; echo STOPPED-$((3+4))",
-        "STOPPED-7",
-        BEAT_TIMEOUT,
-    )?;
+        .map_err(Failure::at(restored, "fsync writes after the restore"))?;
+    restored.shell(WRITER_STOP, "STOPPED-7", BEAT_TIMEOUT)?;
     restored.shell(
         &format!(
             "for i in $(seq 1 {last}); do echo HAVE $i $(md5sum /mnt/w$i 2>&1 | cut -c1-32); done; echo HAVE-END-$((0+{last}))"
@@ -164,11 +150,17 @@ fn check_restored(restored: &mut LinuxVm, acked: &BTreeMap<u64, String>) -> Resu
         ));
     }
     restored.type_line(
-        "umount /mnt && /opt/e2fsprogs/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1; echo FSCK-$((6*7))-RC-$?",
+        "if umount /mnt; then /opt/e2fsprogs/e2fsck -fn /dev/vda >/tmp/fsck.log 2>&1; echo FSCK-$((6*7))-RC-$?; else echo FSCK-$((6*7))-UMOUNT-FAILED; fi",
     )?;
     let fsck = restored
-        .wait_line(BOOT_TIMEOUT, |l| l.contains("FSCK-42-RC-"))
-        .map_err(at(restored, "e2fsck"))?;
+        .wait_line(BOOT_TIMEOUT, |l| l.contains("FSCK-42-"))
+        .map_err(Failure::at(restored, "e2fsck"))?;
+    if fsck.contains("FSCK-42-UMOUNT-FAILED") {
+        return Err(Failure::of(
+            restored,
+            format!("umount /mnt failed before e2fsck: {fsck}"),
+        ));
+    }
     if !fsck.contains("FSCK-42-RC-0") {
         let _ = restored.type_line("cat /tmp/fsck.log");
         std::thread::sleep(Duration::from_secs(2));
@@ -185,7 +177,7 @@ fn check_restored(restored: &mut LinuxVm, acked: &BTreeMap<u64, String>) -> Resu
 /// the filesystem. Returns the detail, the image and the disk.
 fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
     let (mut vm, api, disk) = ext4_guest(setup, "disk", "", false)?;
-    throughput(&mut vm).map_err(at(&vm, "dd"))?;
+    throughput(&mut vm).map_err(Failure::at(&vm, "dd"))?;
     start_writer(&mut vm)?;
 
     let image = setup.work.join("disk-vm.img");
@@ -221,60 +213,139 @@ fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
 /// the background copy reaches last: the disk is all data, no holes to
 /// skip) all through the snapshot.
 const TAIL_BLOCK: u64 = (DISK_BYTES - (512 << 10)) / 4096;
+/// How often the driver reads the restored disk's tail block while it
+/// waits for the restored guest's first write there (a write takes a guest
+/// `dd`, tens of milliseconds or more nested).
+const TAIL_POLL: Duration = Duration::from_millis(5);
 
-/// Rewrites [`TAIL_BLOCK`] with `SEQ n` (n = 1, 2, ...), each write direct
-/// and flushed, then prints `TAILSEQ n`; its pid goes in `$T`.
-fn tail_writer() -> String {
-    format!(
-        "(n=0; while true; do n=$((n+1)); printf 'SEQ %08d' $n | dd of=/dev/vda bs=4k seek={TAIL_BLOCK} conv=sync,notrunc,fsync oflag=direct 2>/dev/null && echo TAILSEQ $n; done) & T=$!"
-    )
+/// Writes `SEQ 0` to [`TAIL_BLOCK`], then rewrites it with `SEQ n` (n = 1,
+/// 2, ...), each write direct and flushed, then prints `TAILSEQ n`. Before
+/// each write it reads the block back (direct) and prints `TAILBAD n=N
+/// found=...` unless it holds `SEQ N`, its own last write. Its pid goes in
+/// `$T`. Typed as three lines (two shell functions, then the loop), each
+/// well under 256 bytes: a 425-byte line was seen to stop reaching the
+/// guest's shell after its 256th byte.
+fn tail_writer() -> [String; 3] {
+    [
+        format!("tw() {{ printf 'SEQ %08d' $1 | dd of=/dev/vda bs=4k seek={TAIL_BLOCK} conv=sync,notrunc,fsync oflag=direct 2>/dev/null; }}"),
+        format!("tb() {{ dd if=/dev/vda bs=4k skip={TAIL_BLOCK} count=1 iflag=direct 2>/dev/null | head -c 12; }}"),
+        "(n=0; tw 0; while true; do [ \"$(tb)\" = \"$(printf 'SEQ %08d' $n)\" ] || echo TAILBAD n=$n found=$(tb); n=$((n+1)); tw $n && echo TAILSEQ $n; done) & T=$!".to_string(),
+    ]
 }
 
-/// The number of the first `TAILSEQ n` line from `from` on.
+/// Types the [`tail_writer`] lines, each once the shell has taken the one
+/// before.
+fn start_tail_writer(vm: &mut LinuxVm) -> Result<(), Failure> {
+    let [write, read, run] = tail_writer();
+    for (i, line) in [write, read].iter().enumerate() {
+        let answer = format!("TDEF-{}", i + 2);
+        vm.shell(
+            &format!("{line}; echo TDEF-$((1+{}))", i + 1),
+            &answer,
+            BEAT_TIMEOUT,
+        )
+        .map_err(Failure::at(vm, "defining the tail writer"))?;
+    }
+    vm.type_line(&run)
+}
+
+/// The number of a `TAILSEQ n` line.
 fn tail_seq(line: &str) -> Option<u64> {
     let rest = &line[line.find("TAILSEQ ")? + 8..];
     rest.split_whitespace().next()?.parse().ok()
 }
 
-/// The `SEQ n` in the tail block of `copy`.
-fn copied_seq(copy: &Path) -> Result<u64, Failure> {
+/// A `TAILBAD` line of the tail writer (not the echo of the typed command).
+fn tail_bad(line: &str) -> bool {
+    line.find("TAILBAD n=")
+        .is_some_and(|at| line[at + 10..].starts_with(|c: char| c.is_ascii_digit()))
+}
+
+/// The `SEQ n` in the tail block of the disk file `disk`.
+fn disk_tail_seq(disk: &Path) -> Result<u64, String> {
     use std::os::unix::fs::FileExt;
     let mut b = [0u8; 12];
-    std::fs::File::open(copy)
+    std::fs::File::open(disk)
         .and_then(|f| f.read_exact_at(&mut b, TAIL_BLOCK * 4096))
-        .map_err(|e| Failure::plain(format!("reading the copy's tail block: {e}")))?;
+        .map_err(|e| format!("reading the tail block of {}: {e}", disk.display()))?;
     let text = String::from_utf8_lossy(&b);
     text.strip_prefix("SEQ ")
         .and_then(|n| n.trim().parse().ok())
-        .ok_or_else(|| Failure::plain(format!("the copy's tail block holds {text:?}")))
+        .ok_or_else(|| format!("the tail block of {} holds {text:?}", disk.display()))
 }
 
-/// A live snapshot with `--disk-snapshot` while the writer runs and the
-/// guest rewrites a block the copy reaches last: the copy holds that
-/// block as it was at the snapshot (copy-before-write), and the original
-/// then writes a marker file; the snapshot restores onto the copy (no
-/// --disk-changed-ok) with the block's writes following on from the copy's,
-/// every write acknowledged before the snapshot, no marker, and a clean
-/// filesystem.
-fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
-    let (mut vm, api, _disk) = ext4_guest(setup, "snapdisk", "64M", true)?;
-    vm.type_line(&tail_writer())?;
-    vm.wait_line(BEAT_TIMEOUT, |l| tail_seq(l) == Some(2))
-        .map_err(at(&vm, "rewriting the tail block"))?;
-    start_writer(&mut vm)?;
-    let acked = checksums(&vm.guest.output(), "ACK");
-    let image = setup.work.join("snapdisk-vm.img");
-    let copy = setup.work.join("snapdisk-copy.raw");
+/// Reads the tail block of `disk`, the restored guest's disk, until it
+/// holds another write than `from`: the restored guest's first write
+/// there, read from the disk itself. (Its console cannot tell: `TAILSEQ`
+/// lines the guest printed before the snapshot but the serial port had not
+/// sent yet come out of the restored guest first.) Two equal reads in a row
+/// count, so that a write half done is not taken.
+fn first_rewrite(disk: &Path, from: u64, timeout: Duration) -> Result<u64, String> {
+    let deadline = Instant::now() + timeout;
+    let mut last = Ok(from);
+    while Instant::now() < deadline {
+        last = disk_tail_seq(disk);
+        match (&last, disk_tail_seq(disk)) {
+            (Ok(a), Ok(b)) if *a == b && b != from => return Ok(b),
+            _ => std::thread::sleep(TAIL_POLL),
+        }
+    }
+    Err(format!(
+        "the restored guest did not rewrite the tail block within {timeout:?} (last read: {last:?})"
+    ))
+}
+
+/// The tail block across the restore: the restored guest's first write
+/// there must be the one after the copy's (the copy holds the block as the
+/// guest had last written it at the snapshot's instant), and the guest's
+/// read-backs must find its own last write until the write after that
+/// (the first read after the restore reads the copy, unless a write came
+/// first). Returns the first write.
+fn restored_tail(restored: &mut LinuxVm, copy: &Path, in_copy: u64) -> Result<u64, Failure> {
+    let next = first_rewrite(copy, in_copy, BEAT_TIMEOUT)
+        .map_err(|e| Failure::of(restored, format!("the restored guest's tail writes: {e}")))?;
+    if next != in_copy + 1 {
+        return Err(Failure::of(
+            restored,
+            format!("the copy's tail block holds write {in_copy}, but the restored guest's first write there was {next}, not {}: the copy is not the disk of the snapshot's instant", in_copy + 1),
+        ));
+    }
+    let mut bad = None;
+    restored
+        .wait_line(BEAT_TIMEOUT, |l| {
+            if tail_bad(l) {
+                bad = Some(l.to_string());
+            }
+            bad.is_some() || tail_seq(l).is_some_and(|n| n > next)
+        })
+        .map_err(Failure::at(restored, "tail writes after the restore"))?;
+    match bad {
+        Some(line) => Err(Failure::of(
+            restored,
+            format!("the restored guest read back another tail block than it had written: {line}"),
+        )),
+        None => Ok(next),
+    }
+}
+
+/// `cryo snapshot --disk-snapshot` of the VM behind `api` into `image` and
+/// `copy`; reports its figures. Returns (chunks copied before a guest
+/// write, copy time in ms, copy method).
+fn snapshot_with_disk(
+    api: &Path,
+    image: &Path,
+    copy: &Path,
+) -> Result<(u64, f64, String), Failure> {
     let out = cryo_ok(
         &strings(&[
             "--json",
             "snapshot",
             "--api",
-            &path_str(&api),
+            &path_str(api),
             "--to",
-            &path_str(&image),
+            &path_str(image),
             "--disk-snapshot",
-            &path_str(&copy),
+            &path_str(copy),
         ]),
         "cryo snapshot --disk-snapshot",
     )?;
@@ -291,30 +362,48 @@ fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
     report::figure("disk_snapshot_paused_ms_nested", paused, "ms");
     let copy_ms = disk["copy_ms"].as_f64().unwrap_or(0.0);
     report::figure("disk_snapshot_copy_ms_nested", copy_ms, "ms");
-    let written_by_then = vm.guest.output().iter().filter_map(|l| tail_seq(l)).max();
-    let in_copy = copied_seq(&copy)?;
+    let method = disk["method"].as_str().unwrap_or("?").to_string();
+    Ok((before_write, copy_ms, method))
+}
+
+/// A live snapshot with `--disk-snapshot` while the writer runs and the
+/// guest rewrites a block the copy reaches last: the copy holds that
+/// block as it was at the snapshot (copy-before-write), and the original
+/// then writes a marker file; the snapshot restores onto the copy (no
+/// --disk-changed-ok) with the block's writes following on from the copy's
+/// ([`restored_tail`]), every write acknowledged before the snapshot, no
+/// marker, and a clean filesystem.
+fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
+    let (mut vm, api, _disk) = ext4_guest(setup, "snapdisk", "64M", true)?;
+    start_tail_writer(&mut vm)?;
+    vm.wait_line(BEAT_TIMEOUT, |l| tail_seq(l) == Some(2))
+        .map_err(Failure::at(&vm, "rewriting the tail block"))?;
+    start_writer(&mut vm)?;
+    let acked = checksums(&vm.guest.output(), "ACK");
+    let image = setup.work.join("snapdisk-vm.img");
+    let copy = setup.work.join("snapdisk-copy.raw");
+    let (before_write, copy_ms, method) =
+        snapshot_with_disk(&api, &image, &copy).map_err(Failure::at(&vm, "the snapshot"))?;
+    let in_copy = disk_tail_seq(&copy).map_err(|e| Failure::of(&vm, e))?;
     // Written after the snapshot: in the original, never in the snapshot.
     vm.shell(
         "echo late > /mnt/after-snapshot && sync && echo LATE-$((2*4))",
         "LATE-8",
         BEAT_TIMEOUT,
     )?;
+    let written_by_then = vm.guest.output().iter().filter_map(|l| tail_seq(l)).max();
+    if let Some(line) = vm.guest.output().iter().find(|l| tail_bad(l)) {
+        return Err(Failure::of(
+            &vm,
+            format!("the original guest read back another tail block than it had written: {line}"),
+        ));
+    }
     cryo_ok(&strings(&["quit", "--api", &path_str(&api)]), "cryo quit")?;
     vm.wait_exit(EXIT_TIMEOUT)?;
 
     let api2 = setup.work.join("snapdisk-vm2.sock");
     let mut restored = spawn_restore(&image, api2.clone());
-    // The restored guest's next tail write follows the one in the copy.
-    let next = restored
-        .wait_line(BEAT_TIMEOUT, |l| tail_seq(l).is_some())
-        .map_err(at(&restored, "tail writes after the restore"))?;
-    let next = tail_seq(&next).unwrap_or(0);
-    if in_copy + 2 < next || in_copy > next {
-        return Err(Failure::of(
-            &restored,
-            format!("the copy's tail block is write {in_copy}, but the restored guest goes on with write {next} (the original had reached {written_by_then:?} when the snapshot ended)"),
-        ));
-    }
+    let next = restored_tail(&mut restored, &copy, in_copy)?;
     restored.heartbeats(2, BEAT_TIMEOUT)?;
     restored.shell(
         "kill $T; echo UNTOUCHED-$((5*5))",
@@ -327,13 +416,19 @@ fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
         .wait_line(BEAT_TIMEOUT, |l| {
             l.contains("MARKER-3") || l.contains("MARKER-4")
         })
-        .map_err(at(&restored, "the file written after the snapshot"))?;
+        .map_err(Failure::at(
+            &restored,
+            "the file written after the snapshot",
+        ))?;
     if marker.contains("MARKER-3") {
         return Err(Failure::of(
             &restored,
             "a file written after the snapshot is in the snapshot's disk",
         ));
     }
+    // What the old console-based check went by: lines below the copy's
+    // write here came out of the serial port's backlog.
+    let console_first = restored.guest.output().iter().find_map(|l| tail_seq(l));
     check_restored(&mut restored, &acked)?;
     cryo_ok(&strings(&["quit", "--api", &path_str(&api2)]), "cryo quit")?;
     restored.wait_exit(EXIT_TIMEOUT)?;
@@ -345,11 +440,8 @@ fn live_disk_snapshot(setup: &Setup) -> Result<String, Failure> {
         _ => "copy-before-write exercised",
     };
     Ok(format!(
-        "{} writes acknowledged before the snapshot all in the restored copy, the file written after it absent, e2fsck -fn clean; tail block: write {in_copy} in the copy, the restored guest goes on with {next}, the original reached {written_by_then:?} by the snapshot's end; {} chunks copied before guest writes ({path}), copy {:.0} ms ({})",
+        "{} writes acknowledged before the snapshot all in the restored copy, the file written after it absent, e2fsck -fn clean; tail block: write {in_copy} in the copy, the restored guest's first write there {next} and every read-back its own last write (its console's first TAILSEQ line: {console_first:?}), the original's console showed write {written_by_then:?} after the snapshot; {before_write} chunks copied before guest writes ({path}), copy {copy_ms:.0} ms ({method})",
         acked.len(),
-        before_write,
-        copy_ms,
-        disk["method"].as_str().unwrap_or("?"),
     ))
 }
 
@@ -424,4 +516,43 @@ fn refusals(image: &Path, disk: &Path) -> Result<String, Failure> {
         err.trim(),
         err2.trim()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_lines_are_told_from_the_typed_command() {
+        for typed in tail_writer() {
+            assert!(typed.len() < 200, "{} bytes: {typed}", typed.len());
+            assert!(!tail_bad(&typed) && tail_seq(&typed).is_none());
+        }
+        assert_eq!(tail_seq("TAILSEQ 17"), Some(17));
+        assert!(tail_bad("TAILBAD n=4 found=SEQ 00000005"));
+        assert!(!tail_bad("TAILSEQ 4"));
+    }
+
+    #[test]
+    fn the_first_rewrite_is_read_from_the_disk() {
+        use std::os::unix::fs::FileExt;
+        let disk = std::env::temp_dir().join(format!("cryo-tier-tail-{}", std::process::id()));
+        let file = std::fs::File::create(&disk).unwrap();
+        file.set_len(DISK_BYTES).unwrap();
+        let write = |n: u64| {
+            let seq = format!("SEQ {n:08}");
+            file.write_all_at(seq.as_bytes(), TAIL_BLOCK * 4096)
+                .unwrap();
+        };
+        write(7);
+        assert_eq!(disk_tail_seq(&disk), Ok(7));
+        let short = Duration::from_millis(50);
+        assert!(first_rewrite(&disk, 7, short).is_err(), "no write yet");
+        write(8);
+        assert_eq!(first_rewrite(&disk, 7, short), Ok(8));
+        file.write_all_at(b"ZZZZZZZZZZZZ", TAIL_BLOCK * 4096)
+            .unwrap();
+        assert!(disk_tail_seq(&disk).unwrap_err().contains("ZZZZ"));
+        let _ = std::fs::remove_file(&disk);
+    }
 }

@@ -72,25 +72,32 @@ pub struct LinuxVm {
     pub last: Option<Heartbeat>,
 }
 
+/// Console lines a failure keeps: the newest, heartbeats and sweeps left
+/// out (they come every half second and would crowd out the rest).
+pub const CONSOLE_TAIL: usize = 30;
+/// cryo stderr lines a failure keeps: the newest.
+pub const STDERR_TAIL: usize = 30;
+/// Kernel stack frames a failure keeps per cryo thread.
+const STACK_FRAMES: usize = 8;
+
 /// What went wrong, with the guest's console and stderr attached.
 #[derive(Debug)]
 pub struct Failure {
-    /// One line for the RESULT.
+    /// One line for the RESULT: the step that failed, then what happened.
     pub reason: String,
-    /// The guest's transcript (console tail and stderr).
+    /// The guest's transcript, bounded: console tail, stderr tail, and
+    /// where cryo's threads were waiting.
     pub log: Vec<String>,
 }
 
 impl Failure {
-    /// A failure of `vm` (its transcript attached, and where its threads
-    /// are in the host kernel if it is still running: a stuck vCPU shows
-    /// there).
+    /// A failure of `vm` (its bounded transcript attached, and where its
+    /// threads are in the host kernel if it is still running: a stuck vCPU
+    /// shows there).
     pub fn of(vm: &LinuxVm, reason: impl Into<String>) -> Failure {
-        let mut log: Vec<String> = vm.guest.transcript().lines().map(str::to_string).collect();
-        log.extend(thread_states(vm.guest.pid()));
         Failure {
             reason: reason.into(),
-            log,
+            log: vm_log(vm),
         }
     }
 
@@ -101,10 +108,58 @@ impl Failure {
             log: Vec::new(),
         }
     }
+
+    /// For `map_err`: names the `step` that failed in the reason, and
+    /// attaches `vm`'s transcript (as it is now) if the failure has none.
+    pub fn at(vm: &LinuxVm, step: &'static str) -> impl FnOnce(Failure) -> Failure {
+        let now = vm_log(vm);
+        move |f| Failure {
+            reason: format!("{step}: {}", f.reason),
+            log: if f.log.is_empty() { now } else { f.log },
+        }
+    }
+}
+
+/// The newest `n` of `lines`.
+pub fn tail<T>(lines: &[T], n: usize) -> &[T] {
+    &lines[lines.len().saturating_sub(n)..]
+}
+
+/// A workload line that comes on its own clock (heartbeat, sweep).
+fn is_chatter(line: &str) -> bool {
+    let line = line.trim_start();
+    line.starts_with("HB seq=") || line.starts_with("SWEEP ")
+}
+
+/// `vm`'s console and stderr, bounded ([`CONSOLE_TAIL`], [`STDERR_TAIL`]),
+/// and the state of its threads if it still runs.
+fn vm_log(vm: &LinuxVm) -> Vec<String> {
+    let out = vm.guest.output();
+    let quiet: Vec<&String> = out.iter().filter(|l| !is_chatter(l)).collect();
+    let shown = tail(&quiet, CONSOLE_TAIL);
+    let mut log = vec![format!(
+        "--- console: last {} of {} lines (heartbeats and sweeps left out) ---",
+        shown.len(),
+        out.len()
+    )];
+    log.extend(shown.iter().map(|l| l.to_string()));
+    if let Some(hb) = out.iter().rev().find(|l| parse_heartbeat(l).is_some()) {
+        log.push(format!("--- last heartbeat: {}", hb.trim()));
+    }
+    let err = vm.guest.stderr();
+    let shown = tail(&err, STDERR_TAIL);
+    log.push(format!(
+        "--- cryo stderr: last {} of {} lines ---",
+        shown.len(),
+        err.len()
+    ));
+    log.extend(shown.iter().cloned());
+    log.extend(thread_states(vm.guest.pid()));
+    log
 }
 
 /// One line per thread of process `pid`: name, state, kernel wait channel,
-/// and the kernel stack where the host lets us read it.
+/// and the top of the kernel stack where the host lets us read it.
 fn thread_states(pid: u32) -> Vec<String> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
@@ -124,7 +179,8 @@ fn thread_states(pid: u32) -> Vec<String> {
             read("comm").trim(),
             read("wchan").trim()
         ));
-        lines.extend(read("stack").lines().map(|l| format!("    {l}")));
+        let stack = read("stack");
+        lines.extend(stack.lines().take(STACK_FRAMES).map(|l| format!("    {l}")));
     }
     lines
 }
@@ -195,10 +251,12 @@ impl LinuxVm {
             beats.len() >= count
         })?;
         if beats.len() < count {
-            return Err(Failure::of(
-                self,
-                format!("{} of {count} heartbeats within {timeout:?}", beats.len()),
-            ));
+            let why = format!(
+                "{} of {count} heartbeats {}",
+                beats.len(),
+                self.gave_up(timeout)
+            );
+            return Err(Failure::of(self, why));
         }
         Ok(beats)
     }
@@ -234,7 +292,13 @@ impl LinuxVm {
             }
             found.is_some()
         })?;
-        found.ok_or_else(|| Failure::of(self, format!("no {what} within {timeout:?}")))
+        match found {
+            Some(line) => Ok(line),
+            None => {
+                let why = format!("no {what} {}", self.gave_up(timeout));
+                Err(Failure::of(self, why))
+            }
+        }
     }
 
     /// Types a shell command and waits for a console line containing `expect`.
@@ -253,10 +317,8 @@ impl LinuxVm {
         if found {
             Ok(())
         } else {
-            Err(Failure::of(
-                self,
-                format!("typed {command:?}, no {expect:?} within {timeout:?}"),
-            ))
+            let why = format!("typed {command:?}, no {expect:?} {}", self.gave_up(timeout));
+            Err(Failure::of(self, why))
         }
     }
 
@@ -271,6 +333,15 @@ impl LinuxVm {
             }
         }
         self.shell(probe, "SHELL-UP-7", each)
+    }
+
+    /// Why a wait of `timeout` for console lines ended without them: the
+    /// time ran out, or cryo had exited (its console closed early).
+    fn gave_up(&mut self, timeout: Duration) -> String {
+        match self.guest.wait_exit(Duration::ZERO) {
+            Some(status) => format!("before cryo exited ({status})"),
+            None => format!("within {timeout:?}"),
+        }
     }
 
     /// Waits for the process to end; returns its exit code.

@@ -36,6 +36,7 @@ pub mod report;
 mod rootfs_scenarios;
 pub mod scenarios;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -85,8 +86,13 @@ pub struct TierRun {
     /// Everything that was printed (driver output, or the nested console)
     /// in the run whose results stand.
     pub transcript: Vec<String>,
-    /// Nested runs after which some scenario had not passed yet.
+    /// Nested runs after which some scenario had not passed yet: one note
+    /// each, naming them, with each one's failure and log (see
+    /// [`Report::failure`]).
     pub retries: Vec<String>,
+    /// Per scenario that failed in some nested run: one line per such run,
+    /// with why.
+    pub nested_failures: BTreeMap<String, Vec<String>>,
     /// Wall time of the run, builds and fetches included.
     pub wall: Duration,
 }
@@ -115,6 +121,7 @@ pub fn run_tier() -> Result<TierRun, TierError> {
         guest_image::guest_initramfs(&work, &busybox, &bins, &guest_modules, &guest_tools)?;
     let root = guest_image::root_disk(&work, &busybox, &bins, &guest_modules)?;
     let mut retries = Vec::new();
+    let mut nested_failures = BTreeMap::new();
     let mut merged = None;
     let transcript = match qemu {
         None => run_direct(&bins, &guest_kernel, &guest_initrd, &root, &work)?,
@@ -128,11 +135,11 @@ pub fn run_tier() -> Result<TierRun, TierError> {
             };
             let initrd =
                 guest_image::nested_initramfs(&work, &busybox, &bins, &host_kernel, &guests)?;
-            let (transcript, report, notes) =
-                run_nested_until_pass(&qemu, &host_kernel.vmlinuz, &initrd)?;
-            retries = notes;
-            merged = Some(report);
-            transcript
+            let nested = run_nested_until_pass(&qemu, &host_kernel.vmlinuz, &initrd)?;
+            retries = nested.notes;
+            nested_failures = nested.failures;
+            merged = Some(nested.report);
+            nested.transcript
         }
     };
     let _ = std::fs::remove_dir_all(&work);
@@ -142,6 +149,7 @@ pub fn run_tier() -> Result<TierRun, TierError> {
         report,
         transcript,
         retries,
+        nested_failures,
         wall: started.elapsed(),
     })
 }
@@ -198,7 +206,7 @@ fn collect_lines(mut cmd: Command, timeout: Duration) -> Result<Vec<String>, Tie
                 let _ = child.wait();
                 return Err(TierError::Run(format!(
                     "still running after {timeout:?}; last lines:\n{}",
-                    lines[lines.len().saturating_sub(40)..].join("\n")
+                    guest::tail(&lines, 40).join("\n")
                 )));
             }
         }
@@ -238,10 +246,54 @@ fn run_direct(
 /// How many times the nested machine may run.
 pub const NESTED_ATTEMPTS: usize = 3;
 
+/// Lines of the nested console a note shows when the driver did not finish.
+const CONSOLE_TAIL: usize = 30;
+
+/// What [`run_nested_until_pass`] found.
+struct NestedRuns {
+    /// The last run's console.
+    transcript: Vec<String>,
+    /// Each scenario's outcome from a run where it passed, else from the
+    /// last run.
+    report: Report,
+    /// One note per run after which some scenario had not passed yet.
+    notes: Vec<String>,
+    /// Per scenario, why it failed in each run where it did.
+    failures: BTreeMap<String, Vec<String>>,
+}
+
+impl NestedRuns {
+    /// The note on run `attempt`, whose `report` left `missing` not passed
+    /// in any run: each one's failure with its log, and the end of the
+    /// console if the driver did not finish. Records the failures.
+    fn note(&mut self, attempt: usize, report: &Report, missing: &[&str]) -> String {
+        let run = format!("nested run {attempt} of {NESTED_ATTEMPTS}");
+        let mut note = format!("{run}: not yet passed in any run: {}", missing.join(", "));
+        for name in missing {
+            let why = report.failure(name).unwrap_or_default();
+            let first = why.lines().next().unwrap_or_default();
+            let reason = first.strip_prefix(&format!("{name}: ")).unwrap_or(first);
+            self.failures
+                .entry(name.to_string())
+                .or_default()
+                .push(format!("{run}: {reason}"));
+            note.push('\n');
+            note.push_str(&why);
+        }
+        if !report.done && !missing.is_empty() {
+            let tail = guest::tail(&self.transcript, CONSOLE_TAIL);
+            note.push_str(&format!(
+                "\nthe driver did not finish; the nested console's last {} lines:\n{}",
+                tail.len(),
+                tail.join("\n")
+            ));
+        }
+        note
+    }
+}
+
 /// Runs the nested machine until every scenario has passed in some run, at
-/// most [`NESTED_ATTEMPTS`] times. Returns the transcript of the last run,
-/// the report (each scenario's outcome from a run where it passed, else
-/// from the last run), and a note per run that did not pass.
+/// most [`NESTED_ATTEMPTS`] times.
 ///
 /// Under QEMU's TCG emulation of nested SVM, guests have been seen, once
 /// in a few boots and more often on a loaded host, to triple-fault in early
@@ -249,51 +301,68 @@ pub const NESTED_ATTEMPTS: usize = 3;
 /// no timer interrupt or NMI, or to end the nested machine without a
 /// message. Each run is a fresh machine: a scenario that passes in one
 /// shows what cryo does; one that fails in every run still fails the tier.
-/// The notes (printed by the tests) name every earlier failure.
+/// The notes (printed by the tests) give every failure of every run, with
+/// its reason and log, so that a flake shows in the CI log even when a
+/// later run passed.
 fn run_nested_until_pass(
     qemu: &Path,
     vmlinuz: &Path,
     initrd: &Path,
-) -> Result<(Vec<String>, Report, Vec<String>), TierError> {
-    let mut notes = Vec::new();
-    let mut merged = Report::default();
-    let mut transcript = Vec::new();
+) -> Result<NestedRuns, TierError> {
+    let mut runs = NestedRuns {
+        transcript: Vec::new(),
+        report: Report::default(),
+        notes: Vec::new(),
+        failures: BTreeMap::new(),
+    };
+    let mut only = std::env::var(scenarios::ONLY_VAR).ok();
     for attempt in 1..=NESTED_ATTEMPTS {
-        transcript = run_nested(qemu, vmlinuz, initrd)?;
-        let report = Report::parse(transcript.iter().map(String::as_str));
-        merged.merge(report);
+        runs.transcript = run_nested(qemu, vmlinuz, initrd, only.as_deref())?;
+        let report = Report::parse(runs.transcript.iter().map(String::as_str));
+        let passed = |r: &Report, name: &str| r.results.get(name).is_some_and(|o| o.passed);
         let missing: Vec<&str> = scenarios::selected()
             .iter()
             .copied()
-            .filter(|name| !merged.results.get(*name).is_some_and(|o| o.passed))
+            .filter(|name| !passed(&runs.report, name) && !passed(&report, name))
             .collect();
+        let mut note = runs.note(attempt, &report, &missing);
+        runs.report.merge(report);
         if missing.is_empty() {
             break;
         }
-        let note = format!(
-            "nested run {attempt} of {NESTED_ATTEMPTS}: not yet passed in any run: {}",
-            missing.join(", ")
-        );
+        if attempt < NESTED_ATTEMPTS {
+            // The next run carries only the sets that did not pass.
+            let sets = scenarios::sets_of(&missing);
+            note.push_str(&format!("\nthe next run carries the sets {sets} only"));
+            only = Some(sets);
+        }
         eprintln!("{} NESTED {note}", report::PREFIX);
-        notes.push(note);
+        runs.notes.push(note);
     }
-    Ok((transcript, merged, notes))
+    Ok(runs)
 }
 
-fn nested_cmdline() -> String {
+fn nested_cmdline(only: Option<&str>) -> String {
     let mut line = if std::env::var("CRYO_LINUX_TIER_VERBOSE").is_ok_and(|v| v == "1") {
         "console=ttyS0 panic=-1".to_string()
     } else {
         "console=ttyS0 quiet panic=-1".to_string()
     };
     // Reaches the nested /init, and so the driver, as an environment variable.
-    if let Ok(only) = std::env::var(scenarios::ONLY_VAR) {
+    if let Some(only) = only {
         line.push_str(&format!(" {}={only}", scenarios::ONLY_VAR));
     }
     line
 }
 
-fn run_nested(qemu: &Path, vmlinuz: &Path, initrd: &Path) -> Result<Vec<String>, TierError> {
+/// One run of the nested machine, carrying the scenario sets `only` names
+/// (all if none).
+fn run_nested(
+    qemu: &Path,
+    vmlinuz: &Path,
+    initrd: &Path,
+    only: Option<&str>,
+) -> Result<Vec<String>, TierError> {
     let mut cmd = Command::new(qemu);
     cmd.args([
         "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", NESTED_MEM,
@@ -306,7 +375,7 @@ fn run_nested(qemu: &Path, vmlinuz: &Path, initrd: &Path) -> Result<Vec<String>,
     // the guests' consoles come through the driver. CRYO_LINUX_TIER_VERBOSE=1
     // shows them, to debug the nested machine itself.
     .arg("-append")
-    .arg(nested_cmdline())
+    .arg(nested_cmdline(only))
     .args(["-display", "none", "-nodefaults", "-serial", "stdio"])
     .args(["-no-reboot", "-monitor", "none"]);
     collect_lines(cmd, NESTED_TIMEOUT)

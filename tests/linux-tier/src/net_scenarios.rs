@@ -161,16 +161,6 @@ pub fn net_guest(setup: &Setup, tally: &mut Tally) {
     let _ = host(&["tunctl", "-d", TAP]);
 }
 
-/// Labels a failure with the step, attaching `vm`'s console (as it is
-/// when the failure is handled) if the failure has none.
-pub(crate) fn at(vm: &LinuxVm, step: &'static str) -> impl FnOnce(Failure) -> Failure {
-    let console = Failure::of(vm, "").log;
-    move |f| Failure {
-        reason: format!("{step}: {}", f.reason),
-        log: if f.log.is_empty() { console } else { f.log },
-    }
-}
-
 /// Boots with a net device on the tap, streams numbers from the guest to
 /// the driver over TCP, saves (fixed-ram, stopped), restores in a new
 /// process on the same tap, and checks the stream goes on intact. Returns
@@ -193,13 +183,13 @@ fn tcp_save_restore(setup: &Setup) -> Result<(String, LinuxVm), Failure> {
         "NET-UP-42 02:63:72:79:6f:00",
         BOOT_TIMEOUT,
     )
-    .map_err(at(&vm, "eth0 with the default MAC"))?;
+    .map_err(Failure::at(&vm, "eth0 with the default MAC"))?;
     vm.type_line(&format!(
         "(i=0; while [ $i -lt 100000 ]; do i=$((i+1)); echo SEQ $i; sleep 0.2; done) | nc {HOST_IP} {PORT} &"
     ))?;
     stream
         .wait_for(LINES_BEFORE, BOOT_TIMEOUT)
-        .map_err(at(&vm, "TCP stream before the save"))?;
+        .map_err(Failure::at(&vm, "TCP stream before the save"))?;
 
     let image = setup.work.join("net-vm.img");
     cryo_ok(
@@ -232,7 +222,7 @@ fn tcp_save_restore(setup: &Setup) -> Result<(String, LinuxVm), Failure> {
     let started = Instant::now();
     stream
         .wait_for(before + LINES_AFTER, RECOVERY_TIMEOUT)
-        .map_err(at(&restored, "TCP stream after the restore"))?;
+        .map_err(Failure::at(&restored, "TCP stream after the restore"))?;
     report::figure(
         "net_tcp_recovery_after_restore_nested_ms",
         started.elapsed().as_millis(),
@@ -240,7 +230,7 @@ fn tcp_save_restore(setup: &Setup) -> Result<(String, LinuxVm), Failure> {
     );
     stream
         .check()
-        .map_err(at(&restored, "TCP stream content"))?;
+        .map_err(Failure::at(&restored, "TCP stream content"))?;
     let _ = std::fs::remove_file(&image);
     Ok((
         format!(
@@ -291,7 +281,7 @@ fn ping_live_snapshot(setup: &Setup, vm: &mut LinuxVm) -> Result<String, Failure
         before = reply(l).unwrap_or(before);
         before >= 3
     })
-    .map_err(at(vm, "ping before the snapshot"))?;
+    .map_err(Failure::at(vm, "ping before the snapshot"))?;
     let snap = setup.work.join("net-snap.img");
     take_snapshot(&vm.api, &snap)?;
     let _ = std::fs::remove_file(&snap);
@@ -304,9 +294,9 @@ fn ping_live_snapshot(setup: &Setup, vm: &mut LinuxVm) -> Result<String, Failure
         }
         after >= PINGS_AFTER
     })
-    .map_err(at(vm, "ping after the snapshot"))?;
-    let back =
-        host(&["ping", "-c", "3", "-W", "10", GUEST_IP]).map_err(at(vm, "host pings the guest"))?;
+    .map_err(Failure::at(vm, "ping after the snapshot"))?;
+    let back = host(&["ping", "-c", "3", "-W", "10", GUEST_IP])
+        .map_err(Failure::at(vm, "host pings the guest"))?;
     let received = back
         .lines()
         .find(|l| l.contains("packets received"))

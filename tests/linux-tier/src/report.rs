@@ -53,7 +53,7 @@ pub fn figure(name: &str, value: impl std::fmt::Display, unit: &str) {
 /// Prints LOG lines for a scenario.
 pub fn log(scenario: &str, lines: &[String]) {
     for l in lines {
-        println!("{PREFIX} LOG {scenario} | {l}");
+        println!("{PREFIX} LOG {scenario} | {}", one_line(l));
     }
 }
 
@@ -86,6 +86,24 @@ impl Report {
         }
         self.figures.extend(later.figures);
         self.done = later.done;
+    }
+
+    /// Why `scenario` did not pass in this report, with the log lines the
+    /// driver attached (bounded by the driver), so that a CI log alone
+    /// explains a failure. None if it passed.
+    pub fn failure(&self, scenario: &str) -> Option<String> {
+        let outcome = match self.results.get(scenario) {
+            Some(o) if o.passed => return None,
+            Some(o) => format!("FAIL {}", o.detail),
+            None if self.done => "no result (the driver finished without reporting it)".into(),
+            None => "no result (the driver did not finish)".into(),
+        };
+        let mut text = format!("{scenario}: {outcome}");
+        for line in self.logs.get(scenario).into_iter().flatten() {
+            text.push_str("\n    | ");
+            text.push_str(line);
+        }
+        Some(text)
     }
 
     /// Collects the protocol lines out of a console transcript. Text before
@@ -165,6 +183,14 @@ mod tests {
             "LINUX-TIER RESULT b PASS fine",
             "LINUX-TIER DONE failed=1",
         ]);
+        let why = first.failure("b").unwrap();
+        assert_eq!(why, "b: FAIL triple fault\n    | boom");
+        assert_eq!(second.failure("a").unwrap(), "a: FAIL stalled");
+        assert!(second.failure("b").is_none());
+        assert_eq!(
+            second.failure("c").unwrap(),
+            "c: no result (the driver finished without reporting it)"
+        );
         first.merge(second);
         assert!(first.results["a"].passed && first.results["b"].passed);
         assert!(!first.logs.contains_key("b"));

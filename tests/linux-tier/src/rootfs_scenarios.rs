@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use crate::artifacts::GUEST_TOOLS_DIR;
 use crate::guest::{last_heartbeat, Failure, LinuxVm};
-use crate::net_scenarios::{at, host, make_tap, serve_lines, Stream};
+use crate::net_scenarios::{host, make_tap, serve_lines, Stream};
 use crate::net_scenarios::{GUEST_IP, HOST_IP, RECOVERY_TIMEOUT, TAP};
 use crate::report;
 use crate::scenarios::{carries_on, cryo_ok, names, path_str, run_kernel_args, spawn_restore};
@@ -176,16 +176,16 @@ fn boot(setup: &Setup) -> Result<(String, LinuxVm, RootGuest), Failure> {
         "ROOT-UP-42",
         BOOT_TIMEOUT,
     )
-    .map_err(at(&vm, "root on /dev/vda, eth0 up"))?;
+    .map_err(Failure::at(&vm, "root on /dev/vda, eth0 up"))?;
     let mut guest = RootGuest { stream, run, disk };
     vm.type_line(WRITER)?;
     start_stream(&mut vm, PORT)?;
     vm.wait_line(BOOT_TIMEOUT, |l| rack(l).is_some_and(|n| n >= 3))
-        .map_err(at(&vm, "records before the first save"))?;
+        .map_err(Failure::at(&vm, "records before the first save"))?;
     guest
         .stream
         .wait_for(LINES_AFTER, BOOT_TIMEOUT)
-        .map_err(at(&vm, "TCP stream before the first save"))?;
+        .map_err(Failure::at(&vm, "TCP stream before the first save"))?;
     Ok((
         format!(
             "/ is /dev/vda ext4 rw (switch_root from the boot initramfs), eth0 on {TAP}; {} in {:.1} s; fsynced records and TCP flowing",
@@ -202,9 +202,9 @@ fn boot(setup: &Setup) -> Result<(String, LinuxVm, RootGuest), Failure> {
 /// acknowledged so far read back from the disk, and a ping to the host.
 fn back(vm: &mut LinuxVm, guest: &mut RootGuest, acked: u64) -> Result<String, Failure> {
     vm.wait_line(BEAT_TIMEOUT, |l| rack(l).is_some_and(|n| n > acked))
-        .map_err(at(vm, "records after the restore"))?;
+        .map_err(Failure::at(vm, "records after the restore"))?;
     let started = Instant::now();
-    stream_goes_on(&mut guest.stream).map_err(at(vm, "TCP stream after the restore"))?;
+    stream_goes_on(&mut guest.stream).map_err(Failure::at(vm, "TCP stream after the restore"))?;
     let tcp_ms = started.elapsed().as_millis();
     let lines = disk_check(vm, acked)?;
     Ok(format!(
@@ -229,7 +229,7 @@ fn stream_goes_on(stream: &mut Stream) -> Result<(), Failure> {
 /// count.
 fn disk_check(vm: &mut LinuxVm, acked: u64) -> Result<u64, Failure> {
     vm.shell(&disk_and_ping_check(), "PONG-5", BEAT_TIMEOUT)
-        .map_err(at(vm, "records on disk, ping"))?;
+        .map_err(Failure::at(vm, "records on disk, ping"))?;
     let out = vm.guest.output();
     let check = out.iter().enumerate().rev().find_map(|(i, l)| {
         let line = &l[l.find("RECCHECK lines=")?..];
@@ -398,7 +398,8 @@ fn fork(
     let paused = paused_ms(&out);
     report::figure(&format!("{}_paused_ms", fork.step), paused, "ms");
     // The source runs on through it, its stream intact.
-    stream_goes_on(&mut stream).map_err(at(&vm, "the source's TCP stream after the image"))?;
+    stream_goes_on(&mut stream)
+        .map_err(Failure::at(&vm, "the source's TCP stream after the image"))?;
     vm.heartbeats(2, BEAT_TIMEOUT)?;
     shut_down(&mut vm, "the source")?;
     // The image is of an instant before the source's last heartbeat (it
@@ -413,7 +414,7 @@ fn fork(
     let beats = carries_on(&mut restored, fork.step, start, range, tally)?;
     restored
         .wait_line(BEAT_TIMEOUT, |l| rack(l).is_some_and(|n| n > acked_before))
-        .map_err(at(&restored, "records after the restore"))?;
+        .map_err(Failure::at(&restored, "records after the restore"))?;
     let lines = disk_check(&mut restored, acked_before)?;
     let mut fresh = listen(fork.port)?;
     restored.type_line("kill $N")?;
@@ -421,7 +422,7 @@ fn fork(
     fresh
         .wait_for(LINES_AFTER, RECOVERY_TIMEOUT)
         .and_then(|()| fresh.check())
-        .map_err(at(&restored, "a new TCP stream after the restore"))?;
+        .map_err(Failure::at(&restored, "a new TCP stream after the restore"))?;
     let _ = std::fs::remove_file(&image);
     let detail = format!(
         "{} with --disk-snapshot (paused {paused:.0} ms): the source ran on to heartbeat {went_on_to} with its stream intact, shut down, e2fsck -fn clean ({source_fsck}), {source_records} records read from its disk, every acknowledged one; restored onto the copy: {beats}; {lines} records on disk (>= {acked_before} acknowledged before the image), a new TCP stream, ping ok",
@@ -438,7 +439,7 @@ fn shut_down(vm: &mut LinuxVm, who: &str) -> Result<(), Failure> {
         "RO-9",
         BOOT_TIMEOUT,
     )
-    .map_err(at(vm, "remounting / read-only"))?;
+    .map_err(Failure::at(vm, "remounting / read-only"))?;
     vm.type_line("poweroff -f")?;
     match vm.wait_exit(EXIT_TIMEOUT)? {
         0 => Ok(()),

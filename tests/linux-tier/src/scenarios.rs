@@ -30,7 +30,8 @@ use cryo_tests::run_cryo;
 
 use crate::boot_log;
 use crate::guest::{
-    last_heartbeat, Failure, Heartbeat, LinuxVm, CMDLINE, MEM_MIB, NESTED_CMDLINE_EXTRA,
+    last_heartbeat, tail, Failure, Heartbeat, LinuxVm, CMDLINE, MEM_MIB, NESTED_CMDLINE_EXTRA,
+    STDERR_TAIL,
 };
 use crate::report;
 
@@ -85,14 +86,19 @@ pub mod names {
     pub const ROOTFS_EVERY_SAVE: &str = "rootfs-every-save";
 }
 
-/// Every scenario, in the order the driver reports them.
-pub const ALL: &[&str] = &[
+/// The one-vCPU guest started by name, and the bzImage boot
+/// (`CRYO_LINUX_TIER_ONLY=boot`).
+const BOOT: &[&str] = &[
     names::BOOT_1VCPU,
     names::CONSOLE_SHELL,
     names::MANAGED_SAVE,
+    names::BOOT_BZIMAGE,
+];
+/// The two-vCPU guest and its chain of saves, and the clocks across every
+/// restore of the run (`CRYO_LINUX_TIER_ONLY=chain`).
+const CHAIN: &[&str] = &[
     names::BOOT_2VCPUS,
     names::BOOT_LOG,
-    names::BOOT_BZIMAGE,
     names::PAUSE_RESUME,
     names::SAVE_STREAM,
     names::SAVE_FIXED_EAGER,
@@ -101,15 +107,7 @@ pub const ALL: &[&str] = &[
     names::MIGRATE_UNIX,
     names::LIVE_SNAPSHOT,
     names::TIMEKEEPING,
-    names::DISK_FSYNC_SAVE,
-    names::DISK_CHANGED_REFUSED,
-    names::NET_TCP_SAVE_RESTORE,
-    names::NET_PING_LIVE_SNAPSHOT,
-    names::DISK_SNAPSHOT_LIVE,
-    names::ROOTFS_BOOT,
-    names::ROOTFS_EVERY_SAVE,
 ];
-
 /// The disk scenarios (`CRYO_LINUX_TIER_ONLY=disk`).
 const DISK: &[&str] = &[
     names::DISK_FSYNC_SAVE,
@@ -121,14 +119,78 @@ const NET: &[&str] = &[names::NET_TCP_SAVE_RESTORE, names::NET_PING_LIVE_SNAPSHO
 /// The root-on-disk scenarios (`CRYO_LINUX_TIER_ONLY=rootfs`).
 const ROOTFS: &[&str] = &[names::ROOTFS_BOOT, names::ROOTFS_EVERY_SAVE];
 
-/// The scenarios this run carries: those [`ONLY_VAR`] names, or all.
-pub fn selected() -> &'static [&'static str] {
-    match std::env::var(ONLY_VAR).as_deref() {
-        Ok("disk") => DISK,
-        Ok("net") => NET,
-        Ok("rootfs") => ROOTFS,
-        _ => ALL,
+/// A set of scenarios that one part of the driver runs, alone if need be.
+pub(crate) struct ScenarioSet {
+    /// Its name for [`ONLY_VAR`].
+    pub(crate) name: &'static str,
+    /// Its scenarios.
+    pub(crate) scenarios: &'static [&'static str],
+    /// Runs them.
+    run: fn(&Setup, &mut Tally),
+}
+
+/// Every set, in the order the driver runs them. A nested run that leaves
+/// scenarios not passed is followed by one of their sets only.
+pub(crate) const SETS: &[ScenarioSet] = &[
+    ScenarioSet {
+        name: "boot",
+        scenarios: BOOT,
+        run: boot_guests,
+    },
+    ScenarioSet {
+        name: "chain",
+        scenarios: CHAIN,
+        run: chain_guest,
+    },
+    ScenarioSet {
+        name: "disk",
+        scenarios: DISK,
+        run: crate::disk_scenarios::disk_guest,
+    },
+    ScenarioSet {
+        name: "net",
+        scenarios: NET,
+        run: crate::net_scenarios::net_guest,
+    },
+    ScenarioSet {
+        name: "rootfs",
+        scenarios: ROOTFS,
+        run: crate::rootfs_scenarios::rootfs_guest,
+    },
+];
+
+/// The sets this run carries: those [`ONLY_VAR`] names, or all.
+fn selected_sets() -> Vec<&'static ScenarioSet> {
+    let only = std::env::var(ONLY_VAR).unwrap_or_default();
+    let named: Vec<&ScenarioSet> = SETS
+        .iter()
+        .filter(|s| only.split(',').any(|w| w == s.name))
+        .collect();
+    if named.is_empty() {
+        SETS.iter().collect()
+    } else {
+        named
     }
+}
+
+/// The scenarios this run carries: those of the sets [`ONLY_VAR`] names,
+/// or all.
+pub fn selected() -> Vec<&'static str> {
+    selected_sets()
+        .into_iter()
+        .flat_map(|s| s.scenarios.iter().copied())
+        .collect()
+}
+
+/// The names of the sets that hold any of `scenarios`, as [`ONLY_VAR`]
+/// takes them.
+pub fn sets_of(scenarios: &[&str]) -> String {
+    let sets: Vec<&str> = SETS
+        .iter()
+        .filter(|s| s.scenarios.iter().any(|n| scenarios.contains(n)))
+        .map(|s| s.name)
+        .collect();
+    sets.join(",")
 }
 
 /// A boot takes 3-20 s of wall time nested; one that takes longer has
@@ -211,38 +273,40 @@ impl Tally {
     }
 }
 
-/// With this environment variable set to `disk`, `net` or `rootfs`, the
-/// driver runs the disk, the network or the root-on-disk scenarios only (a shortcut while working on
-/// them; the other scenarios then report nothing and their tests fail).
+/// With this environment variable set to set names (`boot`, `chain`,
+/// `disk`, `net`, `rootfs`, comma-separated), the driver runs those sets
+/// only (a shortcut while working on them, and what a nested retry does;
+/// the scenarios of the other sets then report nothing and their tests
+/// fail).
 pub const ONLY_VAR: &str = "CRYO_LINUX_TIER_ONLY";
 
-/// Runs every scenario; returns how many failed.
+/// Runs every selected scenario; returns how many failed.
 pub fn run_all(setup: &Setup) -> usize {
     let mut tally = Tally {
         failed: 0,
         clocks: Vec::new(),
     };
-    if selected() == DISK {
-        crate::disk_scenarios::disk_guest(setup, &mut tally);
-        return tally.failed;
+    for set in selected_sets() {
+        (set.run)(setup, &mut tally);
     }
-    if selected() == NET {
-        crate::net_scenarios::net_guest(setup, &mut tally);
-        return tally.failed;
+    // After every set: the clocks across every restore of the run.
+    if selected().contains(&names::TIMEKEEPING) {
+        report_clocks(&mut tally);
     }
-    if selected() == ROOTFS {
-        crate::rootfs_scenarios::rootfs_guest(setup, &mut tally);
-        return tally.failed;
-    }
-    single_vcpu_guest(setup, &mut tally);
-    two_vcpu_chain(setup, &mut tally);
+    tally.failed
+}
+
+/// The `boot` set: the one-vCPU guest started by name, and the bzImage.
+fn boot_guests(setup: &Setup, tally: &mut Tally) {
+    single_vcpu_guest(setup, tally);
     let bzimage = bzimage_boot(setup);
     tally.outcome(names::BOOT_BZIMAGE, bzimage);
-    crate::disk_scenarios::disk_guest(setup, &mut tally);
-    crate::net_scenarios::net_guest(setup, &mut tally);
-    crate::rootfs_scenarios::rootfs_guest(setup, &mut tally);
-    report_clocks(&mut tally);
-    tally.failed
+}
+
+/// The `chain` set: the two-vCPU guest's chain (`timekeeping`, reported
+/// after every set, covers the restores of all that ran).
+fn chain_guest(setup: &Setup, tally: &mut Tally) {
+    two_vcpu_chain(setup, tally);
 }
 
 pub(crate) fn strings(args: &[&str]) -> Vec<String> {
@@ -326,9 +390,22 @@ pub(crate) fn cryo_ok(args: &[String], what: &str) -> Result<String, Failure> {
     if code == Some(0) {
         Ok(out)
     } else {
+        let err_lines: Vec<&str> = err.lines().collect();
+        let out_lines: Vec<&str> = out.lines().collect();
+        let last = |lines: &[&str]| lines.last().copied().unwrap_or_default().to_string();
+        let mut log = vec![format!(
+            "--- {what}: stdout, last of {} lines ---",
+            out_lines.len()
+        )];
+        log.extend(tail(&out_lines, STDERR_TAIL).iter().map(|l| l.to_string()));
+        log.push(format!(
+            "--- {what}: stderr, last of {} lines ---",
+            err_lines.len()
+        ));
+        log.extend(tail(&err_lines, STDERR_TAIL).iter().map(|l| l.to_string()));
         Err(Failure {
-            reason: format!("{what} exited {code:?}: {}", err.trim()),
-            log: out.lines().chain(err.lines()).map(str::to_string).collect(),
+            reason: format!("{what} exited {code:?}: {}", last(&err_lines)),
+            log,
         })
     }
 }
@@ -853,4 +930,27 @@ fn live_snapshot(setup: &Setup, mut vm: LinuxVm, tally: &mut Tally) -> Result<St
     Ok(format!(
         "source ran on to heartbeat {went_on_to}; restored snapshot: {detail}"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_scenario_is_in_one_set_and_sets_are_named_back() {
+        let mut all: Vec<&str> = SETS
+            .iter()
+            .flat_map(|s| s.scenarios.iter().copied())
+            .collect();
+        let count = all.len();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), count, "a scenario in two sets");
+        assert_eq!(sets_of(&[names::DISK_SNAPSHOT_LIVE]), "disk");
+        assert_eq!(
+            sets_of(&[names::NET_TCP_SAVE_RESTORE, names::TIMEKEEPING]),
+            "chain,net"
+        );
+        assert_eq!(sets_of(&[]), "");
+    }
 }

@@ -5,6 +5,7 @@
 use std::io::Write;
 use std::sync::OnceLock;
 
+use cryo_linux_tier::guest::tail;
 use cryo_linux_tier::scenarios::names;
 use cryo_linux_tier::{run_tier, Mode, TierRun};
 
@@ -34,30 +35,31 @@ fn tier() -> &'static Result<TierRun, String> {
     })
 }
 
+/// Lines of the tier's output an assertion shows when a scenario reported
+/// nothing.
+const TRANSCRIPT_TAIL: usize = 30;
+
 fn check(scenario: &str) {
     let run = match tier() {
         Ok(run) => run,
         Err(e) => panic!("the Linux tier did not run: {e}"),
     };
+    let earlier = run
+        .nested_failures
+        .get(scenario)
+        .map(|runs| format!("\nfailed in: {}", runs.join("; ")))
+        .unwrap_or_default();
     let Some(outcome) = run.report.results.get(scenario) else {
-        let tail = &run.transcript[run.transcript.len().saturating_sub(60)..];
+        let tail = tail(&run.transcript, TRANSCRIPT_TAIL);
         panic!(
-            "the Linux tier reported nothing for {scenario} (driver finished: {}); last lines:\n{}",
+            "the Linux tier reported nothing for {scenario} (driver finished: {}){earlier}\nlast lines:\n{}",
             run.report.done,
             tail.join("\n")
         );
     };
-    let log = run
-        .report
-        .logs
-        .get(scenario)
-        .map(|l| l.join("\n"))
-        .unwrap_or_default();
-    assert!(
-        outcome.passed,
-        "{scenario}: {}\n{log}\nearlier nested runs: {:?}",
-        outcome.detail, run.retries
-    );
+    if let Some(why) = run.report.failure(scenario) {
+        panic!("{why}{earlier}");
+    }
     println!("{scenario}: {}", outcome.detail);
 }
 
