@@ -76,7 +76,16 @@ pub struct SaveRestoreArgs {
     /// Channel counts to measure, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub channels: Vec<usize>,
-    /// Directory for the image files (on the disk to measure).
+    /// Where the files go, the output form and the kernel.
+    #[command(flatten)]
+    pub common: BenchCommon,
+}
+
+/// Options every `cryo bench` verb takes.
+#[derive(clap::Args, Debug)]
+pub struct BenchCommon {
+    /// Directory for the bench's files: images, disks and consoles (put it
+    /// on the disk to measure).
     #[arg(long, default_value = ".")]
     pub dir: PathBuf,
     /// Print JSON instead of the table.
@@ -85,6 +94,29 @@ pub struct SaveRestoreArgs {
     /// Kernel to boot (default: the cryo test kernel built into this binary).
     #[arg(long)]
     pub kernel: Option<PathBuf>,
+}
+
+impl BenchCommon {
+    /// Creates `--dir` and resolves the kernel to boot.
+    pub fn prepare(&self) -> Result<BenchKernel, CliError> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| CliError::bad_input(format!("cannot use {}: {e}", self.dir.display())))?;
+        BenchKernel::resolve(self.kernel.as_deref(), &self.dir)
+    }
+
+    /// `--dir/STEM-PID`: a file name of this run.
+    pub fn file(&self, stem: &str) -> PathBuf {
+        self.dir.join(format!("{stem}-{}", std::process::id()))
+    }
+
+    /// Creates [`BenchCommon::file`]`(stem)`, e.g. for a guest's console.
+    pub fn create(&self, stem: &str) -> Result<(PathBuf, File), CliError> {
+        let path = self.file(stem);
+        let file = File::create(&path).map_err(|e| {
+            CliError::bad_input(format!("cannot write in {}: {e}", self.dir.display()))
+        })?;
+        Ok((path, file))
+    }
 }
 
 /// `cryo bench` verbs.
@@ -433,8 +465,7 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
     if a.channels.is_empty() || a.channels.iter().any(|c| *c == 0 || *c > 64) {
         return Err(CliError::bad_input("--channels takes counts from 1 to 64"));
     }
-    std::fs::create_dir_all(&a.dir)
-        .map_err(|e| CliError::bad_input(format!("cannot use {}: {e}", a.dir.display())))?;
+    let kernel = a.common.prepare()?;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let guest_ranges: Arc<Mutex<Vec<(usize, usize)>>> = Arc::new(Mutex::new(Vec::new()));
 
@@ -444,12 +475,7 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
     // The VM: the test kernel in fill mode with a tiny share (it halts at
     // once); its RAM is then filled host-side, which is much faster than
     // the guest's first touches under emulated paging.
-    let kernel = BenchKernel::resolve(a.kernel.as_deref(), &a.dir)?;
-    let serial_path = a
-        .dir
-        .join(format!(".cryo-bench-serial-{}", std::process::id()));
-    let serial = File::create(&serial_path)
-        .map_err(|e| CliError::bad_input(format!("cannot write in {}: {e}", a.dir.display())))?;
+    let (serial_path, serial) = a.common.create(".cryo-bench-serial")?;
     progress(&format!("booting a {} MiB guest", a.mem_mib));
     let mut vm = MicroVm::new(VmConfig {
         vcpus: 2,
@@ -520,7 +546,7 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
         .collect();
     let snapshot = vm.save_state()?;
     let bench = Bench {
-        dir: &a.dir,
+        dir: &a.common.dir,
         memory: &memory,
         snapshot: &snapshot,
         plan: raw_plan(&memory, &spans, &filled)?,
@@ -535,7 +561,7 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
 
     let report = Report {
         command,
-        dir: a.dir.clone(),
+        dir: a.common.dir.clone(),
         mem_mib: a.mem_mib,
         fill_mib: a.fill_mib,
         fill: "host-side: xorshift64 pseudo-random data (incompressible) written into guest RAM above 64 MiB while the guest is halted".into(),
@@ -543,7 +569,7 @@ fn save_restore(a: SaveRestoreArgs) -> Result<(), CliError> {
         memcpy_mb_s: memcpy,
         results,
     };
-    print_report(a.json, &report, print_table);
+    print_report(a.common.json, &report, print_table);
     Ok(())
 }
 

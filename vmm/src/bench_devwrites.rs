@@ -14,7 +14,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,6 @@ use microvm::vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use microvm::{observe_writes, BootSource, MemoryBacking, MicroVm, SerialOutput, VmConfig};
 use serde::Serialize;
 
-use crate::bench::BenchKernel;
 use crate::bench_snapshot::wait_for;
 use crate::error::CliError;
 use crate::image::precopy::{fetch, start_log, stop_log, DeviceWrites};
@@ -48,15 +47,9 @@ pub struct DeviceWritesArgs {
     /// of a shared machine spreads over all of them; medians are reported.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
-    /// Directory for the disk and console files.
-    #[arg(long, default_value = ".")]
-    pub dir: PathBuf,
-    /// Print JSON instead of the table.
-    #[arg(long)]
-    pub json: bool,
-    /// Kernel to boot (default: the cryo test kernel built into this binary).
-    #[arg(long)]
-    pub kernel: Option<PathBuf>,
+    /// Where the files go, the output form and the kernel.
+    #[command(flatten)]
+    pub common: crate::bench::BenchCommon,
 }
 
 /// The figures of one run.
@@ -294,8 +287,8 @@ fn logged_rate(
 /// The guest-side figures: the reader with logging off, with KVM's log
 /// alone, and with the device observer too, in turn for `rounds` rounds.
 fn guest_side(a: &DeviceWritesArgs, f: &mut Figures, disk: &Path) -> Result<(), CliError> {
-    let serial = a.dir.join(format!(".cryo-bench-dw-{}", std::process::id()));
-    let kernel = BenchKernel::resolve(a.kernel.as_deref(), &a.dir)?;
+    let serial = a.common.file(".cryo-bench-dw");
+    let kernel = a.common.prepare()?;
     let g = boot(a, kernel.path(), disk, &serial)?;
     let result = (|| {
         wait_for(&serial, "BLK reads=", 3, Duration::from_secs(60))?;
@@ -335,6 +328,7 @@ pub fn run(a: DeviceWritesArgs) -> Result<(), CliError> {
         ));
     }
     let disk = a
+        .common
         .dir
         .join(format!(".cryo-bench-dw-{}.raw", std::process::id()));
     cryo_test_kernel::write_reader_disk(&disk, a.blocks).map_err(fail("write the disk"))?;
@@ -349,7 +343,7 @@ pub fn run(a: DeviceWritesArgs) -> Result<(), CliError> {
 }
 
 fn report(a: &DeviceWritesArgs, f: &Figures) -> Result<(), CliError> {
-    if a.json {
+    if a.common.json {
         let text = serde_json::to_string_pretty(f).map_err(|e| CliError::failure(e.to_string()))?;
         println!("{text}");
         return Ok(());

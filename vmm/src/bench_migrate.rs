@@ -61,19 +61,13 @@ pub struct MigrateArgs {
     /// vCPUs of the guest.
     #[arg(long, default_value_t = 2)]
     pub vcpus: u8,
-    /// Directory for the console files.
-    #[arg(long, default_value = ".")]
-    pub dir: PathBuf,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
     /// Keep the guests' consoles and the destinations' logs in --dir (for
     /// tracing a gap), instead of removing them.
     #[arg(long)]
     pub keep_files: bool,
-    /// Kernel to boot (default: the cryo test kernel built into this binary).
-    #[arg(long)]
-    pub kernel: Option<PathBuf>,
+    /// Where the files go, the output form and the kernel.
+    #[command(flatten)]
+    pub common: crate::bench::BenchCommon,
 }
 
 /// One write rate's figures.
@@ -154,9 +148,7 @@ struct Report {
 /// Runs the migration benchmark.
 pub fn run(a: MigrateArgs) -> Result<(), CliError> {
     check_args(&a)?;
-    std::fs::create_dir_all(&a.dir)
-        .map_err(|e| CliError::bad_input(format!("cannot use {}: {e}", a.dir.display())))?;
-    let kernel = crate::bench::BenchKernel::resolve(a.kernel.as_deref(), &a.dir)?;
+    let kernel = a.common.prepare()?;
     eprintln!("bench: loopback TCP bandwidth, {} streams", a.channels);
     let loopback = loopback_bandwidth(a.channels, 1 << 30)?;
     let mut rates = Vec::new();
@@ -180,7 +172,7 @@ pub fn run(a: MigrateArgs) -> Result<(), CliError> {
         loopback_gb_s: loopback / 1e9,
         rates,
     };
-    crate::bench::print_report(a.json, &report, print_table);
+    crate::bench::print_report(a.common.json, &report, print_table);
     Ok(())
 }
 
@@ -281,12 +273,7 @@ struct Source {
 
 impl Source {
     fn boot(a: &MigrateArgs, kernel: &Path, rate: u32) -> Result<Source, CliError> {
-        let serial = a
-            .dir
-            .join(format!(".cryo-bench-mig-src-{rate}-{}", std::process::id()));
-        let file = File::create(&serial).map_err(|e| {
-            CliError::bad_input(format!("cannot write in {}: {e}", a.dir.display()))
-        })?;
+        let (serial, file) = a.common.create(&format!(".cryo-bench-mig-src-{rate}"))?;
         let per_cpu = a.hot_mib / u64::from(a.vcpus);
         let mut vm = MicroVm::new(VmConfig {
             vcpus: a.vcpus,
@@ -362,7 +349,7 @@ struct Destination {
 
 impl Destination {
     fn spawn(a: &MigrateArgs, tag: &str) -> Result<Destination, CliError> {
-        let dir = &a.dir;
+        let dir = &a.common.dir;
         let fail = |what: &str, e: std::io::Error| CliError::failure(format!("{what}: {e}"));
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

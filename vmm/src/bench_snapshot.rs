@@ -14,8 +14,7 @@
 //! alone costs the guest on this host; the snapshot's rate is reported
 //! against it.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use microvm::{BootSource, MemoryBacking, MicroVm, SerialOutput, VmConfig, VmController};
@@ -47,21 +46,15 @@ pub struct SnapshotArgs {
     /// the guest fills it (an experiment: cryo does not do this by default).
     #[arg(long)]
     pub thp: bool,
-    /// Directory for the image files.
-    #[arg(long, default_value = ".")]
-    pub dir: PathBuf,
     /// O_DIRECT for both the snapshot and the save: auto, on, off.
     #[arg(long, value_enum, default_value = "auto")]
     pub direct_io: crate::api::DirectIoArg,
     /// vCPUs of the guest (each writes its share of --fill-mib).
     #[arg(long, default_value_t = 2)]
     pub vcpus: u8,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
-    /// Kernel to boot (default: the cryo test kernel built into this binary).
-    #[arg(long)]
-    pub kernel: Option<PathBuf>,
+    /// Where the files go, the output form and the kernel.
+    #[command(flatten)]
+    pub common: crate::bench::BenchCommon,
 }
 
 #[derive(Serialize)]
@@ -248,14 +241,8 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
             "--fill-mib must leave 64 MiB of --mem-mib free",
         ));
     }
-    std::fs::create_dir_all(&a.dir)
-        .map_err(|e| CliError::bad_input(format!("cannot use {}: {e}", a.dir.display())))?;
-    let serial_path = a
-        .dir
-        .join(format!(".cryo-bench-snap-serial-{}", std::process::id()));
-    let serial = File::create(&serial_path)
-        .map_err(|e| CliError::bad_input(format!("cannot write in {}: {e}", a.dir.display())))?;
-    let kernel = crate::bench::BenchKernel::resolve(a.kernel.as_deref(), &a.dir)?;
+    let kernel = a.common.prepare()?;
+    let (serial_path, serial) = a.common.create(".cryo-bench-snap-serial")?;
     eprintln!(
         "bench: booting a {} MiB guest that fills and keeps writing {} MiB",
         a.mem_mib, a.fill_mib
@@ -295,6 +282,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
         let tsc_hz = f64::from(tsc_khz.max(1)) * 1000.0;
         std::thread::sleep(Duration::from_secs(2));
         let img = a
+            .common
             .dir
             .join(format!("cryo-bench-snap-{}.img", std::process::id()));
         let channels = fixed::ChannelOptions {
@@ -402,7 +390,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
     let _ = runner.join();
     let _ = std::fs::remove_file(&serial_path);
     let r = result?;
-    if a.json {
+    if a.common.json {
         println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
     } else {
         println!(
