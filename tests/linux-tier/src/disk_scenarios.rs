@@ -178,6 +178,7 @@ fn check_restored(restored: &mut LinuxVm, acked: &BTreeMap<u64, String>) -> Resu
 fn fsync_save(setup: &Setup) -> Result<(String, PathBuf, PathBuf), Failure> {
     let (mut vm, api, disk) = ext4_guest(setup, "disk", "", false)?;
     throughput(&mut vm).map_err(Failure::at(&vm, "dd"))?;
+    host_raw_throughput(&setup.work);
     start_writer(&mut vm)?;
 
     let image = setup.work.join("disk-vm.img");
@@ -483,6 +484,44 @@ fn throughput(vm: &mut LinuxVm) -> Result<(), Failure> {
         "RM-10",
         BEAT_TIMEOUT,
     )
+}
+
+/// The host's own rate on the filesystem that holds the guest's disk file,
+/// in the same run as [`throughput`]: [`DD_MIB`] MiB written in 64 KiB
+/// blocks and made durable (`fdatasync`), as the guest's `conv=fsync` dd
+/// is, then read back. Reported as `disk_raw_{write,read}_host` (nested:
+/// the host is the QEMU TCG machine, its disk files on tmpfs, where
+/// O_DIRECT does not exist). A failure is reported, not fatal.
+fn host_raw_throughput(dir: &Path) {
+    use std::io::{Read, Write};
+    let path = dir.join("raw-bench");
+    let block = vec![0u8; 64 << 10];
+    let blocks = DD_MIB * 16;
+    let write = || -> std::io::Result<f64> {
+        let started = Instant::now();
+        let mut f = std::fs::File::create(&path)?;
+        for _ in 0..blocks {
+            f.write_all(&block)?;
+        }
+        f.sync_data()?;
+        Ok(started.elapsed().as_secs_f64())
+    };
+    let read = || -> std::io::Result<f64> {
+        let started = Instant::now();
+        let mut f = std::fs::File::open(&path)?;
+        let mut buf = vec![0u8; 64 << 10];
+        while f.read(&mut buf)? > 0 {}
+        Ok(started.elapsed().as_secs_f64())
+    };
+    for (what, result) in [("write", write()), ("read", read())] {
+        let value = match result {
+            Ok(secs) if secs > 0.0 => format!("{:.1}", DD_MIB as f64 / secs),
+            Ok(_) => "failed:no_time".to_string(),
+            Err(e) => format!("failed:{}", e.to_string().replace(' ', "_")),
+        };
+        report::figure(&format!("disk_raw_{what}_host"), value, "MiB/s");
+    }
+    let _ = std::fs::remove_file(&path);
 }
 
 /// The disk changed since the save (the restored guest wrote to it), then
