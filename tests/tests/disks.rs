@@ -446,3 +446,55 @@ fn disk_snapshot_uses_ficlone_where_the_filesystem_shares_extents() {
     assert!(!after.booted, "{}", r.transcript());
     r.kill();
 }
+
+/// A destination host without the VM's disk (here: a `cryo restore
+/// --listen` in its own mount namespace, with an empty tmpfs over the
+/// disk's directory) refuses the migration before its ACK: it fails naming
+/// the disk, and the source, which never got an ACK, runs on. Live
+/// migration and a stopped save to the socket alike.
+#[test]
+fn a_destination_without_the_disk_refuses_before_its_ack_and_the_source_runs_on() {
+    use cryo_tests::cryo_bin;
+    use cryo_tests::migration::{finished, gave_up_cleanly, source_runs_on, start_migrate};
+    let (dir, disk, api, mut src) = one_disk_vm("disk-gone", 4);
+    for live in [true, false] {
+        let socket = socket_path(if live {
+            "disk-gone-lm"
+        } else {
+            "disk-gone-save"
+        });
+        let _ = std::fs::remove_file(&socket);
+        let endpoint = format!("unix:{}", socket.display());
+        let mut cmd = std::process::Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount -t tmpfs none "$1" && exec "$2" restore --listen "$3""#)
+            .args([
+                "sh",
+                dir.to_str().unwrap(),
+                cryo_bin().to_str().unwrap(),
+                &endpoint,
+            ]);
+        let mut dest = Guest::from_command(cmd);
+        assert!(
+            dest.wait_for_stderr(T, |l| l.contains("waiting for a migration")),
+            "{}",
+            dest.transcript()
+        );
+        let (code, out) = if live {
+            finished(start_migrate(&api, &endpoint, &[]))
+        } else {
+            let (code, out, err) =
+                cryo(&["save", "--api", api.to_str().unwrap(), "--to", &endpoint]);
+            (code, format!("{out}\n{err}"))
+        };
+        assert_ne!(code, Some(0), "{out}");
+        let why = gave_up_cleanly(&mut dest);
+        assert!(why.contains(&disk.display().to_string()), "{why}");
+        assert!(out.contains("refused the device state"), "{out}");
+        source_runs_on(&mut src, &api, 1);
+    }
+    let (status, out, err) = cryo(&["quit", "--api", api.to_str().unwrap()]);
+    assert_eq!(status, Some(0), "{out}\n{err}");
+    let _ = src.wait_exit(T);
+    let _ = std::fs::remove_dir_all(&dir);
+}

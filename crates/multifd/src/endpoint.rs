@@ -250,8 +250,20 @@ impl Listener {
         data_timeout: Duration,
         alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError>,
     ) -> Result<(Vec<u8>, TransferStats), MultifdError> {
+        self.receive_checked(data_timeout, alloc, &mut |_| Ok(()))
+    }
+
+    /// [`receive_checked`](crate::receive_checked) on this listener, with
+    /// the timeouts of [`Listener::receive`].
+    #[allow(clippy::type_complexity)]
+    pub fn receive_checked(
+        &self,
+        data_timeout: Duration,
+        alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError>,
+        check_state: &mut dyn FnMut(&[u8]) -> Result<(), CallerError>,
+    ) -> Result<(Vec<u8>, TransferStats), MultifdError> {
         let mut first = true;
-        crate::receive(
+        crate::receive_checked(
             &mut || {
                 if std::mem::take(&mut first) {
                     self.accept()
@@ -260,6 +272,7 @@ impl Listener {
                 }
             },
             alloc,
+            check_state,
         )
     }
 }

@@ -50,7 +50,7 @@ pub use protocol::{
     PACKET_MAGIC, PAGE_SIZE, PROTOCOL_VERSION, RUN_LEN,
 };
 pub use region::MemRegion;
-pub use socket::{receive, send, SocketOptions};
+pub use socket::{receive, receive_checked, send, SocketOptions};
 
 /// Compiles the README's example as a doc test.
 #[cfg(doctest)]

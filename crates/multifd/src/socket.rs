@@ -681,10 +681,31 @@ pub fn receive<S: Read + Write + Send>(
     accept: &mut dyn FnMut() -> io::Result<S>,
     alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError>,
 ) -> Result<(Vec<u8>, TransferStats), MultifdError> {
+    receive_checked(accept, alloc, &mut |_| Ok(()))
+}
+
+/// [`receive`], with `check_state` called on the verified device state
+/// before the ACK is sent. An error from it fails the transfer as any
+/// other receive error does ([`MultifdError::Caller`]): the sender is told
+/// why and, having no ACK, keeps its VM. A receiver uses it to refuse what
+/// it could not run (a disk it cannot open) while the sender still can.
+#[allow(clippy::type_complexity)]
+pub fn receive_checked<S: Read + Write + Send>(
+    accept: &mut dyn FnMut() -> io::Result<S>,
+    alloc: &mut dyn FnMut(&[(u64, u64)]) -> Result<Vec<MemRegion>, CallerError>,
+    check_state: &mut dyn FnMut(&[u8]) -> Result<(), CallerError>,
+) -> Result<(Vec<u8>, TransferStats), MultifdError> {
     let start = Instant::now();
     let (mut main, hello) = accept_main(accept)?;
     let mut wire = HELLO_LEN as u64;
-    match receive_main(&mut main, &hello, accept, alloc, &mut wire) {
+    let received = receive_main(&mut main, &hello, accept, alloc, &mut wire).and_then(|r| {
+        check_state(&r.0).map_err(|source| MultifdError::Caller {
+            context: "the receiver refused the device state".into(),
+            source,
+        })?;
+        Ok(r)
+    });
+    match received {
         Ok((state, mut stats)) => {
             // Send the ACK; only a successful send makes the transfer done here.
             stats.bytes = wire + write_main(&mut main, &MainMessage::Ack, "sending the ACK")?;

@@ -507,3 +507,39 @@ fn bad_options() {
         "{e}"
     );
 }
+
+#[test]
+fn a_refused_device_state_gets_no_ack_and_the_sender_is_told_why() {
+    let src = source(2);
+    let regs = regions(&src);
+    let listener = parse_endpoint("tcp:127.0.0.1:0").unwrap().listen().unwrap();
+    let ep = listener.local_endpoint().unwrap();
+    let keep = Arc::new(Mutex::new(Vec::new()));
+    let (sent, received) = std::thread::scope(|s| {
+        let l = &listener;
+        let r = s.spawn(move || {
+            l.receive_checked(
+                Duration::from_secs(20),
+                &mut allocator(keep),
+                &mut |state| {
+                    assert_eq!(state, b"needs disk.raw");
+                    Err("disk.raw is missing here".into())
+                },
+            )
+        });
+        let opts = SocketOptions {
+            channels: 2,
+            compression: Compression::None,
+        };
+        let sent = send(&mut || ep.connect(), &regs, b"needs disk.raw", &opts);
+        (sent, r.join().unwrap())
+    });
+    let received = received.unwrap_err().to_string();
+    assert!(received.contains("disk.raw is missing here"), "{received}");
+    let sent = sent.unwrap_err();
+    assert!(matches!(sent, MultifdError::Remote(_)), "{sent}");
+    assert!(
+        sent.to_string().contains("disk.raw is missing here"),
+        "{sent}"
+    );
+}

@@ -84,7 +84,11 @@ pub fn send_vm(
 }
 
 /// Waits on `listen` for one migration and returns the received VM.
-pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
+/// Before the ACK (while the sender can still keep its VM) the device state
+/// is decoded and each disk it names is checked as the restore will check
+/// it (missing, or changed unless `disk_changed_ok`): a refused disk fails
+/// the migration with the source running, instead of after it has ended.
+pub fn receive_vm(listen: &str, disk_changed_ok: bool) -> Result<Loaded, SaveError> {
     let path = PathBuf::from(listen);
     let invalid = |reason: String| SaveError::Invalid {
         path: path.clone(),
@@ -103,25 +107,38 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
     let listener = endpoint.listen().map_err(|e| bad_image(e.into()))?;
     eprintln!("cryo: waiting for a migration on {listen}");
     let mut memory: Option<GuestMemory> = None;
+    let mut decoded = None;
+    let mut check_state = |state: &[u8]| -> Result<(), multifd::CallerError> {
+        let snap = snapshot::decode(state)?;
+        for block in &snap.blocks {
+            microvm::devices::virtio::block::check_identity(&block.disk, disk_changed_ok)?;
+        }
+        decoded = Some(snap);
+        Ok(())
+    };
     let (device_state, stats) = listener
-        .receive(DATA_CONNECT_TIMEOUT, &mut |layout| {
-            let total: u64 = layout.iter().map(|(_, size)| *size).sum();
-            if !total.is_multiple_of(1 << 20) {
-                return Err(format!("RAM of {total} bytes is not a whole number of MiB").into());
-            }
-            let mem = create_guest_memory(total >> 20, &MemoryBacking::Anonymous)?;
-            let ours = microvm::region_list(&mem);
-            if ours != layout {
-                return Err(format!(
-                    "RAM layout {layout:x?} is not the one cryo builds for {} MiB ({ours:x?})",
-                    total >> 20
-                )
-                .into());
-            }
-            let regions = mem_regions(&mem);
-            memory = Some(mem);
-            Ok(regions)
-        })
+        .receive_checked(
+            DATA_CONNECT_TIMEOUT,
+            &mut |layout| {
+                let total: u64 = layout.iter().map(|(_, size)| *size).sum();
+                if !total.is_multiple_of(1 << 20) {
+                    return Err(format!("RAM of {total} bytes is not a whole number of MiB").into());
+                }
+                let mem = create_guest_memory(total >> 20, &MemoryBacking::Anonymous)?;
+                let ours = microvm::region_list(&mem);
+                if ours != layout {
+                    return Err(format!(
+                        "RAM layout {layout:x?} is not the one cryo builds for {} MiB ({ours:x?})",
+                        total >> 20
+                    )
+                    .into());
+                }
+                let regions = mem_regions(&mem);
+                memory = Some(mem);
+                Ok(regions)
+            },
+            &mut check_state,
+        )
         .map_err(|e| SaveError::Receive {
             path: path.clone(),
             source: e.into(),
@@ -134,10 +151,13 @@ pub fn receive_vm(listen: &str) -> Result<Loaded, SaveError> {
         stats.elapsed,
         stats.mb_per_s()
     );
-    let snap = snapshot::decode(&device_state).map_err(|source| SaveError::DeviceState {
-        path: path.clone(),
-        source,
-    })?;
+    let snap = match decoded {
+        Some(snap) => snap,
+        None => snapshot::decode(&device_state).map_err(|source| SaveError::DeviceState {
+            path: path.clone(),
+            source,
+        })?,
+    };
     let memory = memory.ok_or_else(|| invalid("no RAM layout was received".into()))?;
     let ours = microvm::region_list(&memory);
     if ours != snap.machine.regions {
