@@ -455,7 +455,7 @@ fn disk_snapshot_uses_ficlone_where_the_filesystem_shares_extents() {
 #[test]
 fn a_destination_without_the_disk_refuses_before_its_ack_and_the_source_runs_on() {
     use cryo_tests::cryo_bin;
-    use cryo_tests::migration::{finished, gave_up_cleanly, source_runs_on, start_migrate};
+    use cryo_tests::migration::{finished, source_runs_on, start_migrate};
     let (dir, disk, api, mut src) = one_disk_vm("disk-gone", 4);
     for live in [true, false] {
         let socket = socket_path(if live {
@@ -488,7 +488,17 @@ fn a_destination_without_the_disk_refuses_before_its_ack_and_the_source_runs_on(
             (code, format!("{out}\n{err}"))
         };
         assert_ne!(code, Some(0), "{out}");
-        let why = gave_up_cleanly(&mut dest);
+        // Refused as a restore from a file refuses the disk: bad input
+        // (exit 2), naming it, without ever running the guest.
+        let status = dest.wait_exit(T);
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(2),
+            "{}",
+            dest.transcript()
+        );
+        assert!(dest.output().is_empty(), "{}", dest.transcript());
+        let why = dest.stderr().join("\n");
         assert!(why.contains(&disk.display().to_string()), "{why}");
         assert!(out.contains("refused the device state"), "{out}");
         source_runs_on(&mut src, &api, 1);

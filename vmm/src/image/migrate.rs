@@ -3,7 +3,7 @@
 //! main channel; `cryo restore --listen` receives straight into fresh guest
 //! memory and resumes the VM only after the whole transfer verified.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use microvm::persist::VmSnapshot;
@@ -83,6 +83,29 @@ pub fn send_vm(
     })
 }
 
+/// Decodes a received device state and checks every disk it names as a
+/// restore would (missing, or changed unless `disk_changed_ok`); both
+/// refusals are bad input, as a restore from a file's are.
+fn runnable_state(
+    state: &[u8],
+    disk_changed_ok: bool,
+    endpoint: &Path,
+) -> Result<VmSnapshot, SaveError> {
+    let snap = snapshot::decode(state).map_err(|source| SaveError::DeviceState {
+        path: endpoint.to_path_buf(),
+        source,
+    })?;
+    for block in &snap.blocks {
+        microvm::devices::virtio::block::check_identity(&block.disk, disk_changed_ok).map_err(
+            |source| SaveError::DiskRefused {
+                endpoint: endpoint.to_path_buf(),
+                source,
+            },
+        )?;
+    }
+    Ok(snap)
+}
+
 /// Waits on `listen` for one migration and returns the received VM.
 /// Before the ACK (while the sender can still keep its VM) the device state
 /// is decoded and each disk it names is checked as the restore will check
@@ -107,16 +130,16 @@ pub fn receive_vm(listen: &str, disk_changed_ok: bool) -> Result<Loaded, SaveErr
     let listener = endpoint.listen().map_err(|e| bad_image(e.into()))?;
     eprintln!("cryo: waiting for a migration on {listen}");
     let mut memory: Option<GuestMemory> = None;
-    let mut decoded = None;
+    // The state decoded once, before the ACK; or why it was refused, kept
+    // typed (the sender is told the message).
+    let mut checked: Option<Result<VmSnapshot, SaveError>> = None;
     let mut check_state = |state: &[u8]| -> Result<(), multifd::CallerError> {
-        let snap = snapshot::decode(state)?;
-        for block in &snap.blocks {
-            microvm::devices::virtio::block::check_identity(&block.disk, disk_changed_ok)?;
-        }
-        decoded = Some(snap);
-        Ok(())
+        let result = runnable_state(state, disk_changed_ok, &path);
+        let refusal = result.as_ref().err().map(|e| e.to_string());
+        checked = Some(result);
+        refusal.map_or(Ok(()), |why| Err(why.into()))
     };
-    let (device_state, stats) = listener
+    let (_, stats) = listener
         .receive_checked(
             DATA_CONNECT_TIMEOUT,
             &mut |layout| {
@@ -139,9 +162,12 @@ pub fn receive_vm(listen: &str, disk_changed_ok: bool) -> Result<Loaded, SaveErr
             },
             &mut check_state,
         )
-        .map_err(|e| SaveError::Receive {
-            path: path.clone(),
-            source: e.into(),
+        .map_err(|e| match checked.take() {
+            Some(Err(refused)) => refused,
+            _ => SaveError::Receive {
+                path: path.clone(),
+                source: e.into(),
+            },
         })?;
     drop(listener);
     log::info!(
@@ -151,12 +177,9 @@ pub fn receive_vm(listen: &str, disk_changed_ok: bool) -> Result<Loaded, SaveErr
         stats.elapsed,
         stats.mb_per_s()
     );
-    let snap = match decoded {
-        Some(snap) => snap,
-        None => snapshot::decode(&device_state).map_err(|source| SaveError::DeviceState {
-            path: path.clone(),
-            source,
-        })?,
+    let snap = match checked {
+        Some(Ok(snap)) => snap,
+        _ => return Err(invalid("no device state was received".into())),
     };
     let memory = memory.ok_or_else(|| invalid("no RAM layout was received".into()))?;
     let ours = microvm::region_list(&memory);

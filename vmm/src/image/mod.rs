@@ -254,6 +254,16 @@ pub enum SaveError {
         #[source]
         source: microvm::devices::virtio::disk_copy::DiskCopyError,
     },
+    /// A received VM names a disk this host refuses (missing, or changed
+    /// since the save): refused before the ACK, so the source runs on.
+    #[error("receiving from {endpoint}: {source}")]
+    DiskRefused {
+        /// The endpoint listened on.
+        endpoint: PathBuf,
+        /// The disk and why.
+        #[source]
+        source: microvm::devices::virtio::block::DiskError,
+    },
     /// A finished disk copy could not be identified.
     #[error("disk snapshot {path}: {source}")]
     DiskIdentity {
@@ -316,6 +326,7 @@ impl SaveError {
             | SaveError::BadRequest(_)
             | SaveError::DiskSnapshotCount { .. }
             | SaveError::BadImage { .. }
+            | SaveError::DiskRefused { .. }
             | SaveError::DeviceState { .. } => "bad-request",
             SaveError::Cancelled(_) => "cancelled",
             SaveError::NotConverged { .. } => "timeout",
@@ -331,6 +342,7 @@ impl SaveError {
                 | SaveError::Invalid { .. }
                 | SaveError::BadRequest(_)
                 | SaveError::BadImage { .. }
+                | SaveError::DiskRefused { .. }
                 | SaveError::DeviceState { .. }
         )
     }
