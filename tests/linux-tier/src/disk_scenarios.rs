@@ -48,7 +48,7 @@ pub fn disk_guest(setup: &Setup, tally: &mut Tally) {
         }
         Err(f) => {
             tally.fail(names::DISK_FSYNC_SAVE, &f);
-            tally.not_run(&[names::DISK_CHANGED_REFUSED], "the disk save failed");
+            tally.not_run_after(&[names::DISK_CHANGED_REFUSED], "the disk save failed", &f);
         }
     }
     tally.outcome(names::DISK_SNAPSHOT_LIVE, live_disk_snapshot(setup));

@@ -248,6 +248,8 @@ pub const NESTED_ATTEMPTS: usize = 3;
 
 /// Lines of the nested console a note shows when the driver did not finish.
 const CONSOLE_TAIL: usize = 30;
+/// Lines of a scenario's log kept per nested run it failed in.
+const FAILURE_LOG_TAIL: usize = 12;
 
 /// What [`run_nested_until_pass`] found.
 struct NestedRuns {
@@ -271,12 +273,18 @@ impl NestedRuns {
         let mut note = format!("{run}: not yet passed in any run: {}", missing.join(", "));
         for name in missing {
             let why = report.failure(name).unwrap_or_default();
-            let first = why.lines().next().unwrap_or_default();
+            let mut lines = why.lines();
+            let first = lines.next().unwrap_or_default();
             let reason = first.strip_prefix(&format!("{name}: ")).unwrap_or(first);
+            // The end of its log too: a scenario that fails in every run
+            // must be explained by the test's message alone, and the last
+            // run's log (the one the report keeps) may only say "not run".
+            let log: Vec<&str> = lines.collect();
+            let log_tail = log[log.len().saturating_sub(FAILURE_LOG_TAIL)..].join("\n");
             self.failures
                 .entry(name.to_string())
                 .or_default()
-                .push(format!("{run}: {reason}"));
+                .push(format!("{run}: {reason}\n{log_tail}"));
             note.push('\n');
             note.push_str(&why);
         }

@@ -152,9 +152,10 @@ pub fn net_guest(setup: &Setup, tally: &mut Tally) {
         }
         Err(f) => {
             tally.fail(names::NET_TCP_SAVE_RESTORE, &f);
-            tally.not_run(
+            tally.not_run_after(
                 &[names::NET_PING_LIVE_SNAPSHOT],
                 "the TCP save scenario failed",
+                &f,
             );
         }
     }

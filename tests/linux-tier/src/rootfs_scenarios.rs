@@ -106,7 +106,7 @@ pub(crate) fn rootfs_guest(setup: &Setup, tally: &mut Tally) {
         }
         Err(f) => {
             tally.fail(names::ROOTFS_BOOT, &f);
-            tally.not_run(&[names::ROOTFS_EVERY_SAVE], "the guest did not boot");
+            tally.not_run_after(&[names::ROOTFS_EVERY_SAVE], "the guest did not boot", &f);
         }
     }
     let _ = host(&["tunctl", "-d", TAP]);

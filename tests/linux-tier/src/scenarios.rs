@@ -271,6 +271,20 @@ impl Tally {
             self.fail(s, &Failure::plain(format!("not run: {because}")));
         }
     }
+
+    /// Like [`Tally::not_run`], with the failure that stopped them: its
+    /// reason and log go with each (a later nested run may pass the
+    /// scenario that failed, and its log would then be lost from the
+    /// report, while these still fail).
+    pub(crate) fn not_run_after(&mut self, scenarios: &[&str], because: &str, cause: &Failure) {
+        for s in scenarios {
+            let failure = Failure {
+                reason: format!("not run: {because}: {}", cause.reason),
+                log: cause.log.clone(),
+            };
+            self.fail(s, &failure);
+        }
+    }
 }
 
 /// With this environment variable set to set names (`boot`, `chain`,
@@ -517,6 +531,9 @@ fn report_clocks(tally: &mut Tally) {
     }
 }
 
+/// Bytes of the long line the console-shell scenario types.
+const LONG_LINE: usize = 700;
+
 /// The one-vCPU guest: boot, shell, managed save, run by name again.
 fn single_vcpu_guest(setup: &Setup, tally: &mut Tally) {
     let state = setup.work.join("state");
@@ -531,9 +548,21 @@ fn single_vcpu_guest(setup: &Setup, tally: &mut Tally) {
         );
         return;
     }
-    if let Err(f) = vm.shell("echo SHELL-$((6*7))", "SHELL-42", BEAT_TIMEOUT) {
+    // A line longer than the guest driver reads per interrupt (Linux's
+    // 8250 takes 256 bytes at a time) must arrive whole.
+    let long = "x".repeat(LONG_LINE);
+    let typed = vm
+        .shell("echo SHELL-$((6*7))", "SHELL-42", BEAT_TIMEOUT)
+        .and_then(|()| {
+            vm.shell(
+                &format!("echo {long}-$((20+22))"),
+                &format!("{long}-42"),
+                BEAT_TIMEOUT,
+            )
+        });
+    if let Err(f) = typed {
         tally.fail(names::CONSOLE_SHELL, &f);
-        tally.not_run(&[names::MANAGED_SAVE], "the shell did not answer");
+        tally.not_run_after(&[names::MANAGED_SAVE], "the shell did not answer", &f);
         return;
     }
     let result = managed_save_and_back(setup, vm, &by_name, api, tally);
@@ -543,13 +572,13 @@ fn single_vcpu_guest(setup: &Setup, tally: &mut Tally) {
             tally.outcome(
                 names::CONSOLE_SHELL,
                 shell_after.map(|()| {
-                    "typed commands answered before and after a managed save; `reboot -f` ended cryo with 0".to_string()
+                    format!("typed commands answered (one of {} bytes) before and after a managed save; `reboot -f` ended cryo with 0", LONG_LINE + 20)
                 }),
             );
         }
         Err(f) => {
             tally.fail(names::MANAGED_SAVE, &f);
-            tally.not_run(&[names::CONSOLE_SHELL], "the managed save failed");
+            tally.not_run_after(&[names::CONSOLE_SHELL], "the managed save failed", &f);
         }
     }
 }

@@ -39,26 +39,43 @@ fn tier() -> &'static Result<TierRun, String> {
 /// nothing.
 const TRANSCRIPT_TAIL: usize = 30;
 
+/// Fails the test with `message` alone: the tier's own log lines explain a
+/// failure, and a backtrace of this file would only push them out of a CI
+/// log's tail.
+fn fail(message: String) -> ! {
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let message = info
+                .payload()
+                .downcast_ref::<String>()
+                .map_or("the Linux tier check failed", String::as_str);
+            eprintln!("{message}");
+        }))
+    });
+    std::panic::panic_any(message)
+}
+
 fn check(scenario: &str) {
     let run = match tier() {
         Ok(run) => run,
-        Err(e) => panic!("the Linux tier did not run: {e}"),
+        Err(e) => fail(format!("the Linux tier did not run: {e}")),
     };
     let earlier = run
         .nested_failures
         .get(scenario)
-        .map(|runs| format!("\nfailed in: {}", runs.join("; ")))
+        .map(|runs| format!("\nfailed in:\n{}", runs.join("\n")))
         .unwrap_or_default();
     let Some(outcome) = run.report.results.get(scenario) else {
         let tail = tail(&run.transcript, TRANSCRIPT_TAIL);
-        panic!(
+        fail(format!(
             "the Linux tier reported nothing for {scenario} (driver finished: {}){earlier}\nlast lines:\n{}",
             run.report.done,
             tail.join("\n")
-        );
+        ));
     };
     if let Some(why) = run.report.failure(scenario) {
-        panic!("{why}{earlier}");
+        fail(format!("{why}{earlier}"));
     }
     println!("{scenario}: {}", outcome.detail);
 }

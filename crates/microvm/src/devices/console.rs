@@ -14,7 +14,7 @@
 //! (SIGTTIN).
 
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::{Arc, Mutex};
 
@@ -81,7 +81,7 @@ impl ConsoleInput {
 
     fn read_stdin(&mut self) -> bool {
         let mut buf = [0u8; READ_CHUNK];
-        match io::stdin().lock().read(&mut buf) {
+        match read_stdin_fd(&mut buf) {
             Ok(0) => false,
             Ok(n) => {
                 self.pending.extend(&buf[..n]);
@@ -141,6 +141,17 @@ impl MutEventSubscriber for ConsoleInput {
             self.watching_stdin = false;
         }
     }
+}
+
+/// Reads fd 0 itself, not through `std::io::stdin()`: std's stdin is
+/// buffered (8 KiB), so a 256-byte read through it takes everything the
+/// pipe holds and hands back 256 bytes; the rest sits in std's buffer,
+/// where epoll cannot see it, until more input arrives. A line longer than
+/// 256 bytes stopped at its 256th byte that way.
+fn read_stdin_fd(buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: reads at most buf.len() bytes into memory we own.
+    let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 fn stdin_fd() -> BorrowedFd<'static> {

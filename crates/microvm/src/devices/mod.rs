@@ -65,7 +65,9 @@ impl PioDevices {
     /// Guest reads `data.len()` bytes from `port`. Ports no device owns read as all ones.
     pub fn read(&mut self, port: u16, data: &mut [u8]) {
         match (port, data.len()) {
-            (COM1_BASE..=0x3ff, 1) => data[0] = self.serial.read((port - COM1_BASE) as u8),
+            (COM1_BASE..=0x3ff, 1) => {
+                data[0] = serial::guest_read(&mut self.serial, (port - COM1_BASE) as u8)
+            }
             (I8042_DATA | I8042_COMMAND, 1) => data[0] = self.i8042.read((port - I8042_DATA) as u8),
             (CMOS_INDEX | CMOS_DATA, 1) => data[0] = self.cmos.read(port - CMOS_INDEX),
             (ACPI_PM_PORT, 1) => data[0] = self.acpi_pm.read(),

@@ -76,6 +76,59 @@ impl SerialEvents for InputReady {
 /// The COM1 device as the VM uses it.
 pub type SerialDevice = Serial<EventFdTrigger, InputReady, SerialWriter>;
 
+/// 16550 register offsets and bits that [`guest_read`] looks at.
+const DATA: u8 = 0;
+const IER: u8 = 1;
+const IIR: u8 = 2;
+const LCR: u8 = 3;
+const LSR: u8 = 5;
+const LCR_DLAB: u8 = 0x80;
+const IER_RECEIVED_DATA: u8 = 0x01;
+const LSR_DATA_READY: u8 = 0x01;
+const IIR_NO_INTERRUPT: u8 = 0x01;
+const IIR_RECEIVED_DATA: u8 = 0x04;
+const IIR_ID_BITS: u8 = 0x0f;
+
+/// A guest read of COM1's register `offset`, with the receive interrupt
+/// held asserted while the FIFO still holds data, as a real 16550 holds it
+/// (its received-data and character-timeout interrupts).
+///
+/// vm-superio drops the receive interrupt at every read of the data
+/// register, even when bytes remain, and raises it again only when new
+/// bytes arrive. Linux's 8250 driver reads at most 256 bytes per interrupt
+/// and then returns, trusting the UART to interrupt again for the rest. On
+/// vm-superio alone no interrupt comes, the FIFO never empties, and the
+/// console input behind it ([`super::console`]) waits for an empty FIFO
+/// forever: a line longer than 256 bytes stopped at byte 256, and every
+/// line typed after it was stuck too. So: a data read that leaves bytes
+/// behind raises the interrupt again (an edge, latched while the guest's
+/// handler runs), and the interrupt identification reads "received data"
+/// while bytes remain.
+pub fn guest_read(serial: &mut SerialDevice, offset: u8) -> u8 {
+    let dlab = serial.read(LCR) & LCR_DLAB != 0;
+    let value = serial.read(offset);
+    // Neither the data register nor IER is at these offsets with DLAB set.
+    if dlab {
+        return value;
+    }
+    // LSR and IER reads have no side effects.
+    let data_left = serial.read(LSR) & LSR_DATA_READY != 0;
+    let interrupt_enabled = serial.read(IER) & IER_RECEIVED_DATA != 0;
+    if !(data_left && interrupt_enabled) {
+        return value;
+    }
+    match offset {
+        DATA => {
+            if let Err(e) = serial.interrupt_evt().trigger() {
+                log::debug!("serial: raising the receive interrupt again failed: {e}");
+            }
+            value
+        }
+        IIR if value & IIR_NO_INTERRUPT != 0 => (value & !IIR_ID_BITS) | IIR_RECEIVED_DATA,
+        _ => value,
+    }
+}
+
 fn writer(output: SerialOutput) -> SerialWriter {
     let out: Box<dyn Write + Send> = match output {
         SerialOutput::Stdout => Box::new(io::stdout()),
@@ -111,4 +164,67 @@ pub enum RestoreSerialError {
     /// vm-superio refused the saved registers or FIFO.
     #[error("saved serial state refused: {0}")]
     State(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn com1() -> (SerialDevice, EventFd) {
+        let trigger = EventFdTrigger::new().unwrap();
+        let irq = trigger.0.try_clone().unwrap();
+        let mut serial = new_serial(trigger, SerialOutput::Sink).unwrap();
+        serial.write(IER, IER_RECEIVED_DATA).unwrap();
+        (serial, irq)
+    }
+
+    fn raised(irq: &EventFd) -> bool {
+        irq.read().is_ok()
+    }
+
+    #[test]
+    fn the_receive_interrupt_stays_asserted_until_the_fifo_is_empty() {
+        let (mut serial, irq) = com1();
+        serial.enqueue_raw_bytes(b"abc").unwrap();
+        assert!(raised(&irq));
+        assert_eq!(
+            guest_read(&mut serial, IIR) & IIR_ID_BITS,
+            IIR_RECEIVED_DATA
+        );
+        assert_eq!(guest_read(&mut serial, DATA), b'a');
+        // A driver that stops here (Linux's 256-byte budget) is interrupted again.
+        assert!(raised(&irq));
+        assert_eq!(
+            guest_read(&mut serial, IIR) & IIR_ID_BITS,
+            IIR_RECEIVED_DATA
+        );
+        assert_eq!(guest_read(&mut serial, DATA), b'b');
+        assert!(raised(&irq));
+        assert_eq!(guest_read(&mut serial, DATA), b'c');
+        // The last byte read: no interrupt, nothing identified.
+        assert!(!raised(&irq));
+        assert_eq!(guest_read(&mut serial, IIR) & IIR_ID_BITS, IIR_NO_INTERRUPT);
+    }
+
+    #[test]
+    fn with_the_receive_interrupt_disabled_reads_are_vm_superios() {
+        let (mut serial, irq) = com1();
+        serial.write(IER, 0).unwrap();
+        serial.enqueue_raw_bytes(b"ab").unwrap();
+        assert!(!raised(&irq));
+        assert_eq!(guest_read(&mut serial, DATA), b'a');
+        assert!(!raised(&irq));
+        assert_eq!(guest_read(&mut serial, IIR) & IIR_ID_BITS, IIR_NO_INTERRUPT);
+    }
+
+    #[test]
+    fn with_dlab_set_the_divisor_reads_through() {
+        let (mut serial, irq) = com1();
+        serial.enqueue_raw_bytes(b"ab").unwrap();
+        let _ = raised(&irq);
+        serial.write(LCR, LCR_DLAB).unwrap();
+        serial.write(DATA, 0x0c).unwrap();
+        assert_eq!(guest_read(&mut serial, DATA), 0x0c);
+        assert!(!raised(&irq));
+    }
 }
