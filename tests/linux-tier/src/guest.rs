@@ -118,6 +118,17 @@ impl Failure {
             log: if f.log.is_empty() { now } else { f.log },
         }
     }
+
+    /// For `map_err` on a command that acts on `vm` (a save, a snapshot):
+    /// adds `vm`'s transcript, as it is when the command failed, to the
+    /// command's own output, since what the guest or its cryo did meanwhile
+    /// (a guest that reset, a cryo that exited) often explains it.
+    pub fn with_vm(vm: &LinuxVm) -> impl FnOnce(Failure) -> Failure + '_ {
+        move |mut f| {
+            f.log.extend(vm_log(vm));
+            f
+        }
+    }
 }
 
 /// The newest `n` of `lines`.

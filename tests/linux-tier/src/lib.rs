@@ -249,7 +249,7 @@ pub const NESTED_ATTEMPTS: usize = 3;
 /// Lines of the nested console a note shows when the driver did not finish.
 const CONSOLE_TAIL: usize = 30;
 /// Lines of a scenario's log kept per nested run it failed in.
-const FAILURE_LOG_TAIL: usize = 12;
+const FAILURE_LOG_TAIL: usize = 30;
 
 /// What [`run_nested_until_pass`] found.
 struct NestedRuns {

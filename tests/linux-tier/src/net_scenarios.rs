@@ -284,7 +284,7 @@ fn ping_live_snapshot(setup: &Setup, vm: &mut LinuxVm) -> Result<String, Failure
     })
     .map_err(Failure::at(vm, "ping before the snapshot"))?;
     let snap = setup.work.join("net-snap.img");
-    take_snapshot(&vm.api, &snap)?;
+    take_snapshot(&vm.api, &snap).map_err(Failure::with_vm(vm))?;
     let _ = std::fs::remove_file(&snap);
     let mut last = 0;
     let mut after = 0;

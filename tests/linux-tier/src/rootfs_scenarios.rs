@@ -288,7 +288,8 @@ fn managed_save(
     let out = cryo_ok(
         &strings(&["--json", "managed-save", "--api", &api]),
         "cryo managed-save",
-    )?;
+    )
+    .map_err(Failure::with_vm(&vm))?;
     let paused = paused_ms(&out);
     report::figure("rootfs_managed_save_paused_ms", paused, "ms");
     let code = vm.wait_exit(EXIT_TIMEOUT)?;
@@ -394,7 +395,8 @@ fn fork(
         &path_str(&image),
     ]));
     args.extend(strings(&["--disk-snapshot", &path_str(&copy)]));
-    let out = cryo_ok(&args, &format!("cryo {}", fork.verb.join(" ")))?;
+    let out =
+        cryo_ok(&args, &format!("cryo {}", fork.verb.join(" "))).map_err(Failure::with_vm(&vm))?;
     let paused = paused_ms(&out);
     report::figure(&format!("{}_paused_ms", fork.step), paused, "ms");
     // The source runs on through it, its stream intact.

@@ -886,7 +886,7 @@ pub(crate) fn stopped_save(
     let mut save = strings(&["save", "--api", &path_str(&vm.api), "--to", &target]);
     save.extend(strings(step.save));
     let saved_at = Instant::now();
-    cryo_ok(&save, "cryo save")?;
+    cryo_ok(&save, "cryo save").map_err(Failure::with_vm(&vm))?;
     let save_ms = saved_at.elapsed().as_millis();
     let code = vm.wait_exit(EXIT_TIMEOUT)?;
     if code != 0 {
@@ -929,7 +929,7 @@ fn live_snapshot(setup: &Setup, mut vm: LinuxVm, tally: &mut Tally) -> Result<St
     let start = vm
         .last
         .ok_or_else(|| Failure::of(&vm, "no heartbeat before the snapshot"))?;
-    take_snapshot(&vm.api, &image)?;
+    take_snapshot(&vm.api, &image).map_err(Failure::with_vm(&vm))?;
     // The source keeps running through and after the snapshot.
     let after = vm.heartbeats(BEATS, BEAT_TIMEOUT)?;
     let went_on_to = after[after.len() - 1].seq;
