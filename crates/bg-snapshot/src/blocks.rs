@@ -65,6 +65,15 @@ impl Blocks {
         })
     }
 
+    /// The aligned run of `run` bytes (a power of two, at most the block
+    /// size) of block `g` that holds `addr` (which must lie in the block):
+    /// its address and length (shorter at a range's end).
+    pub(crate) fn run_at(&self, g: u64, addr: usize, run: usize) -> (usize, usize) {
+        let (_, _, start, len) = self.locate(g);
+        let off = (addr - start) / run * run;
+        (start + off, run.min(len - off))
+    }
+
     /// The address spans of `blocks` (increasing global numbers), adjacent
     /// blocks of one range merged into one span.
     pub(crate) fn spans(&self, blocks: &[u64]) -> Vec<(usize, usize)> {
@@ -135,6 +144,9 @@ mod tests {
             vec![(0x10000, 0x5000), (0x40000, 0x2000)]
         );
         assert_eq!(b.spans(&[0, 2]), vec![(0x10000, 0x2000), (0x14000, 0x1000)]);
+        assert_eq!(b.run_at(1, 0x13fff, 0x1000), (0x13000, 0x1000));
+        assert_eq!(b.run_at(2, 0x14abc, 0x2000), (0x14000, 0x1000));
+        assert_eq!(b.run_at(3, 0x41000, 0x2000), (0x40000, 0x2000));
     }
 
     #[test]

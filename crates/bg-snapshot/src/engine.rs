@@ -1,13 +1,13 @@
 //! Arming (register + write-protect) and running (walkers + fault thread).
 
 use page_runs::FirstError;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::blocks::Blocks;
+use crate::pages::{assemble, PageBuf, PageStore};
 use crate::populated::{self, Pagemap};
 use crate::report::{LatencyStats, PreArmStats, SnapshotReport};
 use crate::sys::{self, Uffd, UffdMsg};
@@ -18,16 +18,19 @@ const CLAIMED: u8 = 1;
 /// Claimed by a walker, and a writer waits on it: the walker un-protects it.
 const WAITED: u8 = 3;
 const DONE: u8 = 2;
+/// Held by the fault thread while it copies and un-protects a run of its
+/// pages (back to Pending after), or copies it whole (then Done).
+const FAULTING: u8 = 4;
 
 /// How long the fault thread and idle walkers wait before re-checking for stop.
 const POLL_MS: libc::c_int = 5;
 const IDLE_WAIT: Duration = Duration::from_millis(2);
-/// Fault copies may queue up to this many bytes (at least 8 blocks) before the
-/// fault thread writes to the sink itself.
-const QUEUE_BYTES: usize = 32 << 20;
-/// Fault copy buffers allocated and touched before the run starts (at least 4
-/// blocks), so that a fault does not pay for first-touch page faults in its buffer.
-const PREALLOCATED_BYTES: usize = 16 << 20;
+/// Fault copies of pages may hold up to this many bytes until their blocks
+/// are walked; beyond it, a fault copies its whole block and writes it.
+const PAGE_POOL_BYTES: usize = 32 << 20;
+/// Page buffers allocated and touched before the run starts, so that a
+/// fault does not pay for first-touch page faults in its buffer.
+const PAGE_PREALLOC_BYTES: usize = 16 << 20;
 /// Blocks whose pagemap entries a walker reads at once (finding never-populated ones).
 const WINDOW_BLOCKS: usize = 64;
 
@@ -64,6 +67,25 @@ pub struct ArmOptions {
     /// without reading them (default true; needs WP_UNPOPULATED, and
     /// `CAP_SYS_ADMIN` to read the markers in `/proc/self/pagemap`).
     pub skip_unpopulated: bool,
+    /// What a write fault on a block not yet copied copies and un-protects:
+    /// the aligned run of this many bytes that holds the faulting page (a
+    /// power-of-two multiple of the page size, at most the block size;
+    /// default one page). The rest of the block stays protected for the
+    /// walkers. The pre-arm fault thread un-protects the same runs.
+    pub fault_copy_bytes: usize,
+    /// Page copies made by faults are held until their block is walked, up
+    /// to this many bytes (default 32 MiB); a fault that finds the pool
+    /// full copies its whole block and writes it to the sink itself.
+    pub fault_pool_bytes: usize,
+}
+
+/// What a fault on a block not yet copied does (from [`ArmOptions`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FaultCopy {
+    /// Bytes copied and un-protected: the aligned run holding the page.
+    pub(crate) run: usize,
+    /// Bytes of page copies held at most.
+    pub(crate) pool: usize,
 }
 
 impl Default for ArmOptions {
@@ -71,6 +93,8 @@ impl Default for ArmOptions {
         ArmOptions {
             use_wp_unpopulated: true,
             skip_unpopulated: true,
+            fault_copy_bytes: sys::page_size(),
+            fault_pool_bytes: PAGE_POOL_BYTES,
         }
     }
 }
@@ -162,6 +186,8 @@ pub struct Armed {
     pub(crate) features: u64,
     /// Per range: whether never-populated blocks may be skipped.
     pub(crate) skip: Vec<bool>,
+    /// What a fault copies and holds.
+    pub(crate) fault: FaultCopy,
     pub(crate) cancel: Arc<AtomicBool>,
     /// What protecting ahead of the pause did ([`Prepared::pre_arm`]).
     pub(crate) pre_arm: Option<PreArmStats>,
@@ -173,7 +199,11 @@ pub fn arm(ranges: &[MemRange], block_size: usize) -> Result<Armed, SnapshotErro
     arm_with(ranges, block_size, ArmOptions::default())
 }
 
-fn validate(ranges: &[MemRange], block_size: usize) -> Result<(), SnapshotError> {
+fn validate(
+    ranges: &[MemRange],
+    block_size: usize,
+    opts: &ArmOptions,
+) -> Result<(), SnapshotError> {
     let page = sys::page_size();
     if ranges.is_empty() {
         return Err(SnapshotError::InvalidArgument("no memory ranges".into()));
@@ -181,6 +211,13 @@ fn validate(ranges: &[MemRange], block_size: usize) -> Result<(), SnapshotError>
     if !block_size.is_power_of_two() || !block_size.is_multiple_of(page) {
         return Err(SnapshotError::InvalidArgument(format!(
             "block size {block_size} is not a power of two multiple of the page size {page}"
+        )));
+    }
+    let fc = opts.fault_copy_bytes;
+    if !fc.is_power_of_two() || !fc.is_multiple_of(page) || fc > block_size {
+        return Err(SnapshotError::InvalidArgument(format!(
+            "fault copy size {fc} is not a power of two multiple of the page size {page} \
+             up to the block size {block_size}"
         )));
     }
     for (i, r) in ranges.iter().enumerate() {
@@ -262,6 +299,8 @@ pub struct Prepared {
     pub(crate) features: u64,
     /// Per range: whether never-populated blocks may be skipped.
     pub(crate) skip: Vec<bool>,
+    /// What a fault copies and holds.
+    pub(crate) fault: FaultCopy,
 }
 
 /// [`prepare_with`] with the default options.
@@ -277,7 +316,7 @@ pub fn prepare_with(
     block_size: usize,
     opts: ArmOptions,
 ) -> Result<Prepared, SnapshotError> {
-    validate(ranges, block_size)?;
+    validate(ranges, block_size, &opts)?;
     let support = crate::check_support()?;
     let wp_unpopulated = opts.use_wp_unpopulated && support.wp_unpopulated;
     let mut features = sys::FEATURE_PAGEFAULT_FLAG_WP;
@@ -351,6 +390,10 @@ pub fn prepare_with(
         wp_unpopulated,
         features: api.features,
         skip,
+        fault: FaultCopy {
+            run: opts.fault_copy_bytes,
+            pool: opts.fault_pool_bytes,
+        },
     })
 }
 
@@ -383,6 +426,7 @@ impl Prepared {
             wp_unpopulated: self.wp_unpopulated,
             features: self.features,
             skip: self.skip,
+            fault: self.fault,
             cancel: Arc::new(AtomicBool::new(false)),
             pre_arm: None,
         })
@@ -441,32 +485,27 @@ pub(crate) fn protect(uffd: &Uffd, spans: &[(usize, usize)]) -> Result<(), Snaps
     Ok(())
 }
 
-/// A fault copy waiting for a walker to hand it to the sink.
-struct Queued {
-    global: u64,
-    buf: Vec<u8>,
-    /// Where the copy starts in `buf` (page aligned, see [`copy_aligned`]).
-    off: usize,
-}
-
-/// Copies `len` bytes from `src` into `buf` at a page-aligned offset, which
-/// it returns, so that a sink can write the copy with O_DIRECT.
+/// Copies block memory at `src` (`len` bytes) into `buf` at a page-aligned
+/// offset, which it returns (so that a sink can write it with O_DIRECT),
+/// taking the pages in `copies` from there instead of memory.
 ///
 /// # Safety
-/// `src` must be valid for reads of `len` bytes and nobody may write them
-/// meanwhile; they must not overlap `buf`.
-unsafe fn copy_aligned(src: *const u8, len: usize, buf: &mut Vec<u8>) -> usize {
+/// As [`assemble`]: `src` valid for reads of `len` bytes, its pages without
+/// a copy not written meanwhile, and no overlap with `buf`.
+unsafe fn assemble_aligned(
+    src: *const u8,
+    len: usize,
+    copies: &[(usize, PageBuf)],
+    buf: &mut Vec<u8>,
+) -> usize {
     let page = sys::page_size();
-    buf.clear();
-    buf.reserve(len + page);
-    let off = buf.as_ptr().align_offset(page).min(page);
-    buf.resize(off, 0); // within the capacity: the allocation does not move
-                        // SAFETY: `buf` has capacity for `off + len` bytes (reserved above, and
-                        // `off <= page`); the caller vouches for `src`.
-    unsafe {
-        std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr().add(off), len);
-        buf.set_len(off + len);
+    if buf.len() < len + page {
+        // Zeroed once; later blocks reuse it without clearing.
+        *buf = vec![0; len + page];
     }
+    let off = buf.as_ptr().align_offset(page).min(page);
+    // SAFETY: the caller vouches for `src`; `buf[off..off + len]` is in `buf`.
+    unsafe { assemble(src, len, page, copies, &mut buf[off..off + len]) };
     off
 }
 
@@ -484,13 +523,17 @@ struct Shared<'a> {
     abort: FirstError<SnapshotError>,
     /// Set by `run` once the walkers are gone and protection is removed.
     fault_stop: AtomicBool,
-    queue: Mutex<VecDeque<Queued>>,
-    queue_cap: usize,
+    /// Idle walkers wait here until every block is done.
+    idle: Mutex<()>,
     cv: Condvar,
-    free: Mutex<Vec<Vec<u8>>>,
+    /// Fault copies of pages, until their block is walked.
+    store: PageStore,
+    /// Bytes a fault copies and un-protects.
+    fault_copy: usize,
     blocks_by_walkers: AtomicU64,
     blocks_by_faults: AtomicU64,
-    inline_writes: AtomicU64,
+    pages_by_faults: AtomicU64,
+    blocks_with_fault_pages: AtomicU64,
     /// Where never-populated blocks are found (`None`: nothing is skipped).
     pagemap: Option<Pagemap>,
     /// Per range: whether its never-populated blocks may be skipped.
@@ -526,6 +569,7 @@ struct FaultStats {
     faults: u64,
     on_claimed: u64,
     on_done: u64,
+    on_copied: u64,
     latencies: Vec<Duration>,
 }
 
@@ -543,10 +587,31 @@ impl Shared<'_> {
         self.cv.notify_all();
     }
 
-    fn claim(&self, g: u64) -> bool {
+    /// A walker's claim of block `g`: true if it is now the walker's. While
+    /// the fault thread holds the block (copying a run of it) the walker
+    /// waits for it, because the block may still be Pending after that.
+    fn claim_for_walk(&self, g: u64) -> bool {
+        let state = &self.states[g as usize];
+        loop {
+            match state.compare_exchange(PENDING, CLAIMED, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(FAULTING) if !self.stopping() => thread::yield_now(),
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// The fault thread's hold on Pending block `g`.
+    fn claim_for_fault(&self, g: u64) -> bool {
         self.states[g as usize]
-            .compare_exchange(PENDING, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(PENDING, FAULTING, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+    }
+
+    /// Ends the fault thread's hold: the block is Pending again, with the
+    /// copied pages recorded, for a walker to complete.
+    fn release_fault(&self, g: u64) {
+        self.states[g as usize].store(PENDING, Ordering::Release);
     }
 
     /// Marks a walked block Done; true when a writer waits on it (the
@@ -580,7 +645,7 @@ impl Shared<'_> {
     fn unprotect(&self, addr: usize, len: usize) -> Result<(), SnapshotError> {
         self.uffd
             .writeprotect(addr, len, false)
-            .map_err(|e| SnapshotError::io("UFFDIO_WRITEPROTECT (un-protect block)", e))
+            .map_err(|e| SnapshotError::io("UFFDIO_WRITEPROTECT (un-protect)", e))
     }
 
     /// Whether block `g`, claimed by the caller, was never populated (so
@@ -632,92 +697,96 @@ impl Shared<'_> {
             })
     }
 
-    fn take_buffer(&self) -> Vec<u8> {
-        lock(&self.free).pop().unwrap_or_default()
-    }
-
-    fn recycle(&self, buf: Vec<u8>) {
-        lock(&self.free).push(buf);
-    }
-
-    fn write_queued(&self, sink: &dyn BlockSink, q: Queued) {
-        match self.write(sink, q.global, &q.buf[q.off..]) {
-            Ok(()) => self.mark_done(q.global),
-            Err(e) => self.fail(e),
+    /// The next block for a walker: blocks with fault copies first (that
+    /// frees their pages, and a block once copied is un-protected whole on
+    /// its next fault), then the walk in address order.
+    fn next_block(&self) -> Option<u64> {
+        if let Some(g) = self.store.next_hot() {
+            return Some(g);
         }
-        self.recycle(q.buf);
+        if self.cursor.load(Ordering::Relaxed) >= self.blocks.total() {
+            return None;
+        }
+        let g = self.cursor.fetch_add(1, Ordering::Relaxed);
+        (g < self.blocks.total()).then_some(g)
     }
 
     fn walker(&self, sink: &dyn BlockSink) {
         let _guard = AbortOnPanic(&self.abort);
         let mut window = Window::default();
+        let mut buf = Vec::new();
         loop {
             if self.stopping() {
                 return;
             }
-            // Alternate: one queued fault copy (if any), then one block of the walk,
-            // so that neither starves the other.
-            let queued = lock(&self.queue).pop_front();
-            let had_queued = queued.is_some();
-            if let Some(q) = queued {
-                self.write_queued(sink, q);
-                if self.stopping() {
+            let Some(g) = self.next_block() else {
+                // Nothing left to walk; the fault thread may still complete
+                // a block it copies whole. Wait until every block is done.
+                let idle = lock(&self.idle);
+                if self.all_done() {
                     return;
                 }
-            }
-            let g = if self.cursor.load(Ordering::Relaxed) < self.blocks.total() {
-                self.cursor.fetch_add(1, Ordering::Relaxed)
-            } else {
-                self.blocks.total()
+                let _ = self.cv.wait_timeout(idle, IDLE_WAIT);
+                continue;
             };
-            if g < self.blocks.total() {
-                if !self.claim(g) {
-                    continue; // a fault got there first
-                }
-                let (_, _, addr, len) = self.blocks.locate(g);
-                let written = if self.unpopulated(g, &mut window) {
-                    self.write_zero(sink, g)
-                } else {
-                    // SAFETY: the block lies inside a MemRange (mapped and readable for
-                    // the whole snapshot). It is still write-protected and claimed by this
-                    // thread, so no writer can change it until the un-protect below.
-                    let data = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
-                    self.write(sink, g, data)
-                };
-                // The block stays protected (un-protecting invalidates the
-                // guest's mappings of it, and most blocks are not written
-                // during the snapshot) unless a writer waits on it; a later
-                // write faults and the fault thread un-protects it then.
-                // Un-protect even when the sink failed: a writer may be waiting.
-                let unprotected = match self.finish_walked(g) {
-                    true => self.unprotect(addr, len),
-                    false => Ok(()),
-                };
-                if let Err(e) = written.and(unprotected) {
-                    self.fail(e);
-                    return;
-                }
-                self.blocks_by_walkers.fetch_add(1, Ordering::Relaxed);
-                continue;
+            if !self.claim_for_walk(g) {
+                continue; // taken by another walker, or done
             }
-            if had_queued {
-                continue;
-            }
-            // Nothing left to walk: drain fault copies until every block is done.
-            let q = lock(&self.queue);
-            if self.all_done() {
+            if let Err(e) = self.walk(sink, g, &mut window, &mut buf) {
+                self.fail(e);
                 return;
             }
-            if q.is_empty() {
-                let _ = self.cv.wait_timeout(q, IDLE_WAIT);
-            }
         }
+    }
+
+    /// Copies claimed block `g` to the sink: its pages that faults copied
+    /// from their copies, the others straight from the still-protected
+    /// memory. The block stays protected (un-protecting invalidates the
+    /// guest's mappings of it, and most blocks are not written during the
+    /// snapshot) unless a writer waits on it; a later write faults and the
+    /// fault thread un-protects the whole block then.
+    fn walk(
+        &self,
+        sink: &dyn BlockSink,
+        g: u64,
+        window: &mut Window,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), SnapshotError> {
+        let (_, _, addr, len) = self.blocks.locate(g);
+        let copies = self.store.take_block(g);
+        // A block with fault copies has a populated page: no need to read
+        // pagemap (for a block taken out of the walk's order, a whole window).
+        let written = if copies.is_empty() && self.unpopulated(g, window) {
+            self.write_zero(sink, g)
+        } else if copies.is_empty() {
+            // SAFETY: the block lies inside a MemRange (mapped and readable for
+            // the whole snapshot). No fault copied any of it, so all of it is
+            // still write-protected, and it is claimed by this thread: no
+            // writer can change it until the un-protect below.
+            let data = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+            self.write(sink, g, data)
+        } else {
+            self.blocks_with_fault_pages.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: as above for the pages without a copy; the pages with
+            // one (un-protected, perhaps written since) are not read.
+            let off = unsafe { assemble_aligned(addr as *const u8, len, &copies, buf) };
+            self.write(sink, g, &buf[off..off + len])
+        };
+        self.store.recycle(copies.into_iter().map(|(_, b)| b));
+        // Un-protect even when the sink failed: a writer may be waiting.
+        let unprotected = match self.finish_walked(g) {
+            true => self.unprotect(addr, len),
+            false => Ok(()),
+        };
+        written.and(unprotected)?;
+        self.blocks_by_walkers.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn fault_loop(&self, sink: &dyn BlockSink, stats: &mut FaultStats) {
         let _guard = AbortOnPanic(&self.abort);
         let mut msgs = [UffdMsg::default(); 64];
-        let mut inline_buf: Vec<u8> = Vec::new();
+        let mut block_buf: Vec<u8> = Vec::new();
         loop {
             // Runs until told: blocks left protected by the walkers may
             // still fault until `run` has un-protected everything.
@@ -735,21 +804,16 @@ impl Shared<'_> {
             };
             let t_read = Instant::now();
             for m in &msgs[..n] {
-                if let Err(e) = self.serve(sink, m, t_read, stats, &mut inline_buf) {
+                if let Err(e) = self.serve(sink, m, t_read, stats, &mut block_buf) {
                     return self.fail(e);
                 }
             }
         }
     }
 
-    fn serve(
-        &self,
-        sink: &dyn BlockSink,
-        m: &UffdMsg,
-        t_read: Instant,
-        stats: &mut FaultStats,
-        inline_buf: &mut Vec<u8>,
-    ) -> Result<(), SnapshotError> {
+    /// The faulting address of a write-protect fault event in our ranges,
+    /// and its block.
+    fn fault_of(&self, m: &UffdMsg) -> Result<(usize, u64), SnapshotError> {
         if m.event != sys::EVENT_PAGEFAULT {
             return Err(SnapshotError::UnexpectedEvent(format!(
                 "event {:#x}",
@@ -762,15 +826,27 @@ impl Shared<'_> {
                 m.flags, m.address
             )));
         }
-        stats.faults += 1;
         let addr = usize::try_from(m.address).unwrap_or(usize::MAX);
-        let Some(g) = self.blocks.block_of(addr) else {
-            return Err(SnapshotError::UnexpectedEvent(format!(
+        match self.blocks.block_of(addr) {
+            Some(g) => Ok((addr, g)),
+            None => Err(SnapshotError::UnexpectedEvent(format!(
                 "write-protect fault at {addr:#x}, outside every range"
-            )));
-        };
+            ))),
+        }
+    }
+
+    fn serve(
+        &self,
+        sink: &dyn BlockSink,
+        m: &UffdMsg,
+        t_read: Instant,
+        stats: &mut FaultStats,
+        block_buf: &mut Vec<u8>,
+    ) -> Result<(), SnapshotError> {
+        let (addr, g) = self.fault_of(m)?;
+        stats.faults += 1;
         let (_, _, start, len) = self.blocks.locate(g);
-        if !self.claim(g) {
+        if !self.claim_for_fault(g) {
             if self.fault_on_taken(g) {
                 // Copied already (walkers leave blocks protected), or a race
                 // with an un-protect: un-protecting wakes the writer either way.
@@ -784,37 +860,64 @@ impl Shared<'_> {
         }
         if self.stopping() {
             // Cancelled or failed: no copy is wanted, just let the writer go.
-            self.unprotect(start, len)?;
+            return self.unprotect(start, len);
+        }
+        let (run, run_len) = self.blocks.run_at(g, addr, self.fault_copy);
+        let page = sys::page_size();
+        let first = (run - start) / page;
+        if self.store.has(g, first) {
+            // A second event for a run copied already (two writers faulted
+            // on it): it is un-protected, and must not be copied again.
+            stats.on_copied += 1;
+            self.unprotect(run, run_len)?;
+            self.release_fault(g);
             return Ok(());
         }
-        let queue_full = lock(&self.queue).len() >= self.queue_cap;
-        let mut buf = if queue_full {
-            std::mem::take(inline_buf)
-        } else {
-            self.take_buffer()
+        let Some(mut bufs) = self.store.take_buffers(run_len / page) else {
+            return self.fault_copies_block(sink, g, t_read, stats, block_buf);
         };
-        // SAFETY: the block lies inside a MemRange (mapped, readable); it is still
-        // write-protected and claimed by this thread, so nobody writes it during the
-        // copy; `buf` is ours and does not overlap guest memory.
-        let off = unsafe { copy_aligned(start as *const u8, len, &mut buf) };
+        for (i, b) in bufs.iter_mut().enumerate() {
+            // SAFETY: the page lies in the block (a MemRange, mapped and
+            // readable); it is still write-protected and the block is held by
+            // this thread, so nobody writes it during the copy; `b` is ours.
+            unsafe {
+                std::ptr::copy_nonoverlapping((run + i * page) as *const u8, b.as_mut_ptr(), page)
+            };
+        }
+        // Recorded before the un-protect: the block's walker takes these
+        // pages instead of memory, whatever the writer does after.
+        self.store.insert(g, first, bufs);
+        self.unprotect(run, run_len)?;
+        self.release_fault(g);
+        stats.latencies.push(t_read.elapsed());
+        self.pages_by_faults
+            .fetch_add((run_len / page) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The page pool is exhausted: the fault thread copies held block `g`
+    /// whole (with the pages copied earlier), un-protects it, then writes it
+    /// to the sink itself. The writer waits only for the copy.
+    fn fault_copies_block(
+        &self,
+        sink: &dyn BlockSink,
+        g: u64,
+        t_read: Instant,
+        stats: &mut FaultStats,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), SnapshotError> {
+        let (_, _, start, len) = self.blocks.locate(g);
+        let copies = self.store.take_block(g);
+        // SAFETY: the block lies inside a MemRange; the pages without a copy
+        // are still write-protected and the block is held by this thread.
+        let off = unsafe { assemble_aligned(start as *const u8, len, &copies, buf) };
+        self.store.recycle(copies.into_iter().map(|(_, b)| b));
         // Un-protect (and wake the writer) before the sink sees the copy.
         self.unprotect(start, len)?;
         stats.latencies.push(t_read.elapsed());
         self.blocks_by_faults.fetch_add(1, Ordering::Relaxed);
-        if queue_full {
-            self.inline_writes.fetch_add(1, Ordering::Relaxed);
-            let res = self.write(sink, g, &buf[off..]);
-            *inline_buf = buf;
-            res?;
-            self.mark_done(g);
-        } else {
-            lock(&self.queue).push_back(Queued {
-                global: g,
-                buf,
-                off,
-            });
-            self.cv.notify_one();
-        }
+        self.write(sink, g, &buf[off..off + len])?;
+        self.mark_done(g);
         Ok(())
     }
 }
@@ -879,14 +982,8 @@ impl Armed {
         }
         let blocks = Blocks::new(&self.ranges, self.block_size);
         let total = blocks.total();
-        let queue_cap = (2 * walkers).max(8).max(QUEUE_BYTES / self.block_size);
-        let prealloc = (PREALLOCATED_BYTES / self.block_size).clamp(4, queue_cap);
-        let mut free = Vec::with_capacity(prealloc);
-        for _ in 0..prealloc {
-            // Filled with non-zero bytes so the pages are really allocated now.
-            // One page more than a block: room for a page-aligned copy.
-            free.push(vec![0xa5u8; self.block_size + sys::page_size()]);
-        }
+        let page = sys::page_size();
+        let store = PageStore::new(page, self.fault.pool / page, PAGE_PREALLOC_BYTES / page);
         let uffd = self.prot.uffd()?;
         let shared = Shared {
             uffd,
@@ -897,13 +994,14 @@ impl Armed {
             cancel: &self.cancel,
             abort: FirstError::new(),
             fault_stop: AtomicBool::new(false),
-            queue: Mutex::new(VecDeque::new()),
-            queue_cap,
+            idle: Mutex::new(()),
             cv: Condvar::new(),
-            free: Mutex::new(free),
+            store,
+            fault_copy: self.fault.run,
             blocks_by_walkers: AtomicU64::new(0),
             blocks_by_faults: AtomicU64::new(0),
-            inline_writes: AtomicU64::new(0),
+            pages_by_faults: AtomicU64::new(0),
+            blocks_with_fault_pages: AtomicU64::new(0),
             pagemap: self.skip.contains(&true).then(Pagemap::open).flatten(),
             skip: &self.skip,
             blocks_unpopulated: AtomicU64::new(0),
@@ -966,7 +1064,11 @@ impl Armed {
             faults: stats.faults,
             faults_on_claimed: stats.on_claimed,
             faults_on_done: stats.on_done,
-            fault_blocks_written_inline: shared.inline_writes.load(Ordering::Relaxed),
+            pages_by_faults: shared.pages_by_faults.load(Ordering::Relaxed),
+            blocks_with_fault_pages: shared.blocks_with_fault_pages.load(Ordering::Relaxed),
+            faults_on_copied: stats.on_copied,
+            fault_pages_peak: shared.store.peak() as u64,
+            fault_copy_bytes: self.fault.run as u64,
             blocks_unpopulated: shared.blocks_unpopulated.load(Ordering::Relaxed),
             fault_latency: LatencyStats::from_samples(&mut stats.latencies),
             run_time: Duration::ZERO,
@@ -1012,14 +1114,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fault_copies_are_page_aligned_for_o_direct() {
+    fn assembled_blocks_are_page_aligned_for_o_direct() {
         let page = sys::page_size();
         let src: Vec<u8> = (0..2 * page).map(|i| (i % 251) as u8).collect();
+        let copy: PageBuf = vec![0xee; page].into_boxed_slice();
+        let copies = [(1, copy)];
         for mut buf in [Vec::new(), vec![1u8; 3], vec![0xa5u8; 3 * page]] {
             // SAFETY: `src` is ours, readable for its length, and not written.
-            let off = unsafe { copy_aligned(src.as_ptr(), src.len(), &mut buf) };
+            let off = unsafe { assemble_aligned(src.as_ptr(), src.len(), &copies, &mut buf) };
             assert_eq!(buf[off..].as_ptr() as usize % page, 0);
-            assert_eq!(&buf[off..], &src[..]);
+            assert_eq!(&buf[off..off + page], &src[..page]);
+            assert!(buf[off + page..].iter().all(|&b| b == 0xee));
         }
     }
 }

@@ -8,9 +8,10 @@
 //! 2. [`Armed::run`] copies every block exactly once to a [`BlockSink`]:
 //!    walker threads copy blocks straight from the still-protected memory and
 //!    leave them protected; a fault thread serves writers that hit a protected
-//!    block (not yet copied: copy it to a buffer, un-protect it so the writer
-//!    goes on, queue the copy for the sink; copied already: un-protect it).
-//!    The sink sees exactly the memory at T0.
+//!    block (not yet copied: copy the written page to a buffer and un-protect
+//!    only that page, so the writer goes on; the block's walker takes the
+//!    copy instead of memory; copied already: un-protect the block). The
+//!    sink sees exactly the memory at T0.
 //! 3. Protection is always removed before `run`, [`Armed::disarm`] or the
 //!    drop of an [`Armed`] returns, also on error and on cancel
 //!    ([`CancelHandle`]).
@@ -57,6 +58,7 @@
 mod blocks;
 mod engine;
 mod error;
+mod pages;
 mod populated;
 mod prearm;
 mod report;

@@ -23,7 +23,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
 use crate::blocks::{BlockSet, Blocks};
-use crate::engine::{protect, protect_all, Armed, Prepared, Protection};
+use crate::engine::{protect, protect_all, Armed, FaultCopy, Prepared, Protection};
 use crate::report::PreArmStats;
 use crate::sys::{self, Uffd, UffdMsg, Waker};
 use crate::{MemRange, SnapshotError};
@@ -50,6 +50,7 @@ pub struct PreArmed {
     wp_unpopulated: bool,
     features: u64,
     skip: Vec<bool>,
+    fault: FaultCopy,
     blocks: Arc<Blocks>,
     written: Arc<BlockSet>,
     stats: PreArmStats,
@@ -64,7 +65,12 @@ impl Prepared {
     pub fn pre_arm(self) -> Result<PreArmed, SnapshotError> {
         let blocks = Arc::new(Blocks::new(&self.ranges, self.block_size));
         let written = Arc::new(BlockSet::new(blocks.total()));
-        let server = Server::start(self.prot.shared_uffd()?, blocks.clone(), written.clone())?;
+        let server = Server::start(
+            self.prot.shared_uffd()?,
+            blocks.clone(),
+            written.clone(),
+            self.fault.run,
+        )?;
         let mut pre = PreArmed {
             server,
             prot: self.prot,
@@ -73,6 +79,7 @@ impl Prepared {
             wp_unpopulated: self.wp_unpopulated,
             features: self.features,
             skip: self.skip,
+            fault: self.fault,
             blocks,
             written,
             stats: PreArmStats::default(),
@@ -128,6 +135,7 @@ impl PreArmed {
             wp_unpopulated: self.wp_unpopulated,
             features: self.features,
             skip: self.skip,
+            fault: self.fault,
             cancel: Arc::new(AtomicBool::new(false)),
             pre_arm: Some(self.stats),
         })
@@ -164,6 +172,7 @@ impl Server {
         uffd: Arc<Uffd>,
         blocks: Arc<Blocks>,
         written: Arc<BlockSet>,
+        run: usize,
     ) -> Result<Server, SnapshotError> {
         let waker = Arc::new(Waker::new().map_err(|e| SnapshotError::io("eventfd", e))?);
         let stop = Arc::new(AtomicBool::new(false));
@@ -171,6 +180,7 @@ impl Server {
             uffd,
             blocks,
             written,
+            run,
             stop: stop.clone(),
             waker: waker.clone(),
         };
@@ -228,6 +238,9 @@ struct Serving {
     uffd: Arc<Uffd>,
     blocks: Arc<Blocks>,
     written: Arc<BlockSet>,
+    /// Bytes un-protected per fault: the aligned run holding the faulting
+    /// page, as the snapshot's faults do ([`ArmOptions::fault_copy_bytes`](crate::ArmOptions::fault_copy_bytes)).
+    run: usize,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
 }
@@ -251,6 +264,7 @@ impl Serving {
             uffd,
             blocks,
             written,
+            run,
             stop,
             waker,
         } = self;
@@ -281,10 +295,11 @@ impl Serving {
                         .map_err(|e| SnapshotError::io("UFFDIO_WAKE", e))?;
                     continue;
                 };
-                let (_, _, start, len) = blocks.locate(g);
-                // Un-protect, then mark: whoever takes the mark re-protects after.
+                let (start, len) = blocks.run_at(g, addr, *run);
+                // Un-protect, then mark: whoever takes the mark re-protects
+                // the whole block after.
                 uffd.writeprotect(start, len, false)
-                    .map_err(|e| SnapshotError::io("UFFDIO_WRITEPROTECT (un-protect block)", e))?;
+                    .map_err(|e| SnapshotError::io("UFFDIO_WRITEPROTECT (un-protect run)", e))?;
                 written.mark(g);
                 faults += 1;
             }

@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 /// Distribution of fault latencies: from reading a write-protect fault event to
-/// the un-protect that lets the writer continue (the block copy is in between).
+/// the un-protect that lets the writer continue (the copy is in between).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LatencyStats {
-    /// Number of samples (faults that copied a block).
+    /// Number of samples (faults that copied pages or a block).
     pub count: u64,
     /// Smallest latency.
     pub min: Duration,
@@ -64,8 +64,20 @@ pub struct PreArmStats {
 pub struct SnapshotReport {
     /// Blocks copied by walker threads straight from protected memory.
     pub blocks_by_walkers: u64,
-    /// Blocks copied by the fault thread because a writer hit them first.
+    /// Blocks the fault thread copied whole because a writer hit them while
+    /// the pool of page copies was full (it then writes them to the sink
+    /// itself); every other block is completed by a walker.
     pub blocks_by_faults: u64,
+    /// Pages the fault thread copied (their T0 content) before
+    /// un-protecting them for a writer, in runs of `fault_copy_bytes`;
+    /// their blocks' walkers take these copies instead of memory.
+    pub pages_by_faults: u64,
+    /// Blocks a walker completed with page copies made by faults.
+    pub blocks_with_fault_pages: u64,
+    /// Most page copies held at once, waiting for their blocks' walkers.
+    pub fault_pages_peak: u64,
+    /// Bytes each fault copied and un-protected (`ArmOptions::fault_copy_bytes`).
+    pub fault_copy_bytes: u64,
     /// Bytes given to the sink (the sum of all ranges' lengths).
     pub bytes: u64,
     /// Write-protect fault events read from the userfaultfd (including those
@@ -78,15 +90,17 @@ pub struct SnapshotReport {
     /// copy protected, so this is a writer's first write to such a block
     /// (or a race with an un-protect); answered by un-protecting the block.
     pub faults_on_done: u64,
-    /// Fault copies the fault thread wrote to the sink itself because the
-    /// queue to the walkers was full.
-    pub fault_blocks_written_inline: u64,
+    /// Faults on a run of pages copied and un-protected already (a second
+    /// writer's event for it): answered by un-protecting it again, never by
+    /// a second copy.
+    pub faults_on_copied: u64,
     /// Blocks recorded as zeros without being read because they were never
     /// populated (private anonymous memory whose pages the writers had
     /// never touched at T0), found by the walkers and counted in
     /// `blocks_by_walkers` too.
     pub blocks_unpopulated: u64,
-    /// Latency of the faults that copied a block.
+    /// Latency of the faults that copied something (a run of pages, or a
+    /// block when the page pool was full).
     pub fault_latency: LatencyStats,
     /// Time `run` took, from its start to all protection removed.
     pub run_time: Duration,

@@ -7,8 +7,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bg_snapshot::{
-    arm, arm_with, check_support, prepare, ArmOptions, BlockSink, MemRange, SinkError,
-    SnapshotError,
+    arm, arm_with, check_support, prepare, prepare_with, ArmOptions, BlockSink, MemRange,
+    SinkError, SnapshotError, SnapshotReport,
 };
 
 const PAGE: usize = 4096;
@@ -258,12 +258,14 @@ fn exact_snapshot(walkers: usize, opts: ArmOptions) {
     );
     let total = ((len0 + len1) / bs) as u64;
     assert_eq!(report.blocks_by_walkers + report.blocks_by_faults, total);
-    assert!(
-        report.blocks_by_faults > 0,
-        "no block was copied by a fault"
+    assert!(report.pages_by_faults > 0, "no page was copied by a fault");
+    assert!(report.faults >= report.pages_by_faults + report.blocks_by_faults);
+    // One page per copying fault (the default run), or a block when the
+    // pool was full.
+    assert_eq!(
+        report.fault_latency.count,
+        report.pages_by_faults + report.blocks_by_faults
     );
-    assert!(report.faults >= report.blocks_by_faults);
-    assert_eq!(report.fault_latency.count, report.blocks_by_faults);
     assert_eq!(report.wp_unpopulated, opts.use_wp_unpopulated);
     assert_eq!(
         (wp_pages(&m0), wp_pages(&m1)),
@@ -554,11 +556,12 @@ struct PausableWriters {
 
 impl PausableWriters {
     fn start(m: &Mapping, count: usize) -> PausableWriters {
-        Self::start_with(m, count, false)
+        Self::start_with(m, count, false, Duration::ZERO)
     }
 
-    /// Writers that start paused (`paused`) or writing.
-    fn start_with(m: &Mapping, count: usize, paused: bool) -> PausableWriters {
+    /// Writers that start paused (`paused`) or writing, and rest `pace`
+    /// after each page.
+    fn start_with(m: &Mapping, count: usize, paused: bool, pace: Duration) -> PausableWriters {
         let (pause, paused, stop) = (
             Arc::new(AtomicBool::new(paused)),
             Arc::new(AtomicU32::new(0)),
@@ -590,6 +593,9 @@ impl PausableWriters {
                             unsafe {
                                 ((base + page * PAGE + off) as *mut u64).write_volatile(stamp)
                             };
+                        }
+                        if !pace.is_zero() {
+                            thread::sleep(pace);
                         }
                     }
                     seq
@@ -631,12 +637,27 @@ impl PausableWriters {
 /// snapshot must be exactly the memory at the pause, which the test copies
 /// while the writers are paused.
 fn pre_armed_snapshot_is_the_pause_instant(bs: usize, writers: usize) {
-    let len = 64 * MIB;
+    pre_armed_exact(64 * MIB, bs, writers, ArmOptions::default(), Duration::ZERO);
+}
+
+/// The pre-armed snapshot of `len` bytes (half of them filled, half never
+/// touched before the writers) with `writers` writing random pages all
+/// along, against the memory copied in the pause: exact, every block once.
+fn pre_armed_exact(
+    len: usize,
+    bs: usize,
+    writers: usize,
+    opts: ArmOptions,
+    sink_delay: Duration,
+) -> SnapshotReport {
     let m = Mapping::anon(len);
     fill(&m, 0, len / 2); // the second half is never touched before the writers
     let w = PausableWriters::start(&m, writers);
     thread::sleep(Duration::from_millis(20));
-    let pre = prepare(&[m.range()], bs).unwrap().pre_arm().unwrap();
+    let pre = prepare_with(&[m.range()], bs, opts)
+        .unwrap()
+        .pre_arm()
+        .unwrap();
     // More writes between arming and the pause (they fault and go on).
     thread::sleep(Duration::from_millis(30));
     w.pause();
@@ -648,10 +669,10 @@ fn pre_armed_snapshot_is_the_pause_instant(bs: usize, writers: usize) {
         "not all memory protected at the pause"
     );
     w.resume();
-    let sink = VecSink::new(bs, &[len], Duration::ZERO);
+    let sink = VecSink::new(bs, &[len], sink_delay);
     let report = armed.run(&sink, 2).unwrap();
     let written = w.finish();
-    eprintln!("bs={bs} writers={writers}: {report:#?}; pages written {written:?}");
+    eprintln!("bs={bs} writers={writers} {opts:?}: {report:#?}; pages written {written:?}");
     let pre_arm = report.pre_arm.unwrap();
     assert!(pre_arm.faults > 0, "no write hit the pre-arm window");
     assert!(pre_arm.blocks_reprotected_running + pre_arm.blocks_reprotected_paused > 0);
@@ -663,7 +684,9 @@ fn pre_armed_snapshot_is_the_pause_instant(bs: usize, writers: usize) {
         panic!("page {p} differs from the pause instant");
     }
     assert!(written.iter().all(|&n| n > 0));
+    assert_eq!(report.fault_copy_bytes, opts.fault_copy_bytes as u64);
     assert_unprotected(&[&m]);
+    report
 }
 
 #[test]
@@ -674,6 +697,70 @@ fn pre_armed_exact_with_small_blocks() {
 #[test]
 fn pre_armed_exact_with_large_blocks_and_four_writers() {
     pre_armed_snapshot_is_the_pause_instant(MIB, 4);
+}
+
+/// Few blocks, many writers and a slow sink: writers fault on page after
+/// page of blocks the walkers have not reached, on the same pages as each
+/// other, and on blocks a walker holds. Each fault copies only its page
+/// and un-protects only that page; the walker completes the block from
+/// those copies and the still-protected rest. The image is still exactly
+/// the memory at the pause, page by page.
+#[test]
+fn page_copies_by_faults_are_the_pause_content() {
+    let report = pre_armed_exact(
+        4 * MIB,
+        MIB,
+        4,
+        ArmOptions::default(),
+        Duration::from_millis(30),
+    );
+    assert!(report.pages_by_faults > 0, "{report:?}");
+    assert!(report.blocks_with_fault_pages > 0, "{report:?}");
+    assert_eq!(report.blocks_by_faults, 0, "the pool was never full");
+    assert!(report.fault_pages_peak <= report.pages_by_faults);
+}
+
+/// The same with faults copying aligned runs of 16 KiB.
+#[test]
+fn run_copies_by_faults_are_the_pause_content() {
+    let opts = ArmOptions {
+        fault_copy_bytes: 16 * 1024,
+        ..ArmOptions::default()
+    };
+    let report = pre_armed_exact(4 * MIB, MIB, 4, opts, Duration::from_millis(30));
+    assert!(report.pages_by_faults > 0, "{report:?}");
+    assert_eq!(report.pages_by_faults % 4, 0, "whole runs of 4 pages");
+}
+
+/// A pool of two pages: once it is full, a fault copies its whole block
+/// (with the pages copied before) and writes it itself. Still exact.
+#[test]
+fn a_full_page_pool_falls_back_to_whole_blocks() {
+    let opts = ArmOptions {
+        fault_pool_bytes: 2 * PAGE,
+        ..ArmOptions::default()
+    };
+    let report = pre_armed_exact(8 * MIB, 256 * 1024, 2, opts, Duration::from_millis(5));
+    assert!(report.blocks_by_faults > 0, "{report:?}");
+    assert!(report.fault_pages_peak <= 2, "{report:?}");
+}
+
+#[test]
+fn fault_copy_size_is_checked() {
+    let m = Mapping::anon(MIB);
+    for bad in [0, 1000, 3 * PAGE, 512 * 1024] {
+        let opts = ArmOptions {
+            fault_copy_bytes: bad,
+            ..ArmOptions::default()
+        };
+        assert!(
+            matches!(
+                prepare_with(&[m.range()], 256 * 1024, opts),
+                Err(SnapshotError::InvalidArgument(_))
+            ),
+            "fault copy size {bad} accepted"
+        );
+    }
 }
 
 #[test]
@@ -753,13 +840,16 @@ fn never_populated_blocks_are_zeros_and_first_writes_stay_out() {
     }
     // The writers start only after the pause: reading the memory to
     // compare would populate it, so the content at the pause is known.
-    let w = PausableWriters::start_with(&m, 2, true);
+    // They are paced: a fault lets a writer go after copying one page, so
+    // flat-out writers would reach every block before the walkers do.
+    let w = PausableWriters::start_with(&m, 2, true, Duration::from_millis(1));
     w.pause();
     let pre = prepare(&[m.range()], bs).unwrap().pre_arm().unwrap();
     let armed = pre.arm().unwrap();
     w.resume();
-    // A slow sink: the writers reach many blocks before the walkers do.
-    let sink = VecSink::new(bs, &[len], Duration::from_micros(100));
+    // A fast sink: paced writers reach some blocks before the walkers do,
+    // not all of them (each fault holds a writer for one page's copy only).
+    let sink = VecSink::new(bs, &[len], Duration::ZERO);
     let report = armed.run(&sink, 2).unwrap();
     let written = w.finish();
     eprintln!("{report:#?}; pages written {written:?}");
@@ -795,9 +885,6 @@ fn never_populated_blocks_are_zeros_and_first_writes_stay_out() {
     // The writers' first writes into zero blocks stayed out of the image.
     let first_writes = zeros.iter().filter(|&&(_, b)| written_now(b)).count();
     assert!(first_writes > 0, "no writer wrote a never-touched block");
-    assert!(
-        report.blocks_by_faults > 0,
-        "no block was copied by a fault"
-    );
+    assert!(report.pages_by_faults > 0, "no page was copied by a fault");
     assert_unprotected(&[&m]);
 }
