@@ -8,11 +8,12 @@
 //! sorted into before / during / after the snapshot by their TSC, which on
 //! these hosts is the host's TSC (the guest's TSC has no offset).
 //!
-//! The floor, in the same run: all of RAM write-protected and each block
-//! un-protected on its first fault, nothing copied (bg-snapshot's pre-arm
-//! alone), for as long as the snapshot took. That is what KVM's re-faulting
-//! alone costs the guest on this host; the snapshot's rate is reported
-//! against it.
+//! The floor, in the same run: all of RAM write-protected and each run of
+//! `--fault-kib` (the unit the snapshot's faults un-protect, one page by
+//! default) un-protected on its first fault, nothing copied (bg-snapshot's
+//! pre-arm alone), for as long as the snapshot took. That is what KVM's
+//! re-faulting alone costs the guest on this host at that granularity; the
+//! snapshot's rate is reported against it.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -38,6 +39,11 @@ pub struct SnapshotArgs {
     /// Block size in KiB (unit of copy and write protection): a power of two from 4.
     #[arg(long, default_value_t = (live::BLOCK_SIZE >> 10) as u64)]
     pub block_kib: u64,
+    /// KiB a guest write to a block not yet copied copies and un-protects
+    /// (the aligned run holding the page), and the floor's un-protect unit:
+    /// a power of two from 4 up to --block-kib.
+    #[arg(long, default_value_t = 4)]
+    pub fault_kib: u64,
     /// Read never-populated memory too instead of recording it as holes
     /// unread (the walk before skipping existed, for comparison).
     #[arg(long)]
@@ -73,6 +79,7 @@ struct Report {
     pre_arm_rounds: u32,
     blocks_reprotected_running: u64,
     block_kib: u64,
+    fault_kib: u64,
     walkers: usize,
     skip_unpopulated: bool,
     thp: bool,
@@ -93,6 +100,9 @@ struct Report {
     during_over_floor: f64,
     blocks_by_walkers: u64,
     blocks_by_faults: u64,
+    pages_by_faults: u64,
+    blocks_with_fault_pages: u64,
+    fault_pages_peak: u64,
     blocks_unpopulated: u64,
     faults: u64,
     fault_latency_median_us: f64,
@@ -161,19 +171,23 @@ pub(crate) fn wait_for(
     }
 }
 
-/// The floor: all of RAM write-protected, each block un-protected on its
-/// first fault, nothing copied, for `dur`. Returns the TSC at its start and
-/// end and the faults it served.
+/// The floor: all of RAM write-protected, each run of `walk.fault_copy_bytes`
+/// un-protected on its first fault, nothing copied, for `dur`. Returns the
+/// TSC at its start and end and the faults it served.
 fn floor(
     controller: &VmController,
     dur: Duration,
-    block_size: usize,
+    walk: live::Walk,
 ) -> Result<(u64, u64, u64), CliError> {
     let fail = |e: bg_snapshot::SnapshotError| CliError::failure(e.to_string());
     let memory = controller.call(|vm| vm.memory().clone())?;
     let start = Instant::now();
     let t0 = rdtsc();
-    let pre = bg_snapshot::prepare(&live::guest_ranges(&memory), block_size)
+    let opts = bg_snapshot::ArmOptions {
+        fault_copy_bytes: walk.fault_copy_bytes,
+        ..Default::default()
+    };
+    let pre = bg_snapshot::prepare_with(&live::guest_ranges(&memory), walk.block_size, opts)
         .and_then(|p| p.pre_arm())
         .map_err(fail)?;
     std::thread::sleep(dur.saturating_sub(start.elapsed()));
@@ -236,6 +250,12 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
             "--block-kib takes a power of two from 4 to 1048576",
         ));
     }
+    let fault_copy_bytes = usize::try_from(a.fault_kib.saturating_mul(1024)).unwrap_or(0);
+    if !fault_copy_bytes.is_power_of_two() || a.fault_kib < 4 || a.fault_kib > a.block_kib {
+        return Err(CliError::bad_input(
+            "--fault-kib takes a power of two from 4 up to --block-kib",
+        ));
+    }
     if a.fill_mib + 64 > a.mem_mib {
         return Err(CliError::bad_input(
             "--fill-mib must leave 64 MiB of --mem-mib free",
@@ -292,6 +312,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
         let walk = live::Walk {
             block_size,
             skip_unpopulated: !a.walk_unpopulated,
+            fault_copy_bytes,
         };
         let load_average = load_average();
         eprintln!("bench: live snapshot");
@@ -311,8 +332,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
         let before_rate = rate(&heartbeats(&serial_path), before_tsc, t0, tsc_hz);
         wait_recovered(&serial_path, before_rate, tsc_hz);
         eprintln!("bench: floor (protect all, un-protect on first fault, no copy)");
-        let (f0, f1, floor_faults) =
-            floor(&controller, Duration::from_secs_f64(snapshot_s), block_size)?;
+        let (f0, f1, floor_faults) = floor(&controller, Duration::from_secs_f64(snapshot_s), walk)?;
         std::thread::sleep(Duration::from_secs(3));
         eprintln!("bench: stopped save of the same VM");
         let start = Instant::now();
@@ -355,6 +375,7 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
             pre_arm_rounds: stats.pre_arm_rounds,
             blocks_reprotected_running: stats.blocks_reprotected_running,
             block_kib: a.block_kib,
+            fault_kib: a.fault_kib,
             walkers: channels.channels,
             skip_unpopulated: walk.skip_unpopulated,
             thp: a.thp,
@@ -378,6 +399,9 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
             },
             blocks_by_walkers: stats.blocks_by_walkers,
             blocks_by_faults: stats.blocks_by_faults,
+            pages_by_faults: stats.pages_by_faults,
+            blocks_with_fault_pages: stats.blocks_with_fault_pages,
+            fault_pages_peak: stats.fault_pages_peak,
             blocks_unpopulated: stats.blocks_unpopulated,
             faults: stats.faults,
             fault_latency_median_us: stats.fault_latency_median_us,
@@ -414,8 +438,8 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
             r.rate_before_pages_s, r.rate_during_pages_s, r.during_over_before, r.rate_after_pages_s
         );
         println!(
-            "  floor (no copy):   {:.0} pages/s over the same time ({} faults; before it {:.0}); snapshot / floor {:.2}",
-            r.rate_floor_pages_s, r.floor_faults, r.rate_before_floor_pages_s, r.during_over_floor
+            "  floor (no copy):   {:.0} pages/s over the same time, {} KiB un-protected per fault ({} faults; before it {:.0}); snapshot / floor {:.2}",
+            r.rate_floor_pages_s, r.fault_kib, r.floor_faults, r.rate_before_floor_pages_s, r.during_over_floor
         );
         println!(
             "  blocks:            {} KiB, {} walkers{}, never-populated blocks {} ({}); load average {:.2}",
@@ -427,8 +451,12 @@ pub fn run(a: SnapshotArgs) -> Result<(), CliError> {
             r.load_average
         );
         println!(
-            "  blocks copied:     {} by walkers, {} by faults ({} faults; latency median {:.0} us, p99 {:.0} us, max {:.0} us)",
-            r.blocks_by_walkers, r.blocks_by_faults, r.faults, r.fault_latency_median_us, r.fault_latency_p99_us, r.fault_latency_max_us
+            "  blocks copied:     {} by walkers ({} with pages copied by faults), {} whole by faults ({} faults; latency median {:.0} us, p99 {:.0} us, max {:.0} us)",
+            r.blocks_by_walkers, r.blocks_with_fault_pages, r.blocks_by_faults, r.faults, r.fault_latency_median_us, r.fault_latency_p99_us, r.fault_latency_max_us
+        );
+        println!(
+            "  pages copied:      {} by faults ({} KiB each time), at most {} held at once",
+            r.pages_by_faults, r.fault_kib, r.fault_pages_peak
         );
     }
     Ok(())

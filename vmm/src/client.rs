@@ -132,12 +132,13 @@ fn human(cmd: &str, r: &Value) -> String {
             num(r, "paused_ms"),
         ) + &disk_copies(r),
         "snapshot" => format!(
-            "snapshot in {}: vCPUs paused {:.1} ms, written in {:.2} s while running; {} blocks by walkers, {} by guest writes (fault latency median {:.0} us)",
+            "snapshot in {}: vCPUs paused {:.1} ms, written in {:.2} s while running; {} blocks by walkers, {} by guest writes, {} pages copied for guest writes (fault latency median {:.0} us)",
             s("path"),
             num(r, "paused_ms"),
             num(r, "total_ms") / 1000.0,
             r.get("blocks_by_walkers").and_then(Value::as_u64).unwrap_or(0),
             r.get("blocks_by_faults").and_then(Value::as_u64).unwrap_or(0),
+            r.get("pages_by_faults").and_then(Value::as_u64).unwrap_or(0),
             num(r, "fault_latency_median_us"),
         ) + &disk_copies(r),
         "migrate" => format!(

@@ -7,8 +7,9 @@
 //! state and re-protect the blocks written since, so the pause does not grow
 //! with RAM; then they run on while walker threads copy every block once
 //! into the image; a guest write to a block not yet copied is held until
-//! the fault thread has copied that block. The image is committed with the device state of the
-//! pause, so it is the VM at that instant.
+//! the fault thread has copied the page it writes (only that page is
+//! un-protected; the block's walker takes the copy). The image is committed
+//! with the device state of the pause, so it is the VM at that instant.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -32,10 +33,10 @@ use super::{
 };
 use crate::progress::Progress;
 
-/// Default block size of a live snapshot: the unit of copy, of write
-/// protection and of the image's checksums. Smaller blocks hold a faulting
-/// vCPU for less time (one block copy); 256 KiB keeps the fault latency near
-/// 0.1 ms here.
+/// Default block size of a live snapshot: the unit of the walk, of
+/// re-protection and of the image's checksums. A guest write to a block
+/// not yet copied costs one page's copy ([`Walk::fault_copy_bytes`]), not
+/// the block's.
 pub const BLOCK_SIZE: usize = 256 << 10;
 
 /// How a live snapshot walks guest RAM (the defaults unless tuning).
@@ -45,6 +46,10 @@ pub struct Walk {
     pub block_size: usize,
     /// Record never-populated blocks as holes without reading them (true).
     pub skip_unpopulated: bool,
+    /// What a guest write to a block not yet copied copies and
+    /// un-protects: the aligned run of this many bytes holding the page (a
+    /// power of two from 4 KiB up to the block size; default one page).
+    pub fault_copy_bytes: usize,
 }
 
 impl Default for Walk {
@@ -52,6 +57,7 @@ impl Default for Walk {
         Walk {
             block_size: BLOCK_SIZE,
             skip_unpopulated: true,
+            fault_copy_bytes: PAGE_SIZE,
         }
     }
 }
@@ -93,8 +99,17 @@ pub struct SnapshotStats {
     pub total_ms: f64,
     /// Blocks copied by the walkers.
     pub blocks_by_walkers: u64,
-    /// Blocks copied because a vCPU wrote them first.
+    /// Blocks the fault thread copied whole, because a vCPU wrote them
+    /// while the pool of page copies was full.
     pub blocks_by_faults: u64,
+    /// Pages copied (their content at the pause) because a vCPU wrote them
+    /// before their block was walked.
+    pub pages_by_faults: u64,
+    /// Blocks the walkers completed from page copies made by faults and
+    /// the still-protected rest of the block.
+    pub blocks_with_fault_pages: u64,
+    /// Most page copies held at once, waiting for their blocks' walkers.
+    pub fault_pages_peak: u64,
     /// Blocks never populated, recorded as holes without reading them
     /// (counted in the two above too).
     pub blocks_unpopulated: u64,
@@ -364,6 +379,7 @@ pub fn snapshot_vm(
     // what they wrote meanwhile.
     let opts = bg_snapshot::ArmOptions {
         skip_unpopulated: walk.skip_unpopulated,
+        fault_copy_bytes: walk.fault_copy_bytes,
         ..Default::default()
     };
     let pre = bg_snapshot::prepare_with(&guest_ranges(&memory), walk.block_size, opts)
@@ -399,6 +415,9 @@ pub fn snapshot_vm(
                 total_ms: ms(start.elapsed()),
                 blocks_by_walkers: report.blocks_by_walkers,
                 blocks_by_faults: report.blocks_by_faults,
+                pages_by_faults: report.pages_by_faults,
+                blocks_with_fault_pages: report.blocks_with_fault_pages,
+                fault_pages_peak: report.fault_pages_peak,
                 blocks_unpopulated: report.blocks_unpopulated,
                 faults: report.faults,
                 fault_latency_median_us: ms(report.fault_latency.median) * 1000.0,
