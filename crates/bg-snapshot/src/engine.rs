@@ -1124,7 +1124,7 @@ mod tests {
             let off = unsafe { assemble_aligned(src.as_ptr(), src.len(), &copies, &mut buf) };
             assert_eq!(buf[off..].as_ptr() as usize % page, 0);
             assert_eq!(&buf[off..off + page], &src[..page]);
-            assert!(buf[off + page..].iter().all(|&b| b == 0xee));
+            assert!(buf[off + page..off + 2 * page].iter().all(|&b| b == 0xee));
         }
     }
 }
