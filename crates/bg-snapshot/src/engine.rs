@@ -625,13 +625,15 @@ impl Shared<'_> {
     }
 
     /// A fault on a block it could not claim: marks it WAITED if a walker
-    /// still copies it (the walker un-protects it); true if it is Done
-    /// already, still protected, so the caller must un-protect it.
+    /// still copies it (the walker un-protects it); true if the caller must
+    /// un-protect it: it is Done already (still protected), or left held by
+    /// the fault thread when a stop came (un-protected then; again is
+    /// harmless).
     fn fault_on_taken(&self, g: u64) -> bool {
         let state = &self.states[g as usize];
         match state.compare_exchange(CLAIMED, WAITED, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => false,
-            Err(now) => now == DONE,
+            Err(now) => now == DONE || now == FAULTING,
         }
     }
 
