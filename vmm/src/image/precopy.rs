@@ -66,10 +66,12 @@ pub struct MigrateStats {
     pub throttle_percent: u32,
     /// The whole migration, ms.
     pub total_ms: f64,
+    /// Each step, when it began and how long it took.
+    pub steps: Vec<Step>,
 }
 
 /// What the pre-copy engine did, whatever the sink.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct PrecopyStats {
     /// Rounds, the first full pass and the last one included.
     pub rounds: u32,
@@ -90,6 +92,79 @@ pub struct PrecopyStats {
     /// The whole operation, ms (not serialized: each caller's result names it).
     #[serde(skip_serializing)]
     pub total_ms: f64,
+    /// Each step, when it began and how long it took.
+    pub steps: Vec<Step>,
+}
+
+/// What a pre-copy step does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepKind {
+    /// Switching dirty logging on.
+    LogOn,
+    /// A round of pages moved while the guest runs (round 0: the first pass).
+    Round,
+    /// Fetching and clearing the dirty log after a round.
+    Fetch,
+    /// Pausing the vCPUs and capturing the VM's state.
+    Pause,
+    /// Fetching the dirty log with the VM paused.
+    LastFetch,
+    /// The last round, with the VM paused.
+    LastRound,
+    /// The device state and the sink's finish (the peer's ACK, the image's
+    /// commit).
+    Finish,
+}
+
+impl StepKind {
+    /// The step in words.
+    pub fn describe(self) -> &'static str {
+        match self {
+            StepKind::LogOn => "switching dirty logging on",
+            StepKind::Round => "sending a round",
+            StepKind::Fetch => "fetching the dirty log",
+            StepKind::Pause => "pausing the vCPUs and capturing the state",
+            StepKind::LastFetch => "fetching the dirty log, paused",
+            StepKind::LastRound => "sending the last round, paused",
+            StepKind::Finish => "sending the device state, waiting for the ACK",
+        }
+    }
+}
+
+/// One step of a pre-copy, for tracing where its time went.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Step {
+    /// What it did.
+    pub kind: StepKind,
+    /// The round it belongs to (a fetch: the round it fetched after).
+    pub round: u32,
+    /// When it began, ms after the pre-copy started.
+    pub start_ms: f64,
+    /// How long it took, ms.
+    pub ms: f64,
+    /// Pages it moved (rounds) or found dirty (fetches); 0 otherwise.
+    pub pages: u64,
+}
+
+/// The steps of one pre-copy as they happen.
+struct Timeline {
+    start: Instant,
+    steps: Vec<Step>,
+}
+
+impl Timeline {
+    /// Records a step that began at `began` and ends now.
+    fn record(&mut self, kind: StepKind, round: u32, began: Instant, pages: u64) {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        self.steps.push(Step {
+            kind,
+            round,
+            start_ms: ms(began.saturating_duration_since(self.start)),
+            ms: ms(began.elapsed()),
+            pages,
+        });
+    }
 }
 
 /// Where the rounds of a pre-copy go.
@@ -208,6 +283,7 @@ pub fn migrate_vm(
         bandwidth_mb_s: stats.bandwidth_mb_s,
         throttle_percent: stats.throttle_percent,
         total_ms: stats.total_ms,
+        steps: stats.steps,
     })
 }
 
@@ -276,9 +352,15 @@ impl Precopy<'_> {
         let start = Instant::now();
         self.control.check(self.what)?;
         let memory = self.running_memory()?;
+        let mut timeline = Timeline {
+            start,
+            steps: Vec::new(),
+        };
+        let began = Instant::now();
         let mut log = Some(start_log(self.controller)?);
+        timeline.record(StepKind::LogOn, 0, began, 0);
         let mut paused = false;
-        let result = self.precopy(&memory, open, &mut log, &mut paused);
+        let result = self.precopy(&memory, open, &mut log, &mut paused, timeline);
         if let Some(log) = log {
             // Off on every path; a VM that ended has no log to switch off.
             let _ = self.controller.call(move |vm| stop_log(vm, log));
@@ -449,6 +531,7 @@ impl Precopy<'_> {
         open: impl FnOnce(&[MemRegion]) -> Result<S, SaveError>,
         log: &mut Option<DirtyLog>,
         paused: &mut bool,
+        timeline: Timeline,
     ) -> Result<(PrecopyStats, S::Done), SaveError> {
         let deadline = self.timeout.map(|t| Instant::now() + t);
         let stop = AtomicBool::new(false);
@@ -460,7 +543,7 @@ impl Precopy<'_> {
         std::thread::scope(|s| {
             s.spawn(|| watch(self.control, deadline, &stop, &done));
             s.spawn(|| throttle.run(self.controller, &done));
-            let r = self.rounds(memory, open, log, paused, &stop, &throttle);
+            let r = self.rounds(memory, open, log, paused, &stop, &throttle, timeline);
             done.store(true, Ordering::Release);
             r
         })
@@ -474,8 +557,9 @@ impl Precopy<'_> {
         paused: &mut bool,
         stop: &AtomicBool,
         throttle: &Throttle,
+        timeline: Timeline,
     ) -> Result<(PrecopyStats, S::Done), SaveError> {
-        let mut moving = self.first_pass(memory, open, stop)?;
+        let mut moving = self.first_pass(memory, open, stop, timeline)?;
         let maps = self.converge(&mut moving, log, stop, throttle)?;
         throttle.percent.store(0, Ordering::Release);
         // No throttle slice runs from here on (a poisoned lock: the throttle
@@ -519,6 +603,7 @@ impl Precopy<'_> {
         memory: &GuestMemory,
         open: impl FnOnce(&[MemRegion]) -> Result<S, SaveError>,
         stop: &AtomicBool,
+        mut timeline: Timeline,
     ) -> Result<Moving<S>, SaveError> {
         let regions = mem_regions(memory);
         let ram_bytes: u64 = regions.iter().map(|r| r.len()).sum();
@@ -526,8 +611,10 @@ impl Precopy<'_> {
             p.set_total(ram_bytes);
             p.phase("first pass");
         }
+        let began = Instant::now();
         let mut sink = open(&regions)?;
         let first = self.send(&mut sink, PageSet::AllNonZero, stop)?;
+        timeline.record(StepKind::Round, 0, began, first.pages);
         if let Some(p) = self.progress {
             p.add(ram_bytes);
             p.phase("dirty rounds");
@@ -541,6 +628,7 @@ impl Precopy<'_> {
             throttled: 0,
             fetch_time: Duration::ZERO,
             expected_s: 0.0,
+            timeline,
         })
     }
 
@@ -555,7 +643,7 @@ impl Precopy<'_> {
         throttle: &Throttle,
     ) -> Result<Vec<DirtyBitmap>, SaveError> {
         let budget = self.max_downtime_ms as f64 / 1e3 * TARGET_SHARE_OF_DOWNTIME;
-        let (mut maps, took) = fetch(self.controller, log)?;
+        let (mut maps, took) = self.fetch_step(m, log, StepKind::Fetch)?;
         m.fetch_time = took;
         let mut fetched = Instant::now();
         let mut before: Option<f64> = None;
@@ -584,7 +672,9 @@ impl Precopy<'_> {
             }
             before = Some(pending);
             let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
+            let began = Instant::now();
             let r = self.send(&mut m.sink, PageSet::Dirty(&words), stop)?;
+            m.timeline.record(StepKind::Round, r.round, began, r.pages);
             m.pages_sent += r.pages;
             if r.bytes >= MIN_MEASURED_BYTES {
                 m.bandwidth = r.bytes_per_s().max(1.0);
@@ -597,10 +687,25 @@ impl Precopy<'_> {
                 r.elapsed.as_secs_f64() * 1e3,
                 r.bytes_per_s() / 1e6
             );
-            (maps, m.fetch_time) = fetch(self.controller, log)?;
+            (maps, m.fetch_time) = self.fetch_step(m, log, StepKind::Fetch)?;
             m.round_time = fetched.elapsed();
             fetched = Instant::now();
         }
+    }
+
+    /// [`fetch`], recorded as a step of kind `kind`.
+    fn fetch_step<S: Sink>(
+        &self,
+        m: &mut Moving<S>,
+        log: &mut Option<DirtyLog>,
+        kind: StepKind,
+    ) -> Result<(Vec<DirtyBitmap>, Duration), SaveError> {
+        let began = Instant::now();
+        let (maps, took) = fetch(self.controller, log)?;
+        let round = m.sink.next_round().saturating_sub(1);
+        m.timeline
+            .record(kind, round, began, dirty_bytes(&maps) / LOG_PAGE);
+        Ok((maps, took))
     }
 
     fn report<S: Sink>(&self, m: &Moving<S>, pending: f64) {
@@ -634,10 +739,12 @@ impl Precopy<'_> {
         })?;
         *paused = true;
         let snap = snap?;
+        m.timeline
+            .record(StepKind::Pause, m.sink.next_round(), pause_start, 0);
         // The pause held every virtio device (`MicroVm::pause`): none serves
         // a request or a tap frame until resumed, so nothing writes guest
         // memory after this last fetch.
-        let (last_maps, fetch_time) = fetch(self.controller, log)?;
+        let (last_maps, fetch_time) = self.fetch_step(&mut m, log, StepKind::LastFetch)?;
         merge(&mut maps, &last_maps);
         let device_state =
             snapshot::encode(&snap, PAGE_SIZE as u32).map_err(|e| SaveError::Image {
@@ -647,14 +754,19 @@ impl Precopy<'_> {
         let captured_ms = pause_start.elapsed().as_secs_f64() * 1e3;
         let words: Vec<&[u64]> = maps.iter().map(DirtyBitmap::words).collect();
         let never = AtomicBool::new(false);
+        let began = Instant::now();
         let last = match m.sink.round(PageSet::Dirty(&words), true, &never) {
             Ok(r) => r,
             Err(RoundError::Failed(e)) => return Err(e),
             Err(RoundError::Stopped) => return Err(SaveError::Cancelled(self.what)),
         };
+        m.timeline
+            .record(StepKind::LastRound, last.round, began, last.pages);
         let rounds = m.sink.next_round();
         let target = m.sink.target();
+        let began = Instant::now();
         let done = m.sink.finish(&device_state)?;
+        m.timeline.record(StepKind::Finish, last.round, began, 0);
         let downtime_ms = pause_start.elapsed().as_secs_f64() * 1e3;
         log::info!(
             "live {} to {}: {rounds} rounds, {} pages, paused {downtime_ms:.1} ms (expected {:.1} ms; state and log {captured_ms:.1} ms of which the log {:.1} ms, last round {} pages in {:.1} ms)",
@@ -675,6 +787,7 @@ impl Precopy<'_> {
             bandwidth_mb_s: m.bandwidth / 1e6,
             throttle_percent: m.throttled,
             total_ms: 0.0,
+            steps: m.timeline.steps,
         };
         Ok((stats, done))
     }
@@ -702,6 +815,8 @@ struct Moving<S> {
     fetch_time: Duration,
     /// The downtime expected when the stop-and-copy began, seconds.
     expected_s: f64,
+    /// The steps so far.
+    timeline: Timeline,
 }
 
 #[cfg(test)]
