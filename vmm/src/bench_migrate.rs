@@ -23,9 +23,11 @@ use std::time::{Duration, Instant};
 use microvm::{BootSource, MemoryBacking, MicroVm, SerialOutput, VmConfig, VmController};
 use serde::Serialize;
 
-use crate::bench_snapshot::{heartbeats, rate as write_rate, rdtsc, wait_for};
+use crate::bench_migtrace::{steps_during, thread_time, Sampler, ThreadTime};
+use crate::bench_snapshot::{heartbeat_stamps, heartbeats, rate as write_rate, rdtsc, wait_for};
 use crate::error::CliError;
-use crate::image::{self, precopy};
+use crate::image::precopy::{self, Step, StepKind};
+use crate::image::{self};
 
 /// Arguments of `cryo bench migrate`.
 #[derive(clap::Args, Debug)]
@@ -71,11 +73,29 @@ pub struct MigrateArgs {
 }
 
 /// One write rate's figures.
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 struct RateReport {
     rate_pages_s_per_vcpu: u32,
     live_ok: bool,
     live_error: Option<String>,
+    /// The guest-visible downtime: the largest gap, over the vCPUs, from a
+    /// vCPU's last heartbeat on the source to its first on the destination
+    /// (TSC stamps, one host TSC), nothing subtracted.
+    live_switch_gap_ms: f64,
+    /// Where the switch gap went.
+    live_switch: SwitchParts,
+    /// The largest gap between two heartbeats of one vCPU on the source
+    /// from a second before the migration to its pause (nothing subtracted).
+    live_precopy_stall_ms: f64,
+    /// When that gap opened, seconds after the migration started.
+    live_precopy_stall_at_s: f64,
+    /// The vCPU that saw it.
+    live_precopy_stall_cpu: u64,
+    /// The pre-copy steps under way during it.
+    live_precopy_stall_during: String,
+    /// What each vCPU's thread did during it (empty: no samples).
+    live_precopy_stall_sched: Vec<ThreadTime>,
+    /// The switch gap less the heartbeat interval the guest kept before.
     live_guest_downtime_ms: f64,
     live_largest_gap_ms: f64,
     /// When the largest gap opened, seconds after the migration started
@@ -108,29 +128,36 @@ impl RateReport {
     fn failed(rate: u32, error: String) -> RateReport {
         RateReport {
             rate_pages_s_per_vcpu: rate,
-            live_ok: false,
             live_error: (!error.is_empty()).then_some(error),
-            live_guest_downtime_ms: 0.0,
-            live_largest_gap_ms: 0.0,
-            live_largest_gap_at_s: 0.0,
-            beat_interval_ms: 0.0,
-            baseline_largest_gap_ms: 0.0,
-            live_paused_ms: 0.0,
-            live_total_s: 0.0,
-            live_rounds: 0,
-            live_bytes_over_ram: 0.0,
-            live_throttle_percent: 0,
-            live_max_bandwidth_mb_s: 0.0,
-            live_gb_s_over_loopback: 0.0,
-            write_rate_before_pages_s: 0.0,
-            write_rate_during_pages_s: 0.0,
-            during_over_before: 0.0,
-            stopped_guest_downtime_ms: 0.0,
-            stopped_paused_ms: 0.0,
-            stopped_total_s: 0.0,
-            stopped_gb_s_over_loopback: 0.0,
+            ..Default::default()
         }
     }
+}
+
+/// The parts of the switch gap, ms, in order: the guest still ran on the
+/// source after its last heartbeat, cryo paused it and captured its state,
+/// fetched the dirty log, sent the last round and the device state and got
+/// the ACK; then the destination built and resumed the VM and the guest
+/// printed its first heartbeat there.
+#[derive(Serialize, Default, Debug)]
+struct SwitchParts {
+    /// From the vCPU's last heartbeat on the source to the pause request.
+    ran_after_last_beat_ms: f64,
+    /// Pausing the vCPUs and capturing the VM's state.
+    pause_ms: f64,
+    /// The dirty log fetched with the VM paused.
+    last_fetch_ms: f64,
+    /// The last round.
+    last_round_ms: f64,
+    /// Pages in it.
+    last_round_pages: u64,
+    /// The device state and END sent, the destination's checks, its ACK.
+    finish_ms: f64,
+    /// From the ACK to the vCPU's first heartbeat on the destination.
+    ack_to_first_beat_ms: f64,
+    /// Of that, the destination building and starting the VM after the
+    /// transfer (its log's "guest resumed after" less "memory ready after").
+    dest_resume_ms: f64,
 }
 
 #[derive(Serialize)]
@@ -311,6 +338,11 @@ impl Source {
         ticks as f64 / self.tsc_hz * 1e3
     }
 
+    /// Ms from tsc `from` to tsc `to` (negative when `to` is earlier).
+    fn ms_between(&self, from: u64, to: u64) -> f64 {
+        (to as f64 - from as f64) / self.tsc_hz * 1e3
+    }
+
     fn ticks(&self, d: Duration) -> u64 {
         (d.as_secs_f64() * self.tsc_hz) as u64
     }
@@ -361,8 +393,10 @@ impl Destination {
         let err = File::create(&log).map_err(|e| fail("log file", e))?;
         let exe = std::env::current_exe().map_err(|e| fail("finding the cryo binary", e))?;
         let listen = format!("tcp:127.0.0.1:{port}");
+        // Its log traces the destination's part of the switch.
         let child = Command::new(exe)
             .args(["restore", "--listen", &listen])
+            .env("RUST_LOG", "info,microvm::vm=debug")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -416,16 +450,34 @@ fn beats_by_cpu(beats: &[(u64, u64, u64)], from: u64, to: u64) -> Vec<Vec<u64>> 
 
 /// The largest gap between consecutive heartbeats of one vCPU, in ticks.
 fn largest_gap(beats: &[(u64, u64, u64)], from: u64, to: u64) -> u64 {
-    largest_gap_at(beats, from, to).0
+    largest_gap_at(beats, from, to).gap
 }
 
-/// [`largest_gap`] and the tsc of the heartbeat that opened it (0: none).
-fn largest_gap_at(beats: &[(u64, u64, u64)], from: u64, to: u64) -> (u64, u64) {
+/// A gap between two heartbeats of one vCPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Gap {
+    /// Its length, ticks.
+    gap: u64,
+    /// The tsc of the heartbeat that opened it.
+    at: u64,
+    /// The vCPU.
+    cpu: usize,
+}
+
+/// [`largest_gap`], when it opened and on which vCPU (all 0: none).
+fn largest_gap_at(beats: &[(u64, u64, u64)], from: u64, to: u64) -> Gap {
     beats_by_cpu(beats, from, to)
         .iter()
-        .flat_map(|b| b.windows(2).map(|w| (w[1] - w[0], w[0])))
-        .max()
-        .unwrap_or((0, 0))
+        .enumerate()
+        .flat_map(|(cpu, b)| {
+            b.windows(2).map(move |w| Gap {
+                gap: w[1] - w[0],
+                at: w[0],
+                cpu,
+            })
+        })
+        .max_by_key(|g| g.gap)
+        .unwrap_or_default()
 }
 
 /// The median interval between consecutive heartbeats of one vCPU in
@@ -441,18 +493,20 @@ fn median_interval(beats: &[(u64, u64, u64)], from: u64, to: u64) -> u64 {
 }
 
 /// The largest gap of one vCPU between its last heartbeat on the source and
-/// its first on the destination, in ticks.
-fn switch_gap(src: &[(u64, u64, u64)], dest: &[(u64, u64, u64)]) -> u64 {
+/// its first on the destination: opened at the last source beat.
+fn switch_gap(src: &[(u64, u64, u64)], dest: &[(u64, u64, u64)]) -> Gap {
     let last = beats_by_cpu(src, 0, u64::MAX);
     let first = beats_by_cpu(dest, 0, u64::MAX);
     last.iter()
         .zip(&first)
-        .filter_map(|(s, d)| {
-            let l = *s.last()?;
-            Some(d.iter().find(|t| **t > l)? - l)
+        .enumerate()
+        .filter_map(|(cpu, (s, d))| {
+            let at = *s.last()?;
+            let gap = d.iter().find(|t| **t > at)? - at;
+            Some(Gap { gap, at, cpu })
         })
-        .max()
-        .unwrap_or(0)
+        .max_by_key(|g| g.gap)
+        .unwrap_or_default()
 }
 
 /// Figures of a stopped migration: (guest-visible downtime ms, cryo's
@@ -556,7 +610,10 @@ fn flat_out_link(a: &MigrateArgs, src: &Source) -> u64 {
 
 /// The live migration of `src` and what the guest saw of it.
 fn live(a: &MigrateArgs, src: &Source, rate: u32, loopback: f64) -> Result<RateReport, CliError> {
+    // Sampling from a second before the start: a stall may open before it.
+    let sampler = Sampler::start();
     let dest = Destination::spawn(a, &format!("live-{rate}"))?;
+    std::thread::sleep(Duration::from_secs(1));
     let max_bandwidth = (rate == 0).then(|| flat_out_link(a, src));
     eprintln!(
         "bench: live migration to {}{}",
@@ -584,6 +641,7 @@ fn live(a: &MigrateArgs, src: &Source, rate: u32, loopback: f64) -> Result<RateR
     );
     let total_s = start.elapsed().as_secs_f64();
     let t1 = rdtsc();
+    let samples = sampler.finish();
     let before = heartbeats(&src.serial);
     let rate_before = write_rate(
         &before,
@@ -614,13 +672,26 @@ fn live(a: &MigrateArgs, src: &Source, rate: u32, loopback: f64) -> Result<RateR
         let after = heartbeats(&dest.serial);
         let interval = src.beat_interval_ms(a, &before, t0);
         r.beat_interval_ms = interval;
-        r.live_guest_downtime_ms = src.ms(switch_gap(&before, &after)) - interval;
+        // Stamps of lines cut by the pause count: the guest ran then.
+        let stamps = heartbeat_stamps(&src.serial);
+        let trace = Trace {
+            src,
+            t0,
+            beats: &stamps,
+            samples: &samples,
+            steps: &stats.steps,
+        };
+        let switch = switch_gap(&stamps, &after);
+        r.live_switch_gap_ms = src.ms(switch.gap);
+        r.live_switch = trace.switch_parts(switch, dest_resume_ms(&dest.log));
+        trace.precopy_stall(&mut r);
+        r.live_guest_downtime_ms = src.ms(switch.gap) - interval;
         let from = t0.saturating_sub(src.ticks(Duration::from_secs(1)));
         let noise_from = t0.saturating_sub(src.ticks(Duration::from_secs(2)));
         r.baseline_largest_gap_ms = src.ms(largest_gap(&before, noise_from, t0)) - interval;
-        let (gap, at) = largest_gap_at(&before, from, t1);
-        r.live_largest_gap_ms = src.ms(gap) - interval;
-        r.live_largest_gap_at_s = (src.ms(at) - src.ms(t0)) / 1e3;
+        let g = largest_gap_at(&before, from, t1);
+        r.live_largest_gap_ms = src.ms(g.gap) - interval;
+        r.live_largest_gap_at_s = src.ms_between(t0, g.at) / 1e3;
         r.live_paused_ms = stats.downtime_ms;
         r.live_rounds = stats.rounds;
         r.live_bytes_over_ram = stats.bytes as f64 / stats.ram_bytes.max(1) as f64;
@@ -628,6 +699,93 @@ fn live(a: &MigrateArgs, src: &Source, rate: u32, loopback: f64) -> Result<RateR
         r.live_gb_s_over_loopback = stats.bytes as f64 / total_s.max(1e-9) / loopback;
     }
     Ok(r)
+}
+
+/// What a live migration left to trace its gaps with: the source's
+/// heartbeats, the vCPU threads' scheduler samples and the pre-copy's steps,
+/// on the TSC time line that starts at `t0` (the pre-copy's start).
+struct Trace<'a> {
+    src: &'a Source,
+    t0: u64,
+    beats: &'a [(u64, u64, u64)],
+    samples: &'a [(u64, Vec<(u64, u64)>)],
+    steps: &'a [Step],
+}
+
+impl Trace<'_> {
+    /// The first step of `kind` (all zero: none).
+    fn step(&self, kind: StepKind) -> Step {
+        self.steps
+            .iter()
+            .find(|s| s.kind == kind)
+            .copied()
+            .unwrap_or(Step {
+                kind,
+                round: 0,
+                start_ms: 0.0,
+                ms: 0.0,
+                pages: 0,
+            })
+    }
+
+    /// The tsc `ms` after the pre-copy's start.
+    fn tsc_at(&self, ms: f64) -> u64 {
+        self.t0 + self.src.ticks(Duration::from_secs_f64(ms.max(0.0) / 1e3))
+    }
+
+    /// Splits the switch gap `g` (last source beat to first destination
+    /// beat) at the stop-and-copy's steps.
+    fn switch_parts(&self, g: Gap, dest_resume_ms: f64) -> SwitchParts {
+        let pause = self.step(StepKind::Pause);
+        let finish = self.step(StepKind::Finish);
+        let last = self.step(StepKind::LastRound);
+        let ack = self.tsc_at(finish.start_ms + finish.ms);
+        SwitchParts {
+            ran_after_last_beat_ms: self.src.ms_between(g.at, self.tsc_at(pause.start_ms)),
+            pause_ms: pause.ms,
+            last_fetch_ms: self.step(StepKind::LastFetch).ms,
+            last_round_ms: last.ms,
+            last_round_pages: last.pages,
+            finish_ms: finish.ms,
+            ack_to_first_beat_ms: self.src.ms_between(ack, g.at + g.gap),
+            dest_resume_ms,
+        }
+    }
+
+    /// The largest gap on the source before the pause, when, during which
+    /// steps, and what the vCPU's thread did meanwhile.
+    fn precopy_stall(&self, r: &mut RateReport) {
+        let pause = self.tsc_at(self.step(StepKind::Pause).start_ms);
+        let from = self
+            .t0
+            .saturating_sub(self.src.ticks(Duration::from_secs(1)));
+        let g = largest_gap_at(self.beats, from, pause);
+        let (a, b) = (
+            self.src.ms_between(self.t0, g.at),
+            self.src.ms_between(self.t0, g.at + g.gap),
+        );
+        r.live_precopy_stall_ms = self.src.ms(g.gap);
+        r.live_precopy_stall_at_s = a / 1e3;
+        r.live_precopy_stall_cpu = g.cpu as u64;
+        r.live_precopy_stall_during = steps_during(self.steps, a, b);
+        r.live_precopy_stall_sched = (0..)
+            .map_while(|cpu| thread_time(self.samples, cpu, g.at, g.at + g.gap, self.src.tsc_hz))
+            .collect();
+    }
+}
+
+/// The destination's time from its memory being ready to the guest
+/// resumed, ms, from its log line (0: not found).
+fn dest_resume_ms(log: &Path) -> f64 {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let after = |key: &str| -> Option<f64> {
+        let rest = &text[text.find(key)? + key.len()..];
+        rest.split_whitespace().next()?.parse().ok()
+    };
+    match (after("guest resumed after "), after("memory ready after ")) {
+        (Some(resumed), Some(ready)) => resumed - ready,
+        _ => 0.0,
+    }
 }
 
 fn print_table(r: &Report) {
@@ -660,6 +818,9 @@ fn print_table(r: &Report) {
                 x.live_largest_gap_ms, x.live_largest_gap_at_s
             ),
         }
+        if x.live_ok {
+            print_gaps(x);
+        }
         println!(
             "    heartbeat noise floor: largest gap in the 2 s before the live migration {:.1} ms; gaps are given less the interval the guest kept then, {:.1} ms",
             x.baseline_largest_gap_ms, x.beat_interval_ms
@@ -671,6 +832,29 @@ fn print_table(r: &Report) {
         println!(
             "    stopped: guest-visible downtime {:.1} ms (cryo's pause {:.1} ms), total {:.2} s, {:.2}x loopback",
             x.stopped_guest_downtime_ms, x.stopped_paused_ms, x.stopped_total_s, x.stopped_gb_s_over_loopback
+        );
+    }
+}
+
+/// The switch gap and the pre-copy stall of one rate, with their parts.
+fn print_gaps(x: &RateReport) {
+    let s = &x.live_switch;
+    println!(
+        "    switch gap (last source heartbeat to first destination heartbeat, = guest-visible downtime) {:.1} ms: ran on after its last beat {:.1}, pause+state {:.1}, last fetch {:.1}, last round {:.1} ({} pages), state+END+ACK {:.1}, ACK to first beat {:.1} (destination building and starting the VM {:.1})",
+        x.live_switch_gap_ms, s.ran_after_last_beat_ms, s.pause_ms, s.last_fetch_ms,
+        s.last_round_ms, s.last_round_pages, s.finish_ms, s.ack_to_first_beat_ms, s.dest_resume_ms
+    );
+    println!(
+        "    largest pre-copy stall {:.1} ms on vCPU {} at {:+.2} s, during {}",
+        x.live_precopy_stall_ms,
+        x.live_precopy_stall_cpu,
+        x.live_precopy_stall_at_s,
+        x.live_precopy_stall_during
+    );
+    for (cpu, t) in x.live_precopy_stall_sched.iter().enumerate() {
+        println!(
+            "      vCPU {cpu}'s thread over {:.1} ms: on a CPU {:.1} ms, waiting for a CPU {:.1} ms, blocked or asleep {:.1} ms",
+            t.window_ms, t.ran_ms, t.waited_ms, t.blocked_ms
         );
     }
 }
@@ -693,6 +877,8 @@ mod tests {
         assert_eq!(largest_gap(&beats, 0, u64::MAX), 50);
         assert_eq!(largest_gap(&beats, 15, u64::MAX), 10);
         assert_eq!(largest_gap(&[], 0, 100), 0);
+        let g = largest_gap_at(&beats, 0, u64::MAX);
+        assert_eq!((g.gap, g.at, g.cpu), (50, 12, 1));
     }
 
     #[test]
@@ -710,8 +896,26 @@ mod tests {
         // The destination repeats a beat the source already printed (cut
         // line or not) only after the source's last one.
         let dest = [(0, 140, 0), (0, 150, 0), (1, 125, 0)];
-        assert_eq!(switch_gap(&src, &dest), 30);
-        assert_eq!(switch_gap(&src, &[]), 0);
+        let g = switch_gap(&src, &dest);
+        assert_eq!((g.gap, g.at, g.cpu), (30, 110, 0));
+        assert_eq!(switch_gap(&src, &[]).gap, 0);
+    }
+
+    #[test]
+    fn a_stamp_counts_once_printed_whole_also_on_a_cut_line() {
+        let path = std::env::temp_dir().join(format!("cryo-hb-stamps-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "HB cpu=0 seq=1 tsc=100 writes=5 verified=0 sweeps=0 errors=0\n\
+             HB cpu=1 seq=1 tsc=150 wri\n\
+             HB cpu=0 seq=2 tsc=20",
+        )
+        .unwrap();
+        let stamps = heartbeat_stamps(&path);
+        let whole = heartbeats(&path);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(stamps, [(0, 100, 5), (1, 150, 0)]);
+        assert_eq!(whole, [(0, 100, 5)]);
     }
 
     #[test]

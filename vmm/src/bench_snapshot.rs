@@ -116,17 +116,46 @@ pub(crate) fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// The value of field `k` (`k=<n>`) of a heartbeat line.
+fn hb_field(l: &str, k: &str) -> Option<u64> {
+    l.split_whitespace()
+        .find_map(|w| w.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+        .and_then(|v| v.parse().ok())
+}
+
 /// (cpu, tsc, writes) of every whole heartbeat line.
 pub(crate) fn heartbeats(serial: &Path) -> Vec<(u64, u64, u64)> {
     let text = std::fs::read_to_string(serial).unwrap_or_default();
-    let field = |l: &str, k: &str| -> Option<u64> {
-        l.split_whitespace()
-            .find_map(|w| w.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
-            .and_then(|v| v.parse().ok())
-    };
     text.lines()
         .filter(|l| l.starts_with("HB ") && l.contains("errors="))
-        .filter_map(|l| Some((field(l, "cpu")?, field(l, "tsc")?, field(l, "writes")?)))
+        .filter_map(|l| {
+            Some((
+                hb_field(l, "cpu")?,
+                hb_field(l, "tsc")?,
+                hb_field(l, "writes")?,
+            ))
+        })
+        .collect()
+}
+
+/// (cpu, tsc, writes) of every heartbeat whose TSC stamp was printed whole,
+/// also a line cut short (a VM paused in the middle of printing it: the
+/// rest of the line goes on on the destination); its writes are 0 when cut
+/// before them. A stamp says the guest ran at that TSC.
+pub(crate) fn heartbeat_stamps(serial: &Path) -> Vec<(u64, u64, u64)> {
+    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("HB "))
+        .filter_map(|l| {
+            // The stamp is whole when a space follows it.
+            let after = &l[l.find(" tsc=")? + 5..];
+            after.find(' ')?;
+            Some((
+                hb_field(l, "cpu")?,
+                hb_field(l, "tsc")?,
+                hb_field(l, "writes").unwrap_or(0),
+            ))
+        })
         .collect()
 }
 

@@ -8,6 +8,7 @@ mod bench;
 mod bench_devwrites;
 mod bench_disk;
 mod bench_migrate;
+mod bench_migtrace;
 mod bench_snapshot;
 mod cli;
 mod client;
