@@ -51,6 +51,7 @@ pub use protocol::{
 };
 pub use region::MemRegion;
 pub use socket::{receive, receive_checked, send, SocketOptions};
+pub use sys::TRANSFER_NICE;
 
 /// Compiles the README's example as a doc test.
 #[cfg(doctest)]

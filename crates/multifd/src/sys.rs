@@ -133,6 +133,30 @@ pub(crate) unsafe fn pread_all(
     Ok(())
 }
 
+/// The nice level [`background_thread`] gives a channel thread.
+pub const TRANSFER_NICE: i32 = 10;
+
+/// Moves the calling thread to the background of the scheduler:
+/// `SCHED_BATCH` (it does not preempt threads it wakes up beside) at nice
+/// [`TRANSFER_NICE`] (or nicer, as it was). Channel threads that move a running guest's memory do
+/// this so that the guest's vCPU threads on the same host keep their CPUs
+/// (on a small host the transfer threads otherwise take turns with them,
+/// and the guest stalls). Best effort: a refusal leaves the thread as it was.
+pub(crate) fn background_thread() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param
+    // (priority 0, as SCHED_BATCH requires). Lowering one's own priority
+    // needs no privilege; a failure changes nothing.
+    unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
+        // On Linux the nice value is per thread: `who` 0 is this thread.
+        // Only ever lower the priority (a nicer thread stays as nice).
+        if libc::getpriority(libc::PRIO_PROCESS, 0) < TRANSFER_NICE {
+            libc::setpriority(libc::PRIO_PROCESS, 0, TRANSFER_NICE);
+        }
+    }
+}
+
 /// Pre-faults `ptr..ptr+len` for writing with `MADV_POPULATE_WRITE`
 /// (Linux 5.14+). Errors (an older kernel, memory it cannot populate) are
 /// ignored: the reads that follow fault the pages in anyway.
@@ -176,6 +200,25 @@ pub(crate) fn crc_zeros(mut crc: u32, mut len: u64) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_background_thread_is_batch_at_the_transfer_nice_level() {
+        std::thread::spawn(|| {
+            super::background_thread();
+            // SAFETY: queries of the calling thread's own scheduling.
+            let (policy, nice) = unsafe {
+                *libc::__errno_location() = 0;
+                (
+                    libc::sched_getscheduler(0),
+                    libc::getpriority(libc::PRIO_PROCESS, 0),
+                )
+            };
+            assert_eq!(policy, libc::SCHED_BATCH);
+            assert!(nice >= super::TRANSFER_NICE, "nice {nice}");
+        })
+        .join()
+        .unwrap();
+    }
+
     use super::*;
 
     #[test]
