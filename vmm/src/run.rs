@@ -9,7 +9,7 @@ use std::time::Instant;
 use log::info;
 use microvm::{
     BootProtocol, BootSource, MemoryBacking, MicroVm, RestoreOptions, SerialOutput, VmConfig,
-    VmExitReason,
+    VmExitReason, VmShell,
 };
 
 use crate::api::Managed;
@@ -293,9 +293,14 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
         }
     };
     let read_time = started.elapsed();
-    let mut vm = MicroVm::restore(
+    // A migration's destination made the KVM VM while the RAM arrived.
+    let shell = match loaded.shell {
+        Some(shell) => shell,
+        None => VmShell::new(loaded.memory)?,
+    };
+    let mut vm = MicroVm::restore_in(
+        shell,
         &loaded.snapshot,
-        loaded.memory,
         serial,
         true,
         RestoreOptions {

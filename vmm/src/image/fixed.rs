@@ -470,6 +470,7 @@ pub fn load_fixed_with(
                 snapshot,
                 memory,
                 prefetch: None,
+                shell: None,
             })
         }
         RestoreMode::Lazy { prefetch } => {
@@ -498,6 +499,7 @@ pub fn load_fixed_with(
                 snapshot,
                 memory,
                 prefetch,
+                shell: None,
             })
         }
     }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use microvm::persist::VmSnapshot;
-use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
+use microvm::{create_guest_memory, GuestMemory, MemoryBacking, VmShell};
 use serde::{Deserialize, Serialize};
 
 use super::fixed::mem_regions;
@@ -129,7 +129,7 @@ pub fn receive_vm(listen: &str, disk_changed_ok: bool) -> Result<Loaded, SaveErr
     }
     let listener = endpoint.listen().map_err(|e| bad_image(e.into()))?;
     eprintln!("cryo: waiting for a migration on {listen}");
-    let mut memory: Option<GuestMemory> = None;
+    let mut shell: Option<VmShell> = None;
     // The state decoded once, before the ACK; or why it was refused, kept
     // typed (the sender is told the message).
     let mut checked: Option<Result<VmSnapshot, SaveError>> = None;
@@ -157,7 +157,8 @@ pub fn receive_vm(listen: &str, disk_changed_ok: bool) -> Result<Loaded, SaveErr
                     .into());
                 }
                 let regions = mem_regions(&mem);
-                memory = Some(mem);
+                // The KVM VM now, while the RAM arrives: not in the pause.
+                shell = Some(VmShell::new(mem)?);
                 Ok(regions)
             },
             &mut check_state,
@@ -181,7 +182,8 @@ pub fn receive_vm(listen: &str, disk_changed_ok: bool) -> Result<Loaded, SaveErr
         Some(Ok(snap)) => snap,
         _ => return Err(invalid("no device state was received".into())),
     };
-    let memory = memory.ok_or_else(|| invalid("no RAM layout was received".into()))?;
+    let shell = shell.ok_or_else(|| invalid("no RAM layout was received".into()))?;
+    let memory = shell.memory().clone();
     let ours = microvm::region_list(&memory);
     if ours != snap.machine.regions {
         return Err(invalid(format!(
@@ -193,5 +195,6 @@ pub fn receive_vm(listen: &str, disk_changed_ok: bool) -> Result<Loaded, SaveErr
         snapshot: snap,
         memory,
         prefetch: None,
+        shell: Some(shell),
     })
 }

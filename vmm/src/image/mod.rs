@@ -680,6 +680,9 @@ pub struct Loaded {
     pub memory: GuestMemory,
     /// For a lazy restore with prefetch: what to warm after resuming.
     pub prefetch: Option<fixed::Prefetch>,
+    /// The KVM VM over `memory`, made while the RAM arrived (a migration's
+    /// destination); None: the restore makes it.
+    pub shell: Option<microvm::VmShell>,
 }
 
 /// Loads any image format. `verify` checks every checksum first (fixed-ram).
@@ -703,6 +706,7 @@ pub fn load(
                 snapshot,
                 memory,
                 prefetch: None,
+                shell: None,
             })
         }
         SaveFormat::FixedRam => {
