@@ -492,21 +492,59 @@ fn median_interval(beats: &[(u64, u64, u64)], from: u64, to: u64) -> u64 {
     all.get(all.len() / 2).copied().unwrap_or(0)
 }
 
-/// The largest gap of one vCPU between its last heartbeat on the source and
-/// its first on the destination: opened at the last source beat.
-fn switch_gap(src: &[(u64, u64, u64)], dest: &[(u64, u64, u64)]) -> Gap {
-    let last = beats_by_cpu(src, 0, u64::MAX);
-    let first = beats_by_cpu(dest, 0, u64::MAX);
-    last.iter()
-        .zip(&first)
+/// The largest gap, over the vCPUs, across the pause at tsc `pause`: from
+/// a vCPU's last heartbeat stamp before it to its first after it. `beats`
+/// holds the source's and the destination's stamps together: a vCPU paused
+/// while it waited for the guest's console lock took its stamp on the
+/// source and prints it on the destination.
+fn switch_gap(beats: &[(u64, u64, u64)], pause: u64) -> Gap {
+    beats_by_cpu(beats, 0, u64::MAX)
+        .iter()
         .enumerate()
-        .filter_map(|(cpu, (s, d))| {
-            let at = *s.last()?;
-            let gap = d.iter().find(|t| **t > at)? - at;
+        .filter_map(|(cpu, b)| {
+            let at = *b.iter().rev().find(|t| **t <= pause)?;
+            let gap = b.iter().find(|t| **t > pause)? - at;
             Some(Gap { gap, at, cpu })
         })
         .max_by_key(|g| g.gap)
         .unwrap_or_default()
+}
+
+/// When the pre-copy paused the VM, ms after its start (0: never).
+fn pause_ms(steps: &[Step]) -> f64 {
+    steps
+        .iter()
+        .find(|s| s.kind == StepKind::Pause)
+        .map_or(0.0, |s| s.start_ms)
+}
+
+/// Waits until every one of `vcpus` stamped a heartbeat after tsc `pause`
+/// in the console `serial` (the destination's).
+fn wait_beats_after(
+    serial: &Path,
+    vcpus: u8,
+    pause: u64,
+    timeout: Duration,
+) -> Result<(), CliError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if std::fs::read_to_string(serial).is_ok_and(|t| t.contains("MISMATCH")) {
+            return Err(CliError::failure(
+                "the destination's guest reported a MISMATCH",
+            ));
+        }
+        let stamps = heartbeat_stamps(serial);
+        let beat = |cpu: u64| stamps.iter().any(|&(c, t, _)| c == cpu && t > pause);
+        if (0..u64::from(vcpus)).all(beat) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(CliError::failure(
+                "the destination's guest did not beat on every vCPU in time",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Figures of a stopped migration: (guest-visible downtime ms, cryo's
@@ -663,17 +701,14 @@ fn live(a: &MigrateArgs, src: &Source, rate: u32, loopback: f64) -> Result<RateR
         0.0
     };
     if let Ok(stats) = result {
-        wait_for(
-            &dest.serial,
-            "HB ",
-            3 * usize::from(a.vcpus),
-            Duration::from_secs(60),
-        )?;
-        let after = heartbeats(&dest.serial);
+        let pause = t0 + src.ticks(Duration::from_secs_f64(pause_ms(&stats.steps) / 1e3));
+        wait_beats_after(&dest.serial, a.vcpus, pause, Duration::from_secs(60))?;
         let interval = src.beat_interval_ms(a, &before, t0);
         r.beat_interval_ms = interval;
-        // Stamps of lines cut by the pause count: the guest ran then.
-        let stamps = heartbeat_stamps(&src.serial);
+        // Every stamp, from both consoles (lines cut by the pause count:
+        // the guest ran then).
+        let mut stamps = heartbeat_stamps(&src.serial);
+        stamps.extend(heartbeat_stamps(&dest.serial));
         let trace = Trace {
             src,
             t0,
@@ -681,7 +716,7 @@ fn live(a: &MigrateArgs, src: &Source, rate: u32, loopback: f64) -> Result<RateR
             samples: &samples,
             steps: &stats.steps,
         };
-        let switch = switch_gap(&stamps, &after);
+        let switch = switch_gap(&stamps, pause);
         r.live_switch_gap_ms = src.ms(switch.gap);
         r.live_switch = trace.switch_parts(switch, dest_resume_ms(&dest.log));
         trace.precopy_stall(&mut r);
@@ -755,7 +790,7 @@ impl Trace<'_> {
     /// The largest gap on the source before the pause, when, during which
     /// steps, and what the vCPU's thread did meanwhile.
     fn precopy_stall(&self, r: &mut RateReport) {
-        let pause = self.tsc_at(self.step(StepKind::Pause).start_ms);
+        let pause = self.tsc_at(pause_ms(self.steps));
         let from = self
             .t0
             .saturating_sub(self.src.ticks(Duration::from_secs(1)));
@@ -891,14 +926,21 @@ mod tests {
     }
 
     #[test]
-    fn the_switch_gap_runs_from_the_last_source_beat_to_the_next_destination_beat() {
-        let src = [(0, 100, 0), (0, 110, 0), (1, 105, 0)];
-        // The destination repeats a beat the source already printed (cut
-        // line or not) only after the source's last one.
-        let dest = [(0, 140, 0), (0, 150, 0), (1, 125, 0)];
-        let g = switch_gap(&src, &dest);
+    fn the_switch_gap_runs_from_the_last_stamp_before_the_pause_to_the_first_after() {
+        // Paused at 112; vCPU 1 stamped 95 on the source but printed it on
+        // the destination, after the pause.
+        let beats = [
+            (0, 100, 0),
+            (0, 110, 0),
+            (1, 90, 0),
+            (0, 140, 0),
+            (0, 150, 0),
+            (1, 95, 0),
+            (1, 125, 0),
+        ];
+        let g = switch_gap(&beats, 112);
         assert_eq!((g.gap, g.at, g.cpu), (30, 110, 0));
-        assert_eq!(switch_gap(&src, &[]).gap, 0);
+        assert_eq!(switch_gap(&beats[..3], 112).gap, 0);
     }
 
     #[test]
