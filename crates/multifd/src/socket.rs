@@ -842,11 +842,6 @@ fn receive_main<S: Read + Write + Send>(
             let spawned = std::thread::Builder::new()
                 .name(format!("multifd-recv-{i}"))
                 .spawn_scoped(s, move || {
-                    // A source guest on the same host (a migration over
-                    // loopback, or the VM a stopped send keeps running)
-                    // goes first; where nothing else wants the CPU this
-                    // changes nothing.
-                    crate::sys::background_thread();
                     let mut conn = conn;
                     // Record a failure before the connection closes (which
                     // makes the sender give up and report its own error).

@@ -134,14 +134,18 @@ pub(crate) unsafe fn pread_all(
 }
 
 /// The nice level [`background_thread`] gives a channel thread.
-pub const TRANSFER_NICE: i32 = 10;
+pub const TRANSFER_NICE: i32 = 5;
 
 /// Moves the calling thread to the background of the scheduler:
 /// `SCHED_BATCH` (it does not preempt threads it wakes up beside) at nice
-/// [`TRANSFER_NICE`] (or nicer, as it was). Channel threads that move a running guest's memory do
-/// this so that the guest's vCPU threads on the same host keep their CPUs
-/// (on a small host the transfer threads otherwise take turns with them,
-/// and the guest stalls). Best effort: a refusal leaves the thread as it was.
+/// [`TRANSFER_NICE`] (or nicer, as it was). The sending channel threads of
+/// a live round do this while the guest runs, so that its vCPU threads keep
+/// their CPUs (on a small host the transfer threads otherwise take turns
+/// with them, and the guest stalls); not in the last round (the guest is
+/// paused, and every ms is downtime), and not the receivers (a batch thread
+/// does not preempt anyone when data wakes it: on a busy host the last
+/// round then waited up to 60 ms to be read). Best effort: a refusal leaves
+/// the thread as it was.
 pub(crate) fn background_thread() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param
