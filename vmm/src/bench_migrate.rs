@@ -927,15 +927,15 @@ mod tests {
 
     #[test]
     fn the_switch_gap_runs_from_the_last_stamp_before_the_pause_to_the_first_after() {
-        // Paused at 112; vCPU 1 stamped 95 on the source but printed it on
-        // the destination, after the pause.
+        // Paused at 112; vCPU 1 stamped 100 on the source but printed it
+        // on the destination, after the pause.
         let beats = [
             (0, 100, 0),
             (0, 110, 0),
             (1, 90, 0),
             (0, 140, 0),
             (0, 150, 0),
-            (1, 95, 0),
+            (1, 100, 0),
             (1, 125, 0),
         ];
         let g = switch_gap(&beats, 112);
