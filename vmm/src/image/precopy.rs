@@ -543,23 +543,23 @@ impl Precopy<'_> {
         std::thread::scope(|s| {
             s.spawn(|| watch(self.control, deadline, &stop, &done));
             s.spawn(|| throttle.run(self.controller, &done));
-            let r = self.rounds(memory, open, log, paused, &stop, &throttle, timeline);
+            let r = self
+                .first_pass(memory, open, &stop, timeline)
+                .and_then(|moving| self.rounds(moving, log, paused, &stop, &throttle));
             done.store(true, Ordering::Release);
             r
         })
     }
 
+    /// After the first pass: the dirty rounds, then the stop-and-copy.
     fn rounds<S: Sink>(
         &self,
-        memory: &GuestMemory,
-        open: impl FnOnce(&[MemRegion]) -> Result<S, SaveError>,
+        mut moving: Moving<S>,
         log: &mut Option<DirtyLog>,
         paused: &mut bool,
         stop: &AtomicBool,
         throttle: &Throttle,
-        timeline: Timeline,
     ) -> Result<(PrecopyStats, S::Done), SaveError> {
-        let mut moving = self.first_pass(memory, open, stop, timeline)?;
         let maps = self.converge(&mut moving, log, stop, throttle)?;
         throttle.percent.store(0, Ordering::Release);
         // No throttle slice runs from here on (a poisoned lock: the throttle
