@@ -102,15 +102,15 @@ const IIR_ID_BITS: u8 = 0x0f;
 /// ([`super::console`]), which refills the FIFO only once it is empty,
 /// stalled. No extra interrupt is raised: the handler's own loop reads on.
 pub fn guest_read(serial: &mut SerialDevice, offset: u8) -> u8 {
-    let dlab = serial.read(LCR) & LCR_DLAB != 0;
     let value = serial.read(offset);
-    // With DLAB set, offset 1 is the divisor, not IER.
-    if offset != IIR || dlab || value & IIR_NO_INTERRUPT == 0 {
+    if offset != IIR || value & IIR_NO_INTERRUPT == 0 {
         return value;
     }
-    // LSR and IER reads have no side effects.
+    // LCR, LSR and IER reads have no side effects. With DLAB set, offset 1
+    // is the divisor, not IER (IIR itself is not shadowed).
+    let dlab = serial.read(LCR) & LCR_DLAB != 0;
     let data_left = serial.read(LSR) & LSR_DATA_READY != 0;
-    let interrupt_enabled = serial.read(IER) & IER_RECEIVED_DATA != 0;
+    let interrupt_enabled = !dlab && serial.read(IER) & IER_RECEIVED_DATA != 0;
     if data_left && interrupt_enabled {
         (value & !IIR_ID_BITS) | IIR_RECEIVED_DATA
     } else {
