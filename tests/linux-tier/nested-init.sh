@@ -10,6 +10,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o mode=1777 tmpfs /tmp
+# KVM's trace events: a stalled guest's failure log shows where it was.
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null ||
+    echo "LINUX-TIER NESTED no tracefs"
 
 for module in /modules/*.ko; do
     insmod "$module" || echo "LINUX-TIER NESTED insmod $module failed"

@@ -16,7 +16,9 @@ pub const CMDLINE: &str =
 /// TSC-deadline mode was seen to stop firing (a one-vCPU guest whose one
 /// CPU-bound process ran on while every sleeping one slept forever); the
 /// one-shot mode counts in nanoseconds and does not depend on the TSC.
-pub const NESTED_CMDLINE_EXTRA: &str = "lapic=notscdeadline";
+/// `nokaslr`: the guest RIPs of a stall's KVM trace (`kvm_trace`) then map
+/// straight to the kernel's `System.map`.
+pub const NESTED_CMDLINE_EXTRA: &str = "lapic=notscdeadline nokaslr";
 /// The heartbeat period that [`CMDLINE`] asks for.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// Guest RAM for the tier's guests.
@@ -165,7 +167,12 @@ fn vm_log(vm: &LinuxVm) -> Vec<String> {
         err.len()
     ));
     log.extend(shown.iter().cloned());
-    log.extend(thread_states(vm.guest.pid()));
+    let threads = thread_states(vm.guest.pid());
+    if !threads.is_empty() {
+        // Still running: where its vCPUs are.
+        log.extend(threads);
+        log.extend(crate::kvm_trace::kvm_events());
+    }
     log
 }
 

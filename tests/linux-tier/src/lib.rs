@@ -31,6 +31,7 @@ pub mod boot_log;
 mod disk_scenarios;
 pub mod guest;
 pub mod guest_image;
+mod kvm_trace;
 mod net_scenarios;
 pub mod report;
 mod rootfs_scenarios;
@@ -143,7 +144,11 @@ pub fn run_tier() -> Result<TierRun, TierError> {
         }
     };
     let _ = std::fs::remove_dir_all(&work);
-    let report = merged.unwrap_or_else(|| Report::parse(transcript.iter().map(String::as_str)));
+    let report = merged.unwrap_or_else(|| {
+        let report = Report::parse(transcript.iter().map(String::as_str));
+        retries = set_retry_notes("the driver", &report);
+        report
+    });
     Ok(TierRun {
         mode,
         report,
@@ -303,6 +308,21 @@ impl NestedRuns {
     }
 }
 
+/// One note per scenario whose set the driver of `run` ran again (see
+/// `scenarios::SET_ATTEMPTS`): why it failed, and the end of its log, so
+/// that a flake shows in the CI log even when the retry passed.
+fn set_retry_notes(run: &str, report: &Report) -> Vec<String> {
+    let notes = report.retried.iter().map(|(name, set_attempt, reason)| {
+        let log = report.logs.get(name).map(Vec::as_slice).unwrap_or_default();
+        let tail = guest::tail(log, FAILURE_LOG_TAIL);
+        format!(
+            "{run}: {name} failed in attempt {set_attempt} of its set, which the driver ran again: {reason}\n    | {}",
+            tail.join("\n    | ")
+        )
+    });
+    notes.collect()
+}
+
 /// Runs the nested machine until every scenario has passed in some run, at
 /// most [`NESTED_ATTEMPTS`] times.
 ///
@@ -340,6 +360,8 @@ fn run_nested_until_pass(
             .filter(|name| !passed(&runs.report, name) && !passed(&report, name))
             .collect();
         let mut note = runs.note(attempt, &report, &missing);
+        let run = format!("nested run {attempt} of {NESTED_ATTEMPTS}");
+        runs.notes.extend(set_retry_notes(&run, &report));
         runs.report.merge(report);
         if missing.is_empty() {
             break;

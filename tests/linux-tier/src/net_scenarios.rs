@@ -6,6 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc::{self, Receiver};
@@ -68,11 +69,14 @@ pub(crate) fn make_tap() -> Result<(), Failure> {
 }
 
 /// Accepts one connection on `listener` and sends each line read from it,
-/// until it ends or nobody listens.
-pub(crate) fn serve_lines(listener: TcpListener) -> Receiver<String> {
+/// until it ends or nobody listens. Its handle on the listener is closed as
+/// soon as `accept` returns: a killed guest never ends the connection.
+fn serve_lines(listener: TcpListener) -> Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let Ok((stream, _)) = listener.accept() else {
+        let accepted = listener.accept();
+        drop(listener);
+        let Ok((stream, _)) = accepted else {
             return;
         };
         for line in BufReader::new(stream).lines() {
@@ -87,11 +91,41 @@ pub(crate) fn serve_lines(listener: TcpListener) -> Receiver<String> {
 
 /// The numbers of `SEQ n` lines received so far.
 pub(crate) struct Stream {
-    pub(crate) rx: Receiver<String>,
+    rx: Receiver<String>,
     pub(crate) seen: Vec<u64>,
+    /// The listening socket [`serve_lines`] accepts on (a second handle):
+    /// shut down when the stream is dropped, which ends an `accept` that
+    /// no guest answered, so that the port is free for a set's retry (see
+    /// `scenarios::SET_ATTEMPTS`) once the thread's handle is gone too.
+    listener: TcpListener,
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // SAFETY: shutdown(2) on a socket this handle owns; on a listening
+        // socket it wakes a blocked accept(2) with an error.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+    }
 }
 
 impl Stream {
+    /// Listens for a TCP stream on `port` of the host's tap address.
+    pub(crate) fn listen(port: u16) -> Result<Stream, Failure> {
+        Stream::listen_on(HOST_IP, port)
+    }
+
+    fn listen_on(ip: &str, port: u16) -> Result<Stream, Failure> {
+        let bound = TcpListener::bind((ip, port))
+            .and_then(|l| Ok((l.try_clone()?, l)))
+            .map_err(|e| Failure::plain(format!("listen on {ip}:{port}: {e}")))?;
+        let (listener, served) = bound;
+        Ok(Stream {
+            rx: serve_lines(served),
+            seen: Vec::new(),
+            listener,
+        })
+    }
+
     /// Waits until `count` numbers have arrived in all.
     pub(crate) fn wait_for(&mut self, count: u64, timeout: Duration) -> Result<(), Failure> {
         let deadline = Instant::now() + timeout;
@@ -168,12 +202,7 @@ pub fn net_guest(setup: &Setup, tally: &mut Tally) {
 /// the detail and the running restored VM.
 fn tcp_save_restore(setup: &Setup) -> Result<(String, LinuxVm), Failure> {
     make_tap()?;
-    let listener = TcpListener::bind((HOST_IP, PORT))
-        .map_err(|e| Failure::plain(format!("listen on {HOST_IP}:{PORT}: {e}")))?;
-    let mut stream = Stream {
-        rx: serve_lines(listener),
-        seen: Vec::new(),
-    };
+    let mut stream = Stream::listen(PORT)?;
     let api = setup.work.join("net-vm.sock");
     let net = format!("tap={TAP}");
     let extra = strings(&["--api", &path_str(&api), "--net", &net]);
@@ -308,4 +337,34 @@ fn ping_live_snapshot(setup: &Setup, vm: &mut LinuxVm) -> Result<String, Failure
     Ok(format!(
         "guest -> host replies {before}..{last}, {PINGS_AFTER} of them after the live snapshot; host -> guest: {received}"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpStream;
+
+    /// A free loopback port, found by binding port 0.
+    fn free_port() -> u16 {
+        let probe = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        probe.local_addr().unwrap().port()
+    }
+
+    #[test]
+    fn a_dropped_stream_frees_its_port_whether_or_not_a_peer_came() {
+        let port = free_port();
+        // Nobody connects: the accept is woken and the port freed.
+        drop(Stream::listen_on("127.0.0.1", port).unwrap());
+        // A peer connects, sends a line and never hangs up (as a killed
+        // guest does).
+        let mut stream = Stream::listen_on("127.0.0.1", port).unwrap();
+        let mut peer = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        peer.write_all(b"SEQ 1\n").unwrap();
+        stream.wait_for(1, Duration::from_secs(10)).unwrap();
+        drop(stream);
+        let again = Stream::listen_on("127.0.0.1", port);
+        assert!(again.is_ok(), "{:?}", again.err().map(|f| f.reason));
+        drop(peer);
+    }
 }

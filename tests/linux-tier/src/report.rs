@@ -9,6 +9,7 @@
 //! LINUX-TIER RESULT <scenario> FAIL <reason>
 //! LINUX-TIER FIGURE <name> <value> <unit>
 //! LINUX-TIER LOG <scenario> | <a console or stderr line of the guest>
+//! LINUX-TIER RETRY <scenario> <attempt> <reason it failed in that attempt>
 //! LINUX-TIER DONE failed=<n>
 //! ```
 
@@ -35,6 +36,9 @@ pub struct Report {
     pub figures: BTreeMap<String, String>,
     /// Guest lines the driver attached to each scenario (on failure).
     pub logs: BTreeMap<String, Vec<String>>,
+    /// Scenarios that failed in an attempt of their set after which the
+    /// driver ran the set again: (scenario, attempt, reason).
+    pub retried: Vec<(String, u32, String)>,
     /// Whether the driver said it was done (it did not die midway).
     pub done: bool,
 }
@@ -55,6 +59,12 @@ pub fn log(scenario: &str, lines: &[String]) {
     for l in lines {
         println!("{PREFIX} LOG {scenario} | {}", one_line(l));
     }
+}
+
+/// Prints a RETRY line: `scenario` failed in `attempt` of its set, which
+/// runs again.
+pub fn retry(scenario: &str, attempt: usize, reason: &str) {
+    println!("{PREFIX} RETRY {scenario} {attempt} {}", one_line(reason));
 }
 
 /// Prints the DONE line.
@@ -85,6 +95,7 @@ impl Report {
             }
         }
         self.figures.extend(later.figures);
+        self.retried.extend(later.retried);
         self.done = later.done;
     }
 
@@ -125,7 +136,11 @@ impl Report {
                     let name = w.next().unwrap_or_default().to_string();
                     let passed = w.next() == Some("PASS");
                     let detail = w.next().unwrap_or_default().to_string();
-                    r.results.insert(name, Outcome { passed, detail });
+                    // A pass stands: a set's retry runs its scenarios that
+                    // passed the first time again.
+                    if !r.results.get(&name).is_some_and(|o| o.passed) {
+                        r.results.insert(name, Outcome { passed, detail });
+                    }
                 }
                 "FIGURE" => {
                     let mut w = body.splitn(2, ' ');
@@ -139,6 +154,13 @@ impl Report {
                         .entry(name.to_string())
                         .or_default()
                         .push(text.to_string());
+                }
+                "RETRY" => {
+                    let mut w = body.splitn(3, ' ');
+                    let name = w.next().unwrap_or_default().to_string();
+                    let attempt = w.next().and_then(|a| a.parse().ok()).unwrap_or(0);
+                    let reason = w.next().unwrap_or_default().to_string();
+                    r.retried.push((name, attempt, reason));
                 }
                 "DONE" => r.done = true,
                 _ => {}
@@ -195,5 +217,24 @@ mod tests {
         assert!(first.results["a"].passed && first.results["b"].passed);
         assert!(!first.logs.contains_key("b"));
         assert!(first.done);
+    }
+
+    #[test]
+    fn a_set_retry_is_recorded_and_a_pass_in_either_attempt_stands() {
+        let r = Report::parse([
+            "LINUX-TIER RESULT a PASS fine",
+            "LINUX-TIER RESULT b FAIL no heartbeat for 60 s",
+            "LINUX-TIER LOG b | stalled",
+            "LINUX-TIER RETRY b 1 no heartbeat for 60 s",
+            "LINUX-TIER RESULT a FAIL the guest did not boot",
+            "LINUX-TIER RESULT b PASS fine",
+            "LINUX-TIER DONE failed=0",
+        ]);
+        assert!(r.failure("a").is_none() && r.failure("b").is_none());
+        assert_eq!(
+            r.retried,
+            vec![("b".to_string(), 1, "no heartbeat for 60 s".to_string())]
+        );
+        assert_eq!(r.logs["b"], vec!["stalled"]);
     }
 }

@@ -3,6 +3,7 @@
 //! `switch_root`s, as distributions boot) and whose network is virtio-net
 //! on a host tap, taken through every save mode in turn: managed save,
 //! stream, fixed-ram, multifd, a migration over a unix socket, a live
+//! migration (`cryo migrate`), a live save (`save --live`), a live
 //! snapshot with `--disk-snapshot`, and (on the guest restored from it) a
 //! `save --keep-running` with `--disk-snapshot`.
 //!
@@ -18,17 +19,16 @@
 //! the host's `e2fsck -fn` finds its root image clean, and the host's
 //! `debugfs` reads every record it acknowledged from it.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::artifacts::GUEST_TOOLS_DIR;
 use crate::guest::{last_heartbeat, Failure, LinuxVm};
-use crate::net_scenarios::{host, make_tap, serve_lines, Stream};
+use crate::net_scenarios::{host, make_tap, Stream};
 use crate::net_scenarios::{GUEST_IP, HOST_IP, RECOVERY_TIMEOUT, TAP};
 use crate::report;
 use crate::scenarios::{carries_on, cryo_ok, names, path_str, run_kernel_args, spawn_restore};
-use crate::scenarios::{stopped_save, strings, SaveStep, Setup, Tally};
+use crate::scenarios::{save_and_restore, strings, SaveStep, Setup, Tally};
 use crate::scenarios::{BEAT_TIMEOUT, BOOT_TIMEOUT, EXIT_TIMEOUT};
 
 /// The driver's port for the guest's TCP stream (the network scenarios
@@ -61,28 +61,50 @@ kill -CONT $W; ping -c 1 -W 10 {HOST_IP} >/dev/null && echo PONG-$((2+3))"
 /// process (on the disk and the tap the image records).
 const STEPS: &[SaveStep] = &[
     SaveStep {
+        verb: "save",
         scenario: "rootfs-save-stream",
         save: &["--format", "stream"],
         restore: &[],
         over_socket: false,
     },
     SaveStep {
+        verb: "save",
         scenario: "rootfs-save-fixed-ram",
         save: &["--format", "fixed-ram"],
         restore: &[],
         over_socket: false,
     },
     SaveStep {
+        verb: "save",
         scenario: "rootfs-save-multifd",
         save: &["--format", "fixed-ram", "--channels", "2"],
         restore: &["--channels", "2"],
         over_socket: false,
     },
     SaveStep {
+        verb: "save",
         scenario: "rootfs-migrate-unix",
         save: &[],
         restore: &[],
         over_socket: true,
+    },
+    // Live: the writer's fsyncs go on during the pre-copy rounds, so the
+    // disk's writes into guest memory (block data, used rings) must reach
+    // the dirty log. TCG is slow: the pause may be longer than on hardware
+    // and the migration must end well inside the driver's save timeout.
+    SaveStep {
+        verb: "migrate",
+        scenario: "rootfs-migrate-live",
+        save: &["--channels", "2", "--max-downtime-ms", "300", "--timeout-s", "200"],
+        restore: &[],
+        over_socket: true,
+    },
+    SaveStep {
+        verb: "save",
+        scenario: "rootfs-save-live",
+        save: &["--live", "--channels", "2", "--max-downtime-ms", "300", "--timeout-s", "200"],
+        restore: &["--channels", "2"],
+        over_socket: false,
     },
 ];
 
@@ -124,16 +146,6 @@ fn acked(lines: &[String]) -> u64 {
     lines.iter().filter_map(|l| rack(l)).max().unwrap_or(0)
 }
 
-/// Listens for a TCP stream on `port` of the host's tap address.
-fn listen(port: u16) -> Result<Stream, Failure> {
-    let listener = TcpListener::bind((HOST_IP, port))
-        .map_err(|e| Failure::plain(format!("listen on {HOST_IP}:{port}: {e}")))?;
-    Ok(Stream {
-        rx: serve_lines(listener),
-        seen: Vec::new(),
-    })
-}
-
 /// Types the TCP stream of numbered lines to `port`; its pid goes in `$N`.
 fn start_stream(vm: &mut LinuxVm, port: u16) -> Result<(), Failure> {
     vm.type_line(&format!(
@@ -152,7 +164,7 @@ fn boot(setup: &Setup) -> Result<(String, LinuxVm, RootGuest), Failure> {
         .and_then(|()| std::fs::copy(&setup.rootfs, &disk))
         .map_err(|e| Failure::plain(format!("copying the root image: {e}")))?;
     make_tap()?;
-    let stream = listen(PORT)?;
+    let stream = Stream::listen(PORT)?;
     let state = dir.join("state");
     let extra = strings(&[
         "--name",
@@ -261,7 +273,7 @@ fn every_save(
         // prints, which follow on from them).
         let acked_so_far = acked(&vm.guest.output());
         let (mut next, detail) =
-            stopped_save(setup, vm, step, 100 + i, tally).map_err(label(step.scenario))?;
+            save_and_restore(setup, vm, step, 100 + i, tally).map_err(label(step.scenario))?;
         let checks = back(&mut next, &mut guest, acked_so_far).map_err(label(step.scenario))?;
         done.push(format!("{}: {detail}; {checks}", step.scenario));
         vm = next;
@@ -418,7 +430,7 @@ fn fork(
         .wait_line(BEAT_TIMEOUT, |l| rack(l).is_some_and(|n| n > acked_before))
         .map_err(Failure::at(&restored, "records after the restore"))?;
     let lines = disk_check(&mut restored, acked_before)?;
-    let mut fresh = listen(fork.port)?;
+    let mut fresh = Stream::listen(fork.port)?;
     restored.type_line("kill $N")?;
     start_stream(&mut restored, fork.port)?;
     fresh
