@@ -127,6 +127,9 @@ mod tests {
             "2 vcpu0-812 kvm_exit reason npf rip 0xffffffff81a0b2c4"
         );
         assert_eq!(lines[2].trim(), "2 vcpu0-812 kvm_pio pio_write at 0x3f8");
-        assert_eq!(lines[3].trim(), "1 vcpu0-812 kvm_inj_virq IRQ 0xec reinjected");
+        assert_eq!(
+            lines[3].trim(),
+            "1 vcpu0-812 kvm_inj_virq IRQ 0xec reinjected"
+        );
     }
 }

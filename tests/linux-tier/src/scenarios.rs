@@ -359,7 +359,9 @@ fn run_set(setup: &Setup, set: &ScenarioSet, tally: &mut Tally) {
         }
         // The failed attempt's restores do not count for the clocks.
         tally.clocks.truncate(clocks_before);
-        setup.work = setup.work.join(format!("{}-attempt{}", set.name, attempt + 1));
+        setup.work = setup
+            .work
+            .join(format!("{}-attempt{}", set.name, attempt + 1));
         if let Err(e) = std::fs::create_dir_all(&setup.work) {
             let failure = Failure::plain(format!("{}: {e}", setup.work.display()));
             tally.not_run_after(&failed, "no work directory for the retry", &failure);
