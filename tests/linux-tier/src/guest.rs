@@ -16,9 +16,7 @@ pub const CMDLINE: &str =
 /// TSC-deadline mode was seen to stop firing (a one-vCPU guest whose one
 /// CPU-bound process ran on while every sleeping one slept forever); the
 /// one-shot mode counts in nanoseconds and does not depend on the TSC.
-/// `nokaslr`: the guest RIPs of a stall's KVM trace (`kvm_trace`) then map
-/// straight to the kernel's `System.map`.
-pub const NESTED_CMDLINE_EXTRA: &str = "lapic=notscdeadline nokaslr";
+pub const NESTED_CMDLINE_EXTRA: &str = "lapic=notscdeadline";
 /// The heartbeat period that [`CMDLINE`] asks for.
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// Guest RAM for the tier's guests.

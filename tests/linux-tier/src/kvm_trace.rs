@@ -6,8 +6,8 @@
 //! looping on a device register. The `kvm_exit` events give the reason and
 //! the guest's RIP of each exit, `kvm_inj_virq` the vectors injected and
 //! `kvm_pio` the port accesses; counted over a second they say which it is.
-//! The guests boot with `nokaslr` when nested, so a RIP maps straight to
-//! the guest kernel's `System.map`.
+//! An ELF vmlinux boots without KASLR (that is the bzImage decompressor's
+//! work), so a RIP maps straight to the guest kernel's `System.map`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
