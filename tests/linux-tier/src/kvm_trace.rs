@@ -22,9 +22,13 @@ const WINDOW: Duration = Duration::from_secs(1);
 /// Distinct (event, detail) lines shown, most frequent first.
 const SHOWN: usize = 16;
 
+/// How long the driver waits for the trace: a failure's log must not hang
+/// on a host kernel that is itself in trouble.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
 /// A second of KVM trace events on this host, counted by kind and guest
 /// RIP (or port, or vector), as log lines; one line saying why when the
-/// host has no tracefs with KVM events.
+/// host has no tracefs with KVM events or it did not answer in time.
 pub fn kvm_events() -> Vec<String> {
     let Some(dir) = TRACEFS
         .iter()
@@ -33,10 +37,20 @@ pub fn kvm_events() -> Vec<String> {
     else {
         return vec!["--- kvm trace: no tracefs with kvm events on this host ---".into()];
     };
-    match record(dir) {
-        Ok(text) => summarize(&text),
-        Err(e) => vec![format!("--- kvm trace: {}: {e} ---", dir.display())],
-    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let lines = match record(dir) {
+            Ok(text) => summarize(&text),
+            Err(e) => vec![format!("--- kvm trace: {}: {e} ---", dir.display())],
+        };
+        let _ = tx.send(lines);
+    });
+    rx.recv_timeout(ANSWER_WITHIN).unwrap_or_else(|_| {
+        vec![format!(
+            "--- kvm trace: {} did not answer within {ANSWER_WITHIN:?} ---",
+            dir.display()
+        )]
+    })
 }
 
 /// Records [`EVENTS`] for [`WINDOW`] and returns the trace text.

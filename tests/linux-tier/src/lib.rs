@@ -49,6 +49,11 @@ use report::Report;
 
 /// How long the nested machine may run before it is killed.
 pub const NESTED_TIMEOUT: Duration = Duration::from_secs(25 * 60);
+/// All nested runs together stop starting after this long, so that the
+/// tier ends inside a CI job's time however the runs go.
+const NESTED_BUDGET: Duration = Duration::from_secs(45 * 60);
+/// A nested run is not started with less than this left of the budget.
+const NESTED_RUN_AT_LEAST: Duration = Duration::from_secs(5 * 60);
 /// Memory of the nested machine: the guests' RAM and their images (tmpfs).
 const NESTED_MEM: &str = "3G";
 
@@ -162,6 +167,11 @@ pub fn run_tier() -> Result<TierRun, TierError> {
 /// Runs a command to its end (or `timeout`), returning its stdout lines
 /// (stderr joined in). Each line is also echoed to this process's stderr,
 /// so that a long run shows its progress.
+/// How long the driver may print nothing (not even its `ALIVE` lines,
+/// see [`report::ALIVE_EVERY`]) before its machine counts as hung: it is
+/// killed and the run ends there, unfinished, like one that died.
+const SILENCE_LIMIT: Duration = Duration::from_secs(180);
+
 fn collect_lines(mut cmd: Command, timeout: Duration) -> Result<Vec<String>, TierError> {
     let mut child = cmd
         .stdin(Stdio::null())
@@ -200,19 +210,24 @@ fn collect_lines(mut cmd: Command, timeout: Duration) -> Result<Vec<String>, Tie
     let mut lines = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
+        match rx.recv_timeout(left.min(SILENCE_LIMIT)) {
             Ok(line) => {
                 eprintln!("{line}");
                 lines.push(line);
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Killed, the run ends unfinished: its report has no DONE
+                // line and the scenarios it did not reach are run again.
+                let why = if left <= SILENCE_LIMIT {
+                    format!("still running after {timeout:?}")
+                } else {
+                    format!("silent for {SILENCE_LIMIT:?} (hung)")
+                };
+                lines.push(format!("{} HARNESS killed: {why}", report::PREFIX));
+                eprintln!("{}", lines[lines.len() - 1]);
                 let _ = child.kill();
-                let _ = child.wait();
-                return Err(TierError::Run(format!(
-                    "still running after {timeout:?}; last lines:\n{}",
-                    guest::tail(&lines, 40).join("\n")
-                )));
+                break;
             }
         }
     }
@@ -297,7 +312,14 @@ impl NestedRuns {
             note.push_str(&why);
         }
         if !report.done && !missing.is_empty() {
-            let tail = guest::tail(&self.transcript, CONSOLE_TAIL);
+            let alive = format!("{} ALIVE", report::PREFIX);
+            let console: Vec<&str> = self
+                .transcript
+                .iter()
+                .map(String::as_str)
+                .filter(|l| !l.contains(&alive))
+                .collect();
+            let tail = guest::tail(&console, CONSOLE_TAIL);
             note.push_str(&format!(
                 "\nthe driver did not finish; the nested console's last {} lines:\n{}",
                 tail.len(),
@@ -350,8 +372,19 @@ fn run_nested_until_pass(
         failures: BTreeMap::new(),
     };
     let mut only = std::env::var(scenarios::ONLY_VAR).ok();
+    let started = Instant::now();
     for attempt in 1..=NESTED_ATTEMPTS {
-        runs.transcript = run_nested(qemu, vmlinuz, initrd, only.as_deref())?;
+        let left = NESTED_BUDGET.saturating_sub(started.elapsed());
+        if left < NESTED_RUN_AT_LEAST {
+            let note = format!(
+                "no nested run {attempt}: the tier's {NESTED_BUDGET:?} were spent (the scenarios not passed yet fail)"
+            );
+            eprintln!("{} NESTED {note}", report::PREFIX);
+            runs.notes.push(note);
+            break;
+        }
+        let timeout = NESTED_TIMEOUT.min(left);
+        runs.transcript = run_nested(qemu, vmlinuz, initrd, only.as_deref(), timeout)?;
         let report = Report::parse(runs.transcript.iter().map(String::as_str));
         let passed = |r: &Report, name: &str| r.results.get(name).is_some_and(|o| o.passed);
         let missing: Vec<&str> = scenarios::selected()
@@ -402,6 +435,7 @@ fn run_nested(
     vmlinuz: &Path,
     initrd: &Path,
     only: Option<&str>,
+    timeout: Duration,
 ) -> Result<Vec<String>, TierError> {
     let mut cmd = Command::new(qemu);
     cmd.args([
@@ -418,7 +452,7 @@ fn run_nested(
     .arg(nested_cmdline(only))
     .args(["-display", "none", "-nodefaults", "-serial", "stdio"])
     .args(["-no-reboot", "-monitor", "none"]);
-    collect_lines(cmd, NESTED_TIMEOUT)
+    collect_lines(cmd, timeout)
 }
 
 /// Compiles the README's example as a doc test.

@@ -10,8 +10,13 @@
 //! LINUX-TIER FIGURE <name> <value> <unit>
 //! LINUX-TIER LOG <scenario> | <a console or stderr line of the guest>
 //! LINUX-TIER RETRY <scenario> <attempt> <reason it failed in that attempt>
+//! LINUX-TIER ALIVE
 //! LINUX-TIER DONE failed=<n>
 //! ```
+//!
+//! `ALIVE` comes every [`ALIVE_EVERY`] from a thread of its own, so that
+//! the harness can tell a nested machine that stopped (its kernel hung)
+//! from a scenario that takes minutes.
 
 use std::collections::BTreeMap;
 
@@ -65,6 +70,18 @@ pub fn log(scenario: &str, lines: &[String]) {
 /// runs again.
 pub fn retry(scenario: &str, attempt: usize, reason: &str) {
     println!("{PREFIX} RETRY {scenario} {attempt} {}", one_line(reason));
+}
+
+/// How often the driver says it is alive.
+pub const ALIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Prints an ALIVE line every [`ALIVE_EVERY`], from a thread of its own,
+/// for the life of the process.
+pub fn keep_saying_alive() {
+    std::thread::spawn(|| loop {
+        std::thread::sleep(ALIVE_EVERY);
+        println!("{PREFIX} ALIVE");
+    });
 }
 
 /// Prints the DONE line.

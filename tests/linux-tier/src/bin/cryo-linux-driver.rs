@@ -67,6 +67,7 @@ fn main() -> ExitCode {
     }
     // The test helpers run `cryo` from here (there is no cargo to build it).
     std::env::set_var("CRYO_BIN", &cryo);
+    report::keep_saying_alive();
     let failed = run_all(&Setup {
         kernel,
         bzimage,
