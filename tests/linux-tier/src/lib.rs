@@ -164,14 +164,14 @@ pub fn run_tier() -> Result<TierRun, TierError> {
     })
 }
 
-/// Runs a command to its end (or `timeout`), returning its stdout lines
-/// (stderr joined in). Each line is also echoed to this process's stderr,
-/// so that a long run shows its progress.
 /// How long the driver may print nothing (not even its `ALIVE` lines,
 /// see [`report::ALIVE_EVERY`]) before its machine counts as hung: it is
 /// killed and the run ends there, unfinished, like one that died.
 const SILENCE_LIMIT: Duration = Duration::from_secs(180);
 
+/// Runs a command to its end (or `timeout`, or [`SILENCE_LIMIT`] without a
+/// line), returning its stdout lines (stderr joined in). Each line is also
+/// echoed to this process's stderr, so that a long run shows its progress.
 fn collect_lines(mut cmd: Command, timeout: Duration) -> Result<Vec<String>, TierError> {
     let mut child = cmd
         .stdin(Stdio::null())
@@ -224,8 +224,9 @@ fn collect_lines(mut cmd: Command, timeout: Duration) -> Result<Vec<String>, Tie
                 } else {
                     format!("silent for {SILENCE_LIMIT:?} (hung)")
                 };
-                lines.push(format!("{} HARNESS killed: {why}", report::PREFIX));
-                eprintln!("{}", lines[lines.len() - 1]);
+                let killed = format!("{} HARNESS killed: {why}", report::PREFIX);
+                eprintln!("{killed}");
+                lines.push(killed);
                 let _ = child.kill();
                 break;
             }

@@ -612,16 +612,10 @@ fn single_vcpu_guest(setup: &Setup, tally: &mut Tally) {
     // 8250 takes 256 bytes at a time) must arrive whole: the shell counts
     // what it got and answers in a short line (a long answer line is not
     // needed, and the workload's chatter makes its own echo long).
-    let long = "x".repeat(LONG_LINE);
+    let long_line = format!("x={}; echo LEN-${{#x}}-$((20+22))", "x".repeat(LONG_LINE));
     let typed = vm
         .shell("echo SHELL-$((6*7))", "SHELL-42", BEAT_TIMEOUT)
-        .and_then(|()| {
-            vm.shell(
-                &format!("x={long}; echo LEN-${{#x}}-$((20+22))"),
-                &format!("LEN-{LONG_LINE}-42"),
-                BEAT_TIMEOUT,
-            )
-        });
+        .and_then(|()| vm.shell(&long_line, &format!("LEN-{LONG_LINE}-42"), BEAT_TIMEOUT));
     if let Err(f) = typed {
         tally.fail(names::CONSOLE_SHELL, &f);
         tally.not_run_after(&[names::MANAGED_SAVE], "the shell did not answer", &f);
@@ -634,7 +628,7 @@ fn single_vcpu_guest(setup: &Setup, tally: &mut Tally) {
             tally.outcome(
                 names::CONSOLE_SHELL,
                 shell_after.map(|()| {
-                    format!("typed commands answered (one of {} bytes, all of which reached the shell) before and after a managed save; `reboot -f` ended cryo with 0", LONG_LINE + 29)
+                    format!("typed commands answered (one of {} bytes, all of which reached the shell) before and after a managed save; `reboot -f` ended cryo with 0", long_line.len())
                 }),
             );
         }

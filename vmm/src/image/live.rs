@@ -368,16 +368,18 @@ pub fn snapshot_vm(
             .collect::<Vec<_>>()
     })?;
     let disks = disk_snapshot::prepare(disk_targets, disks, path)?;
+    if let Some(p) = progress {
+        p.phase("pausing");
+    }
     let start = Instant::now();
     let serr = snap_err(path);
     let memory = controller.call(|vm| vm.memory().clone())?;
-    if let Some(p) = progress {
-        // Known from the start: a client sees the size while RAM is
-        // write-protected before the pause, which can take a while.
-        p.set_total(memory.iter().map(|r| r.len()).sum());
-        p.phase("pausing");
-    }
     let image = open_image(path, &memory, channels, walk.block_size)?;
+    if let Some(p) = progress {
+        // Known before the write protection, which runs before the pause
+        // and can take a while: a client sees the size from then on.
+        p.set_total(image.ram_bytes);
+    }
     // Register and protect while the vCPUs run; the pause only re-protects
     // what they wrote meanwhile.
     let opts = bg_snapshot::ArmOptions {
@@ -454,7 +456,6 @@ fn copy_and_commit(
     let serr = snap_err(path);
     let ierr = super::fixed::image_err(path);
     if let Some(p) = progress {
-        p.set_total(image.ram_bytes);
         p.phase("copying");
     }
     let sink = ImageSink {
