@@ -135,6 +135,53 @@ fn live_migration_of_a_vm_with_a_net_device_runs_on_at_the_destination() {
     dest.kill();
 }
 
+/// A destination that cannot have the tap the VM needs refuses the
+/// migration before its ACK, naming why: another process holds the tap it
+/// is given, or it is given another MAC than the guest's. The source, which
+/// never got an ACK, runs on; the tap it holds under its recorded name is
+/// no refusal (on one host the source holds it until the migration ends:
+/// the first test above).
+#[test]
+fn a_destination_that_cannot_have_the_tap_refuses_before_its_ack_and_the_source_runs_on() {
+    use cryo_tests::migration::{
+        finished, gave_up_cleanly, listen_at, source_runs_on, start_migrate,
+    };
+    if !can_use_taps(
+        "a_destination_that_cannot_have_the_tap_refuses_before_its_ack_and_the_source_runs_on",
+    ) {
+        return;
+    }
+    let (a, b) = (TestTap::new("r"), TestTap::new("h"));
+    // Held here: busy for the destination.
+    let held = Tap::open(&b.0).expect("hold the second tap");
+    let api = socket_path("net-refuse");
+    let mac = format!("{},mac=02:00:00:00:00:07", a.arg());
+    let (mut src, _) = boot_with(&api, &["--net".into(), mac]);
+    let other_mac = format!("{},mac=02:00:00:00:00:09", a.arg());
+    for (tag, net, why) in [
+        ("net-refuse-busy", b.arg(), "in use by another process"),
+        ("net-refuse-mac", other_mac, "02:00:00:00:00:09"),
+    ] {
+        let socket = socket_path(tag);
+        let _ = std::fs::remove_file(&socket);
+        let endpoint = format!("unix:{}", socket.display());
+        let mut dest = listen_at(None, &endpoint, &["--net", &net]);
+        let (code, out) = finished(start_migrate(&api, &endpoint, &[]));
+        assert_ne!(code, Some(0), "{tag}: {out}");
+        assert!(out.contains("refused the device state"), "{tag}: {out}");
+        // The source is told why.
+        assert!(out.contains(why), "{tag}: {out}");
+        let why_dest = gave_up_cleanly(&mut dest);
+        assert!(why_dest.contains(why), "{tag}: {why_dest}");
+        assert_eq!(dest.wait_exit(T).and_then(|s| s.code()), Some(2), "{tag}");
+        source_runs_on(&mut src, &api, 1);
+    }
+    drop(held);
+    let (status, out, err) = cryo(&["quit", "--api", api.to_str().unwrap()]);
+    assert_eq!(status, Some(0), "{out}\n{err}");
+    let _ = src.wait_exit(T);
+}
+
 #[test]
 fn a_vm_with_a_net_device_takes_a_live_snapshot_and_runs_on() {
     if !can_use_taps("a_vm_with_a_net_device_takes_a_live_snapshot_and_runs_on") {

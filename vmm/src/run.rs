@@ -284,7 +284,8 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
         ),
         (None, Some(listen)) => (
             listen.clone(),
-            image::migrate::receive_vm(listen, args.disk_changed_ok).map_err(load_err)?,
+            image::migrate::receive_vm(listen, args.disk_changed_ok, &args.nets)
+                .map_err(load_err)?,
         ),
         (None, None) => {
             return Err(CliError::bad_input(

@@ -58,8 +58,8 @@ pub use memory::{
 };
 pub use vcpu::{VcpuError, VmExitReason};
 pub use vm::{
-    kvm_device_path, max_vcpus, open_kvm, region_list, set_kvm_device_path, MicroVm,
-    RestoreOptions, RunState, StopHandle, VmConfig, VmController, VmShell,
+    kvm_device_path, max_vcpus, open_kvm, open_restore_taps, region_list, set_kvm_device_path,
+    MicroVm, RestoreOptions, RunState, StopHandle, VmConfig, VmController, VmShell,
 };
 pub use vm_memory;
 

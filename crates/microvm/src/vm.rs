@@ -27,6 +27,7 @@ use crate::devices::virtio::block::{check_identity, Block, DiskConfig};
 use crate::devices::virtio::bus::{self as virtio_bus, BlockSlot, MmioBus, NetSlot, QueueWorker};
 use crate::devices::virtio::net::{Net, NetConfig};
 use crate::devices::virtio::state::{BlockDeviceState, NetDeviceState};
+use crate::devices::virtio::tap::{Tap, TapError};
 use crate::devices::{
     new_serial, restore_serial, AcpiPm, Cmos, EventFdTrigger, PioDevices, SerialOutput, COM1_IRQ,
 };
@@ -287,6 +288,9 @@ pub struct VmShell {
     memory: GuestMemory,
     /// How long creating it took.
     created: std::time::Duration,
+    /// Taps opened beforehand for the saved net devices (see
+    /// [`open_restore_taps`]); the restore opens any other itself.
+    taps: Vec<Tap>,
 }
 
 impl VmShell {
@@ -301,6 +305,7 @@ impl VmShell {
             vm_fd,
             memory,
             created: t.elapsed(),
+            taps: Vec::new(),
         })
     }
 
@@ -308,6 +313,36 @@ impl VmShell {
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
     }
+
+    /// Hands the restore taps opened beforehand ([`open_restore_taps`]):
+    /// each saved net device whose tap is among them attaches to it.
+    pub fn with_taps(mut self, taps: Vec<Tap>) -> Self {
+        self.taps = taps;
+        self
+    }
+}
+
+/// Opens now the taps that a restore of the net devices `saved` will attach
+/// to (`given`, as [`RestoreOptions::nets`], or those the save recorded),
+/// checking their number and MACs as the restore does. A migration's
+/// destination calls it before its ACK, so that a tap it cannot have fails
+/// the migration while the source still runs, instead of losing the VM
+/// after the source has ended. A tap that is busy under the very name the
+/// save recorded is not an error and is left out: on the source's own host
+/// the source holds it until the migration ends, and the restore waits for
+/// it (up to [`virtio::net::TAP_BUSY_WAIT`]). Hand the result to
+/// [`VmShell::with_taps`].
+pub fn open_restore_taps(saved: &[NetDeviceState], given: &[NetConfig]) -> Result<Vec<Tap>, Error> {
+    let targets = net_targets(saved, given)?;
+    let mut taps = Vec::with_capacity(targets.len());
+    for (state, target) in saved.iter().zip(&targets) {
+        match Tap::open(&target.tap) {
+            Ok(tap) => taps.push(tap),
+            Err(TapError::Busy(_)) if target.tap == state.tap => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(taps)
 }
 
 /// Builds the port I/O devices, fresh or from saved state; returns them and
@@ -472,11 +507,14 @@ fn net_targets(saved: &[NetDeviceState], given: &[NetConfig]) -> Result<Vec<NetC
 
 /// Rebuilds the saved virtio-net devices on their taps (see
 /// [`net_targets`]) in the slots after the disks, with their transport state.
+/// Rebuilds the saved net devices on their taps: one in `opened` (by name),
+/// else opened now.
 fn restore_nets(
     vm_fd: &VmFd,
     first_slot: usize,
     saved: &[NetDeviceState],
     given: &[NetConfig],
+    mut opened: Vec<Tap>,
 ) -> Result<Vec<NetSlot>, Error> {
     let targets = net_targets(saved, given)?;
     let mut slots = Vec::with_capacity(saved.len());
@@ -490,8 +528,12 @@ fn restore_nets(
                 virtio::net::NET_FEATURES
             )));
         }
-        // The source of a migration on this host may still hold the tap.
-        let net = virtio_bus::attach_net(vm_fd, slot, Net::reopen(target, slot)?)?;
+        let device = match opened.iter().position(|t| t.name() == target.tap) {
+            Some(i) => Net::on_tap(opened.swap_remove(i), target, slot),
+            // The source of a migration on this host may still hold the tap.
+            None => Net::reopen(target, slot)?,
+        };
+        let net = virtio_bus::attach_net(vm_fd, slot, device)?;
         net.transport
             .lock()
             .map_err(|_| Error::Internal("device lock poisoned".into()))?
@@ -694,6 +736,7 @@ impl MicroVm {
             vm_fd,
             memory,
             created,
+            taps,
         } = shell;
         let machine = &snapshot.machine;
         check_vcpu_count(&kvm, machine.vcpus)?;
@@ -716,7 +759,7 @@ impl MicroVm {
             build_devices(&vm_fd, serial, Some((&snapshot.serial, &snapshot.cmos)))?;
         check_device_count(snapshot.blocks.len() + snapshot.nets.len())?;
         let blocks = restore_disks(&vm_fd, &snapshot.blocks, options.disk_changed_ok)?;
-        let nets = restore_nets(&vm_fd, blocks.len(), &snapshot.nets, &options.nets)?;
+        let nets = restore_nets(&vm_fd, blocks.len(), &snapshot.nets, &options.nets, taps)?;
         let devices_done = t.elapsed();
         let ctx = vstate::VcpuStateContext::new(&kvm, &vm_fd)?;
         let mut vcpu_fds = Vec::with_capacity(snapshot.vcpus.len());

@@ -6,8 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use microvm::devices::virtio::net::NetConfig;
 use microvm::persist::VmSnapshot;
-use microvm::{create_guest_memory, GuestMemory, MemoryBacking, VmShell};
+use microvm::{create_guest_memory, open_restore_taps, GuestMemory, MemoryBacking, VmShell};
 use serde::{Deserialize, Serialize};
 
 use super::fixed::mem_regions;
@@ -108,10 +109,16 @@ fn runnable_state(
 
 /// Waits on `listen` for one migration and returns the received VM.
 /// Before the ACK (while the sender can still keep its VM) the device state
-/// is decoded and each disk it names is checked as the restore will check
-/// it (missing, or changed unless `disk_changed_ok`): a refused disk fails
-/// the migration with the source running, instead of after it has ended.
-pub fn receive_vm(listen: &str, disk_changed_ok: bool) -> Result<Loaded, SaveError> {
+/// is decoded, each disk it names is checked as the restore will check it
+/// (missing, or changed unless `disk_changed_ok`), and the taps its net
+/// devices attach to (`nets`, or those the save recorded) are opened
+/// ([`microvm::open_restore_taps`]): a refused disk or tap fails the
+/// migration with the source running, instead of after it has ended.
+pub fn receive_vm(
+    listen: &str,
+    disk_changed_ok: bool,
+    nets: &[NetConfig],
+) -> Result<Loaded, SaveError> {
     let path = PathBuf::from(listen);
     let invalid = |reason: String| SaveError::Invalid {
         path: path.clone(),
@@ -133,8 +140,15 @@ pub fn receive_vm(listen: &str, disk_changed_ok: bool) -> Result<Loaded, SaveErr
     // The state decoded once, before the ACK; or why it was refused, kept
     // typed (the sender is told the message).
     let mut checked: Option<Result<VmSnapshot, SaveError>> = None;
+    let mut taps = Vec::new();
     let mut check_state = |state: &[u8]| -> Result<(), multifd::CallerError> {
-        let result = runnable_state(state, disk_changed_ok, &path);
+        let result = runnable_state(state, disk_changed_ok, &path).and_then(|snap| {
+            taps = open_restore_taps(&snap.nets, nets).map_err(|source| SaveError::NetRefused {
+                endpoint: path.clone(),
+                source,
+            })?;
+            Ok(snap)
+        });
         let refusal = result.as_ref().err().map(|e| e.to_string());
         checked = Some(result);
         refusal.map_or(Ok(()), |why| Err(why.into()))
@@ -195,6 +209,6 @@ pub fn receive_vm(listen: &str, disk_changed_ok: bool) -> Result<Loaded, SaveErr
         snapshot: snap,
         memory,
         prefetch: None,
-        shell: Some(shell),
+        shell: Some(shell.with_taps(taps)),
     })
 }

@@ -264,6 +264,17 @@ pub enum SaveError {
         #[source]
         source: microvm::devices::virtio::block::DiskError,
     },
+    /// A received VM's net devices cannot have the taps this host gives
+    /// them (busy, a bad name, the wrong number or MAC): refused before the
+    /// ACK, so the source runs on.
+    #[error("receiving from {endpoint}: {source}")]
+    NetRefused {
+        /// The endpoint listened on.
+        endpoint: PathBuf,
+        /// The tap and why.
+        #[source]
+        source: microvm::Error,
+    },
     /// A finished disk copy could not be identified.
     #[error("disk snapshot {path}: {source}")]
     DiskIdentity {
@@ -327,6 +338,7 @@ impl SaveError {
             | SaveError::DiskSnapshotCount { .. }
             | SaveError::BadImage { .. }
             | SaveError::DiskRefused { .. }
+            | SaveError::NetRefused { .. }
             | SaveError::DeviceState { .. } => "bad-request",
             SaveError::Cancelled(_) => "cancelled",
             SaveError::NotConverged { .. } => "timeout",
@@ -343,6 +355,7 @@ impl SaveError {
                 | SaveError::BadRequest(_)
                 | SaveError::BadImage { .. }
                 | SaveError::DiskRefused { .. }
+                | SaveError::NetRefused { .. }
                 | SaveError::DeviceState { .. }
         )
     }

@@ -194,7 +194,9 @@ impl Net {
         Ok(Net::on_tap(tap, config, slot))
     }
 
-    fn on_tap(tap: Tap, config: &NetConfig, slot: usize) -> Self {
+    /// The device on `tap`, opened beforehand (see
+    /// [`crate::open_restore_taps`]); `config` gives its MAC.
+    pub fn on_tap(tap: Tap, config: &NetConfig, slot: usize) -> Self {
         Net {
             tap,
             mac: config.mac.unwrap_or_else(|| default_mac(slot)),
