@@ -6,14 +6,25 @@
 use std::process::Child;
 use std::time::Duration;
 
-use cryo_tests::migration::{finished, listener, source_runs_on, start_migrate, T};
+use cryo_tests::migration::{finished, listen_at, listener, source_runs_on, start_migrate, T};
 use cryo_tests::{boot_with_api, check_continues, cryo, socket_path, Guest};
 
 fn live_migration(name: &str, cmdline: &str, extra: &[&str]) -> serde_json::Value {
+    let (dest, endpoint) = listener(name);
+    live_migration_to(dest, &endpoint, name, cmdline, extra).0
+}
+
+/// [`live_migration`] to a given destination; also returns it (ended).
+fn live_migration_to(
+    mut dest: Guest,
+    endpoint: &str,
+    name: &str,
+    cmdline: &str,
+    extra: &[&str],
+) -> (serde_json::Value, Guest) {
     let api = socket_path(name);
-    let (mut dest, endpoint) = listener(name);
     let (mut src, _) = boot_with_api(2, 64, &format!("cryo.mem=8 cryo.hb_ms=200 {cmdline}"), &api);
-    let mut args = vec!["migrate", "--api", api.to_str().unwrap(), "--to", &endpoint];
+    let mut args = vec!["migrate", "--api", api.to_str().unwrap(), "--to", endpoint];
     args.extend_from_slice(extra);
     let (status, out, err) = cryo(&args);
     assert_eq!(status, Some(0), "{out}\n{err}\n{}", dest.transcript());
@@ -25,7 +36,39 @@ fn live_migration(name: &str, cmdline: &str, extra: &[&str]) -> serde_json::Valu
     let before = src.follow_output(2);
     let after = dest.follow(2, 3, 2, T);
     check_continues(&before, &after, 2);
-    result
+    dest.kill();
+    (result, dest)
+}
+
+/// A destination that faulted its memory in ahead (`restore --listen
+/// --prealloc-mib`) receives a VM of that size into it, and one of another
+/// size into fresh memory, with a warning; the guest runs on either way.
+#[test]
+fn a_destination_with_memory_faulted_in_ahead_receives_into_it() {
+    for (name, mib, warned) in [
+        ("lm-prealloc", "64", false),
+        ("lm-prealloc-other", "96", true),
+    ] {
+        let socket = socket_path(&format!("{name}-l"));
+        let _ = std::fs::remove_file(&socket);
+        let endpoint = format!("unix:{}", socket.display());
+        let dest = listen_at(None, &endpoint, &["--prealloc-mib", mib]);
+        let (_, dest) = live_migration_to(dest, &endpoint, name, "cryo.rate=100", &[]);
+        let log = dest.stderr().join("\n");
+        assert!(
+            log.contains(&format!("{mib} MiB of guest memory faulted in ahead")),
+            "{log}"
+        );
+        assert_eq!(log.contains("receiving into fresh memory"), warned, "{log}");
+    }
+    // Sizes it cannot have are bad input, before it listens.
+    let socket = socket_path("lm-prealloc-bad-l");
+    let endpoint = format!("unix:{}", socket.display());
+    for (mib, why) in [("1", "at least 4 MiB"), ("100000000", "memory available")] {
+        let (status, _, err) = cryo(&["restore", "--listen", &endpoint, "--prealloc-mib", mib]);
+        assert_eq!(status, Some(2), "{err}");
+        assert!(err.contains(why), "{err}");
+    }
 }
 
 #[test]

@@ -51,7 +51,9 @@ pub struct MigrateArgs {
     /// Link limit of the flat-out rate's live migration, MB/s; 0: half the
     /// rate the guest writes at just before it, so that the guest out-writes
     /// the link and auto-converge has to engage (a guest on a busy host may
-    /// write slower than loopback carries).
+    /// write slower than loopback carries), but at least what sends the hot
+    /// set in 60 s (a starved guest's half rate would make the first pass
+    /// outlast the bench).
     #[arg(long, default_value_t = 0)]
     pub flat_out_link_mb_s: u64,
     /// Give a live migration up after this many seconds.
@@ -67,6 +69,21 @@ pub struct MigrateArgs {
     /// tracing a gap), instead of removing them.
     #[arg(long)]
     pub keep_files: bool,
+    /// Do not migrate each rate's guest with QEMU too. By default QEMU
+    /// (`qemu-system-x86_64`, multifd and auto-converge, the same channels,
+    /// downtime limit and link limit) migrates the same test kernel right
+    /// after cryo, and a missing QEMU is reported in the table.
+    #[arg(long)]
+    pub no_qemu: bool,
+    /// Fault the destinations' memory in before each migration starts,
+    /// outside its total time: cryo's with `restore --listen
+    /// --prealloc-mib`, QEMU's with `-mem-prealloc` on both ends (QEMU's
+    /// first pass then also reads never-touched guest pages without
+    /// faulting them in; cryo skips those unread anyway). Without it (both
+    /// VMMs' default), receiving faults the memory in page by page, which
+    /// costs seconds per GiB on hosts where fresh memory is slow.
+    #[arg(long)]
+    pub prealloc: bool,
     /// Where the files go, the output form and the kernel.
     #[command(flatten)]
     pub common: crate::bench::BenchCommon,
@@ -120,6 +137,13 @@ struct RateReport {
     stopped_paused_ms: f64,
     stopped_total_s: f64,
     stopped_gb_s_over_loopback: f64,
+    /// QEMU's live migration of the same guest, right after cryo's (None:
+    /// `--no-qemu`).
+    qemu: Option<crate::bench_qemu::QemuFigures>,
+    /// cryo's live total time over QEMU's (0: not both ran).
+    total_over_qemu: f64,
+    /// cryo's live bytes sent over QEMU's (0: not both ran).
+    bytes_over_qemu: f64,
 }
 
 impl RateReport {
@@ -181,8 +205,11 @@ pub fn run(a: MigrateArgs) -> Result<(), CliError> {
     let mut rates = Vec::new();
     for &r in &a.rates {
         // A rate that fails is reported as such; the others still run.
-        let report = one_rate(&a, kernel.path(), r, loopback)
+        let mut report = one_rate(&a, kernel.path(), r, loopback)
             .unwrap_or_else(|e| RateReport::failed(r, e.to_string()));
+        if !a.no_qemu {
+            beside_qemu(&a, kernel.path(), &mut report);
+        }
         eprintln!(
             "bench: rate {r}: {}",
             serde_json::to_string(&report).unwrap_or_default()
@@ -287,6 +314,42 @@ fn drain(mut conn: TcpStream) -> u64 {
     n
 }
 
+/// Migrates the guest of `r`'s rate with QEMU too (the link held as cryo's
+/// was) and sets the ratios of cryo's figures to QEMU's.
+fn beside_qemu(a: &MigrateArgs, kernel: &Path, r: &mut RateReport) {
+    eprintln!(
+        "bench: the same guest in QEMU ({})",
+        crate::bench_qemu::QEMU
+    );
+    let q = crate::bench_qemu::migrate(&crate::bench_qemu::QemuShape {
+        dir: &a.common.dir,
+        kernel,
+        mem_mib: a.mem_mib,
+        vcpus: a.vcpus,
+        cmdline: guest_cmdline(a, r.rate_pages_s_per_vcpu),
+        channels: a.channels,
+        max_downtime_ms: a.max_downtime_ms,
+        max_bandwidth: (r.live_max_bandwidth_mb_s > 0.0)
+            .then_some((r.live_max_bandwidth_mb_s * 1e6) as u64),
+        timeout: Duration::from_secs(a.timeout_s),
+        prealloc: a.prealloc,
+    });
+    if q.ok && r.live_ok {
+        r.total_over_qemu = r.live_total_s / q.total_s.max(1e-9);
+        r.bytes_over_qemu = r.live_bytes_over_ram / q.bytes_over_ram.max(1e-9);
+    }
+    r.qemu = Some(q);
+}
+
+/// The test kernel's command line for a guest writing at `rate`.
+fn guest_cmdline(a: &MigrateArgs, rate: u32) -> String {
+    let per_cpu = a.hot_mib / u64::from(a.vcpus);
+    format!(
+        "console=ttyS0 cryo.mem={per_cpu} cryo.rate={rate} cryo.hb_ms={}",
+        a.hb_ms
+    )
+}
+
 /// The source VM, running in this process, its console in a file.
 struct Source {
     controller: VmController,
@@ -301,17 +364,13 @@ struct Source {
 impl Source {
     fn boot(a: &MigrateArgs, kernel: &Path, rate: u32) -> Result<Source, CliError> {
         let (serial, file) = a.common.create(&format!(".cryo-bench-mig-src-{rate}"))?;
-        let per_cpu = a.hot_mib / u64::from(a.vcpus);
         let mut vm = MicroVm::new(VmConfig {
             vcpus: a.vcpus,
             mem_mib: a.mem_mib,
             backing: MemoryBacking::Anonymous,
             boot: BootSource {
                 kernel: kernel.to_path_buf(),
-                cmdline: format!(
-                    "console=ttyS0 cryo.mem={per_cpu} cryo.rate={rate} cryo.hb_ms={}",
-                    a.hb_ms
-                ),
+                cmdline: guest_cmdline(a, rate),
                 ..Default::default()
             },
             serial: SerialOutput::File(file),
@@ -394,8 +453,12 @@ impl Destination {
         let exe = std::env::current_exe().map_err(|e| fail("finding the cryo binary", e))?;
         let listen = format!("tcp:127.0.0.1:{port}");
         // Its log traces the destination's part of the switch.
-        let child = Command::new(exe)
-            .args(["restore", "--listen", &listen])
+        let mut cmd = Command::new(exe);
+        cmd.args(["restore", "--listen", &listen]);
+        if a.prealloc {
+            cmd.args(["--prealloc-mib", &a.mem_mib.to_string()]);
+        }
+        let child = cmd
             .env("RUST_LOG", "info,microvm::vm=debug")
             .stdin(Stdio::null())
             .stdout(out)
@@ -411,11 +474,12 @@ impl Destination {
             log,
             keep: a.keep_files,
         };
+        // Faulting memory in ahead may take minutes where it is slow.
         wait_for(
             &d.log,
             "waiting for a migration",
             1,
-            Duration::from_secs(60),
+            Duration::from_secs(if a.prealloc { 900 } else { 60 }),
         )?;
         Ok(d)
     }
@@ -583,12 +647,13 @@ fn stopped(a: &MigrateArgs, src: &Source) -> Result<(f64, f64, f64, u64), CliErr
     ))
 }
 
-/// Waits until every one of `vcpus` has filled its share: its heartbeats
-/// count rewrites, which start once the fill is over.
-fn wait_filled(src: &Source, vcpus: u8, timeout: Duration) -> Result<(), CliError> {
+/// Waits until every one of `vcpus` of the guest printing to `console` has
+/// filled its share: its heartbeats count rewrites, which start once the
+/// fill is over.
+pub(crate) fn wait_writing(console: &Path, vcpus: u8, timeout: Duration) -> Result<(), CliError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let beats = heartbeats(&src.serial);
+        let beats = heartbeats(console);
         let writing = (0..u64::from(vcpus))
             .all(|cpu| beats.iter().any(|&(c, _, writes)| c == cpu && writes > 0));
         if writing {
@@ -622,7 +687,7 @@ fn one_rate(
         }
     );
     let src = Source::boot(a, kernel, rate)?;
-    wait_filled(&src, a.vcpus, Duration::from_secs(1200))?;
+    wait_writing(&src.serial, a.vcpus, Duration::from_secs(1200))?;
     std::thread::sleep(Duration::from_secs(2));
     let (stopped_gap, stopped_paused, stopped_s, stopped_bytes) = stopped(a, &src)?;
     std::thread::sleep(Duration::from_secs(2));
@@ -635,7 +700,7 @@ fn one_rate(
 }
 
 /// The flat-out rate's link limit, bytes/s: `--flat-out-link-mb-s`, or half
-/// what the guest wrote over the last 2 s (at least 1 MB/s).
+/// what the guest wrote over the last 2 s, at least the hot set in 60 s.
 fn flat_out_link(a: &MigrateArgs, src: &Source) -> u64 {
     if a.flat_out_link_mb_s > 0 {
         return a.flat_out_link_mb_s * 1_000_000;
@@ -643,7 +708,8 @@ fn flat_out_link(a: &MigrateArgs, src: &Source) -> u64 {
     let now = rdtsc();
     let from = now.saturating_sub(src.ticks(Duration::from_secs(2)));
     let pages_s = write_rate(&heartbeats(&src.serial), from, now, src.tsc_hz);
-    ((pages_s * 4096.0 / 2.0) as u64).max(1_000_000)
+    let hot_in_a_minute = (a.hot_mib << 20) / 60;
+    ((pages_s * 4096.0 / 2.0) as u64).max(hot_in_a_minute)
 }
 
 /// The live migration of `src` and what the guest saw of it.
@@ -867,6 +933,28 @@ fn print_table(r: &Report) {
         println!(
             "    stopped: guest-visible downtime {:.1} ms (cryo's pause {:.1} ms), total {:.2} s, {:.2}x loopback",
             x.stopped_guest_downtime_ms, x.stopped_paused_ms, x.stopped_total_s, x.stopped_gb_s_over_loopback
+        );
+        if let Some(q) = &x.qemu {
+            print_qemu(x, q);
+        }
+    }
+}
+
+/// QEMU's live migration of the same guest, and cryo's against it.
+fn print_qemu(x: &RateReport, q: &crate::bench_qemu::QemuFigures) {
+    match &q.error {
+        Some(e) => println!("    QEMU live: not measured: {e}"),
+        None => println!(
+            "    QEMU live ({}): its downtime {:.1} ms, total {:.2} s, {} rounds, sent {:.2}x RAM, throttle {}%, guest writes during {:.2} of before",
+            q.version, q.downtime_ms, q.total_s, q.rounds, q.bytes_over_ram, q.throttle_percent, q.during_over_before
+        ),
+    }
+    if x.total_over_qemu > 0.0 {
+        println!(
+            "    cryo live / QEMU live: total time {:.2}x, bytes sent {:.2}x, pause {:.2}x",
+            x.total_over_qemu,
+            x.bytes_over_qemu,
+            x.live_paused_ms / q.downtime_ms.max(1e-9)
         );
     }
 }

@@ -125,7 +125,11 @@ fn hb_field(l: &str, k: &str) -> Option<u64> {
 
 /// (cpu, tsc, writes) of every whole heartbeat line.
 pub(crate) fn heartbeats(serial: &Path) -> Vec<(u64, u64, u64)> {
-    let text = std::fs::read_to_string(serial).unwrap_or_default();
+    heartbeats_in(&std::fs::read_to_string(serial).unwrap_or_default())
+}
+
+/// [`heartbeats`] of console text.
+pub(crate) fn heartbeats_in(text: &str) -> Vec<(u64, u64, u64)> {
     text.lines()
         .filter(|l| l.starts_with("HB ") && l.contains("errors="))
         .filter_map(|l| {

@@ -341,6 +341,13 @@ pub struct RestoreArgs {
     /// (tcp:HOST:PORT or unix:PATH) and run the VM it sends.
     #[arg(long, value_name = "tcp:HOST:PORT|unix:PATH")]
     pub listen: Option<String>,
+    /// With --listen: make N MiB of guest memory and fault it all in before
+    /// waiting (as QEMU's -mem-prealloc), so that receiving the VM's RAM
+    /// does not fault page by page, where faulting in fresh memory is slow.
+    /// A VM of N MiB is received into it; one of another size into fresh
+    /// memory, as without. Costs N MiB of host memory from the start.
+    #[arg(long, value_name = "N", requires = "listen")]
+    pub prealloc_mib: Option<u64>,
     /// Channel threads reading the image (default: one per host CPU).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub channels: Option<u16>,

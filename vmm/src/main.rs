@@ -9,6 +9,7 @@ mod bench_devwrites;
 mod bench_disk;
 mod bench_migrate;
 mod bench_migtrace;
+mod bench_qemu;
 mod bench_snapshot;
 mod cli;
 mod client;

@@ -284,7 +284,7 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
         ),
         (None, Some(listen)) => (
             listen.clone(),
-            image::migrate::receive_vm(listen, args.disk_changed_ok, &args.nets)
+            image::migrate::receive_vm(listen, args.disk_changed_ok, &args.nets, args.prealloc_mib)
                 .map_err(load_err)?,
         ),
         (None, None) => {

@@ -53,8 +53,8 @@ pub use devices::SerialOutput;
 pub use event_manager;
 pub use loader::{BootProtocol, BootSource, KernelFormat, LoadError};
 pub use memory::{
-    create_guest_memory, observe_writes, GuestMemory, GuestRegion, MemoryBacking, MemoryError,
-    WriteObserver,
+    create_guest_memory, observe_writes, populate, GuestMemory, GuestRegion, MemoryBacking,
+    MemoryError, WriteObserver,
 };
 pub use vcpu::{VcpuError, VmExitReason};
 pub use vm::{

@@ -175,6 +175,12 @@ pub struct FilePass<'a> {
     /// Set from another thread to stop the pass at its next unit of work:
     /// the pass then ends with [`MultifdError::Aborted`].
     pub stop: &'a AtomicBool,
+    /// Run the pass's threads in the scheduler's background
+    /// (`SCHED_BATCH` at nice [`crate::TRANSFER_NICE`]), as a live
+    /// migration's sending rounds do: for a live save's rounds while the
+    /// guest runs, so that its vCPUs keep their CPUs. Not for the last
+    /// round, which the paused guest waits for.
+    pub background: bool,
 }
 
 impl FilePass<'static> {
@@ -183,6 +189,7 @@ impl FilePass<'static> {
         pages: PageSet::AllNonZero,
         max_bytes_per_s: None,
         stop: &NEVER,
+        background: false,
     };
 }
 
@@ -305,10 +312,12 @@ struct Shared<'a> {
     page_size: u64,
     direct: bool,
     dir: Direction,
-    /// Which chunks a save writes, its pace per channel, its stop flag.
+    /// Which chunks a save writes, its pace per channel, its stop flag,
+    /// whether its threads yield to the guest's ([`FilePass`]).
     pages: PageSet<'a>,
     rate: Option<u64>,
     stop: &'a AtomicBool,
+    background: bool,
 }
 
 impl Shared<'_> {
@@ -432,6 +441,7 @@ fn transfer(
         pages: pass.pages,
         rate: per_channel(pass.max_bytes_per_s, opts.channels),
         stop: pass.stop,
+        background: pass.background,
     };
     let results: Vec<ChannelStats> = std::thread::scope(|s| {
         let handles: Vec<_> = files
@@ -491,6 +501,10 @@ fn transfer(
 /// One channel: takes units from the cursor until none is left or another
 /// channel failed.
 fn channel(sh: &Shared<'_>, c: usize, file: &File) -> ChannelStats {
+    if sh.background {
+        // The threads it starts inherit this.
+        crate::sys::background_thread();
+    }
     let ch = Chan {
         sh,
         c,

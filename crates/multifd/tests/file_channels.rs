@@ -326,6 +326,8 @@ fn dirty_pass(
         pages: multifd::PageSet::Dirty(maps),
         max_bytes_per_s,
         stop: &never,
+        // As a live save's rounds: the threads yield to others.
+        background: true,
     };
     let opts = FileChannelOptions {
         channels,
@@ -434,6 +436,7 @@ fn a_stopped_pass_ends_with_aborted() {
         pages: multifd::PageSet::AllNonZero,
         max_bytes_per_s: None,
         stop: &stop,
+        background: false,
     };
     let opts = FileChannelOptions {
         channels: 2,

@@ -5,7 +5,12 @@
 //! busy somewhere: spinning in its kernel, taking an interrupt storm, or
 //! looping on a device register. The `kvm_exit` events give the reason and
 //! the guest's RIP of each exit, `kvm_inj_virq` the vectors injected and
-//! `kvm_pio` the port accesses; counted over a second they say which it is.
+//! `kvm_pio` the port accesses, `kvm_page_fault` the guest-physical address
+//! of each nested page fault, `kvm_mmio` the MMIO accesses KVM emulated
+//! and `kvm_userspace_exit` those that reached the VMM; counted over a
+//! second they say which it is (a fault loop on one address that never
+//! reaches the VMM, for one, shows as `kvm_exit` and `kvm_page_fault`
+//! lines with no `kvm_userspace_exit`).
 //! An ELF vmlinux boots without KASLR (that is the bzImage decompressor's
 //! work), so a RIP maps straight to the guest kernel's `System.map`.
 
@@ -16,7 +21,14 @@ use std::time::Duration;
 /// Where tracefs is mounted (the nested machine's `/init` mounts the first).
 const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 /// The events recorded.
-const EVENTS: [&str; 3] = ["kvm_exit", "kvm_inj_virq", "kvm_pio"];
+const EVENTS: [&str; 6] = [
+    "kvm_exit",
+    "kvm_inj_virq",
+    "kvm_pio",
+    "kvm_page_fault",
+    "kvm_mmio",
+    "kvm_userspace_exit",
+];
 /// How long they are recorded.
 const WINDOW: Duration = Duration::from_secs(1);
 /// Distinct (event, detail) lines shown, most frequent first.
@@ -56,8 +68,12 @@ pub fn kvm_events() -> Vec<String> {
 /// Records [`EVENTS`] for [`WINDOW`] and returns the trace text.
 fn record(dir: &Path) -> std::io::Result<String> {
     let enable = |on: &str| -> std::io::Result<()> {
+        // An event this host kernel lacks is left out.
         for event in EVENTS {
-            std::fs::write(dir.join(format!("events/kvm/{event}/enable")), on)?;
+            let file = dir.join(format!("events/kvm/{event}/enable"));
+            if file.exists() {
+                std::fs::write(file, on)?;
+            }
         }
         Ok(())
     };
@@ -92,6 +108,8 @@ fn key(line: &str) -> Option<String> {
         "kvm_exit" => format!("reason {} rip {}", after("reason"), after("rip")),
         // "pio_write at 0x3f8 size 1 count 1 val 0x41": the value varies.
         "kvm_pio" => words.iter().take(3).copied().collect::<Vec<_>>().join(" "),
+        // "mmio write len 4 gpa 0xd0000050 val 0x1": the value varies.
+        "kvm_mmio" => words.iter().take(6).copied().collect::<Vec<_>>().join(" "),
         _ => detail.trim().to_string(),
     };
     Some(format!("{task} {event} {what}"))
@@ -133,9 +151,11 @@ mod tests {
      vcpu0-812 [001] d.... 101.000003: kvm_pio: pio_write at 0x3f8 size 1 count 1 val 0x41
      vcpu0-812 [001] d.... 101.000004: kvm_pio: pio_write at 0x3f8 size 1 count 1 val 0x42
      vcpu0-812 [001] d.... 101.000005: kvm_inj_virq: IRQ 0xec reinjected
+     vcpu0-812 [001] d.... 101.000006: kvm_mmio: mmio write len 4 gpa 0xd0000050 val 0x1
+     vcpu0-812 [001] d.... 101.000007: kvm_userspace_exit: reason KVM_EXIT_MMIO (6)
 ";
         let lines = summarize(trace);
-        assert!(lines[0].contains("5 events"), "{lines:?}");
+        assert!(lines[0].contains("7 events"), "{lines:?}");
         assert_eq!(
             lines[1].trim(),
             "2 vcpu0-812 kvm_exit reason npf rip 0xffffffff81a0b2c4"
@@ -144,6 +164,14 @@ mod tests {
         assert_eq!(
             lines[3].trim(),
             "1 vcpu0-812 kvm_inj_virq IRQ 0xec reinjected"
+        );
+        assert_eq!(
+            lines[4].trim(),
+            "1 vcpu0-812 kvm_mmio mmio write len 4 gpa 0xd0000050"
+        );
+        assert_eq!(
+            lines[5].trim(),
+            "1 vcpu0-812 kvm_userspace_exit reason KVM_EXIT_MMIO (6)"
         );
     }
 }

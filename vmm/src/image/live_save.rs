@@ -162,6 +162,8 @@ impl Sink for FileSink<'_> {
             // The last round runs with the VM paused: as fast as it can.
             max_bytes_per_s: self.opts.max_bandwidth.filter(|_| !last),
             stop,
+            // While the guest runs, its vCPUs go first.
+            background: !last,
         };
         let r = save_pass(
             self.tmp.path(),

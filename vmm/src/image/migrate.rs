@@ -107,6 +107,36 @@ fn runnable_state(
     Ok(snap)
 }
 
+/// Makes `mib` of guest memory and faults it all in, saying how long that
+/// took.
+fn preallocate(mib: u64) -> Result<GuestMemory, SaveError> {
+    // Faulting in more than the host has would call the OOM killer, not
+    // fail the call.
+    if let Some(available) = available_mib().filter(|a| mib > *a) {
+        return Err(SaveError::BadRequest(format!(
+            "--prealloc-mib {mib}: this host has only {available} MiB of memory available"
+        )));
+    }
+    let start = std::time::Instant::now();
+    let mem = create_guest_memory(mib, &MemoryBacking::Anonymous)
+        .map_err(|e| SaveError::BadRequest(format!("--prealloc-mib {mib}: {e}")))?;
+    microvm::populate(&mem)
+        .map_err(|e| SaveError::BadRequest(format!("--prealloc-mib {mib}: {e}")))?;
+    eprintln!(
+        "cryo: {mib} MiB of guest memory faulted in ahead in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(mem)
+}
+
+/// `MemAvailable` of `/proc/meminfo`, MiB (None: unknown).
+fn available_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib >> 10)
+}
+
 /// Waits on `listen` for one migration and returns the received VM.
 /// Before the ACK (while the sender can still keep its VM) the device state
 /// is decoded, each disk it names is checked as the restore will check it
@@ -114,10 +144,14 @@ fn runnable_state(
 /// devices attach to (`nets`, or those the save recorded) are opened
 /// ([`microvm::open_restore_taps`]): a refused disk or tap fails the
 /// migration with the source running, instead of after it has ended.
+/// With `prealloc_mib`, that much guest memory is made and faulted in
+/// ([`microvm::populate`]) before listening, and a VM of that size is
+/// received into it (one of another size into fresh memory, as without).
 pub fn receive_vm(
     listen: &str,
     disk_changed_ok: bool,
     nets: &[NetConfig],
+    prealloc_mib: Option<u64>,
 ) -> Result<Loaded, SaveError> {
     let path = PathBuf::from(listen);
     let invalid = |reason: String| SaveError::Invalid {
@@ -134,6 +168,7 @@ pub fn receive_vm(
     if let multifd::Endpoint::Unix(socket) = &endpoint {
         crate::files::claim_socket_path(socket).map_err(|e| invalid(e.to_string()))?;
     }
+    let mut prepared = prealloc_mib.map(preallocate).transpose()?;
     let listener = endpoint.listen().map_err(|e| bad_image(e.into()))?;
     eprintln!("cryo: waiting for a migration on {listen}");
     let mut shell: Option<VmShell> = None;
@@ -161,7 +196,19 @@ pub fn receive_vm(
                 if !total.is_multiple_of(1 << 20) {
                     return Err(format!("RAM of {total} bytes is not a whole number of MiB").into());
                 }
-                let mem = create_guest_memory(total >> 20, &MemoryBacking::Anonymous)?;
+                let mem = match prepared.take() {
+                    Some(m) if microvm::region_list(&m) == layout => m,
+                    other => {
+                        if other.is_some() {
+                            log::warn!(
+                                "the VM has {} MiB, not the {} MiB faulted in ahead: receiving into fresh memory",
+                                total >> 20,
+                                prealloc_mib.unwrap_or(0)
+                            );
+                        }
+                        create_guest_memory(total >> 20, &MemoryBacking::Anonymous)?
+                    }
+                };
                 let ours = microvm::region_list(&mem);
                 if ours != layout {
                     return Err(format!(
