@@ -262,6 +262,8 @@ struct Qemu {
     child: Child,
     console: PathBuf,
     qmp: PathBuf,
+    /// Its standard error.
+    log: PathBuf,
 }
 
 impl Qemu {
@@ -270,7 +272,9 @@ impl Qemu {
             .dir
             .join(format!(".cryo-bench-qemu-{tag}-{}", std::process::id()));
         let (console, qmp) = (base.with_extension("console"), base.with_extension("qmp"));
+        let log = base.with_extension("log");
         let _ = std::fs::remove_file(&qmp);
+        let err = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let mut cmd = Command::new(QEMU);
         cmd.args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"])
             .args(["-nodefaults", "-no-user-config", "-display", "none"])
@@ -292,24 +296,33 @@ impl Qemu {
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(err)
             .spawn()
             .map_err(|e| format!("starting {QEMU}: {e}"))?;
         Ok(Qemu {
             child,
             console,
             qmp,
+            log,
         })
     }
 
-    /// Connects to its QMP socket (waiting for QEMU to create it).
+    /// Connects to its QMP socket (waiting for QEMU to create it); a
+    /// failure says what QEMU printed.
     fn qmp(&self) -> Result<Qmp, String> {
         let deadline = Instant::now() + Duration::from_secs(20);
+        let failed = |what: String| {
+            let said = std::fs::read_to_string(&self.log).unwrap_or_default();
+            format!("{what}; QEMU said: {}", said.trim())
+        };
         loop {
             match UnixStream::connect(&self.qmp) {
-                Ok(s) => return Qmp::handshake(s),
+                Ok(s) => return Qmp::handshake(s).map_err(failed),
                 Err(e) if Instant::now() > deadline => {
-                    return Err(format!("QEMU's QMP socket {}: {e}", self.qmp.display()))
+                    return Err(failed(format!(
+                        "QEMU's QMP socket {}: {e}",
+                        self.qmp.display()
+                    )))
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
@@ -323,6 +336,7 @@ impl Drop for Qemu {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.console);
         let _ = std::fs::remove_file(&self.qmp);
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
