@@ -506,9 +506,9 @@ fn net_targets(saved: &[NetDeviceState], given: &[NetConfig]) -> Result<Vec<NetC
 }
 
 /// Rebuilds the saved virtio-net devices on their taps (see
-/// [`net_targets`]) in the slots after the disks, with their transport state.
-/// Rebuilds the saved net devices on their taps: one in `opened` (by name),
-/// else opened now.
+/// [`net_targets`]) in the slots after the disks, with their transport
+/// state: a tap in `opened` (by name, see [`open_restore_taps`]), else one
+/// opened now.
 fn restore_nets(
     vm_fd: &VmFd,
     first_slot: usize,
