@@ -584,7 +584,7 @@ fn pause_ms(steps: &[Step]) -> f64 {
 
 /// Waits until every one of `vcpus` stamped a heartbeat after tsc `pause`
 /// in the console `serial` (the destination's).
-fn wait_beats_after(
+pub(crate) fn wait_beats_after(
     serial: &Path,
     vcpus: u8,
     pause: u64,

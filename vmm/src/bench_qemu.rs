@@ -167,9 +167,12 @@ fn run(shape: &QemuShape) -> Result<QemuFigures, String> {
     src_qmp.call("migrate", json!({ "uri": uri }))?;
     let info = wait_completed(&mut src_qmp, shape.timeout)?;
     let during_to = console_len(&src.console);
-    wait_runs_on(&dst.console, shape.vcpus)?;
-    let tsc_hz = tsc_hz(&src.console);
+    // Its console starts empty (it runs only once migrated): any stamp is
+    // one after the switch.
+    crate::bench_migrate::wait_beats_after(&dst.console, shape.vcpus, 0, Duration::from_secs(60))
+        .map_err(|e| format!("QEMU: {e}"))?;
     let text = std::fs::read_to_string(&src.console).unwrap_or_default();
+    let tsc_hz = tsc_hz(&text);
     let slice = |from: usize, to: usize| heartbeats_in(text.get(from..to).unwrap_or_default());
     let before = write_rate(&slice(before_from, before_to), 0, u64::MAX, tsc_hz);
     let during = write_rate(&slice(before_to, during_to), 0, u64::MAX, tsc_hz);
@@ -218,38 +221,14 @@ fn wait_completed(qmp: &mut Qmp, timeout: Duration) -> Result<Value, String> {
     }
 }
 
-/// Waits until the destination's guest (whose console starts empty: it
-/// runs only once migrated) has printed a heartbeat on every vCPU, with no
-/// mismatch.
-fn wait_runs_on(console: &Path, vcpus: u8) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = std::fs::read_to_string(console).unwrap_or_default();
-        if text.contains("MISMATCH") {
-            return Err("the QEMU destination's guest reported a MISMATCH".into());
-        }
-        let beats = heartbeats_in(&text);
-        if (0..u64::from(vcpus)).all(|cpu| beats.iter().any(|b| b.0 == cpu)) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(
-                "the QEMU destination's guest did not beat on every vCPU within 60 s".into(),
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// The console file's length now, bytes.
 fn console_len(console: &Path) -> usize {
     std::fs::metadata(console).map_or(0, |m| m.len() as usize)
 }
 
-/// The guest's TSC rate, from its boot line (`tsc_khz=`).
-fn tsc_hz(console: &Path) -> f64 {
-    let text = std::fs::read_to_string(console).unwrap_or_default();
-    let khz = text
+/// The guest's TSC rate, from its boot line (`tsc_khz=`) in its console.
+fn tsc_hz(console: &str) -> f64 {
+    let khz = console
         .split_whitespace()
         .find_map(|w| w.strip_prefix("tsc_khz="))
         .and_then(|v| v.parse::<f64>().ok())
@@ -452,9 +431,7 @@ mod tests {
 
     #[test]
     fn the_tsc_rate_comes_from_the_boot_line() {
-        let dir = std::env::temp_dir().join(format!("cryo-qemu-tsc-{}", std::process::id()));
-        std::fs::write(&dir, "cpus=2 apic_ids=0,1 tsc_khz=2601073 tsc_source=pit\n").unwrap();
-        assert_eq!(tsc_hz(&dir), 2_601_073_000.0);
-        std::fs::remove_file(&dir).unwrap();
+        let console = "cpus=2 apic_ids=0,1 tsc_khz=2601073 tsc_source=pit\n";
+        assert_eq!(tsc_hz(console), 2_601_073_000.0);
     }
 }

@@ -117,11 +117,11 @@ fn preallocate(mib: u64) -> Result<GuestMemory, SaveError> {
             "--prealloc-mib {mib}: this host has only {available} MiB of memory available"
         )));
     }
+    let refused =
+        |e: microvm::MemoryError| SaveError::BadRequest(format!("--prealloc-mib {mib}: {e}"));
     let start = std::time::Instant::now();
-    let mem = create_guest_memory(mib, &MemoryBacking::Anonymous)
-        .map_err(|e| SaveError::BadRequest(format!("--prealloc-mib {mib}: {e}")))?;
-    microvm::populate(&mem)
-        .map_err(|e| SaveError::BadRequest(format!("--prealloc-mib {mib}: {e}")))?;
+    let mem = create_guest_memory(mib, &MemoryBacking::Anonymous).map_err(refused)?;
+    microvm::populate(&mem).map_err(refused)?;
     eprintln!(
         "cryo: {mib} MiB of guest memory faulted in ahead in {:.1} s",
         start.elapsed().as_secs_f64()
