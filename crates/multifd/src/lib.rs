@@ -47,7 +47,7 @@ pub use protocol::{
     Compression, Encoding, Hello, MainHeader, MainMessage, Packet, PacketHeader, Role, Run,
     HELLO_LEN, HELLO_MAGIC, LIVE_PROTOCOL_VERSION, MAIN_HEADER_LEN, MAX_DATA_CHANNELS,
     MAX_DEVICE_STATE, MAX_ERROR_MESSAGE, MAX_PAGES_PER_PACKET, MAX_REGIONS, PACKET_HEADER_LEN,
-    PACKET_MAGIC, PAGE_SIZE, PROTOCOL_VERSION, RUN_LEN,
+    PACKET_MAGIC, PAGE_SIZE, PROGRESS_PROTOCOL_VERSION, PROTOCOL_VERSION, RUN_LEN,
 };
 pub use region::MemRegion;
 pub use socket::{receive, receive_checked, send, SocketOptions};

@@ -6,20 +6,28 @@
 //! Chunk `i` (256 pages of one region) always travels on data channel
 //! `i % channels`, so a page's later copies arrive after its earlier ones on
 //! the same connection, and no two receiving threads write the same memory.
+//!
+//! The sender offers version 3, in which the receiver reports each round it
+//! has taken in full (`ROUND_RECEIVED`), so that the caller can wait for a
+//! slow receiver to catch up before it pauses the VM
+//! ([`LiveSender::wait_received`]). A receiver that does not know version 3
+//! closes the connection at its hello; the sender then connects again with
+//! version 2.
 
 use std::io::{IoSlice, Read, Write};
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::pace::{any_dirty, is_dirty, Pace};
 use crate::protocol::{
-    Encoding, MainMessage, PacketHeader, Run, LIVE_PROTOCOL_VERSION, MAX_PAGES_PER_PACKET,
-    PACKET_HEADER_LEN, PAGE_SIZE, RUN_LEN,
+    parse_main_header, parse_main_message, Encoding, MainMessage, PacketHeader, Run,
+    LIVE_PROTOCOL_VERSION, MAIN_HEADER_LEN, MAX_PAGES_PER_PACKET, PACKET_HEADER_LEN, PAGE_SIZE,
+    PROGRESS_PROTOCOL_VERSION, RUN_LEN,
 };
 use crate::socket::{
-    check_send_args, conn_err, expect_reply, open_session, read_main, send_error,
-    send_main_messages, sender_failed, write_all_vectored, write_main, Chunks, Compressor, Fail,
-    SendCounts, Session,
+    check_send_args, conn_err, expect_reply, open_session, send_error, send_main_messages,
+    sender_failed, write_all_vectored, write_main, Chunks, Compressor, Fail, SendCounts, Session,
 };
 use crate::{Channel, MemRegion, MultifdError, SocketOptions, TransferStats};
 
@@ -79,6 +87,12 @@ pub struct LiveSender<S> {
     pages: u64,
     start: Instant,
     max_bytes_per_s: Option<u64>,
+    /// The protocol version agreed (3, or 2 with an older receiver).
+    version: u16,
+    /// Bytes read on the main connection and not yet parsed.
+    inbox: Vec<u8>,
+    /// The receiver's latest `ROUND_RECEIVED` (version 3).
+    received: Option<u32>,
 }
 
 /// What the channel threads of one round share.
@@ -95,7 +109,7 @@ struct RoundCtx<'a> {
     fail: Fail,
 }
 
-impl<S: Read + Write + Send> LiveSender<S> {
+impl<S: Read + Write + Send + AsRawFd> LiveSender<S> {
     /// Connects to a receiver (`connect` is called `opts.channels + 1` times,
     /// the main connection first) and agrees on the layout of `regions`.
     /// The memory may change while rounds are sent (a running guest): the
@@ -106,8 +120,29 @@ impl<S: Read + Write + Send> LiveSender<S> {
         opts: &SocketOptions,
     ) -> Result<Self, MultifdError> {
         check_send_args(regions, &[], opts)?;
-        let Session { main, conns, wire } =
-            open_session(connect, regions, opts, LIVE_PROTOCOL_VERSION)?;
+        let (Session { main, conns, wire }, version) = match open_session(
+            connect,
+            regions,
+            opts,
+            PROGRESS_PROTOCOL_VERSION,
+        ) {
+            Ok(s) => (s, PROGRESS_PROTOCOL_VERSION),
+            // A receiver that does not know version 3 drops the
+            // connection at its hello and waits for another.
+            Err(MultifdError::PeerDisconnected {
+                channel: Channel::Main,
+                during,
+            }) => {
+                log::info!(
+                        "multifd: the receiver closed a version {PROGRESS_PROTOCOL_VERSION} connection ({during}); connecting again with version {LIVE_PROTOCOL_VERSION}, without its progress reports"
+                    );
+                (
+                    open_session(connect, regions, opts, LIVE_PROTOCOL_VERSION)?,
+                    LIVE_PROTOCOL_VERSION,
+                )
+            }
+            Err(e) => return Err(e),
+        };
         let ps = u64::from(PAGE_SIZE);
         let pages: Vec<u64> = regions.iter().map(|r| r.len() / ps).collect();
         Ok(LiveSender {
@@ -124,7 +159,16 @@ impl<S: Read + Write + Send> LiveSender<S> {
             pages: 0,
             start: Instant::now(),
             max_bytes_per_s: None,
+            version,
+            inbox: Vec::new(),
+            received: None,
         })
+    }
+
+    /// The protocol version agreed with the receiver: 3, or 2 with a
+    /// receiver that does not send `ROUND_RECEIVED`.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// Limits the data channels together to `bytes_per_s` (None: no limit).
@@ -221,8 +265,14 @@ impl<S: Read + Write + Send> LiveSender<S> {
                 (MainMessage::End, "sending END"),
             ],
         )?;
-        let (m, w) = read_main(&mut self.main, PAGE_SIZE, "waiting for the receiver's ACK")?;
-        self.wire += w;
+        let during = "waiting for the receiver's ACK";
+        let m = loop {
+            match self.next_main(None, during)? {
+                Some(MainMessage::RoundReceived { round }) => self.note_received(round)?,
+                Some(m) => break m,
+                None => {}
+            }
+        };
         expect_reply(m, "ACK", |m| matches!(m, MainMessage::Ack))?;
         let total: u64 = self.regions.iter().map(|r| r.len()).sum::<u64>() / u64::from(PAGE_SIZE);
         Ok(TransferStats {
@@ -233,6 +283,105 @@ impl<S: Read + Write + Send> LiveSender<S> {
             direct_io: false,
             channels: self.opts.channels,
         })
+    }
+
+    /// Records the receiver's `ROUND_RECEIVED`: a round it was sent, and
+    /// none before one it already reported.
+    fn note_received(&mut self, round: u32) -> Result<(), MultifdError> {
+        if self.version < PROGRESS_PROTOCOL_VERSION
+            || round >= self.round
+            || self.received.is_some_and(|r| round <= r)
+        {
+            return Err(MultifdError::Protocol(format!(
+                "ROUND_RECEIVED for round {round} (version {}, {} rounds sent, last reported {:?})",
+                self.version, self.round, self.received
+            )));
+        }
+        self.received = Some(round);
+        Ok(())
+    }
+
+    /// The next message on the main connection, from what was read before
+    /// and then from the connection: `wait` limits how long this call waits
+    /// for bytes (None: until a message is whole). `Ok(None)`: no whole
+    /// message within `wait`.
+    fn next_main(
+        &mut self,
+        wait: Option<Duration>,
+        during: &str,
+    ) -> Result<Option<MainMessage>, MultifdError> {
+        loop {
+            if self.inbox.len() >= MAIN_HEADER_LEN {
+                let h = parse_main_header(&self.inbox)?;
+                if self.inbox.len() >= MAIN_HEADER_LEN + h.len as usize + 4 {
+                    let (m, n) = parse_main_message(&self.inbox, PAGE_SIZE)?;
+                    self.inbox.drain(..n);
+                    self.wire += n as u64;
+                    return Ok(Some(m));
+                }
+            }
+            if let Some(wait) = wait {
+                if !crate::sys::readable(&self.main, wait)
+                    .map_err(|e| conn_err(Channel::Main, during, e))?
+                {
+                    return Ok(None);
+                }
+            }
+            let mut buf = [0u8; 4096];
+            let n = loop {
+                match self.main.read(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    r => break r.map_err(|e| conn_err(Channel::Main, during, e))?,
+                }
+            };
+            if n == 0 {
+                return Err(conn_err(
+                    Channel::Main,
+                    during,
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            self.inbox.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Waits until the receiver reports that it has every page of round
+    /// `round` (and the rounds before it) in its memory: `Ok(true)`; or at
+    /// once `Ok(false)` when it does not report (version 2). A sender that
+    /// paused the VM while the receiver still worked through earlier rounds
+    /// would hold the VM paused that much longer. `cancel` ends the wait
+    /// with [`MultifdError::Aborted`].
+    pub fn wait_received(&mut self, round: u32, cancel: &AtomicBool) -> Result<bool, MultifdError> {
+        if self.version < PROGRESS_PROTOCOL_VERSION {
+            return Ok(false);
+        }
+        if round >= self.round {
+            return Err(MultifdError::InvalidArgument(format!(
+                "waiting for round {round}, but {} rounds were sent",
+                self.round
+            )));
+        }
+        let during = "waiting for the receiver to take the rounds sent";
+        while self.received.is_none_or(|r| r < round) {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(MultifdError::Aborted("cancelled".into()));
+            }
+            match self.next_main(Some(Duration::from_millis(20)), during) {
+                Ok(Some(MainMessage::RoundReceived { round })) => self.note_received(round)?,
+                Ok(Some(MainMessage::Error(msg))) => return Err(MultifdError::Remote(msg)),
+                Ok(Some(other)) => {
+                    let e = MultifdError::Protocol(format!(
+                        "expected ROUND_RECEIVED from the receiver, got {}",
+                        other.name()
+                    ));
+                    send_error(&mut self.main, &e);
+                    return Err(e);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
     }
 
     /// Gives up: tells the receiver why (best effort). Drop the sender

@@ -12,6 +12,18 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// migration). [`LiveSender`](crate::LiveSender) speaks it; [`receive`](crate::receive)
 /// reads both.
 pub const LIVE_PROTOCOL_VERSION: u16 = 2;
+/// Protocol version 3: version 2 plus the receiver's `ROUND_RECEIVED`
+/// reports, which let the sender wait for the receiver to catch up before
+/// it pauses the VM. [`LiveSender`](crate::LiveSender) speaks it, and
+/// version 2 to a receiver that does not know it; [`receive`](crate::receive)
+/// reads versions 1 to 3.
+pub const PROGRESS_PROTOCOL_VERSION: u16 = 3;
+/// Whether a transfer of protocol `version` moves a running VM in rounds
+/// (versions 2 and 3).
+pub(crate) fn is_live(version: u16) -> bool {
+    version >= LIVE_PROTOCOL_VERSION
+}
+
 /// Length of a connection hello.
 pub const HELLO_LEN: usize = 40;
 /// The magic at the start of every data packet (`MFDP`).
@@ -129,7 +141,8 @@ pub enum Role {
 /// A connection hello.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
-    /// The protocol version ([`PROTOCOL_VERSION`] or [`LIVE_PROTOCOL_VERSION`]).
+    /// The protocol version ([`PROTOCOL_VERSION`], [`LIVE_PROTOCOL_VERSION`]
+    /// or [`PROGRESS_PROTOCOL_VERSION`]).
     pub version: u16,
     /// Main or data.
     pub role: Role,
@@ -191,9 +204,9 @@ pub fn parse_hello(bytes: &[u8]) -> Result<Hello, MultifdError> {
         )));
     }
     let version = u16_at(b, 8);
-    if version != PROTOCOL_VERSION && version != LIVE_PROTOCOL_VERSION {
+    if !(PROTOCOL_VERSION..=PROGRESS_PROTOCOL_VERSION).contains(&version) {
         return Err(proto(format!(
-            "multifd protocol version {version} is not supported: this cryo speaks versions {PROTOCOL_VERSION} and {LIVE_PROTOCOL_VERSION}"
+            "multifd protocol version {version} is not supported: this cryo speaks versions {PROTOCOL_VERSION} to {PROGRESS_PROTOCOL_VERSION}"
         )));
     }
     let stored = u32_at(b, 36);
@@ -276,6 +289,12 @@ pub enum MainMessage {
     End,
     /// The receiver loaded everything.
     Ack,
+    /// Version 3: the receiver has every page of rounds up to this one in
+    /// its memory.
+    RoundReceived {
+        /// The round number.
+        round: u32,
+    },
     /// The peer gave up.
     Error(String),
 }
@@ -287,6 +306,7 @@ const T_DEVICE_STATE: u16 = 4;
 const T_END: u16 = 5;
 const T_ACK: u16 = 6;
 const T_ERROR: u16 = 7;
+const T_ROUND_RECEIVED: u16 = 8;
 
 impl MainMessage {
     fn type_code(&self) -> u16 {
@@ -298,6 +318,7 @@ impl MainMessage {
             MainMessage::End => T_END,
             MainMessage::Ack => T_ACK,
             MainMessage::Error(_) => T_ERROR,
+            MainMessage::RoundReceived { .. } => T_ROUND_RECEIVED,
         }
     }
 
@@ -328,6 +349,7 @@ impl MainMessage {
                 }
             }
             MainMessage::DeviceState(d) => p.extend_from_slice(d),
+            MainMessage::RoundReceived { round } => p.extend_from_slice(&round.to_le_bytes()),
             MainMessage::Error(m) => {
                 let mut end = m.len().min(MAX_ERROR_MESSAGE);
                 while !m.is_char_boundary(end) {
@@ -358,6 +380,7 @@ fn type_name(t: u16) -> &'static str {
         T_END => "END",
         T_ACK => "ACK",
         T_ERROR => "ERROR",
+        T_ROUND_RECEIVED => "ROUND_RECEIVED",
         _ => "unknown",
     }
 }
@@ -389,6 +412,7 @@ pub fn parse_main_header(bytes: &[u8]) -> Result<MainHeader, MultifdError> {
         T_ROUND_DONE => (8 + 16, 8 + 16 * u32::from(MAX_DATA_CHANNELS)),
         T_DEVICE_STATE => (0, MAX_DEVICE_STATE),
         T_ERROR => (1, MAX_ERROR_MESSAGE as u32),
+        T_ROUND_RECEIVED => (4, 4),
         _ => return Err(proto(format!("unknown main message type {kind}"))),
     };
     if flags != 0 {
@@ -472,6 +496,9 @@ pub fn decode_main_payload(
         }
         T_DEVICE_STATE => MainMessage::DeviceState(p.to_vec()),
         T_ERROR => MainMessage::Error(String::from_utf8_lossy(p).into_owned()),
+        T_ROUND_RECEIVED => MainMessage::RoundReceived {
+            round: u32_at(p, 0),
+        },
         _ => return Err(proto(format!("unknown main message type {}", h.kind))),
     })
 }
@@ -868,14 +895,19 @@ mod tests {
             assert!(parse_hello(&c).is_err(), "bit {i}");
         }
         let mut v = b;
-        v[8] = 3;
+        v[8] = 4;
         let e = parse_hello(&v).unwrap_err().to_string();
-        assert!(e.contains("version 3"), "{e}");
+        assert!(e.contains("version 4"), "{e}");
         let live = Hello {
             version: LIVE_PROTOCOL_VERSION,
             ..h
         };
         assert_eq!(parse_hello(&live.encode()).unwrap(), live);
+        let progress = Hello {
+            version: PROGRESS_PROTOCOL_VERSION,
+            ..h
+        };
+        assert_eq!(parse_hello(&progress.encode()).unwrap(), progress);
         for bad in [
             Hello { channel: 4, ..h },
             Hello { channels: 0, ..h },
@@ -924,6 +956,7 @@ mod tests {
             MainMessage::End,
             MainMessage::Ack,
             MainMessage::Error("boom".into()),
+            MainMessage::RoundReceived { round: 7 },
         ];
         let mut all = Vec::new();
         for m in &msgs {
@@ -975,6 +1008,8 @@ mod tests {
         assert!(parse_main_header(&h).is_err());
         h[0] = 2; // READY with a payload
         h[4..8].copy_from_slice(&1u32.to_le_bytes());
+        assert!(parse_main_header(&h).is_err());
+        h[0] = 8; // ROUND_RECEIVED with 1 byte instead of 4
         assert!(parse_main_header(&h).is_err());
         h[0] = 99;
         assert!(parse_main_header(&h).is_err());

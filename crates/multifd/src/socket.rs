@@ -4,14 +4,15 @@
 
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::protocol::{
-    decode_main_payload, decode_payload, parse_hello, parse_main_header, parse_packet_header,
-    parse_runs_into, ChannelCount, Compression, Encoding, Hello, MainMessage, PacketHeader, Role,
-    Run, HELLO_LEN, LIVE_PROTOCOL_VERSION, MAIN_HEADER_LEN, MAX_DATA_CHANNELS, MAX_DEVICE_STATE,
-    MAX_PAGES_PER_PACKET, MAX_REGIONS, MAX_STRAYS, PACKET_HEADER_LEN, PAGE_SIZE, PROTOCOL_VERSION,
-    RUN_LEN,
+    decode_main_payload, decode_payload, is_live, parse_hello, parse_main_header,
+    parse_packet_header, parse_runs_into, ChannelCount, Compression, Encoding, Hello, MainMessage,
+    PacketHeader, Role, Run, HELLO_LEN, MAIN_HEADER_LEN, MAX_DATA_CHANNELS, MAX_DEVICE_STATE,
+    MAX_PAGES_PER_PACKET, MAX_REGIONS, MAX_STRAYS, PACKET_HEADER_LEN, PAGE_SIZE,
+    PROGRESS_PROTOCOL_VERSION, PROTOCOL_VERSION, RUN_LEN,
 };
 use crate::{sys, CallerError, Channel, MemRegion, MultifdError, TransferStats};
 use page_runs::FirstError;
@@ -769,6 +770,56 @@ struct RecvShared<'a> {
     page_size: u32,
     compression: Encoding,
     fail: Fail,
+    /// The rounds each data channel has taken in full.
+    taken: Taken,
+}
+
+/// How many rounds each data channel has taken in full (its sync packets
+/// seen, every page before them in memory), for version 3's
+/// `ROUND_RECEIVED` reports.
+struct Taken {
+    rounds: Mutex<Vec<u64>>,
+    changed: Condvar,
+}
+
+impl Taken {
+    fn new(channels: usize) -> Taken {
+        Taken {
+            rounds: Mutex::new(vec![0; channels]),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Data channel `ch` has taken one more round.
+    fn one_more(&self, ch: usize) {
+        if let Ok(mut r) = self.rounds.lock() {
+            if let Some(r) = r.get_mut(ch) {
+                *r += 1;
+            }
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until every data channel has taken `rounds` rounds (true), or
+    /// the transfer failed (false).
+    fn wait_all(&self, rounds: u64, fail: &Fail) -> bool {
+        let Ok(mut r) = self.rounds.lock() else {
+            return false;
+        };
+        loop {
+            if r.iter().all(|&n| n >= rounds) {
+                return true;
+            }
+            if fail.stopped() {
+                return false;
+            }
+            // A failing channel does not notify: look at `fail` now and then.
+            r = match self.changed.wait_timeout(r, Duration::from_millis(50)) {
+                Ok((r, _)) => r,
+                Err(_) => return false,
+            };
+        }
+    }
 }
 
 #[derive(Default, Clone, Copy)]
@@ -793,7 +844,7 @@ fn receive_main<S: Read + Write + Send>(
     let (layout, regions) = receive_layout(main, ps, alloc, wire)?;
     let pages: Vec<u64> = layout.iter().map(|&(_, s)| s / u64::from(ps)).collect();
     let total_pages: u64 = pages.iter().sum();
-    let live = hello.version == LIVE_PROTOCOL_VERSION;
+    let live = is_live(hello.version);
     let shared = RecvShared {
         regions: &regions,
         version: hello.version,
@@ -810,6 +861,7 @@ fn receive_main<S: Read + Write + Send>(
         page_size: ps,
         compression: hello.compression,
         fail: Fail::new(),
+        taken: Taken::new(n),
     };
     *wire += write_main(main, &MainMessage::Ready, "sending READY")?;
 
@@ -863,7 +915,7 @@ fn receive_main<S: Read + Write + Send>(
             }
         }
         // Meanwhile on the main connection: ROUND_DONE, DEVICE_STATE, END.
-        let (round, state) = receive_main_tail(main, hello, &shared.fail, wire);
+        let (round, state) = receive_main_tail(main, hello, &shared, wire);
         let mut results = vec![RecvCounts::default(); n];
         for (i, h) in handles {
             match h.join() {
@@ -987,19 +1039,21 @@ fn data_hello<S: Read>(
 }
 
 /// Follows the main connection to its END while the data channels run:
-/// ROUND_DONE (the channels' counts; version 2: once per round, numbered
-/// from 0, counts so far), DEVICE_STATE, END. Returns the last round's
-/// number and counts, and the device state. A failure goes to `fail`, and
-/// ends the wait.
+/// ROUND_DONE (the channels' counts; versions 2 and 3: once per round,
+/// numbered from 0, counts so far), DEVICE_STATE, END. Version 3: after
+/// each ROUND_DONE, once every data channel has taken that round, sends
+/// ROUND_RECEIVED. Returns the last round's number and counts, and the
+/// device state. A failure goes to `shared.fail`, and ends the wait.
 #[allow(clippy::type_complexity)]
-fn receive_main_tail<S: Read>(
+fn receive_main_tail<S: Read + Write>(
     main: &mut S,
     hello: &Hello,
-    fail: &Fail,
+    shared: &RecvShared<'_>,
     wire: &mut u64,
 ) -> (Option<(u32, Vec<ChannelCount>)>, Option<Vec<u8>>) {
+    let fail = &shared.fail;
     let n = usize::from(hello.channels);
-    let live = hello.version == LIVE_PROTOCOL_VERSION;
+    let live = is_live(hello.version);
     let mut round: Option<(u32, Vec<ChannelCount>)> = None;
     let mut state: Option<Vec<u8>> = None;
     while !fail.stopped() {
@@ -1038,6 +1092,19 @@ fn receive_main_tail<S: Read>(
                     break;
                 }
                 round = Some((r, channels));
+                if hello.version == PROGRESS_PROTOCOL_VERSION {
+                    if !shared.taken.wait_all(u64::from(r) + 1, fail) {
+                        break;
+                    }
+                    let received = MainMessage::RoundReceived { round: r };
+                    match write_main(main, &received, "sending ROUND_RECEIVED") {
+                        Ok(w) => *wire += w,
+                        Err(e) => {
+                            fail.fail(e);
+                            break;
+                        }
+                    }
+                }
             }
             MainMessage::DeviceState(d) if round.is_some() && state.is_none() => state = Some(d),
             MainMessage::End if state.is_some() => break,
@@ -1144,10 +1211,11 @@ fn recv_channel<S: Read + ?Sized>(
             check_packet_crc(ch, &h, crc, cb)?;
             c.bytes += (PACKET_HEADER_LEN + 4) as u64;
             c.syncs += 1;
-            if sh.version == LIVE_PROTOCOL_VERSION && !h.last {
+            sh.taken.one_more(usize::from(ch));
+            if is_live(sh.version) && !h.last {
                 continue;
             }
-            if h.last != (sh.version == LIVE_PROTOCOL_VERSION) {
+            if h.last != is_live(sh.version) {
                 return Err(MultifdError::Protocol(format!(
                     "data channel {ch}: a LAST flag on a version {} sync packet",
                     sh.version
@@ -1175,7 +1243,7 @@ fn recv_channel<S: Read + ?Sized>(
             .map_err(|e| conn_err(chan, during("runs"), e))?;
         parse_runs_into(&h, &rb[..rl], region.len() / ps as u64, &mut runs)?;
         crc = crc32c::crc32c_append(crc, &rb[..rl]);
-        if sh.version == LIVE_PROTOCOL_VERSION {
+        if is_live(sh.version) {
             check_chunk_owner(sh, ch, h.region as usize, &runs)?;
         }
         for run in runs.iter().filter(|_| sh.version == PROTOCOL_VERSION) {

@@ -12,6 +12,32 @@ use std::path::Path;
 /// 0x7fff_f000 bytes anyway).
 pub(crate) const MAX_IO: usize = 1 << 30;
 
+/// Waits up to `wait` for `conn` to have bytes to read (or its end):
+/// true when it has.
+pub(crate) fn readable(conn: &impl AsRawFd, wait: std::time::Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: conn.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(wait.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: one pollfd that lives on this stack for the call; the fd is
+    // the caller's open connection.
+    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+    match r {
+        0 => Ok(false),
+        r if r > 0 => Ok(true),
+        _ => {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Opens `path` for writing (`write`) or reading, with `O_DIRECT` when `direct`.
 pub(crate) fn open(path: &Path, write: bool, direct: bool) -> io::Result<File> {
     let mut o = OpenOptions::new();

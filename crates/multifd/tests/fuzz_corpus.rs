@@ -115,7 +115,12 @@ fn receive_corpus_and_artifacts_do_not_panic() {
 #[test]
 fn seeds_are_valid() {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
-    for seed in ["seed-valid", "seed-valid-empty-state", "seed-valid-live"] {
+    for seed in [
+        "seed-valid",
+        "seed-valid-empty-state",
+        "seed-valid-live",
+        "seed-valid-progress",
+    ] {
         let data = std::fs::read(fuzz.join("receive").join(seed)).expect("seed file");
         // seed-valid-empty-state has only one of two data streams: it fails.
         assert_eq!(
@@ -129,6 +134,11 @@ fn seeds_are_valid() {
         parse_hello(&hello).map(|h| h.version).ok(),
         Some(multifd::LIVE_PROTOCOL_VERSION)
     );
+    let report = std::fs::read(fuzz.join("packet/seed-round-received")).expect("seed file");
+    assert!(matches!(
+        parse_main_message(&report, 4096),
+        Ok((multifd::MainMessage::RoundReceived { round: 1 }, 16))
+    ));
     let sync = std::fs::read(fuzz.join("packet/seed-sync-last")).expect("seed file");
     assert!(parse_packet_header(&sync).is_ok_and(|h| h.sync && h.last));
     for i in 0..5 {

@@ -311,6 +311,18 @@ fn valid_live_stream_loads_the_latest_pages() {
 }
 
 #[test]
+fn valid_version_3_stream_loads_the_latest_pages() {
+    let (main, data) = wire::valid_live_v(multifd::PROGRESS_PROTOCOL_VERSION, b"v3");
+    let (r, mems) = run(main, data);
+    assert_eq!(r.unwrap().0, b"v3");
+    assert_eq!(
+        &mems[0].bytes()[4096..2 * 4096],
+        &page(7)[..],
+        "round 1 wins"
+    );
+}
+
+#[test]
 fn hostile_live_streams_fail() {
     const V: u16 = multifd::LIVE_PROTOCOL_VERSION;
     type Alter = Box<dyn Fn(&mut Vec<u8>, &mut Vec<Vec<u8>>)>;
@@ -389,6 +401,13 @@ fn write_seed_corpus() {
     let (main, data) = wire::valid_live(b"live state");
     std::fs::write(recv.join("seed-valid-live"), wire::pack(&main, &data)).unwrap();
     std::fs::write(pkt.join("seed-hello-live"), &data[0][..40]).unwrap();
+    let (main, data) = wire::valid_live_v(multifd::PROGRESS_PROTOCOL_VERSION, b"progress");
+    std::fs::write(recv.join("seed-valid-progress"), wire::pack(&main, &data)).unwrap();
+    std::fs::write(
+        pkt.join("seed-round-received"),
+        MainMessage::RoundReceived { round: 1 }.encode(),
+    )
+    .unwrap();
     std::fs::write(pkt.join("seed-sync-last"), sync_last(1, 5)).unwrap();
     std::fs::write(
         pkt.join("seed-main"),

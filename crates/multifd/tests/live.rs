@@ -70,8 +70,14 @@ fn rounds_bring_the_receiver_up_to_date() {
             let state = b"the device state".to_vec();
             let (sent, received, mems) = over_pairs(|connect| {
                 let mut tx = LiveSender::connect(connect, &regs, &opts)?;
+                assert_eq!(tx.version(), multifd::PROGRESS_PROTOCOL_VERSION);
                 let first = tx.send_round(PageSet::AllNonZero, false, &no_cancel)?;
                 assert_eq!(first.round, 0);
+                assert!(tx.wait_received(0, &no_cancel)?);
+                assert!(matches!(
+                    tx.wait_received(1, &no_cancel),
+                    Err(MultifdError::InvalidArgument(_))
+                ));
                 for round in 1..4u64 {
                     let mut dirty = clean_maps();
                     touch(&mut src, &mut dirty, 0, &[3, 4, 5, 300, 2047], round * 100);
@@ -86,6 +92,10 @@ fn rounds_bring_the_receiver_up_to_date() {
                     let stats = tx.send_round(PageSet::Dirty(&maps), round == 3, &no_cancel)?;
                     assert_eq!(stats.pages, 8, "round {round}");
                     assert_eq!(stats.round as u64, round);
+                    // Round 2's report is left unread: finish skips it.
+                    if round == 1 {
+                        assert!(tx.wait_received(1, &no_cancel)?);
+                    }
                 }
                 tx.finish(&state)
             });
@@ -99,6 +109,55 @@ fn rounds_bring_the_receiver_up_to_date() {
                 assert!(a.bytes() == b.bytes(), "{what}: memory differs");
             }
         }
+    }
+}
+
+/// A receiver from before version 3 drops a connection whose hello it does
+/// not know and waits for the next: the sender connects again with
+/// version 2, and waits for no reports.
+#[test]
+fn a_receiver_without_version_3_gets_version_2() {
+    let no_cancel = AtomicBool::new(false);
+    let src = source(5);
+    let regs: Vec<MemRegion> = src.iter().zip(GUEST).map(|(m, g)| m.region(g)).collect();
+    let opts = SocketOptions {
+        channels: 2,
+        compression: Compression::None,
+    };
+    let mut refused = 0;
+    let (sent, received, mems) = with_receiver(|to_receiver: &mpsc::Sender<UnixStream>| {
+        let mut connect = || {
+            let (a, mut b) = UnixStream::pair()?;
+            if refused == 0 {
+                // What an older receiver does: read the hello, refuse it.
+                refused += 1;
+                std::thread::spawn(move || {
+                    let mut hello = [0u8; multifd::HELLO_LEN];
+                    let read = io::Read::read_exact(&mut b, &mut hello);
+                    let version = u16::from_le_bytes([hello[8], hello[9]]);
+                    assert!(read.is_ok() && version == multifd::PROGRESS_PROTOCOL_VERSION);
+                });
+            } else {
+                to_receiver
+                    .send(b)
+                    .map_err(|_| io::Error::other("receiver gone"))?;
+            }
+            Ok(a)
+        };
+        let mut tx = LiveSender::connect(&mut connect, &regs, &opts)?;
+        assert_eq!(tx.version(), multifd::LIVE_PROTOCOL_VERSION);
+        tx.send_round(PageSet::AllNonZero, false, &no_cancel)?;
+        assert!(!tx.wait_received(0, &no_cancel)?);
+        let dirty = clean_maps();
+        let maps: Vec<&[u64]> = dirty.iter().map(Vec::as_slice).collect();
+        tx.send_round(PageSet::Dirty(&maps), true, &no_cancel)?;
+        tx.finish(b"state")
+    });
+    assert_eq!(refused, 1);
+    sent.unwrap();
+    assert_eq!(received.unwrap().0, b"state");
+    for (a, b) in src.iter().zip(&mems) {
+        assert!(a.bytes() == b.bytes(), "memory differs");
     }
 }
 

@@ -106,6 +106,9 @@ pub enum StepKind {
     Round,
     /// Fetching and clearing the dirty log after a round.
     Fetch,
+    /// Waiting for the destination to take the rounds sent (its socket
+    /// buffers drained into its memory) before the pause.
+    Drain,
     /// Pausing the vCPUs and capturing the VM's state.
     Pause,
     /// Fetching the dirty log with the VM paused.
@@ -124,6 +127,7 @@ impl StepKind {
             StepKind::LogOn => "switching dirty logging on",
             StepKind::Round => "sending a round",
             StepKind::Fetch => "fetching the dirty log",
+            StepKind::Drain => "waiting for the destination to take the rounds sent",
             StepKind::Pause => "pausing the vCPUs and capturing the state",
             StepKind::LastFetch => "fetching the dirty log, paused",
             StepKind::LastRound => "sending the last round, paused",
@@ -181,6 +185,13 @@ pub trait Sink {
     ) -> Result<RoundStats, RoundError>;
     /// The number of the next round (0 = the first pass).
     fn next_round(&self) -> u32;
+    /// Waits until the other side has taken every round sent so far, so
+    /// that a pause now holds the VM only for the last round. A file has
+    /// them once each round returns (the default); a peer may still be
+    /// working through its socket buffers. `stop` ends the wait.
+    fn wait_taken(&mut self, _stop: &AtomicBool) -> Result<(), RoundError> {
+        Ok(())
+    }
     /// The pre-copy gives up (cancel, time limit): tell the other side why.
     fn abort(&mut self, why: &str);
     /// After the last round: the device state, then the sink's commitment
@@ -240,6 +251,10 @@ fn expected_downtime(pending: f64, bandwidth: f64, fetch: Duration) -> f64 {
         + fetch.as_secs_f64()
         + PAUSE_ALLOWANCE.as_secs_f64()
 }
+
+/// A wait for the sink longer than this lets the guest dirty enough pages
+/// to fetch the log again before deciding to pause.
+const DRAIN_REFETCH: Duration = Duration::from_millis(5);
 
 /// Rounds shorter than this say little about the bandwidth.
 const MIN_MEASURED_BYTES: u64 = 4 << 20;
@@ -324,6 +339,19 @@ impl Sink for PeerSink<'_> {
 
     fn next_round(&self) -> u32 {
         self.tx.next_round()
+    }
+
+    fn wait_taken(&mut self, stop: &AtomicBool) -> Result<(), RoundError> {
+        let Some(round) = self.tx.next_round().checked_sub(1) else {
+            return Ok(());
+        };
+        match self.tx.wait_received(round, stop) {
+            Ok(_) => Ok(()),
+            Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
+                Err(RoundError::Stopped)
+            }
+            Err(e) => Err(RoundError::Failed(wire_err(self.endpoint, e))),
+        }
     }
 
     fn abort(&mut self, why: &str) {
@@ -583,6 +611,16 @@ impl Precopy<'_> {
         }
     }
 
+    /// [`Sink::wait_taken`]; a wait stopped by cancel or the time limit
+    /// tells the other side and becomes the matching error.
+    fn wait_sink<S: Sink>(&self, sink: &mut S, stop: &AtomicBool) -> Result<(), SaveError> {
+        match sink.wait_taken(stop) {
+            Ok(()) => Ok(()),
+            Err(RoundError::Stopped) => Err(self.stopped(sink)),
+            Err(RoundError::Failed(e)) => Err(e),
+        }
+    }
+
     /// Tells the sink why the pre-copy stops (cancel or time limit).
     fn stopped<S: Sink>(&self, sink: &mut S) -> SaveError {
         if self.control.is_cancelled() {
@@ -647,6 +685,9 @@ impl Precopy<'_> {
         m.fetch_time = took;
         let mut fetched = Instant::now();
         let mut before: Option<f64> = None;
+        // The pages found after a wait for the sink are not a round's
+        // worth: they do not step the throttle up.
+        let mut after_drain = false;
         loop {
             if stop.load(Ordering::Acquire) {
                 return Err(self.stopped(&mut m.sink));
@@ -660,9 +701,28 @@ impl Precopy<'_> {
             // dirty: another round cannot shorten the pause, even under a
             // limit below the fixed costs.
             if (before.is_some() && m.expected_s <= budget) || pending == 0.0 {
-                return Ok(maps);
+                // A receiver still working through earlier rounds would
+                // hold the pause for as long: let it catch up first.
+                let began = Instant::now();
+                self.wait_sink(&mut m.sink, stop)?;
+                let waited = began.elapsed();
+                m.timeline.record(
+                    StepKind::Drain,
+                    m.sink.next_round().saturating_sub(1),
+                    began,
+                    0,
+                );
+                if waited <= DRAIN_REFETCH {
+                    return Ok(maps);
+                }
+                // The guest ran on meanwhile: decide again with its writes.
+                let (newer, took) = self.fetch_step(m, log, StepKind::Fetch)?;
+                merge(&mut maps, &newer);
+                m.fetch_time = took;
+                after_drain = true;
+                continue;
             }
-            if should_throttle(before, pending) {
+            if !std::mem::take(&mut after_drain) && should_throttle(before, pending) {
                 m.throttled = throttle.step_up();
                 log::info!(
                     "live {}: auto-converge throttles the vCPUs {}%",

@@ -138,7 +138,12 @@ pub fn valid(state: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
 /// round 1 sends region 0 page 1 again with new contents (`page(7)`).
 /// Chunk 0 (region 0) is channel 0's, chunk 1 (region 1) channel 1's.
 pub fn valid_live(state: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
-    let v = multifd::LIVE_PROTOCOL_VERSION;
+    valid_live_v(multifd::LIVE_PROTOCOL_VERSION, state)
+}
+
+/// [`valid_live`] in protocol version `v` (2 or 3: the streams from the
+/// sender are the same).
+pub fn valid_live_v(v: u16, state: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
     let mut main = hello_v(v, Role::Main, 0, 2, Encoding::Raw);
     main.extend(MainMessage::RamLayout(vec![(0, 16 * 4096), (1 << 20, 4 * 4096)]).encode());
     main.extend(round_done_n(0, &[(1, 2), (1, 1)]));
