@@ -18,9 +18,11 @@
 //!   `docs/multifd-protocol.md` in the repository; the parsers
 //!   ([`parse_hello`], [`parse_packet_header`], [`parse_packet`],
 //!   [`parse_main_message`]) treat their input as hostile.
-//! - [`LiveSender`]: the sending side of a live migration (protocol version
-//!   2): rounds of pages while the guest runs ([`PageSet`]), then the last
-//!   round and the device state; [`receive`] reads versions 1 and 2.
+//! - [`LiveSender`]: the sending side of a live migration (protocol versions
+//!   2 and 3): rounds of pages while the guest runs ([`PageSet`]), then the last
+//!   round and the device state; [`LiveSender::wait_received`] waits for the
+//!   receiver to take the rounds sent (version 3); [`receive`] reads
+//!   versions 1 to 3.
 #![deny(missing_docs)]
 
 mod endpoint;

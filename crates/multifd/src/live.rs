@@ -68,8 +68,8 @@ impl RoundStats {
     }
 }
 
-/// The sending side of a live transfer (protocol version 2): connect, send
-/// rounds, then [`LiveSender::finish`] with the device state, or
+/// The sending side of a live transfer (protocol version 3, or 2 with an
+/// older receiver): connect, send rounds, then [`LiveSender::finish`] with the device state, or
 /// [`LiveSender::abort`]. The receiver is [`receive`](crate::receive).
 pub struct LiveSender<S> {
     main: S,

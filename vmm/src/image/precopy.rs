@@ -712,6 +712,11 @@ impl Precopy<'_> {
                     began,
                     0,
                 );
+                log::info!(
+                    "live {}: waited {:.1} ms for the receiving side to take the rounds sent",
+                    self.what,
+                    waited.as_secs_f64() * 1e3
+                );
                 if waited <= DRAIN_REFETCH {
                     return Ok(maps);
                 }
