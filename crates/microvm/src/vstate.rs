@@ -114,6 +114,14 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, StateEr
     }
 }
 
+/// Splits saved MSRs into those this host's KVM lists (`host`) and the
+/// indices of the others.
+fn msrs_this_host_knows(saved: &[kvm_msr_entry], host: &[u32]) -> (Vec<kvm_msr_entry>, Vec<u32>) {
+    let (known, unknown): (Vec<kvm_msr_entry>, Vec<kvm_msr_entry>) =
+        saved.iter().partition(|m| host.contains(&m.index));
+    (known, unknown.iter().map(|m| m.index).collect())
+}
+
 /// Reads the complete state of a vCPU (which must not be running).
 pub fn save_vcpu(fd: &VcpuFd, ctx: &VcpuStateContext) -> Result<VcpuState, StateError> {
     // MP state first: KVM_GET_MP_STATE also flushes pending APIC events into
@@ -217,7 +225,15 @@ pub fn restore_vcpu(
         .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
     fd.set_lapic(&state.lapic)
         .map_err(kvm_err("KVM_SET_LAPIC"))?;
-    let mut msrs = state.msrs.clone();
+    let (mut msrs, unknown) = msrs_this_host_knows(&state.msrs, &ctx.msr_indices);
+    if !unknown.is_empty() {
+        // As QEMU does: an MSR the host's KVM does not list (another CPU
+        // vendor's, say IA32_FEATURE_CONTROL saved on Intel and restored
+        // on AMD) has nothing to be restored into here.
+        log::warn!(
+            "restoring vCPU state saved on another kind of host: MSRs {unknown:#x?} are not known to this host's KVM and are not restored"
+        );
+    }
     msrs.sort_by_key(|m| m.index == MSR_IA32_TSC_DEADLINE);
     let total = msrs.len();
     let list = Msrs::from_entries(&msrs).map_err(|_| StateError::Fam("MSR list"))?;
@@ -344,6 +360,20 @@ mod tests {
         assert_eq!(again.xsave, saved.xsave);
         assert_eq!(bytes(&again.cpuid), bytes(&saved.cpuid));
         assert_eq!(again.msrs.len(), saved.msrs.len());
+    }
+
+    #[test]
+    fn msrs_the_host_does_not_list_are_set_aside() {
+        let entry = |index| kvm_msr_entry {
+            index,
+            data: u64::from(index) * 2,
+            ..Default::default()
+        };
+        let saved = [entry(0x10), entry(0x3a), entry(0x6e0)];
+        let (known, unknown) = msrs_this_host_knows(&saved, &[0x6e0, 0x10, 0x174]);
+        let kept: Vec<(u32, u64)> = known.iter().map(|m| (m.index, m.data)).collect();
+        assert_eq!(kept, [(0x10, 0x20), (0x6e0, 0xdc0)]);
+        assert_eq!(unknown, [0x3a]);
     }
 
     #[test]
