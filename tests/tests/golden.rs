@@ -73,8 +73,6 @@ fn unpack(g: &Golden, name: &str) -> PathBuf {
     path
 }
 
-/// Restores `file` with `extra` restore arguments and checks that the guest
-/// continues from `g.last_beat`.
 /// This host's CPU vendor, from /proc/cpuinfo.
 fn host_vendor() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -84,6 +82,9 @@ fn host_vendor() -> String {
         .unwrap_or_default()
 }
 
+/// Restores `file` with `extra` restore arguments and checks that the guest
+/// continues from `g.last_beat`; on a host of another CPU vendor than the
+/// writer's, prints a visible skip instead.
 fn restores_and_runs(g: &Golden, file: &Path, extra: &[&str]) {
     let host = host_vendor();
     if host != g.saved_on {

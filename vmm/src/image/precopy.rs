@@ -315,6 +315,18 @@ struct PeerSink<'a> {
     endpoint: &'a multifd::Endpoint,
 }
 
+impl PeerSink<'_> {
+    /// A wire error of a round or a wait: `Stopped` when `stop` ended it.
+    fn round_err(&self, e: multifd::MultifdError, stop: &AtomicBool) -> RoundError {
+        match e {
+            multifd::MultifdError::Aborted(_) if stop.load(Ordering::Acquire) => {
+                RoundError::Stopped
+            }
+            e => RoundError::Failed(wire_err(self.endpoint, e)),
+        }
+    }
+}
+
 impl Sink for PeerSink<'_> {
     type Done = multifd::TransferStats;
 
@@ -329,12 +341,9 @@ impl Sink for PeerSink<'_> {
             // allows, as a live save's does.
             self.tx.set_max_bandwidth(None);
         }
-        match self.tx.send_round(pages, last, stop) {
-            Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
-                Err(RoundError::Stopped)
-            }
-            r => r.map_err(|e| RoundError::Failed(wire_err(self.endpoint, e))),
-        }
+        self.tx
+            .send_round(pages, last, stop)
+            .map_err(|e| self.round_err(e, stop))
     }
 
     fn next_round(&self) -> u32 {
@@ -345,13 +354,10 @@ impl Sink for PeerSink<'_> {
         let Some(round) = self.tx.next_round().checked_sub(1) else {
             return Ok(());
         };
-        match self.tx.wait_received(round, stop) {
-            Ok(_) => Ok(()),
-            Err(multifd::MultifdError::Aborted(_)) if stop.load(Ordering::Acquire) => {
-                Err(RoundError::Stopped)
-            }
-            Err(e) => Err(RoundError::Failed(wire_err(self.endpoint, e))),
-        }
+        self.tx
+            .wait_received(round, stop)
+            .map(|_| ())
+            .map_err(|e| self.round_err(e, stop))
     }
 
     fn abort(&mut self, why: &str) {
@@ -604,18 +610,22 @@ impl Precopy<'_> {
         pages: PageSet<'_>,
         stop: &AtomicBool,
     ) -> Result<RoundStats, SaveError> {
-        match sink.round(pages, false, stop) {
-            Ok(r) => Ok(r),
-            Err(RoundError::Stopped) => Err(self.stopped(sink)),
-            Err(RoundError::Failed(e)) => Err(e),
-        }
+        let r = sink.round(pages, false, stop);
+        self.settle(sink, r)
     }
 
     /// [`Sink::wait_taken`]; a wait stopped by cancel or the time limit
     /// tells the other side and becomes the matching error.
     fn wait_sink<S: Sink>(&self, sink: &mut S, stop: &AtomicBool) -> Result<(), SaveError> {
-        match sink.wait_taken(stop) {
-            Ok(()) => Ok(()),
+        let r = sink.wait_taken(stop);
+        self.settle(sink, r)
+    }
+
+    /// The outcome of a sink step while the guest runs: stopped by cancel
+    /// or the time limit, it tells the other side why.
+    fn settle<S: Sink, T>(&self, sink: &mut S, r: Result<T, RoundError>) -> Result<T, SaveError> {
+        match r {
+            Ok(v) => Ok(v),
             Err(RoundError::Stopped) => Err(self.stopped(sink)),
             Err(RoundError::Failed(e)) => Err(e),
         }
