@@ -208,6 +208,18 @@ fn save_options_and_targets_that_do_not_fit_are_refused() {
         let r = ask(&api, &request);
         assert_eq!(r["error"]["kind"], "bad-request", "{request}: {r}");
     }
+    // Live-only options on a stopped save, and an unknown priority, are refused.
+    for request in [
+        format!(
+            r#"{{"cmd":"save","path":"{}","keep_running":true,"priority":"transfer"}}"#,
+            file.display()
+        ),
+        format!(r#"{{"cmd":"migrate","to":"{peer}","priority":"sideways"}}"#),
+    ] {
+        let r = ask(&api, &request);
+        assert_eq!(r["ok"], false, "{request}: {r}");
+        assert!(!file.exists(), "{request}");
+    }
     // A file at the old, predictable temp name is not this save's: the save
     // neither fails on it nor removes it. A dead process's leftover is removed.
     let squatter = dir.join(format!(".vm.img.tmp-{}", g.pid()));

@@ -78,7 +78,12 @@ fn live_migration_of_a_nearly_idle_guest() {
 
 #[test]
 fn live_migration_over_tcp() {
-    live_migration("tcp-lm", "cryo.rate=1000", &["--compress", "zstd"]);
+    // The senders at the vCPUs' priority (`--priority transfer`).
+    live_migration(
+        "tcp-lm",
+        "cryo.rate=1000",
+        &["--compress", "zstd", "--priority", "transfer"],
+    );
 }
 
 #[test]

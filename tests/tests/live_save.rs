@@ -46,7 +46,11 @@ fn live_save(name: &str, cmdline: &str, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn live_save_of_a_nearly_idle_guest() {
-    live_save("ls-idle", "cryo.rate=10", &["--channels", "2"]);
+    live_save(
+        "ls-idle",
+        "cryo.rate=10",
+        &["--channels", "2", "--priority", "transfer"],
+    );
 }
 
 #[test]
@@ -194,13 +198,14 @@ fn live_save_requests_that_cannot_be_are_refused_and_the_vm_runs_on() {
     let file = dir.join("vm.cryo");
     let file_arg = file.to_str().unwrap();
     let peer = format!("unix:{}", dir.join("peer.sock").display());
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
         (&["--to", &peer, "--live"], "use migrate"),
         (
             &["--to", file_arg, "--live", "--format", "stream"],
             "fixed-ram",
         ),
         (&["--to", file_arg, "--max-bandwidth", "5"], "--live"),
+        (&["--to", file_arg, "--priority", "transfer"], "--live"),
     ];
     for (args, why) in cases {
         let mut all = vec!["save", "--api", api_arg];

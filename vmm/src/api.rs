@@ -106,6 +106,10 @@ pub enum Request {
         /// Live save: give up after this many seconds, the VM running on.
         #[serde(default)]
         timeout_s: Option<u64>,
+        /// Live save: who goes first for the host's CPUs while the guest
+        /// runs, `guest` (default) or `transfer`.
+        #[serde(default)]
+        priority: Option<save::precopy::CpuPriority>,
         /// With `keep_running`, to a file: a copy of each disk at the
         /// save's instant (one per disk, in slot order), which the image
         /// names.
@@ -173,6 +177,10 @@ pub enum Request {
         /// Give up after this many seconds, the VM running on (default none).
         #[serde(default)]
         timeout_s: Option<u64>,
+        /// Who goes first for the host's CPUs while the guest runs,
+        /// `guest` (default) or `transfer`.
+        #[serde(default)]
+        priority: Option<save::precopy::CpuPriority>,
         /// Send progress events before the reply.
         #[serde(default)]
         progress: bool,
@@ -553,6 +561,7 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> Reply {
             max_downtime_ms,
             max_bandwidth,
             timeout_s,
+            priority,
             disk_snapshots,
             progress,
             ..
@@ -572,6 +581,7 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> Reply {
                     max_downtime_ms,
                     max_bandwidth,
                     timeout_s,
+                    priority,
                 },
                 disk_snapshots,
                 progress,
@@ -590,6 +600,7 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> Reply {
             max_downtime_ms,
             max_bandwidth,
             timeout_s,
+            priority,
             progress,
             ..
         } => {
@@ -599,6 +610,7 @@ fn handle(text: &str, state: &ApiState, conn: &Conn) -> Reply {
                 max_downtime_ms: max_downtime_ms.unwrap_or(50),
                 max_bandwidth: max_bandwidth.map(|mb| mb.saturating_mul(1_000_000)),
                 timeout: timeout_s.map(Duration::from_secs),
+                priority: priority.unwrap_or_default(),
             };
             migrate(state, conn, id, (to, channels, progress), opts)
         }
@@ -713,11 +725,15 @@ struct LiveLimits {
     max_downtime_ms: Option<u64>,
     max_bandwidth: Option<u64>,
     timeout_s: Option<u64>,
+    priority: Option<save::precopy::CpuPriority>,
 }
 
 impl LiveLimits {
     fn any(&self) -> bool {
-        self.max_downtime_ms.is_some() || self.max_bandwidth.is_some() || self.timeout_s.is_some()
+        self.max_downtime_ms.is_some()
+            || self.max_bandwidth.is_some()
+            || self.timeout_s.is_some()
+            || self.priority.is_some()
     }
 }
 
@@ -761,7 +777,7 @@ fn save(state: &ApiState, conn: &Conn, id: Option<Value>, r: SaveRequest) -> Rep
         };
     }
     if r.limits.any() {
-        let e = "max_downtime_ms, max_bandwidth and timeout_s apply to a live save (live: true)";
+        let e = "max_downtime_ms, max_bandwidth, timeout_s and priority apply to a live save (live: true)";
         return (error_reply(id, "bad-request", e), None);
     }
     let run = with_progress(state, conn, &id, "save", r.progress, |p| {
@@ -803,6 +819,7 @@ fn save_live(
         max_bandwidth: limits.max_bandwidth.map(|mb| mb.saturating_mul(1_000_000)),
         timeout: limits.timeout_s.map(Duration::from_secs),
         keep_running: r.keep_running,
+        priority: limits.priority.unwrap_or_default(),
     };
     let c = &state.controller;
     let run = with_progress(state, conn, &id, "save", r.progress, |p| {

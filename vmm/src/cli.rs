@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::image::migrate::CompressionArg;
+use crate::image::precopy::CpuPriority;
 use crate::image::SaveFormat;
 
 /// `--format` (the save core's [`SaveFormat`] knows nothing of clap).
@@ -21,6 +22,24 @@ impl From<FormatChoice> for SaveFormat {
         match f {
             FormatChoice::FixedRam => SaveFormat::FixedRam,
             FormatChoice::Stream => SaveFormat::Stream,
+        }
+    }
+}
+
+/// `--priority` (the save core's [`CpuPriority`] knows nothing of clap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PriorityChoice {
+    /// The guest's vCPUs go first: the transfer yields.
+    Guest,
+    /// The transfer runs at the vCPUs' priority.
+    Transfer,
+}
+
+impl From<PriorityChoice> for CpuPriority {
+    fn from(p: PriorityChoice) -> Self {
+        match p {
+            PriorityChoice::Guest => CpuPriority::Guest,
+            PriorityChoice::Transfer => CpuPriority::Transfer,
         }
     }
 }
@@ -276,6 +295,12 @@ pub struct SaveArgs {
     /// Live save: give up after this many seconds; the VM runs on, no file is left.
     #[arg(long, value_name = "N", requires = "live", value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout_s: Option<u64>,
+    /// Live save: who goes first for the host's CPUs while the guest runs
+    /// (default guest: the save's threads yield to the vCPUs; transfer:
+    /// they run at the vCPUs' priority, so the save ends sooner on a busy
+    /// host and the guest slows meanwhile).
+    #[arg(long, value_enum, value_name = "WHO", requires = "live")]
+    pub priority: Option<PriorityChoice>,
 }
 
 /// `cryo migrate`.
@@ -306,6 +331,14 @@ pub struct MigrateArgs {
     /// Per-packet compression.
     #[arg(long, value_enum, value_name = "ALGO")]
     pub compress: Option<CompressChoice>,
+    /// Who goes first for the host's CPUs while the guest runs (default
+    /// guest: the transfer threads yield to the vCPUs, so a busy guest keeps
+    /// its speed; transfer: they run at the vCPUs' priority, as QEMU's do,
+    /// so the migration ends sooner on a host without spare CPUs and the
+    /// guest slows meanwhile). The last round, with the VM paused, always
+    /// runs at full priority.
+    #[arg(long, value_enum, value_name = "WHO")]
+    pub priority: Option<PriorityChoice>,
 }
 
 /// `cryo snapshot`.

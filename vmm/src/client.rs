@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use crate::error::CliError;
+use crate::image::precopy::CpuPriority;
 use crate::progress::{Display, ProgressInfo};
 
 /// How results are printed.
@@ -199,6 +200,7 @@ pub fn save(args: crate::cli::SaveArgs, out: Output) -> Result<(), CliError> {
     put(&mut req, "max_downtime_ms", args.max_downtime_ms);
     put(&mut req, "max_bandwidth", args.max_bandwidth);
     put(&mut req, "timeout_s", args.timeout_s);
+    put(&mut req, "priority", args.priority.map(CpuPriority::from));
     call(&args.api, req, out)
 }
 
@@ -219,6 +221,7 @@ pub fn migrate(args: crate::cli::MigrateArgs, out: Output) -> Result<(), CliErro
     put(&mut req, "channels", args.channels);
     put(&mut req, "max_bandwidth", args.max_bandwidth);
     put(&mut req, "timeout_s", args.timeout_s);
+    put(&mut req, "priority", args.priority.map(CpuPriority::from));
     if let Some(c) = args.compress {
         req["compression"] = json!(crate::image::migrate::CompressionArg::from(c));
     }

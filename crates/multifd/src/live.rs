@@ -87,6 +87,9 @@ pub struct LiveSender<S> {
     pages: u64,
     start: Instant,
     max_bytes_per_s: Option<u64>,
+    /// Channel threads of the rounds before the last yield the CPU to the
+    /// guest (see [`LiveSender::set_yield_to_guest`]).
+    yield_to_guest: bool,
     /// The protocol version agreed (3, or 2 with an older receiver).
     version: u16,
     /// Bytes read on the main connection and not yet parsed.
@@ -103,6 +106,8 @@ struct RoundCtx<'a> {
     channels: u64,
     compression: crate::Compression,
     last: bool,
+    /// The channel threads run at a lower priority than the guest's vCPUs.
+    background: bool,
     /// Per channel, bytes per second (None: unlimited).
     rate: Option<u64>,
     cancel: &'a AtomicBool,
@@ -159,6 +164,7 @@ impl<S: Read + Write + Send + AsRawFd> LiveSender<S> {
             pages: 0,
             start: Instant::now(),
             max_bytes_per_s: None,
+            yield_to_guest: true,
             version,
             inbox: Vec::new(),
             received: None,
@@ -174,6 +180,17 @@ impl<S: Read + Write + Send + AsRawFd> LiveSender<S> {
     /// Limits the data channels together to `bytes_per_s` (None: no limit).
     pub fn set_max_bandwidth(&mut self, bytes_per_s: Option<u64>) {
         self.max_bytes_per_s = bytes_per_s.filter(|b| *b > 0);
+    }
+
+    /// Whether the channel threads of rounds sent while the guest runs
+    /// (all but the last) yield the CPU to it: with `true` (the default)
+    /// they run under `SCHED_BATCH` at nice 5, so that vCPUs that keep the
+    /// host's CPUs busy keep their speed and the transfer takes longer;
+    /// with `false` they run at the caller's priority, like the vCPUs, and
+    /// on a host without spare CPUs the transfer ends sooner while the
+    /// guest slows. The last round (the guest paused) never yields.
+    pub fn set_yield_to_guest(&mut self, yield_to_guest: bool) {
+        self.yield_to_guest = yield_to_guest;
     }
 
     /// The number of the next round.
@@ -206,6 +223,7 @@ impl<S: Read + Write + Send + AsRawFd> LiveSender<S> {
             channels: n,
             compression: self.opts.compression,
             last,
+            background: !last && self.yield_to_guest,
             rate: crate::pace::per_channel(self.max_bytes_per_s, self.conns.len()),
             cancel,
             fail: Fail::new(),
@@ -407,10 +425,11 @@ fn run_round<S: Write + Send>(ctx: &RoundCtx<'_>, conns: &mut [S], counts: &mut 
                 std::thread::Builder::new()
                     .name(format!("multifd-live-{i}"))
                     .spawn_scoped(s, move || {
-                        // The guest runs meanwhile: its vCPUs go first.
-                        // The last round has it paused: no one to yield
-                        // to, and every ms is downtime.
-                        if !ctx.last {
+                        // The guest runs meanwhile: its vCPUs go first
+                        // (unless the caller chose otherwise). The last
+                        // round has it paused: no one to yield to, and
+                        // every ms is downtime.
+                        if ctx.background {
                             crate::sys::background_thread();
                         }
                         if let Err(e) = live_channel(ctx, i as u16, conn, count) {

@@ -20,7 +20,7 @@ use multifd::{FilePass, MemRegion, PageSet, RoundStats};
 use serde::Serialize;
 
 use super::fixed::{image_err, save_pass, ChannelOptions};
-use super::precopy::{Precopy, PrecopyStats, RoundError, Sink};
+use super::precopy::{CpuPriority, Precopy, PrecopyStats, RoundError, Sink};
 use super::{
     create_temp, file_sizes, publish, SaveControl, SaveError, SaveFormat, SaveStats, Written,
 };
@@ -41,6 +41,8 @@ pub struct LiveSaveOptions {
     /// Resume the VM after the save instead of leaving it paused for the
     /// caller to end.
     pub keep_running: bool,
+    /// Who goes first for the host's CPUs while the guest runs.
+    pub priority: CpuPriority,
 }
 
 /// What a live save did: what a stopped save reports (`paused_ms`: the
@@ -162,8 +164,9 @@ impl Sink for FileSink<'_> {
             // The last round runs with the VM paused: as fast as it can.
             max_bytes_per_s: self.opts.max_bandwidth.filter(|_| !last),
             stop,
-            // While the guest runs, its vCPUs go first.
-            background: !last,
+            // While the guest runs, its vCPUs go first (unless the user
+            // chose the save).
+            background: !last && self.opts.priority.yields_to_guest(),
         };
         let r = save_pass(
             self.tmp.path(),

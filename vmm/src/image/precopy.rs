@@ -27,6 +27,30 @@ use super::migrate::CompressionArg;
 use super::{snapshot, SaveControl, SaveError, PAGE_SIZE};
 use crate::progress::{MigrationProgress, Progress};
 
+/// Who goes first for the host's CPUs while a live transfer runs beside
+/// the guest (the rounds before the pause; the last round, with the guest
+/// paused, always runs at full priority).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CpuPriority {
+    /// The guest's vCPUs: the transfer threads run under `SCHED_BATCH` at
+    /// nice 5. A guest that keeps the host's CPUs busy keeps its speed;
+    /// on a host without spare CPUs the transfer takes longer.
+    #[default]
+    Guest,
+    /// The transfer: its threads run at the vCPUs' priority (as QEMU's
+    /// migration threads do). It ends sooner on a host without spare
+    /// CPUs, and the guest slows meanwhile.
+    Transfer,
+}
+
+impl CpuPriority {
+    /// Whether the transfer threads yield the CPU to the guest.
+    pub fn yields_to_guest(self) -> bool {
+        self == CpuPriority::Guest
+    }
+}
+
 /// Options of a live migration.
 #[derive(Clone, Debug)]
 pub struct MigrateOptions {
@@ -40,6 +64,8 @@ pub struct MigrateOptions {
     pub max_bandwidth: Option<u64>,
     /// Give up (and keep the source running) after this long.
     pub timeout: Option<Duration>,
+    /// Who goes first for the host's CPUs while the guest runs.
+    pub priority: CpuPriority,
 }
 
 /// What a live migration did.
@@ -285,6 +311,7 @@ pub fn migrate_vm(
         let mut tx = LiveSender::connect(&mut || endpoint.connect(), regions, &socket_opts)
             .map_err(|e| wire_err(endpoint, e))?;
         tx.set_max_bandwidth(opts.max_bandwidth);
+        tx.set_yield_to_guest(opts.priority.yields_to_guest());
         Ok(PeerSink { tx, endpoint })
     })?;
     Ok(MigrateStats {
