@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::blocks::Blocks;
 use crate::pages::{assemble, PageBuf, PageStore};
-use crate::populated::{self, Pagemap};
 use crate::report::{LatencyStats, PreArmStats, SnapshotReport};
 use crate::sys::{self, Uffd, UffdMsg};
 use crate::{BlockSink, MemRange, SnapshotError};
+use page_runs::populated::{self, Pagemap};
 
 const PENDING: u8 = 0;
 const CLAIMED: u8 = 1;
@@ -406,7 +406,7 @@ fn skippable(ranges: &[MemRange], wanted: bool) -> Vec<bool> {
     };
     ranges
         .iter()
-        .map(|r| wanted && populated::private_anonymous(&maps, r))
+        .map(|r| wanted && populated::private_anonymous(&maps, r.addr(), r.len()))
         .collect()
 }
 
@@ -671,7 +671,7 @@ impl Shared<'_> {
             let range = &self.blocks.ranges()[r];
             let size = self.blocks.size();
             let len = (WINDOW_BLOCKS * size).min(range.addr() + range.len() - addr);
-            pagemap.unpopulated_blocks(addr, len, size, &mut win.unpopulated);
+            pagemap.unpopulated_blocks(addr, len, size, sys::page_size(), &mut win.unpopulated);
             win.first = g;
         }
         win.unpopulated[(g - win.first) as usize]

@@ -59,7 +59,6 @@ mod blocks;
 mod engine;
 mod error;
 mod pages;
-mod populated;
 mod prearm;
 mod report;
 mod sys;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use crate::pace::{any_dirty, check_page_set, is_dirty, per_channel, Pace};
 use crate::sys;
 use crate::{CallerError, MemRegion, MultifdError, PageSet};
+use page_runs::populated::{self, Pagemap};
 use page_runs::{is_zero, push_page, push_page_joining, FirstError, PageRun};
 
 /// The most channels a file transfer may use.
@@ -318,6 +319,41 @@ struct Shared<'a> {
     rate: Option<u64>,
     stop: &'a AtomicBool,
     background: bool,
+    /// A stopped save's view of never-populated memory (None: scan all).
+    unpopulated: Option<Unpopulated>,
+}
+
+/// Where a stopped save may take never-populated pages for zeros without
+/// reading them: private anonymous memory, whose untouched pages have no
+/// content. Reading them would fault each one in, then scan and checksum
+/// it; a guest that used 1 GiB of 16 has 15 GiB of them.
+struct Unpopulated {
+    pagemap: Pagemap,
+    /// Per region: private anonymous memory, in pages this pagemap can tell.
+    regions: Vec<bool>,
+}
+
+impl Unpopulated {
+    /// For a stopped save of `regions` with pages of `page_size` bytes; None
+    /// where no region qualifies or the pagemap cannot be read.
+    fn find(regions: &[MemRegion], page_size: u64) -> Option<Unpopulated> {
+        let host_page = sys::host_page_size();
+        if host_page == 0 || !page_size.is_multiple_of(host_page) {
+            return None;
+        }
+        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+        let regions: Vec<bool> = regions
+            .iter()
+            .map(|r| populated::private_anonymous(&maps, r.as_ptr() as usize, r.len() as usize))
+            .collect();
+        if !regions.contains(&true) {
+            return None;
+        }
+        Some(Unpopulated {
+            pagemap: Pagemap::open()?,
+            regions,
+        })
+    }
 }
 
 impl Shared<'_> {
@@ -442,6 +478,11 @@ fn transfer(
         rate: per_channel(pass.max_bytes_per_s, opts.channels),
         stop: pass.stop,
         background: pass.background,
+        unpopulated: match dir {
+            // Stopped: memory that is not populated now stays so.
+            Direction::Save { copy: false } => Unpopulated::find(regions, page_size),
+            _ => None,
+        },
     };
     let results: Vec<ChannelStats> = std::thread::scope(|s| {
         let handles: Vec<_> = files
@@ -842,6 +883,8 @@ impl Chan<'_, '_> {
             Some(c) => c.ptr(page, ps),
             None => self.page_ptr(r, page).cast_const(),
         };
+        let (unit_first_page, _) = self.chunk_pages(r, first)?;
+        let unpopulated = self.unpopulated_pages(r, first, n)?;
         for chunk in first..first + n {
             let (p0, np) = self.chunk_pages(r, chunk)?;
             if !self.selected(r, p0, np) {
@@ -855,10 +898,18 @@ impl Chan<'_, '_> {
             let mut crc_run: Option<u64> = None;
             for i in 0..np {
                 let page = p0 + i;
-                // SAFETY: the page is inside region r (checked chunk), which
-                // the MemRegion contract keeps readable and unchanged while a
-                // stopped save runs, or inside the unit's copy (live pass).
-                let zero = is_zero(unsafe { std::slice::from_raw_parts(src(page), ps as usize) });
+                // Never populated: zeros, and left unread (reading would
+                // fault the page in).
+                let never_populated = unpopulated
+                    .get((page - unit_first_page) as usize)
+                    .copied()
+                    .unwrap_or(false);
+                let zero = never_populated
+                    // SAFETY: the page is inside region r (checked chunk),
+                    // which the MemRegion contract keeps readable and
+                    // unchanged while a stopped save runs, or inside the
+                    // unit's copy (live pass).
+                    || is_zero(unsafe { std::slice::from_raw_parts(src(page), ps as usize) });
                 if zero {
                     if let Some(from) = crc_run.take() {
                         crc = self.crc_pages(src(from), crc, from, page);
@@ -889,6 +940,24 @@ impl Chan<'_, '_> {
             }
             out.pending.push(Pending { chunk, words, crc });
         }
+        Ok(out)
+    }
+
+    /// Per page of the unit (chunks `first..first + n` of region `r`),
+    /// whether it was never populated and so reads as zeros; empty when the
+    /// pass scans every page.
+    fn unpopulated_pages(&self, r: usize, first: u64, n: u64) -> Result<Vec<bool>, MultifdError> {
+        let mut out = Vec::new();
+        let Some(u) = self.sh.unpopulated.as_ref().filter(|u| u.regions[r]) else {
+            return Ok(out);
+        };
+        let (start, _) = self.chunk_pages(r, first)?;
+        let (last, last_pages) = self.chunk_pages(r, first + n - 1)?;
+        let ps = self.sh.page_size as usize;
+        let len = (last + last_pages - start) as usize * ps;
+        let addr = self.page_ptr(r, start) as usize;
+        u.pagemap
+            .unpopulated_blocks(addr, len, ps, sys::host_page_size() as usize, &mut out);
         Ok(out)
     }
 

@@ -214,6 +214,13 @@ pub(crate) fn random_u64() -> u64 {
     t ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15
 }
 
+/// The host's page size in bytes (0 if it cannot be read).
+pub(crate) fn host_page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(ps).unwrap_or(0)
+}
+
 /// 4 KiB of zeros for CRCs over zero pages.
 static ZEROS: [u8; 4096] = [0; 4096];
 

@@ -456,3 +456,55 @@ fn a_stopped_pass_ends_with_aborted() {
     assert!(matches!(r, Err(MultifdError::InvalidArgument(_))), "{r:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn never_populated_memory_is_saved_as_zeros_without_being_read() {
+    let dir = tmp_dir("unpopulated");
+    let path = dir.join("img");
+    let sizes = [4 * CHUNK + 3 * PAGE];
+    let layout = TestLayout::new(&sizes);
+    new_file(&path, layout.file_len);
+    let mut mem = Anon::new(sizes[0] as usize);
+    // 4 KiB pages, so that one write populates one page.
+    // SAFETY: advice on the test's own mapping; it changes no contents.
+    unsafe { libc::madvise(mem.ptr.cast(), mem.len, libc::MADV_NOHUGEPAGE) };
+    // Data in some pages of chunks 0 and 2 and in the last, partial chunk;
+    // a page written with zeros (populated, zero); chunks 1 and 3 untouched.
+    let written = [0u64, 5, 2 * (CHUNK / PAGE) + 7, 4 * (CHUNK / PAGE) + 1];
+    for &p in &written {
+        mem.bytes_mut()[(p * PAGE) as usize + 9] = 0xa5;
+    }
+    let zero_written = 2 * (CHUNK / PAGE) + 8;
+    mem.bytes_mut()[(zero_written * PAGE) as usize..((zero_written + 1) * PAGE) as usize].fill(0);
+    let opts = FileChannelOptions {
+        channels: 2,
+        direct_io: DirectIo::Auto,
+        prefault: true,
+    };
+    let stats = save_to_file(&path, &[mem.region(0)], &layout, &opts).unwrap();
+    assert_eq!(stats.present_pages, written.len() as u64);
+    assert_eq!(stats.zero_pages, sizes[0] / PAGE - written.len() as u64);
+    // The save did not touch the pages it was never given (this process
+    // may read its own pagemap; where it cannot, nothing was skipped).
+    if let Some(pagemap) = page_runs::populated::Pagemap::open() {
+        let mut untouched = Vec::new();
+        pagemap.unpopulated_pages(mem.ptr as usize, mem.len, PAGE as usize, &mut untouched);
+        let expected_populated = written.len() + 1;
+        assert_eq!(
+            untouched.iter().filter(|u| !**u).count(),
+            expected_populated,
+            "pages populated after the save"
+        );
+    }
+    // The image is that of the memory: data, bitmaps and CRCs (zeros
+    // included), and it loads back.
+    let saved = Saved {
+        mems: vec![mem],
+        layout,
+        stats,
+    };
+    check_file(&path, &saved);
+    let (mems, _) = load(&path, &saved, 1, DirectIo::Auto).unwrap();
+    assert!(mems[0].bytes() == saved.mems[0].bytes());
+    std::fs::remove_file(&path).unwrap();
+}

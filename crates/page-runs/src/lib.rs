@@ -1,9 +1,13 @@
 //! The page vocabulary cryo's image and transfer crates share, in one place:
 //! the zero-page scan ([`is_zero`]), pages grouped into runs ([`PageRun`],
 //! [`push_page`], [`push_page_joining`], [`spans`]), "the first error wins and stops the others"
-//! ([`FirstError`]) and the allocated size of a sparse file
-//! ([`allocated_bytes`]). See the README for an example.
+//! ([`FirstError`]), the allocated size of a sparse file
+//! ([`allocated_bytes`]) and memory that was never populated, which reads
+//! as zeros without being read ([`populated`]). See the README for an
+//! example.
 #![deny(missing_docs)]
+
+pub mod populated;
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;

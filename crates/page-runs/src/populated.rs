@@ -1,6 +1,6 @@
-//! Finding blocks whose memory was never populated, so that the snapshot
-//! records them as zeros without reading them (`docs/bg-snapshot.md`,
-//! "Never-populated memory").
+//! Finding memory that was never populated, so that a save or a snapshot
+//! records it as zeros without reading it (reading it would fault every
+//! page in, and scan and checksum zeros).
 //!
 //! Only private anonymous memory qualifies: there a page table entry that is
 //! empty or holds only a uffd-wp marker (what `WP_UNPOPULATED` leaves on a
@@ -16,9 +16,6 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-
-use crate::sys;
-use crate::MemRange;
 
 /// Bit 63 of a pagemap entry: the page is present.
 const PM_PRESENT: u64 = 1 << 63;
@@ -36,7 +33,7 @@ const PTE_MARKER_UFFD_WP: u64 = 1;
 /// Whether a pagemap entry says the page has never been populated: no page,
 /// or only a uffd-wp marker. Anything else (present, swapped, migrating,
 /// another marker, or a swap entry whose type is hidden) counts as populated.
-pub(crate) fn never_populated(entry: u64) -> bool {
+pub fn never_populated(entry: u64) -> bool {
     if entry & PM_PRESENT != 0 {
         return false;
     }
@@ -47,11 +44,12 @@ pub(crate) fn never_populated(entry: u64) -> bool {
     frame & SWP_PTE_MARKER == SWP_PTE_MARKER && frame >> SWP_TYPE_BITS == PTE_MARKER_UFFD_WP
 }
 
-/// Whether every mapping under `r` is private anonymous memory (`rw-p`,
-/// inode 0, no file name: unnamed, `[heap]` or `[anon:...]`) and together
-/// they cover it. `maps` is the text of `/proc/self/maps`.
-pub(crate) fn private_anonymous(maps: &str, r: &MemRange) -> bool {
-    let (start, end) = (r.addr(), r.addr() + r.len());
+/// Whether every mapping under `[addr, addr + len)` is private anonymous
+/// memory (`rw-p`, inode 0, no file name: unnamed, `[heap]` or
+/// `[anon:...]`) and together they cover it. `maps` is the text of
+/// `/proc/self/maps`. Only there does a never-populated page read as zeros.
+pub fn private_anonymous(maps: &str, addr: usize, len: usize) -> bool {
+    let (start, end) = (addr, addr.saturating_add(len));
     let mut covered = start;
     for line in maps.lines() {
         let Some((lo, hi, anon)) = parse_maps_line(line) else {
@@ -86,38 +84,54 @@ fn parse_maps_line(line: &str) -> Option<(usize, usize, bool)> {
     Some((lo, hi, anon))
 }
 
-/// `/proc/self/pagemap`, read for runs of blocks.
-pub(crate) struct Pagemap {
+/// This process's `/proc/self/pagemap`, read for runs of pages. Shared by
+/// threads: each read is one `pread`.
+pub struct Pagemap {
     file: File,
 }
 
 impl Pagemap {
     /// Opens it; `None` where it cannot be read (then nothing is skipped).
-    pub(crate) fn open() -> Option<Pagemap> {
+    pub fn open() -> Option<Pagemap> {
         File::open("/proc/self/pagemap")
             .ok()
             .map(|file| Pagemap { file })
     }
 
-    /// For each block of `block_size` bytes from `addr` (the last one may be
-    /// shorter) up to `addr + len`, whether all its pages were never
-    /// populated; on a read error, every block counts as populated.
-    pub(crate) fn unpopulated_blocks(
+    /// For each page of `page_size` bytes from `addr` up to `addr + len`,
+    /// whether it was never populated; on a read error, every page counts
+    /// as populated.
+    pub fn unpopulated_pages(
+        &self,
+        addr: usize,
+        len: usize,
+        page_size: usize,
+        out: &mut Vec<bool>,
+    ) {
+        self.unpopulated_blocks(addr, len, page_size, page_size, out);
+    }
+
+    /// For each block of `block_size` bytes (a multiple of `page_size`)
+    /// from `addr` (the last one may be shorter) up to `addr + len`, whether
+    /// all its pages were never populated; on a read error, every block
+    /// counts as populated.
+    pub fn unpopulated_blocks(
         &self,
         addr: usize,
         len: usize,
         block_size: usize,
+        page_size: usize,
         out: &mut Vec<bool>,
     ) {
-        let page = sys::page_size();
+        let page = page_size.max(1);
         let mut entries = vec![0u8; len / page * 8];
         let off = (addr / page * 8) as u64;
         out.clear();
         if self.file.read_exact_at(&mut entries, off).is_err() {
-            out.resize(len.div_ceil(block_size), false);
+            out.resize(len.div_ceil(block_size.max(1)), false);
             return;
         }
-        let per_block = block_size / page * 8;
+        let per_block = (block_size / page).max(1) * 8;
         out.extend(entries.chunks(per_block).map(|block| {
             block.chunks_exact(8).all(|e| {
                 let mut word = [0u8; 8];
@@ -150,11 +164,6 @@ mod tests {
         assert!(!never_populated(PM_SWAP | (4 << 5) | 31));
     }
 
-    fn range(addr: usize, len: usize) -> MemRange {
-        // SAFETY: never dereferenced.
-        unsafe { MemRange::new(addr as *mut u8, len) }
-    }
-
     #[test]
     fn only_private_anonymous_mappings_qualify() {
         let maps = "\
@@ -163,16 +172,53 @@ mod tests {
 4000-5000 rw-s 00000000 00:01 1234                       /memfd:ram (deleted)\n\
 5000-6000 rw-p 00000000 00:00 0                          [heap]\n\
 7000-8000 rw-p 00001000 08:01 99                         /var/lib/ram\n";
-        assert!(private_anonymous(maps, &range(0x1000, 0x3000)));
-        assert!(private_anonymous(maps, &range(0x2000, 0x1000)));
-        assert!(private_anonymous(maps, &range(0x5000, 0x1000)));
-        assert!(
-            !private_anonymous(maps, &range(0x3000, 0x2000)),
-            "shared memfd"
-        );
-        assert!(!private_anonymous(maps, &range(0x5000, 0x2000)), "a gap");
-        assert!(!private_anonymous(maps, &range(0x7000, 0x1000)), "a file");
-        assert!(!private_anonymous(maps, &range(0x9000, 0x1000)), "unmapped");
-        assert!(!private_anonymous("garbage\n", &range(0x1000, 0x1000)));
+        assert!(private_anonymous(maps, 0x1000, 0x3000));
+        assert!(private_anonymous(maps, 0x2000, 0x1000));
+        assert!(private_anonymous(maps, 0x5000, 0x1000));
+        assert!(!private_anonymous(maps, 0x3000, 0x2000), "shared memfd");
+        assert!(!private_anonymous(maps, 0x5000, 0x2000), "a gap");
+        assert!(!private_anonymous(maps, 0x7000, 0x1000), "a file");
+        assert!(!private_anonymous(maps, 0x9000, 0x1000), "unmapped");
+        assert!(!private_anonymous("garbage\n", 0x1000, 0x1000));
+    }
+}
+
+#[cfg(test)]
+mod pagemap_tests {
+    use super::*;
+
+    #[test]
+    fn untouched_anonymous_memory_is_unpopulated_until_written() {
+        let Some(pagemap) = Pagemap::open() else {
+            return;
+        };
+        let page = 4096;
+        let len = 16 * page;
+        // SAFETY: a fresh private anonymous mapping, unmapped below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        let addr = ptr as usize;
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(private_anonymous(&maps, addr, len));
+        // SAFETY: page 3 lies inside the mapping.
+        unsafe { *(ptr.cast::<u8>().add(3 * page)) = 1 };
+        let mut out = Vec::new();
+        pagemap.unpopulated_pages(addr, len, page, &mut out);
+        assert_eq!(out.len(), 16);
+        assert!(!out[3], "the written page is populated");
+        assert!(out[0] && out[15], "{out:?}");
+        pagemap.unpopulated_blocks(addr, len, 8 * page, page, &mut out);
+        assert_eq!(out, [false, true]);
+        // SAFETY: unmapping the mapping made above.
+        unsafe { libc::munmap(ptr, len) };
     }
 }
