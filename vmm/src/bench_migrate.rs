@@ -104,6 +104,8 @@ struct RateReport {
     /// vCPU's last heartbeat on the source to its first on the destination
     /// (TSC stamps, one host TSC), nothing subtracted.
     live_switch_gap_ms: f64,
+    /// The vCPU whose switch gap that is.
+    live_switch_cpu: u64,
     /// Where the switch gap went.
     live_switch: SwitchParts,
     /// The largest gap between two heartbeats of one vCPU on the source
@@ -172,6 +174,10 @@ impl RateReport {
 struct SwitchParts {
     /// From the vCPU's last heartbeat on the source to the pause request.
     ran_after_last_beat_ms: f64,
+    /// The pre-copy steps under way in that stretch.
+    ran_after_last_beat_during: String,
+    /// What each vCPU's thread did in that stretch (empty: no samples).
+    ran_after_last_beat_sched: Vec<ThreadTime>,
     /// Pausing the vCPUs and capturing the VM's state.
     pause_ms: f64,
     /// The dirty log fetched with the VM paused.
@@ -793,6 +799,7 @@ fn live(a: &MigrateArgs, src: &Source, rate: u32, loopback: f64) -> Result<RateR
         };
         let switch = switch_gap(&stamps, pause);
         r.live_switch_gap_ms = src.ms(switch.gap);
+        r.live_switch_cpu = switch.cpu as u64;
         r.live_switch = trace.switch_parts(switch, dest_resume_ms(&dest.log));
         trace.precopy_stall(&mut r);
         r.live_guest_downtime_ms = src.ms(switch.gap) - interval;
@@ -850,8 +857,15 @@ impl Trace<'_> {
         let finish = self.step(StepKind::Finish);
         let last = self.step(StepKind::LastRound);
         let ack = self.tsc_at(finish.start_ms + finish.ms);
+        let paused_at = self.tsc_at(pause.start_ms);
         SwitchParts {
-            ran_after_last_beat_ms: self.src.ms_between(g.at, self.tsc_at(pause.start_ms)),
+            ran_after_last_beat_ms: self.src.ms_between(g.at, paused_at),
+            ran_after_last_beat_during: steps_during(
+                self.steps,
+                self.src.ms_between(self.t0, g.at),
+                pause.start_ms,
+            ),
+            ran_after_last_beat_sched: self.sched(g.at, paused_at),
             pause_ms: pause.ms,
             last_fetch_ms: self.step(StepKind::LastFetch).ms,
             last_round_ms: last.ms,
@@ -878,9 +892,14 @@ impl Trace<'_> {
         r.live_precopy_stall_at_s = a / 1e3;
         r.live_precopy_stall_cpu = g.cpu as u64;
         r.live_precopy_stall_during = steps_during(self.steps, a, b);
-        r.live_precopy_stall_sched = (0..)
-            .map_while(|cpu| thread_time(self.samples, cpu, g.at, g.at + g.gap, self.src.tsc_hz))
-            .collect();
+        r.live_precopy_stall_sched = self.sched(g.at, g.at + g.gap);
+    }
+
+    /// What each vCPU's thread did between tsc `from` and `to`.
+    fn sched(&self, from: u64, to: u64) -> Vec<ThreadTime> {
+        (0..)
+            .map_while(|cpu| thread_time(self.samples, cpu, from, to, self.src.tsc_hz))
+            .collect()
     }
 }
 
@@ -984,6 +1003,13 @@ fn print_gaps(x: &RateReport) {
         x.live_switch_gap_ms, s.ran_after_last_beat_ms, s.pause_ms, s.last_fetch_ms,
         s.last_round_ms, s.last_round_pages, s.finish_ms, s.ack_to_first_beat_ms, s.dest_resume_ms
     );
+    if s.ran_after_last_beat_ms > 2.0 * x.beat_interval_ms {
+        println!(
+            "      vCPU {} ran on {:.1} ms after its last beat, during {}",
+            x.live_switch_cpu, s.ran_after_last_beat_ms, s.ran_after_last_beat_during
+        );
+        print_sched(&s.ran_after_last_beat_sched);
+    }
     println!(
         "    largest pre-copy stall {:.1} ms on vCPU {} at {:+.2} s, during {}",
         x.live_precopy_stall_ms,
@@ -991,7 +1017,12 @@ fn print_gaps(x: &RateReport) {
         x.live_precopy_stall_at_s,
         x.live_precopy_stall_during
     );
-    for (cpu, t) in x.live_precopy_stall_sched.iter().enumerate() {
+    print_sched(&x.live_precopy_stall_sched);
+}
+
+/// What each vCPU's thread did over a gap.
+fn print_sched(threads: &[ThreadTime]) {
+    for (cpu, t) in threads.iter().enumerate() {
         println!(
             "      vCPU {cpu}'s thread over {:.1} ms: on a CPU {:.1} ms, waiting for a CPU {:.1} ms, blocked or asleep {:.1} ms",
             t.window_ms, t.ran_ms, t.waited_ms, t.blocked_ms

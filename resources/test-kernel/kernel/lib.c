@@ -3,7 +3,8 @@
 
 #define COM1 0x3f8
 
-volatile u32 console_lock;
+volatile u32 console_next;
+volatile u32 console_serving;
 
 void *kmemset(void *d, int c, u64 n)
 {
@@ -117,20 +118,29 @@ static void send_raw(struct line *l)
 
 void line_send(struct line *l)
 {
-	while (xchg32(&console_lock, 1))
+	u32 ticket = xadd32(&console_next, 1);
+	while (console_serving != ticket)
 		cpu_relax();
 	send_raw(l);
-	xchg32(&console_lock, 0);
+	xadd32(&console_serving, 1);
 }
 
+/*
+ * For a panic: waits a bounded time for the console to be free and takes a
+ * ticket only then, so that a vCPU that died holding the console (or a long
+ * queue) cannot hold the message back, and a message printed without the
+ * lock leaves no ticket behind that would stop the others.
+ */
 void line_send_force(struct line *l)
 {
-	u64 i;
-	for (i = 0; i < 10000000; i++) {
-		if (!xchg32(&console_lock, 1))
-			break;
+	for (u64 i = 0; i < 10000000; i++) {
+		u32 ticket = console_next;
+		if (console_serving == ticket && cmpxchg32(&console_next, ticket, ticket + 1)) {
+			send_raw(l);
+			xadd32(&console_serving, 1);
+			return;
+		}
 		cpu_relax();
 	}
 	send_raw(l);
-	xchg32(&console_lock, 0);
 }
