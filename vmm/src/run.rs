@@ -91,27 +91,32 @@ fn load_with_progress(
     channels: &image::fixed::ChannelOptions,
 ) -> Result<image::Loaded, CliError> {
     let progress = Arc::new(Progress::new("restore", 0));
-    let done = std::sync::atomic::AtomicBool::new(false);
+    // Dropping `loaded` tells the display thread the load is over; it
+    // wakes at once (a plain sleep loop made every restore wait for the
+    // rest of its 50 ms nap, most of a lazy restore's time).
+    let (loaded, over) = std::sync::mpsc::channel::<()>();
+    let shown = progress.clone();
     std::thread::scope(|s| {
-        s.spawn(|| {
+        s.spawn(move || {
             // Only long loads get a display: wait a moment first.
             let start = Instant::now();
             let mut display: Option<Display> = None;
-            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                over.recv_timeout(std::time::Duration::from_millis(50))
+            {
                 if start.elapsed().as_millis() > 500 {
-                    let info = progress.info();
+                    let info = shown.info();
                     display
                         .get_or_insert_with(|| Display::new("restore", info.bytes_total))
                         .update(&info);
                 }
-                std::thread::sleep(std::time::Duration::from_millis(50));
             }
             if let Some(d) = display {
                 d.finish();
             }
         });
         let r = image::load(path, mode, verify, channels, Some(&progress)).map_err(load_err);
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(loaded);
         r
     })
 }
