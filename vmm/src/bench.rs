@@ -774,11 +774,12 @@ impl Bench<'_> {
         let sampler = Sampler::start(Arc::clone(&self.guest_ranges));
         let start = Instant::now();
         let register = |m: &microvm::GuestMemory| self.register(m);
-        let loaded = fixed::load_fixed_with(img, RestoreMode::Eager, false, &opts, &register, None)
-            .map_err(|e| CliError::failure(e.to_string()))?;
-        let mut restored = MicroVm::restore(
+        let mut loaded =
+            fixed::load_fixed_with(img, RestoreMode::Eager, false, &opts, &register, None)
+                .map_err(|e| CliError::failure(e.to_string()))?;
+        let mut restored = MicroVm::restore_in(
+            loaded.take_shell()?,
             &loaded.snapshot,
-            loaded.memory.clone(),
             SerialOutput::Sink,
             false,
             RestoreOptions::default(),
@@ -811,7 +812,7 @@ impl Bench<'_> {
             direct_io: multifd::DirectIo::Auto,
         };
         let start = Instant::now();
-        let loaded = image::load(
+        let mut loaded = image::load(
             img,
             RestoreMode::Lazy { prefetch: false },
             false,
@@ -819,9 +820,9 @@ impl Bench<'_> {
             None,
         )
         .map_err(|e| CliError::failure(e.to_string()))?;
-        let mut restored = MicroVm::restore(
+        let mut restored = MicroVm::restore_in(
+            loaded.take_shell()?,
             &loaded.snapshot,
-            loaded.memory.clone(),
             SerialOutput::Sink,
             false,
             RestoreOptions::default(),

@@ -9,7 +9,7 @@ use std::time::Instant;
 use log::info;
 use microvm::{
     BootProtocol, BootSource, MemoryBacking, MicroVm, RestoreOptions, SerialOutput, VmConfig,
-    VmExitReason, VmShell,
+    VmExitReason,
 };
 
 use crate::api::Managed;
@@ -282,7 +282,7 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
     if let Some(d) = args.direct_io {
         channels.direct_io = d.into();
     }
-    let (source, loaded) = match (&args.from, &args.listen) {
+    let (source, mut loaded) = match (&args.from, &args.listen) {
         (Some(path), _) => (
             path.display().to_string(),
             load_with_progress(path, mode, args.verify, &channels)?,
@@ -299,11 +299,9 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
         }
     };
     let read_time = started.elapsed();
-    // A migration's destination made the KVM VM while the RAM arrived.
-    let shell = match loaded.shell {
-        Some(shell) => shell,
-        None => VmShell::new(loaded.memory)?,
-    };
+    // An eager restore or a migration's destination made the KVM VM while
+    // the RAM was read or arrived.
+    let shell = loaded.take_shell()?;
     let mut vm = MicroVm::restore_in(
         shell,
         &loaded.snapshot,

@@ -436,6 +436,16 @@ pub fn load_fixed_with(
                 .map_err(|e| bad_image(e.into()))?;
             advise_huge_pages(&memory);
             on_memory(&memory);
+            // The KVM VM and its memory slots while the pages are read:
+            // milliseconds (most of them registering the slots) that would
+            // otherwise come after the read, before the guest resumes.
+            let shell = std::thread::Builder::new()
+                .name("vm-shell".into())
+                .spawn({
+                    let memory = memory.clone();
+                    move || microvm::VmShell::new(memory)
+                })
+                .ok();
             if let Some(p) = progress {
                 p.set_total(snapshot.machine.mem_mib << 20);
                 p.phase("reading");
@@ -466,11 +476,16 @@ pub fn load_fixed_with(
                 stats.elapsed,
                 stats.mb_per_s()
             );
+            // A shell that could not be made is made again by the restore,
+            // which then reports why.
+            let shell = shell
+                .and_then(|t| t.join().ok())
+                .and_then(|made| made.map_err(|e| log::debug!("VM shell: {e}")).ok());
             Ok(Loaded {
                 snapshot,
                 memory,
                 prefetch: None,
-                shell: None,
+                shell,
             })
         }
         RestoreMode::Lazy { prefetch } => {

@@ -693,9 +693,21 @@ pub struct Loaded {
     pub memory: GuestMemory,
     /// For a lazy restore with prefetch: what to warm after resuming.
     pub prefetch: Option<fixed::Prefetch>,
-    /// The KVM VM over `memory`, made while the RAM arrived (a migration's
-    /// destination); None: the restore makes it.
+    /// The KVM VM over `memory`, made while the RAM was read (an eager
+    /// restore) or arrived (a migration's destination); None: the restore
+    /// makes it ([`Loaded::take_shell`]).
     pub shell: Option<microvm::VmShell>,
+}
+
+impl Loaded {
+    /// The KVM VM over the memory: the one made while the RAM was read or
+    /// arrived, or a new one.
+    pub fn take_shell(&mut self) -> Result<microvm::VmShell, microvm::Error> {
+        match self.shell.take() {
+            Some(shell) => Ok(shell),
+            None => microvm::VmShell::new(self.memory.clone()),
+        }
+    }
 }
 
 /// Loads any image format. `verify` checks every checksum first (fixed-ram).
