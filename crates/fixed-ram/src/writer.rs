@@ -411,13 +411,5 @@ impl ImageWriter {
 
 /// CRC32C of `len` zero bytes.
 fn zeros_crc32c(len: u64) -> u32 {
-    const ZEROS: [u8; 4096] = [0; 4096];
-    let mut crc = 0;
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(ZEROS.len() as u64);
-        crc = crc32c::crc32c_append(crc, &ZEROS[..n as usize]);
-        left -= n;
-    }
-    crc
+    page_runs::crc32c_append_zeros(0, len)
 }

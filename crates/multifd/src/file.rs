@@ -11,7 +11,7 @@ use crate::pace::{any_dirty, check_page_set, is_dirty, per_channel, Pace};
 use crate::sys;
 use crate::{CallerError, MemRegion, MultifdError, PageSet};
 use page_runs::populated::{self, Pagemap};
-use page_runs::{is_zero, push_page, push_page_joining, FirstError, PageRun};
+use page_runs::{crc32c_append_zeros, is_zero, push_page, push_page_joining, FirstError, PageRun};
 
 /// The most channels a file transfer may use.
 pub const MAX_FILE_CHANNELS: usize = 256;
@@ -896,6 +896,9 @@ impl Chan<'_, '_> {
             // rather than per page (the hardware path's setup and combine
             // steps cost more than the 4 KiB it would process).
             let mut crc_run: Option<u64> = None;
+            // Zero bytes not yet in the CRC: a run of zero pages goes in at
+            // once, without reading zeros ([`crc32c_append_zeros`]).
+            let mut zero_run = 0u64;
             for i in 0..np {
                 let page = p0 + i;
                 // Never populated: zeros, and left unread (reading would
@@ -914,9 +917,12 @@ impl Chan<'_, '_> {
                     if let Some(from) = crc_run.take() {
                         crc = self.crc_pages(src(from), crc, from, page);
                     }
-                    crc = sys::crc_zeros(crc, ps);
+                    zero_run += ps;
                     out.zero += u64::from(self.page_selected(r, page));
                 } else {
+                    if zero_run > 0 {
+                        crc = crc32c_append_zeros(crc, std::mem::take(&mut zero_run));
+                    }
                     crc_run.get_or_insert(page);
                     words[(i / 64) as usize] |= 1 << (i % 64);
                     // A dirty pass writes only the dirty pages; the chunk's
@@ -938,6 +944,7 @@ impl Chan<'_, '_> {
             if let Some(from) = crc_run.take() {
                 crc = self.crc_pages(src(from), crc, from, p0 + np);
             }
+            crc = crc32c_append_zeros(crc, zero_run);
             out.pending.push(Pending { chunk, words, crc });
         }
         Ok(out)

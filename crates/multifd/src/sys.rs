@@ -221,20 +221,6 @@ pub(crate) fn host_page_size() -> u64 {
     u64::try_from(ps).unwrap_or(0)
 }
 
-/// 4 KiB of zeros for CRCs over zero pages.
-static ZEROS: [u8; 4096] = [0; 4096];
-
-/// Extends `crc` (CRC32C) over `len` zero bytes.
-#[inline]
-pub(crate) fn crc_zeros(mut crc: u32, mut len: u64) -> u32 {
-    while len > 0 {
-        let n = len.min(ZEROS.len() as u64) as usize;
-        crc = crc32c::crc32c_append(crc, &ZEROS[..n]);
-        len -= n as u64;
-    }
-    crc
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -257,13 +243,6 @@ mod tests {
     }
 
     use super::*;
-
-    #[test]
-    fn crc_over_zeros_matches() {
-        let z = vec![0u8; 10000];
-        assert_eq!(crc_zeros(0, 10000), crc32c::crc32c(&z));
-        assert_eq!(crc_zeros(7, 4096), crc32c::crc32c_append(7, &z[..4096]));
-    }
 
     #[test]
     fn fs_names() {
