@@ -45,8 +45,28 @@ const ZERO_BLOCK: usize = 4096;
 /// 0.2 µs); beyond that, runs of zero blocks doubling in length, whose CRCs
 /// are computed once, are added with `crc32c_combine` (about 12-20 µs each
 /// here, whatever the length): a 4 MiB chunk of zeros in one combine
-/// instead of a 4 MiB checksum (about 300 µs).
+/// instead of a 4 MiB checksum (about 300 µs). A whole chunk of zeros (from
+/// 0, the same length as the thread's last one) is answered from a cache.
 pub fn crc32c_append_zeros(crc: u32, len: u64) -> u32 {
+    // A chunk that is all zeros starts from 0 and has the chunk's length:
+    // the same answer chunk after chunk, so the last one is kept.
+    thread_local! {
+        static LAST_FROM_ZERO: std::cell::Cell<(u64, u32)> = const { std::cell::Cell::new((0, 0)) };
+    }
+    if crc == 0 {
+        let (last_len, last_crc) = LAST_FROM_ZERO.get();
+        if last_len == len {
+            return last_crc;
+        }
+        let computed = zeros_after(0, len);
+        LAST_FROM_ZERO.set((len, computed));
+        return computed;
+    }
+    zeros_after(crc, len)
+}
+
+/// [`crc32c_append_zeros`] without the cache.
+fn zeros_after(crc: u32, len: u64) -> u32 {
     static ZEROS: [u8; ZERO_BLOCK] = [0; ZERO_BLOCK];
     // Entry k: the CRC32C of ZERO_BLOCK << k zero bytes.
     static DOUBLINGS: std::sync::OnceLock<[u32; 48]> = std::sync::OnceLock::new();
@@ -271,6 +291,8 @@ mod tests {
                     "len {len} from {start:#x}"
                 );
             }
+            // Again from 0: the cached answer.
+            assert_eq!(crc32c_append_zeros(0, len), crc32c::crc32c(&zeros));
         }
     }
 
