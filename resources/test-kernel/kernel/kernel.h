@@ -45,15 +45,7 @@ struct config {
 };
 
 extern struct config cfg;
-/*
- * The console's ticket lock: a vCPU takes ticket console_next++ and prints
- * once console_serving reaches it. First come, first served: with a plain
- * test-and-set lock, a vCPU whose host thread shares a CPU with another
- * printing vCPU could lose every release for hundreds of ms while its
- * heartbeat stamp waited, and that showed up as a stall that was not.
- */
-extern volatile u32 console_next;
-extern volatile u32 console_serving;
+extern volatile u32 console_lock;
 
 /* ---- low-level helpers (usable from ring 0 and ring 3) ---- */
 static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
@@ -88,19 +80,6 @@ static inline u32 xchg32(volatile u32 *p, u32 v)
 {
 	__asm__ volatile("xchgl %0, %1" : "+r"(v), "+m"(*p) : : "memory");
 	return v;
-}
-/* Atomically adds v to *p; the value before. */
-static inline u32 xadd32(volatile u32 *p, u32 v)
-{
-	__asm__ volatile("lock xaddl %0, %1" : "+r"(v), "+m"(*p) : : "memory");
-	return v;
-}
-/* Atomically sets *p to new if it holds old; whether it did. */
-static inline int cmpxchg32(volatile u32 *p, u32 old, u32 new)
-{
-	u32 prev = old;
-	__asm__ volatile("lock cmpxchgl %2, %1" : "+a"(prev), "+m"(*p) : "r"(new) : "memory");
-	return prev == old;
 }
 
 /* ---- line buffer formatting (lib.c) ---- */

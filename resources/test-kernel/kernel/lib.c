@@ -3,8 +3,7 @@
 
 #define COM1 0x3f8
 
-volatile u32 console_next;
-volatile u32 console_serving;
+volatile u32 console_lock;
 
 void *kmemset(void *d, int c, u64 n)
 {
@@ -118,29 +117,20 @@ static void send_raw(struct line *l)
 
 void line_send(struct line *l)
 {
-	u32 ticket = xadd32(&console_next, 1);
-	while (console_serving != ticket)
+	while (xchg32(&console_lock, 1))
 		cpu_relax();
 	send_raw(l);
-	xadd32(&console_serving, 1);
+	xchg32(&console_lock, 0);
 }
 
-/*
- * For a panic: waits a bounded time for the console to be free and takes a
- * ticket only then, so that a vCPU that died holding the console (or a long
- * queue) cannot hold the message back, and a message printed without the
- * lock leaves no ticket behind that would stop the others.
- */
 void line_send_force(struct line *l)
 {
-	for (u64 i = 0; i < 10000000; i++) {
-		u32 ticket = console_next;
-		if (console_serving == ticket && cmpxchg32(&console_next, ticket, ticket + 1)) {
-			send_raw(l);
-			xadd32(&console_serving, 1);
-			return;
-		}
+	u64 i;
+	for (i = 0; i < 10000000; i++) {
+		if (!xchg32(&console_lock, 1))
+			break;
 		cpu_relax();
 	}
 	send_raw(l);
+	xchg32(&console_lock, 0);
 }
