@@ -213,7 +213,7 @@ fn run_managed_restore(
 ) -> Result<(), CliError> {
     let image_path = m.image();
     let channels = image::fixed::ChannelOptions::default();
-    let loaded = load_with_progress(&image_path, RestoreMode::Eager, false, &channels)?;
+    let mut loaded = load_with_progress(&image_path, RestoreMode::Eager, false, &channels)?;
     let diff = crate::managed::differences(asked, m.config().as_ref(), &loaded.snapshot.machine);
     if !diff.is_empty() {
         return Err(CliError::bad_input(format!(
@@ -224,9 +224,9 @@ fn run_managed_restore(
         )));
     }
     let serial = serial_output(args.serial_out.as_deref())?;
-    let mut vm = MicroVm::restore(
+    let mut vm = MicroVm::restore_in(
+        loaded.take_shell()?,
         &loaded.snapshot,
-        loaded.memory,
         serial,
         true,
         RestoreOptions {
@@ -299,8 +299,8 @@ pub fn restore(args: RestoreArgs) -> Result<(), CliError> {
         }
     };
     let read_time = started.elapsed();
-    // An eager restore or a migration's destination made the KVM VM while
-    // the RAM was read or arrived.
+    // The restore made the KVM VM while the image was read, or the RAM
+    // arrived, where it could.
     let shell = loaded.take_shell()?;
     let mut vm = MicroVm::restore_in(
         shell,

@@ -20,6 +20,18 @@ pub struct VerifyReport {
     pub present_pages: u64,
 }
 
+/// The validated header of the image in `file`, and the file's length.
+fn read_header_and_len(file: &File) -> Result<(Header, u64), FixedRamError> {
+    let file_len = file
+        .metadata()
+        .map_err(|e| FixedRamError::io("reading the image's metadata", e))?
+        .len();
+    let max_header = header_len(FORMAT_VERSION, MAX_REGIONS as usize) as u64;
+    let mut bytes = vec![0u8; file_len.min(max_header) as usize];
+    read_exact_at(file, &mut bytes, 0, &|| "the header".to_string())?;
+    Ok((Header::parse(&bytes, file_len)?, file_len))
+}
+
 /// A committed, validated image opened for reading. `Send + Sync`: chunks
 /// may be read from many threads at once.
 #[derive(Debug)]
@@ -48,14 +60,7 @@ impl Image {
     /// an ordinary (not `O_DIRECT`) descriptor; pass an `O_DIRECT` one to
     /// [`read_chunk_via`](Self::read_chunk_via) instead.
     pub fn from_file(file: File) -> Result<Image, FixedRamError> {
-        let file_len = file
-            .metadata()
-            .map_err(|e| FixedRamError::io("reading the image's metadata", e))?
-            .len();
-        let max_header = header_len(FORMAT_VERSION, MAX_REGIONS as usize) as u64;
-        let mut bytes = vec![0u8; file_len.min(max_header) as usize];
-        read_exact_at(&file, &mut bytes, 0, &|| "the header".to_string())?;
-        let header = Header::parse(&bytes, file_len)?;
+        let (header, file_len) = read_header_and_len(&file)?;
         let layout = header.layout()?;
         let ps = u64::from(header.page_size);
         // Bitmap and checksum-table lengths were bounded by the file length.
@@ -120,6 +125,15 @@ impl Image {
             checksums,
             file_len,
         })
+    }
+
+    /// Reads and validates only the header of the image in `file` (one
+    /// small read): enough to map the page areas, or to register them with
+    /// a hypervisor, while [`from_file`](Self::from_file) reads and checks
+    /// the rest. A header alone proves little: use nothing from the pages
+    /// before `from_file` has accepted the same file.
+    pub fn read_header(file: &File) -> Result<Header, FixedRamError> {
+        read_header_and_len(file).map(|(header, _)| header)
     }
 
     /// Validates a header (the first bytes of a file, at least the whole

@@ -16,6 +16,8 @@
 //!   is checked against the real file length; see [`Image::parse_header`]),
 //!   and reads chunks ([`Image::read_chunk_into`]), checks everything
 //!   ([`Image::verify`]) or maps a page area ([`Image::map_page_area`]).
+//!   [`Image::read_header`] reads the header alone, for work that needs only
+//!   the layout and can start before the rest is read.
 //!
 //! ```
 //! use fixed_ram::{Image, ImageWriter, Layout, RegionSpec};

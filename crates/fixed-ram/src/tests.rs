@@ -332,6 +332,9 @@ fn round_trip_four_threads_sparse() {
     let image = Image::open(&path).unwrap();
     assert_eq!(image.layout(), &layout);
     assert_eq!(image.header().format_version, FORMAT_VERSION);
+    // The header alone, as a lazy restore reads it first: the same header.
+    let header = Image::read_header(&File::open(&path).unwrap()).unwrap();
+    assert_eq!(&header, image.header());
     assert_eq!(image.header().device_state_len, device_state.len() as u64);
     assert_eq!(read_all(&image, true), mem);
     assert_eq!(read_all(&image, false), mem);
@@ -799,6 +802,10 @@ fn uncommitted_and_empty_files() {
     let err = Image::open(&path).unwrap_err();
     assert!(matches!(err, FixedRamError::NotCommitted), "{err}");
     assert!(err.to_string().contains("never written"));
+    assert!(matches!(
+        Image::read_header(&File::open(&path).unwrap()),
+        Err(FixedRamError::NotCommitted)
+    ));
 
     let empty = dir.path("empty.img");
     File::create(&empty).unwrap();

@@ -3,15 +3,17 @@
 //! once with positioned I/O; restoring reads them back the same way (eager),
 //! or maps each region's page area copy-on-write as guest memory (lazy).
 
+use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use fixed_ram::{Image, ImageWriter, Layout};
 use microvm::persist::VmSnapshot;
 use microvm::vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-use microvm::{create_guest_memory, GuestMemory, MemoryBacking};
+use microvm::{create_guest_memory, GuestMemory, MemoryBacking, VmShell};
 
 use crate::progress::Progress;
 
@@ -372,7 +374,13 @@ fn write_pages(
 }
 
 fn open_image(path: &Path) -> Result<Image, SaveError> {
-    Image::open(path).map_err(|e| match e {
+    Image::open(path).map_err(|e| image_error(path, e))
+}
+
+/// A fixed-ram reader's error as a save error: I/O failures apart from a
+/// bad image.
+fn image_error(path: &Path, e: fixed_ram::FixedRamError) -> SaveError {
+    match e {
         fixed_ram::FixedRamError::Io { source, .. } => SaveError::Read {
             path: path.to_owned(),
             source,
@@ -381,7 +389,79 @@ fn open_image(path: &Path) -> Result<Image, SaveError> {
             path: path.to_owned(),
             source: other.into(),
         },
-    })
+    }
+}
+
+/// The KVM VM over `memory`, made on its own thread while the caller goes on
+/// reading: milliseconds, most of them registering the memory slots, that
+/// would otherwise come between having the memory and resuming the guest.
+fn make_shell_meanwhile(
+    memory: &GuestMemory,
+) -> Option<JoinHandle<Result<VmShell, microvm::Error>>> {
+    let memory = memory.clone();
+    std::thread::Builder::new()
+        .name("vm-shell".into())
+        .spawn(move || VmShell::new(memory))
+        .ok()
+}
+
+/// The VM [`make_shell_meanwhile`] made; None when it could not be made,
+/// and the restore makes it again and reports why.
+fn join_shell(shell: Option<JoinHandle<Result<VmShell, microvm::Error>>>) -> Option<VmShell> {
+    shell
+        .and_then(|t| t.join().ok())
+        .and_then(|made| made.map_err(|e| log::debug!("VM shell: {e}")).ok())
+}
+
+/// A lazy restore's guest memory, mapped from the image's page areas as soon
+/// as the header is read, and the KVM VM being made over it while the rest
+/// of the image is read and checked.
+struct LazyStart {
+    file: Arc<File>,
+    /// (guest address, size, file offset) of each mapped region.
+    mapped: Vec<(u64, u64, u64)>,
+    memory: GuestMemory,
+    shell: Option<JoinHandle<Result<VmShell, microvm::Error>>>,
+}
+
+impl LazyStart {
+    /// Reads the header of the image at `path`, maps its page areas
+    /// copy-on-write and starts making the VM. Nothing reads the mapping
+    /// before the whole image has been accepted.
+    fn begin(path: &Path) -> Result<LazyStart, SaveError> {
+        let file = File::open(path).map_err(|source| SaveError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let header = Image::read_header(&file).map_err(|e| image_error(path, e))?;
+        let file = Arc::new(file);
+        let mapped: Vec<(u64, u64, u64)> = header
+            .regions
+            .iter()
+            .map(|r| (r.guest_addr, r.size, r.pages_offset))
+            .collect();
+        let ranges: Vec<microvm::memory::FileRange> = mapped
+            .iter()
+            .map(|&(guest_addr, size, offset)| microvm::memory::FileRange {
+                guest_addr,
+                size,
+                file: Arc::clone(&file),
+                offset,
+            })
+            .collect();
+        let memory =
+            microvm::memory::map_file_private(&ranges).map_err(|e| SaveError::BadImage {
+                path: path.to_owned(),
+                source: e.into(),
+            })?;
+        let shell = make_shell_meanwhile(&memory);
+        Ok(LazyStart {
+            file,
+            mapped,
+            memory,
+            shell,
+        })
+    }
 }
 
 /// Loads a fixed-ram image: device state, then guest memory by `mode`,
@@ -403,7 +483,21 @@ pub fn load_fixed_with(
         path: path.to_owned(),
         source: e,
     };
-    let image = open_image(path)?;
+    let lazy_start = match mode {
+        RestoreMode::Lazy { .. } => Some(LazyStart::begin(path)?),
+        RestoreMode::Eager => None,
+    };
+    let image = match &lazy_start {
+        Some(start) => start
+            .file
+            .try_clone()
+            .map_err(|source| SaveError::Read {
+                path: path.to_owned(),
+                source,
+            })
+            .and_then(|file| Image::from_file(file).map_err(|e| image_error(path, e)))?,
+        None => open_image(path)?,
+    };
     if image.header().page_size as usize != PAGE_SIZE {
         return Err(invalid(format!(
             "page size {} is not this host's {PAGE_SIZE}",
@@ -436,16 +530,7 @@ pub fn load_fixed_with(
                 .map_err(|e| bad_image(e.into()))?;
             advise_huge_pages(&memory);
             on_memory(&memory);
-            // The KVM VM and its memory slots while the pages are read:
-            // milliseconds (most of them registering the slots) that would
-            // otherwise come after the read, before the guest resumes.
-            let shell = std::thread::Builder::new()
-                .name("vm-shell".into())
-                .spawn({
-                    let memory = memory.clone();
-                    move || microvm::VmShell::new(memory)
-                })
-                .ok();
+            let shell = make_shell_meanwhile(&memory);
             if let Some(p) = progress {
                 p.set_total(snapshot.machine.mem_mib << 20);
                 p.phase("reading");
@@ -476,45 +561,41 @@ pub fn load_fixed_with(
                 stats.elapsed,
                 stats.mb_per_s()
             );
-            // A shell that could not be made is made again by the restore,
-            // which then reports why.
-            let shell = shell
-                .and_then(|t| t.join().ok())
-                .and_then(|made| made.map_err(|e| log::debug!("VM shell: {e}")).ok());
             Ok(Loaded {
                 snapshot,
                 memory,
                 prefetch: None,
-                shell,
+                shell: join_shell(shell),
             })
         }
         RestoreMode::Lazy { prefetch } => {
-            let file = Arc::new(image.file().try_clone().map_err(|source| SaveError::Read {
-                path: path.to_owned(),
-                source,
-            })?);
-            let ranges: Vec<microvm::memory::FileRange> = image
+            let start = match lazy_start {
+                Some(start) => start,
+                None => LazyStart::begin(path)?,
+            };
+            // The header was read twice from the same open file; a writer
+            // between the reads would leave the mapping describing another
+            // image.
+            let checked: Vec<(u64, u64, u64)> = image
                 .layout()
                 .regions()
                 .iter()
-                .map(|r| microvm::memory::FileRange {
-                    guest_addr: r.guest_addr,
-                    size: r.size,
-                    file: Arc::clone(&file),
-                    offset: r.pages_offset,
-                })
+                .map(|r| (r.guest_addr, r.size, r.pages_offset))
                 .collect();
-            let memory =
-                microvm::memory::map_file_private(&ranges).map_err(|e| bad_image(e.into()))?;
+            if checked != start.mapped {
+                return Err(invalid(
+                    "the image changed while it was being opened".into(),
+                ));
+            }
             let prefetch = prefetch.then(|| Prefetch {
-                memory: memory.clone(),
+                memory: start.memory.clone(),
                 image: Arc::new(image),
             });
             Ok(Loaded {
                 snapshot,
-                memory,
+                memory: start.memory,
                 prefetch,
-                shell: None,
+                shell: join_shell(start.shell),
             })
         }
     }

@@ -694,8 +694,9 @@ pub struct Loaded {
     /// For a lazy restore with prefetch: what to warm after resuming.
     pub prefetch: Option<fixed::Prefetch>,
     /// The KVM VM over `memory`, made while the RAM was read (an eager
-    /// restore) or arrived (a migration's destination); None: the restore
-    /// makes it ([`Loaded::take_shell`]).
+    /// restore), while the rest of the image was read and checked (a lazy
+    /// one) or while the RAM arrived (a migration's destination); None: the
+    /// restore makes it ([`Loaded::take_shell`]).
     pub shell: Option<microvm::VmShell>,
 }
 
