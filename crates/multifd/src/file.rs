@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use crate::pace::{any_dirty, check_page_set, is_dirty, per_channel, Pace};
 use crate::sys;
+use crate::unpopulated::Unpopulated;
 use crate::{CallerError, MemRegion, MultifdError, PageSet};
-use page_runs::populated::{self, Pagemap};
 use page_runs::{crc32c_append_zeros, is_zero, push_page, push_page_joining, FirstError, PageRun};
 
 /// The most channels a file transfer may use.
@@ -319,41 +319,9 @@ struct Shared<'a> {
     rate: Option<u64>,
     stop: &'a AtomicBool,
     background: bool,
-    /// A stopped save's view of never-populated memory (None: scan all).
+    /// Never-populated memory, taken for zeros unread: a stopped save's, or
+    /// a live save's first pass's (None: read every page).
     unpopulated: Option<Unpopulated>,
-}
-
-/// Where a stopped save may take never-populated pages for zeros without
-/// reading them: private anonymous memory, whose untouched pages have no
-/// content. Reading them would fault each one in, then scan and checksum
-/// it; a guest that used 1 GiB of 16 has 15 GiB of them.
-struct Unpopulated {
-    pagemap: Pagemap,
-    /// Per region: private anonymous memory, in pages this pagemap can tell.
-    regions: Vec<bool>,
-}
-
-impl Unpopulated {
-    /// For a stopped save of `regions` with pages of `page_size` bytes; None
-    /// where no region qualifies or the pagemap cannot be read.
-    fn find(regions: &[MemRegion], page_size: u64) -> Option<Unpopulated> {
-        let host_page = sys::host_page_size();
-        if host_page == 0 || !page_size.is_multiple_of(host_page) {
-            return None;
-        }
-        let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-        let regions: Vec<bool> = regions
-            .iter()
-            .map(|r| populated::private_anonymous(&maps, r.as_ptr() as usize, r.len() as usize))
-            .collect();
-        if !regions.contains(&true) {
-            return None;
-        }
-        Some(Unpopulated {
-            pagemap: Pagemap::open()?,
-            regions,
-        })
-    }
 }
 
 impl Shared<'_> {
@@ -478,9 +446,15 @@ fn transfer(
         rate: per_channel(pass.max_bytes_per_s, opts.channels),
         stop: pass.stop,
         background: pass.background,
-        unpopulated: match dir {
+        unpopulated: match (dir, pass.pages) {
             // Stopped: memory that is not populated now stays so.
-            Direction::Save { copy: false } => Unpopulated::find(regions, page_size),
+            (Direction::Save { copy: false }, _) => Unpopulated::find(regions, page_size),
+            // A live save's first pass: its dirty log, on before the pass,
+            // has a later pass write any page the guest populates after it
+            // was skipped.
+            (Direction::Save { copy: true }, PageSet::AllNonZero) => {
+                Unpopulated::find(regions, page_size)
+            }
             _ => None,
         },
     };
@@ -876,15 +850,16 @@ impl Chan<'_, '_> {
             zero: 0,
             copy: None,
         };
+        // Before any copy: copying a never-populated page would populate it.
+        let unpopulated = self.unpopulated_pages(r, first, n)?;
         if copy {
-            out.copy = Some(self.copy_unit(r, first, n)?);
+            out.copy = Some(self.copy_unit(r, first, n, &unpopulated)?);
         }
         let src = |page: u64| match &out.copy {
             Some(c) => c.ptr(page, ps),
             None => self.page_ptr(r, page).cast_const(),
         };
         let (unit_first_page, _) = self.chunk_pages(r, first)?;
-        let unpopulated = self.unpopulated_pages(r, first, n)?;
         for chunk in first..first + n {
             let (p0, np) = self.chunk_pages(r, chunk)?;
             if !self.selected(r, p0, np) {
@@ -955,7 +930,7 @@ impl Chan<'_, '_> {
     /// pass scans every page.
     fn unpopulated_pages(&self, r: usize, first: u64, n: u64) -> Result<Vec<bool>, MultifdError> {
         let mut out = Vec::new();
-        let Some(u) = self.sh.unpopulated.as_ref().filter(|u| u.regions[r]) else {
+        let Some(u) = self.sh.unpopulated.as_ref() else {
             return Ok(out);
         };
         let (start, _) = self.chunk_pages(r, first)?;
@@ -963,8 +938,7 @@ impl Chan<'_, '_> {
         let ps = self.sh.page_size as usize;
         let len = (last + last_pages - start) as usize * ps;
         let addr = self.page_ptr(r, start) as usize;
-        u.pagemap
-            .unpopulated_blocks(addr, len, ps, sys::host_page_size() as usize, &mut out);
+        u.pages(r, addr, len, ps, &mut out);
         Ok(out)
     }
 
@@ -1022,7 +996,15 @@ impl Chan<'_, '_> {
 
     /// Copies the selected chunks of a unit of region `r` into a buffer
     /// (one from the pool when there is one).
-    fn copy_unit(&self, r: usize, first: u64, n: u64) -> Result<UnitCopy, MultifdError> {
+    /// Pages flagged in `unpopulated` (per page from the unit's first) are
+    /// left out: the caller takes them for zeros without reading the copy.
+    fn copy_unit(
+        &self,
+        r: usize,
+        first: u64,
+        n: u64,
+        unpopulated: &[bool],
+    ) -> Result<UnitCopy, MultifdError> {
         let ps = self.sh.page_size;
         let (start, _) = self.chunk_pages(r, first)?;
         let (p0, np) = self.chunk_pages(r, first + n - 1)?;
@@ -1038,22 +1020,38 @@ impl Chan<'_, '_> {
             blocks,
             first_page: start,
         };
+        let skipped = |page: u64| unpopulated.get((page - start) as usize) == Some(&true);
         for chunk in first..first + n {
             let (p0, np) = self.chunk_pages(r, chunk)?;
-            if self.selected(r, p0, np) {
-                // SAFETY: the chunk lies inside region r (checked), which the
-                // MemRegion contract keeps mapped; the guest may write it
-                // meanwhile: a raw copy then mixes old and new bytes (any
-                // byte is a valid u8) and the caller's next pass rewrites
-                // the chunk. The destination lies inside the copy, sized for
-                // the unit, and is not borrowed elsewhere.
+            if !self.selected(r, p0, np) {
+                continue;
+            }
+            // Runs of pages that are not skipped, one copy each.
+            let mut from = p0;
+            while from < p0 + np {
+                if skipped(from) {
+                    from += 1;
+                    continue;
+                }
+                let mut to = from + 1;
+                while to < p0 + np && !skipped(to) {
+                    to += 1;
+                }
+                // SAFETY: pages [from, to) lie inside the chunk, inside
+                // region r (checked), which the MemRegion contract keeps
+                // mapped; the guest may write them meanwhile: a raw copy then
+                // mixes old and new bytes (any byte is a valid u8) and the
+                // caller's next pass rewrites the chunk. The destination lies
+                // inside the copy, sized for the unit, and is not borrowed
+                // elsewhere.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
-                        self.page_ptr(r, p0),
-                        copy.ptr_mut(p0, ps),
-                        (np * ps) as usize,
+                        self.page_ptr(r, from),
+                        copy.ptr_mut(from, ps),
+                        ((to - from) * ps) as usize,
                     )
                 };
+                from = to;
             }
         }
         Ok(copy)

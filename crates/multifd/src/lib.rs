@@ -34,6 +34,7 @@ mod protocol;
 mod region;
 mod socket;
 mod sys;
+mod unpopulated;
 
 pub use endpoint::{parse_endpoint, Endpoint, Listener, Stream, DEAD_PEER_TIMEOUT};
 pub use error::{CallerError, Channel, MultifdError};

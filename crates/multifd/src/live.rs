@@ -29,13 +29,17 @@ use crate::socket::{
     check_send_args, conn_err, expect_reply, open_session, send_error, send_main_messages,
     sender_failed, write_all_vectored, write_main, Chunks, Compressor, Fail, SendCounts, Session,
 };
+use crate::unpopulated::Unpopulated;
 use crate::{Channel, MemRegion, MultifdError, SocketOptions, TransferStats};
 
 /// Which pages a round sends.
 #[derive(Clone, Copy, Debug)]
 pub enum PageSet<'a> {
     /// Every non-zero page (the first round: the receiver's memory is fresh
-    /// and zero).
+    /// and zero). Pages of private anonymous memory that were never
+    /// populated are taken for zeros without reading them; the caller's
+    /// dirty log, on before this round starts, sends again any page the
+    /// guest populates afterwards.
     AllNonZero,
     /// The pages whose bits are set, zero or not: one bitmap per region, in
     /// layout order, bit `i % 64` of word `i / 64` for page `i` (the layout of
@@ -96,6 +100,8 @@ pub struct LiveSender<S> {
     inbox: Vec<u8>,
     /// The receiver's latest `ROUND_RECEIVED` (version 3).
     received: Option<u32>,
+    /// Never-populated memory, which the first round skips unread.
+    unpopulated: Option<Unpopulated>,
 }
 
 /// What the channel threads of one round share.
@@ -112,6 +118,7 @@ struct RoundCtx<'a> {
     rate: Option<u64>,
     cancel: &'a AtomicBool,
     fail: Fail,
+    unpopulated: Option<&'a Unpopulated>,
 }
 
 impl<S: Read + Write + Send + AsRawFd> LiveSender<S> {
@@ -168,6 +175,7 @@ impl<S: Read + Write + Send + AsRawFd> LiveSender<S> {
             version,
             inbox: Vec::new(),
             received: None,
+            unpopulated: Unpopulated::find(regions, ps),
         })
     }
 
@@ -227,6 +235,7 @@ impl<S: Read + Write + Send + AsRawFd> LiveSender<S> {
             rate: crate::pace::per_channel(self.max_bytes_per_s, self.conns.len()),
             cancel,
             fail: Fail::new(),
+            unpopulated: self.unpopulated.as_ref(),
         };
         let before = self.counts.clone();
         run_round(&ctx, &mut self.conns, &mut self.counts);
@@ -460,6 +469,8 @@ struct Buffers {
     out: Vec<u8>,
     head: Vec<u8>,
     runs: Vec<page_runs::PageRun>,
+    /// Per page of the chunk: never populated (left unread).
+    unpopulated: Vec<bool>,
 }
 
 /// One channel's part of a round: its chunks, then its sync packet.
@@ -480,6 +491,7 @@ fn live_channel<S: Write + ?Sized>(
         },
         head: Vec::with_capacity(PACKET_HEADER_LEN + RUN_LEN * MAX_PAGES_PER_PACKET as usize),
         runs: Vec::with_capacity(MAX_PAGES_PER_PACKET as usize),
+        unpopulated: Vec::with_capacity(MAX_PAGES_PER_PACKET as usize),
     };
     let mut pace = Pace::new(ctx.rate);
     let mut idx = u64::from(ch);
@@ -526,12 +538,22 @@ fn gather_chunk(ctx: &RoundCtx<'_>, r: usize, first: u64, buf: &mut Buffers) -> 
             return 0;
         }
     }
+    buf.unpopulated.clear();
+    if let (PageSet::AllNonZero, Some(u)) = (ctx.pages, ctx.unpopulated) {
+        let addr = region.as_ptr() as usize + first as usize * ps;
+        u.pages(r, addr, n as usize * ps, ps, &mut buf.unpopulated);
+    }
     let mut len = 0;
     for p in first..first + n {
         if let PageSet::Dirty(maps) = ctx.pages {
             if !is_dirty(maps[r], p) {
                 continue;
             }
+        }
+        // Never populated: zeros, which the first round does not send;
+        // reading would fault the page in.
+        if buf.unpopulated.get((p - first) as usize) == Some(&true) {
+            continue;
         }
         let dst = &mut buf.gather[len..len + ps];
         // SAFETY: page `p` < the region's page count lies inside the region,

@@ -14,6 +14,7 @@ use crate::protocol::{
     MAX_PAGES_PER_PACKET, MAX_REGIONS, MAX_STRAYS, PACKET_HEADER_LEN, PAGE_SIZE,
     PROGRESS_PROTOCOL_VERSION, PROTOCOL_VERSION, RUN_LEN,
 };
+use crate::unpopulated::Unpopulated;
 use crate::{sys, CallerError, Channel, MemRegion, MultifdError, TransferStats};
 use page_runs::FirstError;
 
@@ -181,6 +182,7 @@ pub fn send<S: Read + Write + Send>(
         cursor: AtomicU64::new(0),
         fail: Fail::new(),
         compression: opts.compression,
+        unpopulated: Unpopulated::find(regions, ps),
     };
     let results = run_send_channels(&shared, conns);
     if let Some(e) = shared.fail.take() {
@@ -465,6 +467,8 @@ struct SendShared<'a> {
     cursor: AtomicU64,
     fail: Fail,
     compression: Compression,
+    /// Never-populated memory, sent as nothing and left unread.
+    unpopulated: Option<Unpopulated>,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -535,6 +539,7 @@ fn send_channel<S: Write + ?Sized>(
         Vec::new()
     };
     let mut present: Vec<page_runs::PageRun> = Vec::with_capacity(MAX_PAGES_PER_PACKET as usize);
+    let mut unpopulated: Vec<bool> = Vec::with_capacity(MAX_PAGES_PER_PACKET as usize);
     let mut runs: Vec<Run> = Vec::with_capacity(MAX_PAGES_PER_PACKET as usize);
     let mut head: Vec<u8> =
         Vec::with_capacity(PACKET_HEADER_LEN + RUN_LEN * MAX_PAGES_PER_PACKET as usize);
@@ -553,9 +558,17 @@ fn send_channel<S: Write + ?Sized>(
         let region = &sh.regions[r];
         let region_pages = region.len() / ps as u64;
         let n = (region_pages - first).min(u64::from(MAX_PAGES_PER_PACKET));
-        // Runs of non-zero pages.
+        // Runs of non-zero pages; never-populated ones are zeros, unread.
         present.clear();
+        unpopulated.clear();
+        if let Some(u) = &sh.unpopulated {
+            let addr = region.as_ptr() as usize + first as usize * ps;
+            u.pages(r, addr, n as usize * ps, ps, &mut unpopulated);
+        }
         for p in first..first + n {
+            if unpopulated.get((p - first) as usize) == Some(&true) {
+                continue;
+            }
             // SAFETY: p < region_pages, so the page is inside the region,
             // which the MemRegion contract keeps readable while we run.
             let page =

@@ -508,3 +508,71 @@ fn never_populated_memory_is_saved_as_zeros_without_being_read() {
     assert!(mems[0].bytes() == saved.mems[0].bytes());
     std::fs::remove_file(&path).unwrap();
 }
+
+/// A live save's first pass also takes never-populated memory for zeros
+/// without reading it; a page the guest populates afterwards is written by
+/// the dirty pass that finds it, and the chunk's CRC then covers it.
+#[test]
+fn a_live_first_pass_leaves_never_populated_memory_unread() {
+    let dir = tmp_dir("unpopulated-live");
+    let path = dir.join("img");
+    let sizes = [4 * CHUNK];
+    let layout = TestLayout::new(&sizes);
+    new_file(&path, layout.file_len);
+    let mut mem = Anon::new(sizes[0] as usize);
+    // SAFETY: advice on the test's own mapping; it changes no contents.
+    unsafe { libc::madvise(mem.ptr.cast(), mem.len, libc::MADV_NOHUGEPAGE) };
+    let written = [1u64, 2 * (CHUNK / PAGE) + 3];
+    for &p in &written {
+        mem.bytes_mut()[(p * PAGE) as usize + 17] = 0x3c;
+    }
+    let populated_now = |mem: &Anon| {
+        page_runs::populated::Pagemap::open().map(|pagemap| {
+            let mut untouched = Vec::new();
+            pagemap.unpopulated_pages(mem.ptr as usize, mem.len, PAGE as usize, &mut untouched);
+            untouched.iter().filter(|u| !**u).count()
+        })
+    };
+    let before = populated_now(&mem);
+    let never = std::sync::atomic::AtomicBool::new(false);
+    let pass = multifd::FilePass {
+        pages: multifd::PageSet::AllNonZero,
+        max_bytes_per_s: None,
+        stop: &never,
+        background: false,
+    };
+    let opts = FileChannelOptions {
+        channels: 2,
+        direct_io: DirectIo::Off,
+        prefault: false,
+    };
+    let regions = [mem.region(0)];
+    let stats = multifd::save_pass_to_file(&path, &regions, &layout, &opts, &pass).unwrap();
+    assert_eq!(stats.present_pages, written.len() as u64);
+    assert_eq!(populated_now(&mem), before, "the pass populated memory");
+    let chunk_crc = |mem: &Anon, c: u64| {
+        crc32c::crc32c(&mem.bytes()[(c * CHUNK) as usize..((c + 1) * CHUNK) as usize])
+    };
+    for c in 0..4 {
+        let crcs = layout.crcs.lock().unwrap();
+        assert_eq!(crcs[0][c as usize], Some(chunk_crc(&mem, c)), "chunk {c}");
+    }
+    // The guest populates a page of an untouched chunk after the pass.
+    let late = 3 * (CHUNK / PAGE) + 9;
+    mem.bytes_mut()[(late * PAGE) as usize] = 0x77;
+    let mut map = vec![0u64; (sizes[0] / PAGE).div_ceil(64) as usize];
+    map[(late / 64) as usize] |= 1 << (late % 64);
+    let maps: Vec<&[u64]> = vec![&map];
+    let again = TestLayout::new(&sizes);
+    let stats = dirty_pass(&path, std::slice::from_ref(&mem), &again, &maps, 1, None);
+    assert_eq!(stats.present_pages, 1);
+    assert_eq!(again.crcs.lock().unwrap()[0][3], Some(chunk_crc(&mem, 3)));
+    let file = std::fs::read(&path).unwrap();
+    let base = layout.bases[0] as usize;
+    let bytes = mem.bytes();
+    for p in written.iter().chain([&late]) {
+        let at = (*p * PAGE) as usize;
+        assert!(file[base + at..base + at + PAGE as usize] == bytes[at..at + PAGE as usize]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

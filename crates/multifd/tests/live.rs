@@ -210,3 +210,57 @@ fn finish_needs_the_last_round_and_rounds_need_fitting_bitmaps() {
     );
     assert!(received.is_err());
 }
+
+/// The first round takes never-populated memory for zeros without reading
+/// it (reading would fault every page in); a page populated after it is
+/// sent by the dirty round that finds it.
+#[test]
+fn the_first_round_leaves_never_populated_memory_unread() {
+    let no_cancel = AtomicBool::new(false);
+    let mut src: Vec<Anon> = SIZES.iter().map(|&s| Anon::new(s as usize)).collect();
+    for (r, pages) in [(0usize, [1u64, 2, 900]), (1, [0, 5, 1000])] {
+        // SAFETY: advice on the test's own mapping; it changes no contents.
+        unsafe { libc::madvise(src[r].ptr.cast(), src[r].len, libc::MADV_NOHUGEPAGE) };
+        for p in pages {
+            let at = (p * PAGE) as usize;
+            fill(&mut src[r].bytes_mut()[at..at + PAGE as usize], 40 + p);
+            src[r].bytes_mut()[at] = 1;
+        }
+    }
+    let populated_now = |mems: &[Anon]| {
+        page_runs::populated::Pagemap::open().map(|pagemap| {
+            let mut count = 0;
+            for m in mems {
+                let mut untouched = Vec::new();
+                pagemap.unpopulated_pages(m.ptr as usize, m.len, PAGE as usize, &mut untouched);
+                count += untouched.iter().filter(|u| !**u).count();
+            }
+            count
+        })
+    };
+    let before = populated_now(&src);
+    let regs: Vec<MemRegion> = src.iter().zip(GUEST).map(|(m, g)| m.region(g)).collect();
+    let opts = SocketOptions {
+        channels: 2,
+        compression: Compression::None,
+    };
+    let (sent, received, mems) = over_pairs(|connect| {
+        let mut tx = LiveSender::connect(connect, &regs, &opts)?;
+        let first = tx.send_round(PageSet::AllNonZero, false, &no_cancel)?;
+        assert_eq!(first.pages, 6);
+        assert_eq!(populated_now(&src), before, "the round populated memory");
+        let mut dirty = clean_maps();
+        touch(&mut src, &mut dirty, 1, &[700], 3);
+        let maps: Vec<&[u64]> = dirty.iter().map(Vec::as_slice).collect();
+        let last = tx.send_round(PageSet::Dirty(&maps), true, &no_cancel)?;
+        assert_eq!(last.pages, 1);
+        tx.finish(b"state")
+    });
+    let sent = sent.expect("sent");
+    let (got, _) = received.expect("received");
+    assert_eq!(got, b"state");
+    assert_eq!(sent.present_pages, 7);
+    for (a, b) in src.iter().zip(&mems) {
+        assert!(a.bytes() == b.bytes(), "memory differs");
+    }
+}
