@@ -440,6 +440,23 @@ impl LazyStart {
             .iter()
             .map(|r| (r.guest_addr, r.size, r.pages_offset))
             .collect();
+        // Only RAM laid out as cryo lays it out can restore (the machine
+        // section must match it too): nothing is mapped or registered with
+        // KVM for any other shape before the full checks.
+        let regions: Vec<(u64, u64)> = mapped.iter().map(|&(a, s, _)| (a, s)).collect();
+        let total = regions.iter().fold(0u64, |t, &(_, s)| t.saturating_add(s));
+        let layout: Vec<(u64, u64)> = microvm::memory::ram_ranges(total)
+            .iter()
+            .map(|r| (r.start, r.len))
+            .collect();
+        if regions != layout {
+            return Err(SaveError::Invalid {
+                path: path.to_owned(),
+                reason: format!(
+                    "RAM regions {regions:x?} are not laid out as guest RAM of that size is ({layout:x?})"
+                ),
+            });
+        }
         let ranges: Vec<microvm::memory::FileRange> = mapped
             .iter()
             .map(|&(guest_addr, size, offset)| microvm::memory::FileRange {
@@ -684,4 +701,48 @@ pub fn verify(path: &Path) -> Result<fixed_ram::VerifyReport, SaveError> {
 /// What `cryo inspect` shows of a fixed-ram image.
 pub fn open_for_inspect(path: &Path) -> Result<Image, SaveError> {
     open_image(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lazy restore maps nothing and makes no VM for RAM that is not laid
+    /// out as guest RAM of its size is: the header alone refuses it.
+    #[test]
+    fn a_lazy_restore_refuses_ram_laid_out_otherwise_before_mapping_it() {
+        let dir = std::env::temp_dir().join(format!("cryo-{}-lazy-shape", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        let path = dir.join("img");
+        let region = fixed_ram::RegionSpec {
+            guest_addr: 1 << 20,
+            size: 4 << 20,
+        };
+        let layout = Layout::new(PAGE_SIZE as u32, &[region]).expect("layout");
+        let writer = ImageWriter::create(&path, layout).expect("writer");
+        let zeros = vec![0u8; 1 << 20];
+        for chunk in 0..writer.layout().chunks(0) {
+            let (_, len) = writer.layout().chunk_range(0, chunk);
+            writer
+                .write_chunk(0, chunk, &zeros[..len as usize])
+                .expect("chunk");
+        }
+        writer.commit(b"never decoded").expect("commit");
+        let lazy = RestoreMode::Lazy { prefetch: false };
+        let refused = load_fixed_with(
+            &path,
+            lazy,
+            false,
+            &ChannelOptions::default(),
+            &|_| {},
+            None,
+        );
+        let Err(err) = refused else {
+            panic!("an image with RAM at 1 MiB was restored");
+        };
+        assert!(matches!(err, SaveError::Invalid { .. }), "{err}");
+        assert!(err.to_string().contains("not laid out"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
