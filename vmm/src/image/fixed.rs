@@ -418,32 +418,30 @@ fn join_shell(shell: Option<JoinHandle<Result<VmShell, microvm::Error>>>) -> Opt
 /// of the image is read and checked.
 struct LazyStart {
     file: Arc<File>,
-    /// (guest address, size, file offset) of each mapped region.
-    mapped: Vec<(u64, u64, u64)>,
+    /// The regions mapped, as the header read first placed them.
+    mapped: Vec<fixed_ram::RegionLayout>,
     memory: GuestMemory,
     shell: Option<JoinHandle<Result<VmShell, microvm::Error>>>,
+    /// Warm the rest in the background after resuming.
+    prefetch: bool,
 }
 
 impl LazyStart {
     /// Reads the header of the image at `path`, maps its page areas
     /// copy-on-write and starts making the VM. Nothing reads the mapping
     /// before the whole image has been accepted.
-    fn begin(path: &Path) -> Result<LazyStart, SaveError> {
+    fn begin(path: &Path, prefetch: bool) -> Result<LazyStart, SaveError> {
         let file = File::open(path).map_err(|source| SaveError::Read {
             path: path.to_owned(),
             source,
         })?;
         let header = Image::read_header(&file).map_err(|e| image_error(path, e))?;
         let file = Arc::new(file);
-        let mapped: Vec<(u64, u64, u64)> = header
-            .regions
-            .iter()
-            .map(|r| (r.guest_addr, r.size, r.pages_offset))
-            .collect();
+        let mapped = header.regions;
         // Only RAM laid out as cryo lays it out can restore (the machine
         // section must match it too): nothing is mapped or registered with
         // KVM for any other shape before the full checks.
-        let regions: Vec<(u64, u64)> = mapped.iter().map(|&(a, s, _)| (a, s)).collect();
+        let regions: Vec<(u64, u64)> = mapped.iter().map(|r| (r.guest_addr, r.size)).collect();
         let total = regions.iter().fold(0u64, |t, &(_, s)| t.saturating_add(s));
         let layout: Vec<(u64, u64)> = microvm::memory::ram_ranges(total)
             .iter()
@@ -459,11 +457,11 @@ impl LazyStart {
         }
         let ranges: Vec<microvm::memory::FileRange> = mapped
             .iter()
-            .map(|&(guest_addr, size, offset)| microvm::memory::FileRange {
-                guest_addr,
-                size,
+            .map(|r| microvm::memory::FileRange {
+                guest_addr: r.guest_addr,
+                size: r.size,
                 file: Arc::clone(&file),
-                offset,
+                offset: r.pages_offset,
             })
             .collect();
         let memory =
@@ -477,6 +475,7 @@ impl LazyStart {
             mapped,
             memory,
             shell,
+            prefetch,
         })
     }
 }
@@ -500,8 +499,9 @@ pub fn load_fixed_with(
         path: path.to_owned(),
         source: e,
     };
+    // None: an eager restore.
     let lazy_start = match mode {
-        RestoreMode::Lazy { .. } => Some(LazyStart::begin(path)?),
+        RestoreMode::Lazy { prefetch } => Some(LazyStart::begin(path, prefetch)?),
         RestoreMode::Eager => None,
     };
     let image = match &lazy_start {
@@ -541,8 +541,8 @@ pub fn load_fixed_with(
             snapshot.machine.regions
         )));
     }
-    match mode {
-        RestoreMode::Eager => {
+    match lazy_start {
+        None => {
             let memory = create_guest_memory(snapshot.machine.mem_mib, &MemoryBacking::Anonymous)
                 .map_err(|e| bad_image(e.into()))?;
             advise_huge_pages(&memory);
@@ -585,26 +585,16 @@ pub fn load_fixed_with(
                 shell: join_shell(shell),
             })
         }
-        RestoreMode::Lazy { prefetch } => {
-            let start = match lazy_start {
-                Some(start) => start,
-                None => LazyStart::begin(path)?,
-            };
+        Some(start) => {
             // The header was read twice from the same open file; a writer
             // between the reads would leave the mapping describing another
             // image.
-            let checked: Vec<(u64, u64, u64)> = image
-                .layout()
-                .regions()
-                .iter()
-                .map(|r| (r.guest_addr, r.size, r.pages_offset))
-                .collect();
-            if checked != start.mapped {
+            if image.layout().regions() != start.mapped.as_slice() {
                 return Err(invalid(
                     "the image changed while it was being opened".into(),
                 ));
             }
-            let prefetch = prefetch.then(|| Prefetch {
+            let prefetch = start.prefetch.then(|| Prefetch {
                 memory: start.memory.clone(),
                 image: Arc::new(image),
             });
